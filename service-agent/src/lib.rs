@@ -1,0 +1,3 @@
+//! The service dataplane agent: sources → model → reconciler → pinned maps
+//! (see docs/architecture.md).
+pub mod source;

@@ -1,0 +1,283 @@
+//! Map keys, values and constants shared by the eBPF programs
+//! (`service-ebpf`) and the agent (`service-agent`).
+//!
+//! Rules for every type here (STYLE.md): `#[repr(C)]`, bytemuck `Pod`
+//! (which refuses hidden padding), explicit `_pad` fields, fixed-width
+//! integers and byte arrays only, and a size assertion beside each type.
+//! Addresses and ports are kept in **network byte order** as byte arrays;
+//! every other integer is in host order. Id 0 means "unset" in every id
+//! space (backend ids, rev-NAT ids, versions).
+#![no_std]
+
+use core::mem::size_of;
+
+pub mod hash;
+pub mod stats;
+
+/// Map names as pinned under the agent's `--bpffs-root`.
+pub mod map_names {
+    pub const SERVICES: &str = "services";
+    pub const BACKENDS: &str = "backends";
+    pub const REV_NAT: &str = "rev_nat";
+    pub const CONNTRACK: &str = "conntrack";
+    pub const STATS: &str = "stats";
+    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS];
+}
+
+/// Default capacities compiled into the object; the agent can raise them
+/// at load time (`--map-size-*` flags) because aya rewrites `max_entries`.
+pub mod capacity {
+    pub const SERVICES: u32 = 262_144;
+    pub const BACKENDS: u32 = 65_536;
+    pub const REV_NAT: u32 = 65_536;
+    pub const CONNTRACK: u32 = 262_144;
+}
+
+/// Name of the TC classifier that translates traffic entering the node from
+/// a pod interface (host side of the pod's veth).
+pub const PROG_POD_INGRESS: &str = "service_pod_ingress";
+
+/// Address families, as in `AF_INET`/`AF_INET6`.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+
+/// IP protocol numbers.
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// `ServiceKey::scope`: which traffic a frontend row answers.
+/// Internal = traffic from pods (ClusterIP); external = traffic entering the
+/// node from outside (NodePort, LoadBalancer, externalIPs).
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// An address in network byte order. IPv4 uses the first 4 bytes, the rest
+/// stay zero, so one key layout serves both families.
+pub type Addr = [u8; 16];
+/// A port in network byte order.
+pub type Port = [u8; 2];
+
+#[must_use]
+pub const fn addr_v4(octets: [u8; 4]) -> Addr {
+    let mut a = [0u8; 16];
+    a[0] = octets[0];
+    a[1] = octets[1];
+    a[2] = octets[2];
+    a[3] = octets[3];
+    a
+}
+
+#[must_use]
+pub const fn port_be(port: u16) -> Port {
+    port.to_be_bytes()
+}
+
+/// Key of the `services` map.
+///
+/// Slot 0 (with `version` 0) is the service itself: its value says how many
+/// slots the live backend table has and which `version` of the slot rows is
+/// live. Slots `1..=count` with that `version` each name a backend id. A
+/// changed backend set is written under a new version, then the slot-0 row is
+/// flipped in one update, then the old version is deleted, so a packet never
+/// sees a mix of old and new backends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    pub port: Port,
+    pub proto: u8,
+    pub scope: u8,
+    pub family: u8,
+    pub _pad: u8,
+    pub slot: u16,
+    pub version: u32,
+}
+const _: () = assert!(size_of::<ServiceKey>() == 28);
+
+impl ServiceKey {
+    /// The slot-0 key of a frontend.
+    #[must_use]
+    pub const fn frontend(family: u8, addr: Addr, port: Port, proto: u8, scope: u8) -> Self {
+        Self { addr, port, proto, scope, family, _pad: 0, slot: 0, version: 0 }
+    }
+
+    /// The key of slot `slot` (1-based) of `version` of this frontend.
+    #[must_use]
+    pub const fn with_slot(self, version: u32, slot: u16) -> Self {
+        Self { slot, version, ..self }
+    }
+}
+
+/// `ServiceValue::flags`.
+pub mod service_flags {
+    /// The Service has no usable endpoint: answer with TCP RST / ICMP port
+    /// unreachable, as kube-proxy does (`count` is 0).
+    pub const REJECT: u16 = 1 << 0;
+    /// The traffic policy leaves no endpoint on this node: drop silently
+    /// (`count` is 0).
+    pub const DROP: u16 = 1 << 1;
+    /// `sessionAffinity: ClientIP`; `affinity_timeout_s` applies.
+    pub const AFFINITY: u16 = 1 << 2;
+}
+
+/// Value of the `services` map. For slot 0: `count`, `version`,
+/// `rev_nat_id`, `flags`, `affinity_timeout_s` are set and `backend_id` is 0.
+/// For slot rows: only `backend_id` is set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct ServiceValue {
+    pub backend_id: u32,
+    pub count: u32,
+    pub version: u32,
+    pub rev_nat_id: u32,
+    pub affinity_timeout_s: u32,
+    pub flags: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ServiceValue>() == 24);
+
+/// `BackendValue::flags`.
+pub mod backend_flags {
+    /// The backend's `nodeName` is this node.
+    pub const LOCAL: u8 = 1 << 0;
+}
+
+/// `BackendValue::state`.
+pub mod backend_state {
+    pub const ACTIVE: u8 = 0;
+    /// Serving but terminating (used only as a fallback, KEP-1669).
+    pub const TERMINATING: u8 = 1;
+}
+
+/// Value of the `backends` map, keyed by a `u32` backend id (never 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct BackendValue {
+    pub addr: Addr,
+    pub port: Port,
+    pub proto: u8,
+    pub family: u8,
+    pub flags: u8,
+    pub state: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<BackendValue>() == 24);
+
+/// Value of the `rev_nat` map, keyed by a `u32` rev-NAT id (never 0): the
+/// frontend address and port that replies must carry as their source.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct RevNatValue {
+    pub addr: Addr,
+    pub port: Port,
+    pub family: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<RevNatValue>() == 20);
+
+/// Key of the `conntrack` map: the tuple exactly as it appears in a packet.
+/// A translated flow has two entries: the original direction
+/// (client → frontend) and the reply direction (backend → client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub sport: Port,
+    pub dport: Port,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CtKey>() == 40);
+
+/// `CtValue::flags`.
+pub mod ct_flags {
+    /// Original direction: rewrite the destination to `nat_addr:nat_port`.
+    pub const DNAT: u8 = 1 << 0;
+    /// Reply direction: rewrite the source to `nat_addr:nat_port`.
+    pub const REV_NAT: u8 = 1 << 1;
+    /// A FIN or RST was seen: the entry expires after the closing timeout.
+    pub const CLOSING: u8 = 1 << 2;
+}
+
+/// Value of the `conntrack` map. The address to rewrite to is stored in the
+/// entry itself, so an established flow keeps working when its backend row
+/// is deleted (TCP flows to a removed backend are left to finish).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct CtValue {
+    pub nat_addr: Addr,
+    pub nat_port: Port,
+    pub flags: u8,
+    pub _pad: u8,
+    pub backend_id: u32,
+    pub rev_nat_id: u32,
+    pub _pad2: u32,
+    /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once per
+    /// [`ct_timeouts::REFRESH_NS`] to keep writes off the fast path.
+    pub last_seen_ns: u64,
+}
+const _: () = assert!(size_of::<CtValue>() == 40);
+
+/// Idle timeouts of conntrack entries (nanoseconds). An expired entry is
+/// treated as absent; the LRU map reclaims the memory.
+pub mod ct_timeouts {
+    pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
+    pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
+    pub const UDP_NS: u64 = 60 * 1_000_000_000;
+    pub const REFRESH_NS: u64 = 1_000_000_000;
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY (for each impl): the types are #[repr(C)], contain only integers
+    // and byte arrays, and bytemuck::Pod's derive has proven there is no
+    // padding, which is exactly what aya::Pod requires.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::BackendValue {}
+    unsafe impl aya::Pod for super::RevNatValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn v4_addresses_use_the_first_four_bytes() {
+        let a = addr_v4([10, 96, 0, 10]);
+        assert_eq!(&a[..4], &[10, 96, 0, 10]);
+        assert!(a[4..].iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn ports_are_network_order() {
+        assert_eq!(port_be(80), [0, 80]);
+        assert_eq!(port_be(0x1f90), [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn slot_keys_differ_from_the_frontend_key_only_in_slot_and_version() {
+        let f = ServiceKey::frontend(FAMILY_IPV4, addr_v4([10, 96, 0, 1]), port_be(80), PROTO_TCP, SCOPE_INTERNAL);
+        let s = f.with_slot(7, 3);
+        assert_eq!((s.slot, s.version), (3, 7));
+        assert_eq!(ServiceKey { slot: 0, version: 0, ..s }, f);
+    }
+
+    #[test]
+    fn field_offsets_match_the_kernel_view() {
+        let k = ServiceKey::frontend(FAMILY_IPV4, addr_v4([1, 2, 3, 4]), port_be(0x0102), PROTO_UDP, SCOPE_EXTERNAL)
+            .with_slot(0x0a0b_0c0d, 0x0506);
+        let b = bytemuck::bytes_of(&k);
+        assert_eq!(&b[0..4], &[1, 2, 3, 4]);
+        assert_eq!(&b[16..18], &[1, 2]);
+        assert_eq!(b[18], PROTO_UDP);
+        assert_eq!(b[20], FAMILY_IPV4);
+        assert_eq!(u16::from_ne_bytes([b[22], b[23]]), 0x0506);
+        assert_eq!(u32::from_ne_bytes([b[24], b[25], b[26], b[27]]), 0x0a0b_0c0d);
+    }
+}

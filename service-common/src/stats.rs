@@ -1,0 +1,71 @@
+//! The one table of verdict and drop-reason counters. The eBPF programs
+//! increment `stats[id]` (a per-CPU array, so no shared writes); the agent and
+//! `inspect` read them by the same ids and names.
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident = $id:literal, $label:literal; )*) => {
+        $( $(#[$doc])* pub const $name: u32 = $id; )*
+        /// Number of counters (the `stats` map's size).
+        pub const COUNT: u32 = 0 $( + { let _ = $id; 1 } )*;
+        /// `(id, name)` for every counter, in id order.
+        pub const ALL: [(u32, &str); COUNT as usize] = [ $( ($id, $label), )* ];
+    };
+}
+
+counters! {
+    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
+    PASS_NOT_IPV4 = 0, "pass_not_ipv4";
+    /// IPv4 but neither TCP nor UDP: passed untouched.
+    PASS_OTHER_PROTO = 1, "pass_other_proto";
+    /// A non-first IP fragment (no L4 header to match): passed untouched.
+    PASS_FRAGMENT = 2, "pass_fragment";
+    /// Too short or malformed headers: passed untouched for the stack to judge.
+    PASS_MALFORMED = 3, "pass_malformed";
+    /// No conntrack entry and no Service frontend: passed untouched.
+    PASS_NO_SERVICE = 4, "pass_no_service";
+    /// First packet of a flow to a Service: backend chosen, DNATed.
+    DNAT_NEW = 5, "dnat_new_flow";
+    /// Later packet of a known flow: DNATed to its conntrack backend.
+    DNAT_ESTABLISHED = 6, "dnat_established";
+    /// Reply from a backend: source restored to the Service frontend.
+    REV_NAT = 7, "rev_nat_reply";
+    /// Dropped: the Service has no usable endpoint.
+    DROP_NO_BACKEND = 8, "drop_no_backend";
+    /// Dropped: the slot or backend row a frontend points at is missing
+    /// (should not happen: the agent writes them before the frontend).
+    DROP_MISSING_ROW = 9, "drop_missing_row";
+    /// Dropped: the conntrack entry could not be created.
+    DROP_CT_INSERT = 10, "drop_ct_insert";
+    /// Dropped: a kernel helper failed to rewrite the packet.
+    DROP_REWRITE = 11, "drop_rewrite";
+    /// Dropped: a first IP fragment of a Service flow (its other fragments
+    /// could not be translated).
+    DROP_FRAGMENTED_SERVICE = 12, "drop_fragmented_service";
+}
+
+/// Whether counter `id` counts dropped packets.
+#[must_use]
+pub const fn is_drop(id: u32) -> bool {
+    matches!(id, DROP_NO_BACKEND | DROP_MISSING_ROW | DROP_CT_INSERT | DROP_REWRITE | DROP_FRAGMENTED_SERVICE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_dense_and_in_order() {
+        for (i, (id, name)) in ALL.iter().enumerate() {
+            assert_eq!(*id as usize, i, "{name}");
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, (_, a)) in ALL.iter().enumerate() {
+            for (_, b) in &ALL[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+    }
+}

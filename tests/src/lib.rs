@@ -1,0 +1,3 @@
+//! Shared pieces of the privileged test tiers and the demo.
+pub mod netns;
+pub mod packet;
