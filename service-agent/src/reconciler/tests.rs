@@ -1,0 +1,132 @@
+use std::net::IpAddr;
+
+use super::{fake::{FakeMaps, Op}, *};
+use crate::{
+    model::{Protocol, Scope},
+    source::ObjectRef,
+};
+
+fn frontend(port: u16) -> Frontend {
+    Frontend { addr: IpAddr::from([10, 96, 0, 10]), port, protocol: Protocol::Tcp, scope: Scope::Internal }
+}
+
+fn backend(last: u8) -> Backend {
+    Backend { addr: IpAddr::from([10, 244, 1, last]), port: 8080, protocol: Protocol::Tcp, local: true }
+}
+
+fn desired(entries: &[(u16, &[u8])]) -> Desired {
+    let mut d = Desired::default();
+    for (port, backends) in entries {
+        let f = frontend(*port);
+        d.frontends.insert(
+            f,
+            DesiredFrontend {
+                service: ObjectRef { namespace: "default".into(), name: "web".into() },
+                port_name: String::new(),
+                frontend: f,
+                backends: backends.iter().map(|b| backend(*b)).collect(),
+                when_empty: WhenEmpty::Reject,
+            },
+        );
+    }
+    d
+}
+
+fn reconciler() -> Reconciler<FakeMaps> {
+    Reconciler::new(FakeMaps::default()).expect("fake dump")
+}
+
+#[test]
+fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_deleted() {
+    let mut r = reconciler();
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
+    let key0 = frontend_key(&frontend(80));
+    let v1 = r.applied().services[&key0];
+    assert_eq!((v1.version, v1.count), (1, 31));
+    r.maps.ops.clear();
+
+    assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
+    let ops = &r.maps().ops;
+    let flip = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).expect("slot 0 flipped");
+    let new_rows = ops.iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2 && k.slot != 0));
+    let deleted_old = ops.iter().positions_of(|op| matches!(op, Op::DelService(k) if k.version == 1));
+    // Every new slot row precedes the flip; every old row is deleted after.
+    assert_eq!(new_rows.count(), 31);
+    assert!(ops[..flip].iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2)).count() == 31);
+    assert_eq!(deleted_old.len(), 31);
+    assert!(deleted_old.iter().all(|i| *i > flip));
+    // Backend 3 is no longer referenced: deleted last.
+    assert!(matches!(ops.last(), Some(Op::DelBackend(_))));
+    assert_eq!(r.applied().services[&key0].version, 2);
+    assert_eq!(r.maps().state, *r.applied());
+}
+
+trait Positions<T> {
+    fn positions_of(self, f: impl Fn(&T) -> bool) -> Vec<usize>;
+}
+
+impl<'a, T: 'a, I: Iterator<Item = &'a T>> Positions<T> for I {
+    fn positions_of(self, f: impl Fn(&T) -> bool) -> Vec<usize> {
+        self.enumerate().filter(|(_, x)| f(x)).map(|(i, _)| i).collect()
+    }
+}
+
+#[test]
+fn an_unchanged_desired_state_writes_nothing() {
+    let mut r = reconciler();
+    let d = desired(&[(80, &[1, 2, 3]), (81, &[])]);
+    assert!(r.reconcile(&d).changed());
+    let again = r.reconcile(&d);
+    assert!(!again.changed(), "{again:?}");
+}
+
+#[test]
+fn a_frontend_without_backends_rejects_and_has_no_slot_rows() {
+    let mut r = reconciler();
+    r.reconcile(&desired(&[(80, &[])]));
+    let v = r.applied().services[&frontend_key(&frontend(80))];
+    assert_eq!((v.count, v.flags), (0, service_flags::REJECT));
+    assert_eq!(r.applied().services.len(), 1);
+    assert!(r.applied().backends.is_empty());
+}
+
+#[test]
+fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
+    let mut maps = FakeMaps::default();
+    {
+        let mut first = Reconciler::new(std::mem::take(&mut maps)).expect("dump");
+        first.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
+        maps = FakeMaps { state: first.applied().clone(), ..FakeMaps::default() };
+    }
+    let mut second = Reconciler::new(maps).expect("dump");
+    let report = second.reconcile(&desired(&[(80, &[1, 2])]));
+    // Port 80 is unchanged (adopted, not rewritten); port 81 and backend 3
+    // are pruned.
+    assert_eq!(report.rows_written, 0, "{report:?}");
+    assert_eq!(report.frontends_deleted, 1);
+    assert_eq!(second.applied().backends.len(), 2);
+    assert_eq!(second.applied().rev_nat.len(), 1);
+}
+
+#[test]
+fn a_full_map_names_the_flag_and_leaves_other_frontends_programmed() {
+    // Room for one frontend's 31 slots + slot 0, not two.
+    let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump");
+    let report = r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[4, 5, 6])]));
+    assert_eq!(report.errors.len(), 1);
+    let msg = report.errors[0].to_string();
+    assert!(msg.contains("10.96.0.10:81/TCP") && msg.contains("raise it with --map-size-services"), "{msg}");
+    assert!(r.applied().services.contains_key(&frontend_key(&frontend(80))));
+    assert!(!r.applied().services.contains_key(&frontend_key(&frontend(81))));
+    // The failed frontend's partial rows were undone.
+    assert_eq!(r.maps().state.services.len(), 32);
+    assert_eq!(r.maps().state, *r.applied());
+}
+
+#[test]
+fn deleting_everything_leaves_no_rows() {
+    let mut r = reconciler();
+    r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
+    r.reconcile(&Desired::default());
+    assert_eq!(r.maps().state, MapState::default());
+}
