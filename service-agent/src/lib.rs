@@ -1,5 +1,11 @@
-//! The service dataplane agent: sources → model → reconciler → pinned maps
-//! (see docs/architecture.md).
-pub mod source;
+//! The service dataplane agent. Data flows one way (docs/architecture.md):
+//!
+//! sources (Kubernetes objects) → model (desired frontends, pure) →
+//! reconciler (ordered map writes) → maps (pinned, read by the eBPF
+//! programs); the attach manager keeps the programs on the pod interfaces.
+pub mod attach;
+pub mod maps;
 pub mod model;
 pub mod reconciler;
+pub mod source;
+pub mod run;

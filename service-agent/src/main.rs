@@ -1,1 +1,86 @@
-fn main() {}
+//! `service-agent`: the node agent of the service dataplane.
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use service_agent::{attach::Globs, maps::MapSizes, run};
+
+#[derive(Parser)]
+#[command(name = "service-agent", version, about = "eBPF Kubernetes Service dataplane (kube-proxy replacement)")]
+struct Cli {
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Program the dataplane and keep it in sync until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of Service / EndpointSlice / Endpoints manifests
+    /// (*.yaml, *.yml, *.json), watched for changes.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// This node's name, as in EndpointSlice `nodeName` (kube-proxy:
+    /// --hostname-override).
+    #[arg(long, alias = "hostname-override", env = "NODE_NAME", value_name = "NAME")]
+    node_name: String,
+    /// Interfaces whose ingress carries pod traffic, as comma-separated globs.
+    #[arg(long, default_value = "veth*,cali*,lxc*", value_name = "GLOB,...")]
+    pod_interfaces: String,
+    /// Where the maps are pinned (a directory on a BPF filesystem).
+    #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+    bpffs_root: PathBuf,
+    /// Capacity of the services map (frontends plus their backend slots).
+    #[arg(long, default_value_t = service_common::capacity::SERVICES)]
+    map_size_services: u32,
+    /// Capacity of the backends and rev_nat maps.
+    #[arg(long, default_value_t = service_common::capacity::BACKENDS)]
+    map_size_backends: u32,
+    /// Capacity of the conntrack map (two entries per translated flow).
+    #[arg(long, default_value_t = service_common::capacity::CONNTRACK)]
+    map_size_conntrack: u32,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Run(args) => {
+            run::run(run::RunConfig {
+                manifests: args.manifests,
+                node_name: args.node_name,
+                pod_interfaces: Globs::parse(&args.pod_interfaces),
+                bpffs_root: args.bpffs_root,
+                map_sizes: MapSizes {
+                    services: args.map_size_services,
+                    backends: args.map_size_backends,
+                    conntrack: args.map_size_conntrack,
+                },
+            })
+            .await
+        }
+    }
+}

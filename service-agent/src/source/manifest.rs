@@ -1,1 +1,378 @@
+//! The manifest-directory source: the YAML/JSON a user would `kubectl
+//! apply`, read from a directory and polled for changes.
+//!
+//! Handled kinds: `v1 Service`, `discovery.k8s.io/v1 EndpointSlice`, and
+//! `v1 Endpoints`, which are mirrored into EndpointSlices the way the
+//! endpointslice-mirroring controller does (only for a Service without a
+//! selector, unless labelled `endpointslice.kubernetes.io/skip-mirror`).
+//! Other kinds are skipped. A broken file or object is reported with the
+//! file, the document, the object and the field; everything else loads.
 
+use std::{
+    collections::{BTreeMap, hash_map::DefaultHasher},
+    fmt,
+    hash::{Hash as _, Hasher as _},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+};
+use serde::de::DeserializeOwned;
+
+use super::{ObjectRef, Objects};
+use crate::model::LABEL_SERVICE_NAME;
+
+/// Label that stops the mirroring controller from mirroring an Endpoints.
+pub const LABEL_SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
+/// `managed-by` value of mirrored slices.
+pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+
+/// A file, document or field that could not be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    /// 1-based index of the YAML document in the file (0: the whole file).
+    pub document: usize,
+    /// `Kind namespace/name`, when known.
+    pub object: Option<String>,
+    /// The field path, e.g. `spec.ports[0].port`.
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.document > 0 {
+            write!(f, " (document {})", self.document)?;
+        }
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// What the directory holds right now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub objects: Objects,
+    pub errors: Vec<ManifestError>,
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    !hidden && matches!(ext, "yaml" | "yml" | "json") && path.is_file()
+}
+
+/// The manifest files of `dir`, sorted by name.
+fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| is_manifest(p)).collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads every manifest in `dir`.
+///
+/// # Errors
+/// Only when `dir` itself cannot be read; problems with files and objects
+/// are in [`Snapshot::errors`].
+pub fn load_dir(dir: &Path) -> std::io::Result<Snapshot> {
+    let mut loader = Loader::default();
+    for file in manifest_files(dir)? {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => loader.load_text(&file, &text),
+            Err(e) => loader.error(&file, 0, None, None, format!("cannot read: {e}")),
+        }
+    }
+    Ok(loader.finish())
+}
+
+#[derive(Default)]
+struct Loader {
+    services: BTreeMap<ObjectRef, (PathBuf, Service)>,
+    slices: BTreeMap<ObjectRef, (PathBuf, EndpointSlice)>,
+    endpoints: BTreeMap<ObjectRef, (PathBuf, usize, Endpoints)>,
+    errors: Vec<ManifestError>,
+}
+
+impl Loader {
+    fn error(&mut self, file: &Path, document: usize, object: Option<String>, field: Option<String>, message: String) {
+        self.errors.push(ManifestError { file: file.to_owned(), document, object, field, message });
+    }
+
+    fn load_text(&mut self, file: &Path, text: &str) {
+        let is_json = file.extension().is_some_and(|e| e == "json");
+        let mut documents: Vec<Result<serde_json::Value, String>> = Vec::new();
+        if is_json {
+            documents.push(serde_json::from_str(text).map_err(|e| e.to_string()));
+        } else {
+            for doc in serde_norway::Deserializer::from_str(text) {
+                let parsed = serde::Deserialize::deserialize(doc).map_err(|e: serde_norway::Error| e.to_string());
+                let failed = parsed.is_err();
+                documents.push(parsed);
+                // After a syntax error the stream cannot resynchronise (and
+                // may repeat the error forever): stop at the first.
+                if failed {
+                    break;
+                }
+            }
+        }
+        for (i, doc) in documents.into_iter().enumerate() {
+            match doc {
+                Ok(serde_json::Value::Null) => {}
+                Ok(value) => self.load_value(file, i + 1, value),
+                Err(message) => self.error(file, i + 1, None, None, format!("not valid YAML/JSON: {message}")),
+            }
+        }
+    }
+
+    fn load_value(&mut self, file: &Path, document: usize, value: serde_json::Value) {
+        let kind = value.get("kind").and_then(serde_json::Value::as_str).unwrap_or("").to_owned();
+        let api_version = value.get("apiVersion").and_then(serde_json::Value::as_str).unwrap_or("").to_owned();
+        if kind == "List" || kind.ends_with("List") && value.get("items").is_some() {
+            if let Some(serde_json::Value::Array(items)) = value.get("items") {
+                for item in items.clone() {
+                    self.load_value(file, document, item);
+                }
+            }
+            return;
+        }
+        let meta = value.get("metadata");
+        let name = meta.and_then(|m| m.get("name")).and_then(serde_json::Value::as_str).map(str::to_owned);
+        let namespace = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(serde_json::Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
+            .to_owned();
+        let handled = matches!(
+            (api_version.as_str(), kind.as_str()),
+            ("v1", "Service" | "Endpoints") | ("discovery.k8s.io/v1", "EndpointSlice")
+        );
+        if !handled {
+            tracing::debug!(file = %file.display(), document, %api_version, %kind, "skipping a kind this source does not handle");
+            return;
+        }
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            self.error(file, document, Some(kind), Some("metadata.name".into()), "is required".into());
+            return;
+        };
+        let key = ObjectRef { namespace, name };
+        let object = format!("{kind} {key}");
+        match kind.as_str() {
+            "Service" => {
+                if let Some(svc) = self.typed::<Service>(file, document, &object, value) {
+                    self.insert_service(file, document, &object, key, svc);
+                }
+            }
+            "EndpointSlice" => {
+                if let Some(slice) = self.typed::<EndpointSlice>(file, document, &object, value) {
+                    if let Some((first, _)) = self.slices.get(&key) {
+                        let message = format!("duplicate of the one in {} (that one is used)", first.display());
+                        self.error(file, document, Some(object), None, message);
+                    } else {
+                        self.slices.insert(key, (file.to_owned(), slice));
+                    }
+                }
+            }
+            _ => {
+                if let Some(endpoints) = self.typed::<Endpoints>(file, document, &object, value) {
+                    if let Some((first, _, _)) = self.endpoints.get(&key) {
+                        let message = format!("duplicate of the one in {} (that one is used)", first.display());
+                        self.error(file, document, Some(object), None, message);
+                    } else {
+                        self.endpoints.insert(key, (file.to_owned(), document, endpoints));
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert_service(&mut self, file: &Path, document: usize, object: &str, key: ObjectRef, svc: Service) {
+        if let Some((first, _)) = self.services.get(&key) {
+            let message = format!("duplicate of the one in {} (that one is used)", first.display());
+            self.error(file, document, Some(object.to_owned()), None, message);
+        } else {
+            self.services.insert(key, (file.to_owned(), svc));
+        }
+    }
+
+    /// Deserializes with the failing field's path in the error.
+    fn typed<T: DeserializeOwned>(
+        &mut self,
+        file: &Path,
+        document: usize,
+        object: &str,
+        value: serde_json::Value,
+    ) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let path = e.path().to_string();
+                let field = (path != ".").then_some(path);
+                self.error(file, document, Some(object.to_owned()), field, e.into_inner().to_string());
+                None
+            }
+        }
+    }
+
+    fn finish(mut self) -> Snapshot {
+        let mut objects = Objects {
+            services: self.services.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
+            endpoint_slices: self.slices.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
+        };
+        let endpoints = std::mem::take(&mut self.endpoints);
+        for (key, (file, document, endpoints)) in endpoints {
+            let Some((_, svc)) = self.services.get(&key) else { continue };
+            let has_selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
+            let skip = endpoints.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SKIP_MIRROR)).is_some_and(|v| v == "true");
+            if has_selector || skip {
+                continue;
+            }
+            for slice in mirror(&key, &endpoints, &mut |field, message| {
+                self.errors.push(ManifestError {
+                    file: file.clone(),
+                    document,
+                    object: Some(format!("Endpoints {key}")),
+                    field: Some(field),
+                    message,
+                });
+            }) {
+                let name = slice.metadata.name.clone().unwrap_or_default();
+                objects.endpoint_slices.insert(ObjectRef { namespace: key.namespace.clone(), name }, slice);
+            }
+        }
+        Snapshot { objects, errors: self.errors }
+    }
+}
+
+/// Mirrors one v1 Endpoints into EndpointSlices: one per subset and address
+/// family, named `<endpoints name>-mirror-<n>` (n counts from 0 in subset
+/// order), labelled with the Endpoints' labels plus
+/// `kubernetes.io/service-name` and `endpointslice.kubernetes.io/managed-by`.
+/// `addresses` become ready endpoints, `notReadyAddresses` not-ready ones.
+fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String, String)) -> Vec<EndpointSlice> {
+    let mut out = Vec::new();
+    for (si, subset) in endpoints.subsets.iter().flatten().enumerate() {
+        let ports: Vec<EndpointPort> = subset
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| EndpointPort {
+                name: p.name.clone(),
+                port: Some(p.port),
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        let mut by_family: BTreeMap<&'static str, Vec<Endpoint>> = BTreeMap::new();
+        let groups = [("addresses", subset.addresses.as_ref(), true), ("notReadyAddresses", subset.not_ready_addresses.as_ref(), false)];
+        for (field, addresses, ready) in groups {
+            for (ai, address) in addresses.into_iter().flatten().enumerate() {
+                let family = match address.ip.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(_)) => "IPv4",
+                    Ok(IpAddr::V6(_)) => "IPv6",
+                    Err(e) => {
+                        report(format!("subsets[{si}].{field}[{ai}].ip"), format!("{:?} is not an IP address: {e}", address.ip));
+                        continue;
+                    }
+                };
+                by_family.entry(family).or_default().push(Endpoint {
+                    addresses: vec![address.ip.clone()],
+                    conditions: Some(EndpointConditions { ready: Some(ready), serving: Some(ready), terminating: Some(false) }),
+                    hostname: address.hostname.clone(),
+                    node_name: address.node_name.clone(),
+                    target_ref: address.target_ref.clone(),
+                    ..Endpoint::default()
+                });
+            }
+        }
+        for (family, eps) in by_family {
+            let mut labels = endpoints.metadata.labels.clone().unwrap_or_default();
+            labels.insert(LABEL_SERVICE_NAME.into(), key.name.clone());
+            labels.insert("endpointslice.kubernetes.io/managed-by".into(), MIRRORING_CONTROLLER.into());
+            let mut slice = EndpointSlice {
+                address_type: family.into(),
+                endpoints: Some(eps),
+                ports: Some(ports.clone()),
+                ..EndpointSlice::default()
+            };
+            slice.metadata.name = Some(format!("{}-mirror-{}", key.name, out.len()));
+            slice.metadata.namespace = Some(key.namespace.clone());
+            slice.metadata.labels = Some(labels);
+            out.push(slice);
+        }
+    }
+    out
+}
+
+/// A fingerprint of the directory: every manifest's name and a hash of its
+/// contents (so an edit that keeps size and mtime is still seen).
+fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+    let mut out = Vec::new();
+    for file in manifest_files(dir)? {
+        let mut h = DefaultHasher::new();
+        std::fs::read(&file).unwrap_or_default().hash(&mut h);
+        out.push((file, h.finish()));
+    }
+    Ok(out)
+}
+
+/// Polls `dir` every `interval` and sends a new [`Snapshot`] when a
+/// manifest was added, changed or removed. Polling rather than inotify:
+/// kubelet updates ConfigMap mounts by swapping a symlinked directory,
+/// which inotify watches on the files miss, and hashing a directory of
+/// manifests a few times a second costs next to nothing. When the
+/// directory cannot be read, the last snapshot stays in force.
+pub async fn watch(dir: PathBuf, interval: Duration, tx: tokio::sync::watch::Sender<Snapshot>) {
+    // None: the first poll always sends, so nothing changed between the
+    // caller's own first load and this task's start is missed.
+    let mut last: Option<Vec<(PathBuf, u64)>> = None;
+    let mut warned = false;
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        if tx.is_closed() {
+            return;
+        }
+        let now = match fingerprint(&dir) {
+            Ok(f) => f,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read the manifest directory; keeping the last state");
+                    warned = true;
+                }
+                continue;
+            }
+        };
+        warned = false;
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        last = Some(now);
+        match load_dir(&dir) {
+            Ok(snapshot) => {
+                for e in &snapshot.errors {
+                    tracing::warn!(error = %e, "invalid manifest (skipped)");
+                }
+                tx.send_replace(snapshot);
+            }
+            Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read the manifest directory"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+//! The pinned BPF maps: loading the eBPF object with its maps pinned under
+//! `--bpffs-root`, the [`MapIo`] implementation the reconciler writes
+//! through, reading the per-CPU counters, and removing the pins.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, PerCpuArray},
+};
+use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, map_names, stats};
+
+use crate::reconciler::{MapError, MapIo, MapState};
+
+/// The eBPF object built by build.rs (empty when the toolchain was missing).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
+
+/// `statfs(2)` magic of the BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Capacities of the maps (the `--map-size-*` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        use service_common::capacity;
+        Self { services: capacity::SERVICES, backends: capacity::BACKENDS, conntrack: capacity::CONNTRACK }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "this service-agent was built without its eBPF object (nightly rust-src or bpf-linker was missing at build time): run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    #[error("--bpffs-root {path}: {source}")]
+    BpffsRoot { path: PathBuf, source: io::Error },
+    #[error("--bpffs-root {0} is not on a BPF filesystem: mount one first (`mount -t bpf bpf /sys/fs/bpf`)")]
+    NotBpffs(PathBuf),
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+}
+
+fn is_bpffs(path: &Path) -> io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated path and `buf` a properly sized,
+    // writable statfs struct that outlives the call.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut buf) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libc targets")]
+    Ok(i64::from(buf.f_type) == BPF_FS_MAGIC)
+}
+
+/// Creates `root` (and parents) and checks it lives on a bpffs. When the
+/// conventional `/sys/fs/bpf` is not mounted yet, mounts it, as Cilium does.
+///
+/// # Errors
+/// When the directory cannot be created or is not on a bpffs.
+pub fn prepare_bpffs_root(root: &Path) -> Result<(), LoadError> {
+    let sys_fs_bpf = Path::new("/sys/fs/bpf");
+    if root.starts_with(sys_fs_bpf) && sys_fs_bpf.is_dir() && !is_bpffs(sys_fs_bpf).unwrap_or(true) {
+        tracing::info!("mounting a BPF filesystem on /sys/fs/bpf");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            return Err(LoadError::NotBpffs(root.to_owned()));
+        }
+    }
+    std::fs::create_dir_all(root).map_err(|source| LoadError::BpffsRoot { path: root.to_owned(), source })?;
+    match is_bpffs(root) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(LoadError::NotBpffs(root.to_owned())),
+        Err(source) => Err(LoadError::BpffsRoot { path: root.to_owned(), source }),
+    }
+}
+
+/// Loads the eBPF object; its maps are pinned under `root` by name, or
+/// reused when an earlier agent pinned them (so flows survive a restart).
+///
+/// # Errors
+/// When the object is missing, bpffs is unusable or the kernel refuses it.
+pub fn load(root: &Path, sizes: MapSizes) -> Result<Ebpf, LoadError> {
+    if OBJECT.is_empty() {
+        return Err(LoadError::NoObject);
+    }
+    prepare_bpffs_root(root)?;
+    let ebpf = EbpfLoader::new()
+        .default_map_pin_directory(root)
+        .map_max_entries(map_names::SERVICES, sizes.services)
+        .map_max_entries(map_names::BACKENDS, sizes.backends)
+        .map_max_entries(map_names::REV_NAT, sizes.backends)
+        .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+        .load(OBJECT)?;
+    Ok(ebpf)
+}
+
+/// Removes the pins `load` made under `root`, and `root` if it is then
+/// empty. Absent pins are not an error.
+///
+/// # Errors
+/// When a pin exists but cannot be removed.
+pub fn remove_pins(root: &Path) -> io::Result<()> {
+    for name in map_names::ALL {
+        match std::fs::remove_file(root.join(name)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    match std::fs::remove_dir(root) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound && e.raw_os_error() != Some(libc::ENOTEMPTY) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The agent's three maps, written by the reconciler.
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    rev_nat: HashMap<MapData, u32, RevNatValue>,
+    sizes: MapSizes,
+}
+
+fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, LoadError> {
+    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+    HashMap::try_from(map).map_err(|source| LoadError::Map { name, source })
+}
+
+fn open_pinned(root: &Path, name: &'static str) -> Result<Map, LoadError> {
+    let data = MapData::from_pin(root.join(name)).map_err(|source| LoadError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| LoadError::Map { name, source })
+}
+
+impl PinnedMaps {
+    /// Takes the maps out of a loaded object.
+    ///
+    /// # Errors
+    /// When a map is missing or of the wrong type.
+    pub fn from_ebpf(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, LoadError> {
+        Ok(Self {
+            services: take(ebpf, map_names::SERVICES)?,
+            backends: take(ebpf, map_names::BACKENDS)?,
+            rev_nat: take(ebpf, map_names::REV_NAT)?,
+            sizes,
+        })
+    }
+
+    /// Opens the maps pinned under `root` (for tests and tools).
+    ///
+    /// # Errors
+    /// When a pin is missing or of the wrong type.
+    pub fn open(root: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
+        let typed = |name| {
+            open_pinned(root, name)
+                .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name, source }))
+        };
+        Ok(Self {
+            services: typed(map_names::SERVICES)?,
+            backends: HashMap::try_from(open_pinned(root, map_names::BACKENDS)?)
+                .map_err(|source| LoadError::Map { name: map_names::BACKENDS, source })?,
+            rev_nat: HashMap::try_from(open_pinned(root, map_names::REV_NAT)?)
+                .map_err(|source| LoadError::Map { name: map_names::REV_NAT, source })?,
+            sizes,
+        })
+    }
+}
+
+fn classify(map: &'static str, op: &'static str, capacity: u32, flag: &'static str, e: aya::maps::MapError) -> MapError {
+    if let aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) = &e {
+        // A full hash map answers E2BIG to an insert of a new key.
+        if io_error.raw_os_error() == Some(libc::E2BIG) || io_error.raw_os_error() == Some(libc::ENOSPC) {
+            return MapError::Full { map, capacity, flag };
+        }
+    }
+    MapError::Io { map, op, source: io::Error::other(e) }
+}
+
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
+            io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
+fn dump_map<K: aya::Pod + Ord, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<K, V>, MapError> {
+    let mut out = std::collections::BTreeMap::new();
+    for row in map.iter() {
+        match row {
+            Ok((k, v)) => {
+                out.insert(k, v);
+            }
+            // A row deleted while iterating.
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(MapError::Io { map: name, op: "dump", source: io::Error::other(e) }),
+        }
+    }
+    Ok(out)
+}
+
+impl MapIo for PinnedMaps {
+    fn dump(&self) -> Result<MapState, MapError> {
+        Ok(MapState {
+            services: dump_map(&self.services, map_names::SERVICES)?,
+            backends: dump_map(&self.backends, map_names::BACKENDS)?,
+            rev_nat: dump_map(&self.rev_nat, map_names::REV_NAT)?,
+        })
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| classify(map_names::SERVICES, "update", self.sizes.services, "--map-size-services", e))
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        match self.services.remove(key) {
+            Err(e) if !is_not_found(&e) => {
+                Err(MapError::Io { map: map_names::SERVICES, op: "delete", source: io::Error::other(e) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| classify(map_names::BACKENDS, "update", self.sizes.backends, "--map-size-backends", e))
+    }
+
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        match self.backends.remove(&id) {
+            Err(e) if !is_not_found(&e) => {
+                Err(MapError::Io { map: map_names::BACKENDS, op: "delete", source: io::Error::other(e) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError> {
+        self.rev_nat
+            .insert(id, value, 0)
+            .map_err(|e| classify(map_names::REV_NAT, "update", self.sizes.backends, "--map-size-backends", e))
+    }
+
+    fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError> {
+        match self.rev_nat.remove(&id) {
+            Err(e) if !is_not_found(&e) => {
+                Err(MapError::Io { map: map_names::REV_NAT, op: "delete", source: io::Error::other(e) })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The verdict and drop counters summed over CPUs, in id order, with their
+/// names, read from the pinned `stats` map.
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, u64)>, LoadError> {
+    let name = map_names::STATS;
+    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_pinned(root, name)?)
+        .map_err(|source| LoadError::Map { name, source })?;
+    let mut out = Vec::new();
+    for (id, label) in stats::ALL {
+        let values = map.get(&id, 0).map_err(|source| LoadError::Map { name, source })?;
+        out.push((label, values.iter().sum()));
+    }
+    Ok(out)
+}

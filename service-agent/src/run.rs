@@ -1,0 +1,132 @@
+//! `service-agent run`: wires the pieces together and drives them.
+//!
+//! One task owns everything (the loaded object, the reconciler, the attach
+//! manager) and reacts to three inputs: a new snapshot from the source, a
+//! link event (or the periodic re-scan), and SIGINT/SIGTERM.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use aya::programs::SchedClassifier;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    attach::{AttachManager, Globs, netlink},
+    maps::{self, MapSizes, PinnedMaps},
+    model::{self, NodeContext},
+    reconciler::Reconciler,
+    source::manifest,
+};
+
+/// How often the manifest directory is polled.
+const MANIFEST_POLL: Duration = Duration::from_millis(200);
+/// Interfaces are re-scanned this often even without link events.
+const RESCAN: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub manifests: PathBuf,
+    pub node_name: String,
+    pub pod_interfaces: Globs,
+    pub bpffs_root: PathBuf,
+    pub map_sizes: MapSizes,
+}
+
+/// Runs until SIGINT/SIGTERM, then detaches and removes the pins.
+///
+/// # Errors
+/// When the dataplane cannot be loaded or the manifest directory read.
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let mut ebpf = maps::load(&config.bpffs_root, config.map_sizes).context("loading the dataplane")?;
+    let mut reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, config.map_sizes)?)
+        .context("reading the pinned maps")?;
+    tracing::info!(
+        bpffs_root = %config.bpffs_root.display(),
+        adopted_rows = reconciler.applied().services.len(),
+        "maps pinned"
+    );
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(service_common::PROG_POD_INGRESS)
+        .context("the eBPF object has no pod ingress program")?
+        .try_into()
+        .context("the pod ingress program is not a TC classifier")?;
+    prog.load().context("loading the pod ingress program into the kernel")?;
+    let mut attach = AttachManager::new(config.pod_interfaces.clone());
+    let mut links = netlink::watch_links().context("opening the rtnetlink link-event socket")?;
+
+    let first = manifest::load_dir(&config.manifests)
+        .with_context(|| format!("reading --manifests {}", config.manifests.display()))?;
+    let (tx, mut snapshots) = tokio::sync::watch::channel(first);
+    tokio::spawn(manifest::watch(config.manifests.clone(), MANIFEST_POLL, tx));
+    let node = NodeContext { node_name: config.node_name.clone() };
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut rescan = tokio::time::interval(RESCAN);
+    log_attach(&attach.sync(prog));
+    // The first snapshot is marked seen by `borrow_and_update` below.
+    snapshots.mark_changed();
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                sync_once(&mut reconciler, &snapshot, &node);
+            }
+            Some(()) = links.recv() => log_attach(&attach.sync(prog)),
+            _ = rescan.tick() => log_attach(&attach.sync(prog)),
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: detaching and removing pins");
+    attach.detach_all(prog);
+    drop(reconciler);
+    drop(ebpf);
+    maps::remove_pins(&config.bpffs_root).context("removing pins")?;
+    Ok(())
+}
+
+fn sync_once(reconciler: &mut Reconciler<PinnedMaps>, snapshot: &manifest::Snapshot, node: &NodeContext) {
+    let _span = tracing::info_span!("sync").entered();
+    let started = std::time::Instant::now();
+    let desired = model::desired(&snapshot.objects, node);
+    for e in &desired.errors {
+        tracing::warn!(error = %e, "invalid object field (skipped)");
+    }
+    let report = reconciler.reconcile(&desired);
+    for e in &report.errors {
+        tracing::error!(error = %e, "map update failed");
+    }
+    tracing::info!(
+        services = snapshot.objects.services.len(),
+        endpoint_slices = snapshot.objects.endpoint_slices.len(),
+        frontends = desired.frontends.len(),
+        written = report.frontends_written,
+        deleted = report.frontends_deleted,
+        rows_written = report.rows_written,
+        rows_deleted = report.rows_deleted,
+        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        "synced"
+    );
+    if report.changed() {
+        for df in desired.frontends.values() {
+            let backends: Vec<String> = df.backends.iter().map(ToString::to_string).collect();
+            tracing::debug!(service = %df.service, frontend = %df.frontend, backends = ?backends, "frontend");
+        }
+    }
+}
+
+fn log_attach(report: &crate::attach::SyncReport) {
+    for name in &report.attached {
+        tracing::info!(interface = %name, "attached pod ingress program");
+    }
+    for name in &report.gone {
+        tracing::info!(interface = %name, "interface gone");
+    }
+    for (name, error) in &report.failed {
+        tracing::warn!(interface = %name, %error, "attach failed");
+    }
+}

@@ -1,0 +1,176 @@
+//! Reconciler golden tests (tier 1, no root): a directory of manifests as a
+//! user writes them goes through the real manifest source, the model and the
+//! reconciler (into the in-memory maps); the reported errors and the
+//! canonical sorted map dump must equal `golden/<case>.expected`.
+//!
+//! `UPDATE_GOLDEN=1 cargo test -p service-agent --test golden` rewrites the
+//! expected files; review the diff before committing it.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use service_agent::{
+    model::{self, NodeContext},
+    reconciler::{MapState, Reconciler, dump, fake::FakeMaps},
+    source::manifest,
+};
+use service_common::{BackendValue, RevNatValue};
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+fn node() -> NodeContext {
+    NodeContext { node_name: "node-a".into() }
+}
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "golden-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Source → model → reconciler on `dir`, rendered: errors then the dump.
+fn run_case(dir: &Path, reconciler: &mut Reconciler<FakeMaps>) -> String {
+    let snapshot = manifest::load_dir(dir).expect("manifest dir");
+    let desired = model::desired(&snapshot.objects, &node());
+    let report = reconciler.reconcile(&desired);
+    assert!(report.errors.is_empty(), "map errors: {:?}", report.errors);
+    assert_eq!(reconciler.maps().state, *reconciler.applied(), "mirror and maps differ");
+    let mut out = String::from("errors:\n");
+    let prefix = format!("{}/", dir.display());
+    for e in &snapshot.errors {
+        let _ = writeln!(out, "  {}", e.to_string().replace(&prefix, ""));
+    }
+    for e in &desired.errors {
+        let _ = writeln!(out, "  {e}");
+    }
+    out.push_str(&dump::render(&reconciler.maps().state));
+    out
+}
+
+fn cases() -> Vec<PathBuf> {
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(golden_dir())
+        .expect("golden dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect();
+    cases.sort();
+    cases
+}
+
+#[test]
+fn golden_dumps_match() {
+    let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
+    let mut failures = Vec::new();
+    for case in cases() {
+        let got = run_case(&case, &mut Reconciler::new(FakeMaps::default()).expect("fake"));
+        let expected_path = case.with_extension("expected");
+        if update {
+            std::fs::write(&expected_path, &got).expect("write golden");
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_default();
+        if got != expected {
+            failures.push(format!("{}:\n--- expected\n{expected}--- got\n{got}", case.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(cases().len() >= 4);
+}
+
+/// Every YAML document of every case, as (case, text).
+fn documents() -> Vec<(String, String)> {
+    let mut docs = Vec::new();
+    for case in cases() {
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(&case).expect("case").map(|e| e.expect("entry").path()).collect();
+        files.sort();
+        for f in files {
+            let text = std::fs::read_to_string(&f).expect("read");
+            for doc in text.split("\n---\n") {
+                docs.push((case.file_name().expect("name").to_string_lossy().into_owned(), doc.to_owned()));
+            }
+        }
+    }
+    docs
+}
+
+/// The applied state with ids resolved to what they stand for, so states
+/// reached through different histories (and so different ids) compare.
+fn resolved(state: &MapState) -> BTreeMap<String, (u16, RevNatValue, Vec<BackendValue>)> {
+    state
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(k, v)| {
+            let table = (1..=v.count)
+                .map(|s| {
+                    let slot = state.services[&k.with_slot(v.version, u16::try_from(s).expect("slot"))];
+                    state.backends[&slot.backend_id]
+                })
+                .collect();
+            (dump::frontend(k), (v.flags, state.rev_nat[&v.rev_nat_id], table))
+        })
+        .collect()
+}
+
+fn write_docs(dir: &Path, docs: &[(String, String)]) {
+    for entry in std::fs::read_dir(dir).expect("dir") {
+        std::fs::remove_file(entry.expect("entry").path()).expect("rm");
+    }
+    for (i, (_, doc)) in docs.iter().enumerate() {
+        std::fs::write(dir.join(format!("{i:03}.yaml")), doc).expect("write");
+    }
+}
+
+#[test]
+fn the_order_objects_arrive_in_does_not_change_the_result() {
+    let docs: Vec<(String, String)> =
+        documents().into_iter().filter(|(case, _)| case != "invalid-objects").collect();
+    let dir = TempDir::new("order");
+
+    write_docs(&dir.0, &docs);
+    let mut all_at_once = Reconciler::new(FakeMaps::default()).expect("fake");
+    run_case(&dir.0, &mut all_at_once);
+    let expected = resolved(all_at_once.applied());
+    assert!(expected.len() >= 4, "{expected:?}");
+
+    // Reversed, one document at a time (slices before their Services, one
+    // reconcile per arrival).
+    let mut reversed = docs.clone();
+    reversed.reverse();
+    let mut incremental = Reconciler::new(FakeMaps::default()).expect("fake");
+    for n in 1..=reversed.len() {
+        write_docs(&dir.0, &reversed[..n]);
+        run_case(&dir.0, &mut incremental);
+    }
+    assert_eq!(resolved(incremental.applied()), expected);
+
+    // Removing the documents one at a time leaves no row behind.
+    for n in (0..reversed.len()).rev() {
+        write_docs(&dir.0, &reversed[..n]);
+        run_case(&dir.0, &mut incremental);
+    }
+    assert_eq!(incremental.maps().state, MapState::default());
+}

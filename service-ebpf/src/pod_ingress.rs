@@ -1,0 +1,324 @@
+//! `service_pod_ingress`: ClusterIP translation for traffic leaving pods.
+//!
+//! One parse into [`Flow`], then: conntrack (an existing flow, either
+//! direction) → service frontend (a new flow) → pass. Every outcome is a
+//! counter id from `service_common::stats`; the entry point maps `Ok` to
+//! `TC_ACT_OK` and `Err` to `TC_ACT_SHOT` and counts it, in one place.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::TcContext,
+};
+use service_common::{
+    BackendValue, CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, Port, RevNatValue, SCOPE_INTERNAL, ServiceKey,
+    ServiceValue, addr_v4, capacity, ct_flags, ct_timeouts, hash, stats,
+};
+
+#[map(name = "services")]
+static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
+#[map(name = "backends")]
+static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0);
+/// Not read by this program (conntrack stores the frontend itself); kept in
+/// the object so it is created and pinned for the agent and `inspect`.
+#[map(name = "rev_nat")]
+static REV_NAT: HashMap<u32, RevNatValue> = HashMap::pinned(capacity::REV_NAT, 0);
+#[map(name = "conntrack")]
+static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+#[map(name = "stats")]
+static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+const ETH_HLEN: usize = 14;
+/// EtherType IPv4, as it appears on the wire.
+const ETH_P_IP_BE: [u8; 2] = [0x08, 0x00];
+const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+const IP_SRC_OFF: usize = ETH_HLEN + 12;
+const IP_DST_OFF: usize = ETH_HLEN + 16;
+const TCP_CSUM_OFF: usize = 16;
+const UDP_CSUM_OFF: usize = 6;
+const TCP_FLAGS_OFF: usize = 13;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+/// IPv4 flags/fragment-offset field (host order after from_be_bytes).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+
+/// Everything downstream needs from the headers, read once.
+struct Flow {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: Port,
+    dport: Port,
+    proto: u8,
+    l4_off: usize,
+    tcp_flags: u8,
+    /// First fragment of a fragmented datagram (MF set, offset 0).
+    first_fragment: bool,
+}
+
+impl Flow {
+    fn ct_key(&self) -> CtKey {
+        CtKey {
+            saddr: addr_v4(self.saddr),
+            daddr: addr_v4(self.daddr),
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// A counter id; `Ok` passes the packet, `Err` drops it.
+type Outcome = Result<u32, u32>;
+
+#[classifier]
+pub fn service_pod_ingress(ctx: TcContext) -> i32 {
+    let (action, counter) = match try_pod_ingress(&ctx) {
+        Ok(counter) => (TC_ACT_OK, counter),
+        Err(counter) => (TC_ACT_SHOT, counter),
+    };
+    count(counter);
+    action
+}
+
+#[inline(always)]
+fn count(id: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(id) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup,
+        // so it is valid and only this CPU writes to it.
+        unsafe { *counter += 1 };
+    }
+}
+
+#[inline(always)]
+fn ktime_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions; it reads a clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn try_pod_ingress(ctx: &TcContext) -> Outcome {
+    let flow = match parse(ctx) {
+        Ok(flow) => flow,
+        Err(pass_counter) => return Ok(pass_counter),
+    };
+    let key = flow.ct_key();
+    // SAFETY: conntrack values are plain data; a concurrent update of the
+    // same entry can at worst give a stale copy, never an invalid one.
+    if let Some(ct) = unsafe { CONNTRACK.get(&key) } {
+        let ct = *ct;
+        let now = ktime_ns();
+        if !expired(&ct, flow.proto, now) {
+            return established(ctx, &flow, &key, ct, now);
+        }
+    }
+    new_flow(ctx, &flow, key)
+}
+
+/// Parses Ethernet + IPv4 + the L4 ports. `Err` is the pass counter for a
+/// packet this program leaves alone.
+#[inline(always)]
+fn parse(ctx: &TcContext) -> Result<Flow, u32> {
+    let ethertype: [u8; 2] = ctx.load(12).map_err(|_| stats::PASS_MALFORMED)?;
+    if ethertype != ETH_P_IP_BE {
+        return Err(stats::PASS_NOT_IPV4);
+    }
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| stats::PASS_MALFORMED)?;
+    let ihl = usize::from(ip[0] & 0x0f);
+    if ip[0] >> 4 != 4 || ihl < 5 {
+        return Err(stats::PASS_MALFORMED);
+    }
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & IP_OFFSET_MASK != 0 {
+        // No L4 header in this fragment: nothing to match on.
+        return Err(stats::PASS_FRAGMENT);
+    }
+    let proto = ip[9];
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return Err(stats::PASS_OTHER_PROTO);
+    }
+    let l4_off = ETH_HLEN + ihl * 4;
+    let ports: [u8; 4] = ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?;
+    let tcp_flags = if proto == PROTO_TCP {
+        // The checksum lies beyond the flags: a TCP header this short is
+        // malformed, and rewriting it would fail anyway.
+        let _: [u8; 2] = ctx.load(l4_off + TCP_CSUM_OFF).map_err(|_| stats::PASS_MALFORMED)?;
+        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).map_err(|_| stats::PASS_MALFORMED)?
+    } else {
+        let _: [u8; 2] = ctx.load(l4_off + UDP_CSUM_OFF).map_err(|_| stats::PASS_MALFORMED)?;
+        0
+    };
+    Ok(Flow {
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto,
+        l4_off,
+        tcp_flags,
+        first_fragment: frag & IP_MF != 0,
+    })
+}
+
+#[inline(always)]
+fn expired(ct: &CtValue, proto: u8, now: u64) -> bool {
+    let timeout = if proto == PROTO_UDP {
+        ct_timeouts::UDP_NS
+    } else if ct.flags & ct_flags::CLOSING != 0 {
+        ct_timeouts::TCP_CLOSING_NS
+    } else {
+        ct_timeouts::TCP_ESTABLISHED_NS
+    };
+    now.saturating_sub(ct.last_seen_ns) > timeout
+}
+
+/// A packet of a known flow: translate it the way its entry says.
+#[inline(always)]
+fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, ct: CtValue, now: u64) -> Outcome {
+    if flow.first_fragment {
+        return Err(stats::DROP_FRAGMENTED_SERVICE);
+    }
+    let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && ct.flags & ct_flags::CLOSING == 0;
+    if closing || now.saturating_sub(ct.last_seen_ns) > ct_timeouts::REFRESH_NS {
+        let mut fresh = ct;
+        fresh.last_seen_ns = now;
+        if closing {
+            fresh.flags |= ct_flags::CLOSING;
+            mark_peer_closing(key, &ct);
+        }
+        // Losing this refresh only shortens the entry's life; never drop
+        // the packet for it.
+        let _ = CONNTRACK.insert(key, &fresh, 0);
+    }
+    let nat_addr = [ct.nat_addr[0], ct.nat_addr[1], ct.nat_addr[2], ct.nat_addr[3]];
+    if ct.flags & ct_flags::DNAT != 0 {
+        rewrite(ctx, flow, IP_DST_OFF, flow.daddr, nat_addr, 2, flow.dport, ct.nat_port)?;
+        Ok(stats::DNAT_ESTABLISHED)
+    } else if ct.flags & ct_flags::REV_NAT != 0 {
+        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, nat_addr, 0, flow.sport, ct.nat_port)?;
+        Ok(stats::REV_NAT)
+    } else {
+        Ok(stats::PASS_NO_SERVICE)
+    }
+}
+
+/// On FIN/RST, the other direction's entry starts its closing timeout too.
+#[inline(always)]
+fn mark_peer_closing(key: &CtKey, ct: &CtValue) {
+    let peer = if ct.flags & ct_flags::DNAT != 0 {
+        // client → frontend; the peer is backend → client.
+        CtKey { saddr: ct.nat_addr, daddr: key.saddr, sport: ct.nat_port, dport: key.sport, ..*key }
+    } else {
+        // backend → client; the peer is client → frontend.
+        CtKey { saddr: key.daddr, daddr: ct.nat_addr, sport: key.dport, dport: ct.nat_port, ..*key }
+    };
+    if let Some(entry) = CONNTRACK.get_ptr_mut(&peer) {
+        // SAFETY: a valid map value pointer; a racing writer can only set
+        // the same bit or refresh the timestamp.
+        unsafe { (*entry).flags |= ct_flags::CLOSING };
+    }
+}
+
+/// The first packet of a flow: look up the frontend, pick a backend, record
+/// both directions in conntrack, DNAT.
+#[inline(always)]
+fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
+    let frontend = ServiceKey::frontend(FAMILY_IPV4, key.daddr, flow.dport, flow.proto, SCOPE_INTERNAL);
+    // SAFETY: service values are plain data written whole by the agent.
+    let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
+        return Ok(stats::PASS_NO_SERVICE);
+    };
+    let service = *service;
+    if flow.first_fragment {
+        // Later fragments carry no ports and could not follow the DNAT.
+        return Err(stats::DROP_FRAGMENTED_SERVICE);
+    }
+    if service.count == 0 {
+        // No usable endpoint (REJECT or DROP flag). Rejecting with a TCP
+        // RST / ICMP port unreachable comes with the north-south work.
+        return Err(stats::DROP_NO_BACKEND);
+    }
+    let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
+    // count <= 16381 (the largest Maglev table), so the slot fits in u16.
+    let slot = hash::slot_for(h, service.count) as u16;
+    // SAFETY: as above.
+    let backend_id = match unsafe { SERVICES.get(&frontend.with_slot(service.version, slot)) } {
+        Some(row) => row.backend_id,
+        None => return Err(stats::DROP_MISSING_ROW),
+    };
+    // SAFETY: backend values are plain data written whole by the agent.
+    let backend = match unsafe { BACKENDS.get(&backend_id) } {
+        Some(b) => *b,
+        None => return Err(stats::DROP_MISSING_ROW),
+    };
+    let now = ktime_ns();
+    let original = CtValue {
+        nat_addr: backend.addr,
+        nat_port: backend.port,
+        flags: ct_flags::DNAT,
+        _pad: 0,
+        backend_id,
+        rev_nat_id: service.rev_nat_id,
+        _pad2: 0,
+        last_seen_ns: now,
+    };
+    let reply_key = CtKey {
+        saddr: backend.addr,
+        daddr: key.saddr,
+        sport: backend.port,
+        dport: flow.sport,
+        ..key
+    };
+    let reply = CtValue { nat_addr: key.daddr, nat_port: flow.dport, flags: ct_flags::REV_NAT, ..original };
+    // The reply entry first: once the original entry exists, a reply must
+    // find its way back.
+    CONNTRACK.insert(&reply_key, &reply, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+    CONNTRACK.insert(&key, &original, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+    let backend_addr = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
+    rewrite(ctx, flow, IP_DST_OFF, flow.daddr, backend_addr, 2, flow.dport, backend.port)?;
+    Ok(stats::DNAT_NEW)
+}
+
+/// Rewrites one address (at `addr_off`) and the port at `l4_off +
+/// port_off`, fixing the IP checksum and the L4 checksum (pseudo-header
+/// included). The kernel helpers handle CHECKSUM_PARTIAL packets (only the
+/// pseudo-header sum is updated) as well as complete checksums; a UDP
+/// checksum of 0 ("none") stays 0 (BPF_F_MARK_MANGLED_0).
+#[expect(clippy::too_many_arguments, reason = "one call site per direction; a struct would only rename them")]
+#[inline(always)]
+fn rewrite(
+    ctx: &TcContext,
+    flow: &Flow,
+    addr_off: usize,
+    old_addr: [u8; 4],
+    new_addr: [u8; 4],
+    port_off: usize,
+    old_port: Port,
+    new_port: Port,
+) -> Result<(), u32> {
+    let (csum_off, mangled_0) = if flow.proto == PROTO_TCP {
+        (flow.l4_off + TCP_CSUM_OFF, 0)
+    } else {
+        (flow.l4_off + UDP_CSUM_OFF, u64::from(BPF_F_MARK_MANGLED_0))
+    };
+    if old_addr != new_addr {
+        // The helpers take the raw (network-order) field values.
+        let from = u64::from(u32::from_ne_bytes(old_addr));
+        let to = u64::from(u32::from_ne_bytes(new_addr));
+        ctx.l4_csum_replace(csum_off, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4)
+            .map_err(|_| stats::DROP_REWRITE)?;
+        ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.store(addr_off, &new_addr, 0).map_err(|_| stats::DROP_REWRITE)?;
+    }
+    if old_port != new_port {
+        let from = u64::from(u16::from_ne_bytes(old_port));
+        let to = u64::from(u16::from_ne_bytes(new_port));
+        ctx.l4_csum_replace(csum_off, from, to, mangled_0 | 2).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.store(flow.l4_off + port_off, &new_port, 0).map_err(|_| stats::DROP_REWRITE)?;
+    }
+    Ok(())
+}
