@@ -1,0 +1,265 @@
+//! Tier 2: golden packets through the real `service_pod_ingress` program
+//! with BPF_PROG_TEST_RUN (root). The maps are filled by the agent's own
+//! source → model → reconciler from YAML; each crafted frame goes in and the
+//! exact expected frame (every field, both checksums) must come out.
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::AsFd as _,
+    path::PathBuf,
+};
+
+use aya::{Ebpf, programs::SchedClassifier};
+use service_agent::{
+    maps::{self, MapSizes, PinnedMaps},
+    model::{self, NodeContext},
+    reconciler::{MapState, Reconciler, frontend_key},
+    source::manifest,
+};
+use service_common::{addr_v4, hash, port_be, stats};
+use service_tests::{
+    netns::{BpffsMount, is_root},
+    packet::{self, TestRunOutput},
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 2, 13)];
+
+const MANIFESTS: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports:
+- {name: http, port: 8080}
+- {name: dns, port: 5353, protocol: UDP}
+endpoints:
+- addresses: [10.244.1.11]
+- addresses: [10.244.1.12]
+- addresses: [10.244.2.13]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: no-endpoints, namespace: default}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+  - {port: 80}
+";
+
+/// The loaded program with maps programmed through the reconciler.
+struct Fixture {
+    ebpf: Ebpf,
+    applied: MapState,
+    root: PathBuf,
+    _manifests: ScratchDir,
+    _bpffs: BpffsMount,
+}
+
+struct ScratchDir(PathBuf);
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let bpffs = BpffsMount::new().expect("mount bpffs");
+        let root = bpffs.path().join("node");
+        let manifests = ScratchDir(std::env::temp_dir().join(format!("ptr-manifests-{}", service_tests::netns::unique_suffix())));
+        std::fs::create_dir_all(&manifests.0).expect("mkdir");
+        std::fs::write(manifests.0.join("web.yaml"), MANIFESTS).expect("write");
+
+        let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
+        let snapshot = manifest::load_dir(&manifests.0).expect("manifests");
+        assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
+        let desired = model::desired(&snapshot.objects, &NodeContext { node_name: "node-a".into() });
+        let mut reconciler =
+            Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
+        let report = reconciler.reconcile(&desired);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let applied = reconciler.applied().clone();
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(service_common::PROG_POD_INGRESS)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        prog.load().expect("verifier accepts the program");
+        Self { ebpf, applied, root, _manifests: manifests, _bpffs: bpffs }
+    }
+
+    fn run(&self, frame: &[u8]) -> TestRunOutput {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(service_common::PROG_POD_INGRESS)
+            .expect("program")
+            .try_into()
+            .expect("classifier");
+        packet::prog_test_run(prog.fd().expect("fd").as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN")
+    }
+
+    fn stat(&self, id: u32) -> u64 {
+        maps::read_stats(&self.root).expect("stats")[id as usize].1
+    }
+
+    /// The backend the program must pick for a flow: the same hash and the
+    /// same table, read from what the reconciler applied.
+    fn expected_backend(&self, sport: u16, dport: u16, proto: u8) -> Ipv4Addr {
+        let frontend = model::Frontend {
+            addr: VIP.into(),
+            port: dport,
+            protocol: if proto == service_common::PROTO_TCP { model::Protocol::Tcp } else { model::Protocol::Udp },
+            scope: model::Scope::Internal,
+        };
+        let key0 = frontend_key(&frontend);
+        let svc = self.applied.services[&key0];
+        let h = hash::flow_hash(&addr_v4(CLIENT.octets()), &addr_v4(VIP.octets()), port_be(sport), port_be(dport), proto);
+        let slot = hash::slot_for(h, svc.count);
+        let row = self.applied.services[&key0.with_slot(svc.version, u16::try_from(slot).expect("slot"))];
+        let b = self.applied.backends[&row.backend_id];
+        Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3])
+    }
+}
+
+fn skip_unless_root() -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("skipped: BPF_PROG_TEST_RUN needs root (run through `cargo xtask test`)");
+    true
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const SYN_ACK: u8 = 0x12;
+
+#[test]
+fn tcp_to_a_cluster_ip_is_dnated_and_the_reply_reverse_nated_with_exact_checksums() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let backend = f.expected_backend(40000, 80, service_common::PROTO_TCP);
+    assert!(BACKENDS.contains(&backend));
+
+    // SYN client → VIP:80 becomes client → backend:8080, nothing else changes.
+    let syn = packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"");
+    let out = f.run(&syn);
+    assert_eq!(out.retval, TC_ACT_OK);
+    let expected = packet::tcp_v4(CLIENT, 40000, backend, 8080, SYN, b"");
+    assert_eq!(out.data_out, expected, "DNATed SYN differs from the expected frame");
+    assert!(packet::checksums_valid(&out.data_out));
+    assert_eq!(f.stat(stats::DNAT_NEW), 1);
+
+    // The backend's SYN-ACK gets the VIP back as its source.
+    let reply = packet::tcp_v4(backend, 8080, CLIENT, 40000, SYN_ACK, b"");
+    let out = f.run(&reply);
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data_out, packet::tcp_v4(VIP, 80, CLIENT, 40000, SYN_ACK, b""));
+    assert_eq!(f.stat(stats::REV_NAT), 1);
+
+    // A later packet with payload follows conntrack to the same backend.
+    let data = packet::tcp_v4(CLIENT, 40000, VIP, 80, ACK, b"GET / HTTP/1.1\r\n\r\n");
+    let out = f.run(&data);
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data_out, packet::tcp_v4(CLIENT, 40000, backend, 8080, ACK, b"GET / HTTP/1.1\r\n\r\n"));
+    assert_eq!(f.stat(stats::DNAT_ESTABLISHED), 1);
+}
+
+#[test]
+fn new_flows_spread_over_every_backend() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 41000..41060 {
+        let out = f.run(&packet::tcp_v4(CLIENT, sport, VIP, 80, SYN, b""));
+        assert_eq!(out.retval, TC_ACT_OK);
+        let parsed = packet::parse(&out.data_out).expect("parse");
+        assert_eq!(parsed.ip_dst, f.expected_backend(sport, 80, service_common::PROTO_TCP));
+        seen.insert(parsed.ip_dst);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[test]
+fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let backend = f.expected_backend(5000, 53, service_common::PROTO_UDP);
+    let out = f.run(&packet::udp_v4(CLIENT, 5000, VIP, 53, b"query"));
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data_out, packet::udp_v4(CLIENT, 5000, backend, 5353, b"query"));
+
+    let out = f.run(&packet::udp_v4(backend, 5353, CLIENT, 5000, b"answer"));
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data_out, packet::udp_v4(VIP, 53, CLIENT, 5000, b"answer"));
+
+    let backend = f.expected_backend(5001, 53, service_common::PROTO_UDP);
+    let out = f.run(&packet::udp_v4_no_checksum(CLIENT, 5001, VIP, 53, b"query"));
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data_out, packet::udp_v4_no_checksum(CLIENT, 5001, backend, 5353, b"query"));
+}
+
+/// The same frame with IHL 4 (16 bytes), which no valid IPv4 header has.
+fn bad_ihl(mut frame: Vec<u8>) -> Vec<u8> {
+    frame[14] = 0x44;
+    frame
+}
+
+#[test]
+fn packets_not_for_a_service_come_out_byte_identical() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
+        ("pod-to-pod TCP", packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, SYN, b""), stats::PASS_NO_SERVICE),
+        ("VIP on a port it does not serve", packet::tcp_v4(CLIENT, 40000, VIP, 81, SYN, b""), stats::PASS_NO_SERVICE),
+        ("ARP", packet::arp_request(CLIENT, VIP), stats::PASS_NOT_IPV4),
+        ("non-first fragment to the VIP", packet::ipv4_fragment(CLIENT, VIP, 185, b"middle of a datagram"), stats::PASS_FRAGMENT),
+        ("truncated TCP header", packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")[..36].to_vec(), stats::PASS_MALFORMED),
+        ("IPv4 header length below 20 bytes", bad_ihl(packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")), stats::PASS_MALFORMED),
+    ];
+    for (what, frame, counter) in cases {
+        let before = f.stat(counter);
+        let out = f.run(&frame);
+        assert_eq!(out.retval, TC_ACT_OK, "{what}");
+        assert_eq!(out.data_out, frame, "{what} was modified");
+        assert_eq!(f.stat(counter), before + 1, "{what} not counted");
+    }
+}
+
+#[test]
+fn a_service_without_endpoints_drops_new_flows_and_counts_them() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let out = f.run(&packet::tcp_v4(CLIENT, 40000, EMPTY_VIP, 80, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(f.stat(stats::DROP_NO_BACKEND), 1);
+}
+
