@@ -1,1 +1,290 @@
-fn main() {}
+//! `cargo xtask setup | build-ebpf | test | demo`: the project's developer
+//! commands. `test` and `demo` run `setup` first, so on a fresh machine (as
+//! root) they are the only commands needed.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (apt packages, nightly
+    /// rust-src, bpf-linker 0.10.0); skips what is already there.
+    Setup,
+    /// Build the eBPF object (the same build service-agent embeds) and copy
+    /// it to target/bpf/service-ebpf.o for bpftool and packaging.
+    BuildEbpf,
+    /// Run every test tier: unit + golden, BPF_PROG_TEST_RUN golden packets
+    /// and the netns end-to-end tests (root).
+    Test,
+    /// Build a netns topology, run the agent on the shipped example
+    /// manifests, send real traffic through the Service and report.
+    Demo,
+}
+
+/// Commands the tests and the demo run, and the Debian package of each.
+const TOOLS: [(&str, &str); 6] = [
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("curl", "curl"),
+    ("nsenter", "util-linux"),
+    ("sysctl", "procps"),
+    ("mount", "mount"),
+];
+const BPF_LINKER_VERSION: &str = "0.10.0";
+
+fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root_dir());
+    // A missing eBPF toolchain is an error here, not a warning.
+    cmd.env("SERVICE_DATAPLANE_REQUIRE_EBPF", "1");
+    cmd
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = TOOLS.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        println!("xtask setup: system tools present");
+    } else {
+        if !is_root() {
+            bail!("missing packages {missing:?}: run as root so they can be installed");
+        }
+        println!("xtask setup: installing {missing:?}");
+        status(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let components = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("rustup (a nightly toolchain is needed for the eBPF build)")?;
+    if !components.status.success() {
+        bail!("the nightly toolchain is not installed: {}", String::from_utf8_lossy(&components.stderr).trim());
+    }
+    if String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        println!("xtask setup: nightly rust-src present");
+    } else {
+        println!("xtask setup: adding rust-src to nightly");
+        status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    if linker.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
+        println!("xtask setup: bpf-linker {BPF_LINKER_VERSION} present");
+    } else {
+        // 0.10.0 exactly: its default features use the nightly toolchain's
+        // own libLLVM; later releases need a system LLVM (TOOLCHAIN.md).
+        println!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION}");
+        status(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]),
+        )?;
+    }
+    Ok(())
+}
+
+/// The `OUT_DIR` of service-agent's build script in a `--release` build.
+fn build_ebpf() -> Result<PathBuf> {
+    let out = cargo()
+        .args(["build", "--release", "-p", "service-agent", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo build")?;
+    if !out.status.success() {
+        bail!("building service-agent failed");
+    }
+    let mut out_dir = None;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] == "build-script-executed"
+            && msg["package_id"].as_str().is_some_and(|id| id.contains("service-agent"))
+        {
+            out_dir = msg["out_dir"].as_str().map(PathBuf::from);
+        }
+    }
+    let object = out_dir.context("no build-script output for service-agent")?.join("service-ebpf");
+    let dest_dir = root_dir().join("target/bpf");
+    std::fs::create_dir_all(&dest_dir)?;
+    let dest = dest_dir.join("service-ebpf.o");
+    std::fs::copy(&object, &dest).with_context(|| format!("copying {}", object.display()))?;
+    println!("{}", dest.display());
+    Ok(dest)
+}
+
+/// Passed/failed counts summed from libtest's `test result:` lines.
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    failed_binaries: Vec<String>,
+}
+
+impl Totals {
+    fn add_line(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else { return };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else { continue };
+            let n: u64 = n.parse().unwrap_or(0);
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, echoing its output and counting its test results.
+fn run_counted(cmd: &mut Command, label: &str, totals: &mut Totals) -> Result<()> {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting {label}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        totals.add_line(&line);
+    }
+    if !child.wait()?.success() {
+        totals.failed_binaries.push(label.to_owned());
+    }
+    Ok(())
+}
+
+/// Test executables of `package` from `cargo test --no-run`.
+fn test_executables(package: &str) -> Result<Vec<PathBuf>> {
+    let out = cargo()
+        .args(["test", "--release", "-p", package, "--no-run", "--message-format=json"])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the tests of {package} failed");
+    }
+    let mut exes = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else { continue };
+        if msg["reason"] == "compiler-artifact"
+            && msg["profile"]["test"] == true
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            exes.push(PathBuf::from(exe));
+        }
+    }
+    Ok(exes)
+}
+
+fn release_bin(name: &str) -> PathBuf {
+    root_dir().join("target/release").join(name)
+}
+
+fn build_bins() -> Result<()> {
+    status(cargo().args(["build", "--release", "-p", "service-agent", "-p", "service-tests", "--bins"]))
+}
+
+fn test() -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask test` runs the privileged tiers (BPF, netns): run it as root");
+    }
+    setup()?;
+    let mut totals = Totals::default();
+    println!("\n== tier 1: unit and golden tests (no root needed)");
+    run_counted(cargo().args(["test", "--release"]), "cargo test", &mut totals)?;
+    println!("\n== tiers 2 and 3: BPF_PROG_TEST_RUN golden packets, netns end to end (root)");
+    build_bins()?;
+    for exe in test_executables("service-tests")? {
+        let label = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        println!("\n-- {label}");
+        run_counted(
+            Command::new(&exe)
+                .arg("--test-threads=1")
+                .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
+                .env("POD_ECHO_BIN", release_bin("pod-echo")),
+            &label,
+            &mut totals,
+        )?;
+    }
+    println!("\nxtask: {} passed, {} failed", totals.passed, totals.failed);
+    if totals.failed > 0 || !totals.failed_binaries.is_empty() {
+        bail!("failing: {:?}", totals.failed_binaries);
+    }
+    Ok(())
+}
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask demo` builds network namespaces and loads BPF programs: run it as root");
+    }
+    setup()?;
+    build_bins()?;
+    status(
+        Command::new(release_bin("demo"))
+            .current_dir(root_dir())
+            .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
+            .env("POD_ECHO_BIN", release_bin("pod-echo"))
+            .env("DEMO_MANIFESTS", root_dir().join("examples/manifests")),
+    )
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::BuildEbpf => {
+            setup()?;
+            build_ebpf().map(|_| ())
+        }
+        Cmd::Test => test(),
+        Cmd::Demo => demo(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn sums_libtest_result_lines() {
+        let mut t = Totals::default();
+        t.add_line("test result: ok. 24 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.07s");
+        t.add_line("test result: FAILED. 4 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.31s");
+        t.add_line("running 5 tests");
+        assert_eq!((t.passed, t.failed), (28, 1));
+    }
+}
