@@ -4,6 +4,10 @@
 //! direction) → service frontend (a new flow) → pass. Every outcome is a
 //! counter id from `service_common::stats`; the entry point maps `Ok` to
 //! `TC_ACT_OK` and `Err` to `TC_ACT_SHOT` and counts it, in one place.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
+)]
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
@@ -76,6 +80,7 @@ impl Flow {
 type Outcome = Result<u32, u32>;
 
 #[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "the classifier macro fixes the signature")]
 pub fn service_pod_ingress(ctx: TcContext) -> i32 {
     let (action, counter) = match try_pod_ingress(&ctx) {
         Ok(counter) => (TC_ACT_OK, counter),
@@ -243,7 +248,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
         return Err(stats::DROP_NO_BACKEND);
     }
     let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
-    // count <= 16381 (the largest Maglev table), so the slot fits in u16.
+    #[expect(clippy::cast_possible_truncation, reason = "count <= 16381 (the largest Maglev table): the slot fits")]
     let slot = hash::slot_for(h, service.count) as u16;
     // SAFETY: as above.
     let backend_id = match unsafe { SERVICES.get(&frontend.with_slot(service.version, slot)) } {

@@ -270,6 +270,9 @@ impl Topology {
     ///
     /// # Errors
     /// When an `ip` command fails.
+    ///
+    /// # Panics
+    /// Never: the pod was just pushed.
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
         self.next_if += 1;
         let ns = Netns::new(&format!("sd-{name}-{}", self.suffix))?;
@@ -373,14 +376,12 @@ impl Agent {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(i32::try_from(child.id()).unwrap_or(0), libc::SIGTERM) };
         let exited = wait_until(Duration::from_secs(10), Duration::from_millis(20), || child.try_wait().ok().flatten());
-        match exited {
-            Ok(status) => Ok(status),
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("agent did not exit within 10 s of SIGTERM")
-            }
+        if let Ok(status) = exited {
+            return Ok(status);
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("agent did not exit within 10 s of SIGTERM")
     }
 }
 
@@ -389,10 +390,10 @@ impl Drop for Agent {
         if self.child.is_some() {
             let _ = self.stop();
         }
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_file(&self.log);
-        } else {
+        if std::thread::panicking() {
             eprintln!("agent log kept at {}", self.log.display());
+        } else {
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }

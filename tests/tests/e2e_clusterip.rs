@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeMap,
+    fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     path::{Path, PathBuf},
@@ -31,10 +32,10 @@ impl Manifests {
     /// way a user writes it, atomically (rename) so the agent never reads a
     /// half-written file.
     fn write_web(&self, backends: &[Ipv4Addr]) {
-        let endpoints: String = backends
-            .iter()
-            .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n  nodeName: node-1\n"))
-            .collect();
+        let mut endpoints = String::new();
+        for ip in backends {
+            let _ = write!(endpoints, "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n  nodeName: node-1\n");
+        }
         let yaml = format!(
             r"apiVersion: v1
 kind: Service
@@ -96,7 +97,7 @@ impl Drop for Manifests {
 /// the bpffs mount and the manifests.
 struct Cluster {
     agent: Agent,
-    _servers: Vec<ChildGuard>,
+    servers: Vec<ChildGuard>,
     topo: Topology,
     bpffs: BpffsMount,
     manifests: Manifests,
@@ -131,7 +132,7 @@ impl Cluster {
         let mut agent = Agent::start(&topo.node, &manifests.0, "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
         agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
         agent.wait_for_log("attached pod ingress program", 4, Duration::from_secs(5)).expect("attached to 4 pods");
-        Self { agent, _servers: servers, topo, bpffs, manifests }
+        Self { agent, servers, topo, bpffs, manifests }
     }
 
     /// An HTTP GET to the ClusterIP with curl in the client pod: the body.
@@ -246,7 +247,7 @@ fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second()
     let mut cluster = Cluster::start();
     let new_ip = Ipv4Addr::new(10, 244, 1, 14);
     cluster.topo.add_pod("backend-d", new_ip).expect("pod");
-    cluster._servers.push(start_echo(&cluster.topo, "backend-d"));
+    cluster.servers.push(start_echo(&cluster.topo, "backend-d"));
     // The agent attaches to the new pod's interface by itself.
     cluster.agent.wait_for_log("attached pod ingress program", 5, Duration::from_secs(5)).expect("attach to the new pod");
 

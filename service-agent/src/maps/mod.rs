@@ -203,12 +203,20 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
+/// Deletes `key`; a row that is already gone is not an error.
+fn delete_row<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, name: &'static str, key: &K) -> Result<(), MapError> {
+    match map.remove(key) {
+        Err(e) if !is_not_found(&e) => Err(MapError::Io { map: name, op: "delete", source: io::Error::other(e) }),
+        _ => Ok(()),
+    }
+}
+
 fn dump_map<K: aya::Pod + Ord, V: aya::Pod>(
     map: &HashMap<MapData, K, V>,
     name: &'static str,
 ) -> Result<std::collections::BTreeMap<K, V>, MapError> {
     let mut out = std::collections::BTreeMap::new();
-    for row in map.iter() {
+    for row in map {
         match row {
             Ok((k, v)) => {
                 out.insert(k, v);
@@ -237,12 +245,7 @@ impl MapIo for PinnedMaps {
     }
 
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
-        match self.services.remove(key) {
-            Err(e) if !is_not_found(&e) => {
-                Err(MapError::Io { map: map_names::SERVICES, op: "delete", source: io::Error::other(e) })
-            }
-            _ => Ok(()),
-        }
+        delete_row(&mut self.services, map_names::SERVICES, key)
     }
 
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
@@ -252,12 +255,7 @@ impl MapIo for PinnedMaps {
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        match self.backends.remove(&id) {
-            Err(e) if !is_not_found(&e) => {
-                Err(MapError::Io { map: map_names::BACKENDS, op: "delete", source: io::Error::other(e) })
-            }
-            _ => Ok(()),
-        }
+        delete_row(&mut self.backends, map_names::BACKENDS, &id)
     }
 
     fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError> {
@@ -267,12 +265,7 @@ impl MapIo for PinnedMaps {
     }
 
     fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError> {
-        match self.rev_nat.remove(&id) {
-            Err(e) if !is_not_found(&e) => {
-                Err(MapError::Io { map: map_names::REV_NAT, op: "delete", source: io::Error::other(e) })
-            }
-            _ => Ok(()),
-        }
+        delete_row(&mut self.rev_nat, map_names::REV_NAT, &id)
     }
 }
 

@@ -33,6 +33,9 @@ fn fnv1a64(seed: u64, bytes: &[u8]) -> u64 {
 /// backend slot `i + 1` forwards to. `names` must be non-empty, unique and
 /// at most [`MAX_BACKENDS`] long; they should be stable across nodes (the
 /// backend's `addr:port/proto`), and sorted so every node lists them alike.
+///
+/// # Panics
+/// When `names` is empty or longer than [`MAX_BACKENDS`].
 #[must_use]
 pub fn build(names: &[String]) -> Vec<usize> {
     assert!(!names.is_empty() && names.len() <= MAX_BACKENDS, "maglev: {} backends", names.len());

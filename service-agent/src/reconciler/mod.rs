@@ -179,6 +179,41 @@ impl IdAllocator {
     }
 }
 
+/// Gives every wanted value an id: the id of an identical applied row, or a
+/// new one (written through `put`). Items whose row could not be written
+/// get no id, so nothing refers to them.
+fn write_ids<T: Copy + Eq + std::hash::Hash + std::fmt::Display, V: Copy + Eq + std::hash::Hash>(
+    applied: &mut BTreeMap<u32, V>,
+    wanted: impl Iterator<Item = (T, V)>,
+    report: &mut ReconcileReport,
+    what: &str,
+    mut put: impl FnMut(u32, &V) -> Result<(), MapError>,
+) -> HashMap<T, u32> {
+    let mut by_value: HashMap<V, u32> = applied.iter().map(|(id, v)| (*v, *id)).collect();
+    let mut ids = IdAllocator::new(applied.keys().copied());
+    let mut out = HashMap::new();
+    for (item, value) in wanted {
+        if out.contains_key(&item) {
+            continue;
+        }
+        if let Some(id) = by_value.get(&value) {
+            out.insert(item, *id);
+            continue;
+        }
+        let id = ids.allocate();
+        match put(id, &value) {
+            Ok(()) => {
+                applied.insert(id, value);
+                by_value.insert(value, id);
+                report.rows_written += 1;
+                out.insert(item, id);
+            }
+            Err(source) => report.errors.push(ReconcileError { what: format!("{what} {item}"), source }),
+        }
+    }
+    out
+}
+
 impl<M: MapIo> Reconciler<M> {
     /// Adopts whatever the maps hold now; the first [`Self::reconcile`]
     /// prunes what is not desired.
@@ -219,58 +254,17 @@ impl<M: MapIo> Reconciler<M> {
     }
 
     fn write_backends(&mut self, desired: &Desired, report: &mut ReconcileReport) -> HashMap<Backend, u32> {
-        let by_value: HashMap<BackendValue, u32> = self.applied.backends.iter().map(|(id, v)| (*v, *id)).collect();
-        let mut ids = IdAllocator::new(self.applied.backends.keys().copied());
-        let mut out = HashMap::new();
-        for b in desired.frontends.values().flat_map(|f| &f.backends) {
-            if out.contains_key(b) {
-                continue;
-            }
-            let value = backend_value(b);
-            if let Some(id) = by_value.get(&value) {
-                out.insert(*b, *id);
-                continue;
-            }
-            let id = ids.allocate();
-            match self.maps.put_backend(id, &value) {
-                Ok(()) => {
-                    self.applied.backends.insert(id, value);
-                    report.rows_written += 1;
-                    out.insert(*b, id);
-                }
-                Err(source) => report.errors.push(ReconcileError { what: format!("backend {b}"), source }),
-            }
-        }
-        out
+        let wanted = desired.frontends.values().flat_map(|f| &f.backends).map(|b| (*b, backend_value(b)));
+        let maps = &mut self.maps;
+        write_ids(&mut self.applied.backends, wanted, report, "backend", |id, v| maps.put_backend(id, v))
     }
 
     fn write_rev_nats(&mut self, desired: &Desired, report: &mut ReconcileReport) -> HashMap<Frontend, u32> {
-        let by_value: HashMap<RevNatValue, u32> = self.applied.rev_nat.iter().map(|(id, v)| (*v, *id)).collect();
-        let mut ids = IdAllocator::new(self.applied.rev_nat.keys().copied());
-        let mut out = HashMap::new();
-        for f in desired.frontends.keys() {
-            let value = rev_nat_value(f);
-            if let Some(id) = by_value.get(&value) {
-                out.insert(*f, *id);
-                continue;
-            }
-            // Frontends differing only in protocol or scope share the
-            // address to restore; give them one row.
-            if let Some(id) = out.iter().find(|(g, _)| rev_nat_value(g) == value).map(|(_, id)| *id) {
-                out.insert(*f, id);
-                continue;
-            }
-            let id = ids.allocate();
-            match self.maps.put_rev_nat(id, &value) {
-                Ok(()) => {
-                    self.applied.rev_nat.insert(id, value);
-                    report.rows_written += 1;
-                    out.insert(*f, id);
-                }
-                Err(source) => report.errors.push(ReconcileError { what: format!("rev-NAT {f}"), source }),
-            }
-        }
-        out
+        // Frontends differing only in protocol or scope share the address to
+        // restore, and so one row.
+        let wanted = desired.frontends.keys().map(|f| (*f, rev_nat_value(f)));
+        let maps = &mut self.maps;
+        write_ids(&mut self.applied.rev_nat, wanted, report, "rev-NAT", |id, v| maps.put_rev_nat(id, v))
     }
 
     /// Writes one frontend: new slot rows, then the slot-0 flip, then the old

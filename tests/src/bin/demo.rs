@@ -26,6 +26,7 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const TCP_CONNECTIONS: usize = 90;
 const UDP_REQUESTS: usize = 30;
 
+#[expect(clippy::too_many_lines, reason = "the demo reads top to bottom as the story it prints")]
 fn main() -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
