@@ -232,6 +232,7 @@ impl Loader {
         let mut objects = Objects {
             services: self.services.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
             endpoint_slices: self.slices.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
+            node: None,
         };
         let endpoints = std::mem::take(&mut self.endpoints);
         for (key, (file, document, endpoints)) in endpoints {

@@ -5,7 +5,10 @@ pub mod manifest;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 /// `namespace/name` of an object. An object without a namespace is in
 /// `default`, as `kubectl apply` would put it.
@@ -26,4 +29,7 @@ impl std::fmt::Display for ObjectRef {
 pub struct Objects {
     pub services: BTreeMap<ObjectRef, Service>,
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+    /// This node's Node object, when the source knows it (its zone label
+    /// drives topology-aware routing).
+    pub node: Option<Node>,
 }
