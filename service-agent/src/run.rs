@@ -58,7 +58,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .with_context(|| format!("reading --manifests {}", config.manifests.display()))?;
     let (tx, mut snapshots) = tokio::sync::watch::channel(first);
     tokio::spawn(manifest::watch(config.manifests.clone(), MANIFEST_POLL, tx));
-    let node = NodeContext { node_name: config.node_name.clone() };
+    let node = NodeContext { node_name: config.node_name.clone(), ..NodeContext::default() };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;

@@ -25,7 +25,13 @@ fn golden_dir() -> PathBuf {
 }
 
 fn node() -> NodeContext {
-    NodeContext { node_name: "node-a".into() }
+    // The node every golden case is computed for: node-a in zone-a,
+    // NodePorts on 10.0.0.11.
+    NodeContext {
+        node_name: "node-a".into(),
+        zone: Some("zone-a".into()),
+        nodeport_addresses: vec![std::net::IpAddr::from([10, 0, 0, 11])],
+    }
 }
 
 /// A scratch directory removed on drop.
@@ -64,6 +70,10 @@ fn run_case(dir: &Path, reconciler: &mut Reconciler<FakeMaps>) -> String {
     }
     for e in &desired.errors {
         let _ = writeln!(out, "  {e}");
+    }
+    out.push_str("health_checks:\n");
+    for (svc, hc) in &desired.health_checks {
+        let _ = writeln!(out, "  {svc} healthCheckNodePort={} localEndpoints={}", hc.port, hc.local_endpoints);
     }
     out.push_str(&dump::render(&reconciler.maps().state));
     out

@@ -11,6 +11,7 @@
 
 use core::mem::size_of;
 
+pub mod csum;
 pub mod hash;
 pub mod stats;
 
@@ -21,7 +22,9 @@ pub mod map_names {
     pub const REV_NAT: &str = "rev_nat";
     pub const CONNTRACK: &str = "conntrack";
     pub const STATS: &str = "stats";
-    pub const ALL: [&str; 5] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS];
+    pub const SOURCE_RANGES: &str = "source_ranges";
+    pub const AFFINITY: &str = "affinity";
+    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, SOURCE_RANGES, AFFINITY];
 }
 
 /// Default capacities compiled into the object; the agent can raise them
@@ -31,6 +34,8 @@ pub mod capacity {
     pub const BACKENDS: u32 = 65_536;
     pub const REV_NAT: u32 = 65_536;
     pub const CONNTRACK: u32 = 262_144;
+    pub const SOURCE_RANGES: u32 = 16_384;
+    pub const AFFINITY: u32 = 65_536;
 }
 
 /// Name of the TC classifier that translates traffic entering the node from
@@ -119,6 +124,9 @@ pub mod service_flags {
     pub const DROP: u16 = 1 << 1;
     /// `sessionAffinity: ClientIP`; `affinity_timeout_s` applies.
     pub const AFFINITY: u16 = 1 << 2;
+    /// `loadBalancerSourceRanges`: only sources in the `source_ranges` rows
+    /// of this frontend's `rev_nat_id` may connect.
+    pub const SOURCE_RANGES: u16 = 1 << 3;
 }
 
 /// Value of the `services` map. For slot 0: `count`, `version`,
@@ -230,6 +238,42 @@ pub mod ct_timeouts {
     pub const REFRESH_NS: u64 = 1_000_000_000;
 }
 
+/// The data part of a `source_ranges` LPM-trie key: the frontend's rev-NAT
+/// id, then the source address. The trie's prefix length is 32 (the id,
+/// matched whole) plus the CIDR's prefix length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SourceRangeKey {
+    /// Big-endian, so the trie's bit order matches the id's.
+    pub rev_nat_id: [u8; 4],
+    pub addr: Addr,
+}
+const _: () = assert!(size_of::<SourceRangeKey>() == 20);
+
+/// Key of the `affinity` map (ClientIP session affinity).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AffinityKey {
+    pub client: Addr,
+    pub rev_nat_id: u32,
+    /// The frontend's protocol: TCP and UDP ports of one Service keep
+    /// their own affinity, as kube-proxy's per-port `recent` lists do.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<AffinityKey>() == 24);
+
+/// Value of the `affinity` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last new flow that used it.
+    pub last_used_ns: u64,
+}
+const _: () = assert!(size_of::<AffinityValue>() == 16);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (for each impl): the types are #[repr(C)], contain only integers
@@ -241,6 +285,9 @@ mod user {
     unsafe impl aya::Pod for super::RevNatValue {}
     unsafe impl aya::Pod for super::CtKey {}
     unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::SourceRangeKey {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityValue {}
 }
 
 #[cfg(test)]

@@ -41,12 +41,35 @@ counters! {
     /// Dropped: a first IP fragment of a Service flow (its other fragments
     /// could not be translated).
     DROP_FRAGMENTED_SERVICE = 12, "drop_fragmented_service";
+    /// Rejected with a TCP RST: the Service has no usable endpoint.
+    REJECT_TCP_RST = 13, "reject_tcp_rst";
+    /// Rejected with ICMP port unreachable: the Service has no usable
+    /// endpoint (UDP, SCTP).
+    REJECT_ICMP_UNREACHABLE = 14, "reject_icmp_unreachable";
+    /// Dropped: a `Local` traffic policy leaves no endpoint on this node.
+    DROP_NO_LOCAL_BACKEND = 15, "drop_no_local_backend";
+    /// Dropped: SCTP to a backend on another port (SCTP's CRC32c cannot be
+    /// updated incrementally; the model reports such Services).
+    DROP_SCTP_PORT_TRANSLATION = 16, "drop_sctp_port_translation";
+    /// Affinity: a new flow followed its client's earlier backend.
+    AFFINITY_HIT = 17, "affinity_hit";
 }
 
 /// Whether counter `id` counts dropped packets.
 #[must_use]
 pub const fn is_drop(id: u32) -> bool {
-    matches!(id, DROP_NO_BACKEND | DROP_MISSING_ROW | DROP_CT_INSERT | DROP_REWRITE | DROP_FRAGMENTED_SERVICE)
+    matches!(
+        id,
+        DROP_NO_BACKEND
+            | DROP_MISSING_ROW
+            | DROP_CT_INSERT
+            | DROP_REWRITE
+            | DROP_FRAGMENTED_SERVICE
+            | REJECT_TCP_RST
+            | REJECT_ICMP_UNREACHABLE
+            | DROP_NO_LOCAL_BACKEND
+            | DROP_SCTP_PORT_TRANSLATION
+    )
 }
 
 #[cfg(test)]

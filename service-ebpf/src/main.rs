@@ -10,6 +10,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod pod_ingress;
+#[cfg(target_arch = "bpf")]
+mod reject;
 
 /// On the host the crate builds as an empty binary, so `cargo check
 /// --workspace` works without the BPF target.

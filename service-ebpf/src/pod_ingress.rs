@@ -13,13 +13,16 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
     programs::TcContext,
 };
 use service_common::{
-    BackendValue, CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, Port, RevNatValue, SCOPE_INTERNAL, ServiceKey,
-    ServiceValue, addr_v4, capacity, ct_flags, ct_timeouts, hash, stats,
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port,
+    RevNatValue, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_v4, capacity, ct_flags, ct_timeouts,
+    hash, service_flags, stats,
 };
+
+use crate::reject::{self, Offender};
 
 #[map(name = "services")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
@@ -33,6 +36,13 @@ static REV_NAT: HashMap<u32, RevNatValue> = HashMap::pinned(capacity::REV_NAT, 0
 static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
 #[map(name = "stats")]
 static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+/// `loadBalancerSourceRanges` rows, written by the agent; enforced on the
+/// external path (north-south traffic).
+#[map(name = "source_ranges")]
+static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+/// ClientIP session affinity: (client, frontend, protocol) → backend.
+#[map(name = "affinity")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
 
 const ETH_HLEN: usize = 14;
 /// EtherType IPv4, as it appears on the wire.
@@ -76,14 +86,21 @@ impl Flow {
     }
 }
 
-/// A counter id; `Ok` passes the packet, `Err` drops it.
-type Outcome = Result<u32, u32>;
+/// `Ok((action, counter))` lets the packet go on (`TC_ACT_OK`, or
+/// redirected as a reject answer); `Err(counter)` drops it.
+type Outcome = Result<(i32, u32), u32>;
+
+#[inline(always)]
+#[expect(clippy::unnecessary_wraps, reason = "an Outcome, so every return site reads alike")]
+fn pass(counter: u32) -> Outcome {
+    Ok((TC_ACT_OK, counter))
+}
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "the classifier macro fixes the signature")]
 pub fn service_pod_ingress(ctx: TcContext) -> i32 {
     let (action, counter) = match try_pod_ingress(&ctx) {
-        Ok(counter) => (TC_ACT_OK, counter),
+        Ok(verdict) => verdict,
         Err(counter) => (TC_ACT_SHOT, counter),
     };
     count(counter);
@@ -109,7 +126,7 @@ fn ktime_ns() -> u64 {
 fn try_pod_ingress(ctx: &TcContext) -> Outcome {
     let flow = match parse(ctx) {
         Ok(flow) => flow,
-        Err(pass_counter) => return Ok(pass_counter),
+        Err(pass_counter) => return pass(pass_counter),
     };
     let key = flow.ct_key();
     // SAFETY: conntrack values are plain data; a concurrent update of the
@@ -143,7 +160,7 @@ fn parse(ctx: &TcContext) -> Result<Flow, u32> {
         return Err(stats::PASS_FRAGMENT);
     }
     let proto = ip[9];
-    if proto != PROTO_TCP && proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
         return Err(stats::PASS_OTHER_PROTO);
     }
     let l4_off = ETH_HLEN + ihl * 4;
@@ -153,8 +170,12 @@ fn parse(ctx: &TcContext) -> Result<Flow, u32> {
         // malformed, and rewriting it would fail anyway.
         let _: [u8; 2] = ctx.load(l4_off + TCP_CSUM_OFF).map_err(|_| stats::PASS_MALFORMED)?;
         ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).map_err(|_| stats::PASS_MALFORMED)?
-    } else {
+    } else if proto == PROTO_UDP {
         let _: [u8; 2] = ctx.load(l4_off + UDP_CSUM_OFF).map_err(|_| stats::PASS_MALFORMED)?;
+        0
+    } else {
+        // SCTP: ports, verification tag and CRC32c (12 bytes).
+        let _: [u8; 12] = ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?;
         0
     };
     Ok(Flow {
@@ -171,7 +192,7 @@ fn parse(ctx: &TcContext) -> Result<Flow, u32> {
 
 #[inline(always)]
 fn expired(ct: &CtValue, proto: u8, now: u64) -> bool {
-    let timeout = if proto == PROTO_UDP {
+    let timeout = if proto != PROTO_TCP {
         ct_timeouts::UDP_NS
     } else if ct.flags & ct_flags::CLOSING != 0 {
         ct_timeouts::TCP_CLOSING_NS
@@ -202,12 +223,12 @@ fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, ct: CtValue, now: u64)
     let nat_addr = [ct.nat_addr[0], ct.nat_addr[1], ct.nat_addr[2], ct.nat_addr[3]];
     if ct.flags & ct_flags::DNAT != 0 {
         rewrite(ctx, flow, IP_DST_OFF, flow.daddr, nat_addr, 2, flow.dport, ct.nat_port)?;
-        Ok(stats::DNAT_ESTABLISHED)
+        pass(stats::DNAT_ESTABLISHED)
     } else if ct.flags & ct_flags::REV_NAT != 0 {
         rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, nat_addr, 0, flow.sport, ct.nat_port)?;
-        Ok(stats::REV_NAT)
+        pass(stats::REV_NAT)
     } else {
-        Ok(stats::PASS_NO_SERVICE)
+        pass(stats::PASS_NO_SERVICE)
     }
 }
 
@@ -235,7 +256,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
     let frontend = ServiceKey::frontend(FAMILY_IPV4, key.daddr, flow.dport, flow.proto, SCOPE_INTERNAL);
     // SAFETY: service values are plain data written whole by the agent.
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
-        return Ok(stats::PASS_NO_SERVICE);
+        return pass(stats::PASS_NO_SERVICE);
     };
     let service = *service;
     if flow.first_fragment {
@@ -243,24 +264,24 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
         return Err(stats::DROP_FRAGMENTED_SERVICE);
     }
     if service.count == 0 {
-        // No usable endpoint (REJECT or DROP flag). Rejecting with a TCP
-        // RST / ICMP port unreachable comes with the north-south work.
-        return Err(stats::DROP_NO_BACKEND);
+        if service.flags & service_flags::DROP != 0 {
+            return Err(stats::DROP_NO_LOCAL_BACKEND);
+        }
+        if service.flags & service_flags::REJECT == 0 {
+            return Err(stats::DROP_NO_BACKEND);
+        }
+        let offender = Offender { saddr: flow.saddr, daddr: flow.daddr, l4_off: flow.l4_off, tcp_flags: flow.tcp_flags };
+        return if flow.proto == PROTO_TCP {
+            reject::tcp_rst(ctx, &offender).map(|action| (action, stats::REJECT_TCP_RST))
+        } else {
+            reject::icmp_port_unreachable(ctx, &offender).map(|action| (action, stats::REJECT_ICMP_UNREACHABLE))
+        };
     }
-    let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
-    #[expect(clippy::cast_possible_truncation, reason = "count <= 16381 (the largest Maglev table): the slot fits")]
-    let slot = hash::slot_for(h, service.count) as u16;
-    // SAFETY: as above.
-    let backend_id = match unsafe { SERVICES.get(&frontend.with_slot(service.version, slot)) } {
-        Some(row) => row.backend_id,
-        None => return Err(stats::DROP_MISSING_ROW),
-    };
-    // SAFETY: backend values are plain data written whole by the agent.
-    let backend = match unsafe { BACKENDS.get(&backend_id) } {
-        Some(b) => *b,
-        None => return Err(stats::DROP_MISSING_ROW),
-    };
     let now = ktime_ns();
+    let (backend_id, backend, affinity_hit) = choose_backend(&frontend, &service, &key, flow, now)?;
+    if flow.proto == PROTO_SCTP && backend.port != flow.dport {
+        return Err(stats::DROP_SCTP_PORT_TRANSLATION);
+    }
     let original = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
@@ -285,7 +306,61 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
     CONNTRACK.insert(&key, &original, 0).map_err(|_| stats::DROP_CT_INSERT)?;
     let backend_addr = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
     rewrite(ctx, flow, IP_DST_OFF, flow.daddr, backend_addr, 2, flow.dport, backend.port)?;
-    Ok(stats::DNAT_NEW)
+    if affinity_hit {
+        count(stats::AFFINITY_HIT);
+    }
+    pass(stats::DNAT_NEW)
+}
+
+/// The backend for a new flow: the client's affinity entry when the
+/// Service has ClientIP affinity and the entry is fresh and its backend
+/// still exists, else the Maglev slot the flow hashes to (then remembered
+/// for affinity).
+#[inline(always)]
+fn choose_backend(
+    frontend: &ServiceKey,
+    service: &ServiceValue,
+    key: &CtKey,
+    flow: &Flow,
+    now: u64,
+) -> Result<(u32, BackendValue, bool), u32> {
+    let sticky = service.flags & service_flags::AFFINITY != 0;
+    let affinity_key = AffinityKey { client: key.saddr, rev_nat_id: service.rev_nat_id, proto: flow.proto, _pad: [0; 3] };
+    if sticky {
+        // SAFETY: plain data; a racing update gives a stale but valid copy.
+        if let Some(entry) = unsafe { AFFINITY.get(&affinity_key) } {
+            let entry = *entry;
+            let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
+            if now.saturating_sub(entry.last_used_ns) <= timeout_ns {
+                // SAFETY: plain data written whole by the agent.
+                if let Some(backend) = unsafe { BACKENDS.get(&entry.backend_id) } {
+                    let backend = *backend;
+                    let fresh = AffinityValue { last_used_ns: now, ..entry };
+                    let _ = AFFINITY.insert(&affinity_key, &fresh, 0);
+                    return Ok((entry.backend_id, backend, true));
+                }
+            }
+        }
+    }
+    let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
+    #[expect(clippy::cast_possible_truncation, reason = "count <= 16381 (the largest Maglev table): the slot fits")]
+    let slot = hash::slot_for(h, service.count) as u16;
+    // SAFETY: plain data written whole by the agent.
+    let backend_id = match unsafe { SERVICES.get(&frontend.with_slot(service.version, slot)) } {
+        Some(row) => row.backend_id,
+        None => return Err(stats::DROP_MISSING_ROW),
+    };
+    // SAFETY: as above.
+    let backend = match unsafe { BACKENDS.get(&backend_id) } {
+        Some(b) => *b,
+        None => return Err(stats::DROP_MISSING_ROW),
+    };
+    if sticky {
+        let entry = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+        // Losing the entry only loses stickiness for the next flow.
+        let _ = AFFINITY.insert(&affinity_key, &entry, 0);
+    }
+    Ok((backend_id, backend, false))
 }
 
 /// Rewrites one address (at `addr_off`) and the port at `l4_off +

@@ -24,10 +24,13 @@ use service_tests::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 20);
+const LOCAL_POLICY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
 const BACKENDS: [Ipv4Addr; 3] =
     [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 2, 13)];
 
@@ -61,7 +64,50 @@ metadata: {name: no-endpoints, namespace: default}
 spec:
   clusterIP: 10.96.0.20
   ports:
-  - {port: 80}
+  - {name: http, port: 80}
+  - {name: dns, port: 53, protocol: UDP}
+---
+# internalTrafficPolicy Local, but the only endpoint is on another node.
+apiVersion: v1
+kind: Service
+metadata: {name: remote-only, namespace: default}
+spec:
+  clusterIP: 10.96.0.30
+  internalTrafficPolicy: Local
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: remote-only-1
+  labels: {kubernetes.io/service-name: remote-only}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.2.13]
+  nodeName: node-b
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.0.40
+  sessionAffinity: ClientIP
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sticky-1
+  labels: {kubernetes.io/service-name: sticky}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.11]
+- addresses: [10.244.1.12]
+- addresses: [10.244.2.13]
 ";
 
 /// The loaded program with maps programmed through the reconciler.
@@ -92,7 +138,7 @@ impl Fixture {
         let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
         let snapshot = manifest::load_dir(&manifests.0).expect("manifests");
         assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
-        let desired = model::desired(&snapshot.objects, &NodeContext { node_name: "node-a".into() });
+        let desired = model::desired(&snapshot.objects, &NodeContext { node_name: "node-a".into(), ..NodeContext::default() });
         let mut reconciler =
             Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
         let report = reconciler.reconcile(&desired);
@@ -253,13 +299,87 @@ fn packets_not_for_a_service_come_out_byte_identical() {
 }
 
 #[test]
-fn a_service_without_endpoints_drops_new_flows_and_counts_them() {
+fn a_service_without_endpoints_rejects_tcp_with_an_exact_rst() {
     if skip_unless_root() {
         return;
     }
     let f = Fixture::new();
-    let out = f.run(&packet::tcp_v4(CLIENT, 40000, EMPTY_VIP, 80, SYN, b""));
+    let syn = packet::tcp_v4(CLIENT, 40000, EMPTY_VIP, 80, SYN, b"");
+    let out = f.run(&syn);
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "the RST goes back out of the pod interface");
+    let rst = &out.data_out;
+    assert_eq!(rst.len(), 54);
+    assert_eq!(&rst[0..6], &syn[6..12], "addressed to the client's MAC");
+    assert_eq!(&rst[6..12], &syn[0..6]);
+    let p = packet::parse(rst).expect("parse");
+    assert_eq!((p.ip_src, p.ip_dst, p.proto, p.sport, p.dport), (EMPTY_VIP, CLIENT, 6, 80, 40000));
+    let tcp = &rst[34..54];
+    assert_eq!(tcp[13], 0x14, "RST+ACK");
+    assert_eq!(u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), 0, "SEQ=0");
+    assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1_000_001, "ACK=SEG.SEQ+1 for a SYN");
+    assert!(packet::checksums_valid(rst), "IP and TCP checksums");
+    assert_eq!(f.stat(stats::REJECT_TCP_RST), 1);
+
+    // An ACK segment gets <SEQ=SEG.ACK><CTL=RST>; an RST is never answered.
+    let out = f.run(&packet::tcp_v4(CLIENT, 40001, EMPTY_VIP, 80, ACK, b"data"));
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    assert_eq!(out.data_out[34 + 13], 0x04);
+    assert_eq!(&out.data_out[34 + 4..34 + 8], &2_000_000u32.to_be_bytes());
+    assert!(packet::checksums_valid(&out.data_out));
+    let out = f.run(&packet::tcp_v4(CLIENT, 40002, EMPTY_VIP, 80, 0x04, b""));
     assert_eq!(out.retval, TC_ACT_SHOT);
-    assert_eq!(f.stat(stats::DROP_NO_BACKEND), 1);
 }
 
+#[test]
+fn a_service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let query = packet::udp_v4(CLIENT, 5000, EMPTY_VIP, 53, b"q");
+    let out = f.run(&query);
+    assert_eq!(out.retval, TC_ACT_REDIRECT);
+    let icmp = &out.data_out;
+    assert_eq!(icmp.len(), 14 + 20 + 8 + 28);
+    assert_eq!(&icmp[0..6], &query[6..12]);
+    assert_eq!(icmp[14 + 9], 1, "ICMP");
+    assert_eq!(&icmp[26..30], &EMPTY_VIP.octets(), "from the Service address, as kube-proxy's REJECT");
+    assert_eq!(&icmp[30..34], &CLIENT.octets());
+    assert_eq!(packet::checksum(&icmp[14..34]), 0, "IP header checksum");
+    assert_eq!((icmp[34], icmp[35]), (3, 3), "destination unreachable, port unreachable");
+    assert_eq!(packet::checksum(&icmp[34..]), 0, "ICMP checksum");
+    assert_eq!(&icmp[42..70], &query[14..42], "quotes the datagram's IP header and first 8 bytes");
+    assert_eq!(f.stat(stats::REJECT_ICMP_UNREACHABLE), 1);
+}
+
+#[test]
+fn a_local_policy_without_a_local_endpoint_drops_silently() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let out = f.run(&packet::tcp_v4(CLIENT, 40000, LOCAL_POLICY_VIP, 80, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(f.stat(stats::DROP_NO_LOCAL_BACKEND), 1);
+    assert_eq!(f.stat(stats::REJECT_TCP_RST), 0);
+}
+
+#[test]
+fn client_ip_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let mut backends = std::collections::BTreeSet::new();
+    for sport in 42000..42020 {
+        let out = f.run(&packet::tcp_v4(CLIENT, sport, STICKY_VIP, 80, SYN, b""));
+        assert_eq!(out.retval, TC_ACT_OK);
+        backends.insert(packet::parse(&out.data_out).expect("parse").ip_dst);
+    }
+    assert_eq!(backends.len(), 1, "{backends:?}");
+    assert_eq!(f.stat(stats::AFFINITY_HIT), 19);
+    // Another client is hashed on its own.
+    let other = Ipv4Addr::new(10, 244, 1, 99);
+    let out = f.run(&packet::tcp_v4(other, 42000, STICKY_VIP, 80, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_OK);
+}

@@ -9,9 +9,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, PerCpuArray},
+    maps::{
+        HashMap, LpmTrie, Map, MapData, PerCpuArray,
+        lpm_trie::Key as LpmKey,
+    },
 };
-use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, map_names, stats};
+use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, map_names, stats};
 
 use crate::reconciler::{MapError, MapIo, MapState};
 
@@ -136,6 +139,7 @@ pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     sizes: MapSizes,
 }
 
@@ -159,6 +163,11 @@ impl PinnedMaps {
             services: take(ebpf, map_names::SERVICES)?,
             backends: take(ebpf, map_names::BACKENDS)?,
             rev_nat: take(ebpf, map_names::REV_NAT)?,
+            source_ranges: {
+                let name = map_names::SOURCE_RANGES;
+                let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
+                LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?
+            },
             sizes,
         })
     }
@@ -178,6 +187,8 @@ impl PinnedMaps {
                 .map_err(|source| LoadError::Map { name: map_names::BACKENDS, source })?,
             rev_nat: HashMap::try_from(open_pinned(root, map_names::REV_NAT)?)
                 .map_err(|source| LoadError::Map { name: map_names::REV_NAT, source })?,
+            source_ranges: LpmTrie::try_from(open_pinned(root, map_names::SOURCE_RANGES)?)
+                .map_err(|source| LoadError::Map { name: map_names::SOURCE_RANGES, source })?,
             sizes,
         })
     }
@@ -235,7 +246,41 @@ impl MapIo for PinnedMaps {
             services: dump_map(&self.services, map_names::SERVICES)?,
             backends: dump_map(&self.backends, map_names::BACKENDS)?,
             rev_nat: dump_map(&self.rev_nat, map_names::REV_NAT)?,
+            source_ranges: {
+                let mut rows = std::collections::BTreeSet::new();
+                for key in self.source_ranges.keys() {
+                    match key {
+                        Ok(k) => {
+                            rows.insert((k.prefix_len(), k.data()));
+                        }
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => {
+                            return Err(MapError::Io {
+                                map: map_names::SOURCE_RANGES,
+                                op: "dump",
+                                source: io::Error::other(e),
+                            });
+                        }
+                    }
+                }
+                rows
+            },
         })
+    }
+
+    fn put_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
+        self.source_ranges.insert(&LpmKey::new(prefix_len, *key), 1, 0).map_err(|e| {
+            classify(map_names::SOURCE_RANGES, "update", service_common::capacity::SOURCE_RANGES, "(fixed size)", e)
+        })
+    }
+
+    fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
+        match self.source_ranges.remove(&LpmKey::new(prefix_len, *key)) {
+            Err(e) if !is_not_found(&e) => {
+                Err(MapError::Io { map: map_names::SOURCE_RANGES, op: "delete", source: io::Error::other(e) })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {

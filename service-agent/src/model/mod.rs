@@ -3,19 +3,30 @@
 //! All Service API semantics live here; there is no I/O, so it is tested
 //! with plain unit and golden tests.
 //!
-//! Implemented so far: ClusterIP Services (every IPv4 address of
-//! `spec.clusterIPs`), multi-port with TCP and UDP, ServicePorts matched to
-//! EndpointSlice ports by name, endpoints whose `conditions.ready` is not
-//! false, headless/ExternalName/`service-proxy-name` Services skipped.
+//! - Types: ClusterIP (every IPv4 address of `spec.clusterIPs`), NodePort
+//!   (each port's `nodePort` on every node address, plus the ClusterIP),
+//!   LoadBalancer (NodePort plus each `status.loadBalancer.ingress[].ip`,
+//!   except `ipMode: Proxy` ones, whose traffic must go through the load
+//!   balancer), `spec.externalIPs`; headless, ExternalName and Services
+//!   labelled `service.kubernetes.io/service-proxy-name` get nothing.
+//! - Ports: ServicePorts matched to EndpointSlice ports by name, per slice
+//!   (named targetPorts may resolve differently per pod); TCP, UDP, SCTP.
+//! - Endpoints, traffic policies and topology: see [`endpoints`].
+//! - `sessionAffinity: ClientIP` with its timeout (default 10800 s),
+//!   `loadBalancerSourceRanges`, `healthCheckNodePort` carried to the rows.
+//! - No usable endpoint: "reject"; endpoints, but none this node may use
+//!   under a `Local` policy: "drop".
+
+pub mod endpoints;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
 };
 
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Service, ServicePort, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 
@@ -27,16 +38,29 @@ pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
 /// them too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
+/// Node label with the node's zone (topology-aware routing).
+pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
+/// The older annotation that turns on topology-aware hints.
+pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
+/// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+
 /// What the model needs to know about the node it runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NodeContext {
     pub node_name: String,
+    /// The node's zone; the Node object's `topology.kubernetes.io/zone`
+    /// label takes precedence when the source has the Node.
+    pub zone: Option<String>,
+    /// The addresses NodePorts answer on (`--nodeport-addresses`).
+    pub nodeport_addresses: Vec<IpAddr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
+    Sctp,
 }
 
 impl Protocol {
@@ -45,6 +69,7 @@ impl Protocol {
         match self {
             Self::Tcp => service_common::PROTO_TCP,
             Self::Udp => service_common::PROTO_UDP,
+            Self::Sctp => service_common::PROTO_SCTP,
         }
     }
 
@@ -53,7 +78,8 @@ impl Protocol {
         match value.unwrap_or("TCP") {
             "TCP" => Ok(Self::Tcp),
             "UDP" => Ok(Self::Udp),
-            other => Err(format!("protocol {other:?} is not supported by this dataplane yet (TCP, UDP)")),
+            "SCTP" => Ok(Self::Sctp),
+            other => Err(format!("{other:?} is not a protocol (TCP, UDP, SCTP)")),
         }
     }
 }
@@ -63,6 +89,7 @@ impl fmt::Display for Protocol {
         f.write_str(match self {
             Self::Tcp => "TCP",
             Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
         })
     }
 }
@@ -71,9 +98,9 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Scope {
     /// Traffic entering from outside the node (NodePort, LoadBalancer,
-    /// externalIPs).
+    /// externalIPs): `externalTrafficPolicy` applies.
     External,
-    /// Traffic from pods (ClusterIP).
+    /// Traffic from pods to a ClusterIP: `internalTrafficPolicy` applies.
     Internal,
 }
 
@@ -106,6 +133,27 @@ impl fmt::Display for Frontend {
     }
 }
 
+/// What kind of address a frontend is (for logs, `inspect` and golden
+/// files; the dataplane only sees the scope).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    NodePort,
+    LoadBalancer,
+    ExternalIp,
+}
+
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::ClusterIp => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+            Self::ExternalIp => "externalIP",
+        })
+    }
+}
+
 /// One endpoint address:port a frontend forwards to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
@@ -114,6 +162,8 @@ pub struct Backend {
     pub protocol: Protocol,
     /// The endpoint's `nodeName` is this node.
     pub local: bool,
+    /// Used only as the serving-terminating fallback (not ready).
+    pub terminating: bool,
 }
 
 impl fmt::Display for Backend {
@@ -125,8 +175,38 @@ impl fmt::Display for Backend {
 /// What the dataplane does with a new flow to a frontend without backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum WhenEmpty {
-    /// TCP RST / ICMP port unreachable, as kube-proxy does.
+    /// The Service has no usable endpoint: TCP RST / ICMP port unreachable,
+    /// as kube-proxy does.
     Reject,
+    /// It has endpoints, but a `Local` traffic policy leaves none on this
+    /// node: drop silently, as kube-proxy does.
+    Drop,
+}
+
+/// An IPv4 or IPv6 prefix (`loadBalancerSourceRanges`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.trim().split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (address/length)"))?;
+        let addr: IpAddr = addr.parse().map_err(|e| format!("{s:?} is not a CIDR: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix_len: u8 =
+            len.parse().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?} has an invalid prefix length"))?;
+        Ok(Self { addr, prefix_len })
+    }
 }
 
 /// The desired state of one frontend.
@@ -136,9 +216,23 @@ pub struct DesiredFrontend {
     /// The ServicePort's name ("" for the unnamed port).
     pub port_name: String,
     pub frontend: Frontend,
+    pub kind: FrontendKind,
     /// Sorted and free of duplicates.
     pub backends: Vec<Backend>,
     pub when_empty: WhenEmpty,
+    /// `sessionAffinity: ClientIP`: the timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// `loadBalancerSourceRanges` (LoadBalancer and NodePort frontends of a
+    /// LoadBalancer Service); empty means every source.
+    pub source_ranges: Vec<Cidr>,
+}
+
+/// A Service with `externalTrafficPolicy: Local` and a `healthCheckNodePort`:
+/// the node answers on that port whether it has local endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub local_endpoints: usize,
 }
 
 /// An object, or a field of it, the model could not use. Reported with the
@@ -156,18 +250,23 @@ pub struct ModelError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, DesiredFrontend>,
+    pub health_checks: BTreeMap<ObjectRef, HealthCheck>,
     pub errors: Vec<ModelError>,
 }
 
 /// Computes the desired frontends from the objects.
 #[must_use]
 pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
+    let mut node = node.clone();
+    if let Some(zone) = objects.node.as_ref().and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_ZONE)) {
+        node.zone = Some(zone.clone());
+    }
     let mut out = Desired::default();
     let slices = slices_by_service(objects);
     for (svc_ref, svc) in &objects.services {
         let no_slices = Vec::new();
         let svc_slices = slices.get(svc_ref).unwrap_or(&no_slices);
-        service_frontends(svc_ref, svc, svc_slices, node, &mut out);
+        service_frontends(svc_ref, svc, svc_slices, &node, &mut out);
     }
     out.errors.sort();
     out.errors.dedup();
@@ -186,6 +285,80 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlic
     by_service
 }
 
+/// Parses the IPv4 addresses of an address list field; IPv6 ones are
+/// reported (not handled yet), unparsable ones too.
+fn ipv4_list<'a>(
+    field: &str,
+    values: impl Iterator<Item = (String, &'a str)>,
+    svc_ref: &ObjectRef,
+    errors: &mut Vec<ModelError>,
+) -> Vec<Ipv4Addr> {
+    let mut v4 = Vec::new();
+    for (suffix, ip) in values {
+        let err = |message: String| ModelError {
+            kind: "Service",
+            object: svc_ref.clone(),
+            field: format!("{field}{suffix}"),
+            message,
+        };
+        match ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => v4.push(a),
+            Ok(IpAddr::V6(_)) => {
+                errors.push(err(format!("{ip}: IPv6 is not handled by this dataplane yet: this address gets no rows")));
+            }
+            Err(e) => errors.push(err(format!("{ip:?} is not an IP address: {e}"))),
+        }
+    }
+    v4
+}
+
+/// The ClusterIPs: `spec.clusterIPs`, or `spec.clusterIP` when the list is
+/// absent. `None`/empty means headless.
+fn cluster_ips(spec: &ServiceSpec, svc_ref: &ObjectRef, errors: &mut Vec<ModelError>) -> Option<Vec<Ipv4Addr>> {
+    let list: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
+        (Some(list), _) if !list.is_empty() => list.iter().map(String::as_str).collect(),
+        (_, Some(one)) => vec![one.as_str()],
+        _ => return None,
+    };
+    if list.iter().all(|ip| ip.is_empty() || *ip == "None") {
+        return None;
+    }
+    let from_list = spec.cluster_ips.as_ref().is_some_and(|l| !l.is_empty());
+    let field = if from_list { "spec.clusterIPs" } else { "spec.clusterIP" };
+    Some(ipv4_list(
+        field,
+        list.into_iter().enumerate().map(|(i, ip)| (if from_list { format!("[{i}]") } else { String::new() }, ip)),
+        svc_ref,
+        errors,
+    ))
+}
+
+fn service_port(port: &ServicePort) -> Result<(u16, Protocol), (&'static str, String)> {
+    let number = u16::try_from(port.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or(("port", format!("{} is not a valid port (1-65535)", port.port)))?;
+    let protocol = Protocol::parse(port.protocol.as_deref()).map_err(|m| ("protocol", m))?;
+    Ok((number, protocol))
+}
+
+fn topology(svc: &Service, spec: &ServiceSpec) -> endpoints::Topology {
+    match spec.traffic_distribution.as_deref() {
+        Some("PreferSameNode") => endpoints::Topology::SameNode,
+        Some("PreferClose" | "PreferSameZone") => endpoints::Topology::SameZone,
+        _ => {
+            let auto = svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ANNOTATION_TOPOLOGY_MODE))
+                .is_some_and(|m| m.eq_ignore_ascii_case("auto"));
+            if auto { endpoints::Topology::SameZone } else { endpoints::Topology::None }
+        }
+    }
+}
+
+#[expect(clippy::too_many_lines, reason = "one pass over a Service's spec, in the order the API documents it")]
 fn service_frontends(
     svc_ref: &ObjectRef,
     svc: &Service,
@@ -198,13 +371,70 @@ fn service_frontends(
         return;
     }
     let Some(spec) = &svc.spec else { return };
-    if spec.type_.as_deref() == Some("ExternalName") {
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if type_ == "ExternalName" {
         return;
     }
-    let cluster_ips = cluster_ips(spec, svc_ref, out);
+    let Some(cluster_ips) = cluster_ips(spec, svc_ref, &mut out.errors) else { return };
     if cluster_ips.is_empty() {
+        // Only IPv6 or broken addresses: reported above.
         return;
     }
+    let is_node_port = matches!(type_, "NodePort" | "LoadBalancer");
+    let is_lb = type_ == "LoadBalancer";
+    let external_ips = ipv4_list(
+        "spec.externalIPs",
+        spec.external_ips.iter().flatten().enumerate().map(|(i, ip)| (format!("[{i}]"), ip.as_str())),
+        svc_ref,
+        &mut out.errors,
+    );
+    let lb_ingress: Vec<Ipv4Addr> = if is_lb {
+        let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+        ipv4_list(
+            "status.loadBalancer.ingress",
+            ingress
+                .into_iter()
+                .flatten()
+                .enumerate()
+                // ipMode Proxy: the load balancer proxies the traffic, so
+                // it must reach the LB, not be short-circuited here.
+                .filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|(n, i)| i.ip.as_deref().map(|ip| (format!("[{n}].ip"), ip))),
+            svc_ref,
+            &mut out.errors,
+        )
+    } else {
+        Vec::new()
+    };
+    let source_ranges: Vec<Cidr> = if is_lb {
+        let mut ranges = Vec::new();
+        for (i, r) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+            match r.parse::<Cidr>() {
+                Ok(c) => ranges.push(c),
+                Err(m) => out.errors.push(err(format!("spec.loadBalancerSourceRanges[{i}]"), m)),
+            }
+        }
+        ranges.sort();
+        ranges.dedup();
+        ranges
+    } else {
+        Vec::new()
+    };
+    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t > 0)
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
+    });
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let topology = topology(svc, spec);
+    let mut local_endpoints_any_port = 0;
+    let mut has_external_frontend = false;
+
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let (port_number, protocol) = match service_port(port) {
             Ok(v) => v,
@@ -214,9 +444,61 @@ fn service_frontends(
             }
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let backends = endpoints_for_port(svc_ref, &port_name, protocol, slices, node, &mut out.errors);
+        let candidates =
+            endpoints::candidates(&svc_ref.namespace, &port_name, protocol, slices, node, &mut out.errors);
+        let any = endpoints::any_usable(&candidates);
+        let cluster = endpoints::cluster(&candidates, topology, node);
+        let local = endpoints::local(&candidates);
+        local_endpoints_any_port = local_endpoints_any_port.max(local.len());
+        let pick = |is_local: bool| {
+            let backends = if is_local { local.clone() } else { cluster.clone() };
+            let when_empty = if any { WhenEmpty::Drop } else { WhenEmpty::Reject };
+            (backends, when_empty)
+        };
+
+        let mut frontends: Vec<(Frontend, FrontendKind, bool)> = Vec::new();
         for addr in &cluster_ips {
-            let frontend = Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::Internal };
+            frontends.push((
+                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::Internal },
+                FrontendKind::ClusterIp,
+                internal_local,
+            ));
+        }
+        if is_node_port {
+            match port.node_port.map(u16::try_from) {
+                Some(Ok(np)) if np != 0 => {
+                    for addr in &node.nodeport_addresses {
+                        frontends.push((
+                            Frontend { addr: *addr, port: np, protocol, scope: Scope::External },
+                            FrontendKind::NodePort,
+                            external_local,
+                        ));
+                    }
+                }
+                // Unset: not allocated yet (or allocateLoadBalancerNodePorts
+                // false); nothing to serve on the nodes.
+                None => {}
+                Some(_) => out.errors.push(err(
+                    format!("spec.ports[{i}].nodePort"),
+                    format!("{} is not a valid port (1-65535)", port.node_port.unwrap_or_default()),
+                )),
+            }
+        }
+        for addr in &lb_ingress {
+            frontends.push((
+                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
+                FrontendKind::LoadBalancer,
+                external_local,
+            ));
+        }
+        for addr in &external_ips {
+            frontends.push((
+                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
+                FrontendKind::ExternalIp,
+                external_local,
+            ));
+        }
+        for (frontend, kind, is_local) in frontends {
             if let Some(existing) = out.frontends.get(&frontend) {
                 out.errors.push(err(
                     format!("spec.ports[{i}]"),
@@ -224,124 +506,43 @@ fn service_frontends(
                 ));
                 continue;
             }
+            has_external_frontend |= frontend.scope == Scope::External;
+            let (backends, when_empty) = pick(is_local);
+            let ranges = if matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort) {
+                source_ranges.clone()
+            } else {
+                Vec::new()
+            };
             out.frontends.insert(
                 frontend,
                 DesiredFrontend {
                     service: svc_ref.clone(),
                     port_name: port_name.clone(),
                     frontend,
-                    backends: backends.clone(),
-                    when_empty: WhenEmpty::Reject,
+                    kind,
+                    backends,
+                    when_empty,
+                    affinity_timeout_s,
+                    source_ranges: ranges,
                 },
             );
         }
     }
-}
-
-/// The IPv4 ClusterIPs of a Service: `spec.clusterIPs`, or `spec.clusterIP`
-/// when the list is absent. `None`/empty means headless: no frontend.
-fn cluster_ips(
-    spec: &k8s_openapi::api::core::v1::ServiceSpec,
-    svc_ref: &ObjectRef,
-    out: &mut Desired,
-) -> Vec<Ipv4Addr> {
-    let (field, ips): (&str, Vec<&String>) = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(list), _) if !list.is_empty() => ("spec.clusterIPs", list.iter().collect()),
-        (_, Some(one)) => ("spec.clusterIP", vec![one]),
-        _ => return Vec::new(),
-    };
-    let mut v4 = Vec::new();
-    for (i, ip) in ips.into_iter().enumerate() {
-        if ip.is_empty() || ip == "None" {
-            continue;
-        }
-        let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.to_owned() };
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => v4.push(a),
-            // Dual-stack Services list an IPv6 address too; this dataplane
-            // serves IPv4 so far and skips it without an error. A
-            // single-stack IPv6 Service is reported below.
-            Ok(IpAddr::V6(_)) => {}
-            Err(e) => out.errors.push(ModelError {
-                kind: "Service",
-                object: svc_ref.clone(),
-                field,
-                message: format!("{ip:?} is not an IP address: {e}"),
-            }),
+    // kube-proxy serves healthCheckNodePort for LoadBalancer Services with
+    // `externalTrafficPolicy: Local` (the API allocates it only for those).
+    if external_local && is_lb && has_external_frontend {
+        match spec.health_check_node_port.map(u16::try_from) {
+            Some(Ok(port)) if port != 0 => {
+                out.health_checks
+                    .insert(svc_ref.clone(), HealthCheck { port, local_endpoints: local_endpoints_any_port });
+            }
+            None => {}
+            Some(_) => out.errors.push(err(
+                "spec.healthCheckNodePort".into(),
+                format!("{} is not a valid port (1-65535)", spec.health_check_node_port.unwrap_or_default()),
+            )),
         }
     }
-    v4
-}
-
-fn service_port(port: &ServicePort) -> Result<(u16, Protocol), (&'static str, String)> {
-    let number = u16::try_from(port.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or(("port", format!("{} is not a valid port (1-65535)", port.port)))?;
-    let protocol = Protocol::parse(port.protocol.as_deref()).map_err(|m| ("protocol", m))?;
-    Ok((number, protocol))
-}
-
-/// The backends of one ServicePort: the union of every slice's endpoints
-/// that are ready (or whose readiness is unknown, as kube-proxy treats it),
-/// on the slice port of the same name and protocol. The port number may
-/// differ per slice (named targetPorts resolve per pod).
-fn endpoints_for_port(
-    svc_ref: &ObjectRef,
-    port_name: &str,
-    protocol: Protocol,
-    slices: &[&EndpointSlice],
-    node: &NodeContext,
-    errors: &mut Vec<ModelError>,
-) -> Vec<Backend> {
-    let mut backends = BTreeSet::new();
-    for slice in slices {
-        if slice.address_type != "IPv4" {
-            continue;
-        }
-        let slice_ref = ObjectRef {
-            namespace: svc_ref.namespace.clone(),
-            name: slice.metadata.name.clone().unwrap_or_default(),
-        };
-        let slice_err = |field: String, message: String| ModelError {
-            kind: "EndpointSlice",
-            object: slice_ref.clone(),
-            field,
-            message,
-        };
-        let matching = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
-            p.name.as_deref().unwrap_or("") == port_name
-                && Protocol::parse(p.protocol.as_deref()).is_ok_and(|proto| proto == protocol)
-        });
-        let Some((pi, slice_port)) = matching else { continue };
-        let Some(port) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
-            errors.push(slice_err(format!("ports[{pi}].port"), format!("{:?} is not a valid port", slice_port.port)));
-            continue;
-        };
-        for (ei, endpoint) in slice.endpoints.iter().flatten().enumerate() {
-            let ready = endpoint.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
-                continue;
-            }
-            let local = endpoint.node_name.as_deref() == Some(node.node_name.as_str());
-            // Every address of an endpoint is fungible; Kubernetes uses the
-            // first (kube-proxy too).
-            let Some(addr) = endpoint.addresses.first() else { continue };
-            match addr.parse::<Ipv4Addr>() {
-                Ok(a) => {
-                    backends.insert(Backend { addr: IpAddr::V4(a), port, protocol, local });
-                }
-                Err(e) => errors.push(slice_err(
-                    format!("endpoints[{ei}].addresses[0]"),
-                    format!("{addr:?} is not an IPv4 address: {e}"),
-                )),
-            }
-        }
-    }
-    // An endpoint listed in two slices with different `nodeName`s would be
-    // two entries; keep one per address:port.
-    let mut seen = BTreeSet::new();
-    backends.into_iter().filter(|b| seen.insert((b.addr, b.port))).collect()
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ fn objects(yaml: &str) -> Objects {
 }
 
 fn node() -> NodeContext {
-    NodeContext { node_name: "node-a".into() }
+    NodeContext { node_name: "node-a".into(), ..NodeContext::default() }
 }
 
 const WEB: &str = r"
@@ -100,7 +100,7 @@ fn headless_external_name_and_other_proxies_produce_nothing() {
 #[test]
 fn bad_fields_are_reported_and_other_ports_and_services_still_programmed() {
     let yaml = format!(
-        "{WEB}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.300\n  ports: [{{port: 80}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: half, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{{port: 0}}, {{port: 81, protocol: SCTP}}, {{port: 82}}]\n"
+        "{WEB}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.300\n  ports: [{{port: 80}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: half, namespace: shop}}\nspec:\n  clusterIP: 10.96.0.11\n  ports: [{{port: 0}}, {{port: 81, protocol: QUIC}}, {{port: 82}}]\n"
     );
     let d = desired(&objects(&yaml), &node());
     let errors: Vec<String> = d.errors.iter().map(ToString::to_string).collect();
@@ -109,7 +109,7 @@ fn bad_fields_are_reported_and_other_ports_and_services_still_programmed() {
         [
             "Service shop/bad: spec.clusterIP: \"10.96.0.300\" is not an IP address: invalid IP address syntax",
             "Service shop/half: spec.ports[0].port: 0 is not a valid port (1-65535)",
-            "Service shop/half: spec.ports[1].protocol: protocol \"SCTP\" is not supported by this dataplane yet (TCP, UDP)",
+            "Service shop/half: spec.ports[1].protocol: \"QUIC\" is not a protocol (TCP, UDP, SCTP)",
         ]
     );
     assert!(d.frontends.contains_key(&fe([10, 96, 0, 11], 82, Protocol::Tcp)));

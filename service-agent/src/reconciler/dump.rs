@@ -42,7 +42,12 @@ pub fn frontend(k: &ServiceKey) -> String {
 }
 
 fn service_flag_names(flags: u16) -> String {
-    let names: Vec<&str> = [(service_flags::REJECT, "reject"), (service_flags::DROP, "drop"), (service_flags::AFFINITY, "affinity")]
+    let names: Vec<&str> = [
+        (service_flags::REJECT, "reject"),
+        (service_flags::DROP, "drop"),
+        (service_flags::AFFINITY, "affinity"),
+        (service_flags::SOURCE_RANGES, "source-ranges"),
+    ]
         .iter()
         .filter(|(bit, _)| flags & bit != 0)
         .map(|(_, n)| *n)
@@ -89,6 +94,13 @@ pub fn render(state: &MapState) -> String {
     out.push_str("rev_nat:\n");
     for (id, r) in &state.rev_nat {
         let _ = writeln!(out, "  {id} {}:{}", ip(r.family, &r.addr), port(r.port));
+    }
+    if !state.source_ranges.is_empty() {
+        out.push_str("source_ranges:\n");
+        for (len, k) in &state.source_ranges {
+            let family = state.rev_nat.get(&u32::from_be_bytes(k.rev_nat_id)).map_or(FAMILY_IPV4, |r| r.family);
+            let _ = writeln!(out, "  rev_nat={} {}/{}", u32::from_be_bytes(k.rev_nat_id), ip(family, &k.addr), len - 32);
+        }
     }
     out
 }

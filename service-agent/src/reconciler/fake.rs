@@ -2,7 +2,7 @@
 //! hold, the same capacity errors, and a log of every operation so tests
 //! can check the order of writes.
 
-use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
 
 use super::{MapError, MapIo, MapState};
 
@@ -80,6 +80,16 @@ impl MapIo for FakeMaps {
     fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError> {
         self.ops.push(Op::DelRevNat(id));
         self.state.rev_nat.remove(&id);
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
+        self.state.source_ranges.insert((prefix_len, *key));
+        Ok(())
+    }
+
+    fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
+        self.state.source_ranges.remove(&(prefix_len, *key));
         Ok(())
     }
 }

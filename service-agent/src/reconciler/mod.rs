@@ -24,8 +24,8 @@ use std::{
 };
 
 use service_common::{
-    BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, ServiceKey, ServiceValue, backend_flags, backend_state,
-    service_flags,
+    BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, backend_flags,
+    backend_state, service_flags,
 };
 
 use crate::model::{Backend, Desired, DesiredFrontend, Frontend, WhenEmpty};
@@ -36,6 +36,8 @@ pub struct MapState {
     pub services: BTreeMap<ServiceKey, ServiceValue>,
     pub backends: BTreeMap<u32, BackendValue>,
     pub rev_nat: BTreeMap<u32, RevNatValue>,
+    /// `source_ranges` LPM-trie rows: (prefix length, key).
+    pub source_ranges: BTreeSet<(u32, SourceRangeKey)>,
 }
 
 /// A failed map operation.
@@ -79,6 +81,12 @@ pub trait MapIo {
     /// # Errors
     /// When the kernel refuses the delete.
     fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError>;
+    /// # Errors
+    /// When the map is full or the kernel refuses the update.
+    fn put_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError>;
+    /// # Errors
+    /// When the kernel refuses the delete.
+    fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError>;
 }
 
 /// A frontend that could not be (fully) programmed, and why.
@@ -143,7 +151,7 @@ fn backend_value(b: &Backend) -> BackendValue {
         proto: b.protocol.number(),
         family: family(b.addr),
         flags: if b.local { backend_flags::LOCAL } else { 0 },
-        state: backend_state::ACTIVE,
+        state: if b.terminating { backend_state::TERMINATING } else { backend_state::ACTIVE },
         _pad: [0; 2],
     }
 }
@@ -177,6 +185,19 @@ impl IdAllocator {
         self.used.insert(self.next);
         self.next
     }
+}
+
+/// The `source_ranges` rows the desired frontends need.
+fn source_range_rows(desired: &Desired, rev_nat_ids: &HashMap<Frontend, u32>) -> BTreeSet<(u32, SourceRangeKey)> {
+    let mut rows = BTreeSet::new();
+    for df in desired.frontends.values() {
+        let Some(id) = rev_nat_ids.get(&df.frontend) else { continue };
+        for cidr in &df.source_ranges {
+            let key = SourceRangeKey { rev_nat_id: id.to_be_bytes(), addr: addr_bytes(cidr.addr) };
+            rows.insert((32 + u32::from(cidr.prefix_len), key));
+        }
+    }
+    rows
 }
 
 /// Gives every wanted value an id: the id of an identical applied row, or a
@@ -241,6 +262,16 @@ impl<M: MapIo> Reconciler<M> {
         let mut report = ReconcileReport::default();
         let backend_ids = self.write_backends(desired, &mut report);
         let rev_nat_ids = self.write_rev_nats(desired, &mut report);
+        let ranges = source_range_rows(desired, &rev_nat_ids);
+        for row in ranges.difference(&self.applied.source_ranges.clone()) {
+            match self.maps.put_source_range(row.0, &row.1) {
+                Ok(()) => {
+                    self.applied.source_ranges.insert(*row);
+                    report.rows_written += 1;
+                }
+                Err(source) => report.errors.push(ReconcileError { what: "loadBalancerSourceRanges row".into(), source }),
+            }
+        }
         for df in desired.frontends.values() {
             let Some(&rev_nat_id) = rev_nat_ids.get(&df.frontend) else { continue };
             let ids: Option<Vec<u32>> = df.backends.iter().map(|b| backend_ids.get(b).copied()).collect();
@@ -250,6 +281,15 @@ impl<M: MapIo> Reconciler<M> {
             }
         }
         self.delete_undesired(desired, &mut report);
+        for row in self.applied.source_ranges.difference(&ranges).copied().collect::<Vec<_>>() {
+            match self.maps.del_source_range(row.0, &row.1) {
+                Ok(()) => {
+                    self.applied.source_ranges.remove(&row);
+                    report.rows_deleted += 1;
+                }
+                Err(source) => report.errors.push(ReconcileError { what: "deleting a source range".into(), source }),
+            }
+        }
         report
     }
 
@@ -283,10 +323,17 @@ impl<M: MapIo> Reconciler<M> {
             let names: Vec<String> = df.backends.iter().map(ToString::to_string).collect();
             maglev::build(&names).into_iter().map(|i| backend_ids[i]).collect()
         };
-        let flags = match (table.is_empty(), df.when_empty) {
+        let mut flags = match (table.is_empty(), df.when_empty) {
             (false, _) => 0,
             (true, WhenEmpty::Reject) => service_flags::REJECT,
+            (true, WhenEmpty::Drop) => service_flags::DROP,
         };
+        if df.affinity_timeout_s.is_some() {
+            flags |= service_flags::AFFINITY;
+        }
+        if !df.source_ranges.is_empty() {
+            flags |= service_flags::SOURCE_RANGES;
+        }
         let current = self.applied.services.get(&key0).copied();
         let current_table = current.map(|v| self.slot_table(&key0, &v));
         let rows = frontend_rows(&self.applied.services, &key0);
@@ -295,7 +342,7 @@ impl<M: MapIo> Reconciler<M> {
             count: u32::try_from(table.len()).unwrap_or(u32::MAX),
             version: 0,
             rev_nat_id,
-            affinity_timeout_s: 0,
+            affinity_timeout_s: df.affinity_timeout_s.unwrap_or(0),
             flags,
             _pad: 0,
         };

@@ -11,7 +11,7 @@ fn frontend(port: u16) -> Frontend {
 }
 
 fn backend(last: u8) -> Backend {
-    Backend { addr: IpAddr::from([10, 244, 1, last]), port: 8080, protocol: Protocol::Tcp, local: true }
+    Backend { addr: IpAddr::from([10, 244, 1, last]), port: 8080, protocol: Protocol::Tcp, local: true, terminating: false }
 }
 
 fn desired(entries: &[(u16, &[u8])]) -> Desired {
@@ -24,6 +24,9 @@ fn desired(entries: &[(u16, &[u8])]) -> Desired {
                 service: ObjectRef { namespace: "default".into(), name: "web".into() },
                 port_name: String::new(),
                 frontend: f,
+                kind: crate::model::FrontendKind::ClusterIp,
+                affinity_timeout_s: None,
+                source_ranges: Vec::new(),
                 backends: backends.iter().map(|b| backend(*b)).collect(),
                 when_empty: WhenEmpty::Reject,
             },

@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     }
     let manifests = std::env::var_os("DEMO_MANIFESTS").map_or_else(|| PathBuf::from("examples/manifests"), PathBuf::from);
     let snapshot = manifest::load_dir(&manifests).with_context(|| format!("reading {}", manifests.display()))?;
-    let desired = model::desired(&snapshot.objects, &NodeContext { node_name: NODE.into() });
+    let desired = model::desired(&snapshot.objects, &NodeContext { node_name: NODE.into(), ..NodeContext::default() });
 
     // One pod per endpoint address, named after its targetRef.
     let mut pods: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
@@ -85,15 +85,18 @@ fn main() -> Result<()> {
     for df in desired.frontends.values() {
         let IpAddr::V4(vip) = df.frontend.addr else { continue };
         let port = df.frontend.port;
+        if df.frontend.protocol == Protocol::Sctp || df.frontend.scope != model::Scope::Internal {
+            continue; // the demo's client speaks TCP and UDP to ClusterIPs
+        }
         let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
         let attempts = match df.frontend.protocol {
             Protocol::Tcp => TCP_CONNECTIONS,
-            Protocol::Udp => UDP_REQUESTS,
+            _ => UDP_REQUESTS,
         };
         for _ in 0..attempts {
             let answer = match df.frontend.protocol {
                 Protocol::Tcp => curl(&topo, vip, port),
-                Protocol::Udp => udp(&topo, vip, port),
+                _ => udp(&topo, vip, port),
             };
             match answer {
                 Ok(a) => *per_backend.entry(a.split_whitespace().next().unwrap_or("?").to_owned()).or_default() += 1,
@@ -105,7 +108,7 @@ fn main() -> Result<()> {
         }
         let what = match df.frontend.protocol {
             Protocol::Tcp => "new TCP connections (curl http://…)",
-            Protocol::Udp => "UDP requests",
+            _ => "UDP requests",
         };
         println!("   Service {} port {:?}: {attempts} {what} to {vip}:{port}", df.service, df.port_name);
         for (backend, n) in &per_backend {

@@ -1,0 +1,172 @@
+//! Which endpoints a frontend forwards to, as kube-proxy decides it
+//! (pkg/proxy/topology.go `CategorizeEndpoints`):
+//!
+//! 1. readiness: the `ready` endpoints (unknown readiness counts as ready);
+//!    when none is ready, those that are `serving` and `terminating`
+//!    (KEP-1669); never the rest;
+//! 2. traffic policy `Local`: only endpoints on this node (readiness
+//!    fallback applied to the local ones on their own);
+//! 3. otherwise topology: with `trafficDistribution: PreferSameNode` the
+//!    endpoints hinted for this node, with `PreferClose` (or the
+//!    `service.kubernetes.io/topology-mode: Auto` annotation) those hinted
+//!    for this node's zone — but only when every endpoint carries hints and
+//!    at least one matches; otherwise all of them.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+
+use super::{Backend, ModelError, NodeContext, Protocol};
+use crate::source::ObjectRef;
+
+/// One endpoint address:port with what the selection needs to know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub backend: Backend,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// `hints.forZones[].name`; `None` when the endpoint has no zone hints.
+    pub zones: Option<Vec<String>>,
+    /// `hints.forNodes[].name`; `None` when the endpoint has no node hints.
+    pub nodes: Option<Vec<String>>,
+}
+
+/// The topology preference of a Service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    None,
+    /// `PreferClose` / `PreferSameZone` / topology-mode Auto: zone hints.
+    SameZone,
+    /// `PreferSameNode`: node hints, then zone hints.
+    SameNode,
+}
+
+fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
+    let c = ep.conditions.as_ref();
+    // The API says: nil ready means unknown and "should be interpreted as
+    // ready"; nil serving follows ready; nil terminating means false.
+    let ready = c.and_then(|c| c.ready).unwrap_or(true);
+    let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+    (ready, serving, terminating)
+}
+
+/// Every IPv4 endpoint of `slices` on the slice port named `port_name`
+/// with `protocol`, duplicates (same address and port) removed, the first
+/// slice (by name) winning.
+pub fn candidates(
+    namespace: &str,
+    port_name: &str,
+    protocol: Protocol,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    errors: &mut Vec<ModelError>,
+) -> Vec<Candidate> {
+    let mut out: BTreeMap<(Ipv4Addr, u16), Candidate> = BTreeMap::new();
+    for slice in slices {
+        // IPv6 and FQDN slices are not for this (IPv4) dataplane.
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let slice_ref =
+            ObjectRef { namespace: namespace.to_owned(), name: slice.metadata.name.clone().unwrap_or_default() };
+        let slice_err = |field: String, message: String| ModelError {
+            kind: "EndpointSlice",
+            object: slice_ref.clone(),
+            field,
+            message,
+        };
+        let matching = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
+            p.name.as_deref().unwrap_or("") == port_name
+                && Protocol::parse(p.protocol.as_deref()).is_ok_and(|proto| proto == protocol)
+        });
+        let Some((pi, slice_port)) = matching else { continue };
+        let Some(port) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
+            errors.push(slice_err(
+                format!("ports[{pi}].port"),
+                format!("{} is not a valid port (1-65535)", slice_port.port.map_or_else(|| "unset".into(), |p| p.to_string())),
+            ));
+            continue;
+        };
+        for (ei, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+            // All addresses of an endpoint are fungible; Kubernetes and
+            // kube-proxy use the first.
+            let Some(addr) = endpoint.addresses.first() else { continue };
+            let ip = match addr.parse::<Ipv4Addr>() {
+                Ok(ip) => ip,
+                Err(e) => {
+                    errors.push(slice_err(
+                        format!("endpoints[{ei}].addresses[0]"),
+                        format!("{addr:?} is not an IPv4 address: {e}"),
+                    ));
+                    continue;
+                }
+            };
+            let (ready, serving, terminating) = conditions(endpoint);
+            let hints = endpoint.hints.as_ref();
+            let candidate = Candidate {
+                backend: Backend {
+                    addr: IpAddr::V4(ip),
+                    port,
+                    protocol,
+                    local: endpoint.node_name.as_deref() == Some(node.node_name.as_str()),
+                    terminating: !ready,
+                },
+                ready,
+                serving,
+                terminating,
+                zones: hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect()),
+                nodes: hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.clone()).collect()),
+            };
+            out.entry((ip, port)).or_insert(candidate);
+        }
+    }
+    out.into_values().collect()
+}
+
+/// Ready endpoints, else serving-and-terminating ones.
+fn usable<'a>(candidates: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<&'a Candidate> {
+    let ready: Vec<&Candidate> = candidates.clone().filter(|c| c.ready).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    candidates.filter(|c| c.serving && c.terminating).collect()
+}
+
+/// The endpoints for cluster-wide traffic, topology applied.
+pub fn cluster(candidates: &[Candidate], topology: Topology, node: &NodeContext) -> Vec<Backend> {
+    let all = usable(candidates.iter());
+    let by_node = || {
+        let hinted = all.iter().all(|c| c.nodes.as_ref().is_some_and(|n| !n.is_empty()));
+        let mine: Vec<&Candidate> =
+            all.iter().copied().filter(|c| c.nodes.as_ref().is_some_and(|n| n.contains(&node.node_name))).collect();
+        (hinted && !mine.is_empty()).then_some(mine)
+    };
+    let by_zone = || {
+        let zone = node.zone.as_deref()?;
+        let hinted = all.iter().all(|c| c.zones.as_ref().is_some_and(|z| !z.is_empty()));
+        let mine: Vec<&Candidate> =
+            all.iter().copied().filter(|c| c.zones.as_ref().is_some_and(|z| z.iter().any(|z| z == zone))).collect();
+        (hinted && !mine.is_empty()).then_some(mine)
+    };
+    let chosen = match topology {
+        Topology::None => None,
+        Topology::SameZone => by_zone(),
+        Topology::SameNode => by_node().or_else(by_zone),
+    };
+    chosen.unwrap_or(all).into_iter().map(|c| c.backend).collect()
+}
+
+/// The endpoints for `Local` traffic policy: this node's only.
+pub fn local(candidates: &[Candidate]) -> Vec<Backend> {
+    usable(candidates.iter().filter(|c| c.backend.local)).into_iter().map(|c| c.backend).collect()
+}
+
+/// Whether any endpoint at all is usable (else the Service rejects).
+pub fn any_usable(candidates: &[Candidate]) -> bool {
+    !usable(candidates.iter()).is_empty()
+}

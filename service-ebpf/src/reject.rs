@@ -1,0 +1,146 @@
+//! Rejecting a new flow to a Service without usable endpoints, the way
+//! kube-proxy's `REJECT` rules do: a TCP RST for TCP, an ICMP port
+//! unreachable (from the Service address) otherwise. The packet is turned
+//! into the answer in place and sent back out of the interface it came in
+//! on, towards the pod.
+
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use service_common::{csum, stats};
+
+const ETH_HLEN: usize = 14;
+const IP_HLEN: usize = 20;
+const TCP_HLEN: usize = 20;
+const ICMP_HLEN: usize = 8;
+/// The quoted part of the offending datagram: its IP header and 8 bytes.
+const QUOTE_LEN: usize = IP_HLEN + 8;
+const PROTO_ICMP: u8 = 1;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+const DEFAULT_TTL: u8 = 64;
+
+/// What the reject path needs to know about the offending packet.
+pub struct Offender {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub l4_off: usize,
+    pub tcp_flags: u8,
+}
+
+/// A fresh IPv4 header (no options, DF, TTL 64) with its checksum.
+#[inline(always)]
+fn ipv4_header(saddr: [u8; 4], daddr: [u8; 4], proto: u8, total_len: u16) -> [u8; IP_HLEN] {
+    let mut h = [0u8; IP_HLEN];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total_len.to_be_bytes());
+    h[6] = 0x40; // DF
+    h[8] = DEFAULT_TTL;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&saddr);
+    h[16..20].copy_from_slice(&daddr);
+    let c = csum::finish(csum::sum(0, &h));
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h
+}
+
+/// Swaps the Ethernet addresses: the answer goes back to the sender.
+#[inline(always)]
+fn swap_macs(ctx: &TcContext) -> Result<(), u32> {
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| stats::DROP_REWRITE)?;
+    let mut swapped = [0u8; 12];
+    swapped[0..6].copy_from_slice(&macs[6..12]);
+    swapped[6..12].copy_from_slice(&macs[0..6]);
+    ctx.store(0, &swapped, 0).map_err(|_| stats::DROP_REWRITE)
+}
+
+#[inline(always)]
+fn send_back(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the ingress ifindex from the context the kernel
+    // handed us; bpf_redirect has no memory preconditions.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: see above.
+    #[expect(clippy::cast_possible_truncation, reason = "bpf_redirect returns a TC action (small)")]
+    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
+    action
+}
+
+/// Turns a TCP segment into the RST that refuses it (RFC 793 reset
+/// generation) and sends it back. An incoming RST is dropped unanswered.
+#[inline(always)]
+pub fn tcp_rst(ctx: &TcContext, p: &Offender) -> Result<i32, u32> {
+    if p.tcp_flags & TCP_RST != 0 {
+        return Err(stats::REJECT_TCP_RST);
+    }
+    let tcp: [u8; TCP_HLEN] = ctx.load(p.l4_off).map_err(|_| stats::DROP_REWRITE)?;
+    let ip: [u8; IP_HLEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_REWRITE)?;
+    let ip_total = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let ihl = u32::from(ip[0] & 0x0f) * 4;
+    let doff = u32::from(tcp[12] >> 4) * 4;
+    let payload = ip_total.saturating_sub(ihl + doff);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+
+    let mut rst = [0u8; TCP_HLEN];
+    rst[0..2].copy_from_slice(&tcp[2..4]);
+    rst[2..4].copy_from_slice(&tcp[0..2]);
+    if p.tcp_flags & TCP_ACK != 0 {
+        // <SEQ=SEG.ACK><CTL=RST>
+        rst[4..8].copy_from_slice(&ack.to_be_bytes());
+        rst[13] = TCP_RST;
+    } else {
+        // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>
+        let len = payload + u32::from(p.tcp_flags & TCP_SYN != 0) + u32::from(p.tcp_flags & TCP_FIN != 0);
+        rst[8..12].copy_from_slice(&seq.wrapping_add(len).to_be_bytes());
+        rst[13] = TCP_RST | TCP_ACK;
+    }
+    rst[12] = 5 << 4;
+    #[expect(clippy::cast_possible_truncation, reason = "20-byte header")]
+    let tcp_len = TCP_HLEN as u16;
+    let c = csum::finish(csum::sum(csum::pseudo_header_v4(p.daddr, p.saddr, service_common::PROTO_TCP, tcp_len), &rst));
+    rst[16..18].copy_from_slice(&c.to_be_bytes());
+    #[expect(clippy::cast_possible_truncation, reason = "40 bytes")]
+    let ip_hdr = ipv4_header(p.daddr, p.saddr, service_common::PROTO_TCP, (IP_HLEN + TCP_HLEN) as u16);
+
+    swap_macs(ctx)?;
+    ctx.store(ETH_HLEN, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ETH_HLEN + IP_HLEN, &rst, 0).map_err(|_| stats::DROP_REWRITE)?;
+    #[expect(clippy::cast_possible_truncation, reason = "54 bytes")]
+    change_tail(ctx, (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32)?;
+    Ok(send_back(ctx))
+}
+
+/// Turns a datagram into the ICMP port unreachable that refuses it, sent
+/// from the Service address, quoting its IP header and first 8 bytes.
+/// Datagrams with IP options are dropped unanswered (counted as rejected).
+#[inline(always)]
+pub fn icmp_port_unreachable(ctx: &TcContext, p: &Offender) -> Result<i32, u32> {
+    if p.l4_off != ETH_HLEN + IP_HLEN {
+        return Err(stats::REJECT_ICMP_UNREACHABLE);
+    }
+    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_REWRITE)?;
+    let mut icmp = [0u8; ICMP_HLEN + QUOTE_LEN];
+    icmp[0] = 3; // destination unreachable
+    icmp[1] = 3; // port unreachable
+    icmp[ICMP_HLEN..].copy_from_slice(&quote);
+    let c = csum::finish(csum::sum(0, &icmp));
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    #[expect(clippy::cast_possible_truncation, reason = "56 bytes")]
+    let ip_hdr = ipv4_header(p.daddr, p.saddr, PROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
+
+    // Size the packet first (it may grow: a short datagram is smaller than
+    // its answer), then write every byte of the answer.
+    #[expect(clippy::cast_possible_truncation, reason = "70 bytes")]
+    change_tail(ctx, (ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)?;
+    swap_macs(ctx)?;
+    ctx.store(ETH_HLEN, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ETH_HLEN + IP_HLEN, &icmp, 0).map_err(|_| stats::DROP_REWRITE)?;
+    Ok(send_back(ctx))
+}
+
+#[inline(always)]
+fn change_tail(ctx: &TcContext, len: u32) -> Result<(), u32> {
+    // SAFETY: the helper takes the context pointer the kernel gave us.
+    let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, len, 0) };
+    if rc == 0 { Ok(()) } else { Err(stats::DROP_REWRITE) }
+}
