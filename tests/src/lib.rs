@@ -1,3 +1,4 @@
 //! Shared pieces of the privileged test tiers and the demo.
+pub mod fixture;
 pub mod netns;
 pub mod packet;

@@ -129,6 +129,38 @@ pub fn udp_v4_no_checksum(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, 
     ipv4_frame(src, dst, 17, &udp_segment(src, sport, dst, dport, payload, false), 0)
 }
 
+/// CRC32c (Castagnoli), as SCTP uses it (RFC 9260 appendix A).
+#[must_use]
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in data {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0x82f6_3b78 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// An Ethernet + IPv4 + SCTP frame carrying an INIT chunk, with a correct
+/// CRC32c (which covers the SCTP packet only, not the IP addresses).
+#[must_use]
+pub fn sctp_init_v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
+    let mut seg = vec![0u8; 12];
+    seg[0..2].copy_from_slice(&sport.to_be_bytes());
+    seg[2..4].copy_from_slice(&dport.to_be_bytes());
+    // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, TSN.
+    seg.extend_from_slice(&[1, 0, 0, 20]);
+    seg.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    seg.extend_from_slice(&65_535u32.to_be_bytes());
+    seg.extend_from_slice(&[0, 10, 0, 10]);
+    seg.extend_from_slice(&1u32.to_be_bytes());
+    // The CRC is stored little-endian (RFC 9260 appendix A).
+    let crc = crc32c(&seg);
+    seg[8..12].copy_from_slice(&crc.to_le_bytes());
+    ipv4_frame(src, dst, 132, &seg, IP_DF)
+}
+
 /// A non-first IPv4 fragment (offset in 8-byte units) of a UDP datagram.
 #[must_use]
 pub fn ipv4_fragment(src: Ipv4Addr, dst: Ipv4Addr, offset_units: u16, data: &[u8]) -> Vec<u8> {
@@ -282,6 +314,12 @@ pub fn prog_test_run(prog_fd: BorrowedFd<'_>, data_in: &[u8], repeat: u32) -> io
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crc32c_check_value() {
+        // The standard check value of CRC-32C over "123456789".
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
 
     #[test]
     fn rfc1071_example() {

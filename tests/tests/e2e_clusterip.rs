@@ -8,24 +8,25 @@ use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
-use service_tests::netns::{Agent, BpffsMount, ChildGuard, Topology, binary, is_root, unique_suffix, wait_until};
+use service_tests::{
+    fixture::{self, ManifestDir},
+    netns::{Agent, BpffsMount, ChildGuard, Topology, is_root, wait_until},
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const TIMEOUT: Duration = Duration::from_secs(2);
 
-/// A manifest directory removed on drop.
-struct Manifests(PathBuf);
+/// The manifests of these tests.
+struct Manifests(ManifestDir);
 
 impl Manifests {
     fn new() -> Self {
-        let dir = std::env::temp_dir().join(format!("e2e-manifests-{}", unique_suffix()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        Self(dir)
+        Self(ManifestDir::new())
     }
 
     /// Writes the `web` Service with `backends` as its ready endpoints, the
@@ -80,15 +81,7 @@ endpoints:
     }
 
     fn write(&self, name: &str, text: &str) {
-        let tmp = self.0.join(format!(".{name}.tmp"));
-        std::fs::write(&tmp, text).expect("write");
-        std::fs::rename(&tmp, self.0.join(name)).expect("rename");
-    }
-}
-
-impl Drop for Manifests {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.write(name, text);
     }
 }
 
@@ -110,11 +103,7 @@ const BACKENDS: [(&str, Ipv4Addr); 3] = [
 ];
 
 fn start_echo(topo: &Topology, pod: &str) -> ChildGuard {
-    let mut server = topo.pod(pod).ns.spawn(&binary("pod-echo", "POD_ECHO_BIN"), &["--name", pod]).expect("pod-echo");
-    let mut line = String::new();
-    BufReader::new(server.0.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("ready line");
-    assert_eq!(line.trim(), "ready", "pod-echo in {pod} did not start");
-    server
+    fixture::start_echo(&topo.pod(pod).ns, pod, &[]).expect("pod-echo")
 }
 
 impl Cluster {
@@ -129,25 +118,15 @@ impl Cluster {
         let manifests = Manifests::new();
         manifests.write_web(&BACKENDS.map(|(_, ip)| ip));
         let bpffs = BpffsMount::new().expect("bpffs");
-        let mut agent = Agent::start(&topo.node, &manifests.0, "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
+        let mut agent = Agent::start(&topo.node, manifests.0.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
         agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
         agent.wait_for_log("attached pod ingress program", 4, Duration::from_secs(5)).expect("attached to 4 pods");
         Self { agent, servers, topo, bpffs, manifests }
     }
 
     /// An HTTP GET to the ClusterIP with curl in the client pod: the body.
-    fn curl(&self) -> Result<String, String> {
-        let out = self
-            .topo
-            .pod("client")
-            .ns
-            .exec("curl", &["-sS", "--max-time", "2", &format!("http://{VIP}:80/")])
-            .map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
+    fn curl(&self) -> anyhow::Result<String> {
+        fixture::curl(&self.topo.pod("client").ns, &format!("http://{VIP}:80/"))
     }
 
     /// A TCP connection from the client pod, opened in its namespace.

@@ -507,7 +507,27 @@ fn service_frontends(
                 continue;
             }
             has_external_frontend |= frontend.scope == Scope::External;
-            let (backends, when_empty) = pick(is_local);
+            let (mut backends, mut when_empty) = pick(is_local);
+            if protocol == Protocol::Sctp {
+                // SCTP's CRC32c covers the ports and cannot be updated in
+                // place like the Internet checksum, so the dataplane only
+                // translates the address: endpoints on another port are left
+                // out and reported.
+                let before = backends.len();
+                backends.retain(|b| b.port == frontend.port);
+                if backends.len() < before {
+                    if backends.is_empty() {
+                        when_empty = WhenEmpty::Reject;
+                    }
+                    out.errors.push(err(
+                        format!("spec.ports[{i}]"),
+                        format!(
+                            "{kind} {frontend}: SCTP endpoints on another port than {} are not supported (no port translation for SCTP)",
+                            frontend.port
+                        ),
+                    ));
+                }
+            }
             let ranges = if matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort) {
                 source_ranges.clone()
             } else {
