@@ -1,6 +1,7 @@
 //! Sources only produce Kubernetes objects (k8s-openapi types); they know
 //! nothing of maps. `manifest` reads a directory of YAML/JSON the way a user
 //! would `kubectl apply` it.
+pub mod kube;
 pub mod manifest;
 
 use std::collections::BTreeMap;

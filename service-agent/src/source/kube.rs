@@ -1,0 +1,182 @@
+//! The Kubernetes API source: kube-rs reflectors for Services,
+//! EndpointSlices and this node's Node, published as whole [`Objects`].
+//!
+//! - Services are watched with kube-proxy's label selector
+//!   (`!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name`),
+//!   so objects moving in or out of it arrive as additions and deletions.
+//! - The published state is always read from the reflector stores, never
+//!   assembled from individual events: after a relist (for instance after a
+//!   `410 Expired`) the store holds exactly what the API server listed, so
+//!   whatever disappeared meanwhile is pruned.
+//! - Nothing is published before all three stores have completed their
+//!   first list, so a half-listed cluster is never programmed.
+//! - Watch errors back off and retry (kube's default backoff); while the API
+//!   server is away the last published state stays in force.
+//! - A burst of changes is coalesced: after a change the publisher waits
+//!   [`COALESCE`] for more before it publishes once.
+//! - Each watcher runs in its own task: a watcher only reconnects while it
+//!   is polled.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use tokio::sync::{Notify, watch};
+
+use super::{ObjectRef, Objects};
+
+/// kube-proxy's Service label selector.
+pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
+/// How long the publisher waits after a change for more changes.
+pub const COALESCE: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig { path: String, source: kube::config::KubeconfigError },
+    #[error("Kubernetes client configuration: {0}")]
+    Config(String),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("a reflector store was dropped before it was ready")]
+    StoreDropped,
+}
+
+/// A client from `kubeconfig`, or the in-cluster configuration (service
+/// account token, `KUBERNETES_SERVICE_HOST`) when it is `None`.
+///
+/// # Errors
+/// When the configuration cannot be read or the client built.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .map_err(|source| Error::Kubeconfig { path: path.display().to_string(), source })?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|source| Error::Kubeconfig { path: path.display().to_string(), source })?
+        }
+        None => kube::Config::incluster().map_err(|e| Error::Config(e.to_string()))?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+/// Drives one watcher stream in its own task, waking `changed` on every
+/// event and logging errors once per error streak.
+fn drive<S, T>(kind: &'static str, stream: S, changed: Arc<Notify>)
+where
+    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
+    T: Send,
+{
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!(kind, "watch resumed");
+                        failing = false;
+                    }
+                    changed.notify_one();
+                }
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(kind, %error, "watch failed; retrying with backoff, keeping the last state");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn keyed<K: Resource>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, K>
+where
+    K: Clone,
+{
+    objects
+        .into_iter()
+        .map(|o| {
+            let meta = o.meta();
+            let key = ObjectRef {
+                namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                name: meta.name.clone().unwrap_or_default(),
+            };
+            (key, (*o).clone())
+        })
+        .collect()
+}
+
+/// Watches the cluster and publishes [`Objects`] on `tx` until `tx` has no
+/// receivers left.
+///
+/// # Errors
+/// When a store is dropped before its first list (a watcher task died).
+pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) -> Result<(), Error> {
+    let changed = Arc::new(Notify::new());
+
+    let (services, writer) = reflector::store::<Service>();
+    let config = watcher::Config::default().labels(SERVICE_SELECTOR);
+    let stream = reflector::reflector(writer, watcher(Api::<Service>::all(client.clone()), config).default_backoff());
+    drive("Service", stream, changed.clone());
+
+    let (slices, writer) = reflector::store::<EndpointSlice>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()).default_backoff(),
+    );
+    drive("EndpointSlice", stream, changed.clone());
+
+    let (nodes, writer) = reflector::store::<Node>();
+    let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
+    let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client), config).default_backoff());
+    drive("Node", stream, changed.clone());
+
+    for ready in [services.wait_until_ready().await, slices.wait_until_ready().await, nodes.wait_until_ready().await] {
+        ready.map_err(|_| Error::StoreDropped)?;
+    }
+    tracing::info!("initial lists complete");
+    loop {
+        publish(&services, &slices, &nodes, &node_name, &tx);
+        changed.notified().await;
+        // Coalesce a burst into one publication.
+        tokio::time::sleep(COALESCE).await;
+        if tx.is_closed() {
+            return Ok(());
+        }
+    }
+}
+
+fn publish(
+    services: &Store<Service>,
+    slices: &Store<EndpointSlice>,
+    nodes: &Store<Node>,
+    node_name: &str,
+    tx: &watch::Sender<Objects>,
+) {
+    let objects = Objects {
+        services: keyed(services.state()),
+        endpoint_slices: keyed(slices.state()),
+        node: nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(node_name)).map(|n| (*n).clone()),
+    };
+    tx.send_if_modified(|current| {
+        if *current == objects {
+            false
+        } else {
+            *current = objects;
+            true
+        }
+    });
+}
