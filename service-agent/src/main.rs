@@ -29,9 +29,14 @@ enum Command {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Directory of Service / EndpointSlice / Endpoints manifests
-    /// (*.yaml, *.yml, *.json), watched for changes.
+    /// (*.yaml, *.yml, *.json), watched for changes. Without it the agent
+    /// watches the Kubernetes API server.
     #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// kubeconfig for the API server (default: the in-cluster service
+    /// account). Ignored with --manifests.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name, as in EndpointSlice `nodeName` (kube-proxy:
     /// --hostname-override).
     #[arg(long, alias = "hostname-override", env = "NODE_NAME", value_name = "NAME")]
@@ -70,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => {
             run::run(run::RunConfig {
-                manifests: args.manifests,
+                source: match args.manifests {
+                    Some(dir) => run::SourceConfig::Manifests(dir),
+                    None => run::SourceConfig::Cluster { kubeconfig: args.kubeconfig },
+                },
                 node_name: args.node_name,
                 pod_interfaces: Globs::parse(&args.pod_interfaces),
                 bpffs_root: args.bpffs_root,

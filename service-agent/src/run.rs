@@ -15,7 +15,7 @@ use crate::{
     maps::{self, MapSizes, PinnedMaps},
     model::{self, NodeContext},
     reconciler::Reconciler,
-    source::manifest,
+    source::{Objects, kube, manifest},
 };
 
 /// How often the manifest directory is polled.
@@ -23,9 +23,18 @@ const MANIFEST_POLL: Duration = Duration::from_millis(200);
 /// Interfaces are re-scanned this often even without link events.
 const RESCAN: Duration = Duration::from_secs(5);
 
+/// Where the Services and EndpointSlices come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// A directory of manifests (`--manifests`).
+    Manifests(PathBuf),
+    /// The API server: in-cluster config, or `--kubeconfig`.
+    Cluster { kubeconfig: Option<PathBuf> },
+}
+
 #[derive(Clone, Debug)]
 pub struct RunConfig {
-    pub manifests: PathBuf,
+    pub source: SourceConfig,
     pub node_name: String,
     pub pod_interfaces: Globs,
     pub bpffs_root: PathBuf,
@@ -54,18 +63,15 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut attach = AttachManager::new(config.pod_interfaces.clone());
     let mut links = netlink::watch_links().context("opening the rtnetlink link-event socket")?;
 
-    let first = manifest::load_dir(&config.manifests)
-        .with_context(|| format!("reading --manifests {}", config.manifests.display()))?;
-    let (tx, mut snapshots) = tokio::sync::watch::channel(first);
-    tokio::spawn(manifest::watch(config.manifests.clone(), MANIFEST_POLL, tx));
+    let mut snapshots = start_source(&config).await?;
     let node = NodeContext { node_name: config.node_name.clone(), ..NodeContext::default() };
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut rescan = tokio::time::interval(RESCAN);
     log_attach(&attach.sync(prog));
-    // The first snapshot is marked seen by `borrow_and_update` below.
-    snapshots.mark_changed();
+    // Nothing is reconciled before the source's first complete state: an
+    // empty start would prune what a previous agent programmed.
     loop {
         tokio::select! {
             changed = snapshots.changed() => {
@@ -89,10 +95,41 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn sync_once(reconciler: &mut Reconciler<PinnedMaps>, snapshot: &manifest::Snapshot, node: &NodeContext) {
+/// Starts the configured source; its first publication is its first
+/// complete state.
+async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::Receiver<Objects>> {
+    let (tx, rx) = tokio::sync::watch::channel(Objects::default());
+    match &config.source {
+        SourceConfig::Manifests(dir) => {
+            // Fail fast on an unreadable directory.
+            let first = manifest::load_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))?;
+            let (snapshot_tx, mut snapshots) = tokio::sync::watch::channel(first);
+            snapshots.mark_changed();
+            tokio::spawn(manifest::watch(dir.clone(), MANIFEST_POLL, snapshot_tx));
+            tokio::spawn(async move {
+                while snapshots.changed().await.is_ok() {
+                    let objects = snapshots.borrow_and_update().objects.clone();
+                    tx.send_replace(objects);
+                }
+            });
+        }
+        SourceConfig::Cluster { kubeconfig } => {
+            let client = kube::client(kubeconfig.as_deref()).await.context("connecting to the API server")?;
+            let node = config.node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = kube::run(client, node, tx).await {
+                    tracing::error!(error = %e, "the Kubernetes API source stopped");
+                }
+            });
+        }
+    }
+    Ok(rx)
+}
+
+fn sync_once(reconciler: &mut Reconciler<PinnedMaps>, objects: &Objects, node: &NodeContext) {
     let _span = tracing::info_span!("sync").entered();
     let started = std::time::Instant::now();
-    let desired = model::desired(&snapshot.objects, node);
+    let desired = model::desired(objects, node);
     for e in &desired.errors {
         tracing::warn!(error = %e, "invalid object field (skipped)");
     }
@@ -101,8 +138,8 @@ fn sync_once(reconciler: &mut Reconciler<PinnedMaps>, snapshot: &manifest::Snaps
         tracing::error!(error = %e, "map update failed");
     }
     tracing::info!(
-        services = snapshot.objects.services.len(),
-        endpoint_slices = snapshot.objects.endpoint_slices.len(),
+        services = objects.services.len(),
+        endpoint_slices = objects.endpoint_slices.len(),
         frontends = desired.frontends.len(),
         written = report.frontends_written,
         deleted = report.frontends_deleted,

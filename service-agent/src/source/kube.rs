@@ -102,10 +102,7 @@ where
     });
 }
 
-fn keyed<K: Resource>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, K>
-where
-    K: Clone,
-{
+fn keyed<K: Resource + Clone>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, K> {
     objects
         .into_iter()
         .map(|o| {

@@ -376,27 +376,27 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
 }
 
 async fn list_or_watch_services(s: State<Arc<Shared>>, q: Query<BTreeMap<String, String>>) -> Response {
-    handle(s.0, Kind::Service, None, q.0)
+    handle(&s.0, Kind::Service, None, &q.0)
 }
 async fn list_or_watch_services_ns(
     s: State<Arc<Shared>>,
     ns: Path<String>,
     q: Query<BTreeMap<String, String>>,
 ) -> Response {
-    handle(s.0, Kind::Service, Some(ns.0), q.0)
+    handle(&s.0, Kind::Service, Some(ns.0), &q.0)
 }
 async fn list_or_watch_slices(s: State<Arc<Shared>>, q: Query<BTreeMap<String, String>>) -> Response {
-    handle(s.0, Kind::EndpointSlice, None, q.0)
+    handle(&s.0, Kind::EndpointSlice, None, &q.0)
 }
 async fn list_or_watch_slices_ns(
     s: State<Arc<Shared>>,
     ns: Path<String>,
     q: Query<BTreeMap<String, String>>,
 ) -> Response {
-    handle(s.0, Kind::EndpointSlice, Some(ns.0), q.0)
+    handle(&s.0, Kind::EndpointSlice, Some(ns.0), &q.0)
 }
 async fn list_or_watch_nodes(s: State<Arc<Shared>>, q: Query<BTreeMap<String, String>>) -> Response {
-    handle(s.0, Kind::Node, None, q.0)
+    handle(&s.0, Kind::Node, None, &q.0)
 }
 
 // Legacy (unaggregated) discovery, enough for kubectl to map resource names.
@@ -431,7 +431,7 @@ fn json_response(code: StatusCode, body: &Value) -> Response {
     (code, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-fn handle(shared: Arc<Shared>, kind: Kind, namespace: Option<String>, q: BTreeMap<String, String>) -> Response {
+fn handle(shared: &Arc<Shared>, kind: Kind, namespace: Option<String>, q: &BTreeMap<String, String>) -> Response {
     let labels = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
         Ok(l) => l,
         Err(m) => return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", &m)),
