@@ -165,6 +165,21 @@ async fn while_the_api_server_is_away_the_state_is_kept_and_changes_resume_after
 }
 
 #[tokio::test]
+async fn a_watch_dropped_mid_stream_resumes_without_losing_changes() {
+    let api = ApiServer::start().await;
+    api.apply(Kind::Service, service("web", "10.96.0.10", &[]));
+    let mut src = Running::start(&api);
+    src.until(PATIENCE, "initial list", |o| o.services.len() == 1).await;
+    // Connections cut mid-stream; a change lands before the watcher is back.
+    api.drop_watches();
+    api.apply(Kind::Service, service("api", "10.96.0.11", &[]));
+    src.until(PATIENCE, "the change made while the watch was down", |o| o.services.len() == 2).await;
+    api.drop_watches();
+    api.delete(Kind::Service, "default", "web");
+    src.until(PATIENCE, "a deletion made while the watch was down", |o| o.services.len() == 1).await;
+}
+
+#[tokio::test]
 async fn a_burst_of_changes_is_published_as_a_few_updates() {
     let api = ApiServer::start().await;
     let mut src = Running::start(&api);

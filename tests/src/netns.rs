@@ -318,21 +318,34 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `service-agent run` on `node` with `args` appended.
+    /// Starts `service-agent run --manifests DIR` on `node` with `extra`
+    /// appended.
     ///
     /// # Errors
     /// When it cannot start.
     pub fn start(node: &Netns, manifests: &Path, node_name: &str, bpffs_root: &Path, extra: &[&str]) -> Result<Self> {
+        let manifests = manifests.to_string_lossy();
+        let mut args = vec!["--manifests", manifests.as_ref()];
+        args.extend_from_slice(extra);
+        Self::start_with(node, &args, node_name, bpffs_root)
+    }
+
+    /// Starts `service-agent run ARGS --node-name NAME --bpffs-root ROOT`
+    /// on `node` (ARGS choose the source: `--manifests DIR` or
+    /// `--kubeconfig FILE`).
+    ///
+    /// # Errors
+    /// When it cannot start.
+    pub fn start_with(node: &Netns, args: &[&str], node_name: &str, bpffs_root: &Path) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("service-agent-{}-{}.log", node.name(), unique_suffix()));
         let file = File::create(&log)?;
         let child = Command::new("nsenter")
             .arg(format!("--net={}", node.path().display()))
             .arg(binary("service-agent", "SERVICE_AGENT_BIN"))
-            .args(["--log-format", "text", "run", "--manifests"])
-            .arg(manifests)
+            .args(["--log-format", "text", "run"])
+            .args(args)
             .args(["--node-name", node_name, "--bpffs-root"])
             .arg(bpffs_root)
-            .args(extra)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
