@@ -20,11 +20,14 @@ use service_tests::{
     netns::{Agent, BpffsMount, Topology, is_root, wait_until},
 };
 
+/// Something to do to the double, on its own thread.
+type Command = Box<dyn FnOnce(&ApiServer) + Send>;
+
 /// The double running on its own runtime, on a thread inside the node
 /// namespace; stopped on drop.
 struct DoubleInNode {
     url: String,
-    commands: std::sync::mpsc::Sender<Box<dyn FnOnce(&ApiServer) + Send>>,
+    commands: std::sync::mpsc::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -32,7 +35,7 @@ impl DoubleInNode {
     fn start(topo: &Topology) -> Self {
         let path = topo.node.path();
         let (url_tx, url_rx) = std::sync::mpsc::channel();
-        let (commands, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce(&ApiServer) + Send>>();
+        let (commands, rx) = std::sync::mpsc::channel::<Command>();
         let thread = std::thread::spawn(move || {
             let ns = std::fs::File::open(path).expect("netns");
             // SAFETY: setns on this thread only; the runtime below is a
