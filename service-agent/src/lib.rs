@@ -5,6 +5,7 @@
 //! programs); the attach manager keeps the programs on the pod interfaces.
 pub mod attach;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod reconciler;
 pub mod source;

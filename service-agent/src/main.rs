@@ -56,6 +56,13 @@ struct RunArgs {
     /// Capacity of the conntrack map (two entries per translated flow).
     #[arg(long, default_value_t = service_common::capacity::CONNTRACK)]
     map_size_conntrack: u32,
+    /// Where `/metrics` is served (kube-proxy's flag and default).
+    #[arg(long, default_value = "127.0.0.1:10249", value_name = "IP:PORT")]
+    metrics_bind_address: std::net::SocketAddr,
+    /// Where `/healthz` and `/livez` are served (kube-proxy's flag and
+    /// default).
+    #[arg(long, default_value = "0.0.0.0:10256", value_name = "IP:PORT")]
+    healthz_bind_address: std::net::SocketAddr,
 }
 
 fn init_logging(format: LogFormat) {
@@ -87,6 +94,8 @@ async fn main() -> anyhow::Result<()> {
                     backends: args.map_size_backends,
                     conntrack: args.map_size_conntrack,
                 },
+                metrics_bind_address: args.metrics_bind_address,
+                healthz_bind_address: args.healthz_bind_address,
             })
             .await
         }

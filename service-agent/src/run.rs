@@ -4,7 +4,7 @@
 //! manager) and reacts to three inputs: a new snapshot from the source, a
 //! link event (or the periodic re-scan), and SIGINT/SIGTERM.
 
-use std::{path::PathBuf, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::SchedClassifier;
@@ -13,6 +13,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     attach::{AttachManager, Globs, netlink},
     maps::{self, MapSizes, PinnedMaps},
+    metrics::{Health, Metrics},
     model::{self, NodeContext},
     reconciler::Reconciler,
     source::{Objects, kube, manifest},
@@ -39,6 +40,10 @@ pub struct RunConfig {
     pub pod_interfaces: Globs,
     pub bpffs_root: PathBuf,
     pub map_sizes: MapSizes,
+    /// kube-proxy's `--metrics-bind-address`.
+    pub metrics_bind_address: SocketAddr,
+    /// kube-proxy's `--healthz-bind-address`.
+    pub healthz_bind_address: SocketAddr,
 }
 
 /// Runs until SIGINT/SIGTERM, then detaches and removes the pins.
@@ -63,6 +68,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut attach = AttachManager::new(config.pod_interfaces.clone());
     let mut links = netlink::watch_links().context("opening the rtnetlink link-event socket")?;
 
+    let metrics = Arc::new(Metrics::new(config.bpffs_root.clone(), config.map_sizes));
+    let health = Arc::new(Health::default());
+    health.queued();
+    crate::metrics::serve(config.metrics_bind_address, config.healthz_bind_address, metrics.clone(), health.clone())
+        .await
+        .context("binding --metrics-bind-address / --healthz-bind-address")?;
+    let mut reported = BTreeSet::new();
     let mut snapshots = start_source(&config).await?;
     let node = NodeContext { node_name: config.node_name.clone(), ..NodeContext::default() };
 
@@ -78,8 +90,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 if changed.is_err() {
                     break;
                 }
+                health.queued();
                 let snapshot = snapshots.borrow_and_update().clone();
-                sync_once(&mut reconciler, &snapshot, &node);
+                if sync_once(&mut reconciler, &snapshot, &node, &metrics, &mut reported) {
+                    health.synced();
+                }
             }
             Some(()) = links.recv() => log_attach(&attach.sync(prog)),
             _ = rescan.tick() => log_attach(&attach.sync(prog)),
@@ -126,17 +141,29 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
     Ok(rx)
 }
 
-fn sync_once(reconciler: &mut Reconciler<PinnedMaps>, objects: &Objects, node: &NodeContext) {
+/// One sync: model, reconcile, metrics. Invalid fields are logged once
+/// each (`reported` remembers them while they stay invalid). Returns
+/// whether every row was written.
+fn sync_once(
+    reconciler: &mut Reconciler<PinnedMaps>,
+    objects: &Objects,
+    node: &NodeContext,
+    metrics: &Metrics,
+    reported: &mut BTreeSet<String>,
+) -> bool {
     let _span = tracing::info_span!("sync").entered();
     let started = std::time::Instant::now();
     let desired = model::desired(objects, node);
-    for e in &desired.errors {
+    let now: BTreeSet<String> = desired.errors.iter().map(ToString::to_string).collect();
+    for e in now.difference(reported) {
         tracing::warn!(error = %e, "invalid object field (skipped)");
     }
+    *reported = now;
     let report = reconciler.reconcile(&desired);
     for e in &report.errors {
         tracing::error!(error = %e, "map update failed");
     }
+    metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.applied(), report.errors.len());
     tracing::info!(
         services = objects.services.len(),
         endpoint_slices = objects.endpoint_slices.len(),
@@ -154,6 +181,7 @@ fn sync_once(reconciler: &mut Reconciler<PinnedMaps>, objects: &Objects, node: &
             tracing::debug!(service = %df.service, frontend = %df.frontend, backends = ?backends, "frontend");
         }
     }
+    report.errors.is_empty()
 }
 
 fn log_attach(report: &crate::attach::SyncReport) {

@@ -1,0 +1,304 @@
+//! Metrics and health, the way kube-proxy exposes them:
+//!
+//! - `/metrics` on `--metrics-bind-address` (default 127.0.0.1:10249):
+//!   kube-proxy's names for the same figures
+//!   (`kubeproxy_sync_proxy_rules_duration_seconds`,
+//!   `kubeproxy_sync_proxy_rules_last_timestamp_seconds`,
+//!   `kubeproxy_network_programming_duration_seconds`), plus this
+//!   dataplane's own: packets per verdict and drop reason (read from the
+//!   per-CPU `stats` map at scrape time), map occupancy against capacity,
+//!   objects rejected as invalid.
+//! - `/healthz` and `/livez` on `--healthz-bind-address` (default
+//!   0.0.0.0:10256): 200 while syncs keep up, 503 when a change has waited
+//!   longer than [`HEALTH_TIMEOUT`] to be programmed (kube-proxy's
+//!   semantics), with kube-proxy's JSON body.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant, SystemTime},
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        MetricType, counter::ConstCounter, family::Family, gauge::Gauge, histogram::Histogram,
+    },
+    registry::Registry,
+};
+
+use crate::{
+    maps::{self, MapSizes},
+    model::Desired,
+    reconciler::MapState,
+    source::Objects,
+};
+
+/// A change not programmed within this long makes `/healthz` fail.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
+/// The EndpointSlice annotation kube-proxy measures network programming
+/// latency from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MapLabel {
+    map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    verdict: String,
+    drop: String,
+}
+
+/// Reads the per-CPU counters at scrape time.
+#[derive(Debug)]
+struct PacketCounters {
+    bpffs_root: PathBuf,
+}
+
+impl Collector for PacketCounters {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(stats) = maps::read_stats(&self.bpffs_root) else { return Ok(()) };
+        let mut metric = encoder.encode_descriptor(
+            "service_dataplane_packets",
+            "Packets seen by the dataplane programs, by verdict or drop reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (id, (name, value)) in stats.into_iter().enumerate() {
+            let labels = VerdictLabel {
+                verdict: name.to_owned(),
+                drop: service_common::stats::is_drop(u32::try_from(id).unwrap_or(u32::MAX)).to_string(),
+            };
+            ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    network_programming: Histogram,
+    invalid_objects: Family<KindLabel, Gauge>,
+    map_entries: Family<MapLabel, Gauge>,
+    map_update_errors: prometheus_client::metrics::counter::Counter,
+    /// Trigger times already observed, per EndpointSlice.
+    seen_triggers: Mutex<BTreeMap<String, String>>,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    // kube-proxy's sync buckets: 1 ms doubling up to ~16 s.
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15)
+}
+
+impl Metrics {
+    #[must_use]
+    pub fn new(bpffs_root: PathBuf, sizes: MapSizes) -> Self {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(latency_buckets());
+        registry.register(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds (model + map reconcile)",
+            sync_duration.clone(),
+        );
+        let last_sync = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time the maps were successfully synced",
+            last_sync.clone(),
+        );
+        let network_programming = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 16));
+        registry.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In-cluster network programming latency in seconds (from the EndpointSlice's last-change-trigger-time)",
+            network_programming.clone(),
+        );
+        let invalid_objects = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "service_dataplane_invalid_objects",
+            "Objects with at least one field the agent could not use (reported in the log)",
+            invalid_objects.clone(),
+        );
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        registry.register("service_dataplane_map_entries", "Rows in each agent-written map", map_entries.clone());
+        let map_capacity = Family::<MapLabel, Gauge>::default();
+        registry.register("service_dataplane_map_capacity", "Capacity of each agent-written map", map_capacity.clone());
+        for (map, cap) in [
+            (service_common::map_names::SERVICES, sizes.services),
+            (service_common::map_names::BACKENDS, sizes.backends),
+            (service_common::map_names::REV_NAT, sizes.backends),
+        ] {
+            map_capacity.get_or_create(&MapLabel { map: map.into() }).set(i64::from(cap));
+        }
+        let map_update_errors = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "service_dataplane_map_update_errors",
+            "Map writes that failed (a full map names the flag to raise in the log)",
+            map_update_errors.clone(),
+        );
+        registry.register_collector(Box::new(PacketCounters { bpffs_root }));
+        Self {
+            registry,
+            sync_duration,
+            last_sync,
+            network_programming,
+            invalid_objects,
+            map_entries,
+            map_update_errors,
+            seen_triggers: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Records one sync.
+    pub fn observe_sync(&self, elapsed: Duration, objects: &Objects, desired: &Desired, applied: &MapState, map_errors: usize) {
+        self.sync_duration.observe(elapsed.as_secs_f64());
+        if map_errors == 0 {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+            self.last_sync.set(now.as_secs_f64());
+        }
+        self.map_update_errors.inc_by(map_errors as u64);
+        let mut invalid: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+        for e in &desired.errors {
+            invalid.entry(e.kind).or_default().insert(e.object.to_string());
+        }
+        for kind in ["Service", "EndpointSlice", "Endpoints"] {
+            let n = invalid.get(kind).map_or(0, BTreeSet::len);
+            self.invalid_objects.get_or_create(&KindLabel { kind: kind.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        for (map, n) in [
+            (service_common::map_names::SERVICES, applied.services.len()),
+            (service_common::map_names::BACKENDS, applied.backends.len()),
+            (service_common::map_names::REV_NAT, applied.rev_nat.len()),
+        ] {
+            self.map_entries.get_or_create(&MapLabel { map: map.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.observe_programming(objects);
+    }
+
+    /// kube-proxy's network programming latency: for every EndpointSlice
+    /// whose trigger time is new since the last sync, now minus that time.
+    fn observe_programming(&self, objects: &Objects) {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let mut seen = self.seen_triggers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current = BTreeMap::new();
+        for (key, slice) in &objects.endpoint_slices {
+            let Some(trigger) = slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME_ANNOTATION)) else {
+                continue;
+            };
+            let key = key.to_string();
+            if seen.get(&key) != Some(trigger)
+                && let Ok(at) = trigger.parse::<k8s_openapi::jiff::Timestamp>()
+            {
+                let latency = now.duration_since(at).as_secs_f64();
+                if latency >= 0.0 {
+                    self.network_programming.observe(latency);
+                }
+            }
+            current.insert(key, trigger.clone());
+        }
+        *seen = current;
+    }
+
+    /// The OpenMetrics text of every metric.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// Whether syncs keep up.
+#[derive(Debug, Default)]
+pub struct Health {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    last_synced: Option<SystemTime>,
+    /// When the oldest change not yet programmed arrived.
+    pending_since: Option<Instant>,
+}
+
+impl Health {
+    /// A change arrived (from the source, or the agent started).
+    pub fn queued(&self) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.pending_since.get_or_insert_with(Instant::now);
+    }
+
+    /// Everything queued so far is programmed.
+    pub fn synced(&self) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.pending_since = None;
+        s.last_synced = Some(SystemTime::now());
+    }
+
+    /// 200 or 503, and kube-proxy's body.
+    fn report(&self) -> (StatusCode, String) {
+        let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let healthy = s.pending_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT);
+        let fmt = |t: SystemTime| {
+            k8s_openapi::jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string())
+        };
+        let body = serde_json::json!({
+            "lastUpdated": s.last_synced.map(fmt).unwrap_or_default(),
+            "currentTime": fmt(SystemTime::now()),
+        });
+        (if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body.to_string())
+    }
+}
+
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+}
+
+async fn health_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let (code, body) = h.report();
+    (code, [("content-type", "application/json")], body)
+}
+
+/// Binds both servers (failing fast on a taken port) and serves them in
+/// the background.
+///
+/// # Errors
+/// When an address cannot be bound.
+pub async fn serve(
+    metrics_addr: SocketAddr,
+    healthz_addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> std::io::Result<()> {
+    let metrics_listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+    let healthz_listener = tokio::net::TcpListener::bind(healthz_addr).await?;
+    let metrics_app = Router::new().route("/metrics", get(metrics_handler)).with_state(metrics);
+    let health_app =
+        Router::new().route("/healthz", get(health_handler)).route("/livez", get(health_handler)).with_state(health);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
+            tracing::warn!(error = %e, "metrics server stopped");
+        }
+    });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(healthz_listener, health_app).await {
+            tracing::warn!(error = %e, "healthz server stopped");
+        }
+    });
+    Ok(())
+}
