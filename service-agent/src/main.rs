@@ -24,6 +24,13 @@ enum LogFormat {
 enum Command {
     /// Program the dataplane and keep it in sync until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Remove every program link and map pin under --bpffs-root (what a
+    /// SIGTERM'd agent does on its way out; for after a SIGKILL or before
+    /// uninstalling).
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+        bpffs_root: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -80,6 +87,12 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Cleanup { bpffs_root } => {
+            let links = service_agent::attach::remove_pinned_links(&run::links_dir(&bpffs_root))?;
+            service_agent::maps::remove_pins(&bpffs_root)?;
+            tracing::info!(links, bpffs_root = %bpffs_root.display(), "removed the dataplane's links and pins");
+            Ok(())
+        }
         Command::Run(args) => {
             run::run(run::RunConfig {
                 source: match args.manifests {

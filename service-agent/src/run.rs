@@ -65,7 +65,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         .try_into()
         .context("the pod ingress program is not a TC classifier")?;
     prog.load().context("loading the pod ingress program into the kernel")?;
-    let mut attach = AttachManager::new(config.pod_interfaces.clone());
+    let mut attach = AttachManager::new(config.pod_interfaces.clone(), links_dir(&config.bpffs_root));
+    log_attach(&attach.adopt(prog));
     let mut links = netlink::watch_links().context("opening the rtnetlink link-event socket")?;
 
     let metrics = Arc::new(Metrics::new(config.bpffs_root.clone(), config.map_sizes));
@@ -184,9 +185,21 @@ fn sync_once(
     report.errors.is_empty()
 }
 
+/// Where link pins live.
+#[must_use]
+pub fn links_dir(bpffs_root: &std::path::Path) -> PathBuf {
+    bpffs_root.join("links")
+}
+
 fn log_attach(report: &crate::attach::SyncReport) {
     for name in &report.attached {
         tracing::info!(interface = %name, "attached pod ingress program");
+    }
+    for name in &report.adopted {
+        tracing::info!(interface = %name, "adopted the pinned link of an earlier agent");
+    }
+    for name in &report.replaced {
+        tracing::info!(interface = %name, "replaced an earlier agent's program (upgrade)");
     }
     for name in &report.gone {
         tracing::info!(interface = %name, "interface gone");

@@ -184,6 +184,24 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Like [`Self::run_in`], on a background thread the caller joins.
+    ///
+    /// # Panics
+    /// The thread panics when the namespace cannot be entered.
+    #[must_use]
+    pub fn spawn_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            // SAFETY: as in run_in: this thread only.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
@@ -378,6 +396,17 @@ impl Agent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) | Err(e) => bail!("waiting for {needle:?} x{times}: {e}\nagent log:\n{}", self.log()),
         }
+    }
+
+    /// Kills the agent with SIGKILL (no cleanup of its own) and reaps it.
+    ///
+    /// # Errors
+    /// When it was already stopped.
+    pub fn kill(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { bail!("agent already stopped") };
+        child.kill()?;
+        child.wait()?;
+        Ok(())
     }
 
     /// Sends SIGTERM and waits (10 s at most) for a clean exit.

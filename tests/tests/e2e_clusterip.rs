@@ -291,9 +291,8 @@ fn sigterm_detaches_the_programs_and_removes_the_pins() {
     let status = cluster.agent.stop().expect("clean exit");
     assert!(status.success(), "{status}\n{}", cluster.agent.log());
     assert!(!Path::new(&root).exists(), "pins left behind under {}", root.display());
-    let net = cluster.topo.node.exec("bpftool", &["net", "show"]).expect("bpftool");
-    let net = String::from_utf8_lossy(&net.stdout);
-    assert!(!net.contains("service_pod_ingress"), "still attached:\n{net}");
+    // (bpftool 7.1 does not list TCX links by interface; the traffic check
+    // below shows the program is off the interfaces.)
     // Without the dataplane the ClusterIP is just an unknown address.
     assert!(cluster.curl().is_err());
 }

@@ -7,10 +7,15 @@
 
 pub mod netlink;
 
-use std::{collections::BTreeMap, ffi::CStr};
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    path::{Path, PathBuf},
+};
 
 use aya::programs::{
-    SchedClassifier, TcAttachType,
+    LinkOrder, SchedClassifier, TcAttachType,
+    links::{FdLink, PinnedLink},
     tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
 };
 
@@ -67,20 +72,100 @@ pub fn interfaces() -> Vec<(u32, String)> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
     pub attached: Vec<String>,
+    /// Links an earlier agent pinned, running this very program: kept.
+    pub adopted: Vec<String>,
+    /// Links an earlier agent pinned, running another program (an
+    /// upgrade): replaced, new program first.
+    pub replaced: Vec<String>,
     pub gone: Vec<String>,
     pub failed: Vec<(String, String)>,
+}
+
+/// One interface's attachment.
+enum Attachment {
+    /// A TCX link pinned under `<bpffs-root>/links/`, so it survives the
+    /// agent being killed; detached by removing the pin and closing `link`.
+    Pinned { pin: PathBuf, link: FdLink },
+    /// A clsact/cls_bpf filter (kernels before 6.6); not pinnable.
+    Netlink(SchedClassifierLinkId),
 }
 
 /// Attachments by ifindex.
 pub struct AttachManager {
     globs: Globs,
-    attached: BTreeMap<u32, (String, SchedClassifierLinkId)>,
+    links_dir: PathBuf,
+    attached: BTreeMap<u32, (String, Attachment)>,
+    /// Pinned links of an earlier agent running another program, replaced
+    /// by the next sync: (ifindex, name, pin, link).
+    replacing: Vec<(u32, String, PathBuf, FdLink)>,
+}
+
+/// The pin of a link: `ingress-<ifindex>-<ifname>-<program tag>`.
+fn pin_name(ifindex: u32, name: &str, tag: u64) -> String {
+    format!("ingress-{ifindex}-{name}-{tag:016x}")
+}
+
+fn parse_pin_name(file: &str) -> Option<(u32, String, u64)> {
+    let rest = file.strip_prefix("ingress-")?;
+    let (ifindex, rest) = rest.split_once('-')?;
+    let (name, tag) = rest.rsplit_once('-')?;
+    Some((ifindex.parse().ok()?, name.to_owned(), u64::from_str_radix(tag, 16).ok()?))
+}
+
+/// Removes a pinned link: the pin, then our handle; the link is detached
+/// when its last reference goes.
+fn remove_pinned(pin: &Path, link: FdLink) {
+    if let Err(e) = std::fs::remove_file(pin) {
+        tracing::warn!(pin = %pin.display(), error = %e, "removing a link pin");
+    }
+    drop(link);
 }
 
 impl AttachManager {
+    /// `links_dir` (created if needed) holds the link pins; it must be on a
+    /// BPF filesystem (the agent uses `<bpffs-root>/links`).
     #[must_use]
-    pub fn new(globs: Globs) -> Self {
-        Self { globs, attached: BTreeMap::new() }
+    pub fn new(globs: Globs, links_dir: PathBuf) -> Self {
+        Self { globs, links_dir, attached: BTreeMap::new(), replacing: Vec::new() }
+    }
+
+    /// Takes over the links an earlier agent pinned: those on interfaces
+    /// that still match and run this program are kept as they are (no
+    /// packet notices the restart); those running another program are
+    /// replaced by [`Self::sync`] (the new link first); the rest are removed.
+    pub fn adopt(&mut self, prog: &SchedClassifier) -> SyncReport {
+        let mut report = SyncReport::default();
+        let Ok(entries) = std::fs::read_dir(&self.links_dir) else { return report };
+        let tag = program_tag(prog);
+        let now: BTreeMap<u32, String> = interfaces().into_iter().collect();
+        let mut stale = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            let pin = entry.path();
+            let Some((ifindex, name, pinned_tag)) = entry.file_name().to_str().and_then(parse_pin_name) else {
+                continue;
+            };
+            let link: FdLink = match PinnedLink::from_pin(&pin) {
+                Ok(p) => p.into(),
+                Err(e) => {
+                    tracing::warn!(pin = %pin.display(), error = %e, "unreadable link pin; removing it");
+                    let _ = std::fs::remove_file(&pin);
+                    continue;
+                }
+            };
+            let live = now.get(&ifindex) == Some(&name) && self.globs.matches(&name);
+            if live && Some(pinned_tag) == tag && !self.attached.contains_key(&ifindex) {
+                self.attached.insert(ifindex, (name.clone(), Attachment::Pinned { pin, link }));
+                report.adopted.push(name);
+            } else if live && !self.attached.contains_key(&ifindex) {
+                stale.push((ifindex, name, pin, link));
+            } else {
+                remove_pinned(&pin, link);
+            }
+        }
+        // Another program (an upgrade): attach ours next to it first, then
+        // remove the old link, so the interface is never without one.
+        self.replacing = stale;
+        report
     }
 
     /// Attaches to every matching interface not attached yet and forgets
@@ -91,23 +176,28 @@ impl AttachManager {
         let gone: Vec<u32> =
             self.attached.iter().filter(|(idx, (name, _))| now.get(idx) != Some(name)).map(|(i, _)| *i).collect();
         for idx in gone {
-            if let Some((name, link)) = self.attached.remove(&idx) {
+            if let Some((name, attachment)) = self.attached.remove(&idx) {
                 // The kernel removed the link with the interface; this only
-                // releases our handle.
-                if let Err(e) = prog.detach(link) {
-                    tracing::debug!(interface = %name, error = %e, "releasing the link of a removed interface");
-                }
+                // releases our handle and pin.
+                release(prog, attachment);
                 report.gone.push(name);
             }
         }
+        let tag = program_tag(prog);
         for (idx, name) in now {
             if self.attached.contains_key(&idx) {
                 continue;
             }
-            match attach(prog, &name) {
-                Ok(link) => {
-                    self.attached.insert(idx, (name.clone(), link));
-                    report.attached.push(name);
+            match attach(prog, &name, idx, tag, &self.links_dir) {
+                Ok(attachment) => {
+                    self.attached.insert(idx, (name.clone(), attachment));
+                    if let Some(pos) = self.replacing.iter().position(|(i, n, _, _)| *i == idx && *n == name) {
+                        let (_, _, pin, link) = self.replacing.remove(pos);
+                        remove_pinned(&pin, link);
+                        report.replaced.push(name);
+                    } else {
+                        report.attached.push(name);
+                    }
                 }
                 Err(e) => report.failed.push((name, e)),
             }
@@ -121,19 +211,77 @@ impl AttachManager {
         self.attached.values().map(|(n, _)| n.clone()).collect()
     }
 
-    /// Detaches from every interface.
+    /// Detaches from every interface and removes the link pins.
     pub fn detach_all(&mut self, prog: &mut SchedClassifier) {
-        for (_, (name, link)) in std::mem::take(&mut self.attached) {
+        for (_, (_, attachment)) in std::mem::take(&mut self.attached) {
+            release(prog, attachment);
+        }
+        for (_, _, pin, link) in std::mem::take(&mut self.replacing) {
+            remove_pinned(&pin, link);
+        }
+        let _ = std::fs::remove_dir(&self.links_dir);
+    }
+
+    /// Leaves every link attached and pinned for the next agent, releasing
+    /// only this process's handles.
+    pub fn leave_attached(&mut self) {
+        self.attached.clear();
+        self.replacing.clear();
+    }
+}
+
+/// Removes every link pinned under `links_dir` (detaching it) and the
+/// directory: what `service-agent cleanup` does for links.
+///
+/// # Errors
+/// When the directory exists but cannot be read.
+pub fn remove_pinned_links(links_dir: &Path) -> std::io::Result<usize> {
+    let entries = match std::fs::read_dir(links_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    for entry in entries.filter_map(Result::ok) {
+        std::fs::remove_file(entry.path())?;
+        removed += 1;
+    }
+    let _ = std::fs::remove_dir(links_dir);
+    Ok(removed)
+}
+
+fn release(prog: &mut SchedClassifier, attachment: Attachment) {
+    match attachment {
+        Attachment::Pinned { pin, link } => remove_pinned(&pin, link),
+        Attachment::Netlink(link) => {
             if let Err(e) = prog.detach(link) {
-                tracing::debug!(interface = %name, error = %e, "detach (interface probably gone)");
+                tracing::debug!(error = %e, "detach (interface probably gone)");
             }
         }
     }
 }
 
-fn attach(prog: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLinkId, String> {
-    match prog.attach(name, TcAttachType::Ingress) {
-        Ok(link) => Ok(link),
+/// The loaded program's tag (a hash of its instructions).
+fn program_tag(prog: &SchedClassifier) -> Option<u64> {
+    prog.info().ok().map(|i| i.tag())
+}
+
+fn attach(
+    prog: &mut SchedClassifier,
+    name: &str,
+    ifindex: u32,
+    tag: Option<u64>,
+    links_dir: &Path,
+) -> Result<Attachment, String> {
+    match prog.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default())) {
+        Ok(id) => {
+            let link = prog.take_link(id).map_err(|e| format!("taking the TCX link: {e}"))?;
+            let link = FdLink::try_from(link).map_err(|e| format!("TCX link without an fd: {e}"))?;
+            std::fs::create_dir_all(links_dir).map_err(|e| format!("creating {}: {e}", links_dir.display()))?;
+            let pin = links_dir.join(pin_name(ifindex, name, tag.unwrap_or(0)));
+            let pinned = link.pin(&pin).map_err(|e| format!("pinning the link at {}: {e}", pin.display()))?;
+            Ok(Attachment::Pinned { pin, link: pinned.into() })
+        }
         Err(tcx_error) => {
             // Kernels before 6.6 have no TCX: use a clsact qdisc.
             if let Err(e) = tc::qdisc_add_clsact(name)
@@ -142,6 +290,7 @@ fn attach(prog: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLinkI
                 return Err(format!("TCX attach failed ({tcx_error}); adding clsact failed ({e})"));
             }
             prog.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
+                .map(Attachment::Netlink)
                 .map_err(|e| format!("TCX attach failed ({tcx_error}); clsact attach failed ({e})"))
         }
     }
@@ -160,6 +309,13 @@ mod tests {
         for no in ["eth10", "lo", "xveth1", "cilium_host", ""] {
             assert!(!g.matches(no), "{no}");
         }
+    }
+
+    #[test]
+    fn pin_names_round_trip() {
+        let name = pin_name(42, "veth-a1", 0xdead_beef);
+        assert_eq!(parse_pin_name(&name), Some((42, "veth-a1".into(), 0xdead_beef)));
+        assert_eq!(parse_pin_name("services"), None);
     }
 
     #[test]
