@@ -36,7 +36,9 @@ fn main() -> anyhow::Result<()> {
         if required {
             return Err(anyhow!("cannot build the eBPF object: {why} (run `cargo xtask setup`)"));
         }
-        println!("cargo:warning=eBPF object not built ({why}); `service-agent run` will refuse to start. Run `cargo xtask setup`.");
+        println!(
+            "cargo:warning=eBPF object not built ({why}); `service-agent run` will refuse to start. Run `cargo xtask setup`."
+        );
         std::fs::write(Path::new(&out_dir).join(OBJECT), b"").context("writing empty object")?;
         return Ok(());
     }

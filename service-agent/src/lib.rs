@@ -4,9 +4,10 @@
 //! reconciler (ordered map writes) → maps (pinned, read by the eBPF
 //! programs); the attach manager keeps the programs on the pod interfaces.
 pub mod attach;
+pub mod inspect;
 pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod reconciler;
-pub mod source;
 pub mod run;
+pub mod source;

@@ -2,7 +2,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use service_agent::{attach::Globs, maps::MapSizes, run};
+use service_agent::{attach::Globs, inspect, maps::MapSizes, run};
 
 #[derive(Parser)]
 #[command(name = "service-agent", version, about = "eBPF Kubernetes Service dataplane (kube-proxy replacement)")]
@@ -15,6 +15,21 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Inspect {
+    Services,
+    Backends,
+    Conntrack,
+    Affinity,
+    Stats,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -24,6 +39,26 @@ enum LogFormat {
 enum Command {
     /// Program the dataplane and keep it in sync until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Show the pinned maps: services, backends, conntrack, affinity, stats.
+    Inspect {
+        #[arg(value_enum)]
+        what: Inspect,
+        #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+        bpffs_root: PathBuf,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Which Service and backend a flow gets, and why, from the live maps:
+    /// `explain 10.244.1.10[:PORT] 10.96.0.10:80/TCP`.
+    Explain {
+        /// The client: IP, or IP:PORT for the exact hash slot.
+        src: String,
+        /// The destination: IP:PORT/PROTO.
+        dst: String,
+        #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+        bpffs_root: PathBuf,
+    },
     /// Remove every program link and map pin under --bpffs-root (what a
     /// SIGTERM'd agent does on its way out; for after a SIGKILL or before
     /// uninstalling).
@@ -72,6 +107,123 @@ struct RunArgs {
     healthz_bind_address: std::net::SocketAddr,
 }
 
+fn json<T: serde::Serialize>(rows: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(rows)? + "\n")
+}
+
+#[expect(clippy::too_many_lines, reason = "one table per map, side by side")]
+fn inspect_text(what: Inspect, root: &std::path::Path, output: Output) -> anyhow::Result<String> {
+    let state = inspect::applied(root)?;
+    Ok(match (what, output) {
+        (Inspect::Services, Output::Json) => json(&inspect::services(&state))?,
+        (Inspect::Services, Output::Text) => {
+            let rows: Vec<Vec<String>> = inspect::services(&state)
+                .into_iter()
+                .map(|s| {
+                    let backends: Vec<String> = s
+                        .backends
+                        .iter()
+                        .map(|(b, n)| {
+                            format!(
+                                "{}:{} ({n}/{}){}",
+                                b.address,
+                                b.port,
+                                s.slots,
+                                if b.state == "terminating" { " terminating" } else { "" }
+                            )
+                        })
+                        .collect();
+                    let flags = if s.flags.is_empty() { "-".into() } else { s.flags.join(",") };
+                    vec![s.frontend, flags, if backends.is_empty() { "<none>".into() } else { backends.join(", ") }]
+                })
+                .collect();
+            inspect::table(&["FRONTEND", "FLAGS", "BACKENDS (slots)"], &rows)
+        }
+        (Inspect::Backends, output) => {
+            let rows: Vec<inspect::BackendRow> =
+                state.backends.iter().map(|(id, b)| inspect::services_backend(*id, b)).collect();
+            if output == Output::Json {
+                json(&rows)?
+            } else {
+                let rows: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|b| {
+                        vec![
+                            b.id.to_string(),
+                            format!("{}:{}/{}", b.address, b.port, b.protocol),
+                            if b.local { "local".into() } else { "remote".into() },
+                            b.state.into(),
+                        ]
+                    })
+                    .collect();
+                inspect::table(&["ID", "BACKEND", "NODE", "STATE"], &rows)
+            }
+        }
+        (Inspect::Conntrack, output) => {
+            let rows = inspect::conntrack(root)?;
+            if output == Output::Json {
+                json(&rows)?
+            } else {
+                let rows: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|c| {
+                        vec![
+                            c.protocol,
+                            c.source,
+                            c.destination,
+                            c.direction.into(),
+                            c.translated_to,
+                            c.backend_id.to_string(),
+                            format!("{}s{}", c.idle_seconds, if c.closing { " closing" } else { "" }),
+                        ]
+                    })
+                    .collect();
+                inspect::table(
+                    &["PROTO", "SOURCE", "DESTINATION", "DIRECTION", "TRANSLATED TO", "BACKEND", "IDLE"],
+                    &rows,
+                )
+            }
+        }
+        (Inspect::Affinity, output) => {
+            let rows = inspect::affinity(root, &state)?;
+            if output == Output::Json {
+                json(&rows)?
+            } else {
+                let rows: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|a| {
+                        vec![
+                            a.client,
+                            format!("{}/{}", a.frontend, a.protocol),
+                            a.backend,
+                            format!("{}s", a.idle_seconds),
+                        ]
+                    })
+                    .collect();
+                inspect::table(&["CLIENT", "FRONTEND", "BACKEND", "IDLE"], &rows)
+            }
+        }
+        (Inspect::Stats, output) => {
+            let rows = inspect::stats(root)?;
+            if output == Output::Json {
+                json(&rows)?
+            } else {
+                let rows: Vec<Vec<String>> = rows
+                    .into_iter()
+                    .map(|s| {
+                        vec![
+                            s.counter.into(),
+                            if s.drop { "drop".into() } else { "pass".into() },
+                            s.packets.to_string(),
+                        ]
+                    })
+                    .collect();
+                inspect::table(&["COUNTER", "KIND", "PACKETS"], &rows)
+            }
+        }
+    })
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -87,6 +239,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Inspect { what, bpffs_root, output } => {
+            print!("{}", inspect_text(what, &bpffs_root, output)?);
+            Ok(())
+        }
+        Command::Explain { src, dst, bpffs_root } => {
+            print!("{}", inspect::explain(&bpffs_root, &src, &dst)?);
+            Ok(())
+        }
         Command::Cleanup { bpffs_root } => {
             let links = service_agent::attach::remove_pinned_links(&run::links_dir(&bpffs_root))?;
             service_agent::maps::remove_pins(&bpffs_root)?;

@@ -52,8 +52,8 @@ pub struct RunConfig {
 /// When the dataplane cannot be loaded or the manifest directory read.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut ebpf = maps::load(&config.bpffs_root, config.map_sizes).context("loading the dataplane")?;
-    let mut reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, config.map_sizes)?)
-        .context("reading the pinned maps")?;
+    let mut reconciler =
+        Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, config.map_sizes)?).context("reading the pinned maps")?;
     tracing::info!(
         bpffs_root = %config.bpffs_root.display(),
         adopted_rows = reconciler.applied().services.len(),

@@ -156,8 +156,7 @@ fn write_docs(dir: &Path, docs: &[(String, String)]) {
 
 #[test]
 fn the_order_objects_arrive_in_does_not_change_the_result() {
-    let docs: Vec<(String, String)> =
-        documents().into_iter().filter(|(case, _)| case != "invalid-objects").collect();
+    let docs: Vec<(String, String)> = documents().into_iter().filter(|(case, _)| case != "invalid-objects").collect();
     let dir = TempDir::new("order");
 
     write_docs(&dir.0, &docs);

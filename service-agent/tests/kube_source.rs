@@ -75,10 +75,7 @@ impl Drop for Running {
 }
 
 fn names(o: &Objects) -> (Vec<String>, Vec<String>) {
-    (
-        o.services.keys().map(ToString::to_string).collect(),
-        o.endpoint_slices.keys().map(ToString::to_string).collect(),
-    )
+    (o.services.keys().map(ToString::to_string).collect(), o.endpoint_slices.keys().map(ToString::to_string).collect())
 }
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -94,7 +91,8 @@ async fn starts_with_the_existing_objects_and_follows_changes_within_a_second() 
     let mut src = Running::start(&api);
     let first = src.until(PATIENCE, "initial list", |o| !o.services.is_empty()).await;
     assert_eq!(names(&first), (vec!["default/web".into()], vec!["default/web-1".into()]));
-    let zone = first.node.as_ref().and_then(|n| n.metadata.labels.as_ref()).map(|l| l["topology.kubernetes.io/zone"].clone());
+    let zone =
+        first.node.as_ref().and_then(|n| n.metadata.labels.as_ref()).map(|l| l["topology.kubernetes.io/zone"].clone());
     assert_eq!(zone.as_deref(), Some("zone-a"), "this node's Node, picked by name");
 
     api.apply(Kind::Service, service("api", "10.96.0.11", &[]));
@@ -215,7 +213,9 @@ async fn reqwest_like_get(url: &str) -> String {
     let rest = url.strip_prefix("http://").expect("http");
     let (host, path) = rest.split_once('/').expect("path");
     let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
-    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("write");
+    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
     let mut out = String::new();
     s.read_to_string(&mut out).await.expect("read");
     out
@@ -275,7 +275,15 @@ async fn kubectl_lists_and_watches_through_the_double() {
 
     // kubectl's own watch sees a Service created while it watches.
     let mut watch = tokio::process::Command::new(&kubectl)
-        .args([format!("--server={url}"), "get".into(), "services".into(), "-A".into(), "--watch".into(), "-o".into(), "name".into()])
+        .args([
+            format!("--server={url}"),
+            "get".into(),
+            "services".into(),
+            "-A".into(),
+            "--watch".into(),
+            "-o".into(),
+            "name".into(),
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

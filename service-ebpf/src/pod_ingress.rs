@@ -270,7 +270,8 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
         if service.flags & service_flags::REJECT == 0 {
             return Err(stats::DROP_NO_BACKEND);
         }
-        let offender = Offender { saddr: flow.saddr, daddr: flow.daddr, l4_off: flow.l4_off, tcp_flags: flow.tcp_flags };
+        let offender =
+            Offender { saddr: flow.saddr, daddr: flow.daddr, l4_off: flow.l4_off, tcp_flags: flow.tcp_flags };
         return if flow.proto == PROTO_TCP {
             reject::tcp_rst(ctx, &offender).map(|action| (action, stats::REJECT_TCP_RST))
         } else {
@@ -292,13 +293,7 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
         _pad2: 0,
         last_seen_ns: now,
     };
-    let reply_key = CtKey {
-        saddr: backend.addr,
-        daddr: key.saddr,
-        sport: backend.port,
-        dport: flow.sport,
-        ..key
-    };
+    let reply_key = CtKey { saddr: backend.addr, daddr: key.saddr, sport: backend.port, dport: flow.sport, ..key };
     let reply = CtValue { nat_addr: key.daddr, nat_port: flow.dport, flags: ct_flags::REV_NAT, ..original };
     // The reply entry first: once the original entry exists, a reply must
     // find its way back.
@@ -325,7 +320,8 @@ fn choose_backend(
     now: u64,
 ) -> Result<(u32, BackendValue, bool), u32> {
     let sticky = service.flags & service_flags::AFFINITY != 0;
-    let affinity_key = AffinityKey { client: key.saddr, rev_nat_id: service.rev_nat_id, proto: flow.proto, _pad: [0; 3] };
+    let affinity_key =
+        AffinityKey { client: key.saddr, rev_nat_id: service.rev_nat_id, proto: flow.proto, _pad: [0; 3] };
     if sticky {
         // SAFETY: plain data; a racing update gives a stale but valid copy.
         if let Some(entry) = unsafe { AFFINITY.get(&affinity_key) } {

@@ -30,7 +30,8 @@ pub fn is_root() -> bool {
 pub fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let mix = std::process::id().wrapping_mul(2_654_435_761) ^ nanos ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503);
+    let mix =
+        std::process::id().wrapping_mul(2_654_435_761) ^ nanos ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503);
     format!("{:06x}", mix & 0x00ff_ffff)
 }
 
@@ -297,7 +298,20 @@ impl Topology {
         let host_if = format!("veth{}{}", self.suffix, self.next_if);
         run(
             "ip",
-            &["link", "add", &host_if, "netns", self.node.name(), "type", "veth", "peer", "name", "eth0", "netns", ns.name()],
+            &[
+                "link",
+                "add",
+                &host_if,
+                "netns",
+                self.node.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns.name(),
+            ],
         )?;
         self.node.ip(&["link", "set", &host_if, "up"])?;
         let addr = format!("{ip}/32");

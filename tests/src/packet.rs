@@ -296,14 +296,8 @@ pub fn prog_test_run(prog_fd: BorrowedFd<'_>, data_in: &[u8], repeat: u32) -> io
     // SAFETY: attr is a valid, initialised bpf_attr prefix of the size
     // passed; data_in/data_out point at buffers of the sizes given, which
     // outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &raw mut attr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &raw mut attr, std::mem::size_of::<TestRunAttr>()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -330,14 +324,19 @@ mod tests {
     #[test]
     fn a_known_ipv4_header_checksum() {
         // A classic example header (Wikipedia, "IPv4 header checksum").
-        let h = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
+        let h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0, 0, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00,
+            0xc7,
+        ];
         assert_eq!(checksum(&h), 0xb861);
     }
 
     #[test]
     fn built_frames_verify_and_corruption_is_caught() {
         let (a, b) = (Ipv4Addr::new(10, 244, 1, 10), Ipv4Addr::new(10, 96, 0, 10));
-        for mut f in [tcp_v4(a, 40000, b, 80, 0x02, b"hi"), udp_v4(a, 5000, b, 53, b"odd"), udp_v4_no_checksum(a, 1, b, 2, b"")] {
+        for mut f in
+            [tcp_v4(a, 40000, b, 80, 0x02, b"hi"), udp_v4(a, 5000, b, 53, b"odd"), udp_v4_no_checksum(a, 1, b, 2, b"")]
+        {
             assert!(checksums_valid(&f));
             let last = f.len() - 1;
             f[last] ^= 0x40;

@@ -118,7 +118,8 @@ impl Cluster {
         let manifests = Manifests::new();
         manifests.write_web(&BACKENDS.map(|(_, ip)| ip));
         let bpffs = BpffsMount::new().expect("bpffs");
-        let mut agent = Agent::start(&topo.node, manifests.0.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
+        let mut agent =
+            Agent::start(&topo.node, manifests.0.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
         agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
         agent.wait_for_log("attached pod ingress program", 4, Duration::from_secs(5)).expect("attached to 4 pods");
         Self { agent, servers, topo, bpffs, manifests }
@@ -228,7 +229,10 @@ fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second()
     cluster.topo.add_pod("backend-d", new_ip).expect("pod");
     cluster.servers.push(start_echo(&cluster.topo, "backend-d"));
     // The agent attaches to the new pod's interface by itself.
-    cluster.agent.wait_for_log("attached pod ingress program", 5, Duration::from_secs(5)).expect("attach to the new pod");
+    cluster
+        .agent
+        .wait_for_log("attached pod ingress program", 5, Duration::from_secs(5))
+        .expect("attach to the new pod");
 
     let written = Instant::now();
     let mut all: Vec<Ipv4Addr> = BACKENDS.map(|(_, ip)| ip).to_vec();

@@ -48,7 +48,9 @@ impl DoubleInNode {
                 loop {
                     match rx.try_recv() {
                         Ok(command) => command(&api),
-                        Err(std::sync::mpsc::TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(10)).await,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
                         Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
                     }
                 }
@@ -59,10 +61,11 @@ impl DoubleInNode {
     }
 
     fn apply(&self, kind: Kind, object: serde_json::Value) {
-        self.commands.send(Box::new(move |api| {
-            api.apply(kind, object);
-        }))
-        .expect("double running");
+        self.commands
+            .send(Box::new(move |api| {
+                api.apply(kind, object);
+            }))
+            .expect("double running");
     }
 }
 
@@ -91,7 +94,10 @@ fn the_agent_programs_services_it_watches_on_the_api_server() {
         fixture::start_echo(&topo.pod("backend-b").ns, "backend-b", &[]).expect("echo"),
     ];
     let double = DoubleInNode::start(&topo);
-    double.apply(Kind::Node, json!({"metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}));
+    double.apply(
+        Kind::Node,
+        json!({"metadata": {"name": "node-1", "labels": {"topology.kubernetes.io/zone": "zone-a"}}}),
+    );
     double.apply(
         Kind::Service,
         json!({"metadata": {"name": "web", "namespace": "default"},

@@ -6,8 +6,20 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, Topology, is_root, wait_until},
+    netns::{Agent, BpffsMount, Topology, binary, is_root, wait_until},
 };
+
+/// `service-agent ARGS... --bpffs-root ROOT`: its stdout.
+fn agent_cli(root: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(binary("service-agent", "SERVICE_AGENT_BIN"))
+        .args(args)
+        .arg("--bpffs-root")
+        .arg(root)
+        .output()
+        .expect("service-agent");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -55,7 +67,7 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
 
 #[test]
 #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
-fn metrics_and_health_are_served_with_kube_proxys_names() {
+fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     if !is_root() {
         eprintln!("skipped: needs root (run through `cargo xtask test`)");
         return;
@@ -67,7 +79,8 @@ fn metrics_and_health_are_served_with_kube_proxys_names() {
     let manifests = ManifestDir::new();
     manifests.write("services.yaml", MANIFESTS);
     let bpffs = BpffsMount::new().expect("bpffs");
-    let mut agent = Agent::start(&topo.node, manifests.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
+    let mut agent =
+        Agent::start(&topo.node, manifests.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
     agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("sync");
     for _ in 0..5 {
         fixture::curl(&topo.pod("client").ns, "http://10.96.0.10/").expect("traffic");
@@ -89,10 +102,50 @@ fn metrics_and_health_are_served_with_kube_proxys_names() {
     assert_eq!(agent.log().matches("Service default/broken: spec.clusterIP").count(), 1, "{}", agent.log());
 
     for path in ["healthz", "livez"] {
-        let out = topo.node.exec("curl", &["-sS", "-o", "/dev/stderr", "-w", "%{http_code}", &format!("http://127.0.0.1:10256/{path}")]).expect("curl");
+        let out = topo
+            .node
+            .exec(
+                "curl",
+                &["-sS", "-o", "/dev/stderr", "-w", "%{http_code}", &format!("http://127.0.0.1:10256/{path}")],
+            )
+            .expect("curl");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "/{path}");
         let body: serde_json::Value = serde_json::from_slice(&out.stderr).expect("kube-proxy's JSON body");
         assert!(body["lastUpdated"].as_str().is_some_and(|s| s.starts_with("20")), "{body}");
         assert!(body["currentTime"].is_string());
     }
+
+    // inspect, straight from the pins, as text and as JSON.
+    let root = bpffs.path().join("node-1");
+    let text = agent_cli(&root, &["inspect", "services"]);
+    assert!(text.starts_with("FRONTEND"), "{text}");
+    assert!(text.contains("10.96.0.10:80/TCP internal") && text.contains("10.244.1.11:8080 (31/31)"), "{text}");
+    let services: serde_json::Value =
+        serde_json::from_str(&agent_cli(&root, &["inspect", "services", "-o", "json"])).expect("json");
+    assert_eq!(services[0]["address"], "10.96.0.10");
+    assert_eq!(services[0]["backends"][0][0]["address"], "10.244.1.11");
+    assert_eq!(services[0]["backends"][0][1], 31);
+    let backends: serde_json::Value =
+        serde_json::from_str(&agent_cli(&root, &["inspect", "backends", "-o", "json"])).expect("json");
+    assert_eq!(backends[0]["port"], 8080);
+    let ct: serde_json::Value =
+        serde_json::from_str(&agent_cli(&root, &["inspect", "conntrack", "-o", "json"])).expect("json");
+    let dnat: Vec<&serde_json::Value> =
+        ct.as_array().expect("rows").iter().filter(|r| r["direction"] == "dnat").collect();
+    assert_eq!(dnat.len(), 5, "one entry per connection: {ct:#}");
+    assert!(dnat.iter().all(|r| r["destination"] == "10.96.0.10:80" && r["translated_to"] == "10.244.1.11:8080"));
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent_cli(&root, &["inspect", "stats", "-o", "json"])).expect("json");
+    let new_flows = stats.as_array().expect("rows").iter().find(|r| r["counter"] == "dnat_new_flow").expect("counter");
+    assert_eq!(new_flows["packets"], 5);
+    assert_eq!(agent_cli(&root, &["inspect", "affinity", "-o", "json"]).trim(), "[]");
+
+    // explain: the service row, the client's conntrack entries, the slot.
+    let why = agent_cli(&root, &["explain", "10.244.1.10", "10.96.0.10:80/TCP"]);
+    assert!(why.contains("frontend 10.96.0.10:80/TCP internal"), "{why}");
+    assert_eq!(why.matches("is pinned to backend").count(), 5, "{why}");
+    let why = agent_cli(&root, &["explain", "10.244.1.10:55555", "10.96.0.10:80/TCP"]);
+    assert!(why.contains("hashes to slot") && why.contains("10.244.1.11:8080/TCP"), "{why}");
+    let why = agent_cli(&root, &["explain", "10.244.1.10", "10.96.0.99:80/TCP"]);
+    assert!(why.contains("not a Service frontend"), "{why}");
 }

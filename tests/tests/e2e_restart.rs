@@ -68,7 +68,9 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     let mut topo = Topology::new().expect("node");
     topo.add_pod("client", Ipv4Addr::new(10, 244, 1, 10)).expect("client");
     let mut servers = Vec::new();
-    for (name, ip) in [("backend-a", [10, 244, 1, 11]), ("backend-b", [10, 244, 1, 12]), ("backend-c", [10, 244, 1, 13])] {
+    for (name, ip) in
+        [("backend-a", [10, 244, 1, 11]), ("backend-b", [10, 244, 1, 12]), ("backend-c", [10, 244, 1, 13])]
+    {
         topo.add_pod(name, Ipv4Addr::from(ip)).expect("pod");
         servers.push(fixture::start_echo(&topo.pod(name).ns, name, &[]).expect("echo"));
     }
@@ -115,7 +117,12 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     assert!(log.contains("rows_written=0"), "the adopted maps were already right:\n{log}");
 
     let (ok, failed) = load.join().expect("load thread");
-    assert!(failed.is_empty(), "{} of {} requests failed across the restart: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the restart: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     assert!(ok > 50, "only {ok} requests");
     assert_eq!(who(&mut held).expect("the held connection survives"), serving);
 

@@ -3,11 +3,7 @@
 //! source → model → reconciler from YAML; each crafted frame goes in and the
 //! exact expected frame (every field, both checksums) must come out.
 
-use std::{
-    net::Ipv4Addr,
-    os::fd::AsFd as _,
-    path::PathBuf,
-};
+use std::{net::Ipv4Addr, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{Ebpf, programs::SchedClassifier};
 use service_agent::{
@@ -149,35 +145,30 @@ impl Fixture {
     fn new() -> Self {
         let bpffs = BpffsMount::new().expect("mount bpffs");
         let root = bpffs.path().join("node");
-        let manifests = ScratchDir(std::env::temp_dir().join(format!("ptr-manifests-{}", service_tests::netns::unique_suffix())));
+        let manifests =
+            ScratchDir(std::env::temp_dir().join(format!("ptr-manifests-{}", service_tests::netns::unique_suffix())));
         std::fs::create_dir_all(&manifests.0).expect("mkdir");
         std::fs::write(manifests.0.join("web.yaml"), MANIFESTS).expect("write");
 
         let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
         let snapshot = manifest::load_dir(&manifests.0).expect("manifests");
         assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
-        let desired = model::desired(&snapshot.objects, &NodeContext { node_name: "node-a".into(), ..NodeContext::default() });
+        let desired =
+            model::desired(&snapshot.objects, &NodeContext { node_name: "node-a".into(), ..NodeContext::default() });
         let mut reconciler =
             Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
         let report = reconciler.reconcile(&desired);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         let applied = reconciler.applied().clone();
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(service_common::PROG_POD_INGRESS)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(service_common::PROG_POD_INGRESS).expect("program").try_into().expect("classifier");
         prog.load().expect("verifier accepts the program");
         Self { ebpf, applied, root, _manifests: manifests, _bpffs: bpffs }
     }
 
     fn run(&self, frame: &[u8]) -> TestRunOutput {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(service_common::PROG_POD_INGRESS)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
+        let prog: &SchedClassifier =
+            self.ebpf.program(service_common::PROG_POD_INGRESS).expect("program").try_into().expect("classifier");
         packet::prog_test_run(prog.fd().expect("fd").as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN")
     }
 
@@ -196,7 +187,8 @@ impl Fixture {
         };
         let key0 = frontend_key(&frontend);
         let svc = self.applied.services[&key0];
-        let h = hash::flow_hash(&addr_v4(CLIENT.octets()), &addr_v4(VIP.octets()), port_be(sport), port_be(dport), proto);
+        let h =
+            hash::flow_hash(&addr_v4(CLIENT.octets()), &addr_v4(VIP.octets()), port_be(sport), port_be(dport), proto);
         let slot = hash::slot_for(h, svc.count);
         let row = self.applied.services[&key0.with_slot(svc.version, u16::try_from(slot).expect("slot"))];
         let b = self.applied.backends[&row.backend_id];
@@ -303,9 +295,21 @@ fn packets_not_for_a_service_come_out_byte_identical() {
         ("pod-to-pod TCP", packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, SYN, b""), stats::PASS_NO_SERVICE),
         ("VIP on a port it does not serve", packet::tcp_v4(CLIENT, 40000, VIP, 81, SYN, b""), stats::PASS_NO_SERVICE),
         ("ARP", packet::arp_request(CLIENT, VIP), stats::PASS_NOT_IPV4),
-        ("non-first fragment to the VIP", packet::ipv4_fragment(CLIENT, VIP, 185, b"middle of a datagram"), stats::PASS_FRAGMENT),
-        ("truncated TCP header", packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")[..36].to_vec(), stats::PASS_MALFORMED),
-        ("IPv4 header length below 20 bytes", bad_ihl(packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")), stats::PASS_MALFORMED),
+        (
+            "non-first fragment to the VIP",
+            packet::ipv4_fragment(CLIENT, VIP, 185, b"middle of a datagram"),
+            stats::PASS_FRAGMENT,
+        ),
+        (
+            "truncated TCP header",
+            packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")[..36].to_vec(),
+            stats::PASS_MALFORMED,
+        ),
+        (
+            "IPv4 header length below 20 bytes",
+            bad_ihl(packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")),
+            stats::PASS_MALFORMED,
+        ),
     ];
     for (what, frame, counter) in cases {
         let before = f.stat(counter);

@@ -80,10 +80,8 @@ fn kubectl() -> Option<PathBuf> {
     if !on_path.is_empty() {
         return Some(on_path.into());
     }
-    let scripts = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
-        .output()
-        .ok()?;
+    let scripts =
+        Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output().ok()?;
     let path = PathBuf::from(String::from_utf8_lossy(&scripts.stdout).trim()).join("kubectl");
     path.exists().then_some(path)
 }
@@ -138,10 +136,11 @@ fn setup() -> Result<()> {
         // 0.10.0 exactly: its default features use the nightly toolchain's
         // own libLLVM; later releases need a system LLVM (TOOLCHAIN.md).
         println!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION}");
-        status(
-            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-                .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]),
-        )?;
+        status(Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())).args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]))?;
     }
     Ok(())
 }

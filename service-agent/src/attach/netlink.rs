@@ -3,7 +3,10 @@
 //! moved into or out of this namespace) wakes the attach manager, which then
 //! re-reads the interface list; the messages themselves are not parsed.
 
-use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 use tokio::sync::mpsc;
 

@@ -9,12 +9,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        HashMap, LpmTrie, Map, MapData, PerCpuArray,
-        lpm_trie::Key as LpmKey,
-    },
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey},
 };
-use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, map_names, stats};
+use service_common::{
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
+    map_names, stats,
+};
 
 use crate::reconciler::{MapError, MapIo, MapState};
 
@@ -178,8 +178,7 @@ impl PinnedMaps {
     /// When a pin is missing or of the wrong type.
     pub fn open(root: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
         let typed = |name| {
-            open_pinned(root, name)
-                .and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name, source }))
+            open_pinned(root, name).and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name, source }))
         };
         Ok(Self {
             services: typed(map_names::SERVICES)?,
@@ -194,7 +193,13 @@ impl PinnedMaps {
     }
 }
 
-fn classify(map: &'static str, op: &'static str, capacity: u32, flag: &'static str, e: aya::maps::MapError) -> MapError {
+fn classify(
+    map: &'static str,
+    op: &'static str,
+    capacity: u32,
+    flag: &'static str,
+    e: aya::maps::MapError,
+) -> MapError {
     if let aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) = &e {
         // A full hash map answers E2BIG to an insert of a new key.
         if io_error.raw_os_error() == Some(libc::E2BIG) || io_error.raw_os_error() == Some(libc::ENOSPC) {
@@ -215,7 +220,11 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
 }
 
 /// Deletes `key`; a row that is already gone is not an error.
-fn delete_row<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, name: &'static str, key: &K) -> Result<(), MapError> {
+fn delete_row<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), MapError> {
     match map.remove(key) {
         Err(e) if !is_not_found(&e) => Err(MapError::Io { map: name, op: "delete", source: io::Error::other(e) }),
         _ => Ok(()),
@@ -314,6 +323,52 @@ impl MapIo for PinnedMaps {
     }
 }
 
+/// Every row of a pinned hash-like map (HASH or LRU_HASH).
+fn read_pinned<K: aya::Pod + Ord, V: aya::Pod>(
+    root: &Path,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<K, V>, LoadError> {
+    let map: HashMap<MapData, K, V> = match open_pinned(root, name)? {
+        Map::HashMap(data) | Map::LruHashMap(data) => {
+            HashMap::try_from(Map::HashMap(data)).map_err(|source| LoadError::Map { name, source })?
+        }
+        _ => return Err(LoadError::MissingMap(name)),
+    };
+    dump_map(&map, name).map_err(|e| LoadError::Map {
+        name,
+        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_get_next_key",
+            io_error: io::Error::other(e.to_string()),
+        }),
+    })
+}
+
+/// The conntrack entries pinned under `root`.
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn read_conntrack(root: &Path) -> Result<std::collections::BTreeMap<CtKey, CtValue>, LoadError> {
+    read_pinned(root, map_names::CONNTRACK)
+}
+
+/// The ClientIP affinity entries pinned under `root`.
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn read_affinity(root: &Path) -> Result<std::collections::BTreeMap<AffinityKey, AffinityValue>, LoadError> {
+    read_pinned(root, map_names::AFFINITY)
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns()` reads,
+/// to turn the programs' timestamps into ages.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
 /// The verdict and drop counters summed over CPUs, in id order, with their
 /// names, read from the pinned `stats` map.
 ///
@@ -321,8 +376,8 @@ impl MapIo for PinnedMaps {
 /// When the pin is missing or unreadable.
 pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, u64)>, LoadError> {
     let name = map_names::STATS;
-    let map: PerCpuArray<MapData, u64> = PerCpuArray::try_from(open_pinned(root, name)?)
-        .map_err(|source| LoadError::Map { name, source })?;
+    let map: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(open_pinned(root, name)?).map_err(|source| LoadError::Map { name, source })?;
     let mut out = Vec::new();
     for (id, label) in stats::ALL {
         let values = map.get(&id, 0).map_err(|source| LoadError::Map { name, source })?;

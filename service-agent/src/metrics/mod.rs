@@ -25,9 +25,7 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, rou
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
-    metrics::{
-        MetricType, counter::ConstCounter, family::Family, gauge::Gauge, histogram::Histogram,
-    },
+    metrics::{MetricType, counter::ConstCounter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -120,7 +118,8 @@ impl Metrics {
             "The last time the maps were successfully synced",
             last_sync.clone(),
         );
-        let network_programming = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 16));
+        let network_programming =
+            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.01, 2.0, 16));
         registry.register(
             "kubeproxy_network_programming_duration_seconds",
             "In-cluster network programming latency in seconds (from the EndpointSlice's last-change-trigger-time)",
@@ -163,7 +162,14 @@ impl Metrics {
     }
 
     /// Records one sync.
-    pub fn observe_sync(&self, elapsed: Duration, objects: &Objects, desired: &Desired, applied: &MapState, map_errors: usize) {
+    pub fn observe_sync(
+        &self,
+        elapsed: Duration,
+        objects: &Objects,
+        desired: &Desired,
+        applied: &MapState,
+        map_errors: usize,
+    ) {
         self.sync_duration.observe(elapsed.as_secs_f64());
         if map_errors == 0 {
             let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -176,7 +182,9 @@ impl Metrics {
         }
         for kind in ["Service", "EndpointSlice", "Endpoints"] {
             let n = invalid.get(kind).map_or(0, BTreeSet::len);
-            self.invalid_objects.get_or_create(&KindLabel { kind: kind.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
+            self.invalid_objects
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         for (map, n) in [
             (service_common::map_names::SERVICES, applied.services.len()),
@@ -254,9 +262,8 @@ impl Health {
     fn report(&self) -> (StatusCode, String) {
         let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let healthy = s.pending_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT);
-        let fmt = |t: SystemTime| {
-            k8s_openapi::jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string())
-        };
+        let fmt =
+            |t: SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string());
         let body = serde_json::json!({
             "lastUpdated": s.last_synced.map(fmt).unwrap_or_default(),
             "currentTime": fmt(SystemTime::now()),

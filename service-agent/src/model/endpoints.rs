@@ -89,7 +89,10 @@ pub fn candidates(
         let Some(port) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
             errors.push(slice_err(
                 format!("ports[{pi}].port"),
-                format!("{} is not a valid port (1-65535)", slice_port.port.map_or_else(|| "unset".into(), |p| p.to_string())),
+                format!(
+                    "{} is not a valid port (1-65535)",
+                    slice_port.port.map_or_else(|| "unset".into(), |p| p.to_string())
+                ),
             ));
             continue;
         };

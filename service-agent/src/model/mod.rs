@@ -444,8 +444,7 @@ fn service_frontends(
             }
         };
         let port_name = port.name.clone().unwrap_or_default();
-        let candidates =
-            endpoints::candidates(&svc_ref.namespace, &port_name, protocol, slices, node, &mut out.errors);
+        let candidates = endpoints::candidates(&svc_ref.namespace, &port_name, protocol, slices, node, &mut out.errors);
         let any = endpoints::any_usable(&candidates);
         let cluster = endpoints::cluster(&candidates, topology, node);
         let local = endpoints::local(&candidates);
@@ -502,7 +501,10 @@ fn service_frontends(
             if let Some(existing) = out.frontends.get(&frontend) {
                 out.errors.push(err(
                     format!("spec.ports[{i}]"),
-                    format!("{frontend} is already served by Service {} port {:?}", existing.service, existing.port_name),
+                    format!(
+                        "{frontend} is already served by Service {} port {:?}",
+                        existing.service, existing.port_name
+                    ),
                 ));
                 continue;
             }

@@ -48,10 +48,10 @@ fn service_flag_names(flags: u16) -> String {
         (service_flags::AFFINITY, "affinity"),
         (service_flags::SOURCE_RANGES, "source-ranges"),
     ]
-        .iter()
-        .filter(|(bit, _)| flags & bit != 0)
-        .map(|(_, n)| *n)
-        .collect();
+    .iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, n)| *n)
+    .collect();
     if names.is_empty() { "-".into() } else { names.join(",") }
 }
 
@@ -89,7 +89,8 @@ pub fn render(state: &MapState) -> String {
     for (id, b) in &state.backends {
         let local = if b.flags & backend_flags::LOCAL != 0 { " local" } else { "" };
         let state = if b.state == backend_state::TERMINATING { " terminating" } else { "" };
-        let _ = writeln!(out, "  {id} {}:{}/{}{local}{state}", ip(b.family, &b.addr), port(b.port), proto_name(b.proto));
+        let _ =
+            writeln!(out, "  {id} {}:{}/{}{local}{state}", ip(b.family, &b.addr), port(b.port), proto_name(b.proto));
     }
     out.push_str("rev_nat:\n");
     for (id, r) in &state.rev_nat {
@@ -99,7 +100,8 @@ pub fn render(state: &MapState) -> String {
         out.push_str("source_ranges:\n");
         for (len, k) in &state.source_ranges {
             let family = state.rev_nat.get(&u32::from_be_bytes(k.rev_nat_id)).map_or(FAMILY_IPV4, |r| r.family);
-            let _ = writeln!(out, "  rev_nat={} {}/{}", u32::from_be_bytes(k.rev_nat_id), ip(family, &k.addr), len - 32);
+            let _ =
+                writeln!(out, "  rev_nat={} {}/{}", u32::from_be_bytes(k.rev_nat_id), ip(family, &k.addr), len - 32);
         }
     }
     out

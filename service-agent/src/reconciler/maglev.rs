@@ -116,11 +116,7 @@ mod tests {
         assert_eq!(before.len(), after.len());
         // Slots that did not point at the removed backend and now point
         // elsewhere: Maglev keeps this small.
-        let moved = before
-            .iter()
-            .zip(&after)
-            .filter(|(b, a)| **b != 4 && all[**b] != fewer[**a])
-            .count();
+        let moved = before.iter().zip(&after).filter(|(b, a)| **b != 4 && all[**b] != fewer[**a]).count();
         assert!(moved * 10 < before.len(), "moved {moved} of {}", before.len());
     }
 }

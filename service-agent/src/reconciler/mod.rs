@@ -269,7 +269,9 @@ impl<M: MapIo> Reconciler<M> {
                     self.applied.source_ranges.insert(*row);
                     report.rows_written += 1;
                 }
-                Err(source) => report.errors.push(ReconcileError { what: "loadBalancerSourceRanges row".into(), source }),
+                Err(source) => {
+                    report.errors.push(ReconcileError { what: "loadBalancerSourceRanges row".into(), source });
+                }
             }
         }
         for df in desired.frontends.values() {

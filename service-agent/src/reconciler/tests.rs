@@ -1,6 +1,9 @@
 use std::net::IpAddr;
 
-use super::{fake::{FakeMaps, Op}, *};
+use super::{
+    fake::{FakeMaps, Op},
+    *,
+};
 use crate::{
     model::{Protocol, Scope},
     source::ObjectRef,
@@ -11,7 +14,13 @@ fn frontend(port: u16) -> Frontend {
 }
 
 fn backend(last: u8) -> Backend {
-    Backend { addr: IpAddr::from([10, 244, 1, last]), port: 8080, protocol: Protocol::Tcp, local: true, terminating: false }
+    Backend {
+        addr: IpAddr::from([10, 244, 1, last]),
+        port: 8080,
+        protocol: Protocol::Tcp,
+        local: true,
+        terminating: false,
+    }
 }
 
 fn desired(entries: &[(u16, &[u8])]) -> Desired {

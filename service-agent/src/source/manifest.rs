@@ -238,7 +238,8 @@ impl Loader {
         for (key, (file, document, endpoints)) in endpoints {
             let Some((_, svc)) = self.services.get(&key) else { continue };
             let has_selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
-            let skip = endpoints.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SKIP_MIRROR)).is_some_and(|v| v == "true");
+            let skip =
+                endpoints.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SKIP_MIRROR)).is_some_and(|v| v == "true");
             if has_selector || skip {
                 continue;
             }
@@ -279,20 +280,30 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
             })
             .collect();
         let mut by_family: BTreeMap<&'static str, Vec<Endpoint>> = BTreeMap::new();
-        let groups = [("addresses", subset.addresses.as_ref(), true), ("notReadyAddresses", subset.not_ready_addresses.as_ref(), false)];
+        let groups = [
+            ("addresses", subset.addresses.as_ref(), true),
+            ("notReadyAddresses", subset.not_ready_addresses.as_ref(), false),
+        ];
         for (field, addresses, ready) in groups {
             for (ai, address) in addresses.into_iter().flatten().enumerate() {
                 let family = match address.ip.parse::<IpAddr>() {
                     Ok(IpAddr::V4(_)) => "IPv4",
                     Ok(IpAddr::V6(_)) => "IPv6",
                     Err(e) => {
-                        report(format!("subsets[{si}].{field}[{ai}].ip"), format!("{:?} is not an IP address: {e}", address.ip));
+                        report(
+                            format!("subsets[{si}].{field}[{ai}].ip"),
+                            format!("{:?} is not an IP address: {e}", address.ip),
+                        );
                         continue;
                     }
                 };
                 by_family.entry(family).or_default().push(Endpoint {
                     addresses: vec![address.ip.clone()],
-                    conditions: Some(EndpointConditions { ready: Some(ready), serving: Some(ready), terminating: Some(false) }),
+                    conditions: Some(EndpointConditions {
+                        ready: Some(ready),
+                        serving: Some(ready),
+                        terminating: Some(false),
+                    }),
                     hostname: address.hostname.clone(),
                     node_name: address.node_name.clone(),
                     target_ref: address.target_ref.clone(),

@@ -269,7 +269,11 @@ impl LabelSelector {
         let mut reqs = Vec::new();
         for t in terms.into_iter().map(str::trim).filter(|t| !t.is_empty()) {
             let set = |rest: &str| -> Result<Vec<String>, String> {
-                let inner = rest.trim().strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or(format!("bad set in {t:?}"))?;
+                let inner = rest
+                    .trim()
+                    .strip_prefix('(')
+                    .and_then(|r| r.strip_suffix(')'))
+                    .ok_or(format!("bad set in {t:?}"))?;
                 Ok(inner.split(',').map(|v| v.trim().to_owned()).collect())
             };
             let req = if let Some((k, v)) = t.split_once("!=") {
@@ -401,27 +405,39 @@ async fn list_or_watch_nodes(s: State<Arc<Shared>>, q: Query<BTreeMap<String, St
 
 // Legacy (unaggregated) discovery, enough for kubectl to map resource names.
 async fn discovery_core_versions() -> Response {
-    json_response(StatusCode::OK, &json!({"kind": "APIVersions", "versions": ["v1"],
-        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}))
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIVersions", "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}),
+    )
 }
 async fn discovery_groups() -> Response {
     let gv = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
-    json_response(StatusCode::OK, &json!({"kind": "APIGroupList", "apiVersion": "v1",
-        "groups": [{"name": "discovery.k8s.io", "versions": [gv.clone()], "preferredVersion": gv}]}))
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIGroupList", "apiVersion": "v1",
+        "groups": [{"name": "discovery.k8s.io", "versions": [gv.clone()], "preferredVersion": gv}]}),
+    )
 }
 fn resource(name: &str, singular: &str, kind: &str, namespaced: bool, short: &[&str]) -> Value {
     json!({"name": name, "singularName": singular, "namespaced": namespaced, "kind": kind,
            "verbs": ["get", "list", "watch"], "shortNames": short})
 }
 async fn discovery_core_v1() -> Response {
-    json_response(StatusCode::OK, &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
         "resources": [resource("services", "service", "Service", true, &["svc"]),
-                      resource("nodes", "node", "Node", false, &["no"])]}))
+                      resource("nodes", "node", "Node", false, &["no"])]}),
+    )
 }
 async fn discovery_slices_v1() -> Response {
-    json_response(StatusCode::OK, &json!({"kind": "APIResourceList", "apiVersion": "v1",
+    json_response(
+        StatusCode::OK,
+        &json!({"kind": "APIResourceList", "apiVersion": "v1",
         "groupVersion": "discovery.k8s.io/v1",
-        "resources": [resource("endpointslices", "endpointslice", "EndpointSlice", true, &[])]}))
+        "resources": [resource("endpointslices", "endpointslice", "EndpointSlice", true, &[])]}),
+    )
 }
 async fn version() -> Response {
     json_response(StatusCode::OK, &json!({"major": "1", "minor": "37", "gitVersion": "v1.37.0-apiserver-double"}))
@@ -444,8 +460,12 @@ fn handle(shared: &Arc<Shared>, kind: Kind, namespace: Option<String>, q: &BTree
     let watching = q.get("watch").is_some_and(|w| w == "1" || w == "true");
     if !watching {
         let inner = shared.inner.lock().expect("lock");
-        let items: Vec<Value> =
-            inner.objects.iter().filter(|((k, _, _), o)| *k == kind && filter.matches(o)).map(|(_, o)| o.clone()).collect();
+        let items: Vec<Value> = inner
+            .objects
+            .iter()
+            .filter(|((k, _, _), o)| *k == kind && filter.matches(o))
+            .map(|(_, o)| o.clone())
+            .collect();
         let list = json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
                           "metadata": {"resourceVersion": inner.rv.to_string()}, "items": items});
         return json_response(StatusCode::OK, &list);

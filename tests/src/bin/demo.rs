@@ -31,7 +31,8 @@ fn main() -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
     }
-    let manifests = std::env::var_os("DEMO_MANIFESTS").map_or_else(|| PathBuf::from("examples/manifests"), PathBuf::from);
+    let manifests =
+        std::env::var_os("DEMO_MANIFESTS").map_or_else(|| PathBuf::from("examples/manifests"), PathBuf::from);
     let snapshot = manifest::load_dir(&manifests).with_context(|| format!("reading {}", manifests.display()))?;
     let desired = model::desired(&snapshot.objects, &NodeContext { node_name: NODE.into(), ..NodeContext::default() });
 

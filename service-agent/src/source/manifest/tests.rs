@@ -7,8 +7,11 @@ struct TempDir(PathBuf);
 impl TempDir {
     fn new() -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir()
-            .join(format!("manifest-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
+        let dir = std::env::temp_dir().join(format!(
+            "manifest-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&dir).expect("mkdir");
         Self(dir)
     }
@@ -91,13 +94,19 @@ fn a_bad_field_is_reported_with_file_document_object_and_field_and_the_rest_load
         &format!("{SERVICE_AND_SLICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad, namespace: shop}}\nspec:\n  ports:\n  - port: http\n"),
     );
     dir.write("b.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: other\n  spec: [\n");
-    dir.write("c.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}\n");
+    dir.write(
+        "c.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: c}\nspec: {clusterIP: 10.96.0.3, ports: [{port: 80}]}\n",
+    );
     dir.write("d.yaml", "apiVersion: v1\nkind: Service\nmetadata: {namespace: x}\n");
     let s = load_dir(&dir.0).expect("load");
-    let errors: Vec<String> = s.errors.iter().map(|e| e.to_string().replace(&format!("{}/", dir.0.display()), "")).collect();
+    let errors: Vec<String> =
+        s.errors.iter().map(|e| e.to_string().replace(&format!("{}/", dir.0.display()), "")).collect();
     assert_eq!(errors.len(), 3, "{errors:?}");
     assert!(
-        errors[0].starts_with("a.yaml (document 3): Service shop/bad: spec.ports[0].port: invalid type: string \"http\", expected i32"),
+        errors[0].starts_with(
+            "a.yaml (document 3): Service shop/bad: spec.ports[0].port: invalid type: string \"http\", expected i32"
+        ),
         "{errors:?}"
     );
     assert!(errors[1].starts_with("b.yaml (document 1): not valid YAML/JSON"), "{errors:?}");
@@ -198,7 +207,10 @@ async fn watch_sends_on_add_change_and_remove() {
     // Same length, new content.
     dir.write("web.yaml", &SERVICE_AND_SLICE.replace("10.96.0.10", "10.96.0.11"));
     let s = next(&mut rx).await;
-    assert_eq!(s.objects.services[&key("default", "web")].spec.as_ref().and_then(|s| s.cluster_ip.as_deref()), Some("10.96.0.11"));
+    assert_eq!(
+        s.objects.services[&key("default", "web")].spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.0.11")
+    );
     std::fs::remove_file(dir.0.join("web.yaml")).expect("rm");
     assert!(next(&mut rx).await.objects.services.is_empty());
     task.abort();
