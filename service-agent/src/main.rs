@@ -98,6 +98,11 @@ struct RunArgs {
     /// Capacity of the conntrack map (two entries per translated flow).
     #[arg(long, default_value_t = service_common::capacity::CONNTRACK)]
     map_size_conntrack: u32,
+    /// On SIGTERM/SIGINT, leave the programs attached and the maps pinned
+    /// for the next agent (a DaemonSet's rolling update) instead of
+    /// detaching; `service-agent cleanup` uninstalls.
+    #[arg(long)]
+    keep_on_exit: bool,
     /// Where `/metrics` is served (kube-proxy's flag and default).
     #[arg(long, default_value = "127.0.0.1:10249", value_name = "IP:PORT")]
     metrics_bind_address: std::net::SocketAddr,
@@ -267,6 +272,7 @@ async fn main() -> anyhow::Result<()> {
                     backends: args.map_size_backends,
                     conntrack: args.map_size_conntrack,
                 },
+                keep_on_exit: args.keep_on_exit,
                 metrics_bind_address: args.metrics_bind_address,
                 healthz_bind_address: args.healthz_bind_address,
             })

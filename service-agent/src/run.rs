@@ -40,6 +40,8 @@ pub struct RunConfig {
     pub pod_interfaces: Globs,
     pub bpffs_root: PathBuf,
     pub map_sizes: MapSizes,
+    /// Leave links and pins in place on exit (for the next agent).
+    pub keep_on_exit: bool,
     /// kube-proxy's `--metrics-bind-address`.
     pub metrics_bind_address: SocketAddr,
     /// kube-proxy's `--healthz-bind-address`.
@@ -102,6 +104,11 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
+    }
+    if config.keep_on_exit {
+        tracing::info!("shutting down: programs stay attached and maps pinned for the next agent");
+        attach.leave_attached();
+        return Ok(());
     }
     tracing::info!("shutting down: detaching and removing pins");
     attach.detach_all(prog);

@@ -2,13 +2,18 @@
 //! and the RBAC grants exactly what the agent's API source uses.
 
 use k8s_openapi::api::{
+    apps::v1::DaemonSet,
     core::v1::ServiceAccount,
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 
 fn documents() -> Vec<serde_json::Value> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/rbac.yaml");
-    let text = std::fs::read_to_string(path).expect("deploy/rbac.yaml");
+    read("rbac.yaml")
+}
+
+fn read(file: &str) -> Vec<serde_json::Value> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy").join(file);
+    let text = std::fs::read_to_string(path).expect("deploy manifest");
     serde_norway::Deserializer::from_str(&text).map(|d| serde::Deserialize::deserialize(d).expect("yaml")).collect()
 }
 
@@ -52,4 +57,54 @@ fn rbac_grants_exactly_list_watch_of_services_and_endpointslices_and_get_list_wa
     assert_eq!(binding.role_ref.name, "service-dataplane");
     let subject = &binding.subjects.as_ref().expect("subjects")[0];
     assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", "service-dataplane"));
+}
+
+#[test]
+fn the_daemonset_runs_the_agent_like_kube_proxy_with_only_the_capabilities_it_needs() {
+    let docs = read("daemonset.yaml");
+    let ds: DaemonSet = serde_json::from_value(docs[0].clone()).expect("DaemonSet");
+    let pod = ds.spec.template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("service-dataplane"), "the ServiceAccount of rbac.yaml");
+    let c = &pod.containers[0];
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.privileged, Some(false), "capabilities, not blanket privileged");
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(caps.add.clone().unwrap_or_default(), ["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"]);
+    let node_name = c.env.iter().flatten().find(|e| e.name == "NODE_NAME").expect("NODE_NAME");
+    let field = node_name.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).expect("downward API");
+    assert_eq!(field.field_path, "spec.nodeName");
+    let ports: Vec<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
+    assert_eq!(ports, [10256], "kube-proxy's healthz port");
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == "/sys/fs/bpf").expect("bpffs mount");
+    assert_eq!(mount.mount_propagation.as_deref(), Some("HostToContainer"));
+
+    // Every flag in the manifest is one the agent accepts.
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_service-agent"))
+        .args(["run", "--help"])
+        .output()
+        .expect("service-agent run --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    let args = c.args.clone().unwrap_or_default();
+    assert_eq!(args[0], "run");
+    for arg in &args[1..] {
+        let flag = arg.split('=').next().unwrap_or_default();
+        assert!(
+            help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+            "{flag} is not a flag of `service-agent run`"
+        );
+    }
+    assert!(args.iter().any(|a| a == "--keep-on-exit"), "rolling updates must not detach the dataplane");
+}
+
+#[test]
+fn the_container_file_builds_the_agent_with_its_ebpf_object() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/Containerfile");
+    let text = std::fs::read_to_string(path).expect("Containerfile");
+    for needle in
+        ["rust-src", "bpf-linker@0.10.0", "SERVICE_DATAPLANE_REQUIRE_EBPF=1", "-p service-agent", "ENTRYPOINT"]
+    {
+        assert!(text.contains(needle), "Containerfile lacks {needle}");
+    }
 }

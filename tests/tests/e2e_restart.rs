@@ -108,7 +108,8 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     assert_eq!(link_pins(&root), 4, "pinned links survive a SIGKILL (traffic below shows they still run)");
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut second = Agent::start(&topo.node, manifests.path(), "node-1", &root, &[]).expect("agent");
+    // The second agent runs as the DaemonSet runs it: --keep-on-exit.
+    let mut second = Agent::start(&topo.node, manifests.path(), "node-1", &root, &["--keep-on-exit"]).expect("agent");
     second.wait_for_log("synced", 1, Duration::from_secs(20)).expect("sync");
     let log = second.log();
     assert_eq!(log.matches("adopted the pinned link of an earlier agent").count(), 4, "{log}");
@@ -126,8 +127,12 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     assert!(ok > 50, "only {ok} requests");
     assert_eq!(who(&mut held).expect("the held connection survives"), serving);
 
-    // SIGKILL again, then `cleanup` removes every link and pin.
-    second.kill().expect("SIGKILL");
+    // SIGTERM with --keep-on-exit (a rolling update) leaves the dataplane
+    // running; then `cleanup` removes every link and pin.
+    let status = second.stop().expect("exit on SIGTERM");
+    assert!(status.success(), "{status}");
+    assert_eq!(link_pins(&root), 4, "links stay for the next agent");
+    assert!(topo.pod("client").ns.run_in(fresh_request).is_ok(), "traffic flows with no agent running");
     let out = Command::new("nsenter")
         .arg(format!("--net={}", topo.node.path().display()))
         .arg(binary("service-agent", "SERVICE_AGENT_BIN"))
