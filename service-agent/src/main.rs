@@ -120,9 +120,15 @@ fn json<T: serde::Serialize>(rows: &T) -> anyhow::Result<String> {
 fn inspect_text(what: Inspect, root: &std::path::Path, output: Output) -> anyhow::Result<String> {
     let state = inspect::applied(root)?;
     Ok(match (what, output) {
-        (Inspect::Services, Output::Json) => json(&inspect::services(&state))?,
+        (Inspect::Services, Output::Json) => {
+            let mut rows = inspect::services(&state);
+            inspect::add_counters(&mut rows, &mut [], root)?;
+            json(&rows)?
+        }
         (Inspect::Services, Output::Text) => {
-            let rows: Vec<Vec<String>> = inspect::services(&state)
+            let mut rows = inspect::services(&state);
+            inspect::add_counters(&mut rows, &mut [], root)?;
+            let rows: Vec<Vec<String>> = rows
                 .into_iter()
                 .map(|s| {
                     let backends: Vec<String> = s
@@ -139,14 +145,21 @@ fn inspect_text(what: Inspect, root: &std::path::Path, output: Output) -> anyhow
                         })
                         .collect();
                     let flags = if s.flags.is_empty() { "-".into() } else { s.flags.join(",") };
-                    vec![s.frontend, flags, if backends.is_empty() { "<none>".into() } else { backends.join(", ") }]
+                    vec![
+                        s.frontend,
+                        flags,
+                        s.packets.to_string(),
+                        s.bytes.to_string(),
+                        if backends.is_empty() { "<none>".into() } else { backends.join(", ") },
+                    ]
                 })
                 .collect();
-            inspect::table(&["FRONTEND", "FLAGS", "BACKENDS (slots)"], &rows)
+            inspect::table(&["FRONTEND", "FLAGS", "PACKETS", "BYTES", "BACKENDS (slots)"], &rows)
         }
         (Inspect::Backends, output) => {
-            let rows: Vec<inspect::BackendRow> =
+            let mut rows: Vec<inspect::BackendRow> =
                 state.backends.iter().map(|(id, b)| inspect::services_backend(*id, b)).collect();
+            inspect::add_counters(&mut [], &mut rows, root)?;
             if output == Output::Json {
                 json(&rows)?
             } else {
@@ -158,10 +171,12 @@ fn inspect_text(what: Inspect, root: &std::path::Path, output: Output) -> anyhow
                             format!("{}:{}/{}", b.address, b.port, b.protocol),
                             if b.local { "local".into() } else { "remote".into() },
                             b.state.into(),
+                            b.packets.to_string(),
+                            b.bytes.to_string(),
                         ]
                     })
                     .collect();
-                inspect::table(&["ID", "BACKEND", "NODE", "STATE"], &rows)
+                inspect::table(&["ID", "BACKEND", "NODE", "STATE", "PACKETS", "BYTES"], &rows)
             }
         }
         (Inspect::Conntrack, output) => {

@@ -95,7 +95,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 }
                 health.queued();
                 let snapshot = snapshots.borrow_and_update().clone();
-                if sync_once(&mut reconciler, &snapshot, &node, &metrics, &mut reported) {
+                if sync_once(&mut reconciler, &config.bpffs_root, &snapshot, &node, &metrics, &mut reported) {
                     health.synced();
                 }
             }
@@ -154,6 +154,7 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
 /// whether every row was written.
 fn sync_once(
     reconciler: &mut Reconciler<PinnedMaps>,
+    bpffs_root: &std::path::Path,
     objects: &Objects,
     node: &NodeContext,
     metrics: &Metrics,
@@ -172,6 +173,11 @@ fn sync_once(
         tracing::error!(error = %e, "map update failed");
     }
     metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.applied(), report.errors.len());
+    let live_rev_nat: BTreeSet<u32> = reconciler.applied().rev_nat.keys().copied().collect();
+    let live_backends: BTreeSet<u32> = reconciler.applied().backends.keys().copied().collect();
+    if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backends) {
+        tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
+    }
     tracing::info!(
         services = objects.services.len(),
         endpoint_slices = objects.endpoint_slices.len(),

@@ -24,7 +24,10 @@ pub mod map_names {
     pub const STATS: &str = "stats";
     pub const SOURCE_RANGES: &str = "source_ranges";
     pub const AFFINITY: &str = "affinity";
-    pub const ALL: [&str; 7] = [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, SOURCE_RANGES, AFFINITY];
+    pub const SERVICE_COUNTERS: &str = "service_counters";
+    pub const BACKEND_COUNTERS: &str = "backend_counters";
+    pub const ALL: [&str; 9] =
+        [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, SOURCE_RANGES, AFFINITY, SERVICE_COUNTERS, BACKEND_COUNTERS];
 }
 
 /// Default capacities compiled into the object; the agent can raise them
@@ -250,6 +253,17 @@ pub struct SourceRangeKey {
 }
 const _: () = assert!(size_of::<SourceRangeKey>() == 20);
 
+/// Value of the per-CPU `service_counters` (keyed by rev-NAT id) and
+/// `backend_counters` (keyed by backend id) maps: both directions of every
+/// translated packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<Counters>() == 16);
+
 /// Key of the `affinity` map (ClientIP session affinity).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
@@ -288,6 +302,7 @@ mod user {
     unsafe impl aya::Pod for super::SourceRangeKey {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
+    unsafe impl aya::Pod for super::Counters {}
 }
 
 #[cfg(test)]

@@ -13,16 +13,16 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::TcContext,
 };
 use service_common::{
-    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port,
-    RevNatValue, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_v4, capacity, ct_flags, ct_timeouts,
-    hash, service_flags, stats,
+    AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    Port, RevNatValue, SCOPE_INTERNAL, ServiceKey, ServiceValue, SourceRangeKey, addr_v4, capacity, ct_flags,
+    ct_timeouts, hash, service_flags, stats,
 };
 
-use crate::reject::{self, Offender};
+use crate::reject;
 
 #[map(name = "services")]
 static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
@@ -40,6 +40,36 @@ static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 /// external path (north-south traffic).
 #[map(name = "source_ranges")]
 static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+/// Packets and bytes per frontend (rev-NAT id) and per backend, both
+/// directions; per-CPU, so no CPU ever writes another's counters.
+#[map(name = "service_counters")]
+static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(capacity::REV_NAT, 0);
+#[map(name = "backend_counters")]
+static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(capacity::BACKENDS, 0);
+
+/// Adds one packet of `len` bytes to `map[id]`.
+#[inline(always)]
+fn add_counter(map: &PerCpuHashMap<u32, Counters>, id: u32, len: u64) {
+    if let Some(c) = map.get_ptr_mut(&id) {
+        // SAFETY: a per-CPU value: only this CPU writes it.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    } else {
+        // The first packet on this CPU; losing it to a race only loses one.
+        let _ = map.insert(&id, &Counters { packets: 1, bytes: len }, 0);
+    }
+}
+
+/// Not inlined, to keep its temporaries off the caller's stack frame.
+#[inline(never)]
+fn count_flow(ctx: &TcContext, rev_nat_id: u32, backend_id: u32) {
+    let len = u64::from(ctx.len());
+    add_counter(&SERVICE_COUNTERS, rev_nat_id, len);
+    add_counter(&BACKEND_COUNTERS, backend_id, len);
+}
+
 /// ClientIP session affinity: (client, frontend, protocol) → backend.
 #[map(name = "affinity")]
 static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
@@ -132,14 +162,42 @@ fn try_pod_ingress(ctx: &TcContext) -> Outcome {
     // SAFETY: conntrack values are plain data; a concurrent update of the
     // same entry can at worst give a stale copy, never an invalid one.
     if let Some(ct) = unsafe { CONNTRACK.get(&key) } {
-        let ct = *ct;
-        let now = ktime_ns();
-        if !expired(&ct, flow.proto, now) {
-            return established(ctx, &flow, &key, ct, now);
+        // Not copied here: `established` copies it into its own frame.
+        if !expired(ct, flow.proto, ktime_ns()) {
+            return established(ctx, &flow, &key, ct);
         }
     }
-    new_flow(ctx, &flow, key)
+    match new_flow(ctx, &flow, &key) {
+        // Answered here, not inside new_flow: the answer's buffers and
+        // new_flow's locals never share one call chain's stack.
+        Ok((NEEDS_REJECT, _)) => {
+            let (saddr, daddr) = (u32::from_ne_bytes(flow.saddr), u32::from_ne_bytes(flow.daddr));
+            if flow.proto == PROTO_TCP {
+                reject::tcp_rst(ctx, saddr, daddr, reject::pack(flow.l4_off, flow.tcp_flags))
+                    .map(|action| (action, stats::REJECT_TCP_RST))
+            } else {
+                reject::icmp_port_unreachable(ctx, saddr, daddr, reject::pack(flow.l4_off, 0))
+                    .map(|action| (action, stats::REJECT_ICMP_UNREACHABLE))
+            }
+        }
+        outcome => outcome,
+    }
 }
+
+/// The action [`new_flow`] returns when the packet must be rejected.
+const NEEDS_REJECT: i32 = i32::MIN;
+
+/// Per-CPU room for the two conntrack entries a new flow writes, kept off
+/// the 512-byte stack.
+#[repr(C)]
+struct NewFlowScratch {
+    reply_key: CtKey,
+    original: CtValue,
+    reply: CtValue,
+}
+
+#[map(name = "scratch")]
+static SCRATCH: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Parses Ethernet + IPv4 + the L4 ports. `Err` is the pass counter for a
 /// packet this program leaves alone.
@@ -203,8 +261,14 @@ fn expired(ct: &CtValue, proto: u8, now: u64) -> bool {
 }
 
 /// A packet of a known flow: translate it the way its entry says.
-#[inline(always)]
-fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, ct: CtValue, now: u64) -> Outcome {
+///
+/// This and [`new_flow`] are separate BPF functions (not inlined): each
+/// gets its own stack frame, so the two paths' locals never add up in one
+/// frame (the verifier allows 512 bytes for the deepest call chain).
+#[inline(never)]
+fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, ct: &CtValue) -> Outcome {
+    let ct = *ct;
+    let now = ktime_ns();
     if flow.first_fragment {
         return Err(stats::DROP_FRAGMENTED_SERVICE);
     }
@@ -223,9 +287,11 @@ fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, ct: CtValue, now: u64)
     let nat_addr = [ct.nat_addr[0], ct.nat_addr[1], ct.nat_addr[2], ct.nat_addr[3]];
     if ct.flags & ct_flags::DNAT != 0 {
         rewrite(ctx, flow, IP_DST_OFF, flow.daddr, nat_addr, 2, flow.dport, ct.nat_port)?;
+        count_flow(ctx, ct.rev_nat_id, ct.backend_id);
         pass(stats::DNAT_ESTABLISHED)
     } else if ct.flags & ct_flags::REV_NAT != 0 {
         rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, nat_addr, 0, flow.sport, ct.nat_port)?;
+        count_flow(ctx, ct.rev_nat_id, ct.backend_id);
         pass(stats::REV_NAT)
     } else {
         pass(stats::PASS_NO_SERVICE)
@@ -251,8 +317,8 @@ fn mark_peer_closing(key: &CtKey, ct: &CtValue) {
 
 /// The first packet of a flow: look up the frontend, pick a backend, record
 /// both directions in conntrack, DNAT.
-#[inline(always)]
-fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
+#[inline(never)]
+fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey) -> Outcome {
     let frontend = ServiceKey::frontend(FAMILY_IPV4, key.daddr, flow.dport, flow.proto, SCOPE_INTERNAL);
     // SAFETY: service values are plain data written whole by the agent.
     let Some(service) = (unsafe { SERVICES.get(&frontend) }) else {
@@ -270,20 +336,18 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
         if service.flags & service_flags::REJECT == 0 {
             return Err(stats::DROP_NO_BACKEND);
         }
-        let offender =
-            Offender { saddr: flow.saddr, daddr: flow.daddr, l4_off: flow.l4_off, tcp_flags: flow.tcp_flags };
-        return if flow.proto == PROTO_TCP {
-            reject::tcp_rst(ctx, &offender).map(|action| (action, stats::REJECT_TCP_RST))
-        } else {
-            reject::icmp_port_unreachable(ctx, &offender).map(|action| (action, stats::REJECT_ICMP_UNREACHABLE))
-        };
+        return Ok((NEEDS_REJECT, 0));
     }
     let now = ktime_ns();
-    let (backend_id, backend, affinity_hit) = choose_backend(&frontend, &service, &key, flow, now)?;
+    let (backend_id, backend, affinity_hit) = choose_backend(&frontend, &service, key, flow, now)?;
     if flow.proto == PROTO_SCTP && backend.port != flow.dport {
         return Err(stats::DROP_SCTP_PORT_TRANSLATION);
     }
-    let original = CtValue {
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(stats::DROP_CT_INSERT)?;
+    // SAFETY: this CPU's own scratch slot; a BPF program is not preempted
+    // by itself on one CPU, so nothing else uses it meanwhile.
+    let scratch = unsafe { &mut *scratch };
+    scratch.original = CtValue {
         nat_addr: backend.addr,
         nat_port: backend.port,
         flags: ct_flags::DNAT,
@@ -293,17 +357,18 @@ fn new_flow(ctx: &TcContext, flow: &Flow, key: CtKey) -> Outcome {
         _pad2: 0,
         last_seen_ns: now,
     };
-    let reply_key = CtKey { saddr: backend.addr, daddr: key.saddr, sport: backend.port, dport: flow.sport, ..key };
-    let reply = CtValue { nat_addr: key.daddr, nat_port: flow.dport, flags: ct_flags::REV_NAT, ..original };
+    scratch.reply_key = CtKey { saddr: backend.addr, daddr: key.saddr, sport: backend.port, dport: flow.sport, ..*key };
+    scratch.reply = CtValue { nat_addr: key.daddr, nat_port: flow.dport, flags: ct_flags::REV_NAT, ..scratch.original };
     // The reply entry first: once the original entry exists, a reply must
     // find its way back.
-    CONNTRACK.insert(&reply_key, &reply, 0).map_err(|_| stats::DROP_CT_INSERT)?;
-    CONNTRACK.insert(&key, &original, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+    CONNTRACK.insert(&scratch.reply_key, &scratch.reply, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+    CONNTRACK.insert(key, &scratch.original, 0).map_err(|_| stats::DROP_CT_INSERT)?;
     let backend_addr = [backend.addr[0], backend.addr[1], backend.addr[2], backend.addr[3]];
     rewrite(ctx, flow, IP_DST_OFF, flow.daddr, backend_addr, 2, flow.dport, backend.port)?;
     if affinity_hit {
         count(stats::AFFINITY_HIT);
     }
+    count_flow(ctx, service.rev_nat_id, backend_id);
     pass(stats::DNAT_NEW)
 }
 

@@ -20,14 +20,6 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 const DEFAULT_TTL: u8 = 64;
 
-/// What the reject path needs to know about the offending packet.
-pub struct Offender {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
-    pub l4_off: usize,
-    pub tcp_flags: u8,
-}
-
 /// A fresh IPv4 header (no options, DF, TTL 64) with its checksum.
 #[inline(always)]
 fn ipv4_header(saddr: [u8; 4], daddr: [u8; 4], proto: u8, total_len: u16) -> [u8; IP_HLEN] {
@@ -42,6 +34,34 @@ fn ipv4_header(saddr: [u8; 4], daddr: [u8; 4], proto: u8, total_len: u16) -> [u8
     let c = csum::finish(csum::sum(0, &h));
     h[10..12].copy_from_slice(&c.to_be_bytes());
     h
+}
+
+/// What the reject path needs to know about the offending packet.
+struct Offender {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    l4_off: usize,
+    tcp_flags: u8,
+}
+
+impl Offender {
+    #[inline(always)]
+    fn new(saddr: u32, daddr: u32, l4_off_flags: u32) -> Self {
+        Self {
+            saddr: saddr.to_ne_bytes(),
+            daddr: daddr.to_ne_bytes(),
+            l4_off: (l4_off_flags >> 8) as usize,
+            tcp_flags: (l4_off_flags & 0xff) as u8,
+        }
+    }
+}
+
+/// The L4 offset and TCP flags in one argument: a BPF function takes at
+/// most five, and the returned Result already uses one.
+#[inline(always)]
+#[expect(clippy::cast_possible_truncation, reason = "the L4 offset is at most 14 + 60")]
+pub fn pack(l4_off: usize, tcp_flags: u8) -> u32 {
+    ((l4_off as u32) << 8) | u32::from(tcp_flags)
 }
 
 /// Swaps the Ethernet addresses: the answer goes back to the sender.
@@ -67,8 +87,16 @@ fn send_back(ctx: &TcContext) -> i32 {
 
 /// Turns a TCP segment into the RST that refuses it (RFC 793 reset
 /// generation) and sends it back. An incoming RST is dropped unanswered.
-#[inline(always)]
-pub fn tcp_rst(ctx: &TcContext, p: &Offender) -> Result<i32, u32> {
+///
+/// Not inlined: a rare path whose buffers must not count against the
+/// fast path's 512-byte stack (a BPF-to-BPF call gets its own frame).
+#[inline(never)]
+///
+/// `saddr`/`daddr` are the offending packet's addresses as they sit in the
+/// header (`u32::from_ne_bytes` of the wire bytes): scalars, not a struct,
+/// so nothing more lands on the stack.
+pub fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<i32, u32> {
+    let p = Offender::new(saddr, daddr, l4_off_flags);
     if p.tcp_flags & TCP_RST != 0 {
         return Err(stats::REJECT_TCP_RST);
     }
@@ -113,8 +141,9 @@ pub fn tcp_rst(ctx: &TcContext, p: &Offender) -> Result<i32, u32> {
 /// Turns a datagram into the ICMP port unreachable that refuses it, sent
 /// from the Service address, quoting its IP header and first 8 bytes.
 /// Datagrams with IP options are dropped unanswered (counted as rejected).
-#[inline(always)]
-pub fn icmp_port_unreachable(ctx: &TcContext, p: &Offender) -> Result<i32, u32> {
+#[inline(never)]
+pub fn icmp_port_unreachable(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<i32, u32> {
+    let p = Offender::new(saddr, daddr, l4_off_flags);
     if p.l4_off != ETH_HLEN + IP_HLEN {
         return Err(stats::REJECT_ICMP_UNREACHABLE);
     }

@@ -98,6 +98,21 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     assert_eq!(get("service_dataplane_packets_total{verdict=\"dnat_new_flow\",drop=\"false\"}"), 5.0);
     assert!(get("service_dataplane_packets_total{verdict=\"rev_nat_reply\",drop=\"false\"}") >= 5.0);
     assert_eq!(get("service_dataplane_packets_total{verdict=\"drop_no_backend\",drop=\"true\"}"), 0.0);
+    // Per-Service and per-backend traffic, both directions, named.
+    let svc_packets = get(
+        "service_dataplane_service_packets_total{namespace=\"default\",name=\"web\",port=\"\",frontend=\"10.96.0.10:80\"}",
+    );
+    let backend_packets = get("service_dataplane_backend_packets_total{backend=\"10.244.1.11:8080/TCP\"}");
+    let dnat_and_replies = get("service_dataplane_packets_total{verdict=\"dnat_new_flow\",drop=\"false\"}")
+        + get("service_dataplane_packets_total{verdict=\"dnat_established\",drop=\"false\"}")
+        + get("service_dataplane_packets_total{verdict=\"rev_nat_reply\",drop=\"false\"}");
+    assert_eq!(svc_packets, dnat_and_replies, "every translated packet is counted for its Service");
+    assert_eq!(backend_packets, svc_packets);
+    assert!(
+        get(
+            "service_dataplane_service_bytes_total{namespace=\"default\",name=\"web\",port=\"\",frontend=\"10.96.0.10:80\"}"
+        ) > svc_packets * 40.0
+    );
     // The broken Service is reported once, not on every sync.
     assert_eq!(agent.log().matches("Service default/broken: spec.clusterIP").count(), 1, "{}", agent.log());
 
@@ -125,6 +140,8 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     assert_eq!(services[0]["address"], "10.96.0.10");
     assert_eq!(services[0]["backends"][0][0]["address"], "10.244.1.11");
     assert_eq!(services[0]["backends"][0][1], 31);
+    assert!(services[0]["packets"].as_u64().is_some_and(|p| p >= 5 * 6), "{services:#}");
+    assert_eq!(services[0]["backends"][0][0]["packets"], services[0]["packets"]);
     let backends: serde_json::Value =
         serde_json::from_str(&agent_cli(&root, &["inspect", "backends", "-o", "json"])).expect("json");
     assert_eq!(backends[0]["port"], 8080);

@@ -33,6 +33,9 @@ pub struct BackendRow {
     pub protocol: String,
     pub local: bool,
     pub state: &'static str,
+    /// Packets and bytes translated to and from it (both directions).
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -48,6 +51,10 @@ pub struct ServiceRow {
     pub slots: u32,
     /// Backends with the number of table slots each holds.
     pub backends: Vec<(BackendRow, u32)>,
+    /// Packets and bytes translated for this frontend's address:port
+    /// (both directions; TCP and UDP of one port share the count).
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +115,8 @@ fn backend_row(id: u32, b: &service_common::BackendValue) -> BackendRow {
         protocol: dump::proto_name(b.proto),
         local: b.flags & backend_flags::LOCAL != 0,
         state: if b.state == backend_state::TERMINATING { "terminating" } else { "active" },
+        packets: 0,
+        bytes: 0,
     }
 }
 
@@ -140,9 +149,33 @@ pub fn services(state: &MapState) -> Vec<ServiceRow> {
                     .into_iter()
                     .filter_map(|(id, n)| state.backends.get(&id).map(|b| (backend_row(id, b), n)))
                     .collect(),
+                packets: 0,
+                bytes: 0,
             }
         })
         .collect()
+}
+
+/// Fills the packet and byte counts from the per-CPU counter maps.
+///
+/// # Errors
+/// When the counter maps cannot be read.
+pub fn add_counters(rows: &mut [ServiceRow], backends: &mut [BackendRow], root: &Path) -> Result<(), InspectError> {
+    let svc = maps::read_counters(root, service_common::map_names::SERVICE_COUNTERS)?;
+    let be = maps::read_counters(root, service_common::map_names::BACKEND_COUNTERS)?;
+    for r in rows {
+        let c = svc.get(&r.rev_nat_id).copied().unwrap_or_default();
+        (r.packets, r.bytes) = (c.packets, c.bytes);
+        for (b, _) in &mut r.backends {
+            let c = be.get(&b.id).copied().unwrap_or_default();
+            (b.packets, b.bytes) = (c.packets, c.bytes);
+        }
+    }
+    for b in backends {
+        let c = be.get(&b.id).copied().unwrap_or_default();
+        (b.packets, b.bytes) = (c.packets, c.bytes);
+    }
+    Ok(())
 }
 
 fn endpoint(family: u8, addr: &service_common::Addr, port: service_common::Port) -> String {

@@ -359,6 +359,63 @@ pub fn read_affinity(root: &Path) -> Result<std::collections::BTreeMap<AffinityK
     read_pinned(root, map_names::AFFINITY)
 }
 
+fn counters_map(
+    root: &Path,
+    name: &'static str,
+) -> Result<aya::maps::PerCpuHashMap<MapData, u32, service_common::Counters>, LoadError> {
+    aya::maps::PerCpuHashMap::try_from(open_pinned(root, name)?).map_err(|source| LoadError::Map { name, source })
+}
+
+/// Packets and bytes per id (rev-NAT id for `service_counters`, backend
+/// id for `backend_counters`), summed over CPUs.
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn read_counters(
+    root: &Path,
+    name: &'static str,
+) -> Result<std::collections::BTreeMap<u32, service_common::Counters>, LoadError> {
+    let map = counters_map(root, name)?;
+    let mut out = std::collections::BTreeMap::new();
+    for row in map.iter() {
+        match row {
+            Ok((id, per_cpu)) => {
+                let sum = per_cpu.iter().fold(service_common::Counters::default(), |a, c| service_common::Counters {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                });
+                out.insert(id, sum);
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => return Err(LoadError::Map { name, source }),
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the counters of ids no longer in use, so a reused id starts
+/// from zero.
+///
+/// # Errors
+/// When a map cannot be read or written.
+pub fn prune_counters(
+    root: &Path,
+    live_rev_nat: &std::collections::BTreeSet<u32>,
+    live_backends: &std::collections::BTreeSet<u32>,
+) -> Result<usize, LoadError> {
+    let mut removed = 0;
+    for (name, live) in [(map_names::SERVICE_COUNTERS, live_rev_nat), (map_names::BACKEND_COUNTERS, live_backends)] {
+        let mut map = counters_map(root, name)?;
+        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|id| !live.contains(id)).collect();
+        for id in stale {
+            if map.remove(&id).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns()` reads,
 /// to turn the programs' timestamps into ages.
 #[must_use]

@@ -58,10 +58,69 @@ struct VerdictLabel {
     drop: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrontendLabel {
+    namespace: String,
+    name: String,
+    port: String,
+    frontend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabel {
+    backend: String,
+}
+
+/// What the counter ids stand for, refreshed at every sync.
+#[derive(Debug, Default)]
+struct CounterLabels {
+    /// rev-NAT id → the frontends (Service, port name, address) using it.
+    frontends: BTreeMap<u32, Vec<FrontendLabel>>,
+    /// backend id → `addr:port/proto`.
+    backends: BTreeMap<u32, String>,
+}
+
 /// Reads the per-CPU counters at scrape time.
 #[derive(Debug)]
 struct PacketCounters {
     bpffs_root: PathBuf,
+    labels: Arc<Mutex<CounterLabels>>,
+}
+
+impl PacketCounters {
+    fn encode_traffic(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let labels = self.labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let services =
+            maps::read_counters(&self.bpffs_root, service_common::map_names::SERVICE_COUNTERS).unwrap_or_default();
+        let backends =
+            maps::read_counters(&self.bpffs_root, service_common::map_names::BACKEND_COUNTERS).unwrap_or_default();
+        for (metric, help, bytes) in [
+            ("service_dataplane_service_packets", "Packets translated per Service frontend, both directions", false),
+            ("service_dataplane_service_bytes", "Bytes translated per Service frontend, both directions", true),
+        ] {
+            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (id, c) in &services {
+                // Frontends sharing an address:port (TCP and UDP of one
+                // port) share a counter; it is reported under the first.
+                if let Some(label) = labels.frontends.get(id).and_then(|l| l.first()) {
+                    ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(label)?)?;
+                }
+            }
+        }
+        for (metric, help, bytes) in [
+            ("service_dataplane_backend_packets", "Packets translated per backend, both directions", false),
+            ("service_dataplane_backend_bytes", "Bytes translated per backend, both directions", true),
+        ] {
+            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (id, c) in &backends {
+                if let Some(backend) = labels.backends.get(id) {
+                    let label = BackendLabel { backend: backend.clone() };
+                    ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(&label)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Collector for PacketCounters {
@@ -80,7 +139,8 @@ impl Collector for PacketCounters {
             };
             ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
         }
-        Ok(())
+        drop(metric);
+        self.encode_traffic(&mut encoder)
     }
 }
 
@@ -95,6 +155,7 @@ pub struct Metrics {
     map_update_errors: prometheus_client::metrics::counter::Counter,
     /// Trigger times already observed, per EndpointSlice.
     seen_triggers: Mutex<BTreeMap<String, String>>,
+    counter_labels: Arc<Mutex<CounterLabels>>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -148,7 +209,8 @@ impl Metrics {
             "Map writes that failed (a full map names the flag to raise in the log)",
             map_update_errors.clone(),
         );
-        registry.register_collector(Box::new(PacketCounters { bpffs_root }));
+        let counter_labels = Arc::new(Mutex::new(CounterLabels::default()));
+        registry.register_collector(Box::new(PacketCounters { bpffs_root, labels: counter_labels.clone() }));
         Self {
             registry,
             sync_duration,
@@ -158,6 +220,7 @@ impl Metrics {
             map_entries,
             map_update_errors,
             seen_triggers: Mutex::new(BTreeMap::new()),
+            counter_labels,
         }
     }
 
@@ -194,6 +257,27 @@ impl Metrics {
             self.map_entries.get_or_create(&MapLabel { map: map.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.observe_programming(objects);
+        self.label_counters(desired, applied);
+    }
+
+    /// Maps counter ids to Service names for the per-Service metrics.
+    fn label_counters(&self, desired: &Desired, applied: &MapState) {
+        let mut labels = CounterLabels::default();
+        for df in desired.frontends.values() {
+            let Some(row) = applied.services.get(&crate::reconciler::frontend_key(&df.frontend)) else { continue };
+            labels.frontends.entry(row.rev_nat_id).or_default().push(FrontendLabel {
+                namespace: df.service.namespace.clone(),
+                name: df.service.name.clone(),
+                port: df.port_name.clone(),
+                frontend: format!("{}:{}", df.frontend.addr, df.frontend.port),
+            });
+        }
+        for (id, b) in &applied.backends {
+            let addr = crate::reconciler::dump::ip(b.family, &b.addr);
+            let proto = crate::reconciler::dump::proto_name(b.proto);
+            labels.backends.insert(*id, format!("{addr}:{}/{proto}", u16::from_be_bytes(b.port)));
+        }
+        *self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = labels;
     }
 
     /// kube-proxy's network programming latency: for every EndpointSlice
