@@ -377,7 +377,7 @@ pub fn read_counters(
 ) -> Result<std::collections::BTreeMap<u32, service_common::Counters>, LoadError> {
     let map = counters_map(root, name)?;
     let mut out = std::collections::BTreeMap::new();
-    for row in map.iter() {
+    for row in &map {
         match row {
             Ok((id, per_cpu)) => {
                 let sum = per_cpu.iter().fold(service_common::Counters::default(), |a, c| service_common::Counters {

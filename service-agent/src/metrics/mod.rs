@@ -139,7 +139,6 @@ impl Collector for PacketCounters {
             };
             ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
         }
-        drop(metric);
         self.encode_traffic(&mut encoder)
     }
 }
