@@ -347,6 +347,7 @@ impl Topology {
 pub struct Agent {
     child: Option<Child>,
     log: PathBuf,
+    bpffs_root: PathBuf,
 }
 
 impl Agent {
@@ -384,7 +385,7 @@ impl Agent {
             .stderr(file)
             .spawn()
             .context("starting service-agent")?;
-        Ok(Self { child: Some(child), log })
+        Ok(Self { child: Some(child), log, bpffs_root: bpffs_root.to_owned() })
     }
 
     /// Everything the agent logged so far.
@@ -441,10 +442,32 @@ impl Agent {
     }
 }
 
+/// `service-agent cleanup --bpffs-root ROOT`: removes every link and pin
+/// an agent left there.
+///
+/// # Errors
+/// When it cannot run or fails.
+pub fn cleanup(bpffs_root: &Path) -> Result<()> {
+    let out = Command::new(binary("service-agent", "SERVICE_AGENT_BIN"))
+        .args(["cleanup", "--bpffs-root"])
+        .arg(bpffs_root)
+        .output()
+        .context("running service-agent cleanup")?;
+    if !out.status.success() {
+        bail!("service-agent cleanup: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if self.child.is_some() {
             let _ = self.stop();
+        }
+        // Whatever the test did to the agent (SIGKILL, --keep-on-exit), no
+        // link or pin outlives it.
+        if self.bpffs_root.exists() {
+            let _ = cleanup(&self.bpffs_root);
         }
         if std::thread::panicking() {
             eprintln!("agent log kept at {}", self.log.display());

@@ -157,6 +157,16 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     assert_eq!(new_flows["packets"], 5);
     assert_eq!(agent_cli(&root, &["inspect", "affinity", "-o", "json"]).trim(), "[]");
 
+    // bpftool reads every pinned map.
+    for name in service_common::map_names::ALL {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "dump", "pinned"])
+            .arg(root.join(name))
+            .output()
+            .expect("bpftool");
+        assert!(out.status.success(), "bpftool map dump pinned {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
     // explain: the service row, the client's conntrack entries, the slot.
     let why = agent_cli(&root, &["explain", "10.244.1.10", "10.96.0.10:80/TCP"]);
     assert!(why.contains("frontend 10.96.0.10:80/TCP internal"), "{why}");

@@ -129,6 +129,8 @@ fn main() -> Result<()> {
     println!("\n== cleanup");
     let status = agent.stop()?;
     println!("   agent stopped ({status}); pins removed: {}", !root.exists());
+    service_tests::netns::cleanup(&root)?;
+    println!("   service-agent cleanup: nothing left under {}", root.display());
     drop(servers);
     let node_ns = topo.node.name().to_owned();
     drop(topo);
