@@ -11,9 +11,9 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK, TC_ACT_SHOT},
+    btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
     helpers::bpf_ktime_get_ns,
-    macros::{classifier, map},
-    maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
+    macros::{btf_map, classifier},
     programs::TcContext,
 };
 use service_common::{
@@ -24,32 +24,32 @@ use service_common::{
 
 use crate::reject;
 
-#[map(name = "services")]
-static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(capacity::SERVICES, 0);
-#[map(name = "backends")]
-static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(capacity::BACKENDS, 0);
+#[btf_map(name = "services")]
+static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> = HashMap::new();
+#[btf_map(name = "backends")]
+static BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }> = HashMap::new();
 /// Not read by this program (conntrack stores the frontend itself); kept in
 /// the object so it is created and pinned for the agent and `inspect`.
-#[map(name = "rev_nat")]
-static REV_NAT: HashMap<u32, RevNatValue> = HashMap::pinned(capacity::REV_NAT, 0);
-#[map(name = "conntrack")]
-static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
-#[map(name = "stats")]
-static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+#[btf_map(name = "rev_nat")]
+static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
+#[btf_map(name = "conntrack")]
+static CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+#[btf_map(name = "stats")]
+static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
 /// `loadBalancerSourceRanges` rows, written by the agent; enforced on the
 /// external path (north-south traffic).
-#[map(name = "source_ranges")]
-static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8> = LpmTrie::pinned(capacity::SOURCE_RANGES, 0);
+#[btf_map(name = "source_ranges")]
+static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> = LpmTrie::new();
 /// Packets and bytes per frontend (rev-NAT id) and per backend, both
 /// directions; per-CPU, so no CPU ever writes another's counters.
-#[map(name = "service_counters")]
-static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(capacity::REV_NAT, 0);
-#[map(name = "backend_counters")]
-static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters> = PerCpuHashMap::pinned(capacity::BACKENDS, 0);
+#[btf_map(name = "service_counters")]
+static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::REV_NAT as usize }> = PerCpuHashMap::new();
+#[btf_map(name = "backend_counters")]
+static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::BACKENDS as usize }> = PerCpuHashMap::new();
 
 /// Adds one packet of `len` bytes to `map[id]`.
 #[inline(always)]
-fn add_counter(map: &PerCpuHashMap<u32, Counters>, id: u32, len: u64) {
+fn add_counter<const N: usize>(map: &PerCpuHashMap<u32, Counters, N>, id: u32, len: u64) {
     if let Some(c) = map.get_ptr_mut(&id) {
         // SAFETY: a per-CPU value: only this CPU writes it.
         unsafe {
@@ -71,8 +71,8 @@ fn count_flow(ctx: &TcContext, rev_nat_id: u32, backend_id: u32) {
 }
 
 /// ClientIP session affinity: (client, frontend, protocol) → backend.
-#[map(name = "affinity")]
-static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(capacity::AFFINITY, 0);
+#[btf_map(name = "affinity")]
+static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
 
 const ETH_HLEN: usize = 14;
 /// EtherType IPv4, as it appears on the wire.
@@ -196,8 +196,8 @@ struct NewFlowScratch {
     reply: CtValue,
 }
 
-#[map(name = "scratch")]
-static SCRATCH: PerCpuArray<NewFlowScratch> = PerCpuArray::with_max_entries(1, 0);
+#[btf_map(name = "scratch")]
+static SCRATCH: PerCpuArray<NewFlowScratch, 1> = PerCpuArray::new();
 
 /// Parses Ethernet + IPv4 + the L4 ports. `Err` is the pass counter for a
 /// packet this program leaves alone.

@@ -165,6 +165,18 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
             .output()
             .expect("bpftool");
         assert!(out.status.success(), "bpftool map dump pinned {name}: {}", String::from_utf8_lossy(&out.stderr));
+        // The maps carry BTF: fields print by name, not as hex.
+        let dump = String::from_utf8_lossy(&out.stdout);
+        let field = match name {
+            "services" => Some("\"rev_nat_id\""),
+            "backends" => Some("\"state\""),
+            "conntrack" => Some("\"nat_addr\""),
+            "rev_nat" => Some("\"family\""),
+            _ => None,
+        };
+        if let Some(field) = field {
+            assert!(dump.contains(field), "bpftool shows {name} without field names:\n{dump}");
+        }
     }
 
     // explain: the service row, the client's conntrack entries, the slot.

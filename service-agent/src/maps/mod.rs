@@ -106,8 +106,15 @@ pub fn load(root: &Path, sizes: MapSizes) -> Result<Ebpf, LoadError> {
         return Err(LoadError::NoObject);
     }
     prepare_bpffs_root(root)?;
-    let ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root)
+    // The maps are BTF-defined (so `bpftool map dump` prints fields by
+    // name) and carry no pinning attribute: each gets its pin path here,
+    // where aya reuses an existing pin or creates and pins the map.
+    let paths: Vec<(&str, PathBuf)> = map_names::ALL.iter().map(|n| (*n, root.join(n))).collect();
+    let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    let ebpf = loader
         .map_max_entries(map_names::SERVICES, sizes.services)
         .map_max_entries(map_names::BACKENDS, sizes.backends)
         .map_max_entries(map_names::REV_NAT, sizes.backends)
