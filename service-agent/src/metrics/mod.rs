@@ -392,3 +392,26 @@ pub async fn serve(
     });
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_fails_only_when_a_change_waits_longer_than_the_timeout() {
+        let h = Health::default();
+        h.queued();
+        assert_eq!(h.report().0, StatusCode::OK, "a change just queued");
+        h.synced();
+        let (code, body) = h.report();
+        assert_eq!(code, StatusCode::OK);
+        let body: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert!(body["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()));
+        // A change queued longer ago than the timeout and still not synced.
+        h.state.lock().expect("lock").pending_since =
+            Instant::now().checked_sub(HEALTH_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(h.report().0, StatusCode::SERVICE_UNAVAILABLE);
+        h.synced();
+        assert_eq!(h.report().0, StatusCode::OK);
+    }
+}
