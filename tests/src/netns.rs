@@ -25,6 +25,18 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// True (after saying why) when not root: privileged tests then skip
+/// instead of failing under a plain `cargo test`. `cargo xtask test` runs
+/// them as root.
+#[must_use]
+pub fn skip_unless_root() -> bool {
+    if is_root() {
+        return false;
+    }
+    eprintln!("skipped: needs root (run through `cargo xtask test`)");
+    true
+}
+
 /// A short unique suffix (6 hex digits): fits interface names (15 chars).
 #[must_use]
 pub fn unique_suffix() -> String {

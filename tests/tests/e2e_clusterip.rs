@@ -14,7 +14,7 @@ use std::{
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, ChildGuard, Topology, is_root, wait_until},
+    netns::{Agent, BpffsMount, ChildGuard, Topology, skip_unless_root, wait_until},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -146,14 +146,6 @@ fn who(stream: &mut TcpStream) -> String {
     let mut line = String::new();
     BufReader::new(stream.try_clone().expect("clone")).read_line(&mut line).expect("read");
     line.split_whitespace().next().unwrap_or_default().to_owned()
-}
-
-fn skip_unless_root() -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("skipped: needs root (run through `cargo xtask test`)");
-    true
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::{
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, ChildGuard, Topology, is_root},
+    netns::{Agent, BpffsMount, ChildGuard, Topology, skip_unless_root},
 };
 
 const NODE: &str = "node-1";
@@ -191,14 +191,6 @@ impl Cluster {
         }
         seen
     }
-}
-
-fn skip_unless_root() -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("skipped: needs root (run through `cargo xtask test`)");
-    true
 }
 
 #[test]

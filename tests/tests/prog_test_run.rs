@@ -14,7 +14,7 @@ use service_agent::{
 };
 use service_common::{addr_v4, hash, port_be, stats};
 use service_tests::{
-    netns::{BpffsMount, is_root},
+    netns::{BpffsMount, skip_unless_root},
     packet::{self, TestRunOutput},
 };
 
@@ -194,14 +194,6 @@ impl Fixture {
         let b = self.applied.backends[&row.backend_id];
         Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3])
     }
-}
-
-fn skip_unless_root() -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("skipped: BPF_PROG_TEST_RUN needs root (run through `cargo xtask test`)");
-    true
 }
 
 const SYN: u8 = 0x02;
