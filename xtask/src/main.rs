@@ -35,8 +35,9 @@ enum Cmd {
 }
 
 /// Commands the tests and the demo run, and the Debian package of each.
-const TOOLS: [(&str, &str); 6] = [
+const TOOLS: [(&str, &str); 7] = [
     ("ip", "iproute2"),
+    ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
     ("curl", "curl"),
     ("nsenter", "util-linux"),
