@@ -416,3 +416,24 @@ fn client_ip_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
     let out = f.run(&packet::tcp_v4(other, 42000, STICKY_VIP, 80, SYN, b""));
     assert_eq!(out.retval, TC_ACT_OK);
 }
+
+/// `cargo xtask build-ebpf` leaves the object where bpftool and packaging
+/// find it (xtask passes its path): an eBPF ELF with the classifier and
+/// the BTF of the map types.
+#[test]
+fn build_ebpf_leaves_an_object_bpftool_understands() {
+    let Some(path) = std::env::var_os("SERVICE_EBPF_OBJECT") else {
+        eprintln!("skipped: SERVICE_EBPF_OBJECT is set by `cargo xtask test`");
+        return;
+    };
+    let bytes = std::fs::read(&path).expect("object");
+    assert_eq!(&bytes[..4], b"\x7fELF");
+    // e_machine EM_BPF (247), little-endian.
+    assert_eq!(u16::from_le_bytes([bytes[18], bytes[19]]), 247);
+    let out = std::process::Command::new("bpftool").args(["btf", "dump", "file"]).arg(&path).output().expect("bpftool");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let btf = String::from_utf8_lossy(&out.stdout);
+    for ty in ["'ServiceKey'", "'CtValue'", "'service_pod_ingress'"] {
+        assert!(btf.contains(ty), "no {ty} in the object's BTF");
+    }
+}

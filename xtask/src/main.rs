@@ -254,6 +254,7 @@ fn test() -> Result<()> {
     run_counted(cargo().args(["test", "--release"]).env("KUBECTL", &kubectl), "cargo test", &mut totals)?;
     println!("\n== tiers 2 and 3: BPF_PROG_TEST_RUN golden packets, netns end to end (root)");
     build_bins()?;
+    let object = build_ebpf()?;
     for exe in test_executables("service-tests")? {
         let label = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         println!("\n-- {label}");
@@ -261,7 +262,8 @@ fn test() -> Result<()> {
             Command::new(&exe)
                 .arg("--test-threads=1")
                 .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
-                .env("POD_ECHO_BIN", release_bin("pod-echo")),
+                .env("POD_ECHO_BIN", release_bin("pod-echo"))
+                .env("SERVICE_EBPF_OBJECT", &object),
             &label,
             &mut totals,
         )?;
