@@ -2,8 +2,10 @@
 //!
 //! sources (Kubernetes objects) → model (desired frontends, pure) →
 //! reconciler (ordered map writes) → maps (pinned, read by the eBPF
-//! programs); the attach manager keeps the programs on the pod interfaces.
+//! programs); the attach manager keeps the programs on the pod and external
+//! interfaces; `healthcheck` serves kube-proxy's health check node ports.
 pub mod attach;
+pub mod healthcheck;
 pub mod inspect;
 pub mod maps;
 pub mod metrics;

@@ -86,6 +86,17 @@ struct RunArgs {
     /// Interfaces whose ingress carries pod traffic, as comma-separated globs.
     #[arg(long, default_value = "veth*,cali*,lxc*", value_name = "GLOB,...")]
     pod_interfaces: String,
+    /// Interfaces that carry traffic from outside the node (NodePort,
+    /// LoadBalancer IPs, externalIPs), as comma-separated names or globs.
+    /// Default: the interfaces that carry a default route, followed as
+    /// routes change.
+    #[arg(long, value_name = "IFACE,...")]
+    external_interfaces: Option<String>,
+    /// kube-proxy's --nodeport-addresses: NodePorts answer on the node
+    /// addresses inside these CIDRs. Default: every address on the external
+    /// interfaces.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    nodeport_addresses: Vec<service_agent::model::Cidr>,
     /// Where the maps are pinned (a directory on a BPF filesystem).
     #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
     bpffs_root: PathBuf,
@@ -281,6 +292,8 @@ async fn main() -> anyhow::Result<()> {
                 },
                 node_name: args.node_name,
                 pod_interfaces: Globs::parse(&args.pod_interfaces),
+                external_interfaces: args.external_interfaces.as_deref().map(Globs::parse),
+                nodeport_addresses: args.nodeport_addresses,
                 bpffs_root: args.bpffs_root,
                 map_sizes: MapSizes {
                     services: args.map_size_services,

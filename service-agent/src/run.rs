@@ -1,8 +1,10 @@
 //! `service-agent run`: wires the pieces together and drives them.
 //!
 //! One task owns everything (the loaded object, the reconciler, the attach
-//! manager) and reacts to three inputs: a new snapshot from the source, a
-//! link event (or the periodic re-scan), and SIGINT/SIGTERM.
+//! managers, the health check servers) and reacts to three inputs: a new
+//! snapshot from the source, a link/address/route event (or the periodic
+//! re-scan), and SIGINT/SIGTERM. The node's addresses are part of the
+//! model's input: when they change, the frontends are synced again.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -11,12 +13,17 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::{AttachManager, Globs, netlink},
+    attach::{AttachManager, Globs, ROLE_EXTERNAL, ROLE_POD, netlink},
+    healthcheck::HealthCheckServers,
     maps::{self, MapSizes, PinnedMaps},
     metrics::{Health, Metrics},
-    model::{self, NodeContext},
+    model::{self, Cidr, HealthCheck, NodeContext},
     reconciler::Reconciler,
-    source::{Objects, kube, manifest},
+    source::{
+        ObjectRef, Objects,
+        addresses::{self, NodeAddresses},
+        kube, manifest,
+    },
 };
 
 /// How often the manifest directory is polled.
@@ -38,6 +45,12 @@ pub struct RunConfig {
     pub source: SourceConfig,
     pub node_name: String,
     pub pod_interfaces: Globs,
+    /// `--external-interfaces`; `None`: the interfaces that carry a
+    /// default route, followed as routes change.
+    pub external_interfaces: Option<Globs>,
+    /// kube-proxy's `--nodeport-addresses`; empty: every address on the
+    /// external interfaces.
+    pub nodeport_addresses: Vec<Cidr>,
     pub bpffs_root: PathBuf,
     pub map_sizes: MapSizes,
     /// Leave links and pins in place on exit (for the next agent).
@@ -61,15 +74,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         adopted_rows = reconciler.applied().services.len(),
         "maps pinned"
     );
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(service_common::PROG_POD_INGRESS)
-        .context("the eBPF object has no pod ingress program")?
-        .try_into()
-        .context("the pod ingress program is not a TC classifier")?;
-    prog.load().context("loading the pod ingress program into the kernel")?;
-    let mut attach = AttachManager::new(config.pod_interfaces.clone(), links_dir(&config.bpffs_root));
-    log_attach(&attach.adopt(prog));
-    let mut links = netlink::watch_links().context("opening the rtnetlink link-event socket")?;
+    let (pod_prog, ext_prog) = programs(&mut ebpf)?;
+    let links_dir = links_dir(&config.bpffs_root);
+    let mut pod_attach = AttachManager::new(ROLE_POD, config.pod_interfaces.clone(), links_dir.clone());
+    log_attach("pod ingress", &pod_attach.adopt(pod_prog));
+    let mut ext_attach = AttachManager::new(ROLE_EXTERNAL, external_globs(&config), links_dir);
+    log_attach("external ingress", &ext_attach.adopt(ext_prog));
+    let mut events = netlink::watch_links().context("opening the rtnetlink event socket")?;
 
     let metrics = Arc::new(Metrics::new(config.bpffs_root.clone(), config.map_sizes));
     let health = Arc::new(Health::default());
@@ -77,45 +88,133 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     crate::metrics::serve(config.metrics_bind_address, config.healthz_bind_address, metrics.clone(), health.clone())
         .await
         .context("binding --metrics-bind-address / --healthz-bind-address")?;
+    let mut health_checks = HealthCheckServers::new(health.clone());
     let mut reported = BTreeSet::new();
     let mut snapshots = start_source(&config).await?;
-    let node = NodeContext { node_name: config.node_name.clone(), ..NodeContext::default() };
+    let mut node = NodeContext { node_name: config.node_name.clone(), ..NodeContext::default() };
+    let mut node_addrs = NodeAddresses::default();
+    refresh_node(&config, &mut ext_attach, &mut node_addrs, &mut node);
+    let mut snapshot: Option<Objects> = None;
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut rescan = tokio::time::interval(RESCAN);
-    log_attach(&attach.sync(prog));
+    log_attach("pod ingress", &pod_attach.sync(pod_prog));
+    log_attach("external ingress", &ext_attach.sync(ext_prog));
     // Nothing is reconciled before the source's first complete state: an
     // empty start would prune what a previous agent programmed.
     loop {
-        tokio::select! {
+        let resync = tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     break;
                 }
                 health.queued();
-                let snapshot = snapshots.borrow_and_update().clone();
-                if sync_once(&mut reconciler, &config.bpffs_root, &snapshot, &node, &metrics, &mut reported) {
-                    health.synced();
-                }
+                snapshot = Some(snapshots.borrow_and_update().clone());
+                true
             }
-            Some(()) = links.recv() => log_attach(&attach.sync(prog)),
-            _ = rescan.tick() => log_attach(&attach.sync(prog)),
+            Some(()) = events.recv() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
+            _ = rescan.tick() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+        };
+        if let (true, Some(objects)) = (resync, &snapshot) {
+            let (ok, wanted) = sync_once(&mut reconciler, &config.bpffs_root, objects, &node, &metrics, &mut reported);
+            if ok {
+                health.synced();
+            }
+            health_checks.sync(&wanted).await;
         }
     }
+    drop(health_checks);
     if config.keep_on_exit {
         tracing::info!("shutting down: programs stay attached and maps pinned for the next agent");
-        attach.leave_attached();
+        pod_attach.leave_attached();
+        ext_attach.leave_attached();
         return Ok(());
     }
     tracing::info!("shutting down: detaching and removing pins");
-    attach.detach_all(prog);
+    pod_attach.detach_all(pod_prog);
+    ext_attach.detach_all(ext_prog);
     drop(reconciler);
     drop(ebpf);
     maps::remove_pins(&config.bpffs_root).context("removing pins")?;
     Ok(())
+}
+
+/// Loads both classifiers into the kernel.
+fn programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<(&mut SchedClassifier, &mut SchedClassifier)> {
+    let (mut pod, mut ext) = (None, None);
+    for (name, prog) in ebpf.programs_mut() {
+        match name {
+            service_common::PROG_POD_INGRESS => pod = Some(prog),
+            service_common::PROG_EXTERNAL_INGRESS => ext = Some(prog),
+            _ => {}
+        }
+    }
+    let pod = load_classifier(pod, "pod ingress")?;
+    let ext = load_classifier(ext, "external ingress")?;
+    Ok((pod, ext))
+}
+
+fn load_classifier<'a>(
+    prog: Option<&'a mut aya::programs::Program>,
+    what: &str,
+) -> anyhow::Result<&'a mut SchedClassifier> {
+    let prog: &mut SchedClassifier = prog
+        .with_context(|| format!("the eBPF object has no {what} program"))?
+        .try_into()
+        .with_context(|| format!("the {what} program is not a TC classifier"))?;
+    prog.load().with_context(|| format!("loading the {what} program into the kernel"))?;
+    Ok(prog)
+}
+
+/// The external interfaces: the flag's, or those with a default route now.
+fn external_globs(config: &RunConfig) -> Globs {
+    config.external_interfaces.clone().unwrap_or_else(|| Globs::parse(&addresses::default_route_interfaces().join(",")))
+}
+
+/// Re-reads the external interfaces and the node's addresses; writes the
+/// SNAT rows and updates the model's node context when they changed.
+/// Returns whether the frontends must be synced again.
+fn refresh_node(
+    config: &RunConfig,
+    ext_attach: &mut AttachManager,
+    current: &mut NodeAddresses,
+    node: &mut NodeContext,
+) -> bool {
+    let globs = external_globs(config);
+    let now = addresses::select(&addresses::ipv4_addresses(), &globs, &config.nodeport_addresses);
+    ext_attach.set_globs(globs);
+    if now == *current {
+        return false;
+    }
+    if let Err(e) = maps::write_snat_addrs(&config.bpffs_root, &now.snat) {
+        tracing::error!(error = %e, "writing the SNAT addresses");
+    }
+    let nodeport: Vec<String> = now.nodeport.iter().map(ToString::to_string).collect();
+    let snat: Vec<String> = now.snat.iter().map(|(i, a)| format!("{i}={a}")).collect();
+    tracing::info!(nodeport_addresses = ?nodeport, snat_addresses = ?snat, "node addresses");
+    node.nodeport_addresses.clone_from(&now.nodeport);
+    let changed = current.nodeport != now.nodeport;
+    *current = now;
+    changed
+}
+
+/// A link, address or route event (or the periodic re-scan): attach to
+/// new interfaces, and pick up address changes.
+#[expect(clippy::needless_pass_by_value, reason = "pairs of borrows, not owned values")]
+fn rescan_node(
+    config: &RunConfig,
+    pod: (&mut AttachManager, &mut SchedClassifier),
+    ext: (&mut AttachManager, &mut SchedClassifier),
+    node_addrs: &mut NodeAddresses,
+    node: &mut NodeContext,
+) -> bool {
+    let changed = refresh_node(config, ext.0, node_addrs, node);
+    log_attach("pod ingress", &pod.0.sync(pod.1));
+    log_attach("external ingress", &ext.0.sync(ext.1));
+    changed
 }
 
 /// Starts the configured source; its first publication is its first
@@ -149,9 +248,10 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
     Ok(rx)
 }
 
-/// One sync: model, reconcile, metrics. Invalid fields are logged once
-/// each (`reported` remembers them while they stay invalid). Returns
-/// whether every row was written.
+/// One sync: model, reconcile, UDP conntrack flush, metrics. Invalid
+/// fields are logged once each (`reported` remembers them while they stay
+/// invalid). Returns whether every row was written, and the health check
+/// node ports to serve.
 fn sync_once(
     reconciler: &mut Reconciler<PinnedMaps>,
     bpffs_root: &std::path::Path,
@@ -159,7 +259,7 @@ fn sync_once(
     node: &NodeContext,
     metrics: &Metrics,
     reported: &mut BTreeSet<String>,
-) -> bool {
+) -> (bool, std::collections::BTreeMap<ObjectRef, HealthCheck>) {
     let _span = tracing::info_span!("sync").entered();
     let started = std::time::Instant::now();
     let desired = model::desired(objects, node);
@@ -178,6 +278,13 @@ fn sync_once(
     if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backends) {
         tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
     }
+    if report.changed() {
+        match maps::flush_udp_conntrack(bpffs_root, &reconciler.applied().live_pairs()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "flushed UDP conntrack entries of removed backends"),
+            Err(e) => tracing::warn!(error = %e, "flushing UDP conntrack entries of removed backends"),
+        }
+    }
     tracing::info!(
         services = objects.services.len(),
         endpoint_slices = objects.endpoint_slices.len(),
@@ -195,7 +302,7 @@ fn sync_once(
             tracing::debug!(service = %df.service, frontend = %df.frontend, backends = ?backends, "frontend");
         }
     }
-    report.errors.is_empty()
+    (report.errors.is_empty(), desired.health_checks)
 }
 
 /// Where link pins live.
@@ -204,20 +311,20 @@ pub fn links_dir(bpffs_root: &std::path::Path) -> PathBuf {
     bpffs_root.join("links")
 }
 
-fn log_attach(report: &crate::attach::SyncReport) {
+fn log_attach(program: &str, report: &crate::attach::SyncReport) {
     for name in &report.attached {
-        tracing::info!(interface = %name, "attached pod ingress program");
+        tracing::info!(interface = %name, "attached {program} program");
     }
     for name in &report.adopted {
-        tracing::info!(interface = %name, "adopted the pinned link of an earlier agent");
+        tracing::info!(interface = %name, "adopted the pinned {program} link of an earlier agent");
     }
     for name in &report.replaced {
-        tracing::info!(interface = %name, "replaced an earlier agent's program (upgrade)");
+        tracing::info!(interface = %name, "replaced an earlier agent's {program} program (upgrade)");
     }
     for name in &report.gone {
         tracing::info!(interface = %name, "interface gone");
     }
     for (name, error) in &report.failed {
-        tracing::warn!(interface = %name, %error, "attach failed");
+        tracing::warn!(interface = %name, %error, "attaching the {program} program failed");
     }
 }

@@ -39,9 +39,48 @@ pub fn pseudo_header_v4(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: u16) 
     sum(0, &p)
 }
 
+/// The new value of a checksum field after one 16-bit word of the data it
+/// covers changed from `old` to `new` (RFC 1624, eqn. 3: `HC' = ~(~HC +
+/// ~m + m')`). Words are in network order, as read from the packet.
+#[inline(always)]
+#[must_use]
+pub fn update16(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
+    let s = u32::from(!u16::from_be_bytes(check))
+        + u32::from(!u16::from_be_bytes(old))
+        + u32::from(u16::from_be_bytes(new));
+    finish(s).to_be_bytes()
+}
+
+/// [`update16`] for a 32-bit field (an IPv4 address).
+#[inline(always)]
+#[must_use]
+pub fn update32(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
+    let c = update16(check, [old[0], old[1]], [new[0], new[1]]);
+    update16(c, [old[2], old[3]], [new[2], new[3]])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn incremental_updates_match_a_full_recompute() {
+        let mut h = [0x45, 0x00, 0x00, 0x28, 0x12, 0x34, 0x40, 0x00, 0x40, 0x06, 0, 0, 10, 96, 0, 10, 10, 244, 1, 10];
+        let c = finish(sum(0, &h)).to_be_bytes();
+        h[10..12].copy_from_slice(&c);
+        let new_dst = [192, 168, 100, 11];
+        let updated = update32(c, [10, 244, 1, 10], new_dst);
+        h[16..20].copy_from_slice(&new_dst);
+        h[10..12].copy_from_slice(&[0, 0]);
+        assert_eq!(updated, finish(sum(0, &h)).to_be_bytes());
+        h[10..12].copy_from_slice(&updated);
+        assert_eq!(finish(sum(0, &h)), 0);
+        // A 16-bit field, including the checksum field itself changing.
+        let c2 = update16(updated, [0x12, 0x34], [0xab, 0xcd]);
+        h[4..6].copy_from_slice(&[0xab, 0xcd]);
+        h[10..12].copy_from_slice(&c2);
+        assert_eq!(finish(sum(0, &h)), 0);
+    }
 
     #[test]
     fn a_known_ipv4_header() {

@@ -26,8 +26,19 @@ pub mod map_names {
     pub const AFFINITY: &str = "affinity";
     pub const SERVICE_COUNTERS: &str = "service_counters";
     pub const BACKEND_COUNTERS: &str = "backend_counters";
-    pub const ALL: [&str; 9] =
-        [SERVICES, BACKENDS, REV_NAT, CONNTRACK, STATS, SOURCE_RANGES, AFFINITY, SERVICE_COUNTERS, BACKEND_COUNTERS];
+    pub const SNAT_ADDRS: &str = "snat_addrs";
+    pub const ALL: [&str; 10] = [
+        SERVICES,
+        BACKENDS,
+        REV_NAT,
+        CONNTRACK,
+        STATS,
+        SOURCE_RANGES,
+        AFFINITY,
+        SERVICE_COUNTERS,
+        BACKEND_COUNTERS,
+        SNAT_ADDRS,
+    ];
 }
 
 /// Default capacities compiled into the object; the agent can raise them
@@ -39,17 +50,38 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const AFFINITY: u32 = 65_536;
+    pub const SNAT_ADDRS: u32 = 256;
 }
+
+/// The source ports SNAT picks from for traffic it sends to a backend on
+/// another node (and for hairpin traffic): above Linux's default ephemeral
+/// range (32768-60999), so the node's own connections do not collide.
+pub mod snat_ports {
+    pub const MIN: u16 = 61_000;
+    pub const MAX: u16 = 65_535;
+    /// Ports tried (hash-chosen) before a new flow is dropped.
+    pub const TRIES: u32 = 8;
+}
+
+/// Key of the `snat_addrs` row holding the hairpin address: the node
+/// address a pod's own traffic is SNATed to when its Service sends it back
+/// to itself. Other rows are keyed by the external interface's ifindex.
+pub const SNAT_HAIRPIN: u32 = 0;
 
 /// Name of the TC classifier that translates traffic entering the node from
 /// a pod interface (host side of the pod's veth).
 pub const PROG_POD_INGRESS: &str = "service_pod_ingress";
+/// Name of the TC classifier that translates traffic entering the node on
+/// an external interface (NodePort, LoadBalancer IPs, externalIPs; replies
+/// from backends on other nodes).
+pub const PROG_EXTERNAL_INGRESS: &str = "service_external_ingress";
 
 /// Address families, as in `AF_INET`/`AF_INET6`.
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;
 
 /// IP protocol numbers.
+pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
@@ -211,6 +243,17 @@ pub mod ct_flags {
     pub const REV_NAT: u8 = 1 << 1;
     /// A FIN or RST was seen: the entry expires after the closing timeout.
     pub const CLOSING: u8 = 1 << 2;
+    /// The flow is also source-NATed (to a backend on another node, or a
+    /// hairpin): the original direction rewrites the source to
+    /// `snat_addr:snat_port` (this node); the reply direction rewrites the
+    /// destination to `snat_addr:snat_port` (the client).
+    pub const SNAT: u8 = 1 << 3;
+    /// The flow entered through an external interface (NodePort,
+    /// LoadBalancer IP, externalIP). Its replies get a source that may be
+    /// one of this node's own addresses, which the stack's input routing
+    /// drops as a martian, so they leave by a FIB lookup and a redirect
+    /// (as SNATed packets do).
+    pub const EXTERNAL: u8 = 1 << 4;
 }
 
 /// Value of the `conntrack` map. The address to rewrite to is stored in the
@@ -220,17 +263,19 @@ pub mod ct_flags {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct CtValue {
     pub nat_addr: Addr,
+    /// With [`ct_flags::SNAT`]: the other end's rewrite (see there).
+    pub snat_addr: Addr,
     pub nat_port: Port,
+    pub snat_port: Port,
     pub flags: u8,
-    pub _pad: u8,
+    pub _pad: [u8; 3],
     pub backend_id: u32,
     pub rev_nat_id: u32,
-    pub _pad2: u32,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once per
     /// [`ct_timeouts::REFRESH_NS`] to keep writes off the fast path.
     pub last_seen_ns: u64,
 }
-const _: () = assert!(size_of::<CtValue>() == 40);
+const _: () = assert!(size_of::<CtValue>() == 56);
 
 /// Idle timeouts of conntrack entries (nanoseconds). An expired entry is
 /// treated as absent; the LRU map reclaims the memory.

@@ -53,6 +53,19 @@ counters! {
     DROP_SCTP_PORT_TRANSLATION = 16, "drop_sctp_port_translation";
     /// Affinity: a new flow followed its client's earlier backend.
     AFFINITY_HIT = 17, "affinity_hit";
+    /// Dropped: the source is outside the Service's
+    /// `loadBalancerSourceRanges`.
+    DROP_SOURCE_RANGE = 18, "drop_source_range";
+    /// Dropped: no free SNAT source port for a new flow to a backend on
+    /// another node (or a hairpin).
+    DROP_SNAT_NO_PORT = 19, "drop_snat_no_port";
+    /// Dropped: the flow needs SNAT but the agent has written no address
+    /// for the interface (`snat_addrs`).
+    DROP_SNAT_NO_ADDRESS = 20, "drop_snat_no_address";
+    /// A new flow was also SNATed (backend on another node, or hairpin).
+    SNAT_NEW = 21, "snat_new_flow";
+    /// An ICMP error about a translated flow was translated for its peer.
+    ICMP_ERROR_TRANSLATED = 22, "icmp_error_translated";
 }
 
 /// Whether counter `id` counts dropped packets.
@@ -69,6 +82,9 @@ pub const fn is_drop(id: u32) -> bool {
             | REJECT_ICMP_UNREACHABLE
             | DROP_NO_LOCAL_BACKEND
             | DROP_SCTP_PORT_TRANSLATION
+            | DROP_SOURCE_RANGE
+            | DROP_SNAT_NO_PORT
+            | DROP_SNAT_NO_ADDRESS
     )
 }
 

@@ -1,13 +1,30 @@
 //! The service dataplane's packet path (aya-ebpf, TC).
 //!
-//! `service_pod_ingress` runs on the ingress of the host side of pod
-//! interfaces: every packet a pod sends passes here before the node routes
-//! it. Packets to a Service frontend are DNATed to a backend (conntrack pins
-//! the flow); replies from a backend get the frontend back as their source.
-//! Everything else passes untouched.
+//! Two classifiers run one pipeline ([`ingress`]) over shared maps
+//! ([`maps`]): `service_pod_ingress` on the host side of pod interfaces
+//! (ClusterIP), `service_external_ingress` on the node's external
+//! interfaces (NodePort, LoadBalancer IPs, externalIPs). Packets to a
+//! Service frontend are DNATed to a backend (conntrack pins the flow, SNAT
+//! where the reply must return through this node); replies get the frontend
+//! back as their source; ICMP errors about translated flows are translated
+//! too. Everything else passes untouched.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod external_ingress;
+#[cfg(target_arch = "bpf")]
+mod fib;
+#[cfg(target_arch = "bpf")]
+mod flow;
+#[cfg(target_arch = "bpf")]
+mod icmp;
+#[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
+mod maps;
+#[cfg(target_arch = "bpf")]
+mod nat;
 #[cfg(target_arch = "bpf")]
 mod pod_ingress;
 #[cfg(target_arch = "bpf")]

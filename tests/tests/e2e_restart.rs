@@ -112,7 +112,7 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     let mut second = Agent::start(&topo.node, manifests.path(), "node-1", &root, &["--keep-on-exit"]).expect("agent");
     second.wait_for_log("synced", 1, Duration::from_secs(20)).expect("sync");
     let log = second.log();
-    assert_eq!(log.matches("adopted the pinned link of an earlier agent").count(), 4, "{log}");
+    assert_eq!(log.matches("adopted the pinned pod ingress link of an earlier agent").count(), 4, "{log}");
     assert!(!log.contains("attached pod ingress program"), "nothing was missing, nothing reattached:\n{log}");
     assert!(log.contains("adopted_rows="), "{log}");
     assert!(log.contains("rows_written=0"), "the adopted maps were already right:\n{log}");

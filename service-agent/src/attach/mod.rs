@@ -1,6 +1,8 @@
-//! The attach manager: keeps the pod-ingress program attached to every
-//! interface whose name matches `--pod-interfaces`, following links as they
-//! appear and disappear (an rtnetlink link-event socket wakes it up).
+//! The attach manager: keeps a program attached to every interface whose
+//! name matches its globs, following links as they appear and disappear (an
+//! rtnetlink link-event socket wakes it up). The agent runs two: the pod
+//! ingress program on `--pod-interfaces`, the external ingress program on
+//! `--external-interfaces`.
 //!
 //! Attachment uses a TCX link (kernel 6.6+) and falls back to a clsact
 //! qdisc with a cls_bpf filter on older kernels.
@@ -92,6 +94,9 @@ enum Attachment {
 
 /// Attachments by ifindex.
 pub struct AttachManager {
+    /// The pin name prefix of this manager's links ([`ROLE_POD`],
+    /// [`ROLE_EXTERNAL`]).
+    role: &'static str,
     globs: Globs,
     links_dir: PathBuf,
     attached: BTreeMap<u32, (String, Attachment)>,
@@ -100,13 +105,18 @@ pub struct AttachManager {
     replacing: Vec<(u32, String, PathBuf, FdLink)>,
 }
 
-/// The pin of a link: `ingress-<ifindex>-<ifname>-<program tag>`.
-fn pin_name(ifindex: u32, name: &str, tag: u64) -> String {
-    format!("ingress-{ifindex}-{name}-{tag:016x}")
+/// Pin prefix of the pod ingress program's links.
+pub const ROLE_POD: &str = "ingress";
+/// Pin prefix of the external ingress program's links.
+pub const ROLE_EXTERNAL: &str = "external";
+
+/// The pin of a link: `<role>-<ifindex>-<ifname>-<program tag>`.
+fn pin_name(role: &str, ifindex: u32, name: &str, tag: u64) -> String {
+    format!("{role}-{ifindex}-{name}-{tag:016x}")
 }
 
-fn parse_pin_name(file: &str) -> Option<(u32, String, u64)> {
-    let rest = file.strip_prefix("ingress-")?;
+fn parse_pin_name(role: &str, file: &str) -> Option<(u32, String, u64)> {
+    let rest = file.strip_prefix(role)?.strip_prefix('-')?;
     let (ifindex, rest) = rest.split_once('-')?;
     let (name, tag) = rest.rsplit_once('-')?;
     Some((ifindex.parse().ok()?, name.to_owned(), u64::from_str_radix(tag, 16).ok()?))
@@ -125,8 +135,14 @@ impl AttachManager {
     /// `links_dir` (created if needed) holds the link pins; it must be on a
     /// BPF filesystem (the agent uses `<bpffs-root>/links`).
     #[must_use]
-    pub fn new(globs: Globs, links_dir: PathBuf) -> Self {
-        Self { globs, links_dir, attached: BTreeMap::new(), replacing: Vec::new() }
+    pub fn new(role: &'static str, globs: Globs, links_dir: PathBuf) -> Self {
+        Self { role, globs, links_dir, attached: BTreeMap::new(), replacing: Vec::new() }
+    }
+
+    /// Replaces the globs (the default external interfaces follow the
+    /// default route); the next [`Self::sync`] applies them.
+    pub fn set_globs(&mut self, globs: Globs) {
+        self.globs = globs;
     }
 
     /// Takes over the links an earlier agent pinned: those on interfaces
@@ -141,7 +157,9 @@ impl AttachManager {
         let mut stale = Vec::new();
         for entry in entries.filter_map(Result::ok) {
             let pin = entry.path();
-            let Some((ifindex, name, pinned_tag)) = entry.file_name().to_str().and_then(parse_pin_name) else {
+            let Some((ifindex, name, pinned_tag)) =
+                entry.file_name().to_str().and_then(|f| parse_pin_name(self.role, f))
+            else {
                 continue;
             };
             let link: FdLink = match PinnedLink::from_pin(&pin) {
@@ -177,8 +195,8 @@ impl AttachManager {
             self.attached.iter().filter(|(idx, (name, _))| now.get(idx) != Some(name)).map(|(i, _)| *i).collect();
         for idx in gone {
             if let Some((name, attachment)) = self.attached.remove(&idx) {
-                // The kernel removed the link with the interface; this only
-                // releases our handle and pin.
+                // The interface is gone (the kernel removed the link with
+                // it), or no longer matches (its link is detached here).
                 release(prog, attachment);
                 report.gone.push(name);
             }
@@ -188,7 +206,7 @@ impl AttachManager {
             if self.attached.contains_key(&idx) {
                 continue;
             }
-            match attach(prog, &name, idx, tag, &self.links_dir) {
+            match attach(prog, self.role, &name, idx, tag, &self.links_dir) {
                 Ok(attachment) => {
                     self.attached.insert(idx, (name.clone(), attachment));
                     if let Some(pos) = self.replacing.iter().position(|(i, n, _, _)| *i == idx && *n == name) {
@@ -268,6 +286,7 @@ fn program_tag(prog: &SchedClassifier) -> Option<u64> {
 
 fn attach(
     prog: &mut SchedClassifier,
+    role: &str,
     name: &str,
     ifindex: u32,
     tag: Option<u64>,
@@ -278,7 +297,7 @@ fn attach(
             let link = prog.take_link(id).map_err(|e| format!("taking the TCX link: {e}"))?;
             let link = FdLink::try_from(link).map_err(|e| format!("TCX link without an fd: {e}"))?;
             std::fs::create_dir_all(links_dir).map_err(|e| format!("creating {}: {e}", links_dir.display()))?;
-            let pin = links_dir.join(pin_name(ifindex, name, tag.unwrap_or(0)));
+            let pin = links_dir.join(pin_name(role, ifindex, name, tag.unwrap_or(0)));
             let pinned = link.pin(&pin).map_err(|e| format!("pinning the link at {}: {e}", pin.display()))?;
             Ok(Attachment::Pinned { pin, link: pinned.into() })
         }
@@ -313,9 +332,12 @@ mod tests {
 
     #[test]
     fn pin_names_round_trip() {
-        let name = pin_name(42, "veth-a1", 0xdead_beef);
-        assert_eq!(parse_pin_name(&name), Some((42, "veth-a1".into(), 0xdead_beef)));
-        assert_eq!(parse_pin_name("services"), None);
+        let name = pin_name(ROLE_POD, 42, "veth-a1", 0xdead_beef);
+        assert_eq!(parse_pin_name(ROLE_POD, &name), Some((42, "veth-a1".into(), 0xdead_beef)));
+        assert_eq!(parse_pin_name(ROLE_EXTERNAL, &name), None);
+        let name = pin_name(ROLE_EXTERNAL, 2, "eth0", 7);
+        assert_eq!(parse_pin_name(ROLE_EXTERNAL, &name), Some((2, "eth0".into(), 7)));
+        assert_eq!(parse_pin_name(ROLE_POD, "services"), None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! A minimal rtnetlink subscriber: a `NETLINK_ROUTE` socket joined to the
-//! link multicast group. Any message (a link added, removed, renamed,
-//! moved into or out of this namespace) wakes the attach manager, which then
-//! re-reads the interface list; the messages themselves are not parsed.
+//! link, IPv4 address and IPv4 route multicast groups. Any message (a link
+//! added, removed, renamed, moved into or out of this namespace; an address
+//! or a default route coming or going) wakes the agent, which then re-reads
+//! the interfaces and the node's addresses; the messages themselves are not
+//! parsed.
 
 use std::{
     io,
@@ -10,8 +12,11 @@ use std::{
 
 use tokio::sync::mpsc;
 
-/// `RTMGRP_LINK` from `linux/rtnetlink.h`.
-const RTMGRP_LINK: u32 = 1;
+/// `RTMGRP_LINK`, `RTMGRP_IPV4_IFADDR` and `RTMGRP_IPV4_ROUTE` from
+/// `linux/rtnetlink.h`.
+const RTMGRP_LINK: u32 = 0x1;
+const RTMGRP_IPV4_IFADDR: u32 = 0x10;
+const RTMGRP_IPV4_ROUTE: u32 = 0x40;
 
 fn link_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the returned fd is owned right away.
@@ -24,7 +29,7 @@ fn link_socket() -> io::Result<OwnedFd> {
     // SAFETY: sockaddr_nl is plain old data; zeroed is a valid value.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
-    addr.nl_groups = RTMGRP_LINK;
+    addr.nl_groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE;
     let len = u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or_default();
     // SAFETY: addr is a valid sockaddr_nl of `len` bytes for the call.
     if unsafe { libc::bind(fd.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
@@ -33,7 +38,7 @@ fn link_socket() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Starts a thread that sends `()` on every link event. The channel holds
+/// Starts a thread that sends `()` on every link, address or route event. The channel holds
 /// one pending wake-up: a burst of events becomes one re-scan.
 ///
 /// # Errors

@@ -330,17 +330,22 @@ impl MapIo for PinnedMaps {
     }
 }
 
+/// A pinned hash-like map (HASH or LRU_HASH; the syscalls are the same).
+fn open_hash<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, LoadError> {
+    match open_pinned(root, name)? {
+        Map::HashMap(data) | Map::LruHashMap(data) => {
+            HashMap::try_from(Map::HashMap(data)).map_err(|source| LoadError::Map { name, source })
+        }
+        _ => Err(LoadError::MissingMap(name)),
+    }
+}
+
 /// Every row of a pinned hash-like map (HASH or LRU_HASH).
 fn read_pinned<K: aya::Pod + Ord, V: aya::Pod>(
     root: &Path,
     name: &'static str,
 ) -> Result<std::collections::BTreeMap<K, V>, LoadError> {
-    let map: HashMap<MapData, K, V> = match open_pinned(root, name)? {
-        Map::HashMap(data) | Map::LruHashMap(data) => {
-            HashMap::try_from(Map::HashMap(data)).map_err(|source| LoadError::Map { name, source })?
-        }
-        _ => return Err(LoadError::MissingMap(name)),
-    };
+    let map: HashMap<MapData, K, V> = open_hash(root, name)?;
     dump_map(&map, name).map_err(|e| LoadError::Map {
         name,
         source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
@@ -448,4 +453,56 @@ pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, u64)>, LoadError> {
         out.push((label, values.iter().sum()));
     }
     Ok(out)
+}
+
+/// Makes the pinned `snat_addrs` map hold exactly `rows` (ifindex, or
+/// `service_common::SNAT_HAIRPIN`, → the IPv4 address SNAT writes).
+///
+/// # Errors
+/// When the pin is missing or a row cannot be written.
+pub fn write_snat_addrs(
+    root: &Path,
+    rows: &std::collections::BTreeMap<u32, std::net::Ipv4Addr>,
+) -> Result<(), LoadError> {
+    let name = map_names::SNAT_ADDRS;
+    let mut map: HashMap<MapData, u32, service_common::Addr> = open_hash(root, name)?;
+    let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|k| !rows.contains_key(k)).collect();
+    for key in stale {
+        map.remove(&key).map_err(|source| LoadError::Map { name, source })?;
+    }
+    for (key, addr) in rows {
+        let value = service_common::addr_v4(addr.octets());
+        if map.get(key, 0).ok() != Some(value) {
+            map.insert(key, value, 0).map_err(|source| LoadError::Map { name, source })?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the UDP conntrack entries (both directions) whose (frontend,
+/// backend) pair is no longer live, so clients of a removed backend move to
+/// a live one with their next datagram, as kube-proxy's conntrack cleanup
+/// does. TCP entries are left alone: a removed backend that still runs
+/// finishes its connections. Returns how many entries were deleted.
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn flush_udp_conntrack(root: &Path, live: &std::collections::BTreeSet<(u32, u32)>) -> Result<usize, LoadError> {
+    let name = map_names::CONNTRACK;
+    let mut map: HashMap<MapData, CtKey, CtValue> = open_hash(root, name)?;
+    let stale: Vec<CtKey> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| k.proto == service_common::PROTO_UDP && !live.contains(&(v.rev_nat_id, v.backend_id)))
+        .map(|(k, _)| k)
+        .collect();
+    let mut removed = 0;
+    for key in stale {
+        match map.remove(&key) {
+            Ok(()) => removed += 1,
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => return Err(LoadError::Map { name, source }),
+        }
+    }
+    Ok(removed)
 }

@@ -341,10 +341,17 @@ impl Health {
         s.last_synced = Some(SystemTime::now());
     }
 
+    /// No change has waited longer than the timeout to be programmed.
+    #[must_use]
+    pub fn is_healthy(&self) -> bool {
+        let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.pending_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT)
+    }
+
     /// 200 or 503, and kube-proxy's body.
     fn report(&self) -> (StatusCode, String) {
+        let healthy = self.is_healthy();
         let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let healthy = s.pending_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT);
         let fmt =
             |t: SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string());
         let body = serde_json::json!({

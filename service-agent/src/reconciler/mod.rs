@@ -40,6 +40,22 @@ pub struct MapState {
     pub source_ranges: BTreeSet<(u32, SourceRangeKey)>,
 }
 
+impl MapState {
+    /// Every (rev-NAT id, backend id) pair a frontend's live backend table
+    /// holds: the flows conntrack may keep.
+    #[must_use]
+    pub fn live_pairs(&self) -> BTreeSet<(u32, u32)> {
+        self.services
+            .iter()
+            .filter(|(k, _)| k.slot != 0)
+            .filter_map(|(k, v)| {
+                let frontend = self.services.get(&ServiceKey { slot: 0, version: 0, ..*k })?;
+                (frontend.version == k.version).then_some((frontend.rev_nat_id, v.backend_id))
+            })
+            .collect()
+    }
+}
+
 /// A failed map operation.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {

@@ -1,8 +1,11 @@
-//! What `cargo xtask demo` runs (as root): a node namespace with a client
-//! pod and one pod per endpoint of the example manifests, the agent on the
-//! node reading those manifests, real TCP and UDP traffic through every
-//! Service, and an account of what happened. Everything is removed at the
-//! end, also on failure.
+//! What `cargo xtask demo` runs (as root): a two-node cluster of network
+//! namespaces (an external client, node-1 and node-2 on a fabric bridge,
+//! one pod per endpoint of the example manifests on the node its
+//! EndpointSlice names, a client pod on node-1), an agent on each node
+//! reading those manifests, real TCP and UDP traffic through every
+//! ClusterIP from the client pod and through every NodePort on both nodes
+//! from the external client, and an account of what happened. Everything
+//! is removed at the end, also on failure.
 
 use std::{
     collections::BTreeMap,
@@ -15,16 +18,23 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
-    model::{self, NodeContext, Protocol},
+    model::{self, Desired, FrontendKind, NodeContext, Protocol, Scope},
     reconciler::{MapIo as _, dump},
     source::manifest,
 };
-use service_tests::netns::{Agent, BpffsMount, ChildGuard, Topology, binary, is_root};
+use service_tests::{
+    cluster::{Cluster, EXTERNAL_IP, node_ip},
+    netns::{Agent, BpffsMount, ChildGuard, Netns, binary, is_root},
+};
 
-const NODE: &str = "node-1";
+const NODES: u8 = 2;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
-const TCP_CONNECTIONS: usize = 90;
+const TCP_CONNECTIONS: usize = 60;
 const UDP_REQUESTS: usize = 30;
+
+fn node_name(n: u8) -> String {
+    format!("node-{n}")
+}
 
 #[expect(clippy::too_many_lines, reason = "the demo reads top to bottom as the story it prints")]
 fn main() -> Result<()> {
@@ -34,134 +44,198 @@ fn main() -> Result<()> {
     let manifests =
         std::env::var_os("DEMO_MANIFESTS").map_or_else(|| PathBuf::from("examples/manifests"), PathBuf::from);
     let snapshot = manifest::load_dir(&manifests).with_context(|| format!("reading {}", manifests.display()))?;
-    let desired = model::desired(&snapshot.objects, &NodeContext { node_name: NODE.into(), ..NodeContext::default() });
+    // The frontends as node-1 sees them (NodePorts on node-1's address);
+    // node-2 serves the same ports on its own.
+    let desired = model::desired(
+        &snapshot.objects,
+        &NodeContext {
+            node_name: node_name(1),
+            nodeport_addresses: vec![IpAddr::V4(node_ip(1))],
+            ..NodeContext::default()
+        },
+    );
 
-    // One pod per endpoint address, named after its targetRef.
-    let mut pods: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    // One pod per endpoint address, named after its targetRef, on its node.
+    let mut pods: BTreeMap<Ipv4Addr, (String, u8)> = BTreeMap::new();
     for slice in snapshot.objects.endpoint_slices.values() {
         for ep in slice.endpoints.iter().flatten() {
             if let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>()) {
                 let name = ep.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| format!("pod-{ip}"));
-                pods.entry(ip).or_insert(name);
+                let node = ep
+                    .node_name
+                    .as_deref()
+                    .and_then(|n| n.strip_prefix("node-"))
+                    .and_then(|n| n.parse::<u8>().ok())
+                    .filter(|n| (1..=NODES).contains(n))
+                    .unwrap_or(1);
+                pods.entry(ip).or_insert((name, node));
             }
         }
     }
 
     println!("== topology (network namespaces, nothing connected to the host)");
-    let mut topo = Topology::new()?;
-    println!("   node    {:<14} netns {}", NODE, topo.node.name());
-    topo.add_pod("client", CLIENT_IP)?;
-    println!("   pod     {:<14} {CLIENT_IP:<13} (curl, UDP client)", "client");
+    let mut cluster = Cluster::new(NODES)?;
+    println!("   fabric  bridge br0             netns {}", cluster.fabric.name());
+    println!("   client  external {EXTERNAL_IP:<15} netns {}", cluster.external.name());
+    for n in 1..=NODES {
+        println!(
+            "   node    {:<8} {:<15} netns {}, pods 10.244.{n}.0/24",
+            node_name(n),
+            node_ip(n),
+            cluster.node(n).node.name()
+        );
+    }
+    cluster.node_mut(1).add_pod("client", CLIENT_IP)?;
+    println!("   pod     {:<8} {CLIENT_IP:<15} on node-1 (curl, UDP client)", "client");
     let mut servers: Vec<ChildGuard> = Vec::new();
-    for (ip, name) in &pods {
-        let pod = topo.add_pod(name, *ip)?;
-        println!("   pod     {name:<14} {ip:<13} pod-echo on :8080/TCP and :5353/UDP, host side {}", pod.host_if);
+    for (ip, (name, node)) in &pods {
+        let pod = cluster.node_mut(*node).add_pod(name, *ip)?;
+        println!("   pod     {name:<8} {ip:<15} on node-{node}, pod-echo on :8080/TCP and :5353/UDP");
         let mut server = pod.ns.spawn(&binary("pod-echo", "POD_ECHO_BIN"), &["--name", name])?;
         let mut ready = String::new();
         BufReader::new(server.0.stdout.as_mut().context("stdout")?).read_line(&mut ready)?;
         servers.push(server);
     }
 
-    println!("\n== agent: service-agent run --manifests {} --node-name {NODE}", manifests.display());
     for e in &snapshot.errors {
         println!("   manifest problem: {e}");
     }
     let bpffs = BpffsMount::new()?;
-    let root = bpffs.path().join(NODE);
-    let mut agent = Agent::start(&topo.node, &manifests, NODE, &root, &[])?;
-    agent.wait_for_log("synced", 1, Duration::from_secs(30))?;
-    agent.wait_for_log("attached pod ingress program", pods.len() + 1, Duration::from_secs(5))?;
-    for line in agent.log().lines() {
-        println!("   {}", line.split_once("  INFO ").map_or(line, |(_, rest)| rest).trim());
+    let mut agents = Vec::new();
+    for n in 1..=NODES {
+        let name = node_name(n);
+        println!(
+            "\n== agent on {name}: service-agent run --manifests {} --node-name {name} --external-interfaces eth0",
+            manifests.display()
+        );
+        let root = bpffs.path().join(&name);
+        let node = &cluster.node(n).node;
+        let mut agent = Agent::start(node, &manifests, &name, &root, &["--external-interfaces", "eth0"])?;
+        agent.wait_for_log("synced", 1, Duration::from_secs(30))?;
+        agent.wait_for_log("attached external ingress program", 1, Duration::from_secs(5))?;
+        for line in agent.log().lines() {
+            println!("   {}", line.split_once("  INFO ").map_or(line, |(_, rest)| rest).trim());
+        }
+        agents.push((agent, root));
     }
 
-    println!("\n== what the agent programmed (pinned maps under {})", root.display());
-    let programmed = PinnedMaps::open(&root, MapSizes::default())?.dump()?;
+    println!("\n== what node-1's agent programmed (pinned maps under {})", agents[0].1.display());
+    let programmed = PinnedMaps::open(&agents[0].1, MapSizes::default())?.dump()?;
     for line in dump::render(&programmed).lines() {
         println!("   {line}");
     }
 
-    println!("\n== traffic from the client pod");
     let mut failures = 0;
-    for df in desired.frontends.values() {
-        let IpAddr::V4(vip) = df.frontend.addr else { continue };
-        let port = df.frontend.port;
-        if df.frontend.protocol == Protocol::Sctp || df.frontend.scope != model::Scope::Internal {
-            continue; // the demo's client speaks TCP and UDP to ClusterIPs
-        }
-        let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
-        let attempts = match df.frontend.protocol {
-            Protocol::Tcp => TCP_CONNECTIONS,
-            _ => UDP_REQUESTS,
-        };
-        for _ in 0..attempts {
-            let answer = match df.frontend.protocol {
-                Protocol::Tcp => curl(&topo, vip, port),
-                _ => udp(&topo, vip, port),
-            };
-            match answer {
-                Ok(a) => *per_backend.entry(a.split_whitespace().next().unwrap_or("?").to_owned()).or_default() += 1,
-                Err(e) => {
-                    failures += 1;
-                    eprintln!("   request failed: {e}");
-                }
-            }
-        }
-        let what = match df.frontend.protocol {
-            Protocol::Tcp => "new TCP connections (curl http://…)",
-            _ => "UDP requests",
-        };
-        println!("   Service {} port {:?}: {attempts} {what} to {vip}:{port}", df.service, df.port_name);
-        for (backend, n) in &per_backend {
-            #[expect(clippy::cast_precision_loss, reason = "small counts")]
-            let share = *n as f64 * 100.0 / attempts as f64;
-            println!("      {backend:<10} {n:>4}  {share:>5.1}%  {}", "#".repeat(*n * 40 / attempts));
-        }
-    }
+    println!("\n== ClusterIP traffic from the client pod on node-1");
+    let client_pod = &cluster.node(1).pod("client").ns;
+    failures += traffic(&desired, Scope::Internal, client_pod, &[None]);
+    println!("\n== NodePort traffic from the external client {EXTERNAL_IP}, to both nodes");
+    println!("   (a backend on the node the client hit sees the client; one on the other node sees that node: SNAT)");
+    let node_addrs: Vec<Option<Ipv4Addr>> = (1..=NODES).map(|n| Some(node_ip(n))).collect();
+    failures += traffic(&desired, Scope::External, &cluster.external, &node_addrs);
 
     println!("\n== dataplane counters (per-CPU, summed)");
-    for (name, value) in maps::read_stats(&root)? {
-        if value > 0 {
-            println!("   {name:<24} {value}");
+    for (_, root) in &agents {
+        println!("   {}", root.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        for (name, value) in maps::read_stats(root)? {
+            if value > 0 {
+                println!("      {name:<24} {value}");
+            }
         }
     }
 
     println!("\n== cleanup");
-    let status = agent.stop()?;
-    println!("   agent stopped ({status}); pins removed: {}", !root.exists());
-    service_tests::netns::cleanup(&root)?;
-    println!("   service-agent cleanup: nothing left under {}", root.display());
+    for (mut agent, root) in agents {
+        let status = agent.stop()?;
+        println!("   agent stopped ({status}); pins removed: {}", !root.exists());
+        service_tests::netns::cleanup(&root)?;
+    }
     drop(servers);
-    let node_ns = topo.node.name().to_owned();
-    drop(topo);
+    let names: Vec<String> = cluster.nodes.iter().map(|t| t.node.name().to_owned()).collect();
+    drop(cluster);
     drop(bpffs);
     let left = std::process::Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&left.stdout);
-    println!("   namespaces removed: {}", !left.contains(&node_ns));
+    println!("   namespaces removed: {}", names.iter().all(|n| !left.contains(n.as_str())));
     if failures > 0 {
         bail!("{failures} requests failed");
     }
-    println!("\nall requests answered through the ClusterIPs");
+    println!("\nall requests answered through the ClusterIPs and the NodePorts");
     Ok(())
 }
 
-fn curl(topo: &Topology, vip: Ipv4Addr, port: u16) -> Result<String> {
-    let out = topo.pod("client").ns.exec("curl", &["-sS", "--max-time", "2", &format!("http://{vip}:{port}/")])?;
+/// Sends TCP connections and UDP requests from `ns` to every TCP/UDP
+/// frontend of `scope` (NodePorts to each address of `targets`, others to
+/// their own address) and prints which backend answered and which source
+/// it saw. Returns the number of failed requests.
+fn traffic(desired: &Desired, scope: Scope, ns: &Netns, targets: &[Option<Ipv4Addr>]) -> usize {
+    let mut failures = 0;
+    for df in desired.frontends.values() {
+        let IpAddr::V4(addr) = df.frontend.addr else { continue };
+        if df.frontend.protocol == Protocol::Sctp || df.frontend.scope != scope {
+            continue; // the demo's clients speak TCP and UDP
+        }
+        let port = df.frontend.port;
+        for target in targets {
+            let addr = if df.kind == FrontendKind::NodePort { target.unwrap_or(addr) } else { addr };
+            let attempts = if df.frontend.protocol == Protocol::Tcp { TCP_CONNECTIONS } else { UDP_REQUESTS };
+            let mut per_backend: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for _ in 0..attempts {
+                let answer = match df.frontend.protocol {
+                    Protocol::Tcp => curl(ns, addr, port),
+                    _ => udp(ns, addr, port),
+                };
+                match answer {
+                    Ok(a) => {
+                        let mut words = a.split_whitespace();
+                        let backend = words.next().unwrap_or("?").to_owned();
+                        let seen = words.next().and_then(|p| p.rsplit_once(':')).map_or("?", |(ip, _)| ip).to_owned();
+                        *per_backend.entry((backend, seen)).or_default() += 1;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        eprintln!("   request failed: {e}");
+                    }
+                }
+            }
+            let what = match df.frontend.protocol {
+                Protocol::Tcp => "new TCP connections",
+                _ => "UDP requests",
+            };
+            println!(
+                "   Service {} port {:?} ({}): {attempts} {what} to {addr}:{port}",
+                df.service, df.port_name, df.kind
+            );
+            for ((backend, seen), n) in &per_backend {
+                #[expect(clippy::cast_precision_loss, reason = "small counts")]
+                let share = *n as f64 * 100.0 / attempts as f64;
+                println!("      {backend:<8} {n:>4}  {share:>5.1}%  saw {seen:<15} {}", "#".repeat(*n * 40 / attempts));
+            }
+            if df.kind != FrontendKind::NodePort {
+                break;
+            }
+        }
+    }
+    failures
+}
+
+fn curl(ns: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
+    let out = ns.exec("curl", &["-sS", "--max-time", "2", &format!("http://{addr}:{port}/")])?;
     if !out.status.success() {
-        bail!("curl {vip}:{port}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("curl {addr}:{port}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn udp(topo: &Topology, vip: Ipv4Addr, port: u16) -> Result<String> {
-    topo.pod("client").ns.run_in(|| {
+fn udp(ns: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
+    ns.run_in(|| {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-        socket.send_to(b"hello", (vip, port))?;
+        socket.send_to(b"hello", (addr, port))?;
         let mut buf = [0u8; 512];
         let (n, from) = socket.recv_from(&mut buf)?;
-        if from != SocketAddr::from((vip, port)) {
-            bail!("answer came from {from}, not the ClusterIP");
+        if from != SocketAddr::from((addr, port)) {
+            bail!("answer came from {from}, not {addr}:{port}");
         }
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })

@@ -1,0 +1,155 @@
+//! The node's own addresses, the third input of the model besides Services
+//! and EndpointSlices: NodePort frontends answer on them
+//! (`--nodeport-addresses`), and SNAT writes them as the source of traffic
+//! sent to a backend on another node. Read with `getifaddrs(3)` and
+//! `/proc/net/route`, which both answer for the caller's network namespace;
+//! re-read whenever an address or link event arrives.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CStr,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use crate::{attach::Globs, model::Cidr};
+
+/// One IPv4 address of an interface.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct InterfaceAddr {
+    pub ifindex: u32,
+    pub interface: String,
+    pub addr: Ipv4Addr,
+}
+
+/// Every IPv4 address of every interface, in the kernel's order (an
+/// interface's primary address first).
+#[must_use]
+pub fn ipv4_addresses() -> Vec<InterfaceAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we free below with
+    // freeifaddrs; every pointer read is checked for NULL first.
+    unsafe {
+        if libc::getifaddrs(&raw mut list) != 0 {
+            return out;
+        }
+        let mut p = list;
+        while !p.is_null() {
+            let ifa = &*p;
+            if !ifa.ifa_addr.is_null()
+                && i32::from((*ifa.ifa_addr).sa_family) == libc::AF_INET
+                && !ifa.ifa_name.is_null()
+            {
+                // An AF_INET address is a sockaddr_in; read unaligned, as
+                // the pointer is typed for the smaller sockaddr.
+                let sin = ifa.ifa_addr.cast::<libc::sockaddr_in>().read_unaligned();
+                let addr = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let ifindex = libc::if_nametoindex(ifa.ifa_name);
+                let interface = CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned();
+                out.push(InterfaceAddr { ifindex, interface, addr });
+            }
+            p = ifa.ifa_next;
+        }
+        libc::freeifaddrs(list);
+    }
+    out
+}
+
+/// The interfaces that carry an IPv4 default route (`/proc/net/route`:
+/// destination and mask 0): the default `--external-interfaces`.
+#[must_use]
+pub fn default_route_interfaces() -> Vec<String> {
+    let Ok(table) = std::fs::read_to_string("/proc/net/route") else { return Vec::new() };
+    let mut out: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 7 && f[1] == "00000000" && f[7] == "00000000").then(|| f[0].to_owned())
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What the node's addresses give the model and the SNAT rows.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeAddresses {
+    /// Where NodePorts answer.
+    pub nodeport: Vec<IpAddr>,
+    /// ifindex (or `service_common::SNAT_HAIRPIN`) → SNAT source address.
+    pub snat: BTreeMap<u32, Ipv4Addr>,
+}
+
+/// Applies kube-proxy's `--nodeport-addresses` meaning: with CIDRs, every
+/// node address inside one of them (on any interface); without, every
+/// address of the external interfaces. SNAT uses each external interface's
+/// first address; hairpin traffic the first external interface's.
+#[must_use]
+pub fn select(all: &[InterfaceAddr], external: &Globs, nodeport_cidrs: &[Cidr]) -> NodeAddresses {
+    let on_external = |a: &&InterfaceAddr| external.matches(&a.interface);
+    let mut nodeport: Vec<IpAddr> = if nodeport_cidrs.is_empty() {
+        all.iter().filter(on_external).map(|a| IpAddr::V4(a.addr)).collect()
+    } else {
+        all.iter()
+            .filter(|a| !a.addr.is_loopback())
+            .filter(|a| nodeport_cidrs.iter().any(|c| c.contains(IpAddr::V4(a.addr))))
+            .map(|a| IpAddr::V4(a.addr))
+            .collect()
+    };
+    nodeport.sort();
+    nodeport.dedup();
+    let mut snat = BTreeMap::new();
+    for a in all.iter().filter(on_external) {
+        snat.entry(a.ifindex).or_insert(a.addr);
+        snat.entry(service_common::SNAT_HAIRPIN).or_insert(a.addr);
+    }
+    NodeAddresses { nodeport, snat }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(ifindex: u32, interface: &str, a: [u8; 4]) -> InterfaceAddr {
+        InterfaceAddr { ifindex, interface: interface.into(), addr: Ipv4Addr::from(a) }
+    }
+
+    #[test]
+    fn without_cidrs_nodeports_answer_on_the_external_interfaces() {
+        let all = [
+            addr(1, "lo", [127, 0, 0, 1]),
+            addr(2, "eth0", [192, 168, 100, 11]),
+            addr(2, "eth0", [192, 168, 100, 21]),
+            addr(3, "eth1", [10, 0, 0, 1]),
+        ];
+        let got = select(&all, &Globs::parse("eth0"), &[]);
+        assert_eq!(got.nodeport, vec![IpAddr::from([192, 168, 100, 11]), IpAddr::from([192, 168, 100, 21])]);
+        // The interface's first address; hairpin (0) too.
+        assert_eq!(
+            got.snat,
+            BTreeMap::from([(0, Ipv4Addr::new(192, 168, 100, 11)), (2, Ipv4Addr::new(192, 168, 100, 11))])
+        );
+    }
+
+    #[test]
+    fn cidrs_select_node_addresses_on_any_interface() {
+        let all = [addr(1, "lo", [127, 0, 0, 1]), addr(2, "eth0", [192, 168, 100, 11]), addr(3, "eth1", [10, 0, 0, 1])];
+        let cidrs: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.0/8".parse().unwrap()];
+        let got = select(&all, &Globs::parse("eth0"), &cidrs);
+        assert_eq!(got.nodeport, vec![IpAddr::from([10, 0, 0, 1])]);
+    }
+
+    #[test]
+    fn an_external_interface_without_addresses_gets_no_snat_row() {
+        let got = select(&[addr(1, "lo", [127, 0, 0, 1])], &Globs::parse("eth0"), &[]);
+        assert!(got.nodeport.is_empty());
+        assert!(got.snat.is_empty());
+    }
+
+    #[test]
+    fn this_namespace_has_a_loopback_address() {
+        assert!(ipv4_addresses().iter().any(|a| a.addr.is_loopback()));
+    }
+}

@@ -1,0 +1,129 @@
+//! Parsing: Ethernet + IPv4 + the L4 ports, read once into [`Flow`].
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use service_common::{
+    CtKey, CtValue, FAMILY_IPV4, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port, addr_v4, ct_flags, ct_timeouts,
+    stats,
+};
+
+pub const ETH_HLEN: usize = 14;
+/// EtherType IPv4, as it appears on the wire.
+const ETH_P_IP_BE: [u8; 2] = [0x08, 0x00];
+pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
+pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
+pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
+const TCP_FLAGS_OFF: usize = 13;
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+/// IPv4 flags/fragment-offset field (host order after from_be_bytes).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
+/// ICMP errors that quote the packet they are about (RFC 792).
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+
+/// Everything downstream needs from the headers, read once.
+pub struct Flow {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Zero for ICMP errors (their quoted packet has the ports).
+    pub sport: Port,
+    pub dport: Port,
+    pub proto: u8,
+    pub l4_off: usize,
+    pub tcp_flags: u8,
+    /// First fragment of a fragmented datagram (MF set, offset 0).
+    pub first_fragment: bool,
+}
+
+impl Flow {
+    pub fn ct_key(&self) -> CtKey {
+        CtKey {
+            saddr: addr_v4(self.saddr),
+            daddr: addr_v4(self.daddr),
+            sport: self.sport,
+            dport: self.dport,
+            proto: self.proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Parses Ethernet + IPv4 + the L4 ports. `Err` is the pass counter for a
+/// packet the programs leave alone.
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
+    let ethertype: [u8; 2] = ctx.load(12).map_err(|_| stats::PASS_MALFORMED)?;
+    if ethertype != ETH_P_IP_BE {
+        return Err(stats::PASS_NOT_IPV4);
+    }
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).map_err(|_| stats::PASS_MALFORMED)?;
+    let ihl = usize::from(ip[0] & 0x0f);
+    if ip[0] >> 4 != 4 || ihl < 5 {
+        return Err(stats::PASS_MALFORMED);
+    }
+    let frag = u16::from_be_bytes([ip[6], ip[7]]);
+    if frag & IP_OFFSET_MASK != 0 {
+        // No L4 header in this fragment: nothing to match on.
+        return Err(stats::PASS_FRAGMENT);
+    }
+    let proto = ip[9];
+    let l4_off = ETH_HLEN + ihl * 4;
+    let (ports, tcp_flags): ([u8; 4], u8) = if proto == PROTO_TCP {
+        // The checksum lies beyond the flags: a TCP header this short is
+        // malformed, and rewriting it would fail anyway.
+        let _: [u8; 2] = ctx.load(l4_off + TCP_CSUM_OFF).map_err(|_| stats::PASS_MALFORMED)?;
+        (
+            ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?,
+            ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).map_err(|_| stats::PASS_MALFORMED)?,
+        )
+    } else if proto == PROTO_UDP {
+        let _: [u8; 2] = ctx.load(l4_off + UDP_CSUM_OFF).map_err(|_| stats::PASS_MALFORMED)?;
+        (ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?, 0)
+    } else if proto == PROTO_SCTP {
+        // Ports, verification tag and CRC32c (12 bytes).
+        let _: [u8; 12] = ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?;
+        (ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?, 0)
+    } else if proto == PROTO_ICMP {
+        let icmp_type: u8 = ctx.load(l4_off).map_err(|_| stats::PASS_MALFORMED)?;
+        if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETER_PROBLEM {
+            return Err(stats::PASS_OTHER_PROTO);
+        }
+        ([0; 4], 0)
+    } else {
+        return Err(stats::PASS_OTHER_PROTO);
+    };
+    Ok(Flow {
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+        proto,
+        l4_off,
+        tcp_flags,
+        first_fragment: frag & IP_MF != 0,
+    })
+}
+
+#[inline(always)]
+pub fn ktime_ns() -> u64 {
+    // SAFETY: bpf_ktime_get_ns has no preconditions; it reads a clock.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Whether a conntrack entry has been idle longer than its timeout.
+#[inline(always)]
+pub fn expired(ct: &CtValue, proto: u8, now: u64) -> bool {
+    let timeout = if proto != PROTO_TCP {
+        ct_timeouts::UDP_NS
+    } else if ct.flags & ct_flags::CLOSING != 0 {
+        ct_timeouts::TCP_CLOSING_NS
+    } else {
+        ct_timeouts::TCP_ESTABLISHED_NS
+    };
+    now.saturating_sub(ct.last_seen_ns) > timeout
+}

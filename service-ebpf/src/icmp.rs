@@ -1,0 +1,180 @@
+//! ICMP errors about a translated flow (port unreachable, fragmentation
+//! needed, time exceeded): the quoted packet and the outer header are
+//! translated too, so the peer that sent the offending packet sees the
+//! error for the flow as it knows it — the way netfilter's NAT treats
+//! "related" ICMP.
+//!
+//! The error quotes a packet that went out after translation; its reverse
+//! tuple is the conntrack key of the other direction, whose entry says
+//! which addresses that peer knows. Checksums are updated incrementally
+//! (RFC 1624): the quoted IP header's own, the quoted TCP/UDP checksum when
+//! present, the ICMP checksum over all of them, and the outer IP header's.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
+)]
+
+use aya_ebpf::{bindings::BPF_F_RECOMPUTE_CSUM, programs::TcContext};
+use service_common::{CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, Port, addr_v4, csum, ct_flags, stats};
+
+use crate::{
+    flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
+    maps::CONNTRACK,
+    nat::{Outcome, pass, redirect},
+};
+
+/// Offsets inside the ICMP message.
+const ICMP_CSUM_OFF: usize = 2;
+const ICMP_HLEN: usize = 8;
+
+/// Stores with `skb->csum` kept right for CHECKSUM_COMPLETE packets.
+const STORE: u64 = BPF_F_RECOMPUTE_CSUM as u64;
+
+/// The addresses and ports of the quoted packet, as quoted and as the
+/// peer must see them.
+struct Quoted {
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+    sport: Port,
+    dport: Port,
+}
+
+#[inline(always)]
+fn v4(addr: &[u8; 16]) -> [u8; 4] {
+    [addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// Translates an ICMP error if it quotes a translated flow; passes it
+/// untouched otherwise.
+#[inline(never)]
+pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
+    let ip_off = flow.l4_off + ICMP_HLEN;
+    let Ok(ip) = ctx.load::<[u8; 20]>(ip_off) else { return pass(stats::PASS_MALFORMED) };
+    // A quoted header with options is left alone (rare; the ports would
+    // move).
+    if ip[0] != 0x45 {
+        return pass(stats::PASS_MALFORMED);
+    }
+    let proto = ip[9];
+    if proto != PROTO_TCP && proto != PROTO_UDP {
+        return pass(stats::PASS_OTHER_PROTO);
+    }
+    let l4_off = ip_off + 20;
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else { return pass(stats::PASS_MALFORMED) };
+    let old = Quoted {
+        saddr: [ip[12], ip[13], ip[14], ip[15]],
+        daddr: [ip[16], ip[17], ip[18], ip[19]],
+        sport: [ports[0], ports[1]],
+        dport: [ports[2], ports[3]],
+    };
+    // The other direction of the quoted packet's flow.
+    let key = CtKey {
+        saddr: addr_v4(old.daddr),
+        daddr: addr_v4(old.saddr),
+        sport: old.dport,
+        dport: old.sport,
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    // SAFETY: plain data; a racing update gives a stale but valid copy.
+    let Some(ct) = (unsafe { CONNTRACK.get(&key) }) else { return pass(stats::PASS_NO_SERVICE) };
+    let ct: CtValue = *ct;
+    let new = translated(&old, &ct);
+    rewrite_quoted(ctx, flow.l4_off, ip_off, l4_off, proto, &ip, &old, &new)?;
+    // The error went to the quoted packet's source; if the quoted packet's
+    // destination itself sent it, its address is translated the same way.
+    let outer_destination = if flow.daddr == old.saddr { new.saddr } else { flow.daddr };
+    let outer_source = if flow.saddr == old.daddr { new.daddr } else { flow.saddr };
+    let Ok(mut check) = ctx.load::<[u8; 2]>(IP_CSUM_OFF) else { return Err(stats::DROP_REWRITE) };
+    check = csum::update32(check, flow.saddr, outer_source);
+    check = csum::update32(check, flow.daddr, outer_destination);
+    ctx.store(IP_SRC_OFF, &outer_source, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(IP_DST_OFF, &outer_destination, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(IP_CSUM_OFF, &check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    if ct.flags & (ct_flags::EXTERNAL | ct_flags::SNAT) != 0 {
+        // Its new addresses may include this node's own (see `fib`).
+        return redirect(stats::ICMP_ERROR_TRANSLATED);
+    }
+    pass(stats::ICMP_ERROR_TRANSLATED)
+}
+
+/// What the quoted packet becomes. An entry rewrites packets of its own
+/// direction; the quoted packet runs the other way, so each rewrite lands
+/// on the opposite end: a DNAT entry (rewrites destinations) gives the
+/// quoted source, a REV_NAT entry (rewrites sources) the quoted
+/// destination, and SNAT the remaining end.
+#[inline(always)]
+fn translated(old: &Quoted, ct: &CtValue) -> Quoted {
+    let mut new = Quoted { saddr: old.saddr, daddr: old.daddr, sport: old.sport, dport: old.dport };
+    let snat = ct.flags & ct_flags::SNAT != 0;
+    if ct.flags & ct_flags::DNAT != 0 {
+        new.saddr = v4(&ct.nat_addr);
+        new.sport = ct.nat_port;
+        if snat {
+            new.daddr = v4(&ct.snat_addr);
+            new.dport = ct.snat_port;
+        }
+    } else if ct.flags & ct_flags::REV_NAT != 0 {
+        new.daddr = v4(&ct.nat_addr);
+        new.dport = ct.nat_port;
+        if snat {
+            new.saddr = v4(&ct.snat_addr);
+            new.sport = ct.snat_port;
+        }
+    }
+    new
+}
+
+/// Rewrites the quoted IP header and ports, their checksums and the ICMP
+/// checksum.
+#[expect(clippy::too_many_arguments, reason = "offsets read once by the caller")]
+#[inline(always)]
+fn rewrite_quoted(
+    ctx: &TcContext,
+    icmp_off: usize,
+    ip_off: usize,
+    l4_off: usize,
+    proto: u8,
+    ip: &[u8; 20],
+    old: &Quoted,
+    new: &Quoted,
+) -> Result<(), u32> {
+    let mut icmp_check: [u8; 2] = ctx.load(icmp_off + ICMP_CSUM_OFF).map_err(|_| stats::DROP_REWRITE)?;
+    // The quoted IP header: addresses and its checksum. The ICMP checksum
+    // covers both; the header's sum does not change (that is what its
+    // checksum is for), but each field is folded in anyway, exactly.
+    let old_ip_check = [ip[10], ip[11]];
+    let mut ip_check = csum::update32(old_ip_check, old.saddr, new.saddr);
+    ip_check = csum::update32(ip_check, old.daddr, new.daddr);
+    icmp_check = csum::update32(icmp_check, old.saddr, new.saddr);
+    icmp_check = csum::update32(icmp_check, old.daddr, new.daddr);
+    icmp_check = csum::update16(icmp_check, old_ip_check, ip_check);
+    icmp_check = csum::update16(icmp_check, old.sport, new.sport);
+    icmp_check = csum::update16(icmp_check, old.dport, new.dport);
+    // The quoted TCP/UDP checksum, when the quote reaches it (UDP's always
+    // does; TCP's only beyond the 8 bytes RFC 792 guarantees) and it is in
+    // use (a UDP checksum of 0 means none).
+    let l4_check_off = l4_off + if proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF };
+    if let Ok(old_l4_check) = ctx.load::<[u8; 2]>(l4_check_off)
+        && !(proto == PROTO_UDP && old_l4_check == [0, 0])
+    {
+        let mut l4_check = csum::update32(old_l4_check, old.saddr, new.saddr);
+        l4_check = csum::update32(l4_check, old.daddr, new.daddr);
+        l4_check = csum::update16(l4_check, old.sport, new.sport);
+        l4_check = csum::update16(l4_check, old.dport, new.dport);
+        if proto == PROTO_UDP && l4_check == [0, 0] {
+            // 0 would mean "no checksum": send its equivalent.
+            l4_check = [0xff, 0xff];
+        }
+        icmp_check = csum::update16(icmp_check, old_l4_check, l4_check);
+        ctx.store(l4_check_off, &l4_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    }
+    ctx.store(ip_off + 12, &new.saddr, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip_off + 16, &new.daddr, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip_off + 10, &ip_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(l4_off, &new.sport, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(l4_off + 2, &new.dport, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(icmp_off + ICMP_CSUM_OFF, &icmp_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! Every map the programs share, and the counter helpers. Both classifiers
+//! see the same maps: a flow translated on a pod interface may have its
+//! reply arrive on an external interface, and the other way round.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
+)]
+
+use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::macros::btf_map;
+use aya_ebpf::programs::TcContext;
+use service_common::{
+    Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey, capacity, stats,
+};
+
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> = HashMap::new();
+#[btf_map(name = "backends")]
+pub static BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }> = HashMap::new();
+/// Not read by the programs (conntrack stores the frontend itself); kept in
+/// the object so it is created and pinned for the agent and `inspect`.
+#[btf_map(name = "rev_nat")]
+pub static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
+#[btf_map(name = "conntrack")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+#[btf_map(name = "stats")]
+pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
+/// `loadBalancerSourceRanges` rows, written by the agent.
+#[btf_map(name = "source_ranges")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES as usize }> = LpmTrie::new();
+/// Packets and bytes per frontend (rev-NAT id) and per backend, both
+/// directions; per-CPU, so no CPU ever writes another's counters.
+#[btf_map(name = "service_counters")]
+pub static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::REV_NAT as usize }> = PerCpuHashMap::new();
+#[btf_map(name = "backend_counters")]
+pub static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::BACKENDS as usize }> = PerCpuHashMap::new();
+/// ClientIP session affinity: (client, frontend, protocol) → backend.
+#[btf_map(name = "affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
+/// The node address SNAT writes as the source: per external interface
+/// (keyed by ifindex), and the hairpin address under
+/// `service_common::SNAT_HAIRPIN`.
+#[btf_map(name = "snat_addrs")]
+pub static SNAT_ADDRS: HashMap<u32, Addr, { capacity::SNAT_ADDRS as usize }> = HashMap::new();
+
+/// Adds one to verdict counter `id` (this CPU's copy).
+#[inline(always)]
+pub fn count(id: u32) {
+    if let Some(counter) = STATS.get_ptr_mut(id) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup,
+        // so it is valid and only this CPU writes to it.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// Adds one packet of `len` bytes to `map[id]`.
+#[inline(always)]
+fn add_counter<const N: usize>(map: &PerCpuHashMap<u32, Counters, N>, id: u32, len: u64) {
+    if let Some(c) = map.get_ptr_mut(&id) {
+        // SAFETY: a per-CPU value: only this CPU writes it.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += len;
+        }
+    } else {
+        // The first packet on this CPU; losing it to a race only loses one.
+        let _ = map.insert(&id, &Counters { packets: 1, bytes: len }, 0);
+    }
+}
+
+/// Counts a translated packet for its frontend and backend. Not inlined,
+/// to keep its temporaries off the caller's stack frame.
+#[inline(never)]
+pub fn count_flow(ctx: &TcContext, rev_nat_id: u32, backend_id: u32) {
+    let len = u64::from(ctx.len());
+    add_counter(&SERVICE_COUNTERS, rev_nat_id, len);
+    add_counter(&BACKEND_COUNTERS, backend_id, len);
+}

@@ -1,0 +1,548 @@
+//! Tier 3: north-south traffic on a two-node cluster with real traffic
+//! (root). An external client on the fabric, node 1 and node 2 each running
+//! their own agent (`--external-interfaces eth0`), pods on both nodes
+//! running `pod-echo` (which answers with its name and the source address it
+//! saw). Every test builds its own cluster and tears it down.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    time::Duration,
+};
+
+use service_tests::{
+    cluster::{self, EXTERNAL_IP, node_ip},
+    fixture::{self, ManifestDir},
+    netns::{Agent, BpffsMount, ChildGuard, Netns, binary, skip_unless_root, wait_until},
+};
+
+/// A LoadBalancer ingress IP and an external IP, routed by the external
+/// client to node 1 (as a load balancer or a BGP announcement would).
+const LB_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 10);
+const EXTERNAL_SVC_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One endpoint: pod name, node (1-based), address.
+#[derive(Clone, Copy)]
+struct Ep(&'static str, u8, Ipv4Addr);
+
+const A1: Ep = Ep("a1", 1, Ipv4Addr::new(10, 244, 1, 11));
+const B2: Ep = Ep("b2", 2, Ipv4Addr::new(10, 244, 2, 11));
+/// A client pod on node 1.
+const CLIENT_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+
+/// A Service of the tests: `spec_extra` is YAML merged into the spec (at
+/// two spaces of indentation), `status` the whole status block.
+struct Svc<'a> {
+    name: &'a str,
+    cluster_ip: &'a str,
+    type_: &'a str,
+    /// (name, port, targetPort, protocol, nodePort)
+    ports: &'a [(&'a str, u16, u16, &'a str, Option<u16>)],
+    spec_extra: &'a str,
+    status: &'a str,
+    endpoints: &'a [Ep],
+}
+
+impl Svc<'_> {
+    fn yaml(&self) -> String {
+        let mut ports = String::new();
+        let mut slice_ports = String::new();
+        for (name, port, target, proto, node_port) in self.ports {
+            let _ =
+                write!(ports, "  - name: {name}\n    port: {port}\n    targetPort: {target}\n    protocol: {proto}\n");
+            if let Some(np) = node_port {
+                let _ = writeln!(ports, "    nodePort: {np}");
+            }
+            let _ = write!(slice_ports, "- name: {name}\n  port: {target}\n  protocol: {proto}\n");
+        }
+        let mut endpoints = String::new();
+        for Ep(_, node, ip) in self.endpoints {
+            let _ =
+                write!(endpoints, "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n  nodeName: node{node}\n");
+        }
+        if endpoints.is_empty() {
+            endpoints = " []\n".into();
+        } else {
+            endpoints.insert(0, '\n');
+        }
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  type: {type_}\n  clusterIP: {cip}\n  clusterIPs: [{cip}]\n  ports:\n{ports}{extra}{status}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-abcde\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {name}\naddressType: IPv4\nports:\n{slice_ports}endpoints:{endpoints}",
+            name = self.name,
+            type_ = self.type_,
+            cip = self.cluster_ip,
+            extra = self.spec_extra,
+            status = self.status,
+        )
+    }
+}
+
+/// The cluster, its servers and agents. Field order is drop order: agents
+/// first (detaching and unpinning), then servers, namespaces, the bpffs
+/// mount and the manifests.
+struct NorthSouth {
+    agents: Vec<Agent>,
+    _servers: Vec<ChildGuard>,
+    cluster: cluster::Cluster,
+    bpffs: BpffsMount,
+    manifests: ManifestDir,
+}
+
+impl NorthSouth {
+    /// Two nodes with pods a1 (node 1) and b2 (node 2) serving, a client
+    /// pod on node 1, routes on the external client for the LB and
+    /// external IPs, and the agents started on `services`.
+    fn start(services: &[Svc]) -> Self {
+        let mut cluster = cluster::Cluster::new(2).expect("cluster");
+        let mut servers = Vec::new();
+        for Ep(name, node, ip) in [A1, B2] {
+            let pod = cluster.node_mut(node).add_pod(name, ip).expect("pod");
+            servers.push(fixture::start_echo(&pod.ns, name, &[]).expect("pod-echo"));
+        }
+        cluster.node_mut(1).add_pod("client", CLIENT_POD).expect("client pod");
+        for ip in [LB_IP, EXTERNAL_SVC_IP] {
+            cluster.external.ip(&["route", "add", &format!("{ip}/32"), "via", &node_ip(1).to_string()]).expect("route");
+        }
+        let manifests = ManifestDir::new();
+        for svc in services {
+            manifests.write(&format!("{}.yaml", svc.name), &svc.yaml());
+        }
+        let bpffs = BpffsMount::new().expect("bpffs");
+        let mut agents = Vec::new();
+        for n in 1..=2u8 {
+            let root = bpffs.path().join(format!("node{n}"));
+            let mut agent = Agent::start(
+                &cluster.node(n).node,
+                manifests.path(),
+                &format!("node{n}"),
+                &root,
+                &["--external-interfaces", "eth0", "--healthz-bind-address", "0.0.0.0:10256"],
+            )
+            .expect("agent");
+            agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
+            agent.wait_for_log("attached external ingress program", 1, Duration::from_secs(10)).expect("attach");
+            agents.push(agent);
+        }
+        Self { agents, _servers: servers, cluster, bpffs, manifests }
+    }
+
+    fn root(&self, node: u8) -> std::path::PathBuf {
+        self.bpffs.path().join(format!("node{node}"))
+    }
+
+    /// A counter of node `node`'s dataplane.
+    fn counter(&self, node: u8, name: &str) -> u64 {
+        let out = std::process::Command::new(binary("service-agent", "SERVICE_AGENT_BIN"))
+            .args(["inspect", "stats", "-o", "json", "--bpffs-root"])
+            .arg(self.root(node))
+            .output()
+            .expect("service-agent inspect");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        rows.as_array()
+            .expect("rows")
+            .iter()
+            .find(|r| r["counter"] == name)
+            .and_then(|r| r["packets"].as_u64())
+            .unwrap_or_else(|| panic!("no counter {name}"))
+    }
+
+    fn pod(&self, ep: Ep) -> &Netns {
+        &self.cluster.node(ep.1).pod(ep.0).ns
+    }
+}
+
+/// `(pod name, source address the pod saw)` from a pod-echo answer.
+fn parse_answer(body: &str) -> (String, SocketAddr) {
+    let mut words = body.split_whitespace();
+    let name = words.next().unwrap_or_else(|| panic!("empty answer {body:?}")).to_owned();
+    let peer = words.next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("no peer in {body:?}"));
+    (name, peer)
+}
+
+/// One HTTP request from `ns` to `url`.
+fn get(ns: &Netns, url: &str) -> anyhow::Result<(String, SocketAddr)> {
+    fixture::curl(ns, url).map(|b| parse_answer(&b))
+}
+
+/// `count` new connections; every answer.
+fn answers(ns: &Netns, url: &str, count: usize) -> Vec<(String, SocketAddr)> {
+    (0..count).map(|i| get(ns, url).unwrap_or_else(|e| panic!("request {i} to {url}: {e}"))).collect()
+}
+
+/// The names of the pods that answered.
+fn names(answers: &[(String, SocketAddr)]) -> BTreeSet<String> {
+    answers.iter().map(|(n, _)| n.clone()).collect()
+}
+
+const WEB: Svc = Svc {
+    name: "web",
+    cluster_ip: "10.96.0.10",
+    type_: "LoadBalancer",
+    ports: &[("http", 80, 8080, "TCP", Some(30080)), ("dns", 53, 5353, "UDP", Some(30053))],
+    spec_extra: "  externalIPs: [198.51.100.20]\n",
+    status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
+    endpoints: &[A1, B2],
+};
+
+/// Checks that answers came from both nodes' backends, with the client's
+/// own address at the local backend and `snat` (the entry node's address)
+/// at the remote one.
+fn assert_both_backends(answers: &[(String, SocketAddr)], local: &str, snat: Ipv4Addr) {
+    assert_eq!(names(answers), BTreeSet::from(["a1".to_owned(), "b2".to_owned()]), "{answers:?}");
+    for (name, peer) in answers {
+        if name == local {
+            assert_eq!(peer.ip(), EXTERNAL_IP, "the local backend sees the client: {answers:?}");
+        } else {
+            assert_eq!(peer.ip(), snat, "the remote backend sees the entry node (SNAT): {answers:?}");
+        }
+    }
+}
+
+#[test]
+fn nodeport_lb_ip_and_external_ip_reach_backends_on_both_nodes() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = NorthSouth::start(&[WEB]);
+    let client = &ns.cluster.external;
+    // NodePort on node 1 and on node 2: each node SNATs to itself for the
+    // other node's backend.
+    assert_both_backends(&answers(client, &format!("http://{}:30080/", node_ip(1)), 24), "a1", node_ip(1));
+    assert_both_backends(&answers(client, &format!("http://{}:30080/", node_ip(2)), 24), "b2", node_ip(2));
+    // The LoadBalancer ingress IP and the external IP, on the Service port.
+    assert_both_backends(&answers(client, &format!("http://{LB_IP}/"), 24), "a1", node_ip(1));
+    assert_both_backends(&answers(client, &format!("http://{EXTERNAL_SVC_IP}/"), 24), "a1", node_ip(1));
+    assert!(ns.counter(1, "snat_new_flow") > 0);
+    // UDP through the NodePort: the answer comes back from the address
+    // the client sent to (a connected socket accepts nothing else).
+    let node1 = node_ip(1);
+    let got: Vec<String> = ns.cluster.external.run_in(move || {
+        (0..12)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+                s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+                s.connect((node1, 30053)).expect("connect");
+                s.send(b"hello").expect("send");
+                let mut buf = [0u8; 256];
+                let n = s.recv(&mut buf).expect("udp answer through the NodePort");
+                String::from_utf8_lossy(&buf[..n]).into_owned()
+            })
+            .collect()
+    });
+    let got: Vec<(String, SocketAddr)> = got.iter().map(|b| parse_answer(b)).collect();
+    assert_both_backends(&got, "a1", node_ip(1));
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_endpoints() {
+    if skip_unless_root() {
+        return;
+    }
+    let local = Svc {
+        name: "local",
+        cluster_ip: "10.96.0.20",
+        type_: "LoadBalancer",
+        ports: &[("http", 80, 8080, "TCP", Some(30081))],
+        spec_extra: "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n",
+        status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
+        endpoints: &[B2],
+    };
+    let ns = NorthSouth::start(&[local]);
+    let client = &ns.cluster.external;
+    // Node 2 has the endpoint: the backend sees the client's own address.
+    for (name, peer) in answers(client, &format!("http://{}:30081/", node_ip(2)), 10) {
+        assert_eq!((name.as_str(), peer.ip()), ("b2", EXTERNAL_IP.into()));
+    }
+    // Node 1 has none: dropped (counted), never forwarded to node 2.
+    let before = ns.counter(1, "drop_no_local_backend");
+    let err = get(client, &format!("http://{}:30081/", node_ip(1))).expect_err("node 1 must drop");
+    assert!(err.to_string().contains("timed out"), "a silent drop, not a refusal: {err}");
+    assert!(ns.counter(1, "drop_no_local_backend") > before);
+    // The LB IP routes to node 1 too: dropped the same way.
+    assert!(get(client, &format!("http://{LB_IP}/")).is_err());
+    // healthCheckNodePort: 503 on node 1, 200 on node 2, kube-proxy's body.
+    for (node, code, count) in [(1, "503", 0), (2, "200", 1)] {
+        let out = client
+            .exec(
+                "curl",
+                &["-sS", "--max-time", "2", "-w", "\n%{http_code}", &format!("http://{}:32100/", node_ip(node))],
+            )
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').expect("status line");
+        assert_eq!(status, code, "node {node}: {text}");
+        let v: serde_json::Value = serde_json::from_str(body).expect("json body");
+        assert_eq!(v["service"]["namespace"], "default");
+        assert_eq!(v["service"]["name"], "local");
+        assert_eq!(v["localEndpoints"], count, "node {node}: {body}");
+    }
+}
+
+#[test]
+fn load_balancer_source_ranges_drop_other_sources() {
+    if skip_unless_root() {
+        return;
+    }
+    let allowed = Svc {
+        name: "allowed",
+        cluster_ip: "10.96.0.30",
+        type_: "LoadBalancer",
+        ports: &[("http", 80, 8080, "TCP", Some(30082))],
+        spec_extra: "  loadBalancerSourceRanges: [192.168.100.96/29]\n",
+        status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
+        endpoints: &[A1],
+    };
+    let denied = Svc {
+        name: "denied",
+        cluster_ip: "10.96.0.31",
+        type_: "LoadBalancer",
+        ports: &[("http", 80, 8080, "TCP", Some(30083))],
+        spec_extra: "  loadBalancerSourceRanges: [10.0.0.0/8]\n",
+        status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.20\n",
+        endpoints: &[A1],
+    };
+    let ns = NorthSouth::start(&[allowed, denied]);
+    let client = &ns.cluster.external;
+    let (name, _) = get(client, &format!("http://{LB_IP}/")).expect("inside the ranges");
+    assert_eq!(name, "a1");
+    let before = ns.counter(1, "drop_source_range");
+    let err = get(client, &format!("http://{EXTERNAL_SVC_IP}/")).expect_err("outside the ranges");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    assert!(ns.counter(1, "drop_source_range") > before);
+}
+
+#[test]
+fn a_pod_reaching_its_own_service_lands_on_itself_and_pods_reach_backends_on_other_nodes() {
+    if skip_unless_root() {
+        return;
+    }
+    let selfish = Svc {
+        name: "self",
+        cluster_ip: "10.96.0.40",
+        type_: "ClusterIP",
+        ports: &[("http", 80, 8080, "TCP", None)],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1],
+    };
+    let remote = Svc {
+        name: "remote",
+        cluster_ip: "10.96.0.41",
+        type_: "ClusterIP",
+        ports: &[("http", 80, 8080, "TCP", None), ("dns", 53, 5353, "UDP", None)],
+        spec_extra: "",
+        status: "",
+        endpoints: &[B2],
+    };
+    let ns = NorthSouth::start(&[selfish, remote]);
+    // Hairpin: a1 → its own Service → a1, seen from the node's address.
+    for (name, peer) in answers(ns.pod(A1), "http://10.96.0.40/", 5) {
+        assert_eq!((name.as_str(), peer.ip()), ("a1", node_ip(1).into()));
+    }
+    // A pod on node 1 to a ClusterIP whose backend is on node 2: the
+    // backend sees the pod itself; the reply comes back over node 1's eth0
+    // and is reverse-translated there (or the client would drop it).
+    let before = ns.counter(1, "rev_nat_reply");
+    let client = &ns.cluster.node(1).pod("client").ns;
+    for (name, peer) in answers(client, "http://10.96.0.41/", 5) {
+        assert_eq!((name.as_str(), peer.ip()), ("b2", CLIENT_POD.into()));
+    }
+    assert!(ns.counter(1, "rev_nat_reply") > before, "node 1 reverse-translated the replies");
+    let answer = client.run_in(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        s.connect("10.96.0.41:53").expect("connect");
+        s.send(b"hi").expect("send");
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf).expect("udp answer");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert_eq!(parse_answer(&answer).0, "b2");
+}
+
+#[test]
+fn nodeport_rejects_without_endpoints_and_keeps_client_ip_affinity() {
+    if skip_unless_root() {
+        return;
+    }
+    let empty = Svc {
+        name: "empty",
+        cluster_ip: "10.96.0.50",
+        type_: "NodePort",
+        ports: &[("http", 80, 8080, "TCP", Some(30084)), ("dns", 53, 5353, "UDP", Some(30085))],
+        spec_extra: "",
+        status: "",
+        endpoints: &[],
+    };
+    let sticky = Svc {
+        name: "sticky",
+        cluster_ip: "10.96.0.51",
+        type_: "NodePort",
+        ports: &[("http", 80, 8080, "TCP", Some(30086))],
+        spec_extra: "  sessionAffinity: ClientIP\n",
+        status: "",
+        endpoints: &[A1, B2],
+    };
+    let ns = NorthSouth::start(&[empty, sticky]);
+    let client = &ns.cluster.external;
+    let node1 = node_ip(1);
+    let tcp = client.run_in(move || {
+        TcpStream::connect_timeout(&SocketAddr::from((node1, 30084)), TIMEOUT).map(|_| ()).map_err(|e| e.kind())
+    });
+    assert_eq!(tcp, Err(std::io::ErrorKind::ConnectionRefused), "a TCP RST");
+    let udp = client.run_in(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        s.connect((node1, 30085)).expect("connect");
+        s.send(b"hi").expect("send");
+        let mut buf = [0u8; 64];
+        s.recv(&mut buf).map(|_| ()).map_err(|e| e.kind())
+    });
+    assert_eq!(udp, Err(std::io::ErrorKind::ConnectionRefused), "ICMP port unreachable");
+    assert!(ns.counter(1, "reject_tcp_rst") >= 1);
+    assert!(ns.counter(1, "reject_icmp_unreachable") >= 1);
+    // ClientIP affinity: 20 connections, one backend.
+    let got = answers(client, &format!("http://{}:30086/", node_ip(1)), 20);
+    assert_eq!(names(&got).len(), 1, "{got:?}");
+    assert!(ns.counter(1, "affinity_hit") >= 19);
+}
+
+/// Sends `who` on an open TCP connection and reads the answer.
+fn who(stream: &mut TcpStream) -> std::io::Result<String> {
+    stream.write_all(b"who\n")?;
+    let mut line = String::new();
+    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
+    Ok(line)
+}
+
+#[test]
+fn removing_a_backend_flushes_its_udp_flows_and_lets_tcp_flows_finish() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = NorthSouth::start(&[WEB]);
+    let node1 = node_ip(1);
+    // One UDP socket (one 5-tuple) and one TCP connection, both pinned to
+    // a backend by conntrack.
+    let (udp_first, tcp_first) = ns.cluster.external.run_in(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        s.connect((node1, 30053)).expect("connect");
+        s.send(b"1").expect("send");
+        let mut buf = [0u8; 256];
+        let n = s.recv(&mut buf).expect("first udp answer");
+        let mut tcp = TcpStream::connect_timeout(&SocketAddr::from((node1, 30080)), TIMEOUT).expect("tcp");
+        tcp.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let line = who(&mut tcp).expect("tcp answer");
+        ((s, String::from_utf8_lossy(&buf[..n]).into_owned()), (tcp, line))
+    });
+    let (sock, first) = udp_first;
+    let (mut tcp, tcp_line) = tcp_first;
+    let udp_backend = parse_answer(&first).0;
+    let tcp_backend = parse_answer(&tcp_line).0;
+    // Remove the UDP flow's backend (and the TCP one's, if different: both
+    // keep running).
+    let keep: Vec<Ep> = [A1, B2].into_iter().filter(|e| e.0 != udp_backend && e.0 != tcp_backend).collect();
+    let left = if keep.is_empty() {
+        // Both flows sit on one backend: leave the other one.
+        vec![if udp_backend == "a1" { B2 } else { A1 }]
+    } else {
+        keep
+    };
+    let web = Svc { endpoints: &left, ..WEB };
+    ns.manifests.write("web.yaml", &web.yaml());
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        ns.agents[0].log().contains("flushed UDP conntrack entries").then_some(())
+    })
+    .expect("node 1 flushed the UDP flow");
+    // The same UDP socket now reaches the remaining backend.
+    let next = ns.cluster.external.run_in(move || {
+        sock.send(b"2").expect("send");
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("udp answer after the removal");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    assert_eq!(parse_answer(&next).0, left[0].0, "the UDP flow moved to a live backend");
+    // The TCP connection still talks to its (removed, still running)
+    // backend.
+    let line = who(&mut tcp).expect("the established TCP flow keeps working");
+    assert_eq!(parse_answer(&line).0, tcp_backend);
+}
+
+const IP_MTU_DISCOVER: i32 = 10;
+const IP_PMTUDISC_DO: i32 = 2;
+const IP_MTU: i32 = 14;
+
+fn ip_mtu(sock: &UdpSocket) -> i32 {
+    let mut mtu: i32 = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<i32>()).expect("len");
+    // SAFETY: getsockopt into a valid i32 of `len` bytes on an open socket.
+    let rc =
+        unsafe { libc::getsockopt(sock.as_raw_fd(), libc::IPPROTO_IP, IP_MTU, (&raw mut mtu).cast(), &raw mut len) };
+    assert_eq!(rc, 0, "getsockopt IP_MTU: {}", std::io::Error::last_os_error());
+    mtu
+}
+
+#[test]
+fn icmp_errors_about_a_translated_flow_reach_the_client() {
+    if skip_unless_root() {
+        return;
+    }
+    // Only b2, on node 2: the flow is DNATed and SNATed by node 1.
+    let big = Svc {
+        name: "big",
+        cluster_ip: "10.96.0.60",
+        type_: "NodePort",
+        ports: &[("dns", 53, 5353, "UDP", Some(30087)), ("closed", 54, 5999, "UDP", Some(30088))],
+        spec_extra: "",
+        status: "",
+        endpoints: &[B2],
+    };
+    let ns = NorthSouth::start(&[big]);
+    // Node 2's link to b2 carries at most 1000 bytes: node 2 answers a
+    // bigger don't-fragment datagram with "fragmentation needed", sent to
+    // node 1 (the SNAT address) and translated there for the client.
+    let b2_if = ns.cluster.node(2).pod("b2").host_if.clone();
+    ns.cluster.node(2).node.ip(&["link", "set", "dev", &b2_if, "mtu", "1000"]).expect("mtu");
+    let node1 = node_ip(1);
+    let (mtu_before, mtu_after, refused) = ns.cluster.external.run_in(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.connect((node1, 30087)).expect("connect");
+        let mode: i32 = IP_PMTUDISC_DO;
+        // SAFETY: setsockopt with a valid i32 on an open socket.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                IP_MTU_DISCOVER,
+                (&raw const mode).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<i32>()).expect("len"),
+            )
+        };
+        assert_eq!(rc, 0);
+        let before = ip_mtu(&s);
+        let after = wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+            let _ = s.send(&[0u8; 1400]);
+            let mtu = ip_mtu(&s);
+            (mtu == 1000).then_some(mtu)
+        })
+        .unwrap_or_else(|_| ip_mtu(&s));
+        // Port unreachable from b2 (nothing listens on 5999): the client's
+        // connected socket sees ECONNREFUSED for its own flow.
+        let c = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        c.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        c.connect((node1, 30088)).expect("connect");
+        c.send(b"anyone?").expect("send");
+        let mut buf = [0u8; 64];
+        let refused = c.recv(&mut buf).map(|_| ()).map_err(|e| e.kind());
+        (before, after, refused)
+    });
+    assert_eq!(mtu_before, 1500);
+    assert_eq!(mtu_after, 1000, "the client learnt the path MTU from the translated ICMP error");
+    assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "port unreachable reached the client's socket");
+    assert!(ns.counter(1, "icmp_error_translated") >= 2);
+}
