@@ -123,6 +123,19 @@ pub fn udp_v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u
     ipv4_frame(src, dst, 17, &udp_segment(src, sport, dst, dport, payload, true), 0)
 }
 
+/// An Ethernet + IPv4 + ICMP "fragmentation needed" (type 3, code 4) from
+/// `src` to `dst` advertising `mtu`, quoting `quoted_frame`'s IP packet
+/// (header and all of its payload), with an exact ICMP checksum.
+#[must_use]
+pub fn icmp_frag_needed_v4(src: Ipv4Addr, dst: Ipv4Addr, mtu: u16, quoted_frame: &[u8]) -> Vec<u8> {
+    let mut msg = vec![3, 4, 0, 0, 0, 0];
+    msg.extend_from_slice(&mtu.to_be_bytes());
+    msg.extend_from_slice(&quoted_frame[14..]);
+    let c = checksum(&msg);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src, dst, 1, &msg, 0)
+}
+
 /// The same with the UDP checksum left 0 ("not computed", RFC 768).
 #[must_use]
 pub fn udp_v4_no_checksum(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8]) -> Vec<u8> {

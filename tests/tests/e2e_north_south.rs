@@ -96,6 +96,12 @@ impl NorthSouth {
     /// pod on node 1, routes on the external client for the LB and
     /// external IPs, and the agents started on `services`.
     fn start(services: &[Svc]) -> Self {
+        Self::start_with(services, |_| {}, &[&["--external-interfaces", "eth0"], &["--external-interfaces", "eth0"]])
+    }
+
+    /// [`Self::start`] with `prepare` run on the cluster before the agents
+    /// start, and each node's agent flags.
+    fn start_with(services: &[Svc], prepare: impl FnOnce(&cluster::Cluster), flags: &[&[&str]; 2]) -> Self {
         let mut cluster = cluster::Cluster::new(2).expect("cluster");
         let mut servers = Vec::new();
         for Ep(name, node, ip) in [A1, B2] {
@@ -106,6 +112,7 @@ impl NorthSouth {
         for ip in [LB_IP, EXTERNAL_SVC_IP] {
             cluster.external.ip(&["route", "add", &format!("{ip}/32"), "via", &node_ip(1).to_string()]).expect("route");
         }
+        prepare(&cluster);
         let manifests = ManifestDir::new();
         for svc in services {
             manifests.write(&format!("{}.yaml", svc.name), &svc.yaml());
@@ -114,14 +121,10 @@ impl NorthSouth {
         let mut agents = Vec::new();
         for n in 1..=2u8 {
             let root = bpffs.path().join(format!("node{n}"));
-            let mut agent = Agent::start(
-                &cluster.node(n).node,
-                manifests.path(),
-                &format!("node{n}"),
-                &root,
-                &["--external-interfaces", "eth0", "--healthz-bind-address", "0.0.0.0:10256"],
-            )
-            .expect("agent");
+            let agent_flags = flags[usize::from(n) - 1];
+            let mut agent =
+                Agent::start(&cluster.node(n).node, manifests.path(), &format!("node{n}"), &root, agent_flags)
+                    .expect("agent");
             agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
             agent.wait_for_log("attached external ingress program", 1, Duration::from_secs(10)).expect("attach");
             agents.push(agent);
@@ -313,6 +316,64 @@ fn load_balancer_source_ranges_drop_other_sources() {
     let err = get(client, &format!("http://{EXTERNAL_SVC_IP}/")).expect_err("outside the ranges");
     assert!(err.to_string().contains("timed out"), "{err}");
     assert!(ns.counter(1, "drop_source_range") > before);
+    // As with kube-proxy, the ranges guard the load balancer's addresses,
+    // not the Service's NodePort.
+    let (name, _) = get(client, &format!("http://{}:30083/", node_ip(1))).expect("the NodePort stays open");
+    assert_eq!(name, "a1");
+}
+
+/// Whether a TCP connection from `ns` to `addr:port` is accepted.
+fn connects(ns: &Netns, addr: Ipv4Addr, port: u16) -> bool {
+    ns.run_in(move || TcpStream::connect_timeout(&SocketAddr::from((addr, port)), TIMEOUT).is_ok())
+}
+
+#[test]
+fn nodeport_addresses_follow_the_flags_and_the_addresses_that_come_and_go() {
+    if skip_unless_root() {
+        return;
+    }
+    let np = Svc {
+        name: "np",
+        cluster_ip: "10.96.0.70",
+        type_: "NodePort",
+        ports: &[("http", 80, 8080, "TCP", Some(30089))],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1, B2],
+    };
+    let node1_extra = Ipv4Addr::new(192, 168, 100, 31);
+    let node2_extra = Ipv4Addr::new(192, 168, 100, 32);
+    // Node 1: no --external-interfaces; its default route (via the
+    // external client, a host of this topology) makes eth0 external.
+    // Node 2: NodePorts only on addresses inside 192.168.100.0/28.
+    let ns = NorthSouth::start_with(
+        &[np],
+        |c| {
+            c.node(1).node.ip(&["route", "add", "default", "via", &EXTERNAL_IP.to_string()]).expect("default route");
+            c.node(2).node.ip(&["addr", "add", &format!("{node2_extra}/24"), "dev", "eth0"]).expect("address");
+        },
+        &[&[], &["--external-interfaces", "eth0", "--nodeport-addresses", "192.168.100.0/28"]],
+    );
+    assert!(ns.agents[0].log().contains("attached external ingress program interface=eth0"), "{}", ns.agents[0].log());
+    let client = &ns.cluster.external;
+    assert!(connects(client, node_ip(1), 30089));
+    assert!(connects(client, node_ip(2), 30089), "192.168.100.12 is inside 192.168.100.0/28");
+    assert!(!connects(client, node2_extra, 30089), "192.168.100.32 is outside --nodeport-addresses");
+    // An address added to node 1's eth0 answers NodePorts within moments;
+    // once removed, it no longer does (nothing listens there).
+    assert!(!connects(client, node1_extra, 30089));
+    let node1 = &ns.cluster.node(1).node;
+    node1.ip(&["addr", "add", &format!("{node1_extra}/24"), "dev", "eth0"]).expect("add address");
+    wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        connects(client, node1_extra, 30089).then_some(())
+    })
+    .expect("the new address answers the NodePort");
+    node1.ip(&["addr", "del", &format!("{node1_extra}/24"), "dev", "eth0"]).expect("remove address");
+    node1.ip(&["addr", "add", &format!("{node1_extra}/32"), "dev", "lo"]).expect("address on lo");
+    wait_until(Duration::from_secs(5), Duration::from_millis(100), || {
+        (!connects(client, node1_extra, 30089)).then_some(())
+    })
+    .expect("a removed address no longer answers the NodePort");
 }
 
 #[test]

@@ -240,8 +240,8 @@ pub struct DesiredFrontend {
     pub when_empty: WhenEmpty,
     /// `sessionAffinity: ClientIP`: the timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
-    /// `loadBalancerSourceRanges` (LoadBalancer and NodePort frontends of a
-    /// LoadBalancer Service); empty means every source.
+    /// `loadBalancerSourceRanges` (the LoadBalancer ingress frontends, as
+    /// kube-proxy filters them); empty means every source.
     pub source_ranges: Vec<Cidr>,
 }
 
@@ -548,11 +548,10 @@ fn service_frontends(
                     ));
                 }
             }
-            let ranges = if matches!(kind, FrontendKind::LoadBalancer | FrontendKind::NodePort) {
-                source_ranges.clone()
-            } else {
-                Vec::new()
-            };
+            // kube-proxy filters only traffic to the load balancer's
+            // addresses (its KUBE-FW chain / firewall-ips set); NodePorts
+            // and external IPs stay open.
+            let ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
             out.frontends.insert(
                 frontend,
                 DesiredFrontend {
