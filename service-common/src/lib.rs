@@ -76,6 +76,10 @@ pub const PROG_POD_INGRESS: &str = "service_pod_ingress";
 /// from backends on other nodes).
 pub const PROG_EXTERNAL_INGRESS: &str = "service_external_ingress";
 
+/// Name of the classifier that only returns its pass verdict: the floor of
+/// `cargo xtask bench`'s per-packet measurements (never attached).
+pub const PROG_BENCH_FLOOR: &str = "service_bench_floor";
+
 /// Address families, as in `AF_INET`/`AF_INET6`.
 pub const FAMILY_IPV4: u8 = 4;
 pub const FAMILY_IPV6: u8 = 6;

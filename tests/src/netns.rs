@@ -400,6 +400,12 @@ impl Agent {
         Ok(Self { child: Some(child), log, bpffs_root: bpffs_root.to_owned() })
     }
 
+    /// The agent's process id while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Everything the agent logged so far.
     #[must_use]
     pub fn log(&self) -> String {

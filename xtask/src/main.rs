@@ -32,10 +32,19 @@ enum Cmd {
     /// Build a netns topology, run the agent on the shipped example
     /// manifests, send real traffic through the Service and report.
     Demo,
+    /// Run the benchmarks beside kube-proxy's iptables and nftables
+    /// rulesets (root) and write docs/benchmarks.md and its charts.
+    Bench {
+        /// A shorter run (under 5 minutes), written to target/bench/
+        /// instead of docs/.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
-/// Commands the tests and the demo run, and the Debian package of each.
-const TOOLS: [(&str, &str); 7] = [
+/// Commands (or files, for absolute paths) the tests, the demo and the
+/// benchmarks use, and the Debian package of each.
+const TOOLS: [(&str, &str); 10] = [
     ("ip", "iproute2"),
     ("ping", "iputils-ping"),
     ("bpftool", "bpftool"),
@@ -43,6 +52,11 @@ const TOOLS: [(&str, &str); 7] = [
     ("nsenter", "util-linux"),
     ("sysctl", "procps"),
     ("mount", "mount"),
+    // The kube-proxy baselines of the benchmarks (and their check).
+    ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
+    // The benchmark charts' font.
+    ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "fonts-dejavu-core"),
 ];
 const BPF_LINKER_VERSION: &str = "0.10.0";
 
@@ -67,6 +81,9 @@ fn status(cmd: &mut Command) -> Result<()> {
 }
 
 fn have(program: &str) -> bool {
+    if program.starts_with('/') {
+        return Path::new(program).exists();
+    }
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())
@@ -290,8 +307,43 @@ fn demo() -> Result<()> {
     )
 }
 
+fn bench(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask bench` builds network namespaces and loads BPF programs: run it as root");
+    }
+    setup()?;
+    build_bins()?;
+    let out = if quick { root_dir().join("target/bench") } else { root_dir().join("docs") };
+    std::fs::create_dir_all(&out)?;
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(root_dir())
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let dirty = Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .current_dir(root_dir())
+        .output()
+        .is_ok_and(|o| !o.stdout.is_empty());
+    let mut cmd = Command::new(release_bin("bench"));
+    cmd.current_dir(root_dir())
+        .arg("--out")
+        .arg(&out)
+        .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
+        .env("POD_ECHO_BIN", release_bin("pod-echo"))
+        .env("BENCH_COMMIT", if dirty { format!("{commit} (with uncommitted changes)") } else { commit });
+    if quick {
+        cmd.arg("--quick");
+    }
+    status(&mut cmd)
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Bench { quick } => bench(quick),
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => {
             setup()?;

@@ -1,0 +1,276 @@
+//! Benchmark 3: the control plane. Programming 10,000 Services with
+//! 100,000 endpoints into an empty dataplane (model + reconciler + map
+//! writes, in process), one EndpointSlice change at that size until the
+//! maps are updated, the agent's peak RSS and the BPF maps' memory; beside
+//! the time kube-proxy's way takes: `iptables-restore` and `nft -f` of the
+//! equivalent full rulesets in a scratch network namespace.
+
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use service_agent::{
+    maps::{self, MapSizes, PinnedMaps},
+    model::{self, NodeContext},
+    reconciler::Reconciler,
+    source::{ObjectRef, Objects},
+};
+
+use super::{Stats, summarize};
+use crate::{
+    fixture::ManifestDir,
+    kube_proxy_rules::{self, RuleService},
+    netns::{Agent, BpffsMount, Netns, unique_suffix},
+};
+
+/// The control plane figures.
+#[derive(Clone, Debug)]
+pub struct ControlPlane {
+    pub services: usize,
+    pub endpoints: usize,
+    /// Empty dataplane to every row written.
+    pub program_all: Stats,
+    /// One EndpointSlice changed to the maps updated.
+    pub one_change: Stats,
+    pub iptables_restore: Stats,
+    pub nft_load: Stats,
+    /// The agent's peak resident set, running on those manifests.
+    pub agent_peak_rss_bytes: u64,
+    /// Kernel memory of the agent's maps at that size (fdinfo `memlock`).
+    pub map_memory_bytes: u64,
+}
+
+fn pod_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + u32::try_from(i).unwrap_or(0))
+}
+
+fn vip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + 10 + u32::try_from(i).unwrap_or(0))
+}
+
+/// `services` ClusterIP Services with `per` endpoints each, as objects.
+#[must_use]
+pub fn objects(services: usize, per: usize) -> Objects {
+    let mut objects = Objects::default();
+    for i in 0..services {
+        let name = format!("svc-{i}");
+        let r = ObjectRef { namespace: "bench".into(), name: name.clone() };
+        let svc = Service {
+            metadata: ObjectMeta { name: Some(name.clone()), namespace: Some("bench".into()), ..ObjectMeta::default() },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(vip(i).to_string()),
+                cluster_ips: Some(vec![vip(i).to_string()]),
+                ports: Some(vec![ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    target_port: Some(IntOrString::Int(8080)),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        };
+        objects.services.insert(r.clone(), svc);
+        objects
+            .endpoint_slices
+            .insert(ObjectRef { namespace: "bench".into(), name: format!("{name}-x") }, slice(i, per, 0));
+    }
+    objects
+}
+
+/// The slice of Service `i`; `shift` moves its first endpoint (a change).
+fn slice(i: usize, per: usize, shift: usize) -> EndpointSlice {
+    let endpoints = Some(
+        (0..per)
+            .map(|j| {
+                let ip = if j == 0 && shift > 0 { pod_ip(4_000_000 + shift) } else { pod_ip(i * per + j) };
+                Endpoint { addresses: vec![ip.to_string()], ..Endpoint::default() }
+            })
+            .collect(),
+    );
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}-x")),
+            namespace: Some("bench".into()),
+            labels: Some([(model::LABEL_SERVICE_NAME.to_owned(), format!("svc-{i}"))].into()),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        endpoints,
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    }
+}
+
+/// The same Services for the kube-proxy rule generators.
+#[must_use]
+pub fn rule_services(services: usize, per: usize) -> Vec<RuleService> {
+    (0..services)
+        .map(|i| RuleService {
+            namespace: "bench".into(),
+            name: format!("svc-{i}"),
+            port_name: "http".into(),
+            cluster_ip: vip(i),
+            port: 80,
+            protocol: "tcp",
+            endpoints: (0..per).map(|j| (pod_ip(i * per + j), 8080)).collect(),
+        })
+        .collect()
+}
+
+/// The manifests of [`objects`], as YAML a user would write.
+fn manifests_yaml(services: usize, per: usize) -> String {
+    let mut out = String::new();
+    for i in 0..services {
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  clusterIP: {v}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-x\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\nendpoints:\n",
+            v = vip(i)
+        );
+        for j in 0..per {
+            let _ = writeln!(out, "- addresses: [\"{}\"]", pod_ip(i * per + j));
+        }
+    }
+    out
+}
+
+/// The kernel memory charged to a pinned map (`memlock` in its fdinfo).
+fn memlock(pin: &Path) -> Result<u64> {
+    let data = aya::maps::MapData::from_pin(pin).with_context(|| format!("opening {}", pin.display()))?;
+    let fd = data.fd().as_fd().as_raw_fd();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:").and_then(|v| v.trim().parse().ok()))
+        .context("no memlock in fdinfo")
+}
+
+/// Times `program args < input` inside a fresh namespace, `repeats` times
+/// (a new namespace each time: kube-proxy's full sync into empty tables).
+fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Result<Stats> {
+    let file = std::env::temp_dir().join(format!("bench-rules-{}", unique_suffix()));
+    std::fs::write(&file, input)?;
+    let mut samples = Vec::new();
+    for _ in 0..repeats {
+        let ns = Netns::new(&format!("sd-bench-rules-{}", unique_suffix()))?;
+        let mut full: Vec<&str> = args.to_vec();
+        let path = file.to_string_lossy().into_owned();
+        full.push(&path);
+        let started = Instant::now();
+        let out = ns.exec(program, &full)?;
+        let took = started.elapsed();
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&file);
+            bail!("{program} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        samples.push(took.as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_file(&file);
+    Ok(summarize(samples))
+}
+
+/// Runs the control plane benchmark at `services` × `per` endpoints with
+/// `changes` single-slice changes and `repeats` repetitions of the loads.
+///
+/// # Errors
+/// When a step fails.
+pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> Result<ControlPlane> {
+    let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
+    let mut objects = objects(services, per);
+    let sizes = MapSizes { services: 4_194_304, backends: 1_048_576, conntrack: 262_144 };
+    let mut program_all = Vec::new();
+    let mut one_change = Vec::new();
+    let mut map_memory_bytes = 0;
+    for _ in 0..repeats {
+        let bpffs = BpffsMount::new()?;
+        let root = bpffs.path().join("bench");
+        let mut ebpf = maps::load(&root, sizes)?;
+        let mut reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, sizes)?)?;
+        let started = Instant::now();
+        let report = reconciler.reconcile(&model::desired(&objects, &node));
+        program_all.push(started.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(report.errors.is_empty(), "programming: {:?}", report.errors.first());
+        for c in 0..changes {
+            let i = (c * 7919) % services;
+            let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x") };
+            objects.endpoint_slices.insert(r, slice(i, per, c + 1));
+            let started = Instant::now();
+            let report = reconciler.reconcile(&model::desired(&objects, &node));
+            one_change.push(started.elapsed().as_secs_f64() * 1e3);
+            anyhow::ensure!(report.changed() && report.errors.is_empty(), "change {c} wrote nothing");
+        }
+        map_memory_bytes =
+            service_common::map_names::ALL.iter().map(|n| memlock(&root.join(n))).sum::<Result<u64>>()?;
+        drop(reconciler);
+        drop(ebpf);
+        maps::remove_pins(&root)?;
+    }
+    let rules = rule_services(services, per);
+    let iptables_restore = time_load("iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules), repeats)?;
+    let nft_load = time_load("nft", &["-f"], &kube_proxy_rules::nftables(&rules), repeats)?;
+    let agent_peak_rss_bytes = agent_peak_rss(services, per, sizes)?;
+    Ok(ControlPlane {
+        services,
+        endpoints: services * per,
+        program_all: summarize(program_all),
+        one_change: summarize(one_change),
+        iptables_restore,
+        nft_load,
+        agent_peak_rss_bytes,
+        map_memory_bytes,
+    })
+}
+
+/// Runs the real agent on the manifests in a scratch node namespace until
+/// its first sync, and reads its peak RSS (`VmHWM`).
+fn agent_peak_rss(services: usize, per: usize, sizes: MapSizes) -> Result<u64> {
+    let dir = ManifestDir::new();
+    dir.write("bench.yaml", &manifests_yaml(services, per));
+    let ns = Netns::new(&format!("sd-bench-agent-{}", unique_suffix()))?;
+    let bpffs = BpffsMount::new()?;
+    let root = bpffs.path().join("bench");
+    let (s, b, c) = (sizes.services.to_string(), sizes.backends.to_string(), sizes.conntrack.to_string());
+    let mut agent = Agent::start(
+        &ns,
+        dir.path(),
+        "bench-node",
+        &root,
+        &[
+            "--map-size-services",
+            &s,
+            "--map-size-backends",
+            &b,
+            "--map-size-conntrack",
+            &c,
+            "--metrics-bind-address",
+            "127.0.0.1:0",
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+        ],
+    )?;
+    agent.wait_for_log("synced", 1, Duration::from_mins(5))?;
+    let pid = agent.pid().context("agent pid")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .context("no VmHWM")?;
+    agent.stop()?;
+    Ok(kb * 1024)
+}

@@ -1,0 +1,193 @@
+//! Benchmark 1: the per-packet cost of the programs, with BPF_PROG_TEST_RUN.
+//!
+//! The maps are filled through the agent's own reconciler with `n` ClusterIP
+//! Services (the measured one, 10.96.0.10:80 with three backends, plus
+//! `n - 1` others). Then, inside a fresh network namespace, each case runs
+//! the real `service_pod_ingress` program on a crafted frame: a new flow's
+//! SYN, a packet of an established flow, a backend's reply, a packet to no
+//! Service; and `service_bench_floor`, which only returns its pass verdict.
+//!
+//! The programs rewrite the frame in place and BPF_PROG_TEST_RUN reuses one
+//! skb for all repetitions of a call, so a call with `repeat > 1` would
+//! measure the first packet once and then the rewritten one. Each sample is
+//! therefore one call with `repeat = 1` on a fresh copy of the frame (the
+//! kernel times the program run alone, in ns); `runs` samples per case. The
+//! floor and the non-service packet, which are not rewritten, are also
+//! measured the classic way (one call, `repeat = 1e6`) as a cross-check.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd as _};
+
+use anyhow::{Context as _, Result};
+use aya::programs::SchedClassifier;
+use service_agent::{
+    maps::{self, MapSizes, PinnedMaps},
+    model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, Protocol, Scope, WhenEmpty},
+    reconciler::Reconciler,
+    source::ObjectRef,
+};
+
+use super::{Stats, summarize};
+use crate::{
+    netns::{BpffsMount, Netns, unique_suffix},
+    packet,
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKENDS: [Ipv4Addr; 3] =
+    [Ipv4Addr::new(10, 244, 1, 11), Ipv4Addr::new(10, 244, 1, 12), Ipv4Addr::new(10, 244, 1, 13)];
+
+/// One case's samples at one Service count.
+#[derive(Clone, Debug)]
+pub struct CaseResult {
+    pub services: usize,
+    pub case: &'static str,
+    pub ns: Stats,
+}
+
+/// The cases, in report order.
+pub const CASES: [&str; 5] =
+    ["floor (pass only)", "not a Service", "new flow (SYN)", "established flow", "reply (reverse NAT)"];
+
+/// `n` ClusterIP frontends: the measured one and `n - 1` others with two
+/// backends each, as the model would produce them.
+#[must_use]
+pub fn synthetic(n: usize) -> Desired {
+    let mut desired = Desired::default();
+    let mut add = |i: usize, vip: Ipv4Addr, backends: Vec<Ipv4Addr>| {
+        let frontend = Frontend { addr: vip.into(), port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
+        let mut backends: Vec<Backend> = backends
+            .into_iter()
+            .map(|b| Backend { addr: b.into(), port: 8080, protocol: Protocol::Tcp, local: true, terminating: false })
+            .collect();
+        backends.sort();
+        desired.frontends.insert(
+            frontend,
+            DesiredFrontend {
+                service: ObjectRef { namespace: "bench".into(), name: format!("svc-{i}") },
+                port_name: "http".into(),
+                frontend,
+                kind: FrontendKind::ClusterIp,
+                backends,
+                when_empty: WhenEmpty::Reject,
+                affinity_timeout_s: None,
+                source_ranges: Vec::new(),
+            },
+        );
+    };
+    add(0, VIP, BACKENDS.to_vec());
+    for i in 1..n {
+        let i32_ = u32::try_from(i).unwrap_or(u32::MAX);
+        // 10.97.0.0/16 and up for the others; backends in 10.250.0.0/15.
+        let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i32_);
+        let b = u32::from(Ipv4Addr::new(10, 250, 0, 0)) + 2 * i32_;
+        add(i, vip, vec![Ipv4Addr::from(b), Ipv4Addr::from(b + 1)]);
+    }
+    desired
+}
+
+/// Map capacities for `n` Services of [`synthetic`].
+#[must_use]
+pub fn sizes(n: usize) -> MapSizes {
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    MapSizes {
+        // Slot 0 plus a 31-slot table per frontend, with room for a new
+        // version during an update.
+        services: (n * 34).max(service_common::capacity::SERVICES),
+        backends: (n * 2 + 16).max(service_common::capacity::BACKENDS),
+        conntrack: 4_194_304,
+    }
+}
+
+/// Runs every case at `n` Services, `runs` samples each.
+///
+/// # Errors
+/// When the object cannot be loaded, the maps filled or a run fails.
+pub fn measure(n: usize, runs: usize) -> Result<Vec<CaseResult>> {
+    let bpffs = BpffsMount::new()?;
+    let root = bpffs.path().join("bench");
+    let ns = Netns::new(&format!("sd-bench-ptr-{}", unique_suffix()))?;
+    let desired = synthetic(n);
+    let sizes = sizes(n);
+    let mut ebpf = maps::load(&root, sizes).context("loading the object")?;
+    let mut reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, sizes)?)?;
+    let report = reconciler.reconcile(&desired);
+    anyhow::ensure!(report.errors.is_empty(), "filling the maps: {:?}", report.errors.first());
+    let mut loaded = BTreeMap::new();
+    for name in [service_common::PROG_POD_INGRESS, service_common::PROG_BENCH_FLOOR] {
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
+        prog.load().with_context(|| format!("loading {name}"))?;
+        loaded.insert(name, prog.fd()?.as_fd().try_clone_to_owned()?);
+    }
+    let pod = loaded[service_common::PROG_POD_INGRESS].try_clone()?;
+    let floor = loaded[service_common::PROG_BENCH_FLOOR].try_clone()?;
+    let results = ns.run_in(move || -> Result<Vec<CaseResult>> {
+        let sample = |fd: &std::os::fd::OwnedFd, frame: &[u8]| -> Result<f64> {
+            Ok(f64::from(packet::prog_test_run(fd.as_fd(), frame, 1)?.duration_ns))
+        };
+        let mut out = Vec::new();
+        let non_service = packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, 0x10, b"");
+        let mut floor_ns = Vec::with_capacity(runs);
+        let mut other_ns = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            floor_ns.push(sample(&floor, &non_service)?);
+            other_ns.push(sample(&pod, &non_service)?);
+        }
+        // New flows: a distinct (client, port) per sample.
+        let mut new_ns = Vec::with_capacity(runs);
+        for i in 0..runs {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + i / 50_000);
+            let sport = 10_000 + u16::try_from(i % 50_000).unwrap_or(0);
+            new_ns.push(sample(&pod, &packet::tcp_v4(client, sport, VIP, 80, 0x02, b""))?);
+        }
+        // One established flow: its SYN first, then data packets and
+        // replies from the backend conntrack chose.
+        let syn = packet::prog_test_run(pod.as_fd(), &packet::tcp_v4(CLIENT, 40000, VIP, 80, 0x02, b""), 1)?;
+        let backend = packet::parse(&syn.data_out).context("parse")?.ip_dst;
+        let data = packet::tcp_v4(CLIENT, 40000, VIP, 80, 0x10, b"GET / HTTP/1.1\r\n\r\n");
+        let reply = packet::tcp_v4(backend, 8080, CLIENT, 40000, 0x10, b"HTTP/1.1 200 OK\r\n\r\n");
+        let mut est_ns = Vec::with_capacity(runs);
+        let mut rev_ns = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            est_ns.push(sample(&pod, &data)?);
+            rev_ns.push(sample(&pod, &reply)?);
+        }
+        for (case, samples) in CASES.iter().zip([floor_ns, other_ns, new_ns, est_ns, rev_ns]) {
+            out.push(CaseResult { services: n, case, ns: summarize(samples) });
+        }
+        Ok(out)
+    })?;
+    drop(ebpf);
+    drop(reconciler);
+    Ok(results)
+}
+
+/// The classic measurement for the frames that are not rewritten: one
+/// call, `repeat` repetitions, the kernel's average. `(floor, not a
+/// Service)` in ns.
+///
+/// # Errors
+/// When the object cannot be loaded or a run fails.
+pub fn repeat_cross_check(repeat: u32) -> Result<(f64, f64)> {
+    let bpffs = BpffsMount::new()?;
+    let root = bpffs.path().join("bench");
+    let ns = Netns::new(&format!("sd-bench-rep-{}", unique_suffix()))?;
+    let desired = synthetic(10);
+    let mut ebpf = maps::load(&root, MapSizes::default())?;
+    let mut reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default())?)?;
+    anyhow::ensure!(reconciler.reconcile(&desired).errors.is_empty(), "filling the maps");
+    let mut fds = Vec::new();
+    for name in [service_common::PROG_BENCH_FLOOR, service_common::PROG_POD_INGRESS] {
+        let prog: &mut SchedClassifier = ebpf.program_mut(name).context("program")?.try_into()?;
+        prog.load()?;
+        fds.push(prog.fd()?.as_fd().try_clone_to_owned()?);
+    }
+    let frame = packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, 0x10, b"");
+    ns.run_in(move || -> Result<(f64, f64)> {
+        let floor = packet::prog_test_run(fds[0].as_fd(), &frame, repeat)?.duration_ns;
+        let other = packet::prog_test_run(fds[1].as_fd(), &frame, repeat)?.duration_ns;
+        Ok((f64::from(floor), f64::from(other)))
+    })
+}

@@ -1,0 +1,327 @@
+//! The environment line, the tables (Markdown, printed and written to
+//! `benchmarks.md`) and the PNG charts (plotters, bitmap backend, DejaVu
+//! Sans from the system's fonts-dejavu-core).
+
+use std::{fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use plotters::prelude::*;
+
+use super::{
+    Plan, Stats,
+    control_plane::ControlPlane,
+    packet_cost::{CASES, CaseResult},
+    traffic::{TrafficResult, Variant},
+};
+
+/// Kernel, CPU model and cores of this machine.
+#[must_use]
+pub fn environment() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    format!("kernel {}, CPU {model}, {cores} cores", kernel.trim())
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if b > 0.0 { format!("{:.2}×", a / b) } else { "-".into() }
+}
+
+/// Everything one run measured.
+pub struct Results {
+    pub plan: Plan,
+    pub commit: String,
+    pub env: String,
+    pub started: String,
+    pub packet: Vec<CaseResult>,
+    /// `(floor, not a Service)` ns from one call with `repeat`.
+    pub repeat_check: Option<(u32, f64, f64)>,
+    pub traffic: Vec<TrafficResult>,
+    pub control: Option<ControlPlane>,
+}
+
+/// The Markdown report.
+#[must_use]
+#[expect(clippy::too_many_lines, reason = "one table after the other")]
+pub fn markdown(r: &Results) -> String {
+    let mut md = String::new();
+    let mode = if r.plan.quick { "`cargo xtask bench --quick`" } else { "`cargo xtask bench`" };
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ =
+        writeln!(md, "Measured by {mode} at commit `{}` on {}.\n\n**Environment:** {}.\n", r.commit, r.started, r.env);
+    let _ = writeln!(
+        md,
+        "Every figure is measured in the same run as its baseline and reported as a ratio to it. \
+         Noise guard: each traffic figure is the median of {} runs on fresh topologies (spread = min–max \
+         of the runs); each per-packet figure is the median over {} samples, with p99.\n",
+        r.plan.traffic_repeats, r.plan.packet_runs
+    );
+
+    let _ = writeln!(md, "## 1. Per-packet cost of the programs (BPF_PROG_TEST_RUN)\n");
+    let _ = writeln!(
+        md,
+        "ns per packet as the kernel times one program run (`repeat = 1` per sample on a fresh copy of the \
+         frame, since the program rewrites it in place), {} samples per case. The floor is \
+         `service_bench_floor`, a program that only returns its pass verdict: it carries the same \
+         test-run overhead, so *ratio* = case / floor and *above floor* = case − floor.\n",
+        r.plan.packet_runs
+    );
+    let _ = writeln!(
+        md,
+        "| Services in the maps | case | median ns | p99 ns | mean ns | ratio to floor (median) | above floor (ns) |"
+    );
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|");
+    for n in r.plan.packet_sizes {
+        let floor = r.packet.iter().find(|c| c.services == *n && c.case == CASES[0]).map_or(0.0, |c| c.ns.median);
+        for c in r.packet.iter().filter(|c| c.services == *n) {
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {:.0} | {:.0} | {:.1} | {} | {:.0} |",
+                c.case,
+                c.ns.median,
+                c.ns.p99,
+                c.ns.mean,
+                ratio(c.ns.median, floor),
+                c.ns.median - floor
+            );
+        }
+    }
+    if let Some((repeat, floor, other)) = r.repeat_check {
+        let _ = writeln!(
+            md,
+            "\nCross-check with one call of `repeat = {repeat}` (frames the programs leave unchanged): floor \
+             {floor:.1} ns, not a Service {other:.1} ns per run (ratio {}).\n",
+            ratio(other, floor)
+        );
+    }
+    let _ = writeln!(md, "\n![ns per packet](bench-packet-cost.png)\n");
+
+    let _ = writeln!(md, "## 2. Connections through a ClusterIP (netns, real TCP)\n");
+    let _ = writeln!(
+        md,
+        "A client pod opens new TCP connections to a ClusterIP with 3 backend pods on the same node \
+         ({} worker threads, {:.0} s per run): connect, send one line, read the backend's answer, close. \
+         Latency is connect to answer. Sockets close with `SO_LINGER 0` and the client's port range is \
+         1024–65535, so no 4-tuple is reused while an earlier one lingers in TIME_WAIT or conntrack (the \
+         SYN-retransmit trap). The floors dial the pod IPs directly; one without any netfilter rule, one \
+         with netfilter conntrack active in the node (as it is under either kube-proxy ruleset): compare \
+         the kube-proxy rows with the second, ours with the first.\n",
+        r.plan.workers, r.plan.traffic_seconds
+    );
+    let floor = r.traffic.iter().find(|t| t.variant == Variant::Floor).map_or(0.0, |t| t.connections_per_s.median);
+    let floor_ct =
+        r.traffic.iter().find(|t| t.variant == Variant::FloorConntrack).map_or(0.0, |t| t.connections_per_s.median);
+    let _ = writeln!(
+        md,
+        "| Services | dataplane | conn/s (median) | spread | ratio to floor | ratio to floor with conntrack | p50 ms | p99 ms | errors |"
+    );
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for t in &r.traffic {
+        let services = if matches!(t.variant, Variant::Floor | Variant::FloorConntrack) {
+            "-".to_owned()
+        } else {
+            t.services.to_string()
+        };
+        let _ = writeln!(
+            md,
+            "| {services} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.3} | {:.3} | {} |",
+            t.variant.label(),
+            t.connections_per_s.median,
+            t.connections_per_s.min,
+            t.connections_per_s.max,
+            ratio(t.connections_per_s.median, floor),
+            ratio(t.connections_per_s.median, floor_ct),
+            t.p50_ms.median,
+            t.p99_ms.median,
+            t.errors
+        );
+    }
+    let _ = writeln!(md, "\nRatios between the dataplanes at the same Service count:\n");
+    let _ = writeln!(md, "| Services | ours / iptables | ours / nftables |");
+    let _ = writeln!(md, "|---:|---:|---:|");
+    for n in r.plan.traffic_sizes {
+        let get = |v: Variant| {
+            r.traffic.iter().find(|t| t.variant == v && t.services == *n).map_or(0.0, |t| t.connections_per_s.median)
+        };
+        let _ = writeln!(
+            md,
+            "| {n} | {} | {} |",
+            ratio(get(Variant::Ours), get(Variant::Iptables)),
+            ratio(get(Variant::Ours), get(Variant::Nftables))
+        );
+    }
+    let _ = writeln!(md, "\n![connections per second](bench-connections.png)\n");
+
+    if let Some(c) = &r.control {
+        let _ = writeln!(md, "## 3. Control plane\n");
+        let _ = writeln!(
+            md,
+            "{} Services with {} endpoints in all. *Program all*: model + reconcile + every map write into an \
+             empty dataplane, in process. *One change*: one EndpointSlice changed, until the maps are updated \
+             (the agent recomputes the model from the whole snapshot and writes only the difference), over {} \
+             changes. kube-proxy's way: `iptables-restore` / `nft -f` of the full ruleset for the same Services \
+             into an empty namespace (a full sync).\n",
+            c.services, c.endpoints, r.plan.control_changes
+        );
+        let _ = writeln!(md, "| what | median ms | p99 ms | min–max ms | ratio to ours |");
+        let _ = writeln!(md, "|---|---:|---:|---:|---:|");
+        let row = |md: &mut String, what: &str, s: &Stats, base: f64| {
+            let _ = writeln!(
+                md,
+                "| {what} | {:.1} | {:.1} | {:.1}–{:.1} | {} |",
+                s.median,
+                s.p99,
+                s.min,
+                s.max,
+                ratio(s.median, base)
+            );
+        };
+        row(&mut md, "ours: program all", &c.program_all, c.program_all.median);
+        row(&mut md, "iptables-restore, full ruleset", &c.iptables_restore, c.program_all.median);
+        row(&mut md, "nft -f, full ruleset", &c.nft_load, c.program_all.median);
+        row(&mut md, "ours: one EndpointSlice change", &c.one_change, c.one_change.median);
+        #[expect(clippy::cast_precision_loss, reason = "byte counts shown in MiB")]
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let _ = writeln!(
+            md,
+            "\nAgent peak RSS at that size: {:.1} MiB. BPF map memory (kernel `memlock` of the pinned maps, \
+             sized by `--map-size-*` for it): {:.1} MiB.\n",
+            mib(c.agent_peak_rss_bytes),
+            mib(c.map_memory_bytes)
+        );
+        let _ = writeln!(md, "![control plane](bench-control-plane.png)\n");
+    }
+    md
+}
+
+/// Registers DejaVu Sans for the charts' text.
+fn register_font() -> Result<()> {
+    let path = Path::new("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf");
+    let bytes = std::fs::read(path).with_context(|| format!("reading {} (fonts-dejavu-core)", path.display()))?;
+    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+        .map_err(|_| anyhow::anyhow!("registering the chart font"))?;
+    Ok(())
+}
+
+/// A grouped bar chart: one group per label, one bar per series.
+fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()> {
+    let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let max = series.iter().flat_map(|(_, v)| v.iter().copied()).fold(0.0_f64, f64::max).max(1.0) * 1.15;
+    #[expect(clippy::cast_precision_loss, reason = "a handful of groups")]
+    let width = groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 24))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..width, 0.0..max)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let labels = groups.to_vec();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_label)
+        .x_labels(groups.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let frac = x.fract();
+            #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a group index")]
+            let i = x.floor() as usize;
+            if (frac - 0.5).abs() < 0.01 { labels.get(i).cloned().unwrap_or_default() } else { String::new() }
+        })
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    #[expect(clippy::cast_precision_loss, reason = "a handful of series")]
+    let bar = 0.8 / series.len() as f64;
+    for (k, (name, values)) in series.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        #[expect(clippy::cast_precision_loss, reason = "indices")]
+        let rects = values.iter().enumerate().map(move |(g, v)| {
+            let x0 = g as f64 + 0.1 + bar * k as f64;
+            Rectangle::new([(x0, 0.0), (x0 + bar * 0.95, *v)], color.filled())
+        });
+        chart
+            .draw_series(rects)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(name.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Writes the three charts into `dir`.
+///
+/// # Errors
+/// When the font or a file cannot be written.
+pub fn charts(r: &Results, dir: &Path) -> Result<()> {
+    register_font()?;
+    let groups: Vec<String> = r.plan.packet_sizes.iter().map(|n| format!("{n} Services")).collect();
+    let series: Vec<(String, Vec<f64>)> = CASES
+        .iter()
+        .map(|case| {
+            let v = r
+                .plan
+                .packet_sizes
+                .iter()
+                .map(|n| r.packet.iter().find(|c| c.services == *n && c.case == *case).map_or(0.0, |c| c.ns.median))
+                .collect();
+            ((*case).to_owned(), v)
+        })
+        .collect();
+    bars(&dir.join("bench-packet-cost.png"), "ns per packet (median, BPF_PROG_TEST_RUN)", "ns", &groups, &series)?;
+
+    let groups: Vec<String> = r.plan.traffic_sizes.iter().map(|n| format!("{n} Services")).collect();
+    let series: Vec<(String, Vec<f64>)> =
+        [Variant::Ours, Variant::Iptables, Variant::Nftables, Variant::Floor, Variant::FloorConntrack]
+            .iter()
+            .map(|v| {
+                let vals = r
+                    .plan
+                    .traffic_sizes
+                    .iter()
+                    .map(|n| {
+                        r.traffic
+                            .iter()
+                            .find(|t| {
+                                t.variant == *v
+                                    && (t.services == *n || matches!(v, Variant::Floor | Variant::FloorConntrack))
+                            })
+                            .map_or(0.0, |t| t.connections_per_s.median)
+                    })
+                    .collect();
+                (v.label().to_owned(), vals)
+            })
+            .collect();
+    bars(
+        &dir.join("bench-connections.png"),
+        "new TCP connections per second through a ClusterIP",
+        "conn/s",
+        &groups,
+        &series,
+    )?;
+
+    if let Some(c) = &r.control {
+        let groups = vec![format!("{} Services, {} endpoints", c.services, c.endpoints)];
+        let series = vec![
+            ("ours: program all".to_owned(), vec![c.program_all.median]),
+            ("iptables-restore".to_owned(), vec![c.iptables_restore.median]),
+            ("nft -f".to_owned(), vec![c.nft_load.median]),
+            ("ours: one change".to_owned(), vec![c.one_change.median]),
+        ];
+        bars(&dir.join("bench-control-plane.png"), "control plane (median ms)", "ms", &groups, &series)?;
+    }
+    Ok(())
+}

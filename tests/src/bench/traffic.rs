@@ -1,0 +1,335 @@
+//! Benchmark 2: new TCP connections through a ClusterIP in the netns
+//! topology (a client pod → ClusterIP → 3 backend pods on one node), with
+//! 1, 1,000 and 10,000 Services present, for our dataplane, kube-proxy's
+//! iptables and nftables rulesets for the same Services, and no
+//! translation at all (the client dials the pod IPs itself), the last
+//! without and with netfilter conntrack active in the node.
+//!
+//! The load client is this program: `workers` threads in the client pod,
+//! each in a loop for the run's duration: connect, send `who`, read the
+//! backend's one-line answer, close. Each connection's latency (connect to
+//! answer) is recorded. Sockets close with `SO_LINGER 0` (an RST, no
+//! TIME_WAIT) and the client's port range spans 1024-65535, so no 4-tuple
+//! is reused while an earlier one still sits in TIME_WAIT or in conntrack
+//! (the SYN-retransmit trap of `wrk -H 'Connection: close'`).
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+
+use super::{Stats, percentile, summarize};
+use crate::{
+    fixture::{self, ManifestDir},
+    kube_proxy_rules::{self, RuleService},
+    netns::{Agent, BpffsMount, ChildGuard, Topology},
+};
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKENDS: [(&str, Ipv4Addr); 3] = [
+    ("backend-a", Ipv4Addr::new(10, 244, 1, 11)),
+    ("backend-b", Ipv4Addr::new(10, 244, 1, 12)),
+    ("backend-c", Ipv4Addr::new(10, 244, 1, 13)),
+];
+
+/// What translates the client's connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Variant {
+    /// This project's TC programs, the agent running on the node.
+    Ours,
+    /// kube-proxy's iptables-mode ruleset (iptables-restore).
+    Iptables,
+    /// kube-proxy's nftables-mode ruleset (nft -f).
+    Nftables,
+    /// No translation: the client dials the pod IPs, no netfilter rules.
+    Floor,
+    /// No translation, with netfilter conntrack active in the node (as it
+    /// is under either kube-proxy ruleset).
+    FloorConntrack,
+}
+
+impl Variant {
+    #[must_use]
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Ours => "eBPF dataplane (ours)",
+            Self::Iptables => "kube-proxy iptables",
+            Self::Nftables => "kube-proxy nftables",
+            Self::Floor => "pod IP, no netfilter (floor)",
+            Self::FloorConntrack => "pod IP, netfilter conntrack on",
+        }
+    }
+}
+
+/// One run's figures.
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub connections_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: usize,
+}
+
+/// A variant at a Service count, over the repeats.
+#[derive(Clone, Debug)]
+pub struct TrafficResult {
+    pub variant: Variant,
+    pub services: usize,
+    pub connections_per_s: Stats,
+    pub p50_ms: Stats,
+    pub p99_ms: Stats,
+    pub errors: usize,
+}
+
+/// The measured Service plus `n - 1` others, for the rule generators. The
+/// measured one sits in the middle of the list: iptables matches
+/// `KUBE-SERVICES` rule by rule, so its position decides how many rules a
+/// new connection passes; the middle is kube-proxy's average case.
+fn rule_services(n: usize) -> Vec<RuleService> {
+    let mut out: Vec<RuleService> = (1..n)
+        .map(|i| {
+            let i32_ = u32::try_from(i).unwrap_or(0);
+            let b = u32::from(Ipv4Addr::new(10, 250, 0, 0)) + 3 * i32_;
+            RuleService {
+                namespace: "bench".into(),
+                name: format!("svc-{i}"),
+                port_name: "http".into(),
+                cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i32_),
+                port: 80,
+                protocol: "tcp",
+                endpoints: (0..3).map(|k| (Ipv4Addr::from(b + k), 8080)).collect(),
+            }
+        })
+        .collect();
+    out.insert(
+        out.len() / 2,
+        RuleService {
+            namespace: "bench".into(),
+            name: "web".into(),
+            port_name: "who".into(),
+            cluster_ip: VIP,
+            port: 80,
+            protocol: "tcp",
+            endpoints: BACKENDS.iter().map(|(_, ip)| (*ip, 7000)).collect(),
+        },
+    );
+    out
+}
+
+/// The same Services as manifests for the agent.
+fn manifests(services: &[RuleService]) -> String {
+    let mut out = String::new();
+    for s in services {
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: {pn}, port: {p}, targetPort: {tp}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-x\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {n}}}\naddressType: IPv4\nports:\n- {{name: {pn}, port: {tp}}}\nendpoints:\n",
+            n = s.name,
+            ns = s.namespace,
+            ip = s.cluster_ip,
+            pn = s.port_name,
+            p = s.port,
+            tp = s.endpoints[0].1,
+        );
+        for (ip, _) in &s.endpoints {
+            let _ = writeln!(out, "- addresses: [\"{ip}\"]\n  nodeName: bench-node");
+        }
+    }
+    out
+}
+
+/// The node, its pods and servers, and whatever translates.
+struct Bench {
+    _agent: Option<Agent>,
+    _servers: Vec<ChildGuard>,
+    topo: Topology,
+    _bpffs: Option<BpffsMount>,
+    _manifests: Option<ManifestDir>,
+}
+
+fn setup(variant: Variant, services: usize) -> Result<Bench> {
+    let mut topo = Topology::new()?;
+    topo.add_pod("client", CLIENT)?;
+    topo.pod("client").ns.sysctl("net.ipv4.ip_local_port_range=1024 65535")?;
+    let mut servers = Vec::new();
+    for (name, ip) in BACKENDS {
+        topo.add_pod(name, ip)?;
+        servers.push(fixture::start_echo(&topo.pod(name).ns, name, &["--tcp-port", "7000"])?);
+    }
+    let rules = rule_services(services);
+    let (mut agent, mut bpffs, mut dir) = (None, None, None);
+    match variant {
+        Variant::Ours => {
+            let m = ManifestDir::new();
+            m.write("bench.yaml", &manifests(&rules));
+            let b = BpffsMount::new()?;
+            let mut a = Agent::start(&topo.node, m.path(), "bench-node", &b.path().join("node"), &[])?;
+            a.wait_for_log("synced", 1, Duration::from_mins(2))?;
+            a.wait_for_log("attached pod ingress program", 4, Duration::from_secs(10))?;
+            (agent, bpffs, dir) = (Some(a), Some(b), Some(m));
+        }
+        Variant::Iptables => load(&topo, "iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules))?,
+        Variant::Nftables => load(&topo, "nft", &["-f"], &kube_proxy_rules::nftables(&rules))?,
+        Variant::Floor => {}
+        Variant::FloorConntrack => {
+            // Any nat table turns conntrack on for the namespace; this one
+            // translates nothing the client sends.
+            let rules = vec![RuleService { cluster_ip: Ipv4Addr::new(10, 96, 255, 1), ..rule_services(1).remove(0) }];
+            load(&topo, "iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules))?;
+        }
+    }
+    Ok(Bench { _agent: agent, _servers: servers, topo, _bpffs: bpffs, _manifests: dir })
+}
+
+fn load(topo: &Topology, program: &str, args: &[&str], rules: &str) -> Result<()> {
+    let file = std::env::temp_dir().join(format!("bench-rules-{}", topo.suffix));
+    std::fs::write(&file, rules)?;
+    let mut all = args.to_vec();
+    let path = file.to_string_lossy().into_owned();
+    all.push(&path);
+    let out = topo.node.exec(program, &all);
+    let _ = std::fs::remove_file(&file);
+    let out = out?;
+    anyhow::ensure!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// One connection: connect, `who`, one line back, RST close.
+fn one(target: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.set_nodelay(true)?;
+    s.write_all(b"who\n")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    anyhow::ensure!(line.starts_with("backend-"), "unexpected answer {line:?}");
+    linger_zero(&s)?;
+    Ok(())
+}
+
+/// `SO_LINGER {on, 0}`: `close` sends an RST and leaves no TIME_WAIT.
+fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8);
+    // SAFETY: setsockopt with a valid linger struct of `len` bytes on an
+    // open socket.
+    let rc =
+        unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, (&raw const linger).cast(), len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Runs the load from the client pod for `duration` with `workers`.
+fn drive(bench: &Bench, variant: Variant, workers: usize, duration: Duration) -> RunResult {
+    let direct = matches!(variant, Variant::Floor | Variant::FloorConntrack);
+    bench.topo.pod("client").ns.run_in(move || {
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(AtomicUsize::new(0));
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                let (stop, next, errors) = (stop.clone(), next.clone(), errors.clone());
+                std::thread::spawn(move || {
+                    let mut lat = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let target = if direct {
+                            SocketAddr::from((BACKENDS[next.fetch_add(1, Ordering::Relaxed) % 3].1, 7000))
+                        } else {
+                            SocketAddr::from((VIP, 80))
+                        };
+                        let started = Instant::now();
+                        match one(target) {
+                            Ok(()) => lat.push(started.elapsed().as_secs_f64() * 1e3),
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        let mut all: Vec<f64> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+        let elapsed = started.elapsed().as_secs_f64();
+        all.sort_by(f64::total_cmp);
+        #[expect(clippy::cast_precision_loss, reason = "connection counts")]
+        let rate = all.len() as f64 / elapsed;
+        RunResult {
+            connections_per_s: rate,
+            p50_ms: percentile(&all, 50.0),
+            p99_ms: percentile(&all, 99.0),
+            errors: errors.load(Ordering::Relaxed),
+        }
+    })
+}
+
+/// Measures `variant` at `services` Services, `repeats` fresh setups.
+///
+/// # Errors
+/// When the topology or the translation cannot be set up.
+pub fn measure(
+    variant: Variant,
+    services: usize,
+    repeats: usize,
+    workers: usize,
+    duration: Duration,
+) -> Result<TrafficResult> {
+    let mut runs = Vec::new();
+    for _ in 0..repeats {
+        let started = Instant::now();
+        let bench = setup(variant, services).with_context(|| format!("{} at {services} Services", variant.label()))?;
+        eprintln!(
+            "      (set-up of {} at {services} Services: {:.1} s)",
+            variant.label(),
+            started.elapsed().as_secs_f64()
+        );
+        // Warm up (ARP, first flows), then measure.
+        let _ = drive(&bench, variant, workers, Duration::from_millis(300));
+        runs.push(drive(&bench, variant, workers, duration));
+    }
+    Ok(TrafficResult {
+        variant,
+        services,
+        connections_per_s: summarize(runs.iter().map(|r| r.connections_per_s).collect()),
+        p50_ms: summarize(runs.iter().map(|r| r.p50_ms).collect()),
+        p99_ms: summarize(runs.iter().map(|r| r.p99_ms).collect()),
+        errors: runs.iter().map(|r| r.errors).sum(),
+    })
+}
+
+/// Checks that traffic really flows through a variant's translation: every
+/// backend answers through the ClusterIP.
+///
+/// # Errors
+/// When a connection fails or a backend never answers.
+pub fn check_flows(variant: Variant, services: usize) -> Result<()> {
+    let bench = setup(variant, services)?;
+    let seen = bench.topo.pod("client").ns.run_in(|| -> Result<std::collections::BTreeSet<String>> {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..60 {
+            let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.write_all(b"who\n")?;
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line)?;
+            seen.insert(line.split_whitespace().next().unwrap_or_default().to_owned());
+        }
+        Ok(seen)
+    })?;
+    anyhow::ensure!(seen.len() == 3, "{}: backends reached {seen:?}", variant.label());
+    Ok(())
+}

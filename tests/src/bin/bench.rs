@@ -1,0 +1,108 @@
+//! What `cargo xtask bench [--quick]` runs (as root): the benchmarks of
+//! `service_tests::bench`, each beside its baseline in the same run, then
+//! the report (`<out>/benchmarks.md` and its PNG charts), also printed.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use service_tests::{
+    bench::{
+        Plan, control_plane, packet_cost,
+        report::{self, Results},
+        traffic::{self, Variant},
+    },
+    netns::is_root,
+};
+
+fn main() -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks create network namespaces and load BPF programs: run them as root");
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
+    std::fs::create_dir_all(&out)?;
+    let plan = Plan::new(quick);
+    let started = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
+    let mut results = Results {
+        plan,
+        commit: std::env::var("BENCH_COMMIT").unwrap_or_else(|_| "unknown".into()),
+        env: report::environment(),
+        started: String::from_utf8_lossy(&started.stdout).trim().to_owned(),
+        packet: Vec::new(),
+        repeat_check: None,
+        traffic: Vec::new(),
+        control: None,
+    };
+    println!("== environment: {}", results.env);
+
+    println!("== 1. per-packet cost (BPF_PROG_TEST_RUN, {} samples per case)", plan.packet_runs);
+    for n in plan.packet_sizes {
+        let cases = packet_cost::measure(*n, plan.packet_runs).with_context(|| format!("packet cost at {n}"))?;
+        for c in &cases {
+            println!("   {n:>7} Services  {:<22} median {:>5.0} ns  p99 {:>5.0} ns", c.case, c.ns.median, c.ns.p99);
+        }
+        results.packet.extend(cases);
+    }
+    let repeat = 1_000_000;
+    let (floor, other) = packet_cost::repeat_cross_check(repeat)?;
+    println!("   repeat={repeat}: floor {floor:.1} ns, not a Service {other:.1} ns");
+    results.repeat_check = Some((repeat, floor, other));
+
+    println!("== 2. connections through a ClusterIP");
+    for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
+        traffic::check_flows(v, 3).with_context(|| format!("checking that traffic flows through {}", v.label()))?;
+        println!("   checked: {} reaches all 3 backends through the ClusterIP", v.label());
+    }
+    let duration = Duration::from_secs_f64(plan.traffic_seconds);
+    let mut run = |v: Variant, n: usize| -> Result<()> {
+        let t = traffic::measure(v, n, plan.traffic_repeats, plan.workers, duration)?;
+        println!(
+            "   {:>6} Services  {:<32} {:>7.0} conn/s ({:.0}-{:.0})  p50 {:.3} ms  p99 {:.3} ms  errors {}",
+            n,
+            v.label(),
+            t.connections_per_s.median,
+            t.connections_per_s.min,
+            t.connections_per_s.max,
+            t.p50_ms.median,
+            t.p99_ms.median,
+            t.errors
+        );
+        results.traffic.push(t);
+        Ok(())
+    };
+    run(Variant::Floor, 1)?;
+    run(Variant::FloorConntrack, 1)?;
+    for n in plan.traffic_sizes {
+        for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
+            run(v, *n)?;
+        }
+    }
+
+    println!(
+        "== 3. control plane ({} Services x {} endpoints)",
+        plan.control_services, plan.control_endpoints_per_service
+    );
+    let c = control_plane::measure(
+        plan.control_services,
+        plan.control_endpoints_per_service,
+        plan.control_changes,
+        plan.control_repeats,
+    )?;
+    println!(
+        "   program all {:.1} ms, one change p50 {:.2} ms p99 {:.2} ms, iptables-restore {:.1} ms, nft -f {:.1} ms",
+        c.program_all.median, c.one_change.median, c.one_change.p99, c.iptables_restore.median, c.nft_load.median
+    );
+    results.control = Some(c);
+
+    let md = report::markdown(&results);
+    std::fs::write(out.join("benchmarks.md"), &md)?;
+    report::charts(&results, &out)?;
+    println!("\n{md}");
+    println!("written: {}", out.join("benchmarks.md").display());
+    Ok(())
+}
