@@ -44,6 +44,8 @@ pub struct ControlPlane {
     pub program_all: Stats,
     /// One EndpointSlice changed to the maps updated.
     pub one_change: Stats,
+    /// Of which the model (objects → desired frontends).
+    pub one_change_model: Stats,
     pub iptables_restore: Stats,
     pub nft_load: Stats,
     /// The agent's peak resident set, running on those manifests.
@@ -196,6 +198,7 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
     let sizes = MapSizes { services: 4_194_304, backends: 1_048_576, conntrack: 262_144 };
     let mut program_all = Vec::new();
     let mut one_change = Vec::new();
+    let mut one_change_model = Vec::new();
     let mut map_memory_bytes = 0;
     for _ in 0..repeats {
         let bpffs = BpffsMount::new()?;
@@ -211,7 +214,9 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
             let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x") };
             objects.endpoint_slices.insert(r, slice(i, per, c + 1));
             let started = Instant::now();
-            let report = reconciler.reconcile(&model::desired(&objects, &node));
+            let desired = model::desired(&objects, &node);
+            one_change_model.push(started.elapsed().as_secs_f64() * 1e3);
+            let report = reconciler.reconcile(&desired);
             one_change.push(started.elapsed().as_secs_f64() * 1e3);
             anyhow::ensure!(report.changed() && report.errors.is_empty(), "change {c} wrote nothing");
         }
@@ -230,6 +235,7 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
         endpoints: services * per,
         program_all: summarize(program_all),
         one_change: summarize(one_change),
+        one_change_model: summarize(one_change_model),
         iptables_restore,
         nft_load,
         agent_peak_rss_bytes,

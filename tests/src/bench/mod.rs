@@ -114,7 +114,7 @@ impl Plan {
                 control_services: 10_000,
                 control_endpoints_per_service: 10,
                 control_changes: 200,
-                control_repeats: 3,
+                control_repeats: 2,
             }
         }
     }

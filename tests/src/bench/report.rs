@@ -184,6 +184,7 @@ pub fn markdown(r: &Results) -> String {
         row(&mut md, "iptables-restore, full ruleset", &c.iptables_restore, c.program_all.median);
         row(&mut md, "nft -f, full ruleset", &c.nft_load, c.program_all.median);
         row(&mut md, "ours: one EndpointSlice change", &c.one_change, c.one_change.median);
+        row(&mut md, "of which the model (objects → desired rows)", &c.one_change_model, c.one_change.median);
         #[expect(clippy::cast_precision_loss, reason = "byte counts shown in MiB")]
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let _ = writeln!(
