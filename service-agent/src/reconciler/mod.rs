@@ -135,6 +135,19 @@ impl ReconcileReport {
 pub struct Reconciler<M> {
     maps: M,
     applied: MapState,
+    /// What each frontend was last written from (the desired frontend, its
+    /// rev-NAT id and backend ids). A frontend whose inputs are unchanged
+    /// is skipped, so one EndpointSlice change costs its own frontends'
+    /// Maglev tables, not every frontend's. Empty after a restart: the
+    /// first reconcile checks every frontend against the dumped rows.
+    written: HashMap<Frontend, WrittenFrontend>,
+}
+
+#[derive(PartialEq, Eq)]
+struct WrittenFrontend {
+    desired: DesiredFrontend,
+    rev_nat_id: u32,
+    backend_ids: Vec<u32>,
 }
 
 fn family(addr: IpAddr) -> u8 {
@@ -259,7 +272,7 @@ impl<M: MapIo> Reconciler<M> {
     /// When the maps cannot be read.
     pub fn new(maps: M) -> Result<Self, MapError> {
         let applied = maps.dump()?;
-        Ok(Self { maps, applied })
+        Ok(Self { maps, applied, written: HashMap::new() })
     }
 
     /// The rows as the reconciler believes them applied.
@@ -294,11 +307,28 @@ impl<M: MapIo> Reconciler<M> {
             let Some(&rev_nat_id) = rev_nat_ids.get(&df.frontend) else { continue };
             let ids: Option<Vec<u32>> = df.backends.iter().map(|b| backend_ids.get(b).copied()).collect();
             let Some(ids) = ids else { continue }; // a backend row failed: keep the old rows
-            if let Err(source) = self.write_frontend(df, rev_nat_id, &ids, &mut report) {
-                report.errors.push(ReconcileError { what: format!("Service {} {}", df.service, df.frontend), source });
+            let unchanged = self
+                .written
+                .get(&df.frontend)
+                .is_some_and(|w| w.rev_nat_id == rev_nat_id && w.backend_ids == ids && w.desired == *df);
+            if unchanged {
+                continue;
+            }
+            match self.write_frontend(df, rev_nat_id, &ids, &mut report) {
+                Ok(()) => {
+                    let written = WrittenFrontend { desired: df.clone(), rev_nat_id, backend_ids: ids };
+                    self.written.insert(df.frontend, written);
+                }
+                Err(source) => {
+                    self.written.remove(&df.frontend);
+                    report
+                        .errors
+                        .push(ReconcileError { what: format!("Service {} {}", df.service, df.frontend), source });
+                }
             }
         }
         self.delete_undesired(desired, &mut report);
+        self.written.retain(|f, _| desired.frontends.contains_key(f));
         for row in self.applied.source_ranges.difference(&ranges).copied().collect::<Vec<_>>() {
             match self.maps.del_source_range(row.0, &row.1) {
                 Ok(()) => {

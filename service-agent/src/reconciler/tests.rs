@@ -142,3 +142,29 @@ fn deleting_everything_leaves_no_rows() {
     r.reconcile(&Desired::default());
     assert_eq!(r.maps().state, MapState::default());
 }
+
+#[test]
+fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
+    let mut r = reconciler();
+    assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3]), (82, &[4])])).errors.is_empty());
+    r.maps.ops.clear();
+    // One frontend's backends change: only its rows are touched.
+    let report = r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5]), (82, &[4])]));
+    assert_eq!(report.frontends_written, 1);
+    let key81 = frontend_key(&frontend(81));
+    assert!(
+        r.maps.ops.iter().all(|op| match op {
+            Op::PutService(k, _) | Op::DelService(k) => k.with_slot(0, 0) == key81,
+            _ => true,
+        }),
+        "{:?}",
+        r.maps.ops
+    );
+    // Removed, then desired again unchanged: written again in full.
+    assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5])])).errors.is_empty());
+    let key82 = frontend_key(&frontend(82));
+    assert!(!r.applied().services.keys().any(|k| k.with_slot(0, 0) == key82));
+    let report = r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5]), (82, &[4])]));
+    assert_eq!(report.frontends_written, 1);
+    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key82).count(), 32);
+}

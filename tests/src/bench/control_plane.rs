@@ -194,13 +194,15 @@ fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Resul
 /// When a step fails.
 pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> Result<ControlPlane> {
     let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
-    let mut objects = objects(services, per);
     let sizes = MapSizes { services: 4_194_304, backends: 1_048_576, conntrack: 262_144 };
     let mut program_all = Vec::new();
     let mut one_change = Vec::new();
     let mut one_change_model = Vec::new();
     let mut map_memory_bytes = 0;
     for _ in 0..repeats {
+        // Each repeat starts from the same objects (the changes below edit
+        // them).
+        let mut objects = objects(services, per);
         let bpffs = BpffsMount::new()?;
         let root = bpffs.path().join("bench");
         let mut ebpf = maps::load(&root, sizes)?;

@@ -56,8 +56,9 @@ pub fn markdown(r: &Results) -> String {
     let _ = writeln!(
         md,
         "Every figure is measured in the same run as its baseline and reported as a ratio to it. \
-         Noise guard: each traffic figure is the median of {} runs on fresh topologies (spread = min–max \
-         of the runs); each per-packet figure is the median over {} samples, with p99.\n",
+         Noise guard: each traffic figure is the median of {} runs, each on a fresh topology, the cases \
+         interleaved round by round so drift of the machine spreads over all of them (spread = min–max of \
+         the runs); each per-packet figure is the median over {} samples, with p99.\n",
         r.plan.traffic_repeats, r.plan.packet_runs
     );
 

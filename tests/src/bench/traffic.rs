@@ -277,38 +277,30 @@ fn drive(bench: &Bench, variant: Variant, workers: usize, duration: Duration) ->
     })
 }
 
-/// Measures `variant` at `services` Services, `repeats` fresh setups.
+/// One measurement of `variant` at `services` Services on a fresh
+/// topology: set up, warm up (ARP, first flows), then `duration` of load.
 ///
 /// # Errors
 /// When the topology or the translation cannot be set up.
-pub fn measure(
-    variant: Variant,
-    services: usize,
-    repeats: usize,
-    workers: usize,
-    duration: Duration,
-) -> Result<TrafficResult> {
-    let mut runs = Vec::new();
-    for _ in 0..repeats {
-        let started = Instant::now();
-        let bench = setup(variant, services).with_context(|| format!("{} at {services} Services", variant.label()))?;
-        eprintln!(
-            "      (set-up of {} at {services} Services: {:.1} s)",
-            variant.label(),
-            started.elapsed().as_secs_f64()
-        );
-        // Warm up (ARP, first flows), then measure.
-        let _ = drive(&bench, variant, workers, Duration::from_millis(300));
-        runs.push(drive(&bench, variant, workers, duration));
-    }
-    Ok(TrafficResult {
+pub fn run_once(variant: Variant, services: usize, workers: usize, duration: Duration) -> Result<RunResult> {
+    let started = Instant::now();
+    let bench = setup(variant, services).with_context(|| format!("{} at {services} Services", variant.label()))?;
+    eprintln!("      (set-up of {} at {services} Services: {:.1} s)", variant.label(), started.elapsed().as_secs_f64());
+    let _ = drive(&bench, variant, workers, Duration::from_millis(300));
+    Ok(drive(&bench, variant, workers, duration))
+}
+
+/// The runs of one variant at one Service count, summarized.
+#[must_use]
+pub fn combine(variant: Variant, services: usize, runs: &[RunResult]) -> TrafficResult {
+    TrafficResult {
         variant,
         services,
         connections_per_s: summarize(runs.iter().map(|r| r.connections_per_s).collect()),
         p50_ms: summarize(runs.iter().map(|r| r.p50_ms).collect()),
         p99_ms: summarize(runs.iter().map(|r| r.p99_ms).collect()),
         errors: runs.iter().map(|r| r.errors).sum(),
-    })
+    }
 }
 
 /// Checks that traffic really flows through a variant's translation: every

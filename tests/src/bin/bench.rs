@@ -84,8 +84,23 @@ fn traffic_section(plan: &Plan, results: &mut Results) -> Result<()> {
         println!("   checked: {} reaches all 3 backends through the ClusterIP", v.label());
     }
     let duration = Duration::from_secs_f64(plan.traffic_seconds);
-    let mut run = |v: Variant, n: usize| -> Result<()> {
-        let t = traffic::measure(v, n, plan.traffic_repeats, plan.workers, duration)?;
+    // Every case once per round, rounds repeated: slow drift of the
+    // machine spreads over all cases instead of landing on one.
+    let mut cases = vec![(Variant::Floor, 1), (Variant::FloorConntrack, 1)];
+    for n in plan.traffic_sizes {
+        for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
+            cases.push((v, *n));
+        }
+    }
+    let mut runs: Vec<Vec<traffic::RunResult>> = vec![Vec::new(); cases.len()];
+    for round in 1..=plan.traffic_repeats {
+        println!("   round {round} of {}", plan.traffic_repeats);
+        for (i, (v, n)) in cases.iter().enumerate() {
+            runs[i].push(traffic::run_once(*v, *n, plan.workers, duration)?);
+        }
+    }
+    for ((v, n), runs) in cases.iter().zip(&runs) {
+        let t = traffic::combine(*v, *n, runs);
         println!(
             "   {:>6} Services  {:<32} {:>7.0} conn/s ({:.0}-{:.0})  p50 {:.3} ms  p99 {:.3} ms  errors {}",
             n,
@@ -98,14 +113,6 @@ fn traffic_section(plan: &Plan, results: &mut Results) -> Result<()> {
             t.errors
         );
         results.traffic.push(t);
-        Ok(())
-    };
-    run(Variant::Floor, 1)?;
-    run(Variant::FloorConntrack, 1)?;
-    for n in plan.traffic_sizes {
-        for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
-            run(v, *n)?;
-        }
     }
     Ok(())
 }
