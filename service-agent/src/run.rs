@@ -273,13 +273,14 @@ fn sync_once(
         tracing::error!(error = %e, "map update failed");
     }
     metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.applied(), report.errors.len());
-    let live_rev_nat: BTreeSet<u32> = reconciler.applied().rev_nat.keys().copied().collect();
-    let live_backends: BTreeSet<u32> = reconciler.applied().backends.keys().copied().collect();
-    if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backends) {
+    let applied = reconciler.applied();
+    let live_rev_nat = |id: u32| applied.rev_nat.contains_key(&id);
+    let live_backend = |id: u32| applied.backends.contains_key(&id);
+    if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backend) {
         tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
     }
     if report.changed() {
-        match maps::flush_udp_conntrack(bpffs_root, &reconciler.applied().live_pairs()) {
+        match maps::flush_udp_conntrack(bpffs_root, |rev_nat, backend| reconciler.is_live_pair(rev_nat, backend)) {
             Ok(0) => {}
             Ok(n) => tracing::info!(entries = n, "flushed UDP conntrack entries of removed backends"),
             Err(e) => tracing::warn!(error = %e, "flushing UDP conntrack entries of removed backends"),

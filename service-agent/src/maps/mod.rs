@@ -412,13 +412,13 @@ pub fn read_counters(
 /// When a map cannot be read or written.
 pub fn prune_counters(
     root: &Path,
-    live_rev_nat: &std::collections::BTreeSet<u32>,
-    live_backends: &std::collections::BTreeSet<u32>,
+    live_rev_nat: &dyn Fn(u32) -> bool,
+    live_backend: &dyn Fn(u32) -> bool,
 ) -> Result<usize, LoadError> {
     let mut removed = 0;
-    for (name, live) in [(map_names::SERVICE_COUNTERS, live_rev_nat), (map_names::BACKEND_COUNTERS, live_backends)] {
+    for (name, live) in [(map_names::SERVICE_COUNTERS, live_rev_nat), (map_names::BACKEND_COUNTERS, live_backend)] {
         let mut map = counters_map(root, name)?;
-        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|id| !live.contains(id)).collect();
+        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|id| !live(*id)).collect();
         for id in stale {
             if map.remove(&id).is_ok() {
                 removed += 1;
@@ -487,13 +487,13 @@ pub fn write_snat_addrs(
 ///
 /// # Errors
 /// When the pin is missing or unreadable.
-pub fn flush_udp_conntrack(root: &Path, live: &std::collections::BTreeSet<(u32, u32)>) -> Result<usize, LoadError> {
+pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Result<usize, LoadError> {
     let name = map_names::CONNTRACK;
     let mut map: HashMap<MapData, CtKey, CtValue> = open_hash(root, name)?;
     let stale: Vec<CtKey> = map
         .iter()
         .filter_map(Result::ok)
-        .filter(|(k, v)| k.proto == service_common::PROTO_UDP && !live.contains(&(v.rev_nat_id, v.backend_id)))
+        .filter(|(k, v)| k.proto == service_common::PROTO_UDP && !live(v.rev_nat_id, v.backend_id))
         .map(|(k, _)| k)
         .collect();
     let mut removed = 0;

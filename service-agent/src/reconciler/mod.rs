@@ -14,12 +14,13 @@
 //! reconcile is safe to retry: a failed write leaves the affected frontend on
 //! its previous rows and is reported; the others are still programmed.
 
+mod applied;
 pub mod dump;
 pub mod fake;
 pub mod maglev;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
@@ -28,6 +29,7 @@ use service_common::{
     backend_state, service_flags,
 };
 
+use self::applied::Applied;
 use crate::model::{Backend, Desired, DesiredFrontend, Frontend, WhenEmpty};
 
 /// The rows of the three maps the agent owns.
@@ -42,15 +44,17 @@ pub struct MapState {
 
 impl MapState {
     /// Every (rev-NAT id, backend id) pair a frontend's live backend table
-    /// holds: the flows conntrack may keep.
+    /// holds: the flows conntrack may keep. A full pass over the rows; the
+    /// reconciler keeps the same set indexed ([`Reconciler::is_live_pair`]).
     #[must_use]
     pub fn live_pairs(&self) -> BTreeSet<(u32, u32)> {
         self.services
             .iter()
             .filter(|(k, _)| k.slot != 0)
             .filter_map(|(k, v)| {
-                let frontend = self.services.get(&ServiceKey { slot: 0, version: 0, ..*k })?;
-                (frontend.version == k.version).then_some((frontend.rev_nat_id, v.backend_id))
+                let frontend = self.services.get(&k.with_slot(0, 0))?;
+                (frontend.version == k.version && u32::from(k.slot) <= frontend.count)
+                    .then_some((frontend.rev_nat_id, v.backend_id))
             })
             .collect()
     }
@@ -134,20 +138,19 @@ impl ReconcileReport {
 /// Owns the maps and a mirror of what is applied to them.
 pub struct Reconciler<M> {
     maps: M,
-    applied: MapState,
-    /// What each frontend was last written from (the desired frontend, its
-    /// rev-NAT id and backend ids). A frontend whose inputs are unchanged
-    /// is skipped, so one EndpointSlice change costs its own frontends'
-    /// Maglev tables, not every frontend's. Empty after a restart: the
-    /// first reconcile checks every frontend against the dumped rows.
+    applied: Applied,
+    /// What each frontend was last written from. A frontend whose desired
+    /// state is unchanged is skipped (its rows, and so its backend and
+    /// rev-NAT rows, are still there), so one EndpointSlice change costs its
+    /// own frontends' Maglev tables, not every frontend's. Empty after a
+    /// restart: the first reconcile checks every frontend against the
+    /// dumped rows.
     written: HashMap<Frontend, WrittenFrontend>,
 }
 
-#[derive(PartialEq, Eq)]
 struct WrittenFrontend {
     desired: DesiredFrontend,
     rev_nat_id: u32,
-    backend_ids: Vec<u32>,
 }
 
 fn family(addr: IpAddr) -> u8 {
@@ -196,72 +199,20 @@ fn frontend_rows(services: &BTreeMap<ServiceKey, ServiceValue>, key0: &ServiceKe
     services.range(lo..=hi).map(|(k, _)| *k).collect()
 }
 
-/// Lowest ids not in `used`, handed out in order.
-struct IdAllocator {
-    used: BTreeSet<u32>,
-    next: u32,
-}
-
-impl IdAllocator {
-    fn new(used: impl IntoIterator<Item = u32>) -> Self {
-        Self { used: used.into_iter().collect(), next: 1 }
-    }
-
-    fn allocate(&mut self) -> u32 {
-        while self.used.contains(&self.next) {
-            self.next += 1;
-        }
-        self.used.insert(self.next);
-        self.next
-    }
-}
-
 /// The `source_ranges` rows the desired frontends need.
-fn source_range_rows(desired: &Desired, rev_nat_ids: &HashMap<Frontend, u32>) -> BTreeSet<(u32, SourceRangeKey)> {
+fn source_range_rows(
+    desired: &Desired,
+    rev_nat_id: impl Fn(&Frontend) -> Option<u32>,
+) -> BTreeSet<(u32, SourceRangeKey)> {
     let mut rows = BTreeSet::new();
-    for df in desired.frontends.values() {
-        let Some(id) = rev_nat_ids.get(&df.frontend) else { continue };
+    for df in desired.frontends.values().filter(|df| !df.source_ranges.is_empty()) {
+        let Some(id) = rev_nat_id(&df.frontend) else { continue };
         for cidr in &df.source_ranges {
             let key = SourceRangeKey { rev_nat_id: id.to_be_bytes(), addr: addr_bytes(cidr.addr) };
             rows.insert((32 + u32::from(cidr.prefix_len), key));
         }
     }
     rows
-}
-
-/// Gives every wanted value an id: the id of an identical applied row, or a
-/// new one (written through `put`). Items whose row could not be written
-/// get no id, so nothing refers to them.
-fn write_ids<T: Copy + Eq + std::hash::Hash + std::fmt::Display, V: Copy + Eq + std::hash::Hash>(
-    applied: &mut BTreeMap<u32, V>,
-    wanted: impl Iterator<Item = (T, V)>,
-    report: &mut ReconcileReport,
-    what: &str,
-    mut put: impl FnMut(u32, &V) -> Result<(), MapError>,
-) -> HashMap<T, u32> {
-    let mut by_value: HashMap<V, u32> = applied.iter().map(|(id, v)| (*v, *id)).collect();
-    let mut ids = IdAllocator::new(applied.keys().copied());
-    let mut out = HashMap::new();
-    for (item, value) in wanted {
-        if out.contains_key(&item) {
-            continue;
-        }
-        if let Some(id) = by_value.get(&value) {
-            out.insert(item, *id);
-            continue;
-        }
-        let id = ids.allocate();
-        match put(id, &value) {
-            Ok(()) => {
-                applied.insert(id, value);
-                by_value.insert(value, id);
-                report.rows_written += 1;
-                out.insert(item, id);
-            }
-            Err(source) => report.errors.push(ReconcileError { what: format!("{what} {item}"), source }),
-        }
-    }
-    out
 }
 
 impl<M: MapIo> Reconciler<M> {
@@ -271,14 +222,14 @@ impl<M: MapIo> Reconciler<M> {
     /// # Errors
     /// When the maps cannot be read.
     pub fn new(maps: M) -> Result<Self, MapError> {
-        let applied = maps.dump()?;
+        let applied = Applied::new(maps.dump()?);
         Ok(Self { maps, applied, written: HashMap::new() })
     }
 
     /// The rows as the reconciler believes them applied.
     #[must_use]
     pub fn applied(&self) -> &MapState {
-        &self.applied
+        self.applied.state()
     }
 
     #[must_use]
@@ -286,16 +237,33 @@ impl<M: MapIo> Reconciler<M> {
         &self.maps
     }
 
+    /// Whether a live backend table of a frontend with rev-NAT id `rev_nat`
+    /// forwards to backend `backend` (the flows conntrack may keep), from
+    /// the reconciler's index rather than a pass over every row.
+    #[must_use]
+    pub fn is_live_pair(&self, rev_nat: u32, backend: u32) -> bool {
+        self.applied.is_live_pair(rev_nat, backend)
+    }
+
     /// Brings the maps to `desired`.
     pub fn reconcile(&mut self, desired: &Desired) -> ReconcileReport {
         let mut report = ReconcileReport::default();
-        let backend_ids = self.write_backends(desired, &mut report);
-        let rev_nat_ids = self.write_rev_nats(desired, &mut report);
-        let ranges = source_range_rows(desired, &rev_nat_ids);
-        for row in ranges.difference(&self.applied.source_ranges.clone()) {
+        // Frontends whose desired state differs from what was last written
+        // (every one after a restart).
+        let changed: Vec<&DesiredFrontend> = desired
+            .frontends
+            .values()
+            .filter(|df| self.written.get(&df.frontend).is_none_or(|w| w.desired != **df))
+            .collect();
+        let backend_ids = self.write_backends(&changed, &mut report);
+        let rev_nat_ids = self.write_rev_nats(&changed, &mut report);
+        let ranges = source_range_rows(desired, |f| {
+            rev_nat_ids.get(f).or_else(|| self.written.get(f).map(|w| &w.rev_nat_id)).copied()
+        });
+        for row in ranges.difference(&self.applied.state().source_ranges.clone()) {
             match self.maps.put_source_range(row.0, &row.1) {
                 Ok(()) => {
-                    self.applied.source_ranges.insert(*row);
+                    self.applied.source_ranges_mut().insert(*row);
                     report.rows_written += 1;
                 }
                 Err(source) => {
@@ -303,21 +271,13 @@ impl<M: MapIo> Reconciler<M> {
                 }
             }
         }
-        for df in desired.frontends.values() {
+        for df in changed {
             let Some(&rev_nat_id) = rev_nat_ids.get(&df.frontend) else { continue };
             let ids: Option<Vec<u32>> = df.backends.iter().map(|b| backend_ids.get(b).copied()).collect();
             let Some(ids) = ids else { continue }; // a backend row failed: keep the old rows
-            let unchanged = self
-                .written
-                .get(&df.frontend)
-                .is_some_and(|w| w.rev_nat_id == rev_nat_id && w.backend_ids == ids && w.desired == *df);
-            if unchanged {
-                continue;
-            }
             match self.write_frontend(df, rev_nat_id, &ids, &mut report) {
                 Ok(()) => {
-                    let written = WrittenFrontend { desired: df.clone(), rev_nat_id, backend_ids: ids };
-                    self.written.insert(df.frontend, written);
+                    self.written.insert(df.frontend, WrittenFrontend { desired: df.clone(), rev_nat_id });
                 }
                 Err(source) => {
                     self.written.remove(&df.frontend);
@@ -329,30 +289,76 @@ impl<M: MapIo> Reconciler<M> {
         }
         self.delete_undesired(desired, &mut report);
         self.written.retain(|f, _| desired.frontends.contains_key(f));
-        for row in self.applied.source_ranges.difference(&ranges).copied().collect::<Vec<_>>() {
+        let stale: Vec<_> = self.applied.state().source_ranges.difference(&ranges).copied().collect();
+        for row in stale {
             match self.maps.del_source_range(row.0, &row.1) {
                 Ok(()) => {
-                    self.applied.source_ranges.remove(&row);
+                    self.applied.source_ranges_mut().remove(&row);
                     report.rows_deleted += 1;
                 }
                 Err(source) => report.errors.push(ReconcileError { what: "deleting a source range".into(), source }),
             }
         }
+        #[cfg(test)]
+        self.applied.check_indexes();
         report
     }
 
-    fn write_backends(&mut self, desired: &Desired, report: &mut ReconcileReport) -> HashMap<Backend, u32> {
-        let wanted = desired.frontends.values().flat_map(|f| &f.backends).map(|b| (*b, backend_value(b)));
-        let maps = &mut self.maps;
-        write_ids(&mut self.applied.backends, wanted, report, "backend", |id, v| maps.put_backend(id, v))
+    /// Gives every backend of the changed frontends a row id: the id of an
+    /// identical applied row, or a new one. A backend whose row could not be
+    /// written gets no id, so nothing refers to it.
+    fn write_backends(&mut self, changed: &[&DesiredFrontend], report: &mut ReconcileReport) -> HashMap<Backend, u32> {
+        let mut out = HashMap::new();
+        for b in changed.iter().flat_map(|f| &f.backends) {
+            if out.contains_key(b) {
+                continue;
+            }
+            let value = backend_value(b);
+            let id = if let Some(id) = self.applied.backend_id_of(&value) {
+                id
+            } else {
+                let id = self.applied.free_backend_id();
+                if let Err(source) = self.maps.put_backend(id, &value) {
+                    report.errors.push(ReconcileError { what: format!("backend {b}"), source });
+                    continue;
+                }
+                self.applied.insert_backend(id, value);
+                report.rows_written += 1;
+                id
+            };
+            out.insert(*b, id);
+        }
+        out
     }
 
-    fn write_rev_nats(&mut self, desired: &Desired, report: &mut ReconcileReport) -> HashMap<Frontend, u32> {
-        // Frontends differing only in protocol or scope share the address to
-        // restore, and so one row.
-        let wanted = desired.frontends.keys().map(|f| (*f, rev_nat_value(f)));
-        let maps = &mut self.maps;
-        write_ids(&mut self.applied.rev_nat, wanted, report, "rev-NAT", |id, v| maps.put_rev_nat(id, v))
+    /// The rev-NAT row ids of the changed frontends, as
+    /// [`Self::write_backends`]. Frontends differing only in protocol or
+    /// scope share the address to restore, and so one row.
+    fn write_rev_nats(&mut self, changed: &[&DesiredFrontend], report: &mut ReconcileReport) -> HashMap<Frontend, u32> {
+        let mut out = HashMap::new();
+        for df in changed {
+            let value = rev_nat_value(&df.frontend);
+            let id = if let Some(id) = self.applied.rev_nat_id_of(&value) {
+                id
+            } else {
+                let id = self.applied.free_rev_nat_id();
+                if let Err(source) = self.maps.put_rev_nat(id, &value) {
+                    report.errors.push(ReconcileError { what: format!("rev-NAT {}", df.frontend), source });
+                    continue;
+                }
+                self.applied.insert_rev_nat(id, value);
+                report.rows_written += 1;
+                id
+            };
+            out.insert(df.frontend, id);
+        }
+        out
+    }
+
+    fn put_service_row(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
+        self.maps.put_service(&key, &value)?;
+        self.applied.put_service(key, value);
+        Ok(())
     }
 
     /// Writes one frontend: new slot rows, then the slot-0 flip, then the old
@@ -382,9 +388,9 @@ impl<M: MapIo> Reconciler<M> {
         if !df.source_ranges.is_empty() {
             flags |= service_flags::SOURCE_RANGES;
         }
-        let current = self.applied.services.get(&key0).copied();
+        let current = self.applied.state().services.get(&key0).copied();
         let current_table = current.map(|v| self.slot_table(&key0, &v));
-        let rows = frontend_rows(&self.applied.services, &key0);
+        let rows = frontend_rows(&self.applied.state().services, &key0);
         let mut value = ServiceValue {
             backend_id: 0,
             count: u32::try_from(table.len()).unwrap_or(u32::MAX),
@@ -401,8 +407,7 @@ impl<M: MapIo> Reconciler<M> {
         if current_table.as_deref() == Some(table.as_slice()) {
             value.version = current.map_or(0, |v| v.version);
             if current != Some(value) {
-                self.maps.put_service(&key0, &value)?;
-                self.applied.services.insert(key0, value);
+                self.put_service_row(key0, value)?;
                 report.rows_written += 1;
                 report.frontends_written += 1;
             }
@@ -422,21 +427,18 @@ impl<M: MapIo> Reconciler<M> {
             value.version = version;
             for (i, backend_id) in table.iter().enumerate() {
                 let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
-                let key = key0.with_slot(version, slot);
                 let row = ServiceValue { backend_id: *backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
-                if let Err(e) = self.maps.put_service(&key, &row) {
+                if let Err(e) = self.put_service_row(key0.with_slot(version, slot), row) {
                     // Undo the partial version; the old one keeps serving.
                     for s in 1..=slot {
                         self.delete_service_row(&key0.with_slot(version, s), report);
                     }
                     return Err(e);
                 }
-                self.applied.services.insert(key, row);
                 report.rows_written += 1;
             }
         }
-        self.maps.put_service(&key0, &value)?;
-        self.applied.services.insert(key0, value);
+        self.put_service_row(key0, value)?;
         report.rows_written += 1;
         report.frontends_written += 1;
         for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
@@ -447,10 +449,11 @@ impl<M: MapIo> Reconciler<M> {
 
     /// The backend ids of the live version's slots, in slot order.
     fn slot_table(&self, key0: &ServiceKey, value: &ServiceValue) -> Vec<u32> {
+        let services = &self.applied.state().services;
         (1..=value.count)
             .map(|s| {
                 let slot = u16::try_from(s).unwrap_or(u16::MAX);
-                self.applied.services.get(&key0.with_slot(value.version, slot)).map_or(0, |v| v.backend_id)
+                services.get(&key0.with_slot(value.version, slot)).map_or(0, |v| v.backend_id)
             })
             .collect()
     }
@@ -458,7 +461,7 @@ impl<M: MapIo> Reconciler<M> {
     fn delete_service_row(&mut self, key: &ServiceKey, report: &mut ReconcileReport) {
         match self.maps.del_service(key) {
             Ok(()) => {
-                self.applied.services.remove(key);
+                self.applied.remove_service(key);
                 report.rows_deleted += 1;
             }
             Err(source) => report.errors.push(ReconcileError { what: "deleting a service row".into(), source }),
@@ -466,44 +469,36 @@ impl<M: MapIo> Reconciler<M> {
     }
 
     fn delete_undesired(&mut self, desired: &Desired, report: &mut ReconcileReport) {
-        let wanted: BTreeSet<ServiceKey> = desired.frontends.keys().map(frontend_key).collect();
+        let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(frontend_key).collect();
         // Frontends that are gone: slot 0 first (new flows stop), then the
         // slot rows. Slot rows without any slot-0 row are pruned too.
-        let gone: Vec<ServiceKey> = self
-            .applied
-            .services
-            .keys()
-            .filter(|k| !wanted.contains(&k.with_slot(0, 0)))
-            .map(|k| k.with_slot(0, 0))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        let gone: BTreeSet<ServiceKey> = self.applied.frontends().filter(|k| !wanted.contains(k)).copied().collect();
         for key0 in gone {
-            if self.applied.services.contains_key(&key0) {
+            if self.applied.state().services.contains_key(&key0) {
                 self.delete_service_row(&key0, report);
                 report.frontends_deleted += 1;
             }
-            for k in frontend_rows(&self.applied.services, &key0) {
+            for k in frontend_rows(&self.applied.state().services, &key0) {
                 self.delete_service_row(&k, report);
             }
         }
-        let used_rev_nat: BTreeSet<u32> =
-            self.applied.services.iter().filter(|(k, _)| k.slot == 0).map(|(_, v)| v.rev_nat_id).collect();
-        for id in self.applied.rev_nat.keys().copied().filter(|id| !used_rev_nat.contains(id)).collect::<Vec<_>>() {
+        let unused: Vec<u32> =
+            self.applied.state().rev_nat.keys().copied().filter(|id| !self.applied.rev_nat_referenced(*id)).collect();
+        for id in unused {
             match self.maps.del_rev_nat(id) {
                 Ok(()) => {
-                    self.applied.rev_nat.remove(&id);
+                    self.applied.remove_rev_nat(id);
                     report.rows_deleted += 1;
                 }
                 Err(source) => report.errors.push(ReconcileError { what: format!("deleting rev-NAT {id}"), source }),
             }
         }
-        let used_backends: BTreeSet<u32> =
-            self.applied.services.iter().filter(|(k, _)| k.slot != 0).map(|(_, v)| v.backend_id).collect();
-        for id in self.applied.backends.keys().copied().filter(|id| !used_backends.contains(id)).collect::<Vec<_>>() {
+        let unused: Vec<u32> =
+            self.applied.state().backends.keys().copied().filter(|id| !self.applied.backend_referenced(*id)).collect();
+        for id in unused {
             match self.maps.del_backend(id) {
                 Ok(()) => {
-                    self.applied.backends.remove(&id);
+                    self.applied.remove_backend(id);
                     report.rows_deleted += 1;
                 }
                 Err(source) => report.errors.push(ReconcileError { what: format!("deleting backend {id}"), source }),

@@ -114,26 +114,25 @@ impl Loader {
 
     fn load_text(&mut self, file: &Path, text: &str) {
         let is_json = file.extension().is_some_and(|e| e == "json");
-        let mut documents: Vec<Result<serde_json::Value, String>> = Vec::new();
+        // Each document is converted as soon as it is parsed, so only one
+        // document's generic value is held at a time.
+        let mut load = |i: usize, doc: Result<serde_json::Value, String>| match doc {
+            Ok(serde_json::Value::Null) => {}
+            Ok(value) => self.load_value(file, i, value),
+            Err(message) => self.error(file, i, None, None, format!("not valid YAML/JSON: {message}")),
+        };
         if is_json {
-            documents.push(serde_json::from_str(text).map_err(|e| e.to_string()));
-        } else {
-            for doc in serde_norway::Deserializer::from_str(text) {
-                let parsed = serde::Deserialize::deserialize(doc).map_err(|e: serde_norway::Error| e.to_string());
-                let failed = parsed.is_err();
-                documents.push(parsed);
-                // After a syntax error the stream cannot resynchronise (and
-                // may repeat the error forever): stop at the first.
-                if failed {
-                    break;
-                }
-            }
+            load(1, serde_json::from_str(text).map_err(|e| e.to_string()));
+            return;
         }
-        for (i, doc) in documents.into_iter().enumerate() {
-            match doc {
-                Ok(serde_json::Value::Null) => {}
-                Ok(value) => self.load_value(file, i + 1, value),
-                Err(message) => self.error(file, i + 1, None, None, format!("not valid YAML/JSON: {message}")),
+        for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+            let parsed = serde::Deserialize::deserialize(doc).map_err(|e: serde_norway::Error| e.to_string());
+            let failed = parsed.is_err();
+            load(i + 1, parsed);
+            // After a syntax error the stream cannot resynchronise (and may
+            // repeat the error forever): stop at the first.
+            if failed {
+                break;
             }
         }
     }

@@ -50,6 +50,10 @@ pub struct ControlPlane {
     pub nft_load: Stats,
     /// The agent's peak resident set, running on those manifests.
     pub agent_peak_rss_bytes: u64,
+    /// Its resident set once synced (the parse of the manifests released).
+    pub agent_rss_bytes: u64,
+    /// The map sizes the benchmark programs into.
+    pub map_sizes: MapSizes,
     /// Kernel memory of the agent's maps at that size (fdinfo `memlock`).
     pub map_memory_bytes: u64,
 }
@@ -194,7 +198,7 @@ fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Resul
 /// When a step fails.
 pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> Result<ControlPlane> {
     let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
-    let sizes = MapSizes { services: 4_194_304, backends: 1_048_576, conntrack: 262_144 };
+    let sizes = MapSizes { services: 2_097_152, backends: 262_144, conntrack: 262_144 };
     let mut program_all = Vec::new();
     let mut one_change = Vec::new();
     let mut one_change_model = Vec::new();
@@ -231,7 +235,7 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
     let rules = rule_services(services, per);
     let iptables_restore = time_load("iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules), repeats)?;
     let nft_load = time_load("nft", &["-f"], &kube_proxy_rules::nftables(&rules), repeats)?;
-    let agent_peak_rss_bytes = agent_peak_rss(services, per, sizes)?;
+    let (agent_peak_rss_bytes, agent_rss_bytes) = agent_rss(services, per, sizes)?;
     Ok(ControlPlane {
         services,
         endpoints: services * per,
@@ -241,13 +245,16 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
         iptables_restore,
         nft_load,
         agent_peak_rss_bytes,
+        agent_rss_bytes,
+        map_sizes: sizes,
         map_memory_bytes,
     })
 }
 
 /// Runs the real agent on the manifests in a scratch node namespace until
-/// its first sync, and reads its peak RSS (`VmHWM`).
-fn agent_peak_rss(services: usize, per: usize, sizes: MapSizes) -> Result<u64> {
+/// its first sync, and reads its peak and current resident set (`VmHWM`,
+/// `VmRSS`).
+fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64)> {
     let dir = ManifestDir::new();
     dir.write("bench.yaml", &manifests_yaml(services, per));
     let ns = Netns::new(&format!("sd-bench-agent-{}", unique_suffix()))?;
@@ -275,10 +282,13 @@ fn agent_peak_rss(services: usize, per: usize, sizes: MapSizes) -> Result<u64> {
     agent.wait_for_log("synced", 1, Duration::from_mins(5))?;
     let pid = agent.pid().context("agent pid")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
-        .context("no VmHWM")?;
+    let kib = |field: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+            .with_context(|| format!("no {field} in /proc/{pid}/status"))
+    };
+    let (peak, now) = (kib("VmHWM:")? * 1024, kib("VmRSS:")? * 1024);
     agent.stop()?;
-    Ok(kb * 1024)
+    Ok((peak, now))
 }

@@ -190,9 +190,15 @@ pub fn markdown(r: &Results) -> String {
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let _ = writeln!(
             md,
-            "\nAgent peak RSS at that size: {:.1} MiB. BPF map memory (kernel `memlock` of the pinned maps, \
-             sized by `--map-size-*` for it): {:.1} MiB.\n",
+            "\nThe agent (the real binary, on these Services as a manifest directory): peak RSS {:.1} MiB \
+             while it parses the manifests and programs the maps, {:.1} MiB resident once synced. BPF map memory \
+             (kernel `memlock` of the pinned maps at `--map-size-services {}`, `--map-size-backends {}`, \
+             `--map-size-conntrack {}`; the services map holds one row per Maglev slot): {:.1} MiB.\n",
             mib(c.agent_peak_rss_bytes),
+            mib(c.agent_rss_bytes),
+            c.map_sizes.services,
+            c.map_sizes.backends,
+            c.map_sizes.conntrack,
             mib(c.map_memory_bytes)
         );
         let _ = writeln!(md, "![control plane](bench-control-plane.png)\n");
@@ -210,11 +216,43 @@ fn register_font() -> Result<()> {
     Ok(())
 }
 
-/// A grouped bar chart: one group per label, one bar per series.
-fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[(String, Vec<f64>)]) -> Result<()> {
+/// The y axis of a bar chart.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scale {
+    Linear,
+    /// Decades, for figures spanning orders of magnitude.
+    Log,
+}
+
+/// Formats a bar's value for its label.
+fn short(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") }
+}
+
+/// A grouped bar chart: one group per label, one bar per series, each bar
+/// labelled with its value.
+fn bars(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    scale: Scale,
+    groups: &[String],
+    series: &[(String, Vec<f64>)],
+) -> Result<()> {
     let root = BitMapBackend::new(path, (1000, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let max = series.iter().flat_map(|(_, v)| v.iter().copied()).fold(0.0_f64, f64::max).max(1.0) * 1.15;
+    let values = || series.iter().flat_map(|(_, v)| v.iter().copied()).filter(|v| *v > 0.0);
+    let max = values().fold(0.0_f64, f64::max).max(1.0);
+    // Bars are drawn in axis units: the value itself, or its log10 above
+    // the lowest whole decade.
+    let (lo, hi) = match scale {
+        Scale::Linear => (0.0, max * 1.15),
+        Scale::Log => (values().fold(max, f64::min).log10().floor(), max.log10().ceil() + 0.3),
+    };
+    let to_axis = move |v: f64| match scale {
+        Scale::Linear => v,
+        Scale::Log => v.max(f64::MIN_POSITIVE).log10().max(lo),
+    };
     #[expect(clippy::cast_precision_loss, reason = "a handful of groups")]
     let width = groups.len() as f64;
     let mut chart = ChartBuilder::on(&root)
@@ -222,13 +260,27 @@ fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[(S
         .margin(16)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d(0.0..width, 0.0..max)
+        .build_cartesian_2d(0.0..width, lo..hi)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let labels = groups.to_vec();
+    let y_format = move |y: &f64| match scale {
+        Scale::Linear => format!("{y}"),
+        Scale::Log if (y - y.round()).abs() < 1e-6 => short(10f64.powf(*y)),
+        Scale::Log => String::new(),
+    };
+    #[expect(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "a few decades")]
+    let y_ticks = match scale {
+        Scale::Linear => 10,
+        Scale::Log => (hi - lo).floor() as usize + 1,
+    };
     chart
         .configure_mesh()
         .disable_x_mesh()
         .y_desc(y_label)
+        .y_labels(y_ticks)
+        // On a log axis, evenly spaced light lines would read as linear.
+        .light_line_style(if scale == Scale::Log { WHITE } else { RGBColor(230, 230, 230) })
+        .y_label_formatter(&y_format)
         .x_labels(groups.len() * 2 + 1)
         .x_label_formatter(&|x| {
             let frac = x.fract();
@@ -243,15 +295,21 @@ fn bars(path: &Path, title: &str, y_label: &str, groups: &[String], series: &[(S
     for (k, (name, values)) in series.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
         #[expect(clippy::cast_precision_loss, reason = "indices")]
-        let rects = values.iter().enumerate().map(move |(g, v)| {
-            let x0 = g as f64 + 0.1 + bar * k as f64;
-            Rectangle::new([(x0, 0.0), (x0 + bar * 0.95, *v)], color.filled())
-        });
+        let x0 = move |g: usize| g as f64 + 0.1 + bar * k as f64;
+        let rects = values
+            .iter()
+            .enumerate()
+            .map(move |(g, v)| Rectangle::new([(x0(g), lo), (x0(g) + bar * 0.95, to_axis(*v))], color.filled()));
         chart
             .draw_series(rects)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .label(name.clone())
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        let texts = values
+            .iter()
+            .enumerate()
+            .map(move |(g, v)| Text::new(short(*v), (x0(g), to_axis(*v) + (hi - lo) * 0.025), ("sans-serif", 12)));
+        chart.draw_series(texts).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     chart
         .configure_series_labels()
@@ -283,7 +341,14 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
             ((*case).to_owned(), v)
         })
         .collect();
-    bars(&dir.join("bench-packet-cost.png"), "ns per packet (median, BPF_PROG_TEST_RUN)", "ns", &groups, &series)?;
+    bars(
+        &dir.join("bench-packet-cost.png"),
+        "ns per packet (median, BPF_PROG_TEST_RUN)",
+        "ns",
+        Scale::Linear,
+        &groups,
+        &series,
+    )?;
 
     let groups: Vec<String> = r.plan.traffic_sizes.iter().map(|n| format!("{n} Services")).collect();
     let series: Vec<(String, Vec<f64>)> =
@@ -311,6 +376,7 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
         &dir.join("bench-connections.png"),
         "new TCP connections per second through a ClusterIP",
         "conn/s",
+        Scale::Linear,
         &groups,
         &series,
     )?;
@@ -323,7 +389,14 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
             ("nft -f".to_owned(), vec![c.nft_load.median]),
             ("ours: one change".to_owned(), vec![c.one_change.median]),
         ];
-        bars(&dir.join("bench-control-plane.png"), "control plane (median ms)", "ms", &groups, &series)?;
+        bars(
+            &dir.join("bench-control-plane.png"),
+            "control plane (median ms, log scale)",
+            "ms",
+            Scale::Log,
+            &groups,
+            &series,
+        )?;
     }
     Ok(())
 }
