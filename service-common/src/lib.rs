@@ -166,6 +166,20 @@ pub mod service_flags {
     /// `loadBalancerSourceRanges`: only sources in the `source_ranges` rows
     /// of this frontend's `rev_nat_id` may connect.
     pub const SOURCE_RANGES: u16 = 1 << 3;
+    /// The frontend address is one of this node's own (a NodePort). A pod
+    /// dialling it gets replies whose restored source is a node address,
+    /// which the stack's input routing drops as a martian: they leave by a
+    /// FIB lookup and a redirect, as replies of external flows do.
+    pub const NODE_ADDRESS: u16 = 1 << 4;
+
+    /// Each flag with the name `inspect` and the golden dumps show.
+    pub const NAMES: [(u16, &str); 5] = [
+        (REJECT, "reject"),
+        (DROP, "drop"),
+        (AFFINITY, "affinity"),
+        (SOURCE_RANGES, "source-ranges"),
+        (NODE_ADDRESS, "node-address"),
+    ];
 }
 
 /// Value of the `services` map. For slot 0: `count`, `version`,
@@ -239,6 +253,10 @@ pub struct CtKey {
 }
 const _: () = assert!(size_of::<CtKey>() == 40);
 
+// The programs copy `service_flags::NODE_ADDRESS` into a conntrack entry as
+// `ct_flags::EXTERNAL` with a mask: one bit for both.
+const _: () = assert!(service_flags::NODE_ADDRESS == ct_flags::EXTERNAL as u16);
+
 /// `CtValue::flags`.
 pub mod ct_flags {
     /// Original direction: rewrite the destination to `nat_addr:nat_port`.
@@ -253,10 +271,11 @@ pub mod ct_flags {
     /// destination to `snat_addr:snat_port` (the client).
     pub const SNAT: u8 = 1 << 3;
     /// The flow entered through an external interface (NodePort,
-    /// LoadBalancer IP, externalIP). Its replies get a source that may be
-    /// one of this node's own addresses, which the stack's input routing
-    /// drops as a martian, so they leave by a FIB lookup and a redirect
-    /// (as SNATed packets do).
+    /// LoadBalancer IP, externalIP), or a pod dialled this node's own
+    /// address (`service_flags::NODE_ADDRESS`). Its replies get a source
+    /// that may be one of this node's own addresses, which the stack's
+    /// input routing drops as a martian, so they leave by a FIB lookup and
+    /// a redirect (as SNATed packets do).
     pub const EXTERNAL: u8 = 1 << 4;
 }
 

@@ -225,6 +225,15 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
         rev_nat_id,
         last_seen_ns: now,
     };
+    // A pod dialling a NodePort: its replies' restored source is a node
+    // address, so they leave by a FIB redirect as external flows' do. The
+    // two flags share one bit (asserted in service-common), so this is one
+    // load and one OR on the scratch value, no new stack slot: new_flow's
+    // frame sits at the 512-byte limit of its call chain.
+    #[expect(clippy::cast_possible_truncation, reason = "the bit is below 8")]
+    {
+        scratch.original.flags |= (scratch.service.flags & service_flags::NODE_ADDRESS) as u8;
+    }
     scratch.reply_key = CtKey { saddr: backend.addr, daddr: key.saddr, sport: backend.port, dport: flow.sport, ..*key };
     scratch.reply = CtValue {
         nat_addr: key.daddr,

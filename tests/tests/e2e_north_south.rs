@@ -426,6 +426,55 @@ fn a_pod_reaching_its_own_service_lands_on_itself_and_pods_reach_backends_on_oth
 }
 
 #[test]
+fn pods_reach_node_ports_load_balancer_ips_and_external_ips_through_every_endpoint() {
+    if skip_unless_root() {
+        return;
+    }
+    // externalTrafficPolicy Local with the only endpoint on node 2: external
+    // clients at node 1 are dropped, but a pod on node 1 dialling node 1's
+    // NodePort, the LB IP or the external IP is translated on its own node
+    // to the cluster-wide endpoints (kube-proxy's short-circuit), keeping
+    // its own address.
+    let local = Svc {
+        name: "local",
+        cluster_ip: "10.96.0.45",
+        type_: "LoadBalancer",
+        ports: &[("http", 80, 8080, "TCP", Some(30089))],
+        spec_extra: "  externalTrafficPolicy: Local\n  healthCheckNodePort: 32101\n  externalIPs: [198.51.100.20]\n",
+        status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
+        endpoints: &[B2],
+    };
+    // A backend on the client's own node: the reply enters a pod interface
+    // and leaves by a FIB redirect (its restored source is node 1's).
+    let near = Svc {
+        name: "near",
+        cluster_ip: "10.96.0.46",
+        type_: "NodePort",
+        ports: &[("http", 80, 8080, "TCP", Some(30090))],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1],
+    };
+    let ns = NorthSouth::start(&[local, near]);
+    let client = &ns.cluster.node(1).pod("client").ns;
+    for (name, peer) in answers(client, &format!("http://{}:30090/", node_ip(1)), 3) {
+        assert_eq!((name.as_str(), peer.ip()), ("a1", CLIENT_POD.into()));
+    }
+    let before = ns.counter(1, "dnat_new_flow");
+    for url in
+        [format!("http://{}:30089/", node_ip(1)), format!("http://{LB_IP}/"), format!("http://{EXTERNAL_SVC_IP}/")]
+    {
+        for (name, peer) in answers(client, &url, 3) {
+            assert_eq!((name.as_str(), peer.ip()), ("b2", CLIENT_POD.into()), "{url}");
+        }
+    }
+    assert!(ns.counter(1, "dnat_new_flow") >= before + 9, "translated on node 1's pod interface");
+    // The external client at node 1 is still dropped (no local endpoint).
+    let err = get(&ns.cluster.external, &format!("http://{}:30089/", node_ip(1))).expect_err("node 1 must drop");
+    assert!(err.to_string().contains("timed out"), "a silent drop: {err}");
+}
+
+#[test]
 fn nodeport_rejects_without_endpoints_and_keeps_client_ip_affinity() {
     if skip_unless_root() {
         return;

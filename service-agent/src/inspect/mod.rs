@@ -89,16 +89,7 @@ pub struct StatRow {
 }
 
 fn flag_names(flags: u16) -> Vec<&'static str> {
-    [
-        (service_flags::REJECT, "reject"),
-        (service_flags::DROP, "drop"),
-        (service_flags::AFFINITY, "affinity"),
-        (service_flags::SOURCE_RANGES, "source-ranges"),
-    ]
-    .into_iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, n)| n)
-    .collect()
+    service_flags::NAMES.into_iter().filter(|(bit, _)| flags & bit != 0).map(|(_, n)| n).collect()
 }
 
 /// One `backends` row, readable.

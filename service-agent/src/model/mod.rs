@@ -515,6 +515,17 @@ fn service_frontends(
                 external_local,
             ));
         }
+        // Pods reach the external frontends too: a pod dialling this node's
+        // address:NodePort, a LoadBalancer ingress IP or an external IP is
+        // translated on its own node, as kube-proxy's "short-circuit" does,
+        // to the cluster-wide endpoints whatever externalTrafficPolicy says
+        // (pod traffic is not external traffic).
+        let from_pods: Vec<_> = frontends
+            .iter()
+            .filter(|(f, _, _)| f.scope == Scope::External)
+            .map(|(f, kind, _)| (Frontend { scope: Scope::Internal, ..*f }, *kind, false))
+            .collect();
+        frontends.extend(from_pods);
         for (frontend, kind, is_local) in frontends {
             if let Some(existing) = out.frontends.get(&frontend) {
                 out.errors.push(err(

@@ -42,16 +42,7 @@ pub fn frontend(k: &ServiceKey) -> String {
 }
 
 fn service_flag_names(flags: u16) -> String {
-    let names: Vec<&str> = [
-        (service_flags::REJECT, "reject"),
-        (service_flags::DROP, "drop"),
-        (service_flags::AFFINITY, "affinity"),
-        (service_flags::SOURCE_RANGES, "source-ranges"),
-    ]
-    .iter()
-    .filter(|(bit, _)| flags & bit != 0)
-    .map(|(_, n)| *n)
-    .collect();
+    let names: Vec<&str> = service_flags::NAMES.iter().filter(|(bit, _)| flags & bit != 0).map(|(_, n)| *n).collect();
     if names.is_empty() { "-".into() } else { names.join(",") }
 }
 

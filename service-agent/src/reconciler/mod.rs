@@ -30,7 +30,7 @@ use service_common::{
 };
 
 use self::applied::Applied;
-use crate::model::{Backend, Desired, DesiredFrontend, Frontend, WhenEmpty};
+use crate::model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, WhenEmpty};
 
 /// The rows of the three maps the agent owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -387,6 +387,9 @@ impl<M: MapIo> Reconciler<M> {
         }
         if !df.source_ranges.is_empty() {
             flags |= service_flags::SOURCE_RANGES;
+        }
+        if df.kind == FrontendKind::NodePort {
+            flags |= service_flags::NODE_ADDRESS;
         }
         let current = self.applied.state().services.get(&key0).copied();
         let current_table = current.map(|v| self.slot_table(&key0, &v));
