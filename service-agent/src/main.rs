@@ -106,9 +106,19 @@ struct RunArgs {
     /// Capacity of the backends and rev_nat maps.
     #[arg(long, default_value_t = service_common::capacity::BACKENDS)]
     map_size_backends: u32,
-    /// Capacity of the conntrack map (two entries per translated flow).
+    /// Capacity of the conntrack map of assured (answered) flows (two
+    /// entries per translated flow).
     #[arg(long, default_value_t = service_common::capacity::CONNTRACK)]
     map_size_conntrack: u32,
+    /// Capacity of the conntrack_new map of flows not yet assured
+    /// (unanswered SYNs, UDP without a reply; two entries per flow): a
+    /// flood of them evicts only each other, never an assured flow.
+    #[arg(long, default_value_t = service_common::capacity::CONNTRACK_NEW)]
+    map_size_conntrack_new: u32,
+    /// Capacity of the fragments map (datagrams whose later fragments are
+    /// awaited).
+    #[arg(long, default_value_t = service_common::capacity::FRAGMENTS)]
+    map_size_fragments: u32,
     /// On SIGTERM/SIGINT, leave the programs attached and the maps pinned
     /// for the next agent (a DaemonSet's rolling update) instead of
     /// detaching; `service-agent cleanup` uninstalls.
@@ -205,12 +215,26 @@ fn inspect_text(what: Inspect, root: &std::path::Path, output: Output) -> anyhow
                             c.direction.into(),
                             c.translated_to,
                             c.backend_id.to_string(),
-                            format!("{}s{}", c.idle_seconds, if c.closing { " closing" } else { "" }),
+                            c.table.into(),
+                            if c.state.is_empty() { "-".into() } else { c.state.join(",") },
+                            format!("{}s", c.idle_seconds),
+                            format!("{}s", c.expires_in_seconds),
                         ]
                     })
                     .collect();
                 inspect::table(
-                    &["PROTO", "SOURCE", "DESTINATION", "DIRECTION", "TRANSLATED TO", "BACKEND", "IDLE"],
+                    &[
+                        "PROTO",
+                        "SOURCE",
+                        "DESTINATION",
+                        "DIRECTION",
+                        "TRANSLATED TO",
+                        "BACKEND",
+                        "TABLE",
+                        "STATE",
+                        "IDLE",
+                        "EXPIRES IN",
+                    ],
                     &rows,
                 )
             }
@@ -299,6 +323,8 @@ async fn main() -> anyhow::Result<()> {
                     services: args.map_size_services,
                     backends: args.map_size_backends,
                     conntrack: args.map_size_conntrack,
+                    conntrack_new: args.map_size_conntrack_new,
+                    fragments: args.map_size_fragments,
                 },
                 keep_on_exit: args.keep_on_exit,
                 metrics_bind_address: args.metrics_bind_address,

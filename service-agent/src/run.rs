@@ -1,10 +1,13 @@
 //! `service-agent run`: wires the pieces together and drives them.
 //!
 //! One task owns everything (the loaded object, the reconciler, the attach
-//! managers, the health check servers) and reacts to three inputs: a new
+//! managers, the health check servers) and reacts to four inputs: a new
 //! snapshot from the source, a link/address/route event (or the periodic
-//! re-scan), and SIGINT/SIGTERM. The node's addresses are part of the
-//! model's input: when they change, the frontends are synced again.
+//! re-scan), the time the reconciler's next deferred deletion is due, and
+//! SIGINT/SIGTERM. The node's addresses are part of the model's input: when
+//! they change, the frontends are synced again. The conntrack garbage
+//! collector (`crate::gc`) runs as its own periodic task over the pinned
+//! maps; each sync hands it the frontends' affinity timeouts.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -14,6 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     attach::{AttachManager, Globs, ROLE_EXTERNAL, ROLE_POD, netlink},
+    gc::{self, AffinityFrontends},
     healthcheck::HealthCheckServers,
     maps::{self, MapSizes, PinnedMaps},
     metrics::{Health, Metrics},
@@ -88,6 +92,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     crate::metrics::serve(config.metrics_bind_address, config.healthz_bind_address, metrics.clone(), health.clone())
         .await
         .context("binding --metrics-bind-address / --healthz-bind-address")?;
+    let (frontends_tx, frontends_rx) = tokio::sync::watch::channel(None);
+    let collector = gc::Collector::new(config.bpffs_root.clone(), config.map_sizes, frontends_rx, metrics.gc());
+    let collector = tokio::spawn(collector.run());
     let mut health_checks = HealthCheckServers::new(health.clone());
     let mut reported = BTreeSet::new();
     let mut snapshots = start_source(&config).await?;
@@ -104,6 +111,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     // Nothing is reconciled before the source's first complete state: an
     // empty start would prune what a previous agent programmed.
     loop {
+        let deferred = reconciler.next_deferred();
         let resync = tokio::select! {
             changed = snapshots.changed() => {
                 if changed.is_err() {
@@ -115,6 +123,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
             Some(()) = events.recv() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
             _ = rescan.tick() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
+            () = sleep_until(deferred) => {
+                collect_deferred(&mut reconciler, &config.bpffs_root, &metrics);
+                false
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
@@ -123,9 +135,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             if ok {
                 health.synced();
             }
+            frontends_tx.send_replace(Some(Arc::new(AffinityFrontends::from_rows(
+                reconciler.frontends(),
+                maps::monotonic_ns(),
+            ))));
             health_checks.sync(&wanted).await;
         }
     }
+    collector.abort();
     drop(health_checks);
     if config.keep_on_exit {
         tracing::info!("shutting down: programs stay attached and maps pinned for the next agent");
@@ -140,6 +157,36 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     drop(ebpf);
     maps::remove_pins(&config.bpffs_root).context("removing pins")?;
     Ok(())
+}
+
+/// Sleeps until `at`; never wakes when it is `None`.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs the reconciler's deferred deletions that are due (rows that left
+/// a live table a grace period ago), then prunes the counters of the ids
+/// they freed.
+fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, bpffs_root: &std::path::Path, metrics: &Metrics) {
+    let _span = tracing::info_span!("collect_deferred").entered();
+    let report = reconciler.collect_deferred();
+    for e in &report.errors {
+        tracing::error!(error = %e, "map update failed");
+    }
+    if !report.changed() {
+        return;
+    }
+    metrics.observe_maps(reconciler.applied());
+    let applied = reconciler.applied();
+    let live_rev_nat = |id: u32| applied.rev_nat.contains_key(&id);
+    let live_backend = |id: u32| applied.backends.contains_key(&id);
+    if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backend) {
+        tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
+    }
+    tracing::debug!(rows_deleted = report.rows_deleted, pending = reconciler.deferred_len(), "deferred deletions");
 }
 
 /// Loads both classifiers into the kernel.
@@ -294,6 +341,7 @@ fn sync_once(
         deleted = report.frontends_deleted,
         rows_written = report.rows_written,
         rows_deleted = report.rows_deleted,
+        rows_deferred = report.rows_deferred,
         elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "synced"
     );

@@ -15,7 +15,10 @@ use std::{
 
 use service_agent::{
     model::{self, NodeContext},
-    reconciler::{MapState, Reconciler, dump, fake::FakeMaps},
+    reconciler::{
+        DELETION_GRACE, MapState, Reconciler, dump,
+        fake::{FakeMaps, ManualClock},
+    },
     source::manifest,
 };
 use service_common::{BackendValue, RevNatValue};
@@ -56,12 +59,38 @@ impl Drop for TempDir {
     }
 }
 
-/// Source → model → reconciler on `dir`, rendered: errors then the dump.
-fn run_case(dir: &Path, reconciler: &mut Reconciler<FakeMaps>) -> String {
+/// A reconciler on in-memory maps, with a clock the cases move past the
+/// grace period of deferred deletions.
+struct Agent {
+    reconciler: Reconciler<FakeMaps>,
+    clock: ManualClock,
+}
+
+impl Agent {
+    fn new() -> Self {
+        let clock = ManualClock::default();
+        let reconciler =
+            Reconciler::new(FakeMaps::default()).expect("fake").with_clock(std::sync::Arc::new(clock.clone()));
+        Self { reconciler, clock }
+    }
+
+    fn applied(&self) -> &MapState {
+        self.reconciler.applied()
+    }
+}
+
+/// Source → model → reconciler on `dir`, then the grace period passes and
+/// the deferred deletions run; rendered: errors then the dump.
+fn run_case(dir: &Path, agent: &mut Agent) -> String {
     let snapshot = manifest::load_dir(dir).expect("manifest dir");
     let desired = model::desired(&snapshot.objects, &node());
+    let reconciler = &mut agent.reconciler;
     let report = reconciler.reconcile(&desired);
     assert!(report.errors.is_empty(), "map errors: {:?}", report.errors);
+    agent.clock.advance(DELETION_GRACE);
+    let report = reconciler.collect_deferred();
+    assert!(report.errors.is_empty(), "map errors: {:?}", report.errors);
+    assert_eq!(reconciler.next_deferred(), None);
     assert_eq!(reconciler.maps().state, *reconciler.applied(), "mirror and maps differ");
     let mut out = String::from("errors:\n");
     let prefix = format!("{}/", dir.display());
@@ -94,7 +123,7 @@ fn golden_dumps_match() {
     let update = std::env::var("UPDATE_GOLDEN").is_ok_and(|v| v == "1");
     let mut failures = Vec::new();
     for case in cases() {
-        let got = run_case(&case, &mut Reconciler::new(FakeMaps::default()).expect("fake"));
+        let got = run_case(&case, &mut Agent::new());
         let expected_path = case.with_extension("expected");
         if update {
             std::fs::write(&expected_path, &got).expect("write golden");
@@ -160,7 +189,7 @@ fn the_order_objects_arrive_in_does_not_change_the_result() {
     let dir = TempDir::new("order");
 
     write_docs(&dir.0, &docs);
-    let mut all_at_once = Reconciler::new(FakeMaps::default()).expect("fake");
+    let mut all_at_once = Agent::new();
     run_case(&dir.0, &mut all_at_once);
     let expected = resolved(all_at_once.applied());
     assert!(expected.len() >= 4, "{expected:?}");
@@ -169,7 +198,7 @@ fn the_order_objects_arrive_in_does_not_change_the_result() {
     // reconcile per arrival).
     let mut reversed = docs.clone();
     reversed.reverse();
-    let mut incremental = Reconciler::new(FakeMaps::default()).expect("fake");
+    let mut incremental = Agent::new();
     for n in 1..=reversed.len() {
         write_docs(&dir.0, &reversed[..n]);
         run_case(&dir.0, &mut incremental);
@@ -181,5 +210,5 @@ fn the_order_objects_arrive_in_does_not_change_the_result() {
         write_docs(&dir.0, &reversed[..n]);
         run_case(&dir.0, &mut incremental);
     }
-    assert_eq!(incremental.maps().state, MapState::default());
+    assert_eq!(incremental.reconciler.maps().state, MapState::default());
 }

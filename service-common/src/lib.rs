@@ -11,6 +11,7 @@
 
 use core::mem::size_of;
 
+pub mod conntrack;
 pub mod csum;
 pub mod hash;
 pub mod stats;
@@ -27,7 +28,13 @@ pub mod map_names {
     pub const SERVICE_COUNTERS: &str = "service_counters";
     pub const BACKEND_COUNTERS: &str = "backend_counters";
     pub const SNAT_ADDRS: &str = "snat_addrs";
-    pub const ALL: [&str; 10] = [
+    /// Flows not yet assured (an unanswered SYN, a UDP flow without a
+    /// reply): a flood of them evicts only each other, never an assured
+    /// flow in `conntrack`.
+    pub const CONNTRACK_NEW: &str = "conntrack_new";
+    /// First fragments' ports, for the later fragments of a datagram.
+    pub const FRAGMENTS: &str = "fragments";
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -38,6 +45,8 @@ pub mod map_names {
         SERVICE_COUNTERS,
         BACKEND_COUNTERS,
         SNAT_ADDRS,
+        CONNTRACK_NEW,
+        FRAGMENTS,
     ];
 }
 
@@ -48,6 +57,8 @@ pub mod capacity {
     pub const BACKENDS: u32 = 65_536;
     pub const REV_NAT: u32 = 65_536;
     pub const CONNTRACK: u32 = 262_144;
+    pub const CONNTRACK_NEW: u32 = 65_536;
+    pub const FRAGMENTS: u32 = 8_192;
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const AFFINITY: u32 = 65_536;
     pub const SNAT_ADDRS: u32 = 256;
@@ -59,8 +70,10 @@ pub mod capacity {
 pub mod snat_ports {
     pub const MIN: u16 = 61_000;
     pub const MAX: u16 = 65_535;
-    /// Ports tried (hash-chosen) before a new flow is dropped.
-    pub const TRIES: u32 = 8;
+    /// The range a clashing flow's source port is remapped into (the
+    /// client keeps its address), as netfilter's implicit source NAT
+    /// picks from 1024-65535 for an unprivileged port.
+    pub const REMAP_MIN: u16 = 1_024;
 }
 
 /// Key of the `snat_addrs` row holding the hairpin address: the node
@@ -263,12 +276,15 @@ pub mod ct_flags {
     pub const DNAT: u8 = 1 << 0;
     /// Reply direction: rewrite the source to `nat_addr:nat_port`.
     pub const REV_NAT: u8 = 1 << 1;
-    /// A FIN or RST was seen: the entry expires after the closing timeout.
-    pub const CLOSING: u8 = 1 << 2;
+    // 1 << 2 was CLOSING, now `CtValue::state` (`crate::conntrack`).
     /// The flow is also source-NATed (to a backend on another node, or a
     /// hairpin): the original direction rewrites the source to
     /// `snat_addr:snat_port` (this node); the reply direction rewrites the
     /// destination to `snat_addr:snat_port` (the client).
+    ///
+    /// When `snat_addr` is the client's own address the flow's source port
+    /// was only remapped, because its reply tuple clashed with another
+    /// flow's (netfilter's implicit source NAT): it is not a node address.
     pub const SNAT: u8 = 1 << 3;
     /// The flow entered through an external interface (NodePort,
     /// LoadBalancer IP, externalIP), or a pod dialled this node's own
@@ -291,23 +307,43 @@ pub struct CtValue {
     pub nat_port: Port,
     pub snat_port: Port,
     pub flags: u8,
-    pub _pad: [u8; 3],
+    /// The flow's state (`conntrack::state` bits), the same in both of its
+    /// entries: it picks the idle timeout and says when the flow is closed.
+    pub state: u8,
+    pub _pad: [u8; 2],
     pub backend_id: u32,
     pub rev_nat_id: u32,
     /// `bpf_ktime_get_ns()` of the last packet, refreshed at most once per
-    /// [`ct_timeouts::REFRESH_NS`] to keep writes off the fast path.
+    /// [`conntrack::timeouts::REFRESH_NS`] (and on every state change) to
+    /// keep writes off the fast path.
     pub last_seen_ns: u64,
 }
 const _: () = assert!(size_of::<CtValue>() == 56);
 
-/// Idle timeouts of conntrack entries (nanoseconds). An expired entry is
-/// treated as absent; the LRU map reclaims the memory.
-pub mod ct_timeouts {
-    pub const TCP_ESTABLISHED_NS: u64 = 6 * 3600 * 1_000_000_000;
-    pub const TCP_CLOSING_NS: u64 = 10 * 1_000_000_000;
-    pub const UDP_NS: u64 = 60 * 1_000_000_000;
-    pub const REFRESH_NS: u64 = 1_000_000_000;
+/// Key of the `fragments` map: a datagram's identity (RFC 791: source,
+/// destination, protocol, identification). The id is network order; IPv4
+/// uses its first two bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragKey {
+    pub saddr: Addr,
+    pub daddr: Addr,
+    pub id: [u8; 4],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
+const _: () = assert!(size_of::<FragKey>() == 40);
+
+/// Value of the `fragments` map: the ports the first fragment carried, so
+/// the later ones (which carry none) find the flow's conntrack entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct FragValue {
+    pub sport: Port,
+    pub dport: Port,
+}
+const _: () = assert!(size_of::<FragValue>() == 4);
 
 /// The data part of a `source_ranges` LPM-trie key: the frontend's rev-NAT
 /// id, then the source address. The trie's prefix length is 32 (the id,
@@ -371,6 +407,8 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityValue {}
     unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragValue {}
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ counters! {
     PASS_NOT_IPV4 = 0, "pass_not_ipv4";
     /// IPv4 but neither TCP nor UDP: passed untouched.
     PASS_OTHER_PROTO = 1, "pass_other_proto";
-    /// A non-first IP fragment (no L4 header to match): passed untouched.
+    /// A later IP fragment whose first fragment did not pass here (not a
+    /// Service flow, or it overtook its first fragment): passed untouched.
     PASS_FRAGMENT = 2, "pass_fragment";
     /// Too short or malformed headers: passed untouched for the stack to judge.
     PASS_MALFORMED = 3, "pass_malformed";
@@ -38,9 +39,9 @@ counters! {
     DROP_CT_INSERT = 10, "drop_ct_insert";
     /// Dropped: a kernel helper failed to rewrite the packet.
     DROP_REWRITE = 11, "drop_rewrite";
-    /// Dropped: a first IP fragment of a Service flow (its other fragments
-    /// could not be translated).
-    DROP_FRAGMENTED_SERVICE = 12, "drop_fragmented_service";
+    /// Dropped: two CPUs created the same flow at once and the loser could
+    /// not find the winner's entry (should not happen).
+    DROP_CT_RACE = 12, "drop_ct_race";
     /// Rejected with a TCP RST: the Service has no usable endpoint.
     REJECT_TCP_RST = 13, "reject_tcp_rst";
     /// Rejected with ICMP port unreachable: the Service has no usable
@@ -66,6 +67,29 @@ counters! {
     SNAT_NEW = 21, "snat_new_flow";
     /// An ICMP error about a translated flow was translated for its peer.
     ICMP_ERROR_TRANSLATED = 22, "icmp_error_translated";
+    /// A later IP fragment translated with its first fragment's flow.
+    FRAGMENT_TRANSLATED = 23, "fragment_translated";
+    /// A new flow replaced the expired or closed flow that held its tuple
+    /// (a SYN on a closing connection's ports starts afresh).
+    CT_REPLACED = 24, "conntrack_replaced";
+    /// A flow became assured (TCP handshake completed, UDP answered) and
+    /// moved to the table a flood of new flows cannot evict.
+    CT_ASSURED = 25, "conntrack_assured";
+    /// A new flow's reply tuple was held by another live flow: its source
+    /// port was remapped (netfilter's implicit source NAT).
+    NAT_CLASH_REMAPPED = 26, "nat_clash_remapped";
+    /// Two CPUs created the same flow at once: this packet joined the
+    /// winner's flow (same backend, same SNAT port).
+    CT_RACE_JOINED = 27, "conntrack_race_joined";
+    /// Dropped: too big for the egress interface's MTU on the redirect
+    /// path; answered with ICMP fragmentation needed (the kernel's answer).
+    DROP_FRAG_NEEDED = 28, "drop_frag_needed";
+    /// Dropped: the TTL ran out on the redirect path; answered with ICMP
+    /// time exceeded.
+    DROP_TTL_EXCEEDED = 29, "drop_ttl_exceeded";
+    /// Dropped: too big or TTL exhausted on the redirect path, and the
+    /// ICMP answer could not be built (IP options, helper failure).
+    DROP_ICMP_ANSWER = 30, "drop_icmp_answer";
 }
 
 /// Whether counter `id` counts dropped packets.
@@ -77,7 +101,10 @@ pub const fn is_drop(id: u32) -> bool {
             | DROP_MISSING_ROW
             | DROP_CT_INSERT
             | DROP_REWRITE
-            | DROP_FRAGMENTED_SERVICE
+            | DROP_CT_RACE
+            | DROP_FRAG_NEEDED
+            | DROP_TTL_EXCEEDED
+            | DROP_ICMP_ANSWER
             | REJECT_TCP_RST
             | REJECT_ICMP_UNREACHABLE
             | DROP_NO_LOCAL_BACKEND

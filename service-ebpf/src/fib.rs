@@ -7,49 +7,123 @@
 //! address): the stack's input routing would drop such a packet as a
 //! martian (a local source arriving from outside). Everything else keeps
 //! the ordinary forwarding path.
+//!
+//! The redirect skips the stack's forwarding, so it does what forwarding
+//! would: the TTL is decremented (an exhausted one is answered with ICMP
+//! time exceeded), and a packet too big for the egress MTU (the route's,
+//! or the device's for a GSO packet) is answered with ICMP fragmentation
+//! needed carrying that MTU, instead of vanishing at the device.
 
 use core::{mem::size_of, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup as FibParams},
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
     helpers::{bpf_fib_lookup, bpf_redirect_neigh},
     programs::TcContext,
 };
+use service_common::stats;
 
 use crate::{
-    flow::{IP_DST_OFF, IP_SRC_OFF},
-    nat::{Outcome, pass},
+    flow::{ETH_HLEN, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    nat::{NEEDS_ICMP_ANSWER, Outcome, pass},
+    reject,
+    scratch::scratch,
 };
 
 const AF_INET: u8 = 2;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
+const ICMP_TIME_EXCEEDED: u8 = 11;
 
-/// Redirects the (already rewritten) packet towards its destination and
-/// counts it as `counter`. When the FIB has no forwarding route for it the
-/// packet is left to the stack.
-#[inline(never)]
-pub fn redirect(ctx: &TcContext, counter: u32) -> Outcome {
-    let (Ok(saddr), Ok(daddr)) = (ctx.load::<[u8; 4]>(IP_SRC_OFF), ctx.load::<[u8; 4]>(IP_DST_OFF)) else {
-        return pass(counter);
-    };
+/// Looks `daddr` up in the FIB from `saddr` (the parameters live in
+/// scratch); returns the helper's code. `tot_len` 0 asks the kernel to
+/// judge the packet against the egress device's MTU (GSO aware).
+#[inline(always)]
+fn lookup(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], tot_len: u16) -> Result<(i64, u32, u16), u32> {
+    let s = scratch()?;
     // SAFETY: bpf_fib_lookup is plain data (integers, arrays, unions of
     // integers); all zeroes is a valid value.
-    let mut params: FibParams = unsafe { core::mem::zeroed() };
+    s.fib = unsafe { core::mem::zeroed() };
+    let params = &mut s.fib;
     params.family = AF_INET;
     // SAFETY: reading the receiving interface from the context.
     params.ifindex = unsafe { (*ctx.skb.skb).ifindex };
     params.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(saddr);
     params.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(daddr);
+    params.__bindgen_anon_1.tot_len = tot_len;
     #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "64 bytes")]
-    let len = size_of::<FibParams>() as i32;
-    // SAFETY: params is a valid, writable bpf_fib_lookup of `len` bytes;
-    // the context pointer is the program's own.
-    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut params, len, 0) };
+    let len = size_of::<aya_ebpf::bindings::bpf_fib_lookup>() as i32;
+    // SAFETY: params is a valid, writable bpf_fib_lookup of `len` bytes
+    // (a per-CPU map value); the context pointer is the program's own.
+    let rc = unsafe { bpf_fib_lookup(ctx.skb.skb.cast(), &raw mut *params, len, 0) };
+    // SAFETY: the helper fills mtu_result (a union with tot_len).
+    let mtu = unsafe { params.__bindgen_anon_1.mtu_result };
+    Ok((rc, params.ifindex, mtu))
+}
+
+/// The interface a packet to `daddr` leaves by, or 0 when the FIB has no
+/// forwarding route for it. SNAT uses that interface's address (what
+/// MASQUERADE does), not the one the flow came in on.
+#[inline(never)]
+pub fn egress_ifindex(ctx: &TcContext, daddr: [u8; 4]) -> u32 {
+    match lookup(ctx, [0; 4], daddr, 0) {
+        Ok((rc, ifindex, _))
+            if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) =>
+        {
+            ifindex
+        }
+        _ => 0,
+    }
+}
+
+/// The IP length of each segment of a GSO packet: headers plus
+/// `gso_size` bytes of payload.
+#[inline(always)]
+fn gso_segment_len(ctx: &TcContext, flow: &Flow, gso_size: u32) -> u16 {
+    let l4_header = if flow.proto == service_common::PROTO_TCP {
+        ctx.load::<u8>(flow.l4_off + 12).map_or(20, |doff| usize::from(doff >> 4) * 4)
+    } else {
+        8
+    };
+    let len = (flow.l4_off - ETH_HLEN) + l4_header + gso_size as usize;
+    u16::try_from(len).unwrap_or(u16::MAX)
+}
+
+/// Redirects the (already rewritten) packet towards its destination and
+/// counts it as `counter`. When the FIB has no forwarding route for it the
+/// packet is left to the stack.
+#[inline(never)]
+pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
+    let (Ok(saddr), Ok(daddr), Ok(tot_len)) =
+        (ctx.load::<[u8; 4]>(IP_SRC_OFF), ctx.load::<[u8; 4]>(IP_DST_OFF), ctx.load::<[u8; 2]>(ETH_HLEN + 2))
+    else {
+        return pass(counter);
+    };
+    // The route's MTU (`tot_len` set) is checked against what will go on
+    // the wire: the IP length, or for a GSO packet (a TCP sender's super
+    // segment, kept whole through veths) the length of each segment, as
+    // the stack's forwarding checks it (skb_gso_validate_network_len).
+    // SAFETY: reading a field of the context the kernel handed us.
+    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
+    let tot_len = if gso_size == 0 { u16::from_be_bytes(tot_len) } else { gso_segment_len(ctx, flow, gso_size) };
+    let (rc, ifindex, mtu) = lookup(ctx, saddr, daddr, tot_len)?;
+    if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)));
+    }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return pass(counter);
     }
+    if flow.ttl <= 1 {
+        return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_TIME_EXCEEDED, 0, 0)));
+    }
+    // TTL - 1: the 16-bit word (TTL, protocol) changes in the checksum.
+    let old = u64::from(u16::from_ne_bytes([flow.ttl, flow.proto]));
+    let new = u64::from(u16::from_ne_bytes([flow.ttl - 1, flow.proto]));
+    ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 2).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(IP_TTL_OFF, &(flow.ttl - 1), 0).map_err(|_| stats::DROP_REWRITE)?;
     // SAFETY: no neighbour parameters (the helper looks the next hop up
     // itself); the ifindex comes from the FIB.
-    let action = unsafe { bpf_redirect_neigh(params.ifindex, null_mut(), 0, 0) };
+    let action = unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) };
     #[expect(clippy::cast_possible_truncation, reason = "TC_ACT_REDIRECT or TC_ACT_SHOT")]
     Ok((action as i32, counter))
 }

@@ -1,22 +1,28 @@
 //! Parsing: Ethernet + IPv4 + the L4 ports, read once into [`Flow`].
+//! A later fragment of a datagram (no L4 header) gets the ports its first
+//! fragment carried, from the `fragments` map.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
+)]
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use service_common::{
-    CtKey, CtValue, FAMILY_IPV4, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port, addr_v4, ct_flags, ct_timeouts,
-    stats,
+    CtKey, FAMILY_IPV4, FragKey, FragValue, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port, addr_v4, stats,
 };
+
+use crate::maps::FRAGMENTS;
 
 pub const ETH_HLEN: usize = 14;
 /// EtherType IPv4, as it appears on the wire.
 const ETH_P_IP_BE: [u8; 2] = [0x08, 0x00];
+pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
 pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
 pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
 pub const IP_DST_OFF: usize = ETH_HLEN + 16;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 const TCP_FLAGS_OFF: usize = 13;
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_RST: u8 = 0x04;
 /// IPv4 flags/fragment-offset field (host order after from_be_bytes).
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
@@ -26,6 +32,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 /// Everything downstream needs from the headers, read once.
+#[repr(C)]
 pub struct Flow {
     pub saddr: [u8; 4],
     pub daddr: [u8; 4],
@@ -35,8 +42,15 @@ pub struct Flow {
     pub proto: u8,
     pub l4_off: usize,
     pub tcp_flags: u8,
-    /// First fragment of a fragmented datagram (MF set, offset 0).
+    /// First fragment of a fragmented datagram (MF set, offset 0): its
+    /// ports are remembered for the later fragments.
     pub first_fragment: bool,
+    /// A later fragment: no L4 header (the ports come from the first
+    /// fragment), only the IP header is rewritten.
+    pub later_fragment: bool,
+    pub ttl: u8,
+    /// IP identification, network order.
+    pub ip_id: [u8; 2],
 }
 
 impl Flow {
@@ -51,6 +65,44 @@ impl Flow {
             _pad: [0; 2],
         }
     }
+
+    /// The `fragments` key of this packet's datagram.
+    pub fn frag_key(&self) -> FragKey {
+        FragKey {
+            saddr: addr_v4(self.saddr),
+            daddr: addr_v4(self.daddr),
+            id: [self.ip_id[0], self.ip_id[1], 0, 0],
+            proto: self.proto,
+            family: FAMILY_IPV4,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Remembers a first fragment's ports for the datagram's later fragments.
+/// Not inlined: the key's 40 bytes stay off the translation's stack.
+#[inline(never)]
+pub fn remember_first_fragment(flow: &Flow) {
+    let ports = FragValue { sport: flow.sport, dport: flow.dport };
+    // Losing the row (a full LRU) loses this datagram's later fragments,
+    // as a full reassembly queue would.
+    let _ = FRAGMENTS.insert(&flow.frag_key(), &ports, 0);
+}
+
+/// The ports of a later fragment's datagram, from its first fragment.
+#[inline(never)]
+fn fragment_ports(saddr: [u8; 4], daddr: [u8; 4], id: [u8; 2], proto: u8) -> Option<[u8; 4]> {
+    let key = FragKey {
+        saddr: addr_v4(saddr),
+        daddr: addr_v4(daddr),
+        id: [id[0], id[1], 0, 0],
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    // SAFETY: plain data; a racing update gives a stale but valid copy.
+    let v = unsafe { FRAGMENTS.get(&key) }?;
+    Some([v.sport[0], v.sport[1], v.dport[0], v.dport[1]])
 }
 
 /// Reads a `T` at `off` by direct packet access (a load from the linear
@@ -85,10 +137,21 @@ fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(ptr as *const T) })
 }
 
-/// Parses Ethernet + IPv4 + the L4 ports. `Err` is the pass counter for a
-/// packet the programs leave alone.
+/// Parses Ethernet + IPv4 + the L4 ports into `out` (and the packet's
+/// conntrack key into `key`). `Err` is the pass counter for a packet the
+/// programs leave alone.
+///
+/// Not inlined: its header copies stay out of the entry point's frame,
+/// which every call chain below it pays for.
+#[inline(never)]
+pub fn parse_into(ctx: &TcContext, out: &mut Flow, key: &mut CtKey) -> Result<(), u32> {
+    *out = parse(ctx)?;
+    *key = out.ct_key();
+    Ok(())
+}
+
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
+fn parse(ctx: &TcContext) -> Result<Flow, u32> {
     let ethertype: [u8; 2] = read(ctx, 12)?;
     if ethertype != ETH_P_IP_BE {
         return Err(stats::PASS_NOT_IPV4);
@@ -99,13 +162,20 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
         return Err(stats::PASS_MALFORMED);
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
-    if frag & IP_OFFSET_MASK != 0 {
-        // No L4 header in this fragment: nothing to match on.
-        return Err(stats::PASS_FRAGMENT);
-    }
     let proto = ip[9];
     let l4_off = ETH_HLEN + ihl * 4;
-    let (ports, tcp_flags): ([u8; 4], u8) = if proto == PROTO_TCP {
+    let later_fragment = frag & IP_OFFSET_MASK != 0;
+    let (ports, tcp_flags): ([u8; 4], u8) = if later_fragment {
+        // No L4 header: the ports of the datagram's first fragment, if it
+        // went through here (fragments of other traffic, or ones that
+        // overtook their first, pass untouched).
+        if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
+            return Err(stats::PASS_FRAGMENT);
+        }
+        let saddr = [ip[12], ip[13], ip[14], ip[15]];
+        let daddr = [ip[16], ip[17], ip[18], ip[19]];
+        (fragment_ports(saddr, daddr, [ip[4], ip[5]], proto).ok_or(stats::PASS_FRAGMENT)?, 0)
+    } else if proto == PROTO_TCP {
         // The checksum lies beyond the flags: a TCP header this short is
         // malformed, and rewriting it would fail anyway.
         let _: [u8; 2] = read(ctx, l4_off + TCP_CSUM_OFF)?;
@@ -134,7 +204,10 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
         proto,
         l4_off,
         tcp_flags,
-        first_fragment: frag & IP_MF != 0,
+        first_fragment: !later_fragment && frag & IP_MF != 0,
+        later_fragment,
+        ttl: ip[8],
+        ip_id: [ip[4], ip[5]],
     })
 }
 
@@ -142,17 +215,4 @@ pub fn parse(ctx: &TcContext) -> Result<Flow, u32> {
 pub fn ktime_ns() -> u64 {
     // SAFETY: bpf_ktime_get_ns has no preconditions; it reads a clock.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// Whether a conntrack entry has been idle longer than its timeout.
-#[inline(always)]
-pub fn expired(ct: &CtValue, proto: u8, now: u64) -> bool {
-    let timeout = if proto != PROTO_TCP {
-        ct_timeouts::UDP_NS
-    } else if ct.flags & ct_flags::CLOSING != 0 {
-        ct_timeouts::TCP_CLOSING_NS
-    } else {
-        ct_timeouts::TCP_ESTABLISHED_NS
-    };
-    now.saturating_sub(ct.last_seen_ns) > timeout
 }

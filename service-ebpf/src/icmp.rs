@@ -18,8 +18,8 @@ use aya_ebpf::{bindings::BPF_F_RECOMPUTE_CSUM, programs::TcContext};
 use service_common::{CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, Port, addr_v4, csum, ct_flags, stats};
 
 use crate::{
+    conntrack,
     flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
-    maps::CONNTRACK,
     nat::{Outcome, pass, redirect},
 };
 
@@ -77,9 +77,9 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
         family: FAMILY_IPV4,
         _pad: [0; 2],
     };
+    let Some(found) = conntrack::lookup(&key) else { return pass(stats::PASS_NO_SERVICE) };
     // SAFETY: plain data; a racing update gives a stale but valid copy.
-    let Some(ct) = (unsafe { CONNTRACK.get(&key) }) else { return pass(stats::PASS_NO_SERVICE) };
-    let ct: CtValue = *ct;
+    let ct: CtValue = unsafe { *found.ct };
     let new = translated(&old, &ct);
     rewrite_quoted(ctx, flow.l4_off, ip_off, l4_off, proto, &ip, &old, &new)?;
     // The error went to the quoted packet's source; if the quoted packet's

@@ -11,22 +11,43 @@
 )]
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
-use service_common::{PROTO_ICMP, PROTO_TCP, stats};
+use service_common::{
+    PROTO_ICMP, PROTO_TCP,
+    conntrack::{is_closing, is_expired, is_syn},
+    ct_flags, stats,
+};
 
 use crate::{
-    fib,
-    flow::{expired, ktime_ns, parse},
+    conntrack, fib,
+    flow::{ktime_ns, parse_into, remember_first_fragment},
     icmp,
-    maps::{CONNTRACK, count},
-    nat::{NEEDS_REDIRECT, NEEDS_REJECT, Outcome, Side, established, new_flow, pass},
+    maps::count,
+    nat::{NEEDS_ICMP_ANSWER, NEEDS_JOIN, NEEDS_REDIRECT, NEEDS_REJECT, Outcome, Side, established, new_flow},
     reject,
+    scratch::{Packet, packet},
 };
 
 /// Runs the pipeline; returns the TC action.
 #[inline(always)]
 pub fn run(ctx: &TcContext, side: Side) -> i32 {
-    let (action, counter) = match try_run(ctx, side) {
-        Ok((NEEDS_REDIRECT, counter)) => match fib::redirect(ctx, counter) {
+    let Some(packet) = packet() else {
+        count(stats::DROP_CT_RACE);
+        return TC_ACT_SHOT;
+    };
+    if let Err(pass_counter) = parse_into(ctx, &mut packet.flow, &mut packet.key) {
+        count(pass_counter);
+        return aya_ebpf::bindings::TC_ACT_OK;
+    }
+    let packet: &Packet = packet;
+    let flow = &packet.flow;
+    let (action, counter) = match try_run(ctx, packet, side) {
+        Ok((NEEDS_REDIRECT, counter)) => match fib::redirect(ctx, flow, counter) {
+            // Too big, or out of TTL: the ICMP answer the stack's
+            // forwarding would have sent.
+            Ok((NEEDS_ICMP_ANSWER, answer)) => match reject::icmp_error_to_sender(ctx, flow, answer) {
+                Ok(action) => (action, reject::answer_counter(answer)),
+                Err(counter) => (TC_ACT_SHOT, counter),
+            },
             Ok(verdict) => verdict,
             Err(counter) => (TC_ACT_SHOT, counter),
         },
@@ -37,24 +58,34 @@ pub fn run(ctx: &TcContext, side: Side) -> i32 {
     action
 }
 
-#[inline(always)]
-fn try_run(ctx: &TcContext, side: Side) -> Outcome {
-    let flow = match parse(ctx) {
-        Ok(flow) => flow,
-        Err(pass_counter) => return pass(pass_counter),
-    };
+/// Not inlined: its frame sits beside the entry point's, and the deepest
+/// chain (a new flow searching a SNAT port) must fit 512 bytes.
+#[inline(never)]
+fn try_run(ctx: &TcContext, packet: &Packet, side: Side) -> Outcome {
+    let flow = &packet.flow;
     if flow.proto == PROTO_ICMP {
-        return icmp::translate_error(ctx, &flow);
+        return icmp::translate_error(ctx, flow);
     }
-    let key = flow.ct_key();
-    if let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+    if flow.first_fragment {
+        remember_first_fragment(flow);
+    }
+    let key = &packet.key;
+    if let Some(found) = conntrack::lookup(key) {
         // SAFETY: a valid map value pointer; conntrack values are plain
         // data, a concurrent update gives stale but valid fields.
-        if !expired(unsafe { &*ct }, flow.proto, ktime_ns()) {
-            return established(ctx, &flow, &key, ct);
+        let entry = unsafe { &*found.ct };
+        // A new connection on a closing or closed flow's tuple starts a
+        // fresh flow; an expired entry blocks nothing.
+        let reopened = flow.proto == PROTO_TCP
+            && is_syn(flow.tcp_flags)
+            && entry.flags & ct_flags::DNAT != 0
+            && is_closing(flow.proto, entry.state);
+        if !reopened && !is_expired(entry, flow.proto, ktime_ns()) {
+            return established(ctx, flow, key, &found);
         }
+        conntrack::kill(key, found.ct, found.assured)?;
     }
-    match new_flow(ctx, &flow, &key, side) {
+    match new_flow(ctx, flow, key, side) {
         // Answered here, not inside new_flow: the answer's buffers and
         // new_flow's locals never share one call chain's stack.
         Ok((NEEDS_REJECT, _)) => {
@@ -67,6 +98,14 @@ fn try_run(ctx: &TcContext, side: Side) -> Outcome {
                     .map(|action| (action, stats::REJECT_ICMP_UNREACHABLE))
             }
         }
+        // Another CPU created this flow a moment ago: follow its entry.
+        Ok((NEEDS_JOIN, _)) => match conntrack::lookup(key) {
+            Some(found) => {
+                count(stats::CT_RACE_JOINED);
+                established(ctx, flow, key, &found)
+            }
+            None => Err(stats::DROP_CT_RACE),
+        },
         outcome => outcome,
     }
 }

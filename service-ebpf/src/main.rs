@@ -14,6 +14,8 @@
 #[cfg(target_arch = "bpf")]
 mod bench_floor;
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
 mod external_ingress;
 #[cfg(target_arch = "bpf")]
 mod fib;
@@ -31,6 +33,8 @@ mod nat;
 mod pod_ingress;
 #[cfg(target_arch = "bpf")]
 mod reject;
+#[cfg(target_arch = "bpf")]
+mod scratch;
 
 /// On the host the crate builds as an empty binary, so `cargo check
 /// --workspace` works without the BPF target.

@@ -10,8 +10,8 @@ use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMa
 use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
 use service_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
-    SourceRangeKey, capacity, stats,
+    Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, RevNatValue,
+    ServiceKey, ServiceValue, SourceRangeKey, capacity, stats,
 };
 
 #[btf_map(name = "services")]
@@ -22,8 +22,19 @@ pub static BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }>
 /// the object so it is created and pinned for the agent and `inspect`.
 #[btf_map(name = "rev_nat")]
 pub static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
+/// Assured flows (TCP: handshake completed; UDP: answered), both entries
+/// of each. Only other assured flows can evict them.
 #[btf_map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+/// Flows not yet assured, both entries of each, until they are moved to
+/// `conntrack`: a flood of unanswered SYNs or UDP evicts only its own kind
+/// (netfilter never early-drops an assured flow).
+#[btf_map(name = "conntrack_new")]
+pub static CONNTRACK_NEW: LruHashMap<CtKey, CtValue, { capacity::CONNTRACK_NEW as usize }> = LruHashMap::new();
+/// A first fragment's ports, keyed by its datagram, for the later
+/// fragments (which carry none).
+#[btf_map(name = "fragments")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue, { capacity::FRAGMENTS as usize }> = LruHashMap::new();
 #[btf_map(name = "stats")]
 pub static STATS: PerCpuArray<u64, { stats::COUNT as usize }> = PerCpuArray::new();
 /// `loadBalancerSourceRanges` rows, written by the agent.

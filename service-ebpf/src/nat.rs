@@ -8,19 +8,21 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
-    btf_maps::{PerCpuArray, lpm_trie::Key},
-    macros::btf_map,
+    btf_maps::lpm_trie::Key,
     programs::TcContext,
 };
 use service_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, Port,
-    SCOPE_EXTERNAL, SCOPE_INTERNAL, SNAT_HAIRPIN, ServiceKey, ServiceValue, SourceRangeKey, backend_flags, ct_flags,
-    ct_timeouts, hash, service_flags, snat_ports, stats,
+    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SNAT_HAIRPIN, ServiceKey, SourceRangeKey, backend_flags, conntrack::next_state, ct_flags, hash, service_flags,
+    snat_ports, stats,
 };
 
 use crate::{
-    flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, TCP_FIN, TCP_RST, UDP_CSUM_OFF, ktime_ns},
-    maps::{AFFINITY, BACKENDS, CONNTRACK, SERVICES, SNAT_ADDRS, SOURCE_RANGES, count, count_flow},
+    conntrack::{self, Found, claim_port, claim_reply},
+    fib::egress_ifindex,
+    flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, ktime_ns},
+    maps::{AFFINITY, BACKENDS, CONNTRACK_NEW, SERVICES, SNAT_ADDRS, SOURCE_RANGES, count, count_flow},
+    scratch::{Scratch, scratch},
 };
 
 /// `Ok((action, counter))` lets the packet go on (`TC_ACT_OK`, or
@@ -33,6 +35,14 @@ pub const NEEDS_REJECT: i32 = i32::MIN;
 /// lookup and redirect (see `fib`); done by the caller, so the lookup's
 /// buffers never share a call chain's stack with the translation's.
 pub const NEEDS_REDIRECT: i32 = i32::MIN + 1;
+/// The action `fib::redirect` returns for a packet it cannot forward (too
+/// big for the egress MTU, TTL exhausted); the counter slot carries the
+/// ICMP answer (`reject::pack_icmp`), which the caller builds.
+pub const NEEDS_ICMP_ANSWER: i32 = i32::MIN + 3;
+/// The action [`new_flow`] returns when another CPU created the same flow
+/// first: the caller looks the flow up again and translates the packet
+/// the way the winner's entry says (one backend, one SNAT port per flow).
+pub const NEEDS_JOIN: i32 = i32::MIN + 2;
 
 #[inline(always)]
 #[expect(clippy::unnecessary_wraps, reason = "an Outcome, so every return site reads alike")]
@@ -58,113 +68,60 @@ pub enum Side {
     External,
 }
 
-/// Per-CPU room for what a packet's translation builds (the frontend key
-/// and row, the two conntrack entries of a new flow, the peer key a closing
-/// flow updates), kept off the 512-byte stack.
-#[repr(C)]
-struct Scratch {
-    frontend: ServiceKey,
-    service: ServiceValue,
-    reply_key: CtKey,
-    original: CtValue,
-    reply: CtValue,
-}
-
-#[btf_map(name = "scratch")]
-static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
-
-/// This CPU's scratch space.
-#[inline(always)]
-fn scratch() -> Result<&'static mut Scratch, u32> {
-    let ptr = SCRATCH.get_ptr_mut(0).ok_or(stats::DROP_CT_INSERT)?;
-    // SAFETY: this CPU's own slot; a BPF program is not preempted by
-    // itself on one CPU, so nothing else uses it while this packet runs.
-    Ok(unsafe { &mut *ptr })
-}
-
 #[inline(always)]
 fn v4(addr: &Addr) -> [u8; 4] {
     [addr[0], addr[1], addr[2], addr[3]]
 }
 
-/// A packet of a known flow: translate it the way its entry says.
+/// A packet of a known flow: track it, then translate it the way its entry
+/// says.
 ///
 /// This and [`new_flow`] are separate BPF functions (not inlined): each
 /// gets its own stack frame, so the two paths' locals never add up in one
 /// frame (the verifier allows 512 bytes for the deepest call chain).
 #[inline(never)]
-pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, ct: *mut CtValue) -> Outcome {
+pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> Outcome {
+    let ct = found.ct;
+    conntrack::track(key, ct, found.assured, flow.tcp_flags, ktime_ns())?;
     // SAFETY: a valid map value pointer from a successful lookup; the
     // fields are plain data, a racing update gives stale but valid values.
-    let ct = unsafe { &mut *ct };
-    let now = ktime_ns();
-    if flow.first_fragment {
-        return Err(stats::DROP_FRAGMENTED_SERVICE);
-    }
-    let closing = flow.tcp_flags & (TCP_FIN | TCP_RST) != 0 && ct.flags & ct_flags::CLOSING == 0;
-    if closing {
-        ct.flags |= ct_flags::CLOSING;
-        mark_peer_closing(key, ct)?;
-    }
-    // Refreshed in place, at most once a second, to keep writes off the
-    // fast path.
-    if closing || now.saturating_sub(ct.last_seen_ns) > ct_timeouts::REFRESH_NS {
-        ct.last_seen_ns = now;
-    }
+    let ct = unsafe { &*ct };
     let flags = ct.flags;
     let snat = flags & ct_flags::SNAT != 0;
+    let counter = if flow.later_fragment { stats::FRAGMENT_TRANSLATED } else { stats::DNAT_ESTABLISHED };
     if flags & ct_flags::DNAT != 0 {
         rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&ct.nat_addr), 2, flow.dport, ct.nat_port)?;
         count_flow(ctx, ct.rev_nat_id, ct.backend_id);
         if snat {
-            rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, v4(&ct.snat_addr), 0, flow.sport, ct.snat_port)?;
-            return redirect(stats::DNAT_ESTABLISHED);
+            let snat_addr = v4(&ct.snat_addr);
+            rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, snat_addr, 0, flow.sport, ct.snat_port)?;
+            // A remapped source port keeps the client's own address: no
+            // node address to route around.
+            if snat_addr != flow.saddr {
+                return redirect(counter);
+            }
         }
-        pass(stats::DNAT_ESTABLISHED)
+        pass(counter)
     } else if flags & ct_flags::REV_NAT != 0 {
         rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, v4(&ct.nat_addr), 0, flow.sport, ct.nat_port)?;
         if snat {
             rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&ct.snat_addr), 2, flow.dport, ct.snat_port)?;
         }
         count_flow(ctx, ct.rev_nat_id, ct.backend_id);
+        let counter = if flow.later_fragment { stats::FRAGMENT_TRANSLATED } else { stats::REV_NAT };
         if flags & ct_flags::EXTERNAL != 0 {
-            return redirect(stats::REV_NAT);
+            return redirect(counter);
         }
-        pass(stats::REV_NAT)
+        pass(counter)
     } else {
         pass(stats::PASS_NO_SERVICE)
     }
 }
 
-/// On FIN/RST, the other direction's entry starts its closing timeout too.
-#[inline(always)]
-fn mark_peer_closing(key: &CtKey, ct: &CtValue) -> Result<(), u32> {
-    let snat = ct.flags & ct_flags::SNAT != 0;
-    let peer = &mut scratch()?.reply_key;
-    *peer = *key;
-    if ct.flags & ct_flags::DNAT != 0 {
-        // client → frontend; the peer is backend → client (or → this
-        // node's SNAT address and port).
-        peer.saddr = ct.nat_addr;
-        peer.sport = ct.nat_port;
-        (peer.daddr, peer.dport) = if snat { (ct.snat_addr, ct.snat_port) } else { (key.saddr, key.sport) };
-    } else {
-        // backend → client; the peer is client → frontend.
-        (peer.saddr, peer.sport) = if snat { (ct.snat_addr, ct.snat_port) } else { (key.daddr, key.dport) };
-        peer.daddr = ct.nat_addr;
-        peer.dport = ct.nat_port;
-    }
-    if let Some(entry) = CONNTRACK.get_ptr_mut(peer) {
-        // SAFETY: a valid map value pointer; a racing writer can only set
-        // the same bit or refresh the timestamp.
-        unsafe { (*entry).flags |= ct_flags::CLOSING };
-    }
-    Ok(())
-}
-
 /// The first packet of a flow: look up the frontend, pick a backend, record
 /// both directions in conntrack, DNAT (and SNAT when the reply must come
-/// back through this node).
+/// back through this node, or a source port remapped when the reply tuple
+/// clashes with another flow's).
 #[inline(never)]
 pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcome {
     let scope = if side == Side::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
@@ -174,12 +131,12 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     let Some(service) = (unsafe { SERVICES.get(&scratch.frontend) }) else {
         return pass(stats::PASS_NO_SERVICE);
     };
+    if flow.later_fragment {
+        // Its first fragment's flow is gone: nothing to follow.
+        return pass(stats::PASS_FRAGMENT);
+    }
     scratch.service = *service;
     let service = &scratch.service;
-    if flow.first_fragment {
-        // Later fragments carry no ports and could not follow the DNAT.
-        return Err(stats::DROP_FRAGMENTED_SERVICE);
-    }
     if service.flags & service_flags::SOURCE_RANGES != 0 {
         // The trie key: the frontend's id (32 bits, matched whole), then
         // the IPv4 source (32 bits).
@@ -198,7 +155,8 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
         return Ok((NEEDS_REJECT, 0));
     }
     let now = ktime_ns();
-    let (backend_id, backend, affinity_hit) = choose_backend(&scratch.frontend, service, key, flow, now)?;
+    choose_backend(scratch, key, flow, now)?;
+    let (backend_id, backend, affinity_hit) = (scratch.backend_id, scratch.backend, scratch.affinity_hit != 0);
     if flow.proto == PROTO_SCTP && backend.port != flow.dport {
         return Err(stats::DROP_SCTP_PORT_TRANSLATION);
     }
@@ -206,21 +164,28 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     // bypassing this node's reverse translation; a pod reaching itself
     // would see its own address as the source and drop the packet.
     let snat_row = match side {
-        Side::External if backend.flags & backend_flags::LOCAL == 0 => Some(
-            // SAFETY: reading the receiving interface from the context.
-            unsafe { (*ctx.skb.skb).ifindex },
-        ),
+        // The address of the interface the packet leaves by towards the
+        // backend (MASQUERADE's choice); the entry interface's when that
+        // one has no SNAT address.
+        Side::External if backend.flags & backend_flags::LOCAL == 0 => {
+            Some(match egress_ifindex(ctx, v4(&backend.addr)) {
+                // SAFETY: reading the receiving interface from the context.
+                0 => unsafe { (*ctx.skb.skb).ifindex },
+                egress => egress,
+            })
+        }
         Side::Pod if backend.addr == key.saddr => Some(SNAT_HAIRPIN),
         _ => None,
     };
-    let rev_nat_id = service.rev_nat_id;
-    scratch.original = CtValue {
+    let rev_nat_id = scratch.service.rev_nat_id;
+    scratch.original = service_common::CtValue {
         nat_addr: backend.addr,
         snat_addr: [0; 16],
         nat_port: backend.port,
         snat_port: [0; 2],
         flags: if side == Side::External { ct_flags::DNAT | ct_flags::EXTERNAL } else { ct_flags::DNAT },
-        _pad: [0; 3],
+        state: next_state(flow.proto, 0, true, flow.tcp_flags),
+        _pad: [0; 2],
         backend_id,
         rev_nat_id,
         last_seen_ns: now,
@@ -228,52 +193,82 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     // A pod dialling a NodePort: its replies' restored source is a node
     // address, so they leave by a FIB redirect as external flows' do. The
     // two flags share one bit (asserted in service-common), so this is one
-    // load and one OR on the scratch value, no new stack slot: new_flow's
-    // frame sits at the 512-byte limit of its call chain.
+    // load and one OR on the scratch value, no new stack slot.
     #[expect(clippy::cast_possible_truncation, reason = "the bit is below 8")]
     {
         scratch.original.flags |= (scratch.service.flags & service_flags::NODE_ADDRESS) as u8;
     }
     scratch.reply_key = CtKey { saddr: backend.addr, daddr: key.saddr, sport: backend.port, dport: flow.sport, ..*key };
-    scratch.reply = CtValue {
+    scratch.reply = service_common::CtValue {
         nat_addr: key.daddr,
         nat_port: flow.dport,
         flags: scratch.original.flags & ct_flags::EXTERNAL | ct_flags::REV_NAT,
         ..scratch.original
     };
+    let sctp = flow.proto == PROTO_SCTP;
+    let mut remapped = false;
     if let Some(row) = snat_row {
+        // SAFETY: reading the receiving interface from the context.
+        let ingress = unsafe { (*ctx.skb.skb).ifindex };
         // SAFETY: plain data written whole by the agent.
-        let snat_addr = *unsafe { SNAT_ADDRS.get(&row) }.ok_or(stats::DROP_SNAT_NO_ADDRESS)?;
+        let snat_addr =
+            *unsafe { SNAT_ADDRS.get(&row).or_else(|| SNAT_ADDRS.get(&ingress)) }.ok_or(stats::DROP_SNAT_NO_ADDRESS)?;
         scratch.reply.flags |= ct_flags::SNAT;
         scratch.reply.snat_addr = key.saddr;
         scratch.reply.snat_port = flow.sport;
         scratch.reply_key.daddr = snat_addr;
-        let port = snat_port(scratch, flow)?;
+        let port = if sctp {
+            // No port translation for SCTP (its CRC32c covers the ports):
+            // the client's own port, if free.
+            if !claim_reply(now)? {
+                return Err(stats::DROP_SNAT_NO_PORT);
+            }
+            flow.sport
+        } else {
+            let h = hash::flow_hash(&key.saddr, &backend.addr, flow.sport, flow.dport, flow.proto);
+            claim_port(snat_ports::MIN, snat_ports::MAX, h, now)?
+        };
         scratch.original.flags |= ct_flags::SNAT;
         scratch.original.snat_addr = snat_addr;
         scratch.original.snat_port = port;
-    } else {
-        // The reply entry first: once the original entry exists, a reply
-        // must find its way back.
-        CONNTRACK.insert(&scratch.reply_key, &scratch.reply, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+    } else if !claim_reply(now)? {
+        // The reply tuple (backend → client) is another live flow's: the
+        // same client port to two Services with the same backend. Remap
+        // this flow's source port, keeping the client's address (what
+        // netfilter's NAT does on a clash).
+        if sctp {
+            return Err(stats::DROP_SNAT_NO_PORT);
+        }
+        scratch.reply.flags |= ct_flags::SNAT;
+        scratch.reply.snat_addr = key.saddr;
+        scratch.reply.snat_port = flow.sport;
+        let h = hash::flow_hash(&key.saddr, &backend.addr, flow.sport, flow.dport, flow.proto);
+        let port = claim_port(snat_ports::REMAP_MIN, snat_ports::MAX, h, now)?;
+        scratch.original.flags |= ct_flags::SNAT;
+        scratch.original.snat_addr = key.saddr;
+        scratch.original.snat_port = port;
+        remapped = true;
     }
-    CONNTRACK.insert(key, &scratch.original, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+    // The flow itself, last: a reply finds its entry as soon as the first
+    // packet leaves. Two CPUs creating the same flow: one insert wins, the
+    // other packet gives its claim back and follows the winner's entry.
+    if CONNTRACK_NEW.insert(key, &scratch.original, u64::from(BPF_NOEXIST)).is_err() {
+        let _ = CONNTRACK_NEW.remove(&scratch.reply_key);
+        return Ok((NEEDS_JOIN, 0));
+    }
+    let (snat, snat_addr, snat_port) =
+        (scratch.original.flags & ct_flags::SNAT != 0, scratch.original.snat_addr, scratch.original.snat_port);
     rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&backend.addr), 2, flow.dport, backend.port)?;
     if affinity_hit {
         count(stats::AFFINITY_HIT);
     }
     count_flow(ctx, rev_nat_id, backend_id);
-    if snat_row.is_some() {
-        rewrite(
-            ctx,
-            flow,
-            IP_SRC_OFF,
-            flow.saddr,
-            v4(&scratch.original.snat_addr),
-            0,
-            flow.sport,
-            scratch.original.snat_port,
-        )?;
+    if snat {
+        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, v4(&snat_addr), 0, flow.sport, snat_port)?;
+        if remapped {
+            count(stats::NAT_CLASH_REMAPPED);
+            return pass(stats::DNAT_NEW);
+        }
         count(stats::SNAT_NEW);
         // The new source is this node's own address.
         return redirect(stats::DNAT_NEW);
@@ -281,92 +276,66 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     pass(stats::DNAT_NEW)
 }
 
-/// Claims a SNAT source port for the flow: the reply entry (backend →
-/// node address:port) is inserted only if no other flow holds it, trying
-/// [`snat_ports::TRIES`] hash-chosen ports of the SNAT range.
-#[inline(always)]
-fn snat_port(scratch: &mut Scratch, flow: &Flow) -> Result<Port, u32> {
-    let h = hash::flow_hash(&scratch.reply.snat_addr, &scratch.reply.nat_addr, flow.sport, flow.dport, flow.proto);
-    let span = u32::from(snat_ports::MAX - snat_ports::MIN) + 1;
-    if flow.proto == PROTO_SCTP {
-        // No port translation for SCTP (its CRC32c covers the ports): the
-        // client's own port, if free.
-        scratch.reply_key.dport = flow.sport;
-        return match CONNTRACK.insert(&scratch.reply_key, &scratch.reply, u64::from(BPF_NOEXIST)) {
-            Ok(()) => Ok(flow.sport),
-            Err(_) => Err(stats::DROP_SNAT_NO_PORT),
-        };
-    }
-    let mut i = 0;
-    while i < snat_ports::TRIES {
-        let offset = h.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % span;
-        #[expect(clippy::cast_possible_truncation, reason = "offset < span <= 65536 - MIN")]
-        let port = (snat_ports::MIN + offset as u16).to_be_bytes();
-        scratch.reply_key.dport = port;
-        if CONNTRACK.insert(&scratch.reply_key, &scratch.reply, u64::from(BPF_NOEXIST)).is_ok() {
-            return Ok(port);
-        }
-        i += 1;
-    }
-    Err(stats::DROP_SNAT_NO_PORT)
-}
-
 /// The backend for a new flow: the client's affinity entry when the
 /// Service has ClientIP affinity and the entry is fresh and its backend
 /// still exists, else the Maglev slot the flow hashes to (then remembered
 /// for affinity).
-#[inline(always)]
-fn choose_backend(
-    frontend: &ServiceKey,
-    service: &ServiceValue,
-    key: &CtKey,
-    flow: &Flow,
-    now: u64,
-) -> Result<(u32, BackendValue, bool), u32> {
-    let sticky = service.flags & service_flags::AFFINITY != 0;
-    let affinity_key =
-        AffinityKey { client: key.saddr, rev_nat_id: service.rev_nat_id, proto: flow.proto, _pad: [0; 3] };
+///
+/// Not inlined (its keys stay out of `new_flow`'s frame); the result goes
+/// to `scratch.backend`, `backend_id`, `affinity_hit`.
+#[inline(never)]
+fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result<(), u32> {
+    // Keys and values are built in scratch memory: this frame sits under
+    // `new_flow`'s in the deepest call chain.
+    let sticky = s.service.flags & service_flags::AFFINITY != 0;
+    s.affinity_key =
+        AffinityKey { client: key.saddr, rev_nat_id: s.service.rev_nat_id, proto: flow.proto, _pad: [0; 3] };
     if sticky {
         // SAFETY: plain data; a racing update gives a stale but valid copy.
-        if let Some(entry) = unsafe { AFFINITY.get(&affinity_key) } {
-            let entry = *entry;
-            let timeout_ns = u64::from(service.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(entry.last_used_ns) <= timeout_ns {
+        if let Some(entry) = unsafe { AFFINITY.get(&s.affinity_key) } {
+            s.affinity = *entry;
+            let timeout_ns = u64::from(s.service.affinity_timeout_s) * 1_000_000_000;
+            if now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns {
                 // SAFETY: plain data written whole by the agent.
-                if let Some(backend) = unsafe { BACKENDS.get(&entry.backend_id) } {
-                    let backend = *backend;
-                    let fresh = AffinityValue { last_used_ns: now, ..entry };
-                    let _ = AFFINITY.insert(&affinity_key, &fresh, 0);
-                    return Ok((entry.backend_id, backend, true));
+                if let Some(backend) = unsafe { BACKENDS.get(&s.affinity.backend_id) } {
+                    s.backend = *backend;
+                    s.backend_id = s.affinity.backend_id;
+                    s.affinity_hit = 1;
+                    s.affinity.last_used_ns = now;
+                    let _ = AFFINITY.insert(&s.affinity_key, &s.affinity, 0);
+                    return Ok(());
                 }
             }
         }
     }
     // Read once: `service` lives in scratch memory, and the check must
     // cover the value the slot is computed from.
-    let count = service.count;
+    let count = s.service.count;
     if count == 0 {
         return Err(stats::DROP_NO_BACKEND);
     }
     let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
     #[expect(clippy::cast_possible_truncation, reason = "count <= 16381 (the largest Maglev table): the slot fits")]
     let slot = hash::slot_for(h, count) as u16;
+    s.slot_key = s.frontend.with_slot(s.service.version, slot);
     // SAFETY: plain data written whole by the agent.
-    let backend_id = match unsafe { SERVICES.get(&frontend.with_slot(service.version, slot)) } {
+    let backend_id = match unsafe { SERVICES.get(&s.slot_key) } {
         Some(row) => row.backend_id,
         None => return Err(stats::DROP_MISSING_ROW),
     };
     // SAFETY: as above.
-    let backend = match unsafe { BACKENDS.get(&backend_id) } {
-        Some(b) => *b,
+    match unsafe { BACKENDS.get(&backend_id) } {
+        Some(b) => s.backend = *b,
         None => return Err(stats::DROP_MISSING_ROW),
-    };
-    if sticky {
-        let entry = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
-        // Losing the entry only loses stickiness for the next flow.
-        let _ = AFFINITY.insert(&affinity_key, &entry, 0);
     }
-    Ok((backend_id, backend, false))
+    s.backend_id = backend_id;
+    s.affinity_hit = 0;
+    if sticky {
+        s.affinity = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+        // Losing the entry only loses stickiness for the next flow.
+        let _ = AFFINITY.insert(&s.affinity_key, &s.affinity, 0);
+    }
+    Ok(())
 }
 
 /// Rewrites one address (at `addr_off`) and the port at `l4_off +
@@ -391,10 +360,11 @@ fn rewrite(
     } else {
         (flow.l4_off + UDP_CSUM_OFF, u64::from(BPF_F_MARK_MANGLED_0))
     };
-    // SCTP's CRC32c covers no pseudo-header and its ports are never
-    // rewritten (the model and `new_flow` see to that): only the IP
-    // header changes.
-    let sctp = flow.proto == PROTO_SCTP;
+    // Only the IP header changes for SCTP (its CRC32c covers no
+    // pseudo-header and its ports are never rewritten: the model and
+    // `new_flow` see to that) and for a later fragment (no L4 header: the
+    // first fragment's checksum update covered the whole datagram).
+    let sctp = flow.proto == PROTO_SCTP || flow.later_fragment;
     if old_addr != new_addr {
         // The helpers take the raw (network-order) field values.
         let from = u64::from(u32::from_ne_bytes(old_addr));

@@ -173,3 +173,85 @@ fn change_tail(ctx: &TcContext, len: u32) -> Result<(), u32> {
     let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, len, 0) };
     if rc == 0 { Ok(()) } else { Err(stats::DROP_REWRITE) }
 }
+
+/// ICMP type, code and the 16-bit next-hop MTU in one argument (a BPF
+/// function takes at most five).
+#[inline(always)]
+pub fn pack_icmp(icmp_type: u8, code: u8, mtu: u16) -> u32 {
+    (u32::from(icmp_type) << 24) | (u32::from(code) << 16) | u32::from(mtu)
+}
+
+/// The counter for an answer built by [`icmp_error_to_sender`].
+#[inline(always)]
+pub fn answer_counter(answer: u32) -> u32 {
+    if answer >> 24 == 11 { stats::DROP_TTL_EXCEEDED } else { stats::DROP_FRAG_NEEDED }
+}
+
+/// Answers a packet that cannot be forwarded (too big for the egress MTU,
+/// TTL exhausted) with the ICMP error the kernel's forwarding would have
+/// sent, back to its sender, quoting the packet as the sender sent it:
+/// the translation already written into it is undone in the quote (its
+/// addresses, ports, IP checksum and UDP checksum). Sent from the address
+/// the sender addressed. A packet with IP options is dropped unanswered.
+/// The answer is built in scratch memory, off the stack.
+#[inline(never)]
+pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u32) -> Result<i32, u32> {
+    let s = crate::scratch::scratch()?;
+    let buf = &mut s.answer;
+    // [0, 20): IP header; [20, 28): ICMP header; [28, 56): the quote.
+    const Q: usize = IP_HLEN + ICMP_HLEN;
+    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    if quote[0] != 0x45 {
+        return Err(stats::DROP_ICMP_ANSWER);
+    }
+    buf[Q..].copy_from_slice(&quote);
+    let (now_src, now_dst) =
+        ([quote[12], quote[13], quote[14], quote[15]], [quote[16], quote[17], quote[18], quote[19]]);
+    let (now_sport, now_dport) = ([quote[20], quote[21]], [quote[22], quote[23]]);
+    let udp_check = [quote[26], quote[27]];
+    buf[Q + 12..Q + 16].copy_from_slice(&flow.saddr);
+    buf[Q + 16..Q + 20].copy_from_slice(&flow.daddr);
+    buf[Q + 10] = 0;
+    buf[Q + 11] = 0;
+    let mut ip_part = [0u8; IP_HLEN];
+    ip_part.copy_from_slice(&buf[Q..Q + IP_HLEN]);
+    let c = csum::finish(csum::sum(0, &ip_part));
+    buf[Q + 10..Q + 12].copy_from_slice(&c.to_be_bytes());
+    if !flow.later_fragment && (flow.proto == service_common::PROTO_TCP || flow.proto == service_common::PROTO_UDP) {
+        buf[Q + 20..Q + 22].copy_from_slice(&flow.sport);
+        buf[Q + 22..Q + 24].copy_from_slice(&flow.dport);
+        // UDP's checksum lies in the quoted 8 bytes (TCP's does not).
+        if flow.proto == service_common::PROTO_UDP && udp_check != [0, 0] {
+            let mut c = csum::update32(udp_check, now_src, flow.saddr);
+            c = csum::update32(c, now_dst, flow.daddr);
+            c = csum::update16(c, now_sport, flow.sport);
+            c = csum::update16(c, now_dport, flow.dport);
+            if c == [0, 0] {
+                c = [0xff, 0xff];
+            }
+            buf[Q + 26..Q + 28].copy_from_slice(&c);
+        }
+    }
+    #[expect(clippy::cast_possible_truncation, reason = "unpacking pack_icmp")]
+    {
+        buf[IP_HLEN] = (answer >> 24) as u8;
+        buf[IP_HLEN + 1] = (answer >> 16) as u8;
+        buf[IP_HLEN + 2] = 0;
+        buf[IP_HLEN + 3] = 0;
+        buf[IP_HLEN + 4] = 0;
+        buf[IP_HLEN + 5] = 0;
+        buf[IP_HLEN + 6..IP_HLEN + 8].copy_from_slice(&(answer as u16).to_be_bytes());
+    }
+    let mut icmp = [0u8; ICMP_HLEN + QUOTE_LEN];
+    icmp.copy_from_slice(&buf[IP_HLEN..]);
+    let c = csum::finish(csum::sum(0, &icmp));
+    buf[IP_HLEN + 2..IP_HLEN + 4].copy_from_slice(&c.to_be_bytes());
+    #[expect(clippy::cast_possible_truncation, reason = "56 bytes")]
+    let ip_hdr = ipv4_header(flow.daddr, flow.saddr, PROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
+    buf[..IP_HLEN].copy_from_slice(&ip_hdr);
+    #[expect(clippy::cast_possible_truncation, reason = "70 bytes")]
+    change_tail(ctx, (ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    swap_macs(ctx).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    ctx.store(ETH_HLEN, &s.answer, 0).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    Ok(send_back(ctx))
+}

@@ -4,4 +4,6 @@ pub mod cluster;
 pub mod fixture;
 pub mod kube_proxy_rules;
 pub mod netns;
+pub mod north_south;
 pub mod packet;
+pub mod traffic;

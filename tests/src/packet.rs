@@ -53,6 +53,9 @@ pub fn l4_checksum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8]) -> u
     !ones_complement_sum(pseudo_header_sum(src, dst, proto, segment.len()), segment)
 }
 
+/// IPv4 "more fragments".
+const IP_MF: u16 = 0x2000;
+
 fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, payload_len: usize, frag: u16) -> [u8; 20] {
     let mut h = [0u8; 20];
     h[0] = 0x45;
@@ -172,6 +175,30 @@ pub fn sctp_init_v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec
     let crc = crc32c(&seg);
     seg[8..12].copy_from_slice(&crc.to_le_bytes());
     ipv4_frame(src, dst, 132, &seg, IP_DF)
+}
+
+/// A UDP datagram (exact checksum over all of it) sent as two IPv4
+/// fragments: the first carries the UDP header and `first_len - 8` bytes
+/// of payload (MF set), the second the rest (at offset `first_len`). Both
+/// carry the same identification.
+///
+/// # Panics
+/// When `first_len` is not a multiple of 8 or not shorter than the segment.
+#[must_use]
+pub fn udp_v4_fragments(
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+    payload: &[u8],
+    first_len: usize,
+) -> (Vec<u8>, Vec<u8>) {
+    let seg = udp_segment(src, sport, dst, dport, payload, true);
+    assert!(first_len % 8 == 0 && first_len < seg.len());
+    let first = ipv4_frame(src, dst, 17, &seg[..first_len], IP_MF);
+    let offset = u16::try_from(first_len / 8).expect("offset");
+    let rest = ipv4_frame(src, dst, 17, &seg[first_len..], offset);
+    (first, rest)
 }
 
 /// A non-first IPv4 fragment (offset in 8-byte units) of a UDP datagram.

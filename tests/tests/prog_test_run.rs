@@ -122,6 +122,44 @@ addressType: IPv4
 ports: [{port: 36412, protocol: SCTP}]
 endpoints:
 - addresses: [10.244.1.12]
+---
+# Two Services with one and the same backend: a client port used for both
+# clashes on the reply tuple.
+apiVersion: v1
+kind: Service
+metadata: {name: clash-a, namespace: default}
+spec:
+  clusterIP: 10.96.0.61
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: clash-a-1
+  labels: {kubernetes.io/service-name: clash-a}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.11]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: clash-b, namespace: default}
+spec:
+  clusterIP: 10.96.0.62
+  ports:
+  - {port: 80, targetPort: 8080}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: clash-b-1
+  labels: {kubernetes.io/service-name: clash-b}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- addresses: [10.244.1.11]
 ";
 
 /// The loaded program with maps programmed through the reconciler.
@@ -436,4 +474,128 @@ fn build_ebpf_leaves_an_object_bpftool_understands() {
     for ty in ["'ServiceKey'", "'CtValue'", "'service_pod_ingress'"] {
         assert!(btf.contains(ty), "no {ty} in the object's BTF");
     }
+}
+
+const FIN_ACK: u8 = 0x11;
+
+/// The state names of the entry for `key`'s tuple and the table it is in.
+fn entry(
+    f: &Fixture,
+    src: Ipv4Addr,
+    sport: u16,
+    dst: Ipv4Addr,
+    dport: u16,
+) -> Option<(&'static str, Vec<&'static str>)> {
+    let key = service_common::CtKey {
+        saddr: addr_v4(src.octets()),
+        daddr: addr_v4(dst.octets()),
+        sport: port_be(sport),
+        dport: port_be(dport),
+        proto: service_common::PROTO_TCP,
+        family: service_common::FAMILY_IPV4,
+        _pad: [0; 2],
+    };
+    let names = |state: u8| {
+        service_common::conntrack::state::NAMES.iter().filter(|(bit, _)| state & bit != 0).map(|(_, n)| *n).collect()
+    };
+    if let Some(v) = maps::read_conntrack(&f.root).expect("conntrack").get(&key) {
+        return Some(("conntrack", names(v.state)));
+    }
+    maps::read_conntrack_new(&f.root).expect("conntrack_new").get(&key).map(|v| ("conntrack_new", names(v.state)))
+}
+
+#[test]
+fn tcp_flows_follow_netfilter_states_and_a_syn_on_a_closed_flow_starts_afresh() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let backend = f.expected_backend(40100, 80, service_common::PROTO_TCP);
+    let run_ok = |frame: Vec<u8>| assert_eq!(f.run(&frame).retval, TC_ACT_OK);
+    run_ok(packet::tcp_v4(CLIENT, 40100, VIP, 80, SYN, b""));
+    assert_eq!(entry(&f, CLIENT, 40100, VIP, 80), Some(("conntrack_new", vec![])), "SYN_SENT, not assured");
+    run_ok(packet::tcp_v4(backend, 8080, CLIENT, 40100, SYN_ACK, b""));
+    assert_eq!(entry(&f, CLIENT, 40100, VIP, 80), Some(("conntrack_new", vec!["seen-reply"])), "SYN_RECV");
+    run_ok(packet::tcp_v4(CLIENT, 40100, VIP, 80, ACK, b""));
+    // The handshake completed: both entries moved to the assured table.
+    assert_eq!(entry(&f, CLIENT, 40100, VIP, 80), Some(("conntrack", vec!["seen-reply", "assured"])));
+    assert_eq!(entry(&f, backend, 8080, CLIENT, 40100), Some(("conntrack", vec!["seen-reply", "assured"])));
+    assert_eq!(f.stat(stats::CT_ASSURED), 1);
+    // The client closes; the backend keeps sending (half-closed) and is
+    // still translated; then it closes too.
+    run_ok(packet::tcp_v4(CLIENT, 40100, VIP, 80, FIN_ACK, b""));
+    let out = f.run(&packet::tcp_v4(backend, 8080, CLIENT, 40100, ACK, b"more data"));
+    assert_eq!(out.data_out, packet::tcp_v4(VIP, 80, CLIENT, 40100, ACK, b"more data"), "half-closed: translated");
+    run_ok(packet::tcp_v4(backend, 8080, CLIENT, 40100, FIN_ACK, b""));
+    assert_eq!(
+        entry(&f, CLIENT, 40100, VIP, 80),
+        Some(("conntrack", vec!["seen-reply", "assured", "fin-original", "fin-reply"]))
+    );
+    // The same client port opens a new connection: a fresh flow, not the
+    // closed one's state.
+    let out = f.run(&packet::tcp_v4(CLIENT, 40100, VIP, 80, SYN, b""));
+    assert_eq!(out.data_out, packet::tcp_v4(CLIENT, 40100, backend, 8080, SYN, b""));
+    assert_eq!(f.stat(stats::CT_REPLACED), 1);
+    assert_eq!(entry(&f, CLIENT, 40100, VIP, 80), Some(("conntrack_new", vec![])));
+    assert_eq!(entry(&f, backend, 8080, CLIENT, 40100), Some(("conntrack_new", vec![])));
+}
+
+#[test]
+fn a_reply_tuple_held_by_a_live_flow_gets_the_new_flows_source_port_remapped() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let (a, b, backend) = (Ipv4Addr::new(10, 96, 0, 61), Ipv4Addr::new(10, 96, 0, 62), Ipv4Addr::new(10, 244, 1, 11));
+    let out = f.run(&packet::tcp_v4(CLIENT, 40200, a, 80, SYN, b""));
+    assert_eq!(out.data_out, packet::tcp_v4(CLIENT, 40200, backend, 8080, SYN, b""));
+    // Same client port, other Service, same backend: the reply tuple
+    // (backend:8080 → client:40200) is taken, so the source port moves.
+    let out = f.run(&packet::tcp_v4(CLIENT, 40200, b, 80, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_OK);
+    let second = packet::parse(&out.data_out).expect("parse");
+    assert_eq!((second.ip_src, second.ip_dst, second.dport), (CLIENT, backend, 8080));
+    assert_ne!(second.sport, 40200);
+    assert!(second.sport >= service_common::snat_ports::REMAP_MIN);
+    assert_eq!(out.data_out, packet::tcp_v4(CLIENT, second.sport, backend, 8080, SYN, b""), "exact checksums");
+    assert_eq!(f.stat(stats::NAT_CLASH_REMAPPED), 1);
+    // Each connection's replies come back from its own Service, to the
+    // client's own port.
+    let out = f.run(&packet::tcp_v4(backend, 8080, CLIENT, 40200, SYN_ACK, b""));
+    assert_eq!(out.data_out, packet::tcp_v4(a, 80, CLIENT, 40200, SYN_ACK, b""));
+    let out = f.run(&packet::tcp_v4(backend, 8080, CLIENT, second.sport, SYN_ACK, b""));
+    assert_eq!(out.data_out, packet::tcp_v4(b, 80, CLIENT, 40200, SYN_ACK, b""));
+    // And the client's later packets keep their translations.
+    let out = f.run(&packet::tcp_v4(CLIENT, 40200, b, 80, ACK, b"x"));
+    assert_eq!(out.data_out, packet::tcp_v4(CLIENT, second.sport, backend, 8080, ACK, b"x"));
+    let out = f.run(&packet::tcp_v4(CLIENT, 40200, a, 80, ACK, b"y"));
+    assert_eq!(out.data_out, packet::tcp_v4(CLIENT, 40200, backend, 8080, ACK, b"y"));
+}
+
+#[test]
+fn every_fragment_of_a_datagram_follows_its_first_fragment_both_ways() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let backend = f.expected_backend(5300, 53, service_common::PROTO_UDP);
+    let (first, rest) = packet::udp_v4_fragments(CLIENT, 5300, VIP, 53, &payload, 1480);
+    let (want_first, want_rest) = packet::udp_v4_fragments(CLIENT, 5300, backend, 5353, &payload, 1480);
+    let out = f.run(&first);
+    assert_eq!(out.retval, TC_ACT_OK, "the first fragment of a Service flow is translated");
+    assert_eq!(out.data_out, want_first, "first fragment: ports, addresses, the datagram's checksum");
+    let out = f.run(&rest);
+    assert_eq!(out.retval, TC_ACT_OK);
+    assert_eq!(out.data_out, want_rest, "later fragment: addresses and the IP checksum");
+    // The answer, fragmented too.
+    let (first, rest) = packet::udp_v4_fragments(backend, 5353, CLIENT, 5300, &payload, 1480);
+    let (want_first, want_rest) = packet::udp_v4_fragments(VIP, 53, CLIENT, 5300, &payload, 1480);
+    assert_eq!(f.run(&first).data_out, want_first);
+    assert_eq!(f.run(&rest).data_out, want_rest);
+    assert_eq!(f.stat(stats::FRAGMENT_TRANSLATED), 2);
+    // A later fragment whose first fragment never came passes untouched.
+    let (_, stray) = packet::udp_v4_fragments(CLIENT, 5301, Ipv4Addr::new(10, 96, 0, 99), 53, &payload, 1480);
+    let out = f.run(&stray);
+    assert_eq!((out.retval, &out.data_out), (TC_ACT_OK, &stray));
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask setup | build-ebpf | test | demo`: the project's developer
+//! `cargo xtask setup | build-ebpf | test | demo | bench | soak`: the project's developer
 //! commands. `test` and `demo` run `setup` first, so on a fresh machine (as
 //! root) they are the only commands needed.
 
@@ -39,6 +39,17 @@ enum Cmd {
         /// instead of docs/.
         #[arg(long)]
         quick: bool,
+    },
+    /// The long soak (root): every path at once, at least 50,000
+    /// connections each and at least `--minutes`, through endpoint churn,
+    /// a Service deleted and re-created and two agent restarts; prints a
+    /// table. (`test` runs a short version.)
+    Soak {
+        #[arg(long, default_value_t = 5)]
+        minutes: u32,
+        /// Connections per path, at least.
+        #[arg(long, default_value_t = 50_000)]
+        connections: u32,
     },
 }
 
@@ -341,8 +352,29 @@ fn bench(quick: bool) -> Result<()> {
     status(&mut cmd)
 }
 
+fn soak(minutes: u32, connections: u32) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask soak` builds network namespaces and loads BPF programs: run it as root");
+    }
+    setup()?;
+    build_bins()?;
+    let exe = test_executables("service-tests")?
+        .into_iter()
+        .find(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("soak-")))
+        .context("the soak test executable")?;
+    status(
+        Command::new(exe)
+            .args(["--test-threads=1", "--nocapture"])
+            .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
+            .env("POD_ECHO_BIN", release_bin("pod-echo"))
+            .env("SOAK_MINUTES", minutes.to_string())
+            .env("SOAK_CONNECTIONS", connections.to_string()),
+    )
+}
+
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Cmd::Soak { minutes, connections } => soak(minutes, connections),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => {

@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use serde::Serialize;
 use service_common::{
-    CtKey, FAMILY_IPV4, ServiceKey, addr_v4, backend_flags, backend_state, ct_flags, hash, port_be, service_flags,
+    CtKey, CtValue, FAMILY_IPV4, ServiceKey, addr_v4, backend_flags, backend_state, conntrack, ct_flags, hash, port_be,
+    service_flags,
 };
 
 use crate::{
@@ -66,8 +67,17 @@ pub struct ConntrackRow {
     pub direction: &'static str,
     pub translated_to: String,
     pub backend_id: u32,
+    /// A FIN or RST was seen (TCP).
     pub closing: bool,
     pub idle_seconds: u64,
+    /// "assured" (the `conntrack` map) or "new" (`conntrack_new`: not yet
+    /// answered).
+    pub table: &'static str,
+    /// The flow's state bits by name (`conntrack::state::NAMES`).
+    pub state: Vec<&'static str>,
+    /// The idle time left before the entry expires (0: expired, the
+    /// garbage collector frees it).
+    pub expires_in_seconds: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -173,23 +183,49 @@ fn endpoint(family: u8, addr: &service_common::Addr, port: service_common::Port)
     format!("{}:{}", dump::ip(family, addr), u16::from_be_bytes(port))
 }
 
-/// Conntrack entries, oldest idle last.
+/// The names of a flow's `conntrack::state` bits.
+#[must_use]
+pub fn state_names(state: u8) -> Vec<&'static str> {
+    conntrack::state::NAMES.into_iter().filter(|(bit, _)| state & bit != 0).map(|(_, n)| n).collect()
+}
+
+/// Seconds of idle time left before `v` expires at `now_ns`.
+fn expires_in_seconds(proto: u8, v: &CtValue, now_ns: u64) -> u64 {
+    let idle = now_ns.saturating_sub(v.last_seen_ns);
+    conntrack::timeout_ns(proto, v.state).saturating_sub(idle) / 1_000_000_000
+}
+
+/// Both conntrack maps' entries, each with the name of its table
+/// ("assured": `conntrack`, "new": `conntrack_new`).
 ///
 /// # Errors
-/// When the map cannot be read.
+/// When a map cannot be read.
+pub fn conntrack_entries(root: &Path) -> Result<Vec<(&'static str, CtKey, CtValue)>, InspectError> {
+    let mut out: Vec<_> = maps::read_conntrack(root)?.into_iter().map(|(k, v)| ("assured", k, v)).collect();
+    out.extend(maps::read_conntrack_new(root)?.into_iter().map(|(k, v)| ("new", k, v)));
+    Ok(out)
+}
+
+/// Conntrack entries of both tables (assured flows, then new ones).
+///
+/// # Errors
+/// When a map cannot be read.
 pub fn conntrack(root: &Path) -> Result<Vec<ConntrackRow>, InspectError> {
     let now = maps::monotonic_ns();
-    Ok(maps::read_conntrack(root)?
+    Ok(conntrack_entries(root)?
         .into_iter()
-        .map(|(k, v)| ConntrackRow {
+        .map(|(table, k, v)| ConntrackRow {
             protocol: dump::proto_name(k.proto),
             source: endpoint(k.family, &k.saddr, k.sport),
             destination: endpoint(k.family, &k.daddr, k.dport),
             direction: if v.flags & ct_flags::DNAT != 0 { "dnat" } else { "rev-nat" },
             translated_to: endpoint(k.family, &v.nat_addr, v.nat_port),
             backend_id: v.backend_id,
-            closing: v.flags & ct_flags::CLOSING != 0,
+            closing: conntrack::is_closing(k.proto, v.state),
             idle_seconds: now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+            table,
+            state: state_names(v.state),
+            expires_in_seconds: expires_in_seconds(k.proto, &v, now),
         })
         .collect())
 }
@@ -346,12 +382,12 @@ pub fn explain(root: &Path, src: &str, dst: &str) -> Result<String, InspectError
         let _ = writeln!(out, "new flows are {why}.");
         return Ok(out);
     }
-    // Existing flows from this client.
-    let ct = maps::read_conntrack(root)?;
+    // Existing flows from this client, in either conntrack table.
+    let ct = conntrack_entries(root)?;
     let now = maps::monotonic_ns();
-    let flows: Vec<(&CtKey, &service_common::CtValue)> = ct
+    let flows: Vec<&(&str, CtKey, CtValue)> = ct
         .iter()
-        .filter(|(k, v)| {
+        .filter(|(_, k, v)| {
             v.flags & ct_flags::DNAT != 0
                 && k.saddr == addr_v4(src_ip.octets())
                 && k.daddr == key0.addr
@@ -360,14 +396,16 @@ pub fn explain(root: &Path, src: &str, dst: &str) -> Result<String, InspectError
                 && src_port.is_none_or(|p| k.sport == port_be(p))
         })
         .collect();
-    for (k, v) in &flows {
+    for (table, k, v) in &flows {
+        let names = state_names(v.state);
         let _ = writeln!(
             out,
-            "conntrack: the flow from port {} is pinned to {} (idle {} s{})",
+            "conntrack ({table}): the flow from port {} is pinned to {} (state [{}], idle {} s, expires in {} s)",
             u16::from_be_bytes(k.sport),
             describe(v.backend_id),
+            names.join(","),
             now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
-            if v.flags & ct_flags::CLOSING != 0 { ", closing" } else { "" }
+            expires_in_seconds(proto, v, now),
         );
     }
     if svc.flags & service_flags::AFFINITY != 0 {

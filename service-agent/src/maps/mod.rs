@@ -29,13 +29,24 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
+    /// Assured flows (`conntrack`).
     pub conntrack: u32,
+    /// Flows not yet assured (`conntrack_new`).
+    pub conntrack_new: u32,
+    /// Datagrams whose later fragments are awaited (`fragments`).
+    pub fragments: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
         use service_common::capacity;
-        Self { services: capacity::SERVICES, backends: capacity::BACKENDS, conntrack: capacity::CONNTRACK }
+        Self {
+            services: capacity::SERVICES,
+            backends: capacity::BACKENDS,
+            conntrack: capacity::CONNTRACK,
+            conntrack_new: capacity::CONNTRACK_NEW,
+            fragments: capacity::FRAGMENTS,
+        }
     }
 }
 
@@ -119,6 +130,8 @@ pub fn load(root: &Path, sizes: MapSizes) -> Result<Ebpf, LoadError> {
         .map_max_entries(map_names::BACKENDS, sizes.backends)
         .map_max_entries(map_names::REV_NAT, sizes.backends)
         .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
+        .map_max_entries(map_names::CONNTRACK_NEW, sizes.conntrack_new)
+        .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
         .load(OBJECT)?;
     Ok(ebpf)
 }
@@ -216,7 +229,7 @@ fn classify(
     MapError::Io { map, op, source: io::Error::other(e) }
 }
 
-fn is_not_found(e: &aya::maps::MapError) -> bool {
+pub(crate) fn is_not_found(e: &aya::maps::MapError) -> bool {
     match e {
         aya::maps::MapError::KeyNotFound => true,
         aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
@@ -331,7 +344,10 @@ impl MapIo for PinnedMaps {
 }
 
 /// A pinned hash-like map (HASH or LRU_HASH; the syscalls are the same).
-fn open_hash<K: aya::Pod, V: aya::Pod>(root: &Path, name: &'static str) -> Result<HashMap<MapData, K, V>, LoadError> {
+pub(crate) fn open_hash<K: aya::Pod, V: aya::Pod>(
+    root: &Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, LoadError> {
     match open_pinned(root, name)? {
         Map::HashMap(data) | Map::LruHashMap(data) => {
             HashMap::try_from(Map::HashMap(data)).map_err(|source| LoadError::Map { name, source })
@@ -355,12 +371,21 @@ fn read_pinned<K: aya::Pod + Ord, V: aya::Pod>(
     })
 }
 
-/// The conntrack entries pinned under `root`.
+/// The conntrack entries pinned under `root`: the assured flows'
+/// (`conntrack`).
 ///
 /// # Errors
 /// When the pin is missing or unreadable.
 pub fn read_conntrack(root: &Path) -> Result<std::collections::BTreeMap<CtKey, CtValue>, LoadError> {
     read_pinned(root, map_names::CONNTRACK)
+}
+
+/// The entries of flows not yet assured (`conntrack_new`).
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn read_conntrack_new(root: &Path) -> Result<std::collections::BTreeMap<CtKey, CtValue>, LoadError> {
+    read_pinned(root, map_names::CONNTRACK_NEW)
 }
 
 /// The ClientIP affinity entries pinned under `root`.
@@ -479,30 +504,76 @@ pub fn write_snat_addrs(
     Ok(())
 }
 
-/// Deletes the UDP conntrack entries (both directions) whose (frontend,
-/// backend) pair is no longer live, so clients of a removed backend move to
-/// a live one with their next datagram, as kube-proxy's conntrack cleanup
-/// does. TCP entries are left alone: a removed backend that still runs
-/// finishes its connections. Returns how many entries were deleted.
+/// Deletes the UDP conntrack entries (both directions, in `conntrack` and
+/// `conntrack_new`) whose (frontend, backend) pair is no longer live, so
+/// clients of a removed backend move to a live one with their next
+/// datagram, as kube-proxy's conntrack cleanup does. TCP entries are left
+/// alone: a removed backend that still runs finishes its connections.
+/// Returns how many entries were deleted.
 ///
 /// # Errors
-/// When the pin is missing or unreadable.
+/// When a pin is missing or unreadable.
 pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Result<usize, LoadError> {
-    let name = map_names::CONNTRACK;
-    let mut map: HashMap<MapData, CtKey, CtValue> = open_hash(root, name)?;
-    let stale: Vec<CtKey> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, v)| k.proto == service_common::PROTO_UDP && !live(v.rev_nat_id, v.backend_id))
-        .map(|(k, _)| k)
-        .collect();
     let mut removed = 0;
-    for key in stale {
-        match map.remove(&key) {
-            Ok(()) => removed += 1,
-            Err(e) if is_not_found(&e) => {}
-            Err(source) => return Err(LoadError::Map { name, source }),
+    for name in [map_names::CONNTRACK, map_names::CONNTRACK_NEW] {
+        let mut map: HashMap<MapData, CtKey, CtValue> = open_hash(root, name)?;
+        let stale: Vec<CtKey> = map
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| k.proto == service_common::PROTO_UDP && !live(v.rev_nat_id, v.backend_id))
+            .map(|(k, _)| k)
+            .collect();
+        for key in stale {
+            match map.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => return Err(LoadError::Map { name, source }),
+            }
         }
     }
     Ok(removed)
+}
+
+/// The key after `key` in a pinned map (`None`: the first key), as the
+/// kernel's `BPF_MAP_GET_NEXT_KEY` walks it; `Ok(None)` at the end. aya
+/// only offers a walk that borrows the map for its whole length, and the
+/// garbage collector resumes its walk from a saved key at every tick.
+/// When `key` is no longer in the map the kernel answers with the first
+/// key (the walk starts over).
+///
+/// # Errors
+/// When the kernel refuses the call.
+pub fn next_key<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, key: Option<&K>) -> io::Result<Option<K>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::IterableMap as _;
+    /// The `BPF_MAP_*_ELEM` part of `union bpf_attr`.
+    #[repr(C)]
+    struct Attr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+        flags: u64,
+    }
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    let mut next = std::mem::MaybeUninit::<K>::uninit();
+    let attr = Attr {
+        map_fd: u32::try_from(map.map().fd().as_fd().as_raw_fd()).map_err(io::Error::other)?,
+        _pad: 0,
+        key: key.map_or(0, |k| std::ptr::from_ref(k) as u64),
+        next_key: next.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid, initialized `bpf_attr` prefix of the size
+    // passed; `key` (when set) points at a live K and `next_key` at room
+    // for one K, the map's key size (aya checked it when typing `map`).
+    let rc =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, &raw const attr, std::mem::size_of::<Attr>()) };
+    if rc == 0 {
+        // SAFETY: the kernel wrote a whole key on success; K is Pod.
+        return Ok(Some(unsafe { next.assume_init() }));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) }
 }

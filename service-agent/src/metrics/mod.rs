@@ -7,7 +7,9 @@
 //!   `kubeproxy_network_programming_duration_seconds`), plus this
 //!   dataplane's own: packets per verdict and drop reason (read from the
 //!   per-CPU `stats` map at scrape time), map occupancy against capacity,
-//!   objects rejected as invalid.
+//!   objects rejected as invalid, and the conntrack garbage collector's
+//!   work and findings ([`GcMetrics`]: passes, entries deleted by map and
+//!   reason, live entries, SNAT ports in use).
 //! - `/healthz` and `/livez` on `--healthz-bind-address` (default
 //!   0.0.0.0:10256): 200 while syncs keep up, 503 when a change has waited
 //!   longer than [`HEALTH_TIMEOUT`] to be programmed (kube-proxy's
@@ -50,6 +52,102 @@ struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MapLabel {
     map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GcDeletedLabel {
+    map: String,
+    reason: String,
+}
+
+/// The garbage collector's metrics (`crate::gc`), registered with the
+/// others; clones share the values.
+#[derive(Clone, Debug, Default)]
+pub struct GcMetrics {
+    passes: prometheus_client::metrics::counter::Counter,
+    deleted: Family<GcDeletedLabel, prometheus_client::metrics::counter::Counter>,
+    scanned: Family<MapLabel, prometheus_client::metrics::counter::Counter>,
+    last_pass_duration: Gauge<f64, AtomicU64>,
+    live_entries: Family<MapLabel, Gauge>,
+    map_entries: Family<MapLabel, Gauge>,
+    snat_ports_in_use: Gauge,
+    snat_ports_busiest_group: Gauge,
+}
+
+impl GcMetrics {
+    fn register(registry: &mut Registry, map_entries: Family<MapLabel, Gauge>) -> Self {
+        let m = Self { map_entries, ..Self::default() };
+        registry.register(
+            "service_dataplane_gc_passes",
+            "Completed passes of the conntrack and affinity garbage collector",
+            m.passes.clone(),
+        );
+        registry.register(
+            "service_dataplane_gc_deleted_entries",
+            "Entries the garbage collector deleted, by map and reason (expired, closed, orphaned)",
+            m.deleted.clone(),
+        );
+        registry.register(
+            "service_dataplane_gc_scanned_entries",
+            "Keys the garbage collector looked at, by map",
+            m.scanned.clone(),
+        );
+        registry.register(
+            "service_dataplane_gc_last_pass_duration_seconds",
+            "How long the last garbage collector pass took (it is spread over ticks on purpose)",
+            m.last_pass_duration.clone(),
+        );
+        registry.register(
+            "service_dataplane_gc_live_entries",
+            "Entries not expired after the last garbage collector pass, by map",
+            m.live_entries.clone(),
+        );
+        registry.register(
+            "service_dataplane_snat_ports_in_use",
+            "SNAT ports held by live flows (reply entries of SNATed flows), after the last garbage collector pass",
+            m.snat_ports_in_use.clone(),
+        );
+        registry.register(
+            "service_dataplane_snat_ports_in_use_busiest_group",
+            "SNAT ports in use by the busiest (SNAT address, backend address, backend port, protocol) group; each \
+             group has service_dataplane_snat_port_range ports",
+            m.snat_ports_busiest_group.clone(),
+        );
+        let range = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        range.set(i64::from(crate::gc::SNAT_RANGE));
+        registry.register(
+            "service_dataplane_snat_port_range",
+            "Ports one (SNAT address, backend, protocol) group can use (61000-65535)",
+            range,
+        );
+        m
+    }
+
+    /// An entry the collector deleted from `map`.
+    pub fn record_deleted(&self, map: &str, reason: &str) {
+        self.deleted.get_or_create(&GcDeletedLabel { map: map.into(), reason: reason.into() }).inc();
+    }
+
+    /// Keys the collector looked at in `map`.
+    pub fn record_scanned(&self, map: &str, n: usize) {
+        self.scanned.get_or_create(&MapLabel { map: map.into() }).inc_by(n as u64);
+    }
+
+    /// A completed pass.
+    pub fn record_pass(&self, pass: &crate::gc::PassSummary) {
+        self.passes.inc();
+        self.last_pass_duration.set(pass.duration.as_secs_f64());
+        for table in crate::gc::Table::ALL {
+            let label = MapLabel { map: table.map_name().into() };
+            let n = |m: &BTreeMap<crate::gc::Table, u64>| {
+                i64::try_from(m.get(&table).copied().unwrap_or(0)).unwrap_or(i64::MAX)
+            };
+            self.live_entries.get_or_create(&label).set(n(&pass.live));
+            self.map_entries.get_or_create(&label).set(n(&pass.entries));
+        }
+        self.snat_ports_in_use.set(i64::try_from(pass.snat.ports_in_use).unwrap_or(i64::MAX));
+        self.snat_ports_busiest_group.set(pass.snat.busiest().map_or(0, |(_, n)| i64::from(n)));
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -152,6 +250,7 @@ pub struct Metrics {
     invalid_objects: Family<KindLabel, Gauge>,
     map_entries: Family<MapLabel, Gauge>,
     map_update_errors: prometheus_client::metrics::counter::Counter,
+    gc: GcMetrics,
     /// Trigger times already observed, per EndpointSlice.
     seen_triggers: Mutex<BTreeMap<String, String>>,
     counter_labels: Arc<Mutex<CounterLabels>>,
@@ -192,13 +291,22 @@ impl Metrics {
             invalid_objects.clone(),
         );
         let map_entries = Family::<MapLabel, Gauge>::default();
-        registry.register("service_dataplane_map_entries", "Rows in each agent-written map", map_entries.clone());
+        registry.register(
+            "service_dataplane_map_entries",
+            "Entries in each map: the agent-written ones after every sync, conntrack, conntrack_new, affinity and \
+             fragments after every garbage collector pass",
+            map_entries.clone(),
+        );
         let map_capacity = Family::<MapLabel, Gauge>::default();
-        registry.register("service_dataplane_map_capacity", "Capacity of each agent-written map", map_capacity.clone());
+        registry.register("service_dataplane_map_capacity", "Capacity of each map", map_capacity.clone());
         for (map, cap) in [
             (service_common::map_names::SERVICES, sizes.services),
             (service_common::map_names::BACKENDS, sizes.backends),
             (service_common::map_names::REV_NAT, sizes.backends),
+            (service_common::map_names::CONNTRACK, sizes.conntrack),
+            (service_common::map_names::CONNTRACK_NEW, sizes.conntrack_new),
+            (service_common::map_names::FRAGMENTS, sizes.fragments),
+            (service_common::map_names::AFFINITY, service_common::capacity::AFFINITY),
         ] {
             map_capacity.get_or_create(&MapLabel { map: map.into() }).set(i64::from(cap));
         }
@@ -208,6 +316,7 @@ impl Metrics {
             "Map writes that failed (a full map names the flag to raise in the log)",
             map_update_errors.clone(),
         );
+        let gc = GcMetrics::register(&mut registry, map_entries.clone());
         let counter_labels = Arc::new(Mutex::new(CounterLabels::default()));
         registry.register_collector(Box::new(PacketCounters { bpffs_root, labels: counter_labels.clone() }));
         Self {
@@ -218,6 +327,7 @@ impl Metrics {
             invalid_objects,
             map_entries,
             map_update_errors,
+            gc,
             seen_triggers: Mutex::new(BTreeMap::new()),
             counter_labels,
         }
@@ -238,6 +348,7 @@ impl Metrics {
             self.last_sync.set(now.as_secs_f64());
         }
         self.map_update_errors.inc_by(map_errors as u64);
+        self.observe_maps(applied);
         let mut invalid: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for e in &desired.errors {
             invalid.entry(e.kind).or_default().insert(e.object.to_string());
@@ -248,6 +359,19 @@ impl Metrics {
                 .get_or_create(&KindLabel { kind: kind.into() })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
+        self.observe_programming(objects);
+        self.label_counters(desired, applied);
+    }
+
+    /// The garbage collector's metrics.
+    #[must_use]
+    pub fn gc(&self) -> GcMetrics {
+        self.gc.clone()
+    }
+
+    /// The agent-written maps' occupancy (after a sync, or after deferred
+    /// deletions ran).
+    pub fn observe_maps(&self, applied: &MapState) {
         for (map, n) in [
             (service_common::map_names::SERVICES, applied.services.len()),
             (service_common::map_names::BACKENDS, applied.backends.len()),
@@ -255,8 +379,6 @@ impl Metrics {
         ] {
             self.map_entries.get_or_create(&MapLabel { map: map.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        self.observe_programming(objects);
-        self.label_counters(desired, applied);
     }
 
     /// Maps counter ids to Service names for the per-Service metrics.
@@ -403,6 +525,33 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gc_and_map_size_metrics_are_exported() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"), MapSizes::default());
+        let gc = m.gc();
+        gc.record_deleted("conntrack_new", "expired");
+        gc.record_scanned("conntrack", 10);
+        let mut pass = crate::gc::PassSummary::default();
+        pass.live.insert(crate::gc::Table::Conntrack, 7);
+        gc.record_pass(&pass);
+        let text = m.encode();
+        for want in [
+            "service_dataplane_gc_passes_total 1",
+            "service_dataplane_gc_deleted_entries_total{map=\"conntrack_new\",reason=\"expired\"} 1",
+            "service_dataplane_gc_scanned_entries_total{map=\"conntrack\"} 10",
+            "service_dataplane_gc_live_entries{map=\"conntrack\"} 7",
+            "service_dataplane_gc_last_pass_duration_seconds",
+            "service_dataplane_snat_ports_in_use 0",
+            "service_dataplane_snat_ports_in_use_busiest_group 0",
+            "service_dataplane_snat_port_range 4536",
+            "service_dataplane_map_capacity{map=\"conntrack_new\"} 65536",
+            "service_dataplane_map_capacity{map=\"fragments\"} 8192",
+            "service_dataplane_map_entries{map=\"fragments\"} 0",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+    }
 
     #[test]
     fn health_fails_only_when_a_change_waits_longer_than_the_timeout() {

@@ -157,7 +157,13 @@ impl Applied {
     }
 
     /// Whether slot row `key` is part of its frontend's live table.
-    fn is_live_slot(&self, key: &ServiceKey) -> Option<u32> {
+    pub(super) fn is_live_slot(&self, key: &ServiceKey) -> bool {
+        self.live_slot_rev_nat(key).is_some()
+    }
+
+    /// The rev-NAT id of slot row `key`'s frontend when the row is part of
+    /// its live table.
+    fn live_slot_rev_nat(&self, key: &ServiceKey) -> Option<u32> {
         let frontend = self.state.services.get(&key.with_slot(0, 0))?;
         (key.slot != 0 && frontend.version == key.version && u32::from(key.slot) <= frontend.count)
             .then_some(frontend.rev_nat_id)
@@ -197,7 +203,7 @@ impl Applied {
             }
             return;
         }
-        let live = self.is_live_slot(&key);
+        let live = self.live_slot_rev_nat(&key);
         match self.state.services.insert(key, value) {
             Some(old) => {
                 dec(&mut self.backend_refs, old.backend_id);
@@ -215,7 +221,7 @@ impl Applied {
 
     pub(super) fn remove_service(&mut self, key: &ServiceKey) {
         let key0 = key.with_slot(0, 0);
-        let live = self.is_live_slot(key);
+        let live = self.live_slot_rev_nat(key);
         let Some(old) = self.state.services.get(key).copied() else { return };
         if key.slot == 0 {
             self.count_table(&key0, &old, false);

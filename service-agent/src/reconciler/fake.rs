@@ -2,9 +2,37 @@
 //! hold, the same capacity errors, and a log of every operation so tests
 //! can check the order of writes.
 
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
 use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{MapError, MapIo, MapState};
+use super::{Clock, MapError, MapIo, MapState};
+
+/// A clock that moves only when told to, shared by its clones: tests
+/// advance it past the grace period instead of sleeping.
+#[derive(Clone, Debug)]
+pub struct ManualClock(Arc<Mutex<Instant>>);
+
+impl Default for ManualClock {
+    fn default() -> Self {
+        Self(Arc::new(Mutex::new(Instant::now())))
+    }
+}
+
+impl ManualClock {
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// One map operation, as the fake saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,6 +9,20 @@
 //! 3. deletes in reverse order: frontends that are gone (slot 0 first, then
 //!    their slots), then rev-NAT and backend rows no row refers to.
 //!
+//! Deletions of rows a packet may still be about to read are **deferred**
+//! by a grace period ([`DELETION_GRACE`]): a packet that read a slot-0 row
+//! just before its flip (or its deletion) goes on to read a slot row of the
+//! old version, then its backend row; deleting those at once would drop it
+//! (`drop_missing_row`). So slot rows that left their frontend's live table
+//! and rev-NAT rows no slot-0 row refers to any more are queued and deleted
+//! by a later [`Reconciler::reconcile`] or [`Reconciler::collect_deferred`]
+//! once the grace has passed ([`Reconciler::next_deferred`] says when);
+//! backend rows go when the last (deferred) slot row naming them has gone.
+//! Rows awaiting deletion stay in the maps and in the mirror, so their ids
+//! (backend ids, rev-NAT ids, versions) are never handed out again before
+//! they are deleted. The clock is injectable ([`Clock`]) so tests do not
+//! sleep.
+//!
 //! It starts from a dump of the maps (adopting what an earlier agent left),
 //! so the first reconcile prunes every row that is not desired, and every
 //! reconcile is safe to retry: a failed write leaves the affected frontend on
@@ -22,6 +36,8 @@ pub mod maglev;
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use service_common::{
@@ -31,6 +47,79 @@ use service_common::{
 
 use self::applied::Applied;
 use crate::model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, WhenEmpty};
+
+/// How long a row a packet may still be about to read (an old version's
+/// slot rows, a deleted frontend's, an unreferenced rev-NAT row) stays
+/// before it is deleted: far longer than a packet takes through the
+/// program (microseconds), short enough that the services map's spare room
+/// for a version being replaced is soon back.
+pub const DELETION_GRACE: Duration = Duration::from_secs(2);
+
+/// Where the reconciler reads the time for its deferred deletions.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The monotonic clock of the process.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A row whose deletion waits for the grace period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Deferred {
+    /// A slot row out of its frontend's live table.
+    Slot(ServiceKey),
+    /// A rev-NAT row no slot-0 row refers to.
+    RevNat(u32),
+}
+
+/// Rows awaiting deletion, in the order they become due.
+#[derive(Debug, Default)]
+struct DeferredQueue {
+    due: BTreeSet<(Instant, Deferred)>,
+    pending: HashMap<Deferred, Instant>,
+}
+
+impl DeferredQueue {
+    /// Queues `row` to go at `at`; a row already queued keeps its earlier
+    /// time (the grace runs from when it first left a live table).
+    fn push(&mut self, row: Deferred, at: Instant) -> bool {
+        if self.pending.contains_key(&row) {
+            return false;
+        }
+        self.pending.insert(row, at);
+        self.due.insert((at, row));
+        true
+    }
+
+    /// The next row due at `now`, taken off the queue.
+    fn pop_due(&mut self, now: Instant) -> Option<Deferred> {
+        let (at, row) = *self.due.first()?;
+        if at > now {
+            return None;
+        }
+        self.due.pop_first();
+        self.pending.remove(&row);
+        Some(row)
+    }
+
+    /// Takes `row` off the queue.
+    fn cancel(&mut self, row: &Deferred) {
+        if let Some(at) = self.pending.remove(row) {
+            self.due.remove(&(at, *row));
+        }
+    }
+
+    fn next(&self) -> Option<Instant> {
+        self.due.first().map(|(at, _)| *at)
+    }
+}
 
 /// The rows of the three maps the agent owns.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -125,6 +214,8 @@ pub struct ReconcileReport {
     pub frontends_deleted: usize,
     pub rows_written: usize,
     pub rows_deleted: usize,
+    /// Rows queued for deletion once [`DELETION_GRACE`] has passed.
+    pub rows_deferred: usize,
     pub errors: Vec<ReconcileError>,
 }
 
@@ -146,6 +237,10 @@ pub struct Reconciler<M> {
     /// restart: the first reconcile checks every frontend against the
     /// dumped rows.
     written: HashMap<Frontend, WrittenFrontend>,
+    /// Rows whose deletion waits for the grace period.
+    deferred: DeferredQueue,
+    clock: Arc<dyn Clock>,
+    grace: Duration,
 }
 
 struct WrittenFrontend {
@@ -223,7 +318,71 @@ impl<M: MapIo> Reconciler<M> {
     /// When the maps cannot be read.
     pub fn new(maps: M) -> Result<Self, MapError> {
         let applied = Applied::new(maps.dump()?);
-        Ok(Self { maps, applied, written: HashMap::new() })
+        Ok(Self {
+            maps,
+            applied,
+            written: HashMap::new(),
+            deferred: DeferredQueue::default(),
+            clock: Arc::new(SystemClock),
+            grace: DELETION_GRACE,
+        })
+    }
+
+    /// Reads the time from `clock` (tests: a clock they advance).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Deletes rows that left a live table after `grace` instead of
+    /// [`DELETION_GRACE`] (`Duration::ZERO`: within the same reconcile, in
+    /// the same order as the deferred deletions would run).
+    #[must_use]
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// When the next deferred deletion is due (`None`: none is queued);
+    /// call [`Self::collect_deferred`] then.
+    #[must_use]
+    pub fn next_deferred(&self) -> Option<Instant> {
+        self.deferred.next()
+    }
+
+    /// How many rows await deletion.
+    #[must_use]
+    pub fn deferred_len(&self) -> usize {
+        self.deferred.pending.len()
+    }
+
+    /// Runs the deferred deletions that are due: slot rows, then rev-NAT
+    /// rows, then the backend rows no row refers to any more.
+    pub fn collect_deferred(&mut self) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        self.collect_due(&mut report);
+        #[cfg(test)]
+        self.applied.check_indexes();
+        report
+    }
+
+    /// Panics unless every slot row out of its frontend's live table is
+    /// queued for deletion (after a reconcile without errors) and no
+    /// queued row is part of a live table.
+    #[cfg(test)]
+    pub(crate) fn check_deferred(&self) {
+        for key in self.applied.state().services.keys().filter(|k| k.slot != 0) {
+            let live = self.applied.is_live_slot(key);
+            let queued = self.deferred.pending.contains_key(&Deferred::Slot(*key));
+            assert!(live != queued, "slot row {key:?}: live {live}, queued {queued}");
+        }
+    }
+
+    /// The slot-0 rows (key, value) of every frontend.
+    pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
+        let services = &self.applied.state().services;
+        self.applied.frontends().filter_map(|k| services.get_key_value(k))
     }
 
     /// The rows as the reconciler believes them applied.
@@ -289,6 +448,7 @@ impl<M: MapIo> Reconciler<M> {
         }
         self.delete_undesired(desired, &mut report);
         self.written.retain(|f, _| desired.frontends.contains_key(f));
+        self.collect_due(&mut report);
         let stale: Vec<_> = self.applied.state().source_ranges.difference(&ranges).copied().collect();
         for row in stale {
             match self.maps.del_source_range(row.0, &row.1) {
@@ -416,7 +576,7 @@ impl<M: MapIo> Reconciler<M> {
             }
             // Rows of versions an interrupted earlier run left behind.
             for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
-                self.delete_service_row(&k, report);
+                self.defer(Deferred::Slot(k), report);
             }
             return Ok(());
         }
@@ -444,8 +604,10 @@ impl<M: MapIo> Reconciler<M> {
         self.put_service_row(key0, value)?;
         report.rows_written += 1;
         report.frontends_written += 1;
+        // The old version: a packet that read the slot-0 row just before the
+        // flip may still read it.
         for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
-            self.delete_service_row(&k, report);
+            self.defer(Deferred::Slot(k), report);
         }
         Ok(())
     }
@@ -471,10 +633,18 @@ impl<M: MapIo> Reconciler<M> {
         }
     }
 
+    /// Queues `row` for deletion after the grace period.
+    fn defer(&mut self, row: Deferred, report: &mut ReconcileReport) {
+        if self.deferred.push(row, self.clock.now() + self.grace) {
+            report.rows_deferred += 1;
+        }
+    }
+
     fn delete_undesired(&mut self, desired: &Desired, report: &mut ReconcileReport) {
         let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(frontend_key).collect();
-        // Frontends that are gone: slot 0 first (new flows stop), then the
-        // slot rows. Slot rows without any slot-0 row are pruned too.
+        // Frontends that are gone: slot 0 first (new flows stop), then, once
+        // the grace has passed, the slot rows. Slot rows without any slot-0
+        // row are pruned too.
         let gone: BTreeSet<ServiceKey> = self.applied.frontends().filter(|k| !wanted.contains(k)).copied().collect();
         for key0 in gone {
             if self.applied.state().services.contains_key(&key0) {
@@ -482,18 +652,55 @@ impl<M: MapIo> Reconciler<M> {
                 report.frontends_deleted += 1;
             }
             for k in frontend_rows(&self.applied.state().services, &key0) {
-                self.delete_service_row(&k, report);
+                self.defer(Deferred::Slot(k), report);
             }
         }
-        let unused: Vec<u32> =
-            self.applied.state().rev_nat.keys().copied().filter(|id| !self.applied.rev_nat_referenced(*id)).collect();
-        for id in unused {
+    }
+
+    /// The deferred deletions that are due, then the rows nothing refers to:
+    /// rev-NAT rows (deferred in turn when they were referenced a grace
+    /// ago), then backend rows (only deferred slot rows could still lead a
+    /// packet to them, and those have just gone).
+    fn collect_due(&mut self, report: &mut ReconcileReport) {
+        let now = self.clock.now();
+        let mut due_rev_nats = BTreeSet::new();
+        while let Some(row) = self.deferred.pop_due(now) {
+            match row {
+                Deferred::Slot(key) => {
+                    // A row that is live again (never expected: versions of
+                    // queued rows are not reused) is kept.
+                    if !self.applied.is_live_slot(&key) {
+                        self.delete_service_row(&key, report);
+                    }
+                }
+                Deferred::RevNat(id) => {
+                    due_rev_nats.insert(id);
+                }
+            }
+        }
+        let rev_nats: Vec<(u32, bool)> =
+            self.applied.state().rev_nat.keys().map(|id| (*id, self.applied.rev_nat_referenced(*id))).collect();
+        for (id, referenced) in rev_nats {
+            if referenced {
+                // Referenced again (a frontend came back): its grace starts
+                // afresh when it is next unreferenced.
+                self.deferred.cancel(&Deferred::RevNat(id));
+                continue;
+            }
+            if !due_rev_nats.contains(&id) && !self.grace.is_zero() {
+                self.defer(Deferred::RevNat(id), report);
+                continue;
+            }
             match self.maps.del_rev_nat(id) {
                 Ok(()) => {
                     self.applied.remove_rev_nat(id);
                     report.rows_deleted += 1;
                 }
-                Err(source) => report.errors.push(ReconcileError { what: format!("deleting rev-NAT {id}"), source }),
+                Err(source) => {
+                    // Tried again after another grace.
+                    self.defer(Deferred::RevNat(id), report);
+                    report.errors.push(ReconcileError { what: format!("deleting rev-NAT {id}"), source });
+                }
             }
         }
         let unused: Vec<u32> =

@@ -1,7 +1,7 @@
 use std::net::IpAddr;
 
 use super::{
-    fake::{FakeMaps, Op},
+    fake::{FakeMaps, ManualClock, Op},
     *,
 };
 use crate::{
@@ -48,16 +48,42 @@ fn reconciler() -> Reconciler<FakeMaps> {
     Reconciler::new(FakeMaps::default()).expect("fake dump")
 }
 
+/// A reconciler on `maps` reading `clock`.
+fn with_clock(maps: FakeMaps, clock: &ManualClock) -> Reconciler<FakeMaps> {
+    Reconciler::new(maps).expect("fake dump").with_clock(Arc::new(clock.clone()))
+}
+
+/// Lets the grace pass and runs the deferred deletions.
+fn settle(r: &mut Reconciler<FakeMaps>, clock: &ManualClock) -> ReconcileReport {
+    clock.advance(DELETION_GRACE);
+    let report = r.collect_deferred();
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(r.deferred_len(), 0);
+    assert_eq!(r.next_deferred(), None);
+    report
+}
+
 #[test]
 fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_deleted() {
-    let mut r = reconciler();
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
     let key0 = frontend_key(&frontend(80));
     let v1 = r.applied().services[&key0];
     assert_eq!((v1.version, v1.count), (1, 31));
     r.maps.ops.clear();
 
-    assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
+    let report = r.reconcile(&desired(&[(80, &[1, 2])]));
+    assert!(report.errors.is_empty());
+    // The old version's rows (and backend 3, which only they name) wait for
+    // the grace period.
+    assert_eq!(report.rows_deferred, 31);
+    assert!(!r.maps().ops.iter().any(|op| matches!(op, Op::DelService(_) | Op::DelBackend(_))));
+    assert_eq!(r.maps().state.services.len(), 1 + 31 + 31);
+    assert_eq!(r.next_deferred(), Some(clock.now() + DELETION_GRACE));
+    clock.advance(DELETION_GRACE / 2);
+    assert!(!r.collect_deferred().changed(), "not due yet");
+    settle(&mut r, &clock);
     let ops = &r.maps().ops;
     let flip = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).expect("slot 0 flipped");
     let new_rows = ops.iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2 && k.slot != 0));
@@ -104,20 +130,33 @@ fn a_frontend_without_backends_rejects_and_has_no_slot_rows() {
 
 #[test]
 fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
+    let clock = ManualClock::default();
     let mut maps = FakeMaps::default();
     {
-        let mut first = Reconciler::new(std::mem::take(&mut maps)).expect("dump");
+        let mut first = with_clock(std::mem::take(&mut maps), &clock);
         first.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
+        // The agent stops while the old version of port 80 waits for its
+        // grace period.
+        first.reconcile(&desired(&[(80, &[1, 4]), (81, &[3])]));
+        assert!(first.deferred_len() > 0);
         maps = FakeMaps { state: first.applied().clone(), ..FakeMaps::default() };
     }
-    let mut second = Reconciler::new(maps).expect("dump");
-    let report = second.reconcile(&desired(&[(80, &[1, 2])]));
-    // Port 80 is unchanged (adopted, not rewritten); port 81 and backend 3
-    // are pruned.
+    let mut second = with_clock(maps, &clock);
+    let report = second.reconcile(&desired(&[(80, &[1, 4])]));
+    // Port 80 is unchanged (adopted, not rewritten); port 81's slot 0 goes
+    // at once; its slot rows, the old version of port 80, their backends
+    // and port 81's rev-NAT row go after a grace period from the restart
+    // (how long ago the earlier agent queued them is unknown).
     assert_eq!(report.rows_written, 0, "{report:?}");
     assert_eq!(report.frontends_deleted, 1);
+    assert_eq!(second.applied().services.keys().filter(|k| k.slot == 0).count(), 1);
+    assert_eq!(second.applied().backends.len(), 4);
+    second.check_deferred();
+    settle(&mut second, &clock);
+    assert_eq!(second.applied().services.len(), 1 + 31);
     assert_eq!(second.applied().backends.len(), 2);
     assert_eq!(second.applied().rev_nat.len(), 1);
+    assert_eq!(second.maps().state, *second.applied());
 }
 
 #[test]
@@ -137,15 +176,126 @@ fn a_full_map_names_the_flag_and_leaves_other_frontends_programmed() {
 
 #[test]
 fn deleting_everything_leaves_no_rows() {
-    let mut r = reconciler();
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
+    r.reconcile(&Desired::default());
+    // Slot 0 went at once: no new flow matches.
+    assert!(!r.maps().state.services.keys().any(|k| k.slot == 0));
+    settle(&mut r, &clock);
+    assert_eq!(r.maps().state, MapState::default());
+}
+
+#[test]
+fn with_no_grace_deletions_run_in_the_same_reconcile() {
+    let mut r = reconciler().with_grace(Duration::ZERO);
+    r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
+    r.reconcile(&desired(&[(80, &[1, 2])]));
+    assert_eq!(r.applied().services.len(), 1 + 31);
+    assert_eq!((r.applied().backends.len(), r.applied().rev_nat.len()), (2, 1));
+    assert_eq!(r.next_deferred(), None);
     r.reconcile(&Desired::default());
     assert_eq!(r.maps().state, MapState::default());
 }
 
 #[test]
+fn the_old_version_survives_a_flip_until_the_grace_has_passed() {
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
+    r.reconcile(&desired(&[(80, &[1, 2, 3])]));
+    let key0 = frontend_key(&frontend(80));
+    let old = r.applied().services[&key0];
+    let old_rows: Vec<(ServiceKey, ServiceValue)> =
+        (1..=31).map(|s| key0.with_slot(old.version, s)).map(|k| (k, r.applied().services[&k])).collect();
+    r.reconcile(&desired(&[(80, &[1, 2])]));
+    r.check_deferred();
+    // Until the grace has passed, a packet that read the old slot-0 row
+    // finds every slot row of its version and the backend each names.
+    for step in 0..4 {
+        for (k, v) in &old_rows {
+            assert_eq!(r.maps().state.services.get(k), Some(v), "step {step}");
+            assert!(r.maps().state.backends.contains_key(&v.backend_id), "step {step}");
+        }
+        clock.advance((DELETION_GRACE / 4).saturating_sub(Duration::from_millis(1)));
+        r.collect_deferred();
+        r.reconcile(&desired(&[(80, &[1, 2])]));
+    }
+    clock.advance(Duration::from_millis(4));
+    assert!(r.collect_deferred().rows_deleted > 0);
+    assert!(old_rows.iter().all(|(k, _)| !r.maps().state.services.contains_key(k)));
+    assert_eq!(r.maps().state.backends.len(), 2);
+    assert_eq!(r.maps().state, *r.applied());
+}
+
+#[test]
+fn a_frontend_deleted_and_created_again_within_the_grace_gets_whole_rows() {
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
+    r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
+    let key0 = frontend_key(&frontend(80));
+    let first = r.applied().services[&key0];
+    r.reconcile(&desired(&[(81, &[3])]));
+    assert!(!r.applied().services.contains_key(&key0));
+    clock.advance(DELETION_GRACE / 2);
+    // Back, with one backend more, before the old rows have gone.
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 4]), (81, &[3])])).errors.is_empty());
+    r.check_deferred();
+    let again = r.applied().services[&key0];
+    assert_ne!(again.version, first.version, "a version awaiting deletion is not reused");
+    assert_eq!(again.rev_nat_id, first.rev_nat_id, "the rev-NAT row awaiting deletion is taken back");
+    let live: BTreeSet<u32> =
+        r.applied().live_pairs().iter().filter(|(rn, _)| *rn == again.rev_nat_id).map(|p| p.1).collect();
+    assert_eq!(live.len(), 3);
+    // The first life's rows go after their grace; the new ones stay whole.
+    clock.advance(DELETION_GRACE / 2);
+    r.collect_deferred();
+    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key0).count(), 1 + 31);
+    assert!(r.applied().rev_nat.contains_key(&again.rev_nat_id));
+    assert_eq!(r.applied().backends.len(), 4);
+    settle(&mut r, &clock);
+    assert_eq!(r.maps().state, *r.applied());
+}
+
+#[test]
+fn ids_awaiting_deletion_are_not_reused() {
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
+    r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
+    let ids_of = |r: &Reconciler<FakeMaps>| -> BTreeMap<u8, u32> {
+        r.applied().backends.iter().map(|(id, b)| (b.addr[3], *id)).collect()
+    };
+    let before = ids_of(&r);
+    let rev_nat_81 = r.applied().services[&frontend_key(&frontend(81))].rev_nat_id;
+    // Port 80 moves to backend 5 (backends 1 and 2 now only named by the
+    // old version), port 81 goes (its rev-NAT row unreferenced).
+    r.reconcile(&desired(&[(80, &[5])]));
+    // New rows within the grace: new backends and a new frontend.
+    r.reconcile(&desired(&[(80, &[5]), (82, &[6, 7])]));
+    let during = ids_of(&r);
+    for last in [1, 2, 3] {
+        assert_eq!(during.get(&last), before.get(&last), "backend {last} kept its id while pending");
+    }
+    let pending: BTreeSet<u32> = before.values().copied().collect();
+    for last in [5, 6, 7] {
+        assert!(!pending.contains(&during[&last]), "backend {last} got a pending id");
+    }
+    let rev_nat_82 = r.applied().services[&frontend_key(&frontend(82))].rev_nat_id;
+    assert_ne!(rev_nat_82, rev_nat_81, "rev-NAT id awaiting deletion reused");
+    assert!(r.applied().rev_nat.contains_key(&rev_nat_81));
+    r.check_deferred();
+    settle(&mut r, &clock);
+    // Gone now, and so free again.
+    assert!(!r.applied().rev_nat.contains_key(&rev_nat_81));
+    let after = ids_of(&r);
+    assert!([1, 2, 3].iter().all(|l| !after.contains_key(l)));
+    r.reconcile(&desired(&[(80, &[5]), (82, &[6, 7]), (83, &[8])]));
+    assert_eq!(ids_of(&r)[&8], 1, "the lowest free id again");
+}
+
+#[test]
 fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
-    let mut r = reconciler();
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
     assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3]), (82, &[4])])).errors.is_empty());
     r.maps.ops.clear();
     // One frontend's backends change: only its rows are touched.
@@ -162,6 +312,7 @@ fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
     );
     // Removed, then desired again unchanged: written again in full.
     assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5])])).errors.is_empty());
+    settle(&mut r, &clock);
     let key82 = frontend_key(&frontend(82));
     assert!(!r.applied().services.keys().any(|k| k.with_slot(0, 0) == key82));
     let report = r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5]), (82, &[4])]));
@@ -182,14 +333,45 @@ impl Rng {
     }
 }
 
+/// Slot rows out of their frontend's live table, with when they were first
+/// seen so; panics when one went before the grace period had passed.
+#[derive(Default)]
+struct GraceWatch(BTreeMap<ServiceKey, Instant>);
+
+impl GraceWatch {
+    fn observe(&mut self, state: &MapState, now: Instant, step: u64) {
+        let live = |k: &ServiceKey| {
+            state
+                .services
+                .get(&k.with_slot(0, 0))
+                .is_some_and(|f| f.version == k.version && u32::from(k.slot) <= f.count)
+        };
+        self.0.retain(|k, since| {
+            let present = state.services.contains_key(k);
+            assert!(present || now >= *since + DELETION_GRACE, "step {step}: {k:?} deleted before its grace");
+            present
+        });
+        for (k, v) in state.services.iter().filter(|(k, _)| k.slot != 0 && !live(k)) {
+            self.0.entry(*k).or_insert(now);
+            // A packet that read the old slot-0 row finds the backend row
+            // (version 77 is the test's own stray row).
+            assert!(k.version == 77 || state.backends.contains_key(&v.backend_id), "step {step}: {k:?}");
+        }
+    }
+}
+
 #[test]
 fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_maps() {
     // Every reconcile checks its indexes (rows per frontend, backend and
     // rev-NAT references, live (rev-NAT, backend) pairs, ids by value)
     // against a recomputation from the rows; here a long random sequence
     // drives it through changes, deletions, restarts that adopt stray rows
-    // of an interrupted run, and a map too small for everything.
+    // of an interrupted run, a map too small for everything, and a clock
+    // that moves by random steps around the grace period, so deferred
+    // deletions run at random points (by a reconcile or on their own).
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let clock = ManualClock::default();
+    let mut watch = GraceWatch::default();
     let mut maps = FakeMaps::default();
     for step in 0..300 {
         let mut entries: Vec<(u16, Vec<u8>)> = Vec::new();
@@ -209,11 +391,22 @@ fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_ma
             let stray = ServiceValue { backend_id: 1, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
             maps.state.services.insert(key0.with_slot(77, 1), stray);
         }
-        let mut r = Reconciler::new(std::mem::take(&mut maps)).expect("dump");
+        let mut r = with_clock(std::mem::take(&mut maps), &clock);
+        watch.observe(r.applied(), clock.now(), step);
         for _ in 0..=rng.below(3) {
+            // Up to 1.5 grace periods.
+            clock.advance(Duration::from_millis(rng.below(3_000)));
+            if rng.below(3) == 0 {
+                r.collect_deferred();
+                assert_eq!(r.maps().state, *r.applied(), "step {step}");
+                watch.observe(r.applied(), clock.now(), step);
+                assert!(r.next_deferred().is_none_or(|at| at > clock.now()), "step {step}");
+            }
             let report = r.reconcile(&d);
             assert_eq!(r.maps().state, *r.applied(), "step {step}");
+            watch.observe(r.applied(), clock.now(), step);
             if report.errors.is_empty() {
+                r.check_deferred();
                 for (port, backends) in &entries {
                     let v = r.applied().services[&frontend_key(&frontend(*port))];
                     let live = r.applied().live_pairs();
@@ -221,10 +414,17 @@ fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_ma
                         live.iter().filter(|(rn, _)| *rn == v.rev_nat_id).map(|(_, b)| *b).collect();
                     assert_eq!(reached.len(), backends.len(), "step {step} port {port}");
                     assert!(reached.iter().all(|b| r.is_live_pair(v.rev_nat_id, *b)));
+                    // Every slot row of a live table names a backend row.
+                    assert!(reached.iter().all(|b| r.applied().backends.contains_key(b)), "step {step}");
                 }
                 assert_eq!(r.applied().services.keys().filter(|k| k.slot == 0).count(), entries.len());
             }
         }
         maps = FakeMaps { state: r.applied().clone(), ..FakeMaps::default() };
     }
+    // Everything queued goes once the grace has passed.
+    let mut r = with_clock(maps, &clock);
+    r.reconcile(&Desired::default());
+    settle(&mut r, &clock);
+    assert_eq!(r.maps().state, MapState::default());
 }

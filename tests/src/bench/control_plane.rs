@@ -198,7 +198,7 @@ fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Resul
 /// When a step fails.
 pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> Result<ControlPlane> {
     let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
-    let sizes = MapSizes { services: 2_097_152, backends: 262_144, conntrack: 262_144 };
+    let sizes = MapSizes { services: 2_097_152, backends: 262_144, ..MapSizes::default() };
     let mut program_all = Vec::new();
     let mut one_change = Vec::new();
     let mut one_change_model = Vec::new();

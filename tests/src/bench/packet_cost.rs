@@ -96,6 +96,8 @@ pub fn sizes(n: usize) -> MapSizes {
         services: (n * 34).max(service_common::capacity::SERVICES),
         backends: (n * 2 + 16).max(service_common::capacity::BACKENDS),
         conntrack: 4_194_304,
+        conntrack_new: 4_194_304,
+        ..MapSizes::default()
     }
 }
 

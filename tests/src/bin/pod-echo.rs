@@ -6,7 +6,9 @@
 //! - TCP: an HTTP/1.1 request gets a 200 with that line as its body
 //!   (keep-alive honoured); a raw line `who` gets the line back, as often as
 //!   asked, so a test can hold one connection open and keep checking it.
-//! - UDP: each datagram is answered with that line.
+//! - UDP: each datagram is answered with that line; a datagram starting
+//!   with `echo:` gets the line followed by the whole datagram back, so a
+//!   test can send (and receive) datagrams larger than the MTU.
 //!
 //! Prints `ready` once both sockets are bound.
 
@@ -75,9 +77,13 @@ fn main() -> std::io::Result<()> {
 
     let udp_name = name.clone();
     std::thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(answer(&udp_name, peer).as_bytes(), peer);
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let mut reply = answer(&udp_name, peer).into_bytes();
+            if buf[..n].starts_with(b"echo:") {
+                reply.extend_from_slice(&buf[..n]);
+            }
+            let _ = udp.send_to(&reply, peer);
         }
     });
     for stream in listener.incoming().flatten() {

@@ -1,0 +1,261 @@
+//! Tier 3: connection tracking under real traffic (root), on the two-node
+//! cluster of `north_south`: thousands of connections past the SNAT port
+//! range, a hairpin, one client port towards two Services with the same
+//! backend, datagrams larger than the MTU, a flood of new flows beside an
+//! assured one, and a route MTU smaller than the client's packets. Each of
+//! these broke before connection tracking followed netfilter's rules.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use service_tests::{
+    cluster::{node_ip, pod_cidr},
+    netns::skip_unless_root,
+    north_south::{A1, B2, CLIENT_POD, NorthSouth, Svc, TIMEOUT, parse_answer},
+    traffic::{tcp_from_port, tcp_who, udp_ask, who},
+};
+
+const NODEPORT_ONLY_REMOTE: Svc = Svc {
+    name: "remote",
+    cluster_ip: "10.96.0.10",
+    type_: "NodePort",
+    ports: &[("http", 80, 8080, "TCP", Some(30080))],
+    spec_extra: "",
+    status: "",
+    endpoints: &[B2],
+};
+
+/// More connections than the SNAT port range (61000-65535) holds.
+const PAST_THE_RANGE: usize = 6_000;
+
+/// A client namespace that opens connections as fast as a busy client: the
+/// whole port range, TIME_WAIT ports reused for new connections.
+fn busy_client(ns: &service_tests::netns::Netns) {
+    ns.sysctl("net.ipv4.ip_local_port_range=1024 65535").expect("port range");
+    ns.sysctl("net.ipv4.tcp_tw_reuse=1").expect("tw_reuse");
+}
+
+/// `count` connections in a row to `addr`; the failures, with their index.
+fn connections(count: usize, addr: SocketAddrV4) -> (Vec<String>, Vec<(usize, String)>) {
+    let mut answers = Vec::new();
+    let mut failures = Vec::new();
+    for i in 0..count {
+        match tcp_who(addr, TIMEOUT) {
+            Ok(a) => answers.push(a),
+            Err(e) => failures.push((i, e.to_string())),
+        }
+        if failures.len() > 10 {
+            break;
+        }
+    }
+    (answers, failures)
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_keeps_working_past_the_snat_port_range() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = NorthSouth::start(&[NODEPORT_ONLY_REMOTE]);
+    busy_client(&ns.cluster.external);
+    let started = Instant::now();
+    let addr = SocketAddrV4::new(node_ip(1), 30080);
+    let (answers, failures) = ns.cluster.external.run_in(move || connections(PAST_THE_RANGE, addr));
+    assert!(failures.is_empty(), "failed connections after {} good ones: {failures:?}", answers.len());
+    assert_eq!(answers.len(), PAST_THE_RANGE);
+    for a in &answers {
+        let (name, peer) = parse_answer(a);
+        assert_eq!((name.as_str(), peer.ip()), ("b2", std::net::IpAddr::V4(node_ip(1))), "SNAT to node 1");
+    }
+    println!("{PAST_THE_RANGE} NodePort connections through SNAT in {:?}", started.elapsed());
+    assert_eq!(ns.counter(1, "drop_snat_no_port"), 0);
+    assert!(ns.counter(1, "snat_new_flow") >= PAST_THE_RANGE as u64);
+}
+
+#[test]
+fn a_pod_reaching_itself_keeps_working_past_the_snat_port_range() {
+    if skip_unless_root() {
+        return;
+    }
+    let own = Svc {
+        name: "own",
+        cluster_ip: "10.96.0.30",
+        type_: "ClusterIP",
+        ports: &[("http", 80, 8080, "TCP", None)],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1],
+    };
+    let ns = NorthSouth::start(&[own]);
+    let pod = ns.pod(A1);
+    busy_client(pod);
+    let addr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80);
+    let (answers, failures) = pod.run_in(move || connections(PAST_THE_RANGE, addr));
+    assert!(failures.is_empty(), "failed hairpin connections after {} good ones: {failures:?}", answers.len());
+    assert_eq!(ns.counter(1, "drop_snat_no_port"), 0);
+}
+
+#[test]
+fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections() {
+    if skip_unless_root() {
+        return;
+    }
+    let svc = |name, cluster_ip| Svc {
+        name,
+        cluster_ip,
+        type_: "ClusterIP",
+        ports: &[("http", 80, 8080, "TCP", None)],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1],
+    };
+    let ns = NorthSouth::start(&[svc("first", "10.96.0.41"), svc("second", "10.96.0.42")]);
+    let client = &ns.cluster.node(1).pod("client").ns;
+    let seen = client.run_in(|| {
+        let first_addr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 41), 80);
+        let second_addr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 42), 80);
+        let mut first = tcp_from_port(40_000, first_addr, TIMEOUT).expect("first connection");
+        let mut second = tcp_from_port(40_000, second_addr, TIMEOUT).expect("second connection, same source port");
+        let mut seen = Vec::new();
+        for round in 0..5 {
+            let a = who(&mut first).unwrap_or_else(|e| panic!("round {round}: the first connection broke: {e}"));
+            let b = who(&mut second).unwrap_or_else(|e| panic!("round {round}: the second connection broke: {e}"));
+            seen.push((parse_answer(&a), parse_answer(&b)));
+        }
+        seen
+    });
+    for ((name_a, peer_a), (name_b, peer_b)) in &seen {
+        assert_eq!((name_a.as_str(), name_b.as_str()), ("a1", "a1"));
+        assert_eq!(peer_a.ip(), std::net::IpAddr::V4(CLIENT_POD));
+        assert_eq!(peer_b.ip(), std::net::IpAddr::V4(CLIENT_POD), "the client keeps its address");
+        assert_ne!(peer_a.port(), peer_b.port(), "the backend tells the two connections apart");
+    }
+    assert_eq!(ns.counter(1, "nat_clash_remapped"), 1);
+}
+
+#[test]
+fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
+    if skip_unless_root() {
+        return;
+    }
+    let dns = Svc {
+        name: "dns",
+        cluster_ip: "10.96.0.53",
+        type_: "NodePort",
+        ports: &[("dns", 53, 5353, "UDP", Some(30053))],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1, B2],
+    };
+    let ns = NorthSouth::start(&[dns]);
+    let mut payload = b"echo:".to_vec();
+    payload.resize(3_000, b'x');
+    let ask = |payload: Vec<u8>, addr: SocketAddrV4| {
+        move || {
+            (0..20)
+                .map(|i| {
+                    let answer = udp_ask(addr, &payload, TIMEOUT)
+                        .unwrap_or_else(|e| panic!("datagram {i} of {} bytes to {addr}: {e}", payload.len()));
+                    let line_end = answer.iter().position(|b| *b == b'\n').expect("answer line");
+                    assert_eq!(&answer[line_end + 1..], &payload[..], "the whole datagram came back");
+                    String::from_utf8_lossy(&answer[..line_end]).into_owned()
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    // A pod to the ClusterIP: a local and a remote backend; fragments both
+    // ways, on the pod program and on the uplink.
+    let client = &ns.cluster.node(1).pod("client").ns;
+    let from_pod = client.run_in(ask(payload.clone(), SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53)));
+    // The external client to the NodePort: SNAT for the remote backend.
+    let from_outside = ns.cluster.external.run_in(ask(payload, SocketAddrV4::new(node_ip(1), 30053)));
+    let names =
+        |answers: &[String]| answers.iter().map(|a| parse_answer(a).0).collect::<std::collections::BTreeSet<_>>();
+    assert_eq!(names(&from_pod).len(), 2, "both backends answered the pod: {from_pod:?}");
+    assert_eq!(names(&from_outside).len(), 2, "both backends answered the client: {from_outside:?}");
+    assert!(ns.counter(1, "fragment_translated") >= 40);
+    assert_eq!(ns.counter(1, "pass_fragment"), 0, "no fragment of a Service flow went untranslated");
+}
+
+#[test]
+fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_size() {
+    if skip_unless_root() {
+        return;
+    }
+    let sink = Svc {
+        name: "sink",
+        cluster_ip: "10.96.0.60",
+        type_: "NodePort",
+        // Nothing listens on 9999: the flood is never answered.
+        ports: &[("flood", 99, 9999, "UDP", Some(30099))],
+        spec_extra: "",
+        status: "",
+        endpoints: &[B2],
+    };
+    let flags: &[&str] = &["--external-interfaces", "eth0", "--map-size-conntrack-new", "256"];
+    let ns = NorthSouth::start_with(&[NODEPORT_ONLY_REMOTE, sink], |_| {}, &[flags, flags]);
+    busy_client(&ns.cluster.external);
+    let node1 = node_ip(1);
+    let before = ns.counter(1, "dnat_new_flow");
+    let (held, flooded) = ns.cluster.external.run_in(move || {
+        let mut held = TcpStream::connect_timeout(&SocketAddr::from((node1, 30080)), TIMEOUT).expect("held");
+        held.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        who(&mut held).expect("the held connection answers before the flood");
+        // 4,000 unanswered flows (16 times the new-flow table), each from
+        // its own source port.
+        let mut ports = std::collections::BTreeSet::new();
+        for _ in 0..4_000 {
+            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.send_to(b"flood", (node1, 30099)).expect("send");
+            ports.insert(s.local_addr().expect("local address").port());
+        }
+        let flooded = ports.len() as u64;
+        std::thread::sleep(Duration::from_millis(200));
+        let after = who(&mut held);
+        (after, flooded)
+    });
+    let answer = held.expect("the held connection still answers after the flood");
+    assert_eq!(parse_answer(&answer).0, "b2");
+    assert!(flooded > 3_000, "{flooded} flows, more than ten times the new-flow table");
+    assert!(ns.counter(1, "dnat_new_flow") - before >= flooded, "every flooded source port was a new flow");
+    // And new connections still work.
+    let fresh = ns.cluster.external.run_in(move || tcp_who(SocketAddrV4::new(node1, 30080), TIMEOUT));
+    assert_eq!(parse_answer(&fresh.expect("a new connection after the flood")).0, "b2");
+}
+
+#[test]
+fn a_packet_too_big_for_the_route_towards_the_backend_gets_fragmentation_needed() {
+    if skip_unless_root() {
+        return;
+    }
+    // Node 1 reaches node 2's pods over a path with a 1200-byte MTU.
+    let narrow = |c: &service_tests::cluster::Cluster| {
+        let cidr = format!("{}/24", pod_cidr(2));
+        c.node(1)
+            .node
+            .ip(&["route", "replace", &cidr, "via", &node_ip(2).to_string(), "mtu", "lock", "1200"])
+            .expect("narrow route");
+    };
+    let flags: &[&str] = &["--external-interfaces", "eth0"];
+    let ns = NorthSouth::start_with(&[NODEPORT_ONLY_REMOTE], narrow, &[flags, flags]);
+    let node1 = node_ip(1);
+    let response = ns.cluster.external.run_in(move || {
+        let mut s = TcpStream::connect_timeout(&SocketAddr::from((node1, 30080)), TIMEOUT).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        // One request larger than the narrow path: the client's first full
+        // segments are too big for it.
+        let filler = "x".repeat(4_000);
+        write!(s, "GET / HTTP/1.1\r\nHost: t\r\nX-Filler: {filler}\r\nConnection: close\r\n\r\n").expect("send");
+        let mut response = String::new();
+        s.read_to_string(&mut response).expect("the response arrives once the client lowered its segments");
+        response
+    });
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let route = ns.cluster.external.ip(&["route", "get", &node1.to_string()]).expect("route get");
+    let route = String::from_utf8_lossy(&route.stdout).into_owned();
+    assert!(route.contains("mtu 1200"), "the client learnt the path MTU from node 1's ICMP error: {route}");
+    assert!(ns.counter(1, "drop_frag_needed") >= 1);
+}
