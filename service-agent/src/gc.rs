@@ -46,6 +46,10 @@ use crate::{
 };
 
 /// How often the collector wakes.
+/// An expired conntrack entry is deleted only once it has been expired
+/// this long: the programs already treat it as free, and a client reusing
+/// its tuple right at the timeout replaces it themselves.
+const DELETE_MARGIN_NS: u64 = 5_000_000_000;
 pub const TICK: Duration = Duration::from_millis(200);
 /// Keys looked at per tick, over all maps (about 3 syscalls each): at most
 /// ~20,000 keys a second, a few percent of a core.
@@ -556,6 +560,19 @@ impl Collector {
                 let (deletions, live) = plan_conntrack(table, &rows, |k| maps.lookup_ct(k), now_ns);
                 let deleted: BTreeSet<CtKey> = deletions.iter().filter(|d| d.table == table).map(|d| d.key).collect();
                 for d in &deletions {
+                    // Judged on a copy read a moment ago: the programs may
+                    // have replaced the expired entry with a new flow's
+                    // since (a client reusing the tuple). Read it again and
+                    // delete only what is still expired, and only once it
+                    // has been for a while, which leaves a window of one
+                    // syscall, not of a whole batch, and only for tuples
+                    // idle for longer than their timeout plus the margin.
+                    let still_expired = maps.ct(d.table).get(&d.key, 0).is_ok_and(|v| {
+                        conntrack::is_expired(&v, d.key.proto, maps::monotonic_ns().saturating_sub(DELETE_MARGIN_NS))
+                    });
+                    if !still_expired {
+                        continue;
+                    }
                     match maps.ct_mut(d.table).remove(&d.key) {
                         Ok(()) => self.metrics.record_deleted(d.table.map_name(), d.reason.name()),
                         Err(e) if maps::is_not_found(&e) => {}

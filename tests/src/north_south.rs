@@ -3,6 +3,12 @@
 //! agent, pods on both nodes running `pod-echo` (which answers with its
 //! name and the source address it saw), and Services written as manifests.
 
+#![expect(
+    clippy::must_use_candidate,
+    clippy::missing_panics_doc,
+    reason = "a test harness: a panic is how it reports a broken cluster, and every result is read"
+)]
+
 use std::{
     collections::BTreeSet,
     fmt::Write as _,

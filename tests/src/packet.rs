@@ -194,7 +194,7 @@ pub fn udp_v4_fragments(
     first_len: usize,
 ) -> (Vec<u8>, Vec<u8>) {
     let seg = udp_segment(src, sport, dst, dport, payload, true);
-    assert!(first_len % 8 == 0 && first_len < seg.len());
+    assert!(first_len.is_multiple_of(8) && first_len < seg.len());
     let first = ipv4_frame(src, dst, 17, &seg[..first_len], IP_MF);
     let offset = u16::try_from(first_len / 8).expect("offset");
     let rest = ipv4_frame(src, dst, 17, &seg[first_len..], offset);

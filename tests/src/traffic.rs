@@ -68,27 +68,27 @@ pub fn tcp_from_port(local_port: u16, addr: SocketAddrV4, timeout: Duration) -> 
             libc::SOL_SOCKET,
             libc::SO_REUSEADDR,
             (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).expect("4 bytes"),
         )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     let sockaddr = |a: SocketAddrV4| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
         sin_port: a.port().to_be(),
         sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
         sin_zero: [0; 8],
     };
-    let local = sockaddr(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, local_port));
-    let len = size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: a valid fd and sockaddr_in of `len` bytes.
-    if unsafe { libc::bind(stream.as_raw_fd(), (&raw const local).cast(), len) } != 0 {
+    let here = sockaddr(SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, local_port));
+    let addr_len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).expect("16 bytes");
+    // SAFETY: a valid fd and sockaddr_in of `addr_len` bytes.
+    if unsafe { libc::bind(stream.as_raw_fd(), (&raw const here).cast(), addr_len) } != 0 {
         return Err(io::Error::last_os_error());
     }
     let remote = sockaddr(addr);
     // SAFETY: as above (blocking connect; the kernel's SYN retries bound it).
-    if unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), len) } != 0 {
+    if unsafe { libc::connect(stream.as_raw_fd(), (&raw const remote).cast(), addr_len) } != 0 {
         return Err(io::Error::last_os_error());
     }
     stream.set_read_timeout(Some(timeout))?;

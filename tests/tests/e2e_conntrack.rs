@@ -259,3 +259,29 @@ fn a_packet_too_big_for_the_route_towards_the_backend_gets_fragmentation_needed(
     assert!(route.contains("mtu 1200"), "the client learnt the path MTU from node 1's ICMP error: {route}");
     assert!(ns.counter(1, "drop_frag_needed") >= 1);
 }
+
+#[test]
+fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated() {
+    if skip_unless_root() {
+        return;
+    }
+    let dns = Svc {
+        name: "dns",
+        cluster_ip: "10.96.0.53",
+        type_: "ClusterIP",
+        ports: &[("dns", 53, 5353, "UDP", None)],
+        spec_extra: "",
+        status: "",
+        endpoints: &[A1],
+    };
+    let mut ns = NorthSouth::start(&[dns]);
+    // Pods wired the way a CNI does it while the agent runs, each sending
+    // one datagram (no retry) the moment its interface is ready.
+    for i in 0..10u8 {
+        let name = format!("new{i}");
+        let pod = ns.cluster.node_mut(1).add_pod(&name, Ipv4Addr::new(10, 244, 1, 50 + i)).expect("new pod");
+        let answer = pod.ns.run_in(|| udp_ask(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53), b"first", TIMEOUT));
+        let answer = answer.unwrap_or_else(|e| panic!("pod {name}'s first datagram: {e}"));
+        assert_eq!(parse_answer(&String::from_utf8_lossy(&answer)).0, "a1");
+    }
+}

@@ -127,3 +127,90 @@ fn a_nodeport_flow_to_another_node_is_dnated_snated_reversed_and_its_icmp_errors
         assert_eq!(out.data_out, unrelated);
     });
 }
+
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// `frame` with its IPv4 TTL set to `ttl` and the header checksum redone.
+fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[14 + 8] = ttl;
+    f[14 + 10] = 0;
+    f[14 + 11] = 0;
+    let c = packet::checksum(&f[14..34]);
+    f[14 + 10..14 + 12].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwarding_icmp_answer() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    // A route to the backend (so the FIB redirect happens) over a path
+    // with a 1000-byte MTU, and forwarding on, as on a node.
+    ns.ip(&["link", "set", "lo", "up"]).expect("lo");
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]).expect("veth");
+    ns.ip(&["link", "set", "d0", "up"]).expect("d0 up");
+    ns.ip(&["link", "set", "d1", "up"]).expect("d1 up");
+    ns.ip(&["addr", "add", "10.244.2.1/24", "dev", "d0"]).expect("addr");
+    ns.ip(&["route", "add", &format!("{BACKEND}/32"), "dev", "d0", "mtu", "lock", "1000"]).expect("route");
+    ns.sysctl("net.ipv4.ip_forward=1").expect("forwarding");
+    let bpffs = BpffsMount::new().expect("bpffs");
+    let manifests = ManifestDir::new();
+    manifests.write("np.yaml", MANIFESTS);
+    let root = bpffs.path().join("node");
+    let dir = manifests.path().to_owned();
+    ns.run_in(move || {
+        let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
+        let snapshot = manifest::load_dir(&dir).expect("manifests");
+        let node =
+            NodeContext { node_name: "node-a".into(), nodeport_addresses: vec![NODE.into()], ..NodeContext::default() };
+        let mut reconciler =
+            Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
+        assert!(reconciler.reconcile(&model::desired(&snapshot.objects, &node)).errors.is_empty());
+        maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE)])).expect("snat row");
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
+        prog.load().expect("verifier accepts the program");
+        let fd = prog.fd().expect("fd").as_fd().try_clone_to_owned().expect("fd");
+        let run = |frame: &[u8]| packet::prog_test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
+        let stat = |id: u32| maps::read_stats(&root).expect("stats")[id as usize].1;
+
+        // The SYN is translated and redirected towards the backend with
+        // its TTL one lower (and the header checksum to match).
+        let out = run(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x02, b""));
+        assert_eq!(out.retval, TC_ACT_REDIRECT);
+        let snat_port = packet::parse(&out.data_out).expect("parse").sport;
+        let want = with_ttl(&packet::tcp_v4(NODE, snat_port, BACKEND, 8080, 0x02, b""), 63);
+        assert_eq!(out.data_out[14..], want[14..], "TTL 63, everything else as translated");
+
+        // 1,400 bytes with DF towards a 1,000-byte path: the answer the
+        // forwarding stack would give, sent back to the client from the
+        // address it dialled, quoting its packet as it sent it.
+        let big = packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x10, &[7u8; 1360]);
+        let out = run(&big);
+        assert_eq!(out.retval, TC_ACT_REDIRECT, "sent back out of the interface it came in on");
+        let answer = &out.data_out;
+        assert_eq!(answer.len(), 14 + 20 + 8 + 28);
+        assert_eq!((&answer[0..6], &answer[6..12]), (&big[6..12], &big[0..6]), "MAC addresses swapped");
+        let ip = &answer[14..34];
+        assert_eq!((ip[9], &ip[12..16], &ip[16..20]), (1, &NODE.octets()[..], &CLIENT.octets()[..]));
+        assert_eq!(packet::checksum(ip), 0, "IP header checksum");
+        let icmp = &answer[34..];
+        assert_eq!((icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])), (3, 4, 1000), "frag needed, MTU 1000");
+        assert_eq!(packet::checksum(icmp), 0, "ICMP checksum");
+        assert_eq!(&icmp[8..], &big[14..14 + 28], "the client's own header and ports, untranslated");
+        assert_eq!(stat(stats::DROP_FRAG_NEEDED), 1);
+
+        // A packet arriving with TTL 1 cannot be forwarded: time exceeded.
+        let dying = with_ttl(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x10, b"x"), 1);
+        let out = run(&dying);
+        assert_eq!(out.retval, TC_ACT_REDIRECT);
+        let icmp = &out.data_out[34..];
+        assert_eq!((icmp[0], icmp[1]), (11, 0), "time exceeded in transit");
+        assert_eq!(packet::checksum(icmp), 0);
+        assert_eq!(&icmp[8..], &dying[14..14 + 28]);
+        assert_eq!(stat(stats::DROP_TTL_EXCEEDED), 1);
+    });
+}

@@ -367,7 +367,7 @@ fn soak(minutes: u32, connections: u32) -> Result<()> {
             .args(["--test-threads=1", "--nocapture"])
             .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
             .env("POD_ECHO_BIN", release_bin("pod-echo"))
-            .env("SOAK_MINUTES", minutes.to_string())
+            .env("SOAK_SECONDS", (u64::from(minutes) * 60).to_string())
             .env("SOAK_CONNECTIONS", connections.to_string()),
     )
 }
