@@ -720,11 +720,11 @@ mod tests {
         let mut assured = BTreeMap::new();
         // Established, fresh both ways.
         assured.extend(flow(PROTO_TCP, 40_000, None, est, (now - S, now - S)));
-        // Ended with FINs both ways, past time-wait.
-        let ended = flow(PROTO_TCP, 40_001, None, closed, (now - 121 * S, now - 121 * S));
+        // Ended with FINs both ways, past time-wait (10 s).
+        let ended = flow(PROTO_TCP, 40_001, None, closed, (now - 11 * S, now - 11 * S));
         assured.extend(ended);
         // Ended, still in time-wait: stragglers are still translated.
-        assured.extend(flow(PROTO_TCP, 40_002, None, closed, (now - 60 * S, now - 60 * S)));
+        assured.extend(flow(PROTO_TCP, 40_002, None, closed, (now - 5 * S, now - 5 * S)));
         let mut new = BTreeMap::new();
         // An unanswered UDP flow idle past 30 s.
         let udp = flow(PROTO_UDP, 40_003, None, 0, (now - 31 * S, now - 31 * S));

@@ -285,3 +285,50 @@ fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated() {
         assert_eq!(parse_answer(&String::from_utf8_lossy(&answer)).0, "a1");
     }
 }
+
+#[test]
+fn snat_uses_the_address_of_the_interface_towards_the_backend() {
+    if skip_unless_root() {
+        return;
+    }
+    // Node 1 has a second, "public" NIC facing the client directly
+    // (203.0.113.0/24), which node 2 has no route to: a backend on node 2
+    // can only answer node 1's fabric address.
+    let public_nic = |c: &service_tests::cluster::Cluster| {
+        service_tests::netns::run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "pub0",
+                "netns",
+                c.node(1).node.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "pub0",
+                "netns",
+                c.external.name(),
+            ],
+        )
+        .expect("public veth");
+        c.node(1).node.ip(&["addr", "add", "203.0.113.1/24", "dev", "pub0"]).expect("node address");
+        c.node(1).node.ip(&["link", "set", "pub0", "up"]).expect("up");
+        c.external.ip(&["addr", "add", "203.0.113.100/24", "dev", "pub0"]).expect("client address");
+        c.external.ip(&["link", "set", "pub0", "up"]).expect("up");
+    };
+    let flags: &[&str] = &["--external-interfaces", "eth0,pub0"];
+    let ns = NorthSouth::start_with(&[NODEPORT_ONLY_REMOTE], public_nic, &[flags, &["--external-interfaces", "eth0"]]);
+    let addr = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 1), 30080);
+    let answers = ns.cluster.external.run_in(move || {
+        (0..20)
+            .map(|i| tcp_who(addr, TIMEOUT).unwrap_or_else(|e| panic!("connection {i} via the public NIC: {e}")))
+            .collect::<Vec<_>>()
+    });
+    for a in &answers {
+        let (name, peer) = parse_answer(a);
+        assert_eq!(name, "b2");
+        assert_eq!(peer.ip(), std::net::IpAddr::V4(node_ip(1)), "SNAT to the fabric address, not the public one");
+    }
+}

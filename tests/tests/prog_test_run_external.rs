@@ -214,3 +214,78 @@ fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwardi
         assert_eq!(stat(stats::DROP_TTL_EXCEEDED), 1);
     });
 }
+
+/// Pins the calling thread to `cpu`.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it;
+    // sched_setaffinity(0, ...) affects only the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set), 0, "pin to CPU {cpu}");
+    }
+}
+
+#[test]
+fn two_cpus_creating_the_same_flow_at_once_give_it_one_snat_port() {
+    if skip_unless_root() {
+        return;
+    }
+    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    let bpffs = BpffsMount::new().expect("bpffs");
+    let manifests = ManifestDir::new();
+    manifests.write("np.yaml", MANIFESTS);
+    let root = bpffs.path().join("node");
+    let dir = manifests.path().to_owned();
+    ns.run_in(move || {
+        let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
+        let snapshot = manifest::load_dir(&dir).expect("manifests");
+        let node =
+            NodeContext { node_name: "node-a".into(), nodeport_addresses: vec![NODE.into()], ..NodeContext::default() };
+        let mut reconciler =
+            Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
+        assert!(reconciler.reconcile(&model::desired(&snapshot.objects, &node)).errors.is_empty());
+        maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE)])).expect("snat row");
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
+        prog.load().expect("verifier accepts the program");
+        let fd = prog.fd().expect("fd").as_fd().try_clone_to_owned().expect("fd");
+        // The same first packet of each new flow goes through the program
+        // on CPU 0 and CPU 1 at the same moment (a spinning start line).
+        const FLOWS: u16 = 4_000;
+        let start = std::sync::atomic::AtomicU32::new(0);
+        let ports: Vec<Vec<u16>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..2)
+                .map(|cpu| {
+                    let (fd, start) = (&fd, &start);
+                    s.spawn(move || {
+                        pin_to_cpu(cpu);
+                        (0..FLOWS)
+                            .map(|i| {
+                                start.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                                while start.load(std::sync::atomic::Ordering::Acquire) < 2 * u32::from(i + 1) {
+                                    std::hint::spin_loop();
+                                }
+                                let syn = packet::tcp_v4(CLIENT, 10_000 + i, NODE, 30080, 0x02, b"");
+                                let out = packet::prog_test_run(fd.as_fd(), &syn, 1).expect("BPF_PROG_TEST_RUN");
+                                packet::parse(&out.data_out).expect("parse").sport
+                            })
+                            .collect::<Vec<u16>>()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().expect("worker")).collect()
+        });
+        let differing: Vec<_> = (0..usize::from(FLOWS)).filter(|&i| ports[0][i] != ports[1][i]).collect();
+        let stats = maps::read_stats(&root).expect("stats");
+        let joined = stats[stats::CT_RACE_JOINED as usize].1;
+        println!("{FLOWS} flows raced on two CPUs: {joined} joined the other CPU's flow");
+        assert!(joined > u64::from(FLOWS) / 10, "the two CPUs really raced ({joined} joins)");
+        assert!(differing.is_empty(), "flows whose two first packets left with different SNAT ports: {differing:?}");
+        assert_eq!(stats[stats::DROP_CT_RACE as usize].1, 0);
+    });
+}
