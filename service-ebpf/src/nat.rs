@@ -82,7 +82,11 @@ fn v4(addr: &Addr) -> [u8; 4] {
 #[inline(never)]
 pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> Outcome {
     let ct = found.ct;
-    conntrack::track(key, ct, found.assured, flow.tcp_flags, ktime_ns())?;
+    // A later fragment carries no news about the flow's state (its first
+    // fragment did): it only follows the translation.
+    if !flow.later_fragment {
+        conntrack::track(key, ct, found.assured, flow.tcp_flags, ktime_ns())?;
+    }
     // SAFETY: a valid map value pointer from a successful lookup; the
     // fields are plain data, a racing update gives stale but valid values.
     let ct = unsafe { &*ct };

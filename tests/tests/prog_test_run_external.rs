@@ -7,7 +7,12 @@
 //! for packets with a node-address source finds no route there, so the
 //! verdict is the stack's (`TC_ACT_OK`) and deterministic.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd as _};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, BorrowedFd},
+    path::Path,
+};
 
 use aya::programs::SchedClassifier;
 use service_agent::{
@@ -54,12 +59,12 @@ endpoints:
   nodeName: node-b
 ";
 
-#[test]
-fn a_nodeport_flow_to_another_node_is_dnated_snated_reversed_and_its_icmp_errors_translated() {
-    if skip_unless_root() {
-        return;
-    }
-    let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+/// Loads the external program inside `ns` (a fresh namespace, perhaps
+/// given routes by the caller), programs its maps from [`MANIFESTS`]
+/// through the agent's reconciler, writes the SNAT row of loopback (the
+/// interface BPF_PROG_TEST_RUN's skb comes from, ifindex 1), and runs
+/// `check` there with the program and the pin root.
+fn with_program(ns: &Netns, check: impl FnOnce(BorrowedFd<'_>, &Path) + Send) {
     let bpffs = BpffsMount::new().expect("bpffs");
     let manifests = ManifestDir::new();
     manifests.write("np.yaml", MANIFESTS);
@@ -73,14 +78,23 @@ fn a_nodeport_flow_to_another_node_is_dnated_snated_reversed_and_its_icmp_errors
         let mut reconciler =
             Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
         assert!(reconciler.reconcile(&model::desired(&snapshot.objects, &node)).errors.is_empty());
-        // BPF_PROG_TEST_RUN's skb comes from loopback (ifindex 1).
         maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE)])).expect("snat row");
         let prog: &mut SchedClassifier =
             ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
         prog.load().expect("verifier accepts the program");
-        let fd = prog.fd().expect("fd").as_fd().try_clone_to_owned().expect("fd");
+        check(prog.fd().expect("fd").as_fd(), &root);
+    });
+}
+
+#[test]
+fn a_nodeport_flow_to_another_node_is_dnated_snated_reversed_and_its_icmp_errors_translated() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    with_program(&ns, |fd, root| {
         let run = |frame: &[u8]| packet::prog_test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
-        let stat = |id: u32| maps::read_stats(&root).expect("stats")[id as usize].1;
+        let stat = |id: u32| maps::read_stats(root).expect("stats")[id as usize].1;
 
         // TCP SYN client → node:30080 becomes node:P → backend:8080, P in
         // the SNAT range.
@@ -156,26 +170,9 @@ fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwardi
     ns.ip(&["addr", "add", "10.244.2.1/24", "dev", "d0"]).expect("addr");
     ns.ip(&["route", "add", &format!("{BACKEND}/32"), "dev", "d0", "mtu", "lock", "1000"]).expect("route");
     ns.sysctl("net.ipv4.ip_forward=1").expect("forwarding");
-    let bpffs = BpffsMount::new().expect("bpffs");
-    let manifests = ManifestDir::new();
-    manifests.write("np.yaml", MANIFESTS);
-    let root = bpffs.path().join("node");
-    let dir = manifests.path().to_owned();
-    ns.run_in(move || {
-        let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
-        let snapshot = manifest::load_dir(&dir).expect("manifests");
-        let node =
-            NodeContext { node_name: "node-a".into(), nodeport_addresses: vec![NODE.into()], ..NodeContext::default() };
-        let mut reconciler =
-            Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
-        assert!(reconciler.reconcile(&model::desired(&snapshot.objects, &node)).errors.is_empty());
-        maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE)])).expect("snat row");
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
-        prog.load().expect("verifier accepts the program");
-        let fd = prog.fd().expect("fd").as_fd().try_clone_to_owned().expect("fd");
+    with_program(&ns, |fd, root| {
         let run = |frame: &[u8]| packet::prog_test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
-        let stat = |id: u32| maps::read_stats(&root).expect("stats")[id as usize].1;
+        let stat = |id: u32| maps::read_stats(root).expect("stats")[id as usize].1;
 
         // The SYN is translated and redirected towards the backend with
         // its TTL one lower (and the header checksum to match).
@@ -236,24 +233,7 @@ fn two_cpus_creating_the_same_flow_at_once_give_it_one_snat_port() {
         return;
     }
     let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
-    let bpffs = BpffsMount::new().expect("bpffs");
-    let manifests = ManifestDir::new();
-    manifests.write("np.yaml", MANIFESTS);
-    let root = bpffs.path().join("node");
-    let dir = manifests.path().to_owned();
-    ns.run_in(move || {
-        let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
-        let snapshot = manifest::load_dir(&dir).expect("manifests");
-        let node =
-            NodeContext { node_name: "node-a".into(), nodeport_addresses: vec![NODE.into()], ..NodeContext::default() };
-        let mut reconciler =
-            Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
-        assert!(reconciler.reconcile(&model::desired(&snapshot.objects, &node)).errors.is_empty());
-        maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE)])).expect("snat row");
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
-        prog.load().expect("verifier accepts the program");
-        let fd = prog.fd().expect("fd").as_fd().try_clone_to_owned().expect("fd");
+    with_program(&ns, |fd, root| {
         // The same first packet of each new flow goes through the program
         // on CPU 0 and CPU 1 at the same moment (a spinning start line).
         const FLOWS: u16 = 4_000;
@@ -281,7 +261,7 @@ fn two_cpus_creating_the_same_flow_at_once_give_it_one_snat_port() {
             workers.into_iter().map(|w| w.join().expect("worker")).collect()
         });
         let differing: Vec<_> = (0..usize::from(FLOWS)).filter(|&i| ports[0][i] != ports[1][i]).collect();
-        let stats = maps::read_stats(&root).expect("stats");
+        let stats = maps::read_stats(root).expect("stats");
         let joined = stats[stats::CT_RACE_JOINED as usize].1;
         println!("{FLOWS} flows raced on two CPUs: {joined} joined the other CPU's flow");
         assert!(joined > u64::from(FLOWS) / 10, "the two CPUs really raced ({joined} joins)");
