@@ -170,6 +170,9 @@ pub fn parse_answer(body: &str) -> (String, SocketAddr) {
 }
 
 /// One HTTP request from `ns` to `url`.
+///
+/// # Errors
+/// When curl fails (no answer, connection refused).
 pub fn get(ns: &Netns, url: &str) -> anyhow::Result<(String, SocketAddr)> {
     fixture::curl(ns, url).map(|b| parse_answer(&b))
 }

@@ -51,6 +51,9 @@ pub fn udp_ask(addr: SocketAddrV4, payload: &[u8], timeout: Duration) -> io::Res
 ///
 /// # Errors
 /// The socket calls fail.
+///
+/// # Panics
+/// Never: the socket address sizes fit `socklen_t`.
 pub fn tcp_from_port(local_port: u16, addr: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
     // SAFETY: plain socket syscalls on a descriptor this function owns
     // until it is handed to TcpStream.
