@@ -21,7 +21,7 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{snat_ports, stats};
+use service_common::{CtKey, CtValue, addr_v4, port_be, snat_ports, stats};
 use service_tests::{
     fixture::ManifestDir,
     netns::{BpffsMount, Netns, skip_unless_root, unique_suffix},
@@ -267,5 +267,76 @@ fn two_cpus_creating_the_same_flow_at_once_give_it_one_snat_port() {
         assert!(joined > u64::from(FLOWS) / 10, "the two CPUs really raced ({joined} joins)");
         assert!(differing.is_empty(), "flows whose two first packets left with different SNAT ports: {differing:?}");
         assert_eq!(stats[stats::DROP_CT_RACE as usize].1, 0);
+    });
+}
+
+#[test]
+fn every_port_of_the_snat_range_is_tried_and_only_a_full_range_refuses_a_flow() {
+    if skip_unless_root() {
+        return;
+    }
+    let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    with_program(&ns, |fd, root| {
+        let run = |frame: &[u8]| packet::prog_test_run(fd, frame, 1).expect("BPF_PROG_TEST_RUN");
+        let stat = |id: u32| maps::read_stats(root).expect("stats")[id as usize].1;
+        // Live flows hold every SNAT port towards the backend but one:
+        // their reply entries (backend:8080 → node:P), assured, just seen.
+        let pin = aya::maps::MapData::from_pin(root.join(service_common::map_names::CONNTRACK)).expect("pinned map");
+        let mut conntrack: aya::maps::HashMap<_, CtKey, CtValue> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(pin)).expect("conntrack");
+        let free = 63_333u16;
+        let now = maps::monotonic_ns();
+        for port in snat_ports::MIN..=snat_ports::MAX {
+            if port == free {
+                continue;
+            }
+            let key = CtKey {
+                saddr: addr_v4(BACKEND.octets()),
+                daddr: addr_v4(NODE.octets()),
+                sport: port_be(8080),
+                dport: port_be(port),
+                proto: service_common::PROTO_TCP,
+                family: service_common::FAMILY_IPV4,
+                _pad: [0; 2],
+            };
+            let value = CtValue {
+                nat_addr: addr_v4(NODE.octets()),
+                snat_addr: addr_v4([192, 168, 100, 200]),
+                nat_port: port_be(30080),
+                snat_port: port_be(port),
+                flags: service_common::ct_flags::REV_NAT | service_common::ct_flags::SNAT,
+                state: service_common::conntrack::state::SEEN_REPLY | service_common::conntrack::state::ASSURED,
+                _pad: [0; 2],
+                backend_id: 1,
+                rev_nat_id: 1,
+                last_seen_ns: now,
+            };
+            conntrack.insert(key, value, 0).expect("a live flow");
+        }
+        // A new flow finds the one free port, wherever its hash starts.
+        let out = run(&packet::tcp_v4(CLIENT, 40_001, NODE, 30080, 0x02, b""));
+        assert_eq!(out.retval, TC_ACT_OK);
+        assert_eq!(packet::parse(&out.data_out).expect("parse").sport, free);
+        // Now every port is live: the next new flow is refused, counted.
+        let out = run(&packet::tcp_v4(CLIENT, 40_002, NODE, 30080, 0x02, b""));
+        assert_eq!(out.retval, 2, "TC_ACT_SHOT");
+        assert_eq!(stat(stats::DROP_SNAT_NO_PORT), 1);
+        // One flow closes (both FINs): its port is free at once.
+        let closed_port = 61_234u16;
+        let key = CtKey {
+            saddr: addr_v4(BACKEND.octets()),
+            daddr: addr_v4(NODE.octets()),
+            sport: port_be(8080),
+            dport: port_be(closed_port),
+            proto: service_common::PROTO_TCP,
+            family: service_common::FAMILY_IPV4,
+            _pad: [0; 2],
+        };
+        let mut value = conntrack.get(&key, 0).expect("its entry");
+        value.state |= service_common::conntrack::state::FIN_ORIGINAL | service_common::conntrack::state::FIN_REPLY;
+        conntrack.insert(key, value, 0).expect("closed");
+        let out = run(&packet::tcp_v4(CLIENT, 40_003, NODE, 30080, 0x02, b""));
+        assert_eq!(out.retval, TC_ACT_OK);
+        assert_eq!(packet::parse(&out.data_out).expect("parse").sport, closed_port);
     });
 }
