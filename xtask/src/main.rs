@@ -26,8 +26,8 @@ enum Cmd {
     /// Build the eBPF object (the same build service-agent embeds) and copy
     /// it to target/bpf/service-ebpf.o for bpftool and packaging.
     BuildEbpf,
-    /// Run every test tier: unit + golden, BPF_PROG_TEST_RUN golden packets
-    /// and the netns end-to-end tests (root).
+    /// Run every test tier: unit + golden, BPF_PROG_TEST_RUN golden packets,
+    /// the netns end-to-end tests and the short soak (root).
     Test,
     /// Build a netns topology, run the agent on the shipped example
     /// manifests, send real traffic through the Service and report.
@@ -280,7 +280,7 @@ fn test() -> Result<()> {
     println!("\n== tier 1: unit and golden tests (no root needed)");
     let kubectl = kubectl().context("kubectl (installed by setup)")?;
     run_counted(cargo().args(["test", "--release"]).env("KUBECTL", &kubectl), "cargo test", &mut totals)?;
-    println!("\n== tiers 2 and 3: BPF_PROG_TEST_RUN golden packets, netns end to end (root)");
+    println!("\n== tiers 2 to 4: BPF_PROG_TEST_RUN golden packets, netns end to end, the soak (root)");
     build_bins()?;
     let object = build_ebpf()?;
     for exe in test_executables("service-tests")? {
