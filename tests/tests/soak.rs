@@ -368,6 +368,13 @@ fn every_path_keeps_working_through_churn_and_agent_restarts() {
             .collect();
         println!("node {}: drops {drops:?}", n + 1);
     }
+    // Datagrams lost at a socket (not in the dataplane) show here.
+    for (label, pod) in [("client", &ns.cluster.node(1).pod("client").ns), ("a1", ns.pod(A1)), ("b2", ns.pod(B2))] {
+        let snmp = pod.exec("cat", &["/proc/net/snmp"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+        let udp: Vec<String> =
+            snmp.unwrap_or_default().lines().filter(|l| l.starts_with("Udp:")).map(str::to_owned).collect();
+        println!("{label}: {}", udp.join(" | "));
+    }
     assert_eq!(total_failed, 0, "failed connections (see the table)");
     assert!(counts.values().all(|c| *c >= per_path));
     recreated_ok.expect("the re-created Service answers");

@@ -524,6 +524,12 @@ pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Resu
             .map(|(k, _)| k)
             .collect();
         for key in stale {
+            // Read again just before the delete: a client reusing the
+            // tuple may have replaced the stale flow with a new one (of a
+            // live backend) since the walk saw it.
+            if map.get(&key, 0).is_ok_and(|v| live(v.rev_nat_id, v.backend_id)) {
+                continue;
+            }
             match map.remove(&key) {
                 Ok(()) => removed += 1,
                 Err(e) if is_not_found(&e) => {}

@@ -72,6 +72,20 @@ fn main() -> std::io::Result<()> {
     let udp_port: u16 = arg(&args, "--udp-port").and_then(|p| p.parse().ok()).unwrap_or(5353);
     let listener = TcpListener::bind(("0.0.0.0", tcp_port))?;
     let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
+    // A deep receive queue (SO_RCVBUFFORCE: the tests run as root) so a
+    // busy soak does not lose datagrams at this socket while its one
+    // thread is off the CPU; without the privilege the default stays.
+    let bytes: libc::c_int = 8 << 20;
+    // SAFETY: a valid socket and a c_int option of the right size.
+    unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&udp),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&raw const bytes).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+        );
+    }
     println!("ready");
     std::io::stdout().flush()?;
 
