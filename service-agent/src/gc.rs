@@ -434,6 +434,13 @@ fn read_batch<K: aya::Pod, V: aya::Pod>(
     Ok(batch)
 }
 
+/// Where a walk resumes after a batch: the last key of `rows` that is
+/// still in the map (a deleted cursor would make the kernel start over),
+/// or the old cursor when the batch deleted every row it read.
+fn resume_after<K: Copy + Ord, V>(rows: &[(K, V)], deleted: &BTreeSet<K>, cursor: Option<K>) -> Option<K> {
+    rows.iter().rev().map(|(k, _)| *k).find(|k| !deleted.contains(k)).or(cursor)
+}
+
 /// The collector: walks the pinned maps a batch at a time.
 pub struct Collector {
     root: PathBuf,
@@ -580,7 +587,7 @@ impl Collector {
                     }
                 }
                 // Resume after the last key that is still there.
-                pass.ct_cursor = rows.iter().rev().map(|(k, _)| *k).find(|k| !deleted.contains(k)).or(pass.ct_cursor);
+                pass.ct_cursor = resume_after(&rows, &deleted, pass.ct_cursor);
                 self.metrics.record_scanned(name, looked);
                 *pass.summary.entries.entry(table).or_default() += rows.len() as u64;
                 *pass.summary.live.entry(table).or_default() += live as u64;
@@ -607,8 +614,7 @@ impl Collector {
                     }
                     deleted.insert(*k);
                 }
-                pass.affinity_cursor =
-                    rows.iter().rev().map(|(k, _)| *k).find(|k| !deleted.contains(k)).or(pass.affinity_cursor);
+                pass.affinity_cursor = resume_after(&rows, &deleted, pass.affinity_cursor);
                 self.metrics.record_scanned(name, looked);
                 *pass.summary.entries.entry(table).or_default() += rows.len() as u64;
                 *pass.summary.live.entry(table).or_default() += live;

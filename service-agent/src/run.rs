@@ -180,13 +180,19 @@ fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, bpffs_root: &std::p
         return;
     }
     metrics.observe_maps(reconciler.applied());
+    prune_counters(reconciler, bpffs_root);
+    tracing::debug!(rows_deleted = report.rows_deleted, pending = reconciler.deferred_len(), "deferred deletions");
+}
+
+/// Drops the per-Service and per-backend counters of ids the maps no
+/// longer hold (after a sync, and after deferred deletions).
+fn prune_counters(reconciler: &Reconciler<PinnedMaps>, bpffs_root: &std::path::Path) {
     let applied = reconciler.applied();
     let live_rev_nat = |id: u32| applied.rev_nat.contains_key(&id);
     let live_backend = |id: u32| applied.backends.contains_key(&id);
     if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backend) {
         tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
     }
-    tracing::debug!(rows_deleted = report.rows_deleted, pending = reconciler.deferred_len(), "deferred deletions");
 }
 
 /// Loads both classifiers into the kernel.
@@ -320,12 +326,7 @@ fn sync_once(
         tracing::error!(error = %e, "map update failed");
     }
     metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.applied(), report.errors.len());
-    let applied = reconciler.applied();
-    let live_rev_nat = |id: u32| applied.rev_nat.contains_key(&id);
-    let live_backend = |id: u32| applied.backends.contains_key(&id);
-    if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backend) {
-        tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
-    }
+    prune_counters(reconciler, bpffs_root);
     if report.changed() {
         match maps::flush_udp_conntrack(bpffs_root, |rev_nat, backend| reconciler.is_live_pair(rev_nat, backend)) {
             Ok(0) => {}

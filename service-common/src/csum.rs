@@ -59,9 +59,58 @@ pub fn update32(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
     update16(c, [old[2], old[3]], [new[2], new[3]])
 }
 
+/// The addresses and ports of an IPv4 TCP/UDP packet, as they sit in its
+/// headers (network order).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoints {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+}
+
+/// The TCP/UDP checksum `check` after the packet's endpoints changed from
+/// `old` to `new`: the pseudo-header's addresses and the ports. A UDP
+/// result of 0 (which would mean "no checksum") is sent as 0xffff; the
+/// caller leaves a UDP checksum of 0 alone in the first place.
+#[inline(always)]
+#[must_use]
+pub fn update_endpoints(check: [u8; 2], udp: bool, old: &Endpoints, new: &Endpoints) -> [u8; 2] {
+    let mut c = update32(check, old.saddr, new.saddr);
+    c = update32(c, old.daddr, new.daddr);
+    c = update16(c, old.sport, new.sport);
+    c = update16(c, old.dport, new.dport);
+    if udp && c == [0, 0] { [0xff, 0xff] } else { c }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The checksum of a UDP segment over its IPv4 pseudo-header.
+    fn udp_check(e: &Endpoints, payload: [u8; 4]) -> [u8; 2] {
+        let mut seg = [0u8; 12];
+        seg[0..2].copy_from_slice(&e.sport);
+        seg[2..4].copy_from_slice(&e.dport);
+        seg[4..6].copy_from_slice(&12u16.to_be_bytes());
+        seg[8..12].copy_from_slice(&payload);
+        finish(sum(pseudo_header_v4(e.saddr, e.daddr, 17, 12), &seg)).to_be_bytes()
+    }
+
+    #[test]
+    fn endpoint_updates_match_a_full_recompute() {
+        let old = Endpoints { saddr: [10, 244, 1, 10], daddr: [10, 96, 0, 10], sport: [0x9c, 0x40], dport: [0, 53] };
+        let new =
+            Endpoints { saddr: [192, 168, 100, 11], daddr: [10, 244, 2, 13], sport: [0xee, 0x48], dport: [0x14, 0xe9] };
+        let payload = [1, 2, 3, 4];
+        assert_eq!(update_endpoints(udp_check(&old, payload), true, &old, &new), udp_check(&new, payload));
+        // Where the sum comes out as 0, UDP sends 0xffff and TCP keeps 0.
+        let zero = (0..=u16::MAX)
+            .map(u16::to_be_bytes)
+            .find(|c| update_endpoints(*c, false, &old, &new) == [0, 0])
+            .expect("some checksum updates to 0");
+        assert_eq!(update_endpoints(zero, true, &old, &new), [0xff, 0xff]);
+    }
 
     #[test]
     fn incremental_updates_match_a_full_recompute() {

@@ -40,7 +40,7 @@ counters! {
     /// Dropped: a kernel helper failed to rewrite the packet.
     DROP_REWRITE = 11, "drop_rewrite";
     /// Dropped: two CPUs created the same flow at once and the loser could
-    /// not find the winner's entry (should not happen).
+    /// not find the winner's entry (it was removed in between).
     DROP_CT_RACE = 12, "drop_ct_race";
     /// Rejected with a TCP RST: the Service has no usable endpoint.
     REJECT_TCP_RST = 13, "reject_tcp_rst";
@@ -90,6 +90,9 @@ counters! {
     /// Dropped: too big or TTL exhausted on the redirect path, and the
     /// ICMP answer could not be built (IP options, helper failure).
     DROP_ICMP_ANSWER = 30, "drop_icmp_answer";
+    /// Dropped: this CPU's per-CPU scratch or packet slot could not be
+    /// looked up (should not happen: the arrays are preallocated).
+    DROP_NO_SCRATCH = 31, "drop_no_scratch";
 }
 
 /// Whether counter `id` counts dropped packets.
@@ -105,6 +108,7 @@ pub const fn is_drop(id: u32) -> bool {
             | DROP_FRAG_NEEDED
             | DROP_TTL_EXCEEDED
             | DROP_ICMP_ANSWER
+            | DROP_NO_SCRATCH
             | REJECT_TCP_RST
             | REJECT_ICMP_UNREACHABLE
             | DROP_NO_LOCAL_BACKEND

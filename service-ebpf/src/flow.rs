@@ -65,17 +65,18 @@ impl Flow {
             _pad: [0; 2],
         }
     }
+}
 
-    /// The `fragments` key of this packet's datagram.
-    pub fn frag_key(&self) -> FragKey {
-        FragKey {
-            saddr: addr_v4(self.saddr),
-            daddr: addr_v4(self.daddr),
-            id: [self.ip_id[0], self.ip_id[1], 0, 0],
-            proto: self.proto,
-            family: FAMILY_IPV4,
-            _pad: [0; 2],
-        }
+/// The `fragments` key of an IPv4 datagram (RFC 791's identity of it).
+#[inline(always)]
+fn frag_key(saddr: [u8; 4], daddr: [u8; 4], id: [u8; 2], proto: u8) -> FragKey {
+    FragKey {
+        saddr: addr_v4(saddr),
+        daddr: addr_v4(daddr),
+        id: [id[0], id[1], 0, 0],
+        proto,
+        family: FAMILY_IPV4,
+        _pad: [0; 2],
     }
 }
 
@@ -86,22 +87,14 @@ pub fn remember_first_fragment(flow: &Flow) {
     let ports = FragValue { sport: flow.sport, dport: flow.dport };
     // Losing the row (a full LRU) loses this datagram's later fragments,
     // as a full reassembly queue would.
-    let _ = FRAGMENTS.insert(&flow.frag_key(), &ports, 0);
+    let _ = FRAGMENTS.insert(&frag_key(flow.saddr, flow.daddr, flow.ip_id, flow.proto), &ports, 0);
 }
 
 /// The ports of a later fragment's datagram, from its first fragment.
 #[inline(never)]
 fn fragment_ports(saddr: [u8; 4], daddr: [u8; 4], id: [u8; 2], proto: u8) -> Option<[u8; 4]> {
-    let key = FragKey {
-        saddr: addr_v4(saddr),
-        daddr: addr_v4(daddr),
-        id: [id[0], id[1], 0, 0],
-        proto,
-        family: FAMILY_IPV4,
-        _pad: [0; 2],
-    };
     // SAFETY: plain data; a racing update gives a stale but valid copy.
-    let v = unsafe { FRAGMENTS.get(&key) }?;
+    let v = unsafe { FRAGMENTS.get(&frag_key(saddr, daddr, id, proto)) }?;
     Some([v.sport[0], v.sport[1], v.dport[0], v.dport[1]])
 }
 

@@ -9,13 +9,13 @@
 //! which addresses that peer knows. Checksums are updated incrementally
 //! (RFC 1624): the quoted IP header's own, the quoted TCP/UDP checksum when
 //! present, the ICMP checksum over all of them, and the outer IP header's.
-#![expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
-)]
 
 use aya_ebpf::{bindings::BPF_F_RECOMPUTE_CSUM, programs::TcContext};
-use service_common::{CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, Port, addr_v4, csum, ct_flags, stats};
+use service_common::{
+    CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, addr_v4,
+    csum::{self, Endpoints},
+    ct_flags, stats,
+};
 
 use crate::{
     conntrack,
@@ -29,15 +29,6 @@ const ICMP_HLEN: usize = 8;
 
 /// Stores with `skb->csum` kept right for CHECKSUM_COMPLETE packets.
 const STORE: u64 = BPF_F_RECOMPUTE_CSUM as u64;
-
-/// The addresses and ports of the quoted packet, as quoted and as the
-/// peer must see them.
-struct Quoted {
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-    sport: Port,
-    dport: Port,
-}
 
 #[inline(always)]
 fn v4(addr: &[u8; 16]) -> [u8; 4] {
@@ -61,7 +52,7 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
     }
     let l4_off = ip_off + 20;
     let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else { return pass(stats::PASS_MALFORMED) };
-    let old = Quoted {
+    let old = Endpoints {
         saddr: [ip[12], ip[13], ip[14], ip[15]],
         daddr: [ip[16], ip[17], ip[18], ip[19]],
         sport: [ports[0], ports[1]],
@@ -105,8 +96,8 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
 /// quoted source, a REV_NAT entry (rewrites sources) the quoted
 /// destination, and SNAT the remaining end.
 #[inline(always)]
-fn translated(old: &Quoted, ct: &CtValue) -> Quoted {
-    let mut new = Quoted { saddr: old.saddr, daddr: old.daddr, sport: old.sport, dport: old.dport };
+fn translated(old: &Endpoints, ct: &CtValue) -> Endpoints {
+    let mut new = Endpoints { saddr: old.saddr, daddr: old.daddr, sport: old.sport, dport: old.dport };
     let snat = ct.flags & ct_flags::SNAT != 0;
     if ct.flags & ct_flags::DNAT != 0 {
         new.saddr = v4(&ct.nat_addr);
@@ -137,8 +128,8 @@ fn rewrite_quoted(
     l4_off: usize,
     proto: u8,
     ip: &[u8; 20],
-    old: &Quoted,
-    new: &Quoted,
+    old: &Endpoints,
+    new: &Endpoints,
 ) -> Result<(), u32> {
     let mut icmp_check: [u8; 2] = ctx.load(icmp_off + ICMP_CSUM_OFF).map_err(|_| stats::DROP_REWRITE)?;
     // The quoted IP header: addresses and its checksum. The ICMP checksum
@@ -159,14 +150,7 @@ fn rewrite_quoted(
     if let Ok(old_l4_check) = ctx.load::<[u8; 2]>(l4_check_off)
         && !(proto == PROTO_UDP && old_l4_check == [0, 0])
     {
-        let mut l4_check = csum::update32(old_l4_check, old.saddr, new.saddr);
-        l4_check = csum::update32(l4_check, old.daddr, new.daddr);
-        l4_check = csum::update16(l4_check, old.sport, new.sport);
-        l4_check = csum::update16(l4_check, old.dport, new.dport);
-        if proto == PROTO_UDP && l4_check == [0, 0] {
-            // 0 would mean "no checksum": send its equivalent.
-            l4_check = [0xff, 0xff];
-        }
+        let l4_check = csum::update_endpoints(old_l4_check, proto == PROTO_UDP, old, new);
         icmp_check = csum::update16(icmp_check, old_l4_check, l4_check);
         ctx.store(l4_check_off, &l4_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
     }

@@ -5,10 +5,6 @@
 //! whose new source is a node address leave by a FIB redirect. Every
 //! outcome is a counter id from `service_common::stats`, counted here in
 //! one place.
-#![expect(
-    clippy::needless_borrows_for_generic_args,
-    reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
-)]
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
 use service_common::{
@@ -31,7 +27,7 @@ use crate::{
 #[inline(always)]
 pub fn run(ctx: &TcContext, side: Side) -> i32 {
     let Some(packet) = packet() else {
-        count(stats::DROP_CT_RACE);
+        count(stats::DROP_NO_SCRATCH);
         return TC_ACT_SHOT;
     };
     if let Err(pass_counter) = parse_into(ctx, &mut packet.flow, &mut packet.key) {

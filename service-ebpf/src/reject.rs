@@ -174,6 +174,10 @@ fn change_tail(ctx: &TcContext, len: u32) -> Result<(), u32> {
     if rc == 0 { Ok(()) } else { Err(stats::DROP_REWRITE) }
 }
 
+/// Where the quote starts in an ICMP answer built by
+/// [`icmp_error_to_sender`]: after the IP and ICMP headers.
+const Q: usize = IP_HLEN + ICMP_HLEN;
+
 /// ICMP type, code and the 16-bit next-hop MTU in one argument (a BPF
 /// function takes at most five).
 #[inline(always)]
@@ -199,18 +203,23 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u
     let s = crate::scratch::scratch()?;
     let buf = &mut s.answer;
     // [0, 20): IP header; [20, 28): ICMP header; [28, 56): the quote.
-    const Q: usize = IP_HLEN + ICMP_HLEN;
     let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_ICMP_ANSWER)?;
     if quote[0] != 0x45 {
         return Err(stats::DROP_ICMP_ANSWER);
     }
     buf[Q..].copy_from_slice(&quote);
-    let (now_src, now_dst) =
-        ([quote[12], quote[13], quote[14], quote[15]], [quote[16], quote[17], quote[18], quote[19]]);
-    let (now_sport, now_dport) = ([quote[20], quote[21]], [quote[22], quote[23]]);
+    // The endpoints as they now sit in the packet, and as its sender sent
+    // them (the flow as parsed, before the translation).
+    let now = csum::Endpoints {
+        saddr: [quote[12], quote[13], quote[14], quote[15]],
+        daddr: [quote[16], quote[17], quote[18], quote[19]],
+        sport: [quote[20], quote[21]],
+        dport: [quote[22], quote[23]],
+    };
+    let sent = csum::Endpoints { saddr: flow.saddr, daddr: flow.daddr, sport: flow.sport, dport: flow.dport };
     let udp_check = [quote[26], quote[27]];
-    buf[Q + 12..Q + 16].copy_from_slice(&flow.saddr);
-    buf[Q + 16..Q + 20].copy_from_slice(&flow.daddr);
+    buf[Q + 12..Q + 16].copy_from_slice(&sent.saddr);
+    buf[Q + 16..Q + 20].copy_from_slice(&sent.daddr);
     buf[Q + 10] = 0;
     buf[Q + 11] = 0;
     let mut ip_part = [0u8; IP_HLEN];
@@ -218,18 +227,11 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u
     let c = csum::finish(csum::sum(0, &ip_part));
     buf[Q + 10..Q + 12].copy_from_slice(&c.to_be_bytes());
     if !flow.later_fragment && (flow.proto == service_common::PROTO_TCP || flow.proto == service_common::PROTO_UDP) {
-        buf[Q + 20..Q + 22].copy_from_slice(&flow.sport);
-        buf[Q + 22..Q + 24].copy_from_slice(&flow.dport);
+        buf[Q + 20..Q + 22].copy_from_slice(&sent.sport);
+        buf[Q + 22..Q + 24].copy_from_slice(&sent.dport);
         // UDP's checksum lies in the quoted 8 bytes (TCP's does not).
         if flow.proto == service_common::PROTO_UDP && udp_check != [0, 0] {
-            let mut c = csum::update32(udp_check, now_src, flow.saddr);
-            c = csum::update32(c, now_dst, flow.daddr);
-            c = csum::update16(c, now_sport, flow.sport);
-            c = csum::update16(c, now_dport, flow.dport);
-            if c == [0, 0] {
-                c = [0xff, 0xff];
-            }
-            buf[Q + 26..Q + 28].copy_from_slice(&c);
+            buf[Q + 26..Q + 28].copy_from_slice(&csum::update_endpoints(udp_check, true, &now, &sent));
         }
     }
     #[expect(clippy::cast_possible_truncation, reason = "unpacking pack_icmp")]

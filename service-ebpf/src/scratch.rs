@@ -59,7 +59,7 @@ static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 /// This CPU's scratch space.
 #[inline(always)]
 pub fn scratch() -> Result<&'static mut Scratch, u32> {
-    let ptr = SCRATCH.get_ptr_mut(0).ok_or(stats::DROP_CT_RACE)?;
+    let ptr = SCRATCH.get_ptr_mut(0).ok_or(stats::DROP_NO_SCRATCH)?;
     // SAFETY: this CPU's own slot; a BPF program is not preempted by
     // itself on one CPU, so nothing else uses it while this packet runs.
     Ok(unsafe { &mut *ptr })

@@ -5,7 +5,6 @@
 //! saw). Every test builds its own cluster and tears it down.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
     time::Duration,
@@ -18,6 +17,7 @@ use service_tests::{
         A1, B2, CLIENT_POD, EXTERNAL_SVC_IP, Ep, LB_IP, NorthSouth, Svc, TIMEOUT, WEB, answers, assert_both_backends,
         get, names, parse_answer,
     },
+    traffic::who,
 };
 
 #[test]
@@ -337,13 +337,6 @@ fn nodeport_rejects_without_endpoints_and_keeps_client_ip_affinity() {
 }
 
 /// Sends `who` on an open TCP connection and reads the answer.
-fn who(stream: &mut TcpStream) -> std::io::Result<String> {
-    stream.write_all(b"who\n")?;
-    let mut line = String::new();
-    BufReader::new(stream.try_clone()?).read_line(&mut line)?;
-    Ok(line)
-}
-
 #[test]
 fn removing_a_backend_flushes_its_udp_flows_and_lets_tcp_flows_finish() {
     if skip_unless_root() {

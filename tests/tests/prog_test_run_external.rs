@@ -284,21 +284,23 @@ fn every_port_of_the_snat_range_is_tried_and_only_a_full_range_refuses_a_flow() 
         let pin = aya::maps::MapData::from_pin(root.join(service_common::map_names::CONNTRACK)).expect("pinned map");
         let mut conntrack: aya::maps::HashMap<_, CtKey, CtValue> =
             aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(pin)).expect("conntrack");
+        // The reply tuple of a SNATed flow on `port`: backend → node:port.
+        let reply_key = |port: u16| CtKey {
+            saddr: addr_v4(BACKEND.octets()),
+            daddr: addr_v4(NODE.octets()),
+            sport: port_be(8080),
+            dport: port_be(port),
+            proto: service_common::PROTO_TCP,
+            family: service_common::FAMILY_IPV4,
+            _pad: [0; 2],
+        };
         let free = 63_333u16;
         let now = maps::monotonic_ns();
         for port in snat_ports::MIN..=snat_ports::MAX {
             if port == free {
                 continue;
             }
-            let key = CtKey {
-                saddr: addr_v4(BACKEND.octets()),
-                daddr: addr_v4(NODE.octets()),
-                sport: port_be(8080),
-                dport: port_be(port),
-                proto: service_common::PROTO_TCP,
-                family: service_common::FAMILY_IPV4,
-                _pad: [0; 2],
-            };
+            let key = reply_key(port);
             let value = CtValue {
                 nat_addr: addr_v4(NODE.octets()),
                 snat_addr: addr_v4([192, 168, 100, 200]),
@@ -323,15 +325,7 @@ fn every_port_of_the_snat_range_is_tried_and_only_a_full_range_refuses_a_flow() 
         assert_eq!(stat(stats::DROP_SNAT_NO_PORT), 1);
         // One flow closes (both FINs): its port is free at once.
         let closed_port = 61_234u16;
-        let key = CtKey {
-            saddr: addr_v4(BACKEND.octets()),
-            daddr: addr_v4(NODE.octets()),
-            sport: port_be(8080),
-            dport: port_be(closed_port),
-            proto: service_common::PROTO_TCP,
-            family: service_common::FAMILY_IPV4,
-            _pad: [0; 2],
-        };
+        let key = reply_key(closed_port);
         let mut value = conntrack.get(&key, 0).expect("its entry");
         value.state |= service_common::conntrack::state::FIN_ORIGINAL | service_common::conntrack::state::FIN_REPLY;
         conntrack.insert(key, value, 0).expect("closed");
