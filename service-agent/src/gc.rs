@@ -15,8 +15,10 @@
 //!   otherwise); a flow is only as dead as its freshest entry, so an expired
 //!   entry whose peer still sees traffic is kept;
 //! - affinity entries idle longer than their Service's
-//!   `sessionAffinityConfig` timeout ("expired"), or whose rev-NAT id no
-//!   longer belongs to a frontend with ClientIP affinity ("orphaned").
+//!   `sessionAffinityConfig` timeout ("expired"), whose rev-NAT id no
+//!   longer belongs to a frontend with ClientIP affinity ("orphaned"), or
+//!   whose backend is no longer in that frontend's set
+//!   ("backend_removed"; the programs do not follow such an entry either).
 //!
 //! It also counts the SNAT ports in use (reply entries of SNATed flows that
 //! are not free) per (SNAT address, backend, protocol) group — each group
@@ -107,6 +109,8 @@ pub enum Reason {
     Closed,
     /// An affinity entry of a frontend that is gone or has no affinity.
     Orphaned,
+    /// An affinity entry naming a backend its frontend no longer has.
+    BackendRemoved,
 }
 
 impl Reason {
@@ -116,6 +120,7 @@ impl Reason {
             Self::Expired => "expired",
             Self::Closed => "closed",
             Self::Orphaned => "orphaned",
+            Self::BackendRemoved => "backend_removed",
         }
     }
 }
@@ -206,22 +211,32 @@ pub struct AffinityFrontends {
     /// (rev-NAT id, protocol) of frontends with ClientIP affinity → their
     /// timeout in seconds (the largest, should two frontends share it).
     pub timeouts: BTreeMap<(u32, u8), u32>,
+    /// The same frontends' backend ids (their member rows; the union,
+    /// should two frontends share the key).
+    pub members: BTreeMap<(u32, u8), std::collections::BTreeSet<u32>>,
     /// `monotonic_ns()` when these rows were read: an entry used since then
-    /// may belong to a frontend written after, and is never judged orphaned.
+    /// may belong to a frontend or backend written after, and is never
+    /// judged orphaned or removed.
     pub as_of_ns: u64,
 }
 
 impl AffinityFrontends {
-    /// From the slot-0 rows (`ServiceKey::slot == 0`) of the services map.
-    pub fn from_rows<'a>(rows: impl IntoIterator<Item = (&'a ServiceKey, &'a ServiceValue)>, as_of_ns: u64) -> Self {
-        let mut timeouts = BTreeMap::new();
+    /// From the slot-0 rows (`ServiceKey::slot == 0`) of the services map,
+    /// and `members`, which gives a frontend's backend ids.
+    pub fn from_rows<'a, M: IntoIterator<Item = u32>>(
+        rows: impl IntoIterator<Item = (&'a ServiceKey, &'a ServiceValue)>,
+        members: impl Fn(&ServiceKey) -> M,
+        as_of_ns: u64,
+    ) -> Self {
+        let mut out = Self { as_of_ns, ..Self::default() };
         for (k, v) in rows.into_iter().filter(|(k, _)| k.slot == 0) {
             if v.flags & service_flags::AFFINITY != 0 {
-                let t = timeouts.entry((v.rev_nat_id, k.proto)).or_insert(0);
+                let t = out.timeouts.entry((v.rev_nat_id, k.proto)).or_insert(0);
                 *t = (*t).max(v.affinity_timeout_s);
+                out.members.entry((v.rev_nat_id, k.proto)).or_default().extend(members(k));
             }
         }
-        Self { timeouts, as_of_ns }
+        out
     }
 }
 
@@ -233,12 +248,16 @@ pub fn judge_affinity(
     frontends: &AffinityFrontends,
     now_ns: u64,
 ) -> Option<Reason> {
-    match frontends.timeouts.get(&(key.rev_nat_id, key.proto)) {
-        None if value.last_used_ns < frontends.as_of_ns => Some(Reason::Orphaned),
-        None => None,
-        Some(&timeout_s) => (now_ns.saturating_sub(value.last_used_ns) > u64::from(timeout_s) * 1_000_000_000)
-            .then_some(Reason::Expired),
+    let frontend = (key.rev_nat_id, key.proto);
+    let stale = value.last_used_ns < frontends.as_of_ns;
+    let Some(&timeout_s) = frontends.timeouts.get(&frontend) else {
+        return stale.then_some(Reason::Orphaned);
+    };
+    if now_ns.saturating_sub(value.last_used_ns) > u64::from(timeout_s) * 1_000_000_000 {
+        return Some(Reason::Expired);
     }
+    let member = frontends.members.get(&frontend).is_some_and(|m| m.contains(&value.backend_id));
+    (stale && !member).then_some(Reason::BackendRemoved)
 }
 
 /// A group of SNATed flows sharing one SNAT port range: the node address
@@ -787,7 +806,8 @@ mod tests {
         let slot = ServiceValue { backend_id: 3, ..bytemuck::Zeroable::zeroed() };
         let rows = [(key0, sticky), (key1, plain), (key0.with_slot(1, 1), slot)];
         let now = 10_000 * S;
-        let f = AffinityFrontends::from_rows(rows.iter().map(|(k, v)| (k, v)), now - 5 * S);
+        let members = |k: &ServiceKey| if *k == key0 { vec![3, 4] } else { vec![5] };
+        let f = AffinityFrontends::from_rows(rows.iter().map(|(k, v)| (k, v)), members, now - 5 * S);
         assert_eq!(f.timeouts, BTreeMap::from([((7, PROTO_TCP), 600)]));
         let key = |rev_nat_id, proto| AffinityKey { client: addr_v4([10, 0, 0, 1]), rev_nat_id, proto, _pad: [0; 3] };
         let used = |ago: u64| AffinityValue { backend_id: 3, _pad: 0, last_used_ns: now - ago * S };
@@ -800,6 +820,11 @@ mod tests {
         assert_eq!(judge_affinity(&key(9, PROTO_TCP), &used(10), &f, now), Some(Reason::Orphaned));
         // Used after the rows were read: perhaps a frontend written since.
         assert_eq!(judge_affinity(&key(9, PROTO_TCP), &used(1), &f, now), None);
+        // A backend the frontend no longer has (and not one added since).
+        let gone = AffinityValue { backend_id: 9, ..used(10) };
+        assert_eq!(judge_affinity(&key(7, PROTO_TCP), &gone, &f, now), Some(Reason::BackendRemoved));
+        assert_eq!(judge_affinity(&key(7, PROTO_TCP), &AffinityValue { backend_id: 9, ..used(1) }, &f, now), None);
+        assert_eq!(judge_affinity(&key(7, PROTO_TCP), &AffinityValue { backend_id: 4, ..used(10) }, &f, now), None);
     }
 
     #[test]

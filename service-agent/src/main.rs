@@ -36,6 +36,7 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start; `run`'s flags are most of it")]
 enum Command {
     /// Program the dataplane and keep it in sync until SIGINT/SIGTERM.
     Run(RunArgs),
@@ -59,9 +60,10 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
         bpffs_root: PathBuf,
     },
-    /// Remove every program link and map pin under --bpffs-root (what a
-    /// SIGTERM'd agent does on its way out; for after a SIGKILL or before
-    /// uninstalling).
+    /// Remove every program link and map pin under --bpffs-root, and the
+    /// agent's clsact filters from every interface of this network
+    /// namespace (what a SIGTERM'd agent does on its way out; for after a
+    /// SIGKILL or before uninstalling).
     Cleanup {
         #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
         bpffs_root: PathBuf,
@@ -79,6 +81,13 @@ struct RunArgs {
     /// account). Ignored with --manifests.
     #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
+    /// The API server's URL (kube-proxy's --master): overrides the server
+    /// of --kubeconfig or of the in-cluster configuration, keeping their
+    /// credentials. In the host network without kube-proxy the in-cluster
+    /// address (the `kubernetes` Service's ClusterIP) is not reachable;
+    /// give the real one here or in KUBERNETES_SERVICE_HOST/_PORT.
+    #[arg(long, value_name = "URL", conflicts_with = "manifests")]
+    master: Option<String>,
     /// This node's name, as in EndpointSlice `nodeName` (kube-proxy:
     /// --hostname-override).
     #[arg(long, alias = "hostname-override", env = "NODE_NAME", value_name = "NAME")]
@@ -92,6 +101,22 @@ struct RunArgs {
     /// routes change.
     #[arg(long, value_name = "IFACE,...")]
     external_interfaces: Option<String>,
+    /// Overlay and tunnel devices that also get the external program, so
+    /// replies of cross-node flows that come back decapsulated there
+    /// (flannel.1, vxlan.calico, tunl0, wg0, cilium_vxlan, …) are
+    /// translated; a flow SNATed out of one gets its address. Comma-
+    /// separated globs; `auto` selects every interface whose link kind is
+    /// vxlan, geneve, ipip, gre, gretap, sit, ip6tnl, ip6gre, ip6gretap,
+    /// wireguard or tun; `none` selects none. Interfaces matching
+    /// --pod-interfaces are left out. NodePorts do not answer on them.
+    #[arg(long, default_value = "auto", value_name = "auto|none|GLOB,...")]
+    tunnel_interfaces: String,
+    /// How programs are attached: `tcx` (TCX links, kernel 6.6+), `tc` (a
+    /// clsact qdisc and cls_bpf filters, what kernels before 6.6 have), or
+    /// `auto` (TCX, falling back to tc). Either way a restarted agent adopts
+    /// what it finds attached with its own program and replaces the rest.
+    #[arg(long, default_value = "auto", value_name = "auto|tcx|tc")]
+    attach_mode: service_agent::attach::AttachMode,
     /// kube-proxy's --nodeport-addresses: NodePorts answer on the node
     /// addresses inside these CIDRs. Default: every address on the external
     /// interfaces.
@@ -304,19 +329,24 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Cleanup { bpffs_root } => {
             let links = service_agent::attach::remove_pinned_links(&run::links_dir(&bpffs_root))?;
+            // The clsact fallback's filters are not pinned: found by name
+            // on the interfaces of the namespace cleanup runs in.
+            let filters = service_agent::attach::remove_filters()?;
             service_agent::maps::remove_pins(&bpffs_root)?;
-            tracing::info!(links, bpffs_root = %bpffs_root.display(), "removed the dataplane's links and pins");
+            tracing::info!(links, filters, bpffs_root = %bpffs_root.display(), "removed the dataplane's links and pins");
             Ok(())
         }
         Command::Run(args) => {
             run::run(run::RunConfig {
                 source: match args.manifests {
                     Some(dir) => run::SourceConfig::Manifests(dir),
-                    None => run::SourceConfig::Cluster { kubeconfig: args.kubeconfig },
+                    None => run::SourceConfig::Cluster { kubeconfig: args.kubeconfig, master: args.master },
                 },
                 node_name: args.node_name,
                 pod_interfaces: Globs::parse(&args.pod_interfaces),
                 external_interfaces: args.external_interfaces.as_deref().map(Globs::parse),
+                tunnel_interfaces: service_agent::attach::TunnelInterfaces::parse(&args.tunnel_interfaces),
+                attach_mode: args.attach_mode,
                 nodeport_addresses: args.nodeport_addresses,
                 bpffs_root: args.bpffs_root,
                 map_sizes: MapSizes {

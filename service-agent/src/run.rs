@@ -8,6 +8,12 @@
 //! they change, the frontends are synced again. The conntrack garbage
 //! collector (`crate::gc`) runs as its own periodic task over the pinned
 //! maps; each sync hands it the frontends' affinity timeouts.
+//!
+//! A sync that could not write every row (a full map, a refused update) is
+//! run again with backoff ([`RetryBackoff`]: 1 s doubling to 30 s, back to
+//! 1 s after a sync that wrote everything) even when nothing changes: the
+//! reconciler writes again exactly the frontends it could not program. The
+//! loop bumps a heartbeat on every turn, idle ticks included, for `/livez`.
 
 use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -16,9 +22,9 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::{AttachManager, Globs, ROLE_EXTERNAL, ROLE_POD, netlink},
+    attach::{AttachManager, AttachMode, Globs, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink},
     gc::{self, AffinityFrontends},
-    healthcheck::HealthCheckServers,
+    healthcheck::{self, HealthCheckServers},
     maps::{self, MapSizes, PinnedMaps},
     metrics::{Health, Metrics},
     model::{self, Cidr, HealthCheck, NodeContext},
@@ -34,14 +40,56 @@ use crate::{
 const MANIFEST_POLL: Duration = Duration::from_millis(200);
 /// Interfaces are re-scanned this often even without link events.
 const RESCAN: Duration = Duration::from_secs(5);
+/// The first retry of a sync that failed to write some rows.
+pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between retries.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// When a sync that could not write every row is run again: [`RETRY_MIN`]
+/// after the first failure, doubling up to [`RETRY_MAX`] while failures
+/// go on, back to [`RETRY_MIN`] after a sync that wrote everything. A sync
+/// a change triggers runs at once regardless.
+#[derive(Debug)]
+pub struct RetryBackoff {
+    next_delay: Duration,
+    due: Option<std::time::Instant>,
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self { next_delay: RETRY_MIN, due: None }
+    }
+}
+
+impl RetryBackoff {
+    /// Records a sync's outcome at `now`; returns the wait before the
+    /// retry when it failed.
+    pub fn record(&mut self, ok: bool, now: std::time::Instant) -> Option<Duration> {
+        if ok {
+            *self = Self::default();
+            return None;
+        }
+        let delay = self.next_delay;
+        self.due = Some(now + delay);
+        self.next_delay = (delay * 2).min(RETRY_MAX);
+        Some(delay)
+    }
+
+    /// When the retry is due (`None`: the last sync wrote everything).
+    #[must_use]
+    pub fn due(&self) -> Option<std::time::Instant> {
+        self.due
+    }
+}
 
 /// Where the Services and EndpointSlices come from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
     /// A directory of manifests (`--manifests`).
     Manifests(PathBuf),
-    /// The API server: in-cluster config, or `--kubeconfig`.
-    Cluster { kubeconfig: Option<PathBuf> },
+    /// The API server: in-cluster config, or `--kubeconfig`; `--master`
+    /// (kube-proxy's flag) overrides the server address of either.
+    Cluster { kubeconfig: Option<PathBuf>, master: Option<String> },
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +100,13 @@ pub struct RunConfig {
     /// `--external-interfaces`; `None`: the interfaces that carry a
     /// default route, followed as routes change.
     pub external_interfaces: Option<Globs>,
+    /// `--tunnel-interfaces`: overlay and tunnel devices that also get the
+    /// external program (replies of cross-node flows come back
+    /// decapsulated there) and SNAT addresses, but no NodePorts.
+    pub tunnel_interfaces: TunnelInterfaces,
+    /// `--attach-mode`: TCX links, clsact filters, or TCX with the clsact
+    /// fallback.
+    pub attach_mode: AttachMode,
     /// kube-proxy's `--nodeport-addresses`; empty: every address on the
     /// external interfaces.
     pub nodeport_addresses: Vec<Cidr>,
@@ -78,11 +133,22 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         adopted_rows = reconciler.applied().services.len(),
         "maps pinned"
     );
-    let (pod_prog, ext_prog) = programs(&mut ebpf)?;
+    let (mut pod_prog, mut ext_prog) = programs(&mut ebpf)?;
+    let (pod_prog, ext_prog) = (&mut pod_prog, &mut ext_prog);
     let links_dir = links_dir(&config.bpffs_root);
-    let mut pod_attach = AttachManager::new(ROLE_POD, config.pod_interfaces.clone(), links_dir.clone());
+    let mut pod_attach = AttachManager::new(
+        ROLE_POD,
+        Selection::globs(config.pod_interfaces.clone()),
+        links_dir.clone(),
+        config.attach_mode,
+    );
     log_attach("pod ingress", &pod_attach.adopt(pod_prog));
-    let mut ext_attach = AttachManager::new(ROLE_EXTERNAL, external_globs(&config), links_dir);
+    let ext_selection = Selection {
+        globs: external_globs(&config),
+        tunnels: Some(config.tunnel_interfaces.clone()),
+        exclude: config.pod_interfaces.clone(),
+    };
+    let mut ext_attach = AttachManager::new(ROLE_EXTERNAL, ext_selection, links_dir, config.attach_mode);
     log_attach("external ingress", &ext_attach.adopt(ext_prog));
     let mut events = netlink::watch_links().context("opening the rtnetlink event socket")?;
 
@@ -108,9 +174,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut rescan = tokio::time::interval(RESCAN);
     log_attach("pod ingress", &pod_attach.sync(pod_prog));
     log_attach("external ingress", &ext_attach.sync(ext_prog));
+    let mut retry = RetryBackoff::default();
     // Nothing is reconciled before the source's first complete state: an
     // empty start would prune what a previous agent programmed.
     loop {
+        // Every turn, idle ticks (RESCAN) included: `/livez` fails only
+        // when this stops.
+        health.beat();
         let deferred = reconciler.next_deferred();
         let resync = tokio::select! {
             changed = snapshots.changed() => {
@@ -127,19 +197,33 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 collect_deferred(&mut reconciler, &config.bpffs_root, &metrics);
                 false
             }
+            () = sleep_until(retry.due()) => {
+                metrics.record_retry();
+                true
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
         if let (true, Some(objects)) = (resync, &snapshot) {
-            let (ok, wanted) = sync_once(&mut reconciler, &config.bpffs_root, objects, &node, &metrics, &mut reported);
-            if ok {
+            let outcome = sync_once(&mut reconciler, &config.bpffs_root, objects, &node, &metrics, &mut reported);
+            let ok = outcome.failures.is_empty();
+            if let Some(delay) = retry.record(ok, std::time::Instant::now()) {
+                tracing::warn!(
+                    failed_writes = outcome.failures.len(),
+                    services_not_programmed = outcome.failed_services.len(),
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "some rows were not written; retrying"
+                );
+                health.sync_failed(outcome.failures);
+            } else {
                 health.synced();
             }
             frontends_tx.send_replace(Some(Arc::new(AffinityFrontends::from_rows(
                 reconciler.frontends(),
+                |k| reconciler.members(k).collect::<Vec<_>>(),
                 maps::monotonic_ns(),
             ))));
-            health_checks.sync(&wanted).await;
+            health_checks.sync(&outcome.health_checks, &outcome.failed_services).await;
         }
     }
     collector.abort();
@@ -151,8 +235,8 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         return Ok(());
     }
     tracing::info!("shutting down: detaching and removing pins");
-    pod_attach.detach_all(pod_prog);
-    ext_attach.detach_all(ext_prog);
+    pod_attach.detach_all();
+    ext_attach.detach_all();
     drop(reconciler);
     drop(ebpf);
     maps::remove_pins(&config.bpffs_root).context("removing pins")?;
@@ -195,18 +279,27 @@ fn prune_counters(reconciler: &Reconciler<PinnedMaps>, bpffs_root: &std::path::P
     }
 }
 
-/// Loads both classifiers into the kernel.
-fn programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<(&mut SchedClassifier, &mut SchedClassifier)> {
-    let (mut pod, mut ext) = (None, None);
+/// Loads the classifiers into the kernel: each role's Ethernet and L3
+/// builds.
+fn programs(ebpf: &mut aya::Ebpf) -> anyhow::Result<(Programs<'_>, Programs<'_>)> {
+    let (mut pod, mut pod_l3, mut ext, mut ext_l3) = (None, None, None, None);
     for (name, prog) in ebpf.programs_mut() {
         match name {
             service_common::PROG_POD_INGRESS => pod = Some(prog),
+            service_common::PROG_POD_INGRESS_L3 => pod_l3 = Some(prog),
             service_common::PROG_EXTERNAL_INGRESS => ext = Some(prog),
+            service_common::PROG_EXTERNAL_INGRESS_L3 => ext_l3 = Some(prog),
             _ => {}
         }
     }
-    let pod = load_classifier(pod, "pod ingress")?;
-    let ext = load_classifier(ext, "external ingress")?;
+    let pod = Programs {
+        ether: load_classifier(pod, "pod ingress")?,
+        l3: load_classifier(pod_l3, "pod ingress (L3 devices)")?,
+    };
+    let ext = Programs {
+        ether: load_classifier(ext, "external ingress")?,
+        l3: load_classifier(ext_l3, "external ingress (L3 devices)")?,
+    };
     Ok((pod, ext))
 }
 
@@ -237,8 +330,17 @@ fn refresh_node(
     node: &mut NodeContext,
 ) -> bool {
     let globs = external_globs(config);
-    let now = addresses::select(&addresses::ipv4_addresses(), &globs, &config.nodeport_addresses);
+    let all = addresses::ipv4_addresses();
+    let mut now = addresses::select(&all, &globs, &config.nodeport_addresses);
     ext_attach.set_globs(globs);
+    // Overlay and tunnel devices: SNAT through one writes its address
+    // (MASQUERADE's choice), so the reply comes back through it.
+    let tunnels: BTreeSet<String> = crate::attach::links()
+        .into_iter()
+        .filter(|l| ext_attach.selection().is_tunnel(l))
+        .map(|l| l.name)
+        .collect();
+    addresses::add_snat_interfaces(&all, &tunnels, &mut now);
     if now == *current {
         return false;
     }
@@ -259,8 +361,8 @@ fn refresh_node(
 #[expect(clippy::needless_pass_by_value, reason = "pairs of borrows, not owned values")]
 fn rescan_node(
     config: &RunConfig,
-    pod: (&mut AttachManager, &mut SchedClassifier),
-    ext: (&mut AttachManager, &mut SchedClassifier),
+    pod: (&mut AttachManager, &mut Programs),
+    ext: (&mut AttachManager, &mut Programs),
     node_addrs: &mut NodeAddresses,
     node: &mut NodeContext,
 ) -> bool {
@@ -288,8 +390,9 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
                 }
             });
         }
-        SourceConfig::Cluster { kubeconfig } => {
-            let client = kube::client(kubeconfig.as_deref()).await.context("connecting to the API server")?;
+        SourceConfig::Cluster { kubeconfig, master } => {
+            let client =
+                kube::client(kubeconfig.as_deref(), master.as_deref()).await.context("connecting to the API server")?;
             let node = config.node_name.clone();
             tokio::spawn(async move {
                 if let Err(e) = kube::run(client, node, tx).await {
@@ -301,10 +404,19 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
     Ok(rx)
 }
 
+/// What one sync leaves to the loop.
+struct SyncOutcome {
+    /// The map writes that failed (empty: every row was written).
+    failures: Vec<String>,
+    /// The health check node ports to serve.
+    health_checks: std::collections::BTreeMap<ObjectRef, HealthCheck>,
+    /// The Services whose own frontends are not programmed, and why.
+    failed_services: std::collections::BTreeMap<ObjectRef, String>,
+}
+
 /// One sync: model, reconcile, UDP conntrack flush, metrics. Invalid
 /// fields are logged once each (`reported` remembers them while they stay
-/// invalid). Returns whether every row was written, and the health check
-/// node ports to serve.
+/// invalid).
 fn sync_once(
     reconciler: &mut Reconciler<PinnedMaps>,
     bpffs_root: &std::path::Path,
@@ -312,7 +424,7 @@ fn sync_once(
     node: &NodeContext,
     metrics: &Metrics,
     reported: &mut BTreeSet<String>,
-) -> (bool, std::collections::BTreeMap<ObjectRef, HealthCheck>) {
+) -> SyncOutcome {
     let _span = tracing::info_span!("sync").entered();
     let started = std::time::Instant::now();
     let desired = model::desired(objects, node);
@@ -326,6 +438,10 @@ fn sync_once(
         tracing::error!(error = %e, "map update failed");
     }
     metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.applied(), report.errors.len());
+    let not_programmed = desired.frontends.values().filter(|df| !reconciler.is_programmed(df)).count();
+    metrics.observe_not_programmed(not_programmed);
+    let failed_services =
+        healthcheck::unprogrammed_services(&desired, |df| reconciler.is_programmed(df), &report.errors);
     prune_counters(reconciler, bpffs_root);
     if report.changed() {
         match maps::flush_udp_conntrack(bpffs_root, |rev_nat, backend| reconciler.is_live_pair(rev_nat, backend)) {
@@ -352,7 +468,11 @@ fn sync_once(
             tracing::debug!(service = %df.service, frontend = %df.frontend, backends = ?backends, "frontend");
         }
     }
-    (report.errors.is_empty(), desired.health_checks)
+    SyncOutcome {
+        failures: report.errors.iter().map(ToString::to_string).collect(),
+        health_checks: desired.health_checks,
+        failed_services,
+    }
 }
 
 /// Where link pins live.
@@ -362,11 +482,18 @@ pub fn links_dir(bpffs_root: &std::path::Path) -> PathBuf {
 }
 
 fn log_attach(program: &str, report: &crate::attach::SyncReport) {
-    for name in &report.attached {
-        tracing::info!(interface = %name, "attached {program} program");
+    for (name, l3) in &report.attached {
+        let build = if *l3 { "l3" } else { "ethernet" };
+        tracing::info!(interface = %name, build = %build, "attached {program} program");
     }
     for name in &report.adopted {
         tracing::info!(interface = %name, "adopted the pinned {program} link of an earlier agent");
+    }
+    for name in &report.adopted_filters {
+        tracing::info!(interface = %name, "adopted the {program} clsact filter of an earlier agent");
+    }
+    for name in &report.removed_filters {
+        tracing::info!(interface = %name, "removed a stray {program} clsact filter");
     }
     for name in &report.replaced {
         tracing::info!(interface = %name, "replaced an earlier agent's {program} program (upgrade)");
@@ -376,5 +503,23 @@ fn log_attach(program: &str, report: &crate::attach::SyncReport) {
     }
     for (name, error) in &report.failed {
         tracing::warn!(interface = %name, %error, "attaching the {program} program failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_sync_is_retried_after_1s_doubling_to_30s_and_success_resets_it() {
+        let mut b = RetryBackoff::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(b.due(), None, "nothing to retry before a failure");
+        let waits: Vec<u64> = (0..7).map(|_| b.record(false, t0).expect("a retry").as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
+        assert_eq!(b.due(), Some(t0 + RETRY_MAX));
+        assert_eq!(b.record(true, t0), None);
+        assert_eq!(b.due(), None, "a sync that wrote everything cancels the retry");
+        assert_eq!(b.record(false, t0), Some(RETRY_MIN), "and starts the next streak at 1 s");
     }
 }

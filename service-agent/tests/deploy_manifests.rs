@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::{
     apps::v1::DaemonSet,
-    core::v1::ServiceAccount,
+    core::v1::{ConfigMap, ServiceAccount},
     rbac::v1::{ClusterRole, ClusterRoleBinding},
 };
 
@@ -96,6 +96,58 @@ fn the_daemonset_runs_the_agent_like_kube_proxy_with_only_the_capabilities_it_ne
         );
     }
     assert!(args.iter().any(|a| a == "--keep-on-exit"), "rolling updates must not detach the dataplane");
+}
+
+#[test]
+fn the_daemonset_reaches_the_api_server_at_the_configmaps_address_and_resolves_without_cluster_dns() {
+    // The ConfigMap: the two variables kube-rs's in-cluster configuration
+    // reads (kube-client's incluster_config.rs), with a port that parses.
+    let docs = read("apiserver.yaml");
+    assert_eq!(docs.len(), 1);
+    let cm: ConfigMap = serde_json::from_value(docs[0].clone()).expect("ConfigMap");
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("kube-system"));
+    let data = cm.data.clone().expect("data");
+    let keys: Vec<&str> = data.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"]);
+    data["KUBERNETES_SERVICE_PORT"].parse::<u16>().expect("a port");
+    let host = &data["KUBERNETES_SERVICE_HOST"];
+    assert!(
+        host.ends_with(".invalid"),
+        "the shipped host is a placeholder that cannot reach anything until it is edited: {host}"
+    );
+
+    let docs = read("daemonset.yaml");
+    let ds: DaemonSet = serde_json::from_value(docs[0].clone()).expect("DaemonSet");
+    assert_eq!(ds.metadata.namespace, cm.metadata.namespace, "envFrom reads a ConfigMap of the pod's namespace");
+    let pod = ds.spec.template.spec.expect("pod spec");
+    // Not ClusterFirstWithHostNet: cluster DNS is behind a ClusterIP this
+    // agent has not programmed yet when it starts.
+    assert_eq!(pod.dns_policy.as_deref(), Some("Default"), "the node's resolvers");
+    let c = &pod.containers[0];
+    let from: Vec<_> = c.env_from.iter().flatten().filter_map(|e| e.config_map_ref.as_ref()).collect();
+    assert_eq!(from.len(), 1, "envFrom the ConfigMap");
+    assert_eq!(Some(from[0].name.as_str()), cm.metadata.name.as_deref());
+    assert_ne!(from[0].optional, Some(true), "a missing ConfigMap must stop the pod, not fall back to the ClusterIP");
+    // Nothing in `env` (which would win over envFrom) sets them back.
+    for e in c.env.iter().flatten() {
+        assert!(!e.name.starts_with("KUBERNETES_SERVICE_"), "env overrides the ConfigMap's {}", e.name);
+    }
+    // The probes: liveness on /livez (wedged), readiness on /healthz.
+    let path = |p: Option<&k8s_openapi::api::core::v1::Probe>| {
+        p.and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone()).unwrap_or_default()
+    };
+    assert_eq!(path(c.liveness_probe.as_ref()), "/livez");
+    assert_eq!(path(c.readiness_probe.as_ref()), "/healthz");
+}
+
+#[test]
+fn run_accepts_kube_proxys_master_flag() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_service-agent"))
+        .args(["run", "--help"])
+        .output()
+        .expect("service-agent run --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--master <URL>"), "{help}");
 }
 
 #[test]

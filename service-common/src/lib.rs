@@ -34,7 +34,13 @@ pub mod map_names {
     pub const CONNTRACK_NEW: &str = "conntrack_new";
     /// First fragments' ports, for the later fragments of a datagram.
     pub const FRAGMENTS: &str = "fragments";
-    pub const ALL: [&str; 12] = [
+    /// The agent's own bookkeeping (never read by the programs): each
+    /// map's layout version and the next backend / rev-NAT id, so an agent
+    /// started over pins of another layout or size migrates them
+    /// (`service-agent`'s `maps::layout`) and ids are not reused across
+    /// restarts. Its own layout never changes.
+    pub const AGENT_STATE: &str = "agent_state";
+    pub const ALL: [&str; 13] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -47,7 +53,72 @@ pub mod map_names {
         SNAT_ADDRS,
         CONNTRACK_NEW,
         FRAGMENTS,
+        AGENT_STATE,
     ];
+}
+
+/// The `agent_state` map: a fixed-size name → `u64` table.
+pub mod agent_state {
+    /// Key of an `agent_state` row: an ASCII name, zero-padded.
+    pub type Key = [u8; 32];
+
+    /// The row key for `name` (truncated to 32 bytes).
+    #[must_use]
+    pub const fn key(name: &str) -> Key {
+        let mut k = [0u8; 32];
+        let b = name.as_bytes();
+        let mut i = 0;
+        while i < b.len() && i < 32 {
+            k[i] = b[i];
+            i += 1;
+        }
+        k
+    }
+
+    /// Rows: `layout/<map name>` → that map's layout version;
+    /// `next_id/backends`, `next_id/rev_nat` → the next id to hand out.
+    pub const LAYOUT_PREFIX: &str = "layout/";
+    pub const NEXT_BACKEND_ID: &str = "next_id/backends";
+    pub const NEXT_REV_NAT_ID: &str = "next_id/rev_nat";
+    pub const CAPACITY: u32 = 64;
+}
+
+/// Each map's layout version: bumped whenever the meaning of its key or
+/// value changes, even at the same size (sizes and map types are checked
+/// as well). Pins without an `agent_state` row are of layout 1. An agent
+/// finding a pinned map of another layout or size migrates it: rows are
+/// copied when the key and value are unchanged (a new capacity), else the
+/// map starts empty (the agent refills its own maps at the first sync;
+/// flows in a recreated conntrack are picked up again as new flows).
+pub mod layout {
+    use super::map_names::{
+        AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS, REV_NAT,
+        SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOURCE_RANGES, STATS,
+    };
+
+    /// Layout 2 of `services`: 32-bit slots and member rows; of
+    /// `source_ranges`: keyed per frontend protocol and family.
+    pub const VERSIONS: [(&str, u32); 13] = [
+        (SERVICES, 2),
+        (BACKENDS, 1),
+        (REV_NAT, 1),
+        (CONNTRACK, 1),
+        (STATS, 1),
+        (SOURCE_RANGES, 2),
+        (AFFINITY, 1),
+        (SERVICE_COUNTERS, 1),
+        (BACKEND_COUNTERS, 1),
+        (SNAT_ADDRS, 1),
+        (CONNTRACK_NEW, 1),
+        (FRAGMENTS, 1),
+        (AGENT_STATE, 1),
+    ];
+
+    /// The layout version of map `name` (1 for an unknown name).
+    #[must_use]
+    pub fn version(name: &str) -> u32 {
+        VERSIONS.iter().find(|(n, _)| *n == name).map_or(1, |(_, v)| *v)
+    }
 }
 
 /// Default capacities compiled into the object; the agent can raise them
@@ -88,6 +159,11 @@ pub const PROG_POD_INGRESS: &str = "service_pod_ingress";
 /// an external interface (NodePort, LoadBalancer IPs, externalIPs; replies
 /// from backends on other nodes).
 pub const PROG_EXTERNAL_INGRESS: &str = "service_external_ingress";
+/// The same two programs for L3 devices (no Ethernet header: WireGuard,
+/// IPIP, tun in TUN mode); the agent picks them by the interface's link
+/// type.
+pub const PROG_POD_INGRESS_L3: &str = "service_pod_ingress_l3";
+pub const PROG_EXTERNAL_INGRESS_L3: &str = "service_external_ingress_l3";
 
 /// Name of the classifier that only returns its pass verdict: the floor of
 /// `cargo xtask bench`'s per-packet measurements (never attached).
@@ -138,6 +214,11 @@ pub const fn port_be(port: u16) -> Port {
 /// changed backend set is written under a new version, then the slot-0 row is
 /// flipped in one update, then the old version is deleted, so a packet never
 /// sees a mix of old and new backends.
+///
+/// Member rows (`slot` [`MEMBER_SLOT`], `version` = a backend id) say that
+/// backend is in the frontend's current backend set: a ClientIP affinity
+/// entry is only followed to a member (an id a Service no longer uses, or
+/// another Service's, is never reached through a stale entry).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceKey {
@@ -146,23 +227,38 @@ pub struct ServiceKey {
     pub proto: u8,
     pub scope: u8,
     pub family: u8,
-    pub _pad: u8,
-    pub slot: u16,
+    pub _pad: [u8; 3],
+    pub slot: u32,
     pub version: u32,
 }
-const _: () = assert!(size_of::<ServiceKey>() == 28);
+const _: () = assert!(size_of::<ServiceKey>() == 32);
+
+/// `ServiceKey::slot` of a member row (see [`ServiceKey`]).
+pub const MEMBER_SLOT: u32 = u32::MAX;
 
 impl ServiceKey {
     /// The slot-0 key of a frontend.
     #[must_use]
     pub const fn frontend(family: u8, addr: Addr, port: Port, proto: u8, scope: u8) -> Self {
-        Self { addr, port, proto, scope, family, _pad: 0, slot: 0, version: 0 }
+        Self { addr, port, proto, scope, family, _pad: [0; 3], slot: 0, version: 0 }
     }
 
     /// The key of slot `slot` (1-based) of `version` of this frontend.
     #[must_use]
-    pub const fn with_slot(self, version: u32, slot: u16) -> Self {
+    pub const fn with_slot(self, version: u32, slot: u32) -> Self {
         Self { slot, version, ..self }
+    }
+
+    /// The member row of `backend_id` in this frontend's backend set.
+    #[must_use]
+    pub const fn member(self, backend_id: u32) -> Self {
+        Self { slot: MEMBER_SLOT, version: backend_id, ..self }
+    }
+
+    /// Whether this is a member row.
+    #[must_use]
+    pub const fn is_member(&self) -> bool {
+        self.slot == MEMBER_SLOT
     }
 }
 
@@ -345,17 +441,33 @@ pub struct FragValue {
 }
 const _: () = assert!(size_of::<FragValue>() == 4);
 
-/// The data part of a `source_ranges` LPM-trie key: the frontend's rev-NAT
-/// id, then the source address. The trie's prefix length is 32 (the id,
-/// matched whole) plus the CIDR's prefix length.
+/// The data part of a `source_ranges` LPM-trie key: the frontend (its
+/// rev-NAT id, protocol and family), then the source address. The trie's
+/// prefix length is [`SOURCE_RANGE_FRONTEND_BITS`] (the frontend, matched
+/// whole) plus the CIDR's prefix length. Two frontends sharing an address
+/// and port (a LoadBalancer IP serving TCP and UDP for two Services) keep
+/// their own ranges; a range only ever matches a source of its family.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SourceRangeKey {
     /// Big-endian, so the trie's bit order matches the id's.
     pub rev_nat_id: [u8; 4],
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
     pub addr: Addr,
 }
-const _: () = assert!(size_of::<SourceRangeKey>() == 20);
+const _: () = assert!(size_of::<SourceRangeKey>() == 24);
+
+/// The bits of a [`SourceRangeKey`] before the address.
+pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+
+impl SourceRangeKey {
+    #[must_use]
+    pub const fn new(rev_nat_id: u32, proto: u8, family: u8, addr: Addr) -> Self {
+        Self { rev_nat_id: rev_nat_id.to_be_bytes(), proto, family, _pad: [0; 2], addr }
+    }
+}
 
 /// Value of the per-CPU `service_counters` (keyed by rev-NAT id) and
 /// `backend_counters` (keyed by backend id) maps: both directions of every
@@ -445,7 +557,8 @@ mod tests {
         assert_eq!(&b[16..18], &[1, 2]);
         assert_eq!(b[18], PROTO_UDP);
         assert_eq!(b[20], FAMILY_IPV4);
-        assert_eq!(u16::from_ne_bytes([b[22], b[23]]), 0x0506);
-        assert_eq!(u32::from_ne_bytes([b[24], b[25], b[26], b[27]]), 0x0a0b_0c0d);
+        assert_eq!(&b[21..24], &[0, 0, 0]);
+        assert_eq!(u32::from_ne_bytes([b[24], b[25], b[26], b[27]]), 0x0506);
+        assert_eq!(u32::from_ne_bytes([b[28], b[29], b[30], b[31]]), 0x0a0b_0c0d);
     }
 }

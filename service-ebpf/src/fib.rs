@@ -13,18 +13,30 @@
 //! time exceeded), and a packet too big for the egress MTU (the route's,
 //! or the device's for a GSO packet) is answered with ICMP fragmentation
 //! needed carrying that MTU, instead of vanishing at the device.
+//!
+//! L3 devices (no MAC header: WireGuard, IPIP, tun): `bpf_redirect_neigh`
+//! drops a packet whose `mac_header` is not before its `network_header`
+//! (`__bpf_redirect_neigh`, every kernel since 5.10), which is the case for
+//! every packet that entered an L3 device. So a packet from an L3 ingress
+//! gets an all-zero Ethernet header pushed first (`bpf_skb_change_head`,
+//! the helper's documented use: "an L3 skb that needs to push mac header
+//! for redirection into L2 device"); the redirect pulls it again and the
+//! neighbour output writes the real one, or none on an L3 egress (its
+//! neighbours output directly). A packet from an Ethernet ingress to an L3
+//! egress needs nothing: the redirect pulls the MAC header and the L3
+//! device's neighbour output adds none.
 
 use core::{mem::size_of, ptr::null_mut};
 
 use aya_ebpf::{
     bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
-    helpers::{bpf_fib_lookup, bpf_redirect_neigh},
+    helpers::{bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
 use service_common::stats;
 
 use crate::{
-    flow::{ETH_HLEN, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TTL_OFF},
+    flow::{ETH_HLEN, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF},
     nat::{NEEDS_ICMP_ANSWER, Outcome, pass},
     reject,
     scratch::scratch,
@@ -85,7 +97,7 @@ fn gso_segment_len(ctx: &TcContext, flow: &Flow, gso_size: u32) -> u16 {
     } else {
         8
     };
-    let len = (flow.l4_off - ETH_HLEN) + l4_header + gso_size as usize;
+    let len = (flow.l4_off - flow.ip_off) + l4_header + gso_size as usize;
     u16::try_from(len).unwrap_or(u16::MAX)
 }
 
@@ -94,9 +106,12 @@ fn gso_segment_len(ctx: &TcContext, flow: &Flow, gso_size: u32) -> u16 {
 /// packet is left to the stack.
 #[inline(never)]
 pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
-    let (Ok(saddr), Ok(daddr), Ok(tot_len)) =
-        (ctx.load::<[u8; 4]>(IP_SRC_OFF), ctx.load::<[u8; 4]>(IP_DST_OFF), ctx.load::<[u8; 2]>(ETH_HLEN + 2))
-    else {
+    let ip = flow.ip_off;
+    let (Ok(saddr), Ok(daddr), Ok(tot_len)) = (
+        ctx.load::<[u8; 4]>(ip + IP_SRC_OFF),
+        ctx.load::<[u8; 4]>(ip + IP_DST_OFF),
+        ctx.load::<[u8; 2]>(ip + IP_TOT_LEN_OFF),
+    ) else {
         return pass(counter);
     };
     // The route's MTU (`tot_len` set) is checked against what will go on
@@ -119,8 +134,18 @@ pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
     // TTL - 1: the 16-bit word (TTL, protocol) changes in the checksum.
     let old = u64::from(u16::from_ne_bytes([flow.ttl, flow.proto]));
     let new = u64::from(u16::from_ne_bytes([flow.ttl - 1, flow.proto]));
-    ctx.l3_csum_replace(IP_CSUM_OFF, old, new, 2).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(IP_TTL_OFF, &(flow.ttl - 1), 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.l3_csum_replace(ip + IP_CSUM_OFF, old, new, 2).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip + IP_TTL_OFF, &(flow.ttl - 1), 0).map_err(|_| stats::DROP_REWRITE)?;
+    if ip != ETH_HLEN {
+        // An L3 ingress: room for the MAC header the redirect expects (see
+        // the module comment); zeroes, pulled again before transmission.
+        #[expect(clippy::cast_possible_truncation, reason = "14")]
+        // SAFETY: the helper takes the context pointer the kernel gave us.
+        let rc = unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) };
+        if rc != 0 {
+            return Err(stats::DROP_REWRITE);
+        }
+    }
     // SAFETY: no neighbour parameters (the helper looks the next hop up
     // itself); the ifindex comes from the FIB.
     let action = unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) };

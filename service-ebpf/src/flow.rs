@@ -1,6 +1,15 @@
-//! Parsing: Ethernet + IPv4 + the L4 ports, read once into [`Flow`].
-//! A later fragment of a datagram (no L4 header) gets the ports its first
-//! fragment carried, from the `fragments` map.
+//! Parsing: the link-layer header (Ethernet, or none on an L3 device),
+//! IPv4 and the L4 ports, read once into [`Flow`]. A later fragment of a
+//! datagram (no L4 header) gets the ports its first fragment carried, from
+//! the `fragments` map.
+//!
+//! On an L3 device (WireGuard, IPIP, a tun in TUN mode: `ARPHRD_NONE`,
+//! `ARPHRD_TUNNEL`, …) the packet starts at the IP header and there is no
+//! EtherType to read: the protocol is `skb->protocol`. Which kind of device
+//! a program runs on is fixed per entry point (the `L2` const generic of
+//! [`parse_into`]: the agent attaches the `_l3` programs to L3 devices), so
+//! the verifier sees constant header offsets; everything downstream reads
+//! the IP header's offset from [`Flow::ip_off`].
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
@@ -14,12 +23,17 @@ use service_common::{
 use crate::maps::FRAGMENTS;
 
 pub const ETH_HLEN: usize = 14;
+/// No link-layer header: the `L2` of the programs for L3 devices.
+pub const NO_L2: usize = 0;
 /// EtherType IPv4, as it appears on the wire.
 const ETH_P_IP_BE: [u8; 2] = [0x08, 0x00];
-pub const IP_TTL_OFF: usize = ETH_HLEN + 8;
-pub const IP_CSUM_OFF: usize = ETH_HLEN + 10;
-pub const IP_SRC_OFF: usize = ETH_HLEN + 12;
-pub const IP_DST_OFF: usize = ETH_HLEN + 16;
+/// IPv4 header fields, as offsets from the start of the IP header (add
+/// [`Flow::ip_off`]).
+pub const IP_TOT_LEN_OFF: usize = 2;
+pub const IP_TTL_OFF: usize = 8;
+pub const IP_CSUM_OFF: usize = 10;
+pub const IP_SRC_OFF: usize = 12;
+pub const IP_DST_OFF: usize = 16;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 const TCP_FLAGS_OFF: usize = 13;
@@ -40,6 +54,9 @@ pub struct Flow {
     pub sport: Port,
     pub dport: Port,
     pub proto: u8,
+    /// Where the IP header starts: [`ETH_HLEN`] on an Ethernet device, 0
+    /// on an L3 device.
+    pub ip_off: usize,
     pub l4_off: usize,
     pub tcp_flags: u8,
     /// First fragment of a fragmented datagram (MF set, offset 0): its
@@ -130,33 +147,40 @@ fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned(ptr as *const T) })
 }
 
-/// Parses Ethernet + IPv4 + the L4 ports into `out` (and the packet's
-/// conntrack key into `key`). `Err` is the pass counter for a packet the
-/// programs leave alone.
+/// Parses the link-layer header (`L2` bytes of Ethernet, or none), IPv4
+/// and the L4 ports into `out` (and the packet's conntrack key into `key`).
+/// `Err` is the pass counter for a packet the programs leave alone.
 ///
 /// Not inlined: its header copies stay out of the entry point's frame,
 /// which every call chain below it pays for.
 #[inline(never)]
-pub fn parse_into(ctx: &TcContext, out: &mut Flow, key: &mut CtKey) -> Result<(), u32> {
-    *out = parse(ctx)?;
+pub fn parse_into<const L2: usize>(ctx: &TcContext, out: &mut Flow, key: &mut CtKey) -> Result<(), u32> {
+    *out = parse::<L2>(ctx)?;
     *key = out.ct_key();
     Ok(())
 }
 
 #[inline(always)]
-fn parse(ctx: &TcContext) -> Result<Flow, u32> {
-    let ethertype: [u8; 2] = read(ctx, 12)?;
-    if ethertype != ETH_P_IP_BE {
+fn parse<const L2: usize>(ctx: &TcContext) -> Result<Flow, u32> {
+    if L2 == ETH_HLEN {
+        let ethertype: [u8; 2] = read(ctx, 12)?;
+        if ethertype != ETH_P_IP_BE {
+            return Err(stats::PASS_NOT_IPV4);
+        }
+    } else if ctx.skb.protocol() != u32::from(u16::from_ne_bytes(ETH_P_IP_BE)) {
+        // No MAC header to read: the device set skb->protocol (network
+        // order, in the low 16 bits) from the packet (tun: from the IP
+        // version nibble; tunnels: from the outer header).
         return Err(stats::PASS_NOT_IPV4);
     }
-    let ip: [u8; 20] = read(ctx, ETH_HLEN)?;
+    let ip: [u8; 20] = read(ctx, L2)?;
     let ihl = usize::from(ip[0] & 0x0f);
     if ip[0] >> 4 != 4 || ihl < 5 {
         return Err(stats::PASS_MALFORMED);
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     let proto = ip[9];
-    let l4_off = ETH_HLEN + ihl * 4;
+    let l4_off = L2 + ihl * 4;
     let later_fragment = frag & IP_OFFSET_MASK != 0;
     let (ports, tcp_flags): ([u8; 4], u8) = if later_fragment {
         // No L4 header: the ports of the datagram's first fragment, if it
@@ -195,6 +219,7 @@ fn parse(ctx: &TcContext) -> Result<Flow, u32> {
         sport: [ports[0], ports[1]],
         dport: [ports[2], ports[3]],
         proto,
+        ip_off: L2,
         l4_off,
         tcp_flags,
         first_fragment: !later_fragment && frag & IP_MF != 0,

@@ -77,12 +77,13 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
     // destination itself sent it, its address is translated the same way.
     let outer_destination = if flow.daddr == old.saddr { new.saddr } else { flow.daddr };
     let outer_source = if flow.saddr == old.daddr { new.daddr } else { flow.saddr };
-    let Ok(mut check) = ctx.load::<[u8; 2]>(IP_CSUM_OFF) else { return Err(stats::DROP_REWRITE) };
+    let ip = flow.ip_off;
+    let Ok(mut check) = ctx.load::<[u8; 2]>(ip + IP_CSUM_OFF) else { return Err(stats::DROP_REWRITE) };
     check = csum::update32(check, flow.saddr, outer_source);
     check = csum::update32(check, flow.daddr, outer_destination);
-    ctx.store(IP_SRC_OFF, &outer_source, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(IP_DST_OFF, &outer_destination, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(IP_CSUM_OFF, &check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip + IP_SRC_OFF, &outer_source, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip + IP_DST_OFF, &outer_destination, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip + IP_CSUM_OFF, &check, STORE).map_err(|_| stats::DROP_REWRITE)?;
     if ct.flags & (ct_flags::EXTERNAL | ct_flags::SNAT) != 0 {
         // Its new addresses may include this node's own (see `fib`).
         return redirect(stats::ICMP_ERROR_TRANSLATED);

@@ -23,14 +23,16 @@ use crate::{
     scratch::{Packet, packet},
 };
 
-/// Runs the pipeline; returns the TC action.
+/// Runs the pipeline; returns the TC action. `L2` is the length of the
+/// device's link-layer header: `flow::ETH_HLEN`, or `flow::NO_L2` on an
+/// L3 device (the packet starts at the IP header).
 #[inline(always)]
-pub fn run(ctx: &TcContext, side: Side) -> i32 {
+pub fn run<const L2: usize>(ctx: &TcContext, side: Side) -> i32 {
     let Some(packet) = packet() else {
         count(stats::DROP_NO_SCRATCH);
         return TC_ACT_SHOT;
     };
-    if let Err(pass_counter) = parse_into(ctx, &mut packet.flow, &mut packet.key) {
+    if let Err(pass_counter) = parse_into::<L2>(ctx, &mut packet.flow, &mut packet.key) {
         count(pass_counter);
         return aya_ebpf::bindings::TC_ACT_OK;
     }
@@ -87,10 +89,10 @@ fn try_run(ctx: &TcContext, packet: &Packet, side: Side) -> Outcome {
         Ok((NEEDS_REJECT, _)) => {
             let (saddr, daddr) = (u32::from_ne_bytes(flow.saddr), u32::from_ne_bytes(flow.daddr));
             if flow.proto == PROTO_TCP {
-                reject::tcp_rst(ctx, saddr, daddr, reject::pack(flow.l4_off, flow.tcp_flags))
+                reject::tcp_rst(ctx, saddr, daddr, reject::pack(flow.ip_off, flow.l4_off, flow.tcp_flags))
                     .map(|action| (action, stats::REJECT_TCP_RST))
             } else {
-                reject::icmp_port_unreachable(ctx, saddr, daddr, reject::pack(flow.l4_off, 0))
+                reject::icmp_port_unreachable(ctx, saddr, daddr, reject::pack(flow.ip_off, flow.l4_off, 0))
                     .map(|action| (action, stats::REJECT_ICMP_UNREACHABLE))
             }
         }

@@ -11,7 +11,7 @@ use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, RevNatValue,
-    ServiceKey, ServiceValue, SourceRangeKey, capacity, stats,
+    ServiceKey, ServiceValue, SourceRangeKey, agent_state, capacity, stats,
 };
 
 #[btf_map(name = "services")]
@@ -55,6 +55,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY
 #[btf_map(name = "snat_addrs")]
 pub static SNAT_ADDRS: HashMap<u32, Addr, { capacity::SNAT_ADDRS as usize }> = HashMap::new();
 
+/// The agent's bookkeeping (layout versions, next ids); never read here,
+/// kept in the object so it is created and pinned with the others.
+#[btf_map(name = "agent_state")]
+pub static AGENT_STATE: HashMap<agent_state::Key, u64, { agent_state::CAPACITY as usize }> = HashMap::new();
+
 /// Adds one to verdict counter `id` (this CPU's copy).
 #[inline(always)]
 pub fn count(id: u32) {
@@ -65,7 +70,10 @@ pub fn count(id: u32) {
     }
 }
 
-/// Adds one packet of `len` bytes to `map[id]`.
+/// Adds one packet of `len` bytes to `map[id]`. The agent creates a
+/// row with the frontend or backend row of the same id and deletes it with
+/// that row: a packet of an old flow whose id is gone counts nowhere
+/// (never re-creating a row for an id the agent may hand out again).
 #[inline(always)]
 fn add_counter<const N: usize>(map: &PerCpuHashMap<u32, Counters, N>, id: u32, len: u64) {
     if let Some(c) = map.get_ptr_mut(&id) {
@@ -74,9 +82,6 @@ fn add_counter<const N: usize>(map: &PerCpuHashMap<u32, Counters, N>, id: u32, l
             (*c).packets += 1;
             (*c).bytes += len;
         }
-    } else {
-        // The first packet on this CPU; losing it to a race only loses one.
-        let _ = map.insert(&id, &Counters { packets: 1, bytes: len }, 0);
     }
 }
 

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    SNAT_HAIRPIN, ServiceKey, SourceRangeKey, backend_flags, conntrack::next_state, ct_flags, hash, service_flags,
+    MEMBER_SLOT, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, backend_flags, conntrack::next_state, ct_flags, hash, service_flags,
     snat_ports, stats,
 };
 
@@ -146,9 +146,12 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     scratch.service = *service;
     let service = &scratch.service;
     if service.flags & service_flags::SOURCE_RANGES != 0 {
-        // The trie key: the frontend's id (32 bits, matched whole), then
-        // the IPv4 source (32 bits).
-        let range_key = Key::new(64, SourceRangeKey { rev_nat_id: service.rev_nat_id.to_be_bytes(), addr: key.saddr });
+        // The trie key: the frontend (id, protocol, family: matched
+        // whole), then the IPv4 source (32 bits).
+        let range_key = Key::new(
+            SOURCE_RANGE_FRONTEND_BITS + 32,
+            SourceRangeKey::new(service.rev_nat_id, flow.proto, FAMILY_IPV4, key.saddr),
+        );
         if SOURCE_RANGES.get(&range_key).is_none() {
             return Err(stats::DROP_SOURCE_RANGE);
         }
@@ -303,7 +306,17 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
         if let Some(entry) = unsafe { AFFINITY.get(&s.affinity_key) } {
             s.affinity = *entry;
             let timeout_ns = u64::from(s.service.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns {
+            // Only a backend still in this frontend's set (its member row):
+            // an entry naming a removed backend, or an id handed to
+            // another Service since, falls through to the table.
+            // Written field by field, in place: a whole-key temporary would
+            // sit on this frame's stack.
+            s.slot_key = s.frontend;
+            s.slot_key.slot = MEMBER_SLOT;
+            s.slot_key.version = s.affinity.backend_id;
+            // SAFETY: only whether the row exists is read.
+            let member = unsafe { SERVICES.get(&s.slot_key) }.is_some();
+            if member && now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns {
                 // SAFETY: plain data written whole by the agent.
                 if let Some(backend) = unsafe { BACKENDS.get(&s.affinity.backend_id) } {
                     s.backend = *backend;
@@ -323,9 +336,9 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
         return Err(stats::DROP_NO_BACKEND);
     }
     let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
-    #[expect(clippy::cast_possible_truncation, reason = "count <= 16381 (the largest Maglev table): the slot fits")]
-    let slot = hash::slot_for(h, count) as u16;
-    s.slot_key = s.frontend.with_slot(s.service.version, slot);
+    s.slot_key = s.frontend;
+    s.slot_key.slot = hash::slot_for(h, count);
+    s.slot_key.version = s.service.version;
     // SAFETY: plain data written whole by the agent.
     let backend_id = match unsafe { SERVICES.get(&s.slot_key) } {
         Some(row) => row.backend_id,
@@ -346,7 +359,8 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
     Ok(())
 }
 
-/// Rewrites one address (at `addr_off`) and the port at `l4_off +
+/// Rewrites one address (at `addr_off` from the IP header, which starts at
+/// `flow.ip_off`: 0 on an L3 device) and the port at `l4_off +
 /// port_off`, fixing the IP checksum and the L4 checksum (pseudo-header
 /// included). The kernel helpers handle CHECKSUM_PARTIAL packets (only the
 /// pseudo-header sum is updated) as well as complete checksums; a UDP
@@ -381,8 +395,8 @@ fn rewrite(
             ctx.l4_csum_replace(csum_off, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4)
                 .map_err(|_| stats::DROP_REWRITE)?;
         }
-        ctx.l3_csum_replace(IP_CSUM_OFF, from, to, 4).map_err(|_| stats::DROP_REWRITE)?;
-        ctx.store(addr_off, &new_addr, 0).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.l3_csum_replace(flow.ip_off + IP_CSUM_OFF, from, to, 4).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.store(flow.ip_off + addr_off, &new_addr, 0).map_err(|_| stats::DROP_REWRITE)?;
     }
     if old_port != new_port && !sctp {
         let from = u64::from(u16::from_ne_bytes(old_port));

@@ -7,10 +7,22 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 
-use crate::{ingress, nat::Side};
+use crate::{
+    flow::{ETH_HLEN, NO_L2},
+    ingress,
+    nat::Side,
+};
 
 #[classifier]
 #[expect(clippy::needless_pass_by_value, reason = "the classifier macro fixes the signature")]
 pub fn service_pod_ingress(ctx: TcContext) -> i32 {
-    ingress::run(&ctx, Side::Pod)
+    ingress::run::<ETH_HLEN>(&ctx, Side::Pod)
+}
+
+/// The same program for L3 pod interfaces (WireGuard, IPIP, tun: no
+/// Ethernet header, the packet starts at the IP header).
+#[classifier]
+#[expect(clippy::needless_pass_by_value, reason = "the classifier macro fixes the signature")]
+pub fn service_pod_ingress_l3(ctx: TcContext) -> i32 {
+    ingress::run::<NO_L2>(&ctx, Side::Pod)
 }

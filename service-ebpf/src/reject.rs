@@ -3,6 +3,10 @@
 //! unreachable (from the Service address) otherwise. The packet is turned
 //! into the answer in place and sent back out of the interface it came in
 //! on, towards the pod.
+//!
+//! On an Ethernet device the MAC addresses are swapped; on an L3 device
+//! (the IP header at offset 0) there are none, and `bpf_redirect` to it
+//! takes the kernel's no-MAC path (`__bpf_redirect_no_mac`).
 
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use service_common::{csum, stats};
@@ -40,33 +44,40 @@ fn ipv4_header(saddr: [u8; 4], daddr: [u8; 4], proto: u8, total_len: u16) -> [u8
 struct Offender {
     saddr: [u8; 4],
     daddr: [u8; 4],
+    /// 0 on an L3 device, `ETH_HLEN` on an Ethernet one.
+    ip_off: usize,
     l4_off: usize,
     tcp_flags: u8,
 }
 
 impl Offender {
     #[inline(always)]
-    fn new(saddr: u32, daddr: u32, l4_off_flags: u32) -> Self {
+    fn new(saddr: u32, daddr: u32, offsets_flags: u32) -> Self {
         Self {
             saddr: saddr.to_ne_bytes(),
             daddr: daddr.to_ne_bytes(),
-            l4_off: (l4_off_flags >> 8) as usize,
-            tcp_flags: (l4_off_flags & 0xff) as u8,
+            ip_off: ((offsets_flags >> 16) & 0xff) as usize,
+            l4_off: ((offsets_flags >> 8) & 0xff) as usize,
+            tcp_flags: (offsets_flags & 0xff) as u8,
         }
     }
 }
 
-/// The L4 offset and TCP flags in one argument: a BPF function takes at
-/// most five, and the returned Result already uses one.
+/// The IP and L4 offsets and the TCP flags in one argument: a BPF
+/// function takes at most five, and the returned Result already uses one.
 #[inline(always)]
-#[expect(clippy::cast_possible_truncation, reason = "the L4 offset is at most 14 + 60")]
-pub fn pack(l4_off: usize, tcp_flags: u8) -> u32 {
-    ((l4_off as u32) << 8) | u32::from(tcp_flags)
+#[expect(clippy::cast_possible_truncation, reason = "both offsets are at most 14 + 60")]
+pub fn pack(ip_off: usize, l4_off: usize, tcp_flags: u8) -> u32 {
+    ((ip_off as u32) << 16) | ((l4_off as u32) << 8) | u32::from(tcp_flags)
 }
 
-/// Swaps the Ethernet addresses: the answer goes back to the sender.
+/// Swaps the Ethernet addresses (the answer goes back to the sender), when
+/// there are any: an L3 device's packet (`ip_off` 0) has no MAC header.
 #[inline(always)]
-fn swap_macs(ctx: &TcContext) -> Result<(), u32> {
+fn swap_macs(ctx: &TcContext, ip_off: usize) -> Result<(), u32> {
+    if ip_off != ETH_HLEN {
+        return Ok(());
+    }
     let macs: [u8; 12] = ctx.load(0).map_err(|_| stats::DROP_REWRITE)?;
     let mut swapped = [0u8; 12];
     swapped[0..6].copy_from_slice(&macs[6..12]);
@@ -101,7 +112,7 @@ pub fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Re
         return Err(stats::REJECT_TCP_RST);
     }
     let tcp: [u8; TCP_HLEN] = ctx.load(p.l4_off).map_err(|_| stats::DROP_REWRITE)?;
-    let ip: [u8; IP_HLEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_REWRITE)?;
+    let ip: [u8; IP_HLEN] = ctx.load(p.ip_off).map_err(|_| stats::DROP_REWRITE)?;
     let ip_total = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
     let ihl = u32::from(ip[0] & 0x0f) * 4;
     let doff = u32::from(tcp[12] >> 4) * 4;
@@ -130,11 +141,11 @@ pub fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Re
     #[expect(clippy::cast_possible_truncation, reason = "40 bytes")]
     let ip_hdr = ipv4_header(p.daddr, p.saddr, service_common::PROTO_TCP, (IP_HLEN + TCP_HLEN) as u16);
 
-    swap_macs(ctx)?;
-    ctx.store(ETH_HLEN, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ETH_HLEN + IP_HLEN, &rst, 0).map_err(|_| stats::DROP_REWRITE)?;
-    #[expect(clippy::cast_possible_truncation, reason = "54 bytes")]
-    change_tail(ctx, (ETH_HLEN + IP_HLEN + TCP_HLEN) as u32)?;
+    swap_macs(ctx, p.ip_off)?;
+    ctx.store(p.ip_off, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(p.ip_off + IP_HLEN, &rst, 0).map_err(|_| stats::DROP_REWRITE)?;
+    #[expect(clippy::cast_possible_truncation, reason = "54 bytes at most")]
+    change_tail(ctx, (p.ip_off + IP_HLEN + TCP_HLEN) as u32)?;
     Ok(send_back(ctx))
 }
 
@@ -144,10 +155,10 @@ pub fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Re
 #[inline(never)]
 pub fn icmp_port_unreachable(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<i32, u32> {
     let p = Offender::new(saddr, daddr, l4_off_flags);
-    if p.l4_off != ETH_HLEN + IP_HLEN {
+    if p.l4_off != p.ip_off + IP_HLEN {
         return Err(stats::REJECT_ICMP_UNREACHABLE);
     }
-    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_REWRITE)?;
+    let quote: [u8; QUOTE_LEN] = ctx.load(p.ip_off).map_err(|_| stats::DROP_REWRITE)?;
     let mut icmp = [0u8; ICMP_HLEN + QUOTE_LEN];
     icmp[0] = 3; // destination unreachable
     icmp[1] = 3; // port unreachable
@@ -159,11 +170,11 @@ pub fn icmp_port_unreachable(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_fla
 
     // Size the packet first (it may grow: a short datagram is smaller than
     // its answer), then write every byte of the answer.
-    #[expect(clippy::cast_possible_truncation, reason = "70 bytes")]
-    change_tail(ctx, (ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)?;
-    swap_macs(ctx)?;
-    ctx.store(ETH_HLEN, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ETH_HLEN + IP_HLEN, &icmp, 0).map_err(|_| stats::DROP_REWRITE)?;
+    #[expect(clippy::cast_possible_truncation, reason = "70 bytes at most")]
+    change_tail(ctx, (p.ip_off + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)?;
+    swap_macs(ctx, p.ip_off)?;
+    ctx.store(p.ip_off, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(p.ip_off + IP_HLEN, &icmp, 0).map_err(|_| stats::DROP_REWRITE)?;
     Ok(send_back(ctx))
 }
 
@@ -203,7 +214,8 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u
     let s = crate::scratch::scratch()?;
     let buf = &mut s.answer;
     // [0, 20): IP header; [20, 28): ICMP header; [28, 56): the quote.
-    let quote: [u8; QUOTE_LEN] = ctx.load(ETH_HLEN).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    let ip_off = flow.ip_off;
+    let quote: [u8; QUOTE_LEN] = ctx.load(ip_off).map_err(|_| stats::DROP_ICMP_ANSWER)?;
     if quote[0] != 0x45 {
         return Err(stats::DROP_ICMP_ANSWER);
     }
@@ -251,9 +263,9 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u
     #[expect(clippy::cast_possible_truncation, reason = "56 bytes")]
     let ip_hdr = ipv4_header(flow.daddr, flow.saddr, PROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
     buf[..IP_HLEN].copy_from_slice(&ip_hdr);
-    #[expect(clippy::cast_possible_truncation, reason = "70 bytes")]
-    change_tail(ctx, (ETH_HLEN + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32).map_err(|_| stats::DROP_ICMP_ANSWER)?;
-    swap_macs(ctx).map_err(|_| stats::DROP_ICMP_ANSWER)?;
-    ctx.store(ETH_HLEN, &s.answer, 0).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    #[expect(clippy::cast_possible_truncation, reason = "70 bytes at most")]
+    change_tail(ctx, (ip_off + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    swap_macs(ctx, ip_off).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    ctx.store(ip_off, &s.answer, 0).map_err(|_| stats::DROP_ICMP_ANSWER)?;
     Ok(send_back(ctx))
 }

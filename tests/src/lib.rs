@@ -2,8 +2,10 @@
 pub mod bench;
 pub mod cluster;
 pub mod fixture;
+pub mod fuzz;
 pub mod kube_proxy_rules;
 pub mod netns;
 pub mod north_south;
+pub mod overlay;
 pub mod packet;
 pub mod traffic;

@@ -3,16 +3,29 @@
 //! cleans up on drop, even after a panic. Names carry a unique suffix so
 //! parallel or interrupted runs never collide.
 //!
+//! The suffix says which process owns the object ([`unique_suffix`]:
+//! `<owner pid>x<counter>`, in hex), so what a killed run left behind can
+//! be told from what a run still going owns: [`sweep_leftovers`] removes
+//! the namespaces (with the processes in them) and bpffs mounts whose
+//! owner is dead, and never touches a live owner's. Each process sweeps
+//! once before it makes its first namespace or mount, and on SIGINT or
+//! SIGTERM removes its own before dying ([`clean_up_on_signal`]): the
+//! Drop guards do not run when a signal kills a process.
+//!
 //! Traffic only ever flows between namespaces created here; nothing is
 //! connected to the root namespace.
 
 use std::{
     fs::File,
+    io::Read as _,
     net::Ipv4Addr,
-    os::fd::AsRawFd as _,
+    os::fd::{AsRawFd as _, FromRawFd as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Once,
+        atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -37,14 +50,208 @@ pub fn skip_unless_root() -> bool {
     true
 }
 
-/// A short unique suffix (6 hex digits): fits interface names (15 chars).
+/// The prefix of every network namespace the harness makes.
+pub const NETNS_PREFIX: &str = "sd-";
+/// Where the harness mounts bpffs instances: this followed by a suffix.
+pub const BPFFS_PREFIX: &str = "/run/service-dataplane-test-";
+
+/// A unique suffix naming its owner: `<pid>x<n>`, both in hex (this
+/// process's id, a per-process counter), e.g. `1f3ax2`. Short enough for
+/// interface names built on it (`up<suffix><n>` stays within 15 chars for
+/// any pid below 2^24 and 65,536 suffixes per process).
 #[must_use]
 pub fn unique_suffix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-    let mix =
-        std::process::id().wrapping_mul(2_654_435_761) ^ nanos ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(40_503);
-    format!("{:06x}", mix & 0x00ff_ffff)
+    format!("{:x}x{:x}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The owner's pid of a [`unique_suffix`]; `None` when `suffix` is not one
+/// (such as the 6 random hex digits of older runs, whose owner is unknown).
+#[must_use]
+pub fn suffix_owner(suffix: &str) -> Option<u32> {
+    let (pid, n) = suffix.split_once('x')?;
+    let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    if !hex(pid) || !hex(n) {
+        return None;
+    }
+    u32::from_str_radix(pid, 16).ok().filter(|p| *p > 0)
+}
+
+/// The owner's pid of a harness namespace name (`sd-<what>-<suffix>`).
+#[must_use]
+pub fn netns_owner(name: &str) -> Option<u32> {
+    let (_, suffix) = name.strip_prefix(NETNS_PREFIX)?.rsplit_once('-')?;
+    suffix_owner(suffix)
+}
+
+/// Whether process `pid` still runs (a zombie, killed but not yet reaped,
+/// does not). A pid reused by an unrelated process counts as running: its
+/// leftovers then wait for the next sweep, never the other way round.
+#[must_use]
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // `pid (comm) S ...`: the state follows the last ')' (comm may hold any).
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+}
+
+/// Kills every process in namespace `name`, then deletes it (unmounting
+/// its file if `ip netns del` cannot).
+fn remove_netns(name: &str) {
+    if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill has no memory-safety preconditions.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let deleted = Command::new("ip").args(["netns", "del", name]).stderr(Stdio::null()).status();
+    if !deleted.is_ok_and(|s| s.success()) {
+        let file = Path::new("/run/netns").join(name);
+        let _ = Command::new("umount").arg("-l").arg(&file).stderr(Stdio::null()).status();
+        let _ = std::fs::remove_file(&file);
+    }
+}
+
+/// Unmounts a bpffs instance (its pins go with it) and removes the
+/// directory, which is then empty.
+fn remove_bpffs(path: &Path) {
+    let unmounted = Command::new("umount").arg(path).stderr(Stdio::null()).status();
+    if !unmounted.is_ok_and(|s| s.success()) {
+        let _ = Command::new("umount").arg("-l").arg(path).stderr(Stdio::null()).status();
+    }
+    let _ = std::fs::remove_dir(path);
+}
+
+/// Removes every harness namespace (killing the processes in it: pods'
+/// servers, agents) and bpffs mount whose owner `remove` says so; returns
+/// what it removed. Veths need nothing of their own: the harness makes
+/// them inside its namespaces, and they go with them.
+pub fn sweep(remove: impl Fn(u32) -> bool) -> Vec<String> {
+    let mut removed = Vec::new();
+    let mut namespaces: Vec<String> = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| netns_owner(name).is_some_and(&remove))
+        .collect();
+    namespaces.sort();
+    for name in namespaces {
+        remove_netns(&name);
+        removed.push(format!("netns {name}"));
+    }
+    let (dir, prefix) = BPFFS_PREFIX.rsplit_once('/').unwrap_or(("/run", BPFFS_PREFIX));
+    let mut mounts: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name().to_str().and_then(|n| n.strip_prefix(prefix)).and_then(suffix_owner).is_some_and(&remove)
+        })
+        .map(|e| e.path())
+        .collect();
+    mounts.sort();
+    for path in mounts {
+        remove_bpffs(&path);
+        removed.push(format!("bpffs {}", path.display()));
+    }
+    removed
+}
+
+/// Removes what runs killed before they could clean up left behind: the
+/// harness namespaces and bpffs mounts whose owner process is dead.
+pub fn sweep_leftovers() -> Vec<String> {
+    let own = std::process::id();
+    sweep(|pid| pid != own && !process_alive(pid))
+}
+
+/// Set once a SIGINT/SIGTERM is being handled: no new namespace or mount.
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+/// The write end of the pipe the signal handler writes the signal to.
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(signal: libc::c_int) {
+    let byte = u8::try_from(signal).unwrap_or(0);
+    // SAFETY: write(2) is async-signal-safe; the fd stays open for the
+    // process's lifetime (it is never closed).
+    unsafe { libc::write(SIGNAL_PIPE.load(Ordering::Relaxed), (&raw const byte).cast(), 1) };
+}
+
+/// Installs (once per process) SIGINT and SIGTERM handlers that remove
+/// everything this process made through the harness (its namespaces, the
+/// processes in them, its bpffs mounts: what the Drop guards would have
+/// removed) and then end the process with that signal. A handler may only
+/// do async-signal-safe things, so it wakes a thread that does the work.
+///
+/// # Panics
+/// When the pipe or the handlers cannot be set up.
+pub fn clean_up_on_signal() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+        SIGNAL_PIPE.store(fds[1], Ordering::Relaxed);
+        // SAFETY: fds[0] is a fresh descriptor that only this File owns.
+        let mut read_end = unsafe { File::from_raw_fd(fds[0]) };
+        std::thread::Builder::new()
+            .name("netns-signal-cleanup".into())
+            .spawn(move || {
+                let mut byte = [0u8];
+                if read_end.read_exact(&mut byte).is_err() {
+                    return;
+                }
+                let signal = libc::c_int::from(byte[0]);
+                TERMINATING.store(true, Ordering::SeqCst);
+                let own = std::process::id();
+                let mut removed = sweep(|pid| pid == own);
+                // A namespace another thread was making while the first
+                // sweep listed them.
+                std::thread::sleep(Duration::from_millis(200));
+                removed.extend(sweep(|pid| pid == own));
+                eprintln!("signal {signal}: removed {} namespaces and mounts of this run", removed.len());
+                // SAFETY: back to the default action, then the signal
+                // again: the process ends as the signal says (the exit
+                // status tells the parent it was signalled).
+                unsafe {
+                    libc::signal(signal, libc::SIG_DFL);
+                    libc::raise(signal);
+                }
+            })
+            .expect("spawning the signal cleanup thread");
+        for signal in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: a zeroed sigaction with a handler that only calls
+            // write(2); sa_mask empty, SA_RESTART so interrupted system
+            // calls of other threads resume.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+                action.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&raw mut action.sa_mask);
+                let rc = libc::sigaction(signal, &raw const action, std::ptr::null_mut());
+                assert_eq!(rc, 0, "sigaction: {}", std::io::Error::last_os_error());
+            }
+        }
+    });
+}
+
+/// What every harness object does before it is made: once per process,
+/// sweep what killed runs left and install the signal cleanup; refuse
+/// once a signal is being handled.
+fn before_making() -> Result<()> {
+    static START: Once = Once::new();
+    START.call_once(|| {
+        for what in sweep_leftovers() {
+            eprintln!("removed a leftover of a killed run: {what}");
+        }
+        clean_up_on_signal();
+    });
+    if TERMINATING.load(Ordering::SeqCst) {
+        bail!("terminating on a signal");
+    }
+    Ok(())
 }
 
 /// Runs a command, failing with its stderr when it fails.
@@ -108,6 +315,7 @@ impl Netns {
     /// # Errors
     /// When `ip netns add` fails.
     pub fn new(name: &str) -> Result<Self> {
+        before_making()?;
         run("ip", &["netns", "add", name])?;
         let ns = Self { name: name.to_owned() };
         ns.ip(&["link", "set", "lo", "up"])?;
@@ -217,15 +425,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        if let Ok(out) = Command::new("ip").args(["netns", "pids", &self.name]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        remove_netns(&self.name);
     }
 }
 
@@ -239,7 +439,8 @@ impl BpffsMount {
     /// # Errors
     /// When the directory or the mount cannot be made.
     pub fn new() -> Result<Self> {
-        let path = PathBuf::from(format!("/run/service-dataplane-test-{}", unique_suffix()));
+        before_making()?;
+        let path = PathBuf::from(format!("{BPFFS_PREFIX}{}", unique_suffix()));
         std::fs::create_dir_all(&path)?;
         if let Err(e) = run("mount", &["-t", "bpf", "bpf", &path.to_string_lossy()]) {
             let _ = std::fs::remove_dir(&path);
@@ -256,8 +457,7 @@ impl BpffsMount {
 
 impl Drop for BpffsMount {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).status();
-        let _ = std::fs::remove_dir(&self.path);
+        remove_bpffs(&self.path);
     }
 }
 
@@ -296,8 +496,9 @@ impl Topology {
     }
 
     /// Adds a pod with `ip`: a namespace with `eth0` (/32 address, default
-    /// route via [`POD_GATEWAY`]), its peer `veth<suffix><n>` in the node
-    /// with a /32 route to the pod.
+    /// route via [`POD_GATEWAY`]), its peer `veth<n>` in the node with a /32
+    /// route to the pod (made in the node's namespace, so unique there is
+    /// unique enough, and short whatever the suffix).
     ///
     /// # Errors
     /// When an `ip` command fails.
@@ -307,7 +508,7 @@ impl Topology {
     pub fn add_pod(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Pod> {
         self.next_if += 1;
         let ns = Netns::new(&format!("sd-{name}-{}", self.suffix))?;
-        let host_if = format!("veth{}{}", self.suffix, self.next_if);
+        let host_if = format!("veth{}", self.next_if);
         run(
             "ip",
             &[

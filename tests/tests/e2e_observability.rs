@@ -189,3 +189,107 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     let why = agent_cli(&root, &["explain", "10.244.1.10", "10.96.0.99:80/TCP"]);
     assert!(why.contains("not a Service frontend"), "{why}");
 }
+
+/// Two LoadBalancer Services with `externalTrafficPolicy: Local`, each with
+/// an endpoint on this node: `fits` (one backend) and `too-big` (41
+/// backends, more than `--map-size-backends=24` holds next to `fits`).
+fn lb_local_manifests(too_big_remote_endpoints: u8) -> String {
+    let service = |name: &str, ip: &str, node_port: u16, hc: u16, lb: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: \
+             LoadBalancer\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  externalTrafficPolicy: Local\n  \
+             healthCheckNodePort: {hc}\n  ports:\n  - {{port: 80, targetPort: 8080, nodePort: {node_port}}}\nstatus:\n  \
+             loadBalancer:\n    ingress:\n    - ip: {lb}\n---\n"
+        )
+    };
+    let slice = |name: &str, endpoints: &str| {
+        format!(
+            "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: default\n  \
+             labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{port: 8080}}]\n\
+             endpoints:\n{endpoints}---\n"
+        )
+    };
+    let local = "- {addresses: [\"10.244.1.11\"], nodeName: node-1}\n".to_owned();
+    let remote: String = (1..=too_big_remote_endpoints)
+        .map(|i| format!("- {{addresses: [\"10.244.2.{i}\"], nodeName: node-2}}\n"))
+        .collect();
+    [
+        service("fits", "10.96.0.20", 30080, 32110, "198.51.100.20"),
+        slice("fits", &local),
+        service("too-big", "10.96.0.21", 30081, 32111, "198.51.100.21"),
+        slice("too-big", &(local.clone() + &remote)),
+    ]
+    .concat()
+}
+
+#[test]
+#[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
+fn failed_map_writes_are_retried_reported_and_fail_only_their_own_services_health_check() {
+    if !is_root() {
+        eprintln!("skipped: needs root (run through `cargo xtask test`)");
+        return;
+    }
+    let topo = Topology::new().expect("node");
+    let manifests = ManifestDir::new();
+    manifests.write("services.yaml", &lb_local_manifests(40));
+    let bpffs = BpffsMount::new().expect("bpffs");
+    let mut agent =
+        Agent::start(&topo.node, manifests.path(), "node-1", &bpffs.path().join("node-1"), &["--map-size-backends=24"])
+            .expect("agent");
+    agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("sync");
+    // `GET url` from the node: status and JSON body.
+    let get = |url: &str| {
+        let out = topo.node.exec("curl", &["-sS", "--max-time", "2", "-w", "\n%{http_code}", url]).expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("{url}: {text}"));
+        // Not JSON (nothing listening yet: code 000): Null.
+        (code.to_owned(), serde_json::from_str::<serde_json::Value>(body).unwrap_or_default())
+    };
+    let healthz = |port: u16| {
+        wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+            let (code, body) = get(&format!("http://127.0.0.1:{port}/"));
+            (code != "000").then_some((code, body))
+        })
+        .expect("health check node port served")
+    };
+
+    // The Service whose rows were written answers by its local endpoint;
+    // the one whose rows do not fit answers 503 and says why.
+    let (code, body) = healthz(32110);
+    assert_eq!(code, "200", "{body}");
+    assert_eq!(body["localEndpoints"], 1);
+    let (code, body) = healthz(32111);
+    assert_eq!(code, "503", "{body}");
+    assert!(body["reason"].as_str().is_some_and(|r| r.contains("--map-size-backends")), "{body}");
+    // /healthz names the failure; /livez is not affected by it.
+    let (_, body) = get("http://127.0.0.1:10256/healthz");
+    assert!(body["reason"].as_str().is_some_and(|r| r.contains("--map-size-backends")), "{body}");
+    assert_eq!(get("http://127.0.0.1:10256/livez").0, "200");
+
+    // Nothing changes, yet the failed writes are tried again (1 s, 2 s, ...).
+    let scrape = || fixture::curl(&topo.node, "http://127.0.0.1:10249/metrics").ok().map(|b| samples(&b));
+    let m = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        scrape().filter(|m| m.get("service_dataplane_sync_retries_total").is_some_and(|n| *n >= 2.0))
+    })
+    .expect("two retries without any change");
+    assert!(m["service_dataplane_map_update_errors_pending"] >= 1.0, "{m:#?}");
+    assert!(m["service_dataplane_frontends_not_programmed"] >= 1.0, "{m:#?}");
+    assert!(m["service_dataplane_map_update_errors_total"] >= 3.0, "one per attempt: {m:#?}");
+    assert!(agent.log().contains("retrying"), "{}", agent.log());
+
+    // Room again (fewer endpoints): the next sync writes everything.
+    manifests.write("services.yaml", &lb_local_manifests(4));
+    let (code, body) = wait_until(Duration::from_secs(10), Duration::from_millis(100), || {
+        let (code, body) = get("http://127.0.0.1:32111/");
+        (code == "200").then_some((code, body))
+    })
+    .expect("too-big answers 200 once its rows are written");
+    assert_eq!((code.as_str(), &body["localEndpoints"]), ("200", &serde_json::json!(1)));
+    assert!(body.get("reason").is_none(), "{body}");
+    let m = scrape().expect("metrics");
+    assert_eq!(m["service_dataplane_map_update_errors_pending"], 0.0, "{m:#?}");
+    assert_eq!(m["service_dataplane_frontends_not_programmed"], 0.0, "{m:#?}");
+    let (code, body) = get("http://127.0.0.1:10256/healthz");
+    assert_eq!(code, "200");
+    assert!(body.get("reason").is_none(), "{body}");
+}

@@ -1,11 +1,20 @@
 //! `cargo xtask setup | build-ebpf | test | demo | bench | soak`: the project's developer
 //! commands. `test` and `demo` run `setup` first, so on a fresh machine (as
 //! root) they are the only commands needed.
+//!
+//! Interrupting them is safe: a SIGINT or SIGTERM to xtask is forwarded to
+//! the process it waits for (and that process's children); the test
+//! harness, the bench and the demo remove their network namespaces and
+//! mounts on it; then xtask sweeps what any killed run left (`netns-sweep`)
+//! and exits. `test`, `bench`, `demo` and `soak` also sweep before they
+//! start.
 
 use std::{
     io::{BufRead as _, BufReader},
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicI32, Ordering},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -83,12 +92,91 @@ fn cargo() -> Command {
     cmd
 }
 
+/// The process group of the child xtask waits for (0: none).
+static CHILD_GROUP: AtomicI32 = AtomicI32::new(0);
+/// The SIGINT/SIGTERM xtask received (0: none).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward_signal(signal: libc::c_int) {
+    SIGNALLED.store(signal, Ordering::SeqCst);
+    let group = CHILD_GROUP.load(Ordering::SeqCst);
+    if group > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(-group, signal) };
+    }
+}
+
+/// From now on SIGINT and SIGTERM are forwarded to the child being waited
+/// for instead of killing xtask (which would leave the child running, or
+/// killed before it could clean up).
+fn forward_signals() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction whose handler only touches atomics and
+        // calls kill(2); SA_RESTART so the wait for the child resumes.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&raw mut action.sa_mask);
+            libc::sigaction(signal, &raw const action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Starts `cmd` as the leader of a process group of its own, which a
+/// forwarded signal reaches whole (cargo and the test binaries it runs;
+/// a test binary and the agents and servers it started). In a group of its
+/// own it no longer gets the terminal's Ctrl-C directly: xtask forwards it.
+fn spawn(cmd: &mut Command) -> Result<Child> {
+    let child = cmd.process_group(0).spawn().with_context(|| format!("starting {cmd:?}"))?;
+    let group = i32::try_from(child.id()).unwrap_or(0);
+    CHILD_GROUP.store(group, Ordering::SeqCst);
+    // A signal that came before the group was known.
+    let signal = SIGNALLED.load(Ordering::SeqCst);
+    if signal != 0 && group > 0 {
+        // SAFETY: signalling our own child's group.
+        unsafe { libc::kill(-group, signal) };
+    }
+    Ok(child)
+}
+
+/// After a child ended: when xtask was signalled, sweep what killed runs
+/// left and exit (128 + the signal, as a shell reports it).
+fn exit_if_signalled() {
+    CHILD_GROUP.store(0, Ordering::SeqCst);
+    let signal = SIGNALLED.load(Ordering::SeqCst);
+    if signal != 0 {
+        eprintln!("xtask: interrupted by signal {signal}; removing leftovers");
+        sweep_leftovers();
+        std::process::exit(128 + signal);
+    }
+}
+
+/// `netns-sweep` (built with the other binaries): removes the namespaces
+/// and mounts of test, bench and demo runs whose process is dead. Nothing
+/// to do when it is not built yet: nothing was made then.
+fn sweep_leftovers() {
+    let sweep = release_bin("netns-sweep");
+    if sweep.exists() && is_root() {
+        let _ = Command::new(sweep).status();
+    }
+}
+
 fn status(cmd: &mut Command) -> Result<()> {
-    let st = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    let st = spawn(cmd)?.wait();
+    exit_if_signalled();
+    let st = st.with_context(|| format!("waiting for {cmd:?}"))?;
     if !st.success() {
         bail!("{cmd:?} failed: {st}");
     }
     Ok(())
+}
+
+/// `cmd.output()`, with the signal forwarding of [`spawn`].
+fn output(cmd: &mut Command) -> Result<Output> {
+    let out = spawn(cmd.stdout(Stdio::piped()))?.wait_with_output();
+    exit_if_signalled();
+    Ok(out?)
 }
 
 fn have(program: &str) -> bool {
@@ -176,10 +264,7 @@ fn setup() -> Result<()> {
 
 /// The `OUT_DIR` of service-agent's build script in a `--release` build.
 fn build_ebpf() -> Result<PathBuf> {
-    let out = cargo()
-        .args(["build", "--release", "-p", "service-agent", "--message-format=json"])
-        .stderr(Stdio::inherit())
-        .output()
+    let out = output(cargo().args(["build", "--release", "-p", "service-agent", "--message-format=json"]))
         .context("cargo build")?;
     if !out.status.success() {
         bail!("building service-agent failed");
@@ -228,14 +313,15 @@ impl Totals {
 
 /// Runs `cmd`, echoing its output and counting its test results.
 fn run_counted(cmd: &mut Command, label: &str, totals: &mut Totals) -> Result<()> {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("starting {label}"))?;
+    let mut child = spawn(cmd.stdout(Stdio::piped())).with_context(|| format!("starting {label}"))?;
     let stdout = child.stdout.take().context("stdout")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         println!("{line}");
         totals.add_line(&line);
     }
-    if !child.wait()?.success() {
+    let st = child.wait();
+    exit_if_signalled();
+    if !st?.success() {
         totals.failed_binaries.push(label.to_owned());
     }
     Ok(())
@@ -243,10 +329,7 @@ fn run_counted(cmd: &mut Command, label: &str, totals: &mut Totals) -> Result<()
 
 /// Test executables of `package` from `cargo test --no-run`.
 fn test_executables(package: &str) -> Result<Vec<PathBuf>> {
-    let out = cargo()
-        .args(["test", "--release", "-p", package, "--no-run", "--message-format=json"])
-        .stderr(Stdio::inherit())
-        .output()?;
+    let out = output(cargo().args(["test", "--release", "-p", package, "--no-run", "--message-format=json"]))?;
     if !out.status.success() {
         bail!("building the tests of {package} failed");
     }
@@ -267,8 +350,11 @@ fn release_bin(name: &str) -> PathBuf {
     root_dir().join("target/release").join(name)
 }
 
+/// Builds the binaries, then sweeps what killed runs left.
 fn build_bins() -> Result<()> {
-    status(cargo().args(["build", "--release", "-p", "service-agent", "-p", "service-tests", "--bins"]))
+    status(cargo().args(["build", "--release", "-p", "service-agent", "-p", "service-tests", "--bins"]))?;
+    sweep_leftovers();
+    Ok(())
 }
 
 fn test() -> Result<()> {
@@ -373,7 +459,11 @@ fn soak(minutes: u32, connections: u32) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if matches!(command, Cmd::Test | Cmd::Demo | Cmd::Bench { .. } | Cmd::Soak { .. }) {
+        forward_signals();
+    }
+    match command {
         Cmd::Soak { minutes, connections } => soak(minutes, connections),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Setup => setup(),

@@ -131,7 +131,7 @@ pub fn services(state: &MapState) -> Vec<ServiceRow> {
         .map(|(k, v)| {
             let mut per_backend: BTreeMap<u32, u32> = BTreeMap::new();
             for s in 1..=v.count {
-                let slot = k.with_slot(v.version, u16::try_from(s).unwrap_or(u16::MAX));
+                let slot = k.with_slot(v.version, s);
                 if let Some(row) = state.services.get(&slot) {
                     *per_backend.entry(row.backend_id).or_default() += 1;
                 }
@@ -434,7 +434,7 @@ pub fn explain(root: &Path, src: &str, dst: &str) -> Result<String, InspectError
     if let Some(port) = src_port {
         let h = hash::flow_hash(&addr_v4(src_ip.octets()), &key0.addr, port_be(port), key0.port, proto);
         let slot = hash::slot_for(h, svc.count);
-        let row = state.services.get(&key0.with_slot(svc.version, u16::try_from(slot).unwrap_or(u16::MAX)));
+        let row = state.services.get(&key0.with_slot(svc.version, slot));
         let _ = writeln!(
             out,
             "a new flow from {src_ip}:{port} hashes to slot {slot} of {}: {}",

@@ -1,6 +1,9 @@
 //! The pinned BPF maps: loading the eBPF object with its maps pinned under
-//! `--bpffs-root`, the [`MapIo`] implementation the reconciler writes
+//! `--bpffs-root` (migrating pins of another layout or size, see
+//! [`layout`]), the [`MapIo`] implementation the reconciler writes
 //! through, reading the per-CPU counters, and removing the pins.
+
+pub mod layout;
 
 use std::{
     io,
@@ -9,17 +12,20 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key as LpmKey},
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey},
 };
 use service_common::{
-    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey,
-    map_names, stats,
+    AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, RevNatValue, ServiceKey, ServiceValue,
+    SourceRangeKey, agent_state, map_names, stats,
 };
 
-use crate::reconciler::{MapError, MapIo, MapState};
+use crate::reconciler::{MapError, MapIo, MapState, NextIds};
 
 /// The eBPF object built by build.rs (empty when the toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/service-ebpf"));
+
+/// `BPF_NOEXIST`: an update that only creates.
+const BPF_NOEXIST: u64 = 1;
 
 /// `statfs(2)` magic of the BPF filesystem.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -64,6 +70,8 @@ pub enum LoadError {
     Load(#[from] aya::EbpfError),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("parsing the eBPF object: {0}")]
+    Object(String),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
 }
@@ -113,10 +121,37 @@ pub fn prepare_bpffs_root(root: &Path) -> Result<(), LoadError> {
 /// # Errors
 /// When the object is missing, bpffs is unusable or the kernel refuses it.
 pub fn load(root: &Path, sizes: MapSizes) -> Result<Ebpf, LoadError> {
+    load_migrating(root, sizes).map(|(ebpf, _)| ebpf)
+}
+
+impl MapSizes {
+    /// The capacity the `--map-size-*` flags set for map `name` (`None`:
+    /// the object's).
+    #[must_use]
+    pub fn of(&self, name: &str) -> Option<u32> {
+        match name {
+            map_names::SERVICES => Some(self.services),
+            map_names::BACKENDS | map_names::REV_NAT => Some(self.backends),
+            map_names::CONNTRACK => Some(self.conntrack),
+            map_names::CONNTRACK_NEW => Some(self.conntrack_new),
+            map_names::FRAGMENTS => Some(self.fragments),
+            _ => None,
+        }
+    }
+}
+
+/// [`load`], also returning the pinned maps it replaced because their
+/// layout or capacity differed (each logged).
+///
+/// # Errors
+/// As [`load`].
+pub fn load_migrating(root: &Path, sizes: MapSizes) -> Result<(Ebpf, Vec<layout::Migration>), LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NoObject);
     }
     prepare_bpffs_root(root)?;
+    let wanted = layout::wanted(OBJECT, |name| sizes.of(name))?;
+    let mut migrations = layout::prepare(root, &wanted)?;
     // The maps are BTF-defined (so `bpftool map dump` prints fields by
     // name) and carry no pinning attribute: each gets its pin path here,
     // where aya reuses an existing pin or creates and pins the map.
@@ -125,15 +160,25 @@ pub fn load(root: &Path, sizes: MapSizes) -> Result<Ebpf, LoadError> {
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
-    let ebpf = loader
-        .map_max_entries(map_names::SERVICES, sizes.services)
-        .map_max_entries(map_names::BACKENDS, sizes.backends)
-        .map_max_entries(map_names::REV_NAT, sizes.backends)
-        .map_max_entries(map_names::CONNTRACK, sizes.conntrack)
-        .map_max_entries(map_names::CONNTRACK_NEW, sizes.conntrack_new)
-        .map_max_entries(map_names::FRAGMENTS, sizes.fragments)
-        .load(OBJECT)?;
-    Ok(ebpf)
+    for name in map_names::ALL {
+        if let Some(size) = sizes.of(name) {
+            loader.map_max_entries(name, size);
+        }
+    }
+    let ebpf = loader.load(OBJECT)?;
+    layout::finish(root, &mut migrations)?;
+    for m in &migrations {
+        tracing::warn!(
+            map = m.name,
+            change = ?m.change,
+            from = ?m.from,
+            to = ?m.to,
+            rows_copied = m.rows_copied,
+            rows_dropped = m.rows_dropped,
+            "a pinned map of another layout or capacity was replaced"
+        );
+    }
+    Ok((ebpf, migrations))
 }
 
 /// Removes the pins `load` made under `root`, and `root` if it is then
@@ -142,6 +187,7 @@ pub fn load(root: &Path, sizes: MapSizes) -> Result<Ebpf, LoadError> {
 /// # Errors
 /// When a pin exists but cannot be removed.
 pub fn remove_pins(root: &Path) -> io::Result<()> {
+    layout::remove_migrating_pins(root)?;
     for name in map_names::ALL {
         match std::fs::remove_file(root.join(name)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -154,18 +200,18 @@ pub fn remove_pins(root: &Path) -> io::Result<()> {
     }
 }
 
-/// The agent's three maps, written by the reconciler.
+/// The maps the reconciler writes: the frontends, backends, rev-NAT and
+/// source-range rows, the counters created and deleted with the backend
+/// and rev-NAT rows of the same id, and the id counters in `agent_state`.
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    service_counters: PerCpuHashMap<MapData, u32, Counters>,
+    backend_counters: PerCpuHashMap<MapData, u32, Counters>,
+    agent_state: HashMap<MapData, agent_state::Key, u64>,
     sizes: MapSizes,
-}
-
-fn take<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &'static str) -> Result<HashMap<MapData, K, V>, LoadError> {
-    let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
-    HashMap::try_from(map).map_err(|source| LoadError::Map { name, source })
 }
 
 fn open_pinned(root: &Path, name: &'static str) -> Result<Map, LoadError> {
@@ -179,15 +225,31 @@ impl PinnedMaps {
     /// # Errors
     /// When a map is missing or of the wrong type.
     pub fn from_ebpf(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, LoadError> {
+        let mut typed = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
+        let services = typed(map_names::SERVICES)?;
+        let backends = typed(map_names::BACKENDS)?;
+        let rev_nat = typed(map_names::REV_NAT)?;
+        let source_ranges = typed(map_names::SOURCE_RANGES)?;
+        let service_counters = typed(map_names::SERVICE_COUNTERS)?;
+        let backend_counters = typed(map_names::BACKEND_COUNTERS)?;
+        let agent_state = typed(map_names::AGENT_STATE)?;
+        Self::from_maps([services, backends, rev_nat, source_ranges, service_counters, backend_counters, agent_state], sizes)
+    }
+
+    fn from_maps(maps: [Map; 7], sizes: MapSizes) -> Result<Self, LoadError> {
+        use map_names::{
+            AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES,
+        };
+        let [services, backends, rev_nat, source_ranges, service_counters, backend_counters, agent_state] = maps;
+        let err = |name| move |source| LoadError::Map { name, source };
         Ok(Self {
-            services: take(ebpf, map_names::SERVICES)?,
-            backends: take(ebpf, map_names::BACKENDS)?,
-            rev_nat: take(ebpf, map_names::REV_NAT)?,
-            source_ranges: {
-                let name = map_names::SOURCE_RANGES;
-                let map = ebpf.take_map(name).ok_or(LoadError::MissingMap(name))?;
-                LpmTrie::try_from(map).map_err(|source| LoadError::Map { name, source })?
-            },
+            services: HashMap::try_from(services).map_err(err(SERVICES))?,
+            backends: HashMap::try_from(backends).map_err(err(BACKENDS))?,
+            rev_nat: HashMap::try_from(rev_nat).map_err(err(REV_NAT))?,
+            source_ranges: LpmTrie::try_from(source_ranges).map_err(err(SOURCE_RANGES))?,
+            service_counters: PerCpuHashMap::try_from(service_counters).map_err(err(SERVICE_COUNTERS))?,
+            backend_counters: PerCpuHashMap::try_from(backend_counters).map_err(err(BACKEND_COUNTERS))?,
+            agent_state: HashMap::try_from(agent_state).map_err(err(AGENT_STATE))?,
             sizes,
         })
     }
@@ -197,19 +259,49 @@ impl PinnedMaps {
     /// # Errors
     /// When a pin is missing or of the wrong type.
     pub fn open(root: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
-        let typed = |name| {
-            open_pinned(root, name).and_then(|m| HashMap::try_from(m).map_err(|source| LoadError::Map { name, source }))
+        use map_names::{
+            AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES,
         };
-        Ok(Self {
-            services: typed(map_names::SERVICES)?,
-            backends: HashMap::try_from(open_pinned(root, map_names::BACKENDS)?)
-                .map_err(|source| LoadError::Map { name: map_names::BACKENDS, source })?,
-            rev_nat: HashMap::try_from(open_pinned(root, map_names::REV_NAT)?)
-                .map_err(|source| LoadError::Map { name: map_names::REV_NAT, source })?,
-            source_ranges: LpmTrie::try_from(open_pinned(root, map_names::SOURCE_RANGES)?)
-                .map_err(|source| LoadError::Map { name: map_names::SOURCE_RANGES, source })?,
-            sizes,
-        })
+        let mut maps = Vec::new();
+        for name in [SERVICES, BACKENDS, REV_NAT, SOURCE_RANGES, SERVICE_COUNTERS, BACKEND_COUNTERS, AGENT_STATE] {
+            maps.push(open_pinned(root, name)?);
+        }
+        let maps: [Map; 7] = maps.try_into().map_err(|_| LoadError::MissingMap(SERVICES))?;
+        Self::from_maps(maps, sizes)
+    }
+
+    /// Creates the zeroed counters of a new id (a row already there, e.g.
+    /// adopted from an earlier agent, is kept).
+    fn create_counters(map: &mut PerCpuHashMap<MapData, u32, Counters>, name: &'static str, id: u32) -> Result<(), MapError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Io { map: name, op: "nr_cpus", source: e })?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
+            .map_err(|e| MapError::Io { map: name, op: "update", source: e })?;
+        match map.insert(id, zero, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            // Counters are not worth failing a row for: a missing row only
+            // means the id's packets are not counted.
+            Err(e) => {
+                tracing::warn!(map = name, id, error = %e, "creating the counters of a new id");
+                Ok(())
+            }
+        }
+    }
+
+    fn delete_counters(map: &mut PerCpuHashMap<MapData, u32, Counters>, name: &'static str, id: u32) {
+        if let Err(e) = map.remove(&id)
+            && !is_not_found(&e)
+        {
+            tracing::warn!(map = name, id, error = %e, "deleting the counters of a freed id");
+        }
+    }
+
+    fn state_row(&self, name: &str) -> u64 {
+        self.agent_state.get(&agent_state::key(name), 0).unwrap_or(0)
     }
 }
 
@@ -294,7 +386,22 @@ impl MapIo for PinnedMaps {
                 }
                 rows
             },
+            next_ids: NextIds {
+                backend: u32::try_from(self.state_row(agent_state::NEXT_BACKEND_ID)).unwrap_or(0),
+                rev_nat: u32::try_from(self.state_row(agent_state::NEXT_REV_NAT_ID)).unwrap_or(0),
+            },
         })
+    }
+
+    fn put_next_ids(&mut self, next: NextIds) -> Result<(), MapError> {
+        for (name, id) in [(agent_state::NEXT_BACKEND_ID, next.backend), (agent_state::NEXT_REV_NAT_ID, next.rev_nat)] {
+            self.agent_state.insert(agent_state::key(name), u64::from(id), 0).map_err(|e| MapError::Io {
+                map: map_names::AGENT_STATE,
+                op: "update",
+                source: io::Error::other(e),
+            })?;
+        }
+        Ok(())
     }
 
     fn put_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
@@ -323,23 +430,30 @@ impl MapIo for PinnedMaps {
     }
 
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        // The counters first: the row's first packet is counted.
+        Self::create_counters(&mut self.backend_counters, map_names::BACKEND_COUNTERS, id)?;
         self.backends
             .insert(id, value, 0)
             .map_err(|e| classify(map_names::BACKENDS, "update", self.sizes.backends, "--map-size-backends", e))
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
-        delete_row(&mut self.backends, map_names::BACKENDS, &id)
+        delete_row(&mut self.backends, map_names::BACKENDS, &id)?;
+        Self::delete_counters(&mut self.backend_counters, map_names::BACKEND_COUNTERS, id);
+        Ok(())
     }
 
     fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError> {
+        Self::create_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id)?;
         self.rev_nat
             .insert(id, value, 0)
             .map_err(|e| classify(map_names::REV_NAT, "update", self.sizes.backends, "--map-size-backends", e))
     }
 
     fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError> {
-        delete_row(&mut self.rev_nat, map_names::REV_NAT, &id)
+        delete_row(&mut self.rev_nat, map_names::REV_NAT, &id)?;
+        Self::delete_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id);
+        Ok(())
     }
 }
 

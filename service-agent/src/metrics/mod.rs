@@ -10,10 +10,18 @@
 //!   objects rejected as invalid, and the conntrack garbage collector's
 //!   work and findings ([`GcMetrics`]: passes, entries deleted by map and
 //!   reason, live entries, SNAT ports in use).
-//! - `/healthz` and `/livez` on `--healthz-bind-address` (default
-//!   0.0.0.0:10256): 200 while syncs keep up, 503 when a change has waited
-//!   longer than [`HEALTH_TIMEOUT`] to be programmed (kube-proxy's
-//!   semantics), with kube-proxy's JSON body.
+//!   Failed map writes are counted (`service_dataplane_map_update_errors`),
+//!   and while they are retried the failures of the last attempt and the
+//!   frontends left unprogrammed are gauges.
+//! - `/healthz` on `--healthz-bind-address` (default 0.0.0.0:10256): 200
+//!   while syncs keep up, 503 when a change has waited longer than
+//!   [`HEALTH_TIMEOUT`] to be programmed (kube-proxy's semantics), with
+//!   kube-proxy's JSON body plus a `reason` naming what is wrong (the failed
+//!   map writes being retried, or how long a change has waited).
+//! - `/livez` on the same address: 503 only when the agent's main loop has
+//!   not gone round for [`LIVENESS_TIMEOUT`] (it is wedged). An agent that
+//!   is merely behind (a map full, writes retried) stays live: restarting
+//!   it would not help and would drop its retry state.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -40,6 +48,11 @@ use crate::{
 
 /// A change not programmed within this long makes `/healthz` fail.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
+/// The main loop not going round for this long makes `/livez` fail. It
+/// wakes at least every 5 s (the interface re-scan) and a sync of a large
+/// cluster takes seconds, so only a wedged loop (a blocked syscall, a
+/// deadlock, a sync that never ends) misses it.
+pub const LIVENESS_TIMEOUT: Duration = Duration::from_mins(2);
 /// The EndpointSlice annotation kube-proxy measures network programming
 /// latency from.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
@@ -250,6 +263,9 @@ pub struct Metrics {
     invalid_objects: Family<KindLabel, Gauge>,
     map_entries: Family<MapLabel, Gauge>,
     map_update_errors: prometheus_client::metrics::counter::Counter,
+    map_update_errors_pending: Gauge,
+    frontends_not_programmed: Gauge,
+    sync_retries: prometheus_client::metrics::counter::Counter,
     gc: GcMetrics,
     /// Trigger times already observed, per EndpointSlice.
     seen_triggers: Mutex<BTreeMap<String, String>>,
@@ -316,6 +332,25 @@ impl Metrics {
             "Map writes that failed (a full map names the flag to raise in the log)",
             map_update_errors.clone(),
         );
+        let map_update_errors_pending = Gauge::default();
+        registry.register(
+            "service_dataplane_map_update_errors_pending",
+            "Map writes that failed in the last sync and are retried with backoff (0 once a sync writes every row)",
+            map_update_errors_pending.clone(),
+        );
+        let frontends_not_programmed = Gauge::default();
+        registry.register(
+            "service_dataplane_frontends_not_programmed",
+            "Desired frontends whose rows could not be written as desired (they keep their previous rows; retried \
+             with backoff, and their Services' health check node ports answer 503)",
+            frontends_not_programmed.clone(),
+        );
+        let sync_retries = prometheus_client::metrics::counter::Counter::default();
+        registry.register(
+            "service_dataplane_sync_retries",
+            "Syncs run again after failed map writes (1 s after the failure, doubling up to 30 s)",
+            sync_retries.clone(),
+        );
         let gc = GcMetrics::register(&mut registry, map_entries.clone());
         let counter_labels = Arc::new(Mutex::new(CounterLabels::default()));
         registry.register_collector(Box::new(PacketCounters { bpffs_root, labels: counter_labels.clone() }));
@@ -327,6 +362,9 @@ impl Metrics {
             invalid_objects,
             map_entries,
             map_update_errors,
+            map_update_errors_pending,
+            frontends_not_programmed,
+            sync_retries,
             gc,
             seen_triggers: Mutex::new(BTreeMap::new()),
             counter_labels,
@@ -348,6 +386,7 @@ impl Metrics {
             self.last_sync.set(now.as_secs_f64());
         }
         self.map_update_errors.inc_by(map_errors as u64);
+        self.map_update_errors_pending.set(i64::try_from(map_errors).unwrap_or(i64::MAX));
         self.observe_maps(applied);
         let mut invalid: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for e in &desired.errors {
@@ -361,6 +400,17 @@ impl Metrics {
         }
         self.observe_programming(objects);
         self.label_counters(desired, applied);
+    }
+
+    /// How many desired frontends are not programmed as desired after a
+    /// sync.
+    pub fn observe_not_programmed(&self, frontends: usize) {
+        self.frontends_not_programmed.set(i64::try_from(frontends).unwrap_or(i64::MAX));
+    }
+
+    /// A sync run by the retry backoff rather than by a change.
+    pub fn record_retry(&self) {
+        self.sync_retries.inc();
     }
 
     /// The garbage collector's metrics.
@@ -436,51 +486,156 @@ impl Metrics {
     }
 }
 
-/// Whether syncs keep up.
+/// Whether syncs keep up (`/healthz`), and whether the main loop still goes
+/// round (`/livez`).
 #[derive(Debug, Default)]
 pub struct Health {
     state: Mutex<HealthState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HealthState {
     last_synced: Option<SystemTime>,
     /// When the oldest change not yet programmed arrived.
     pending_since: Option<Instant>,
+    /// When the oldest change no sync has tried to program yet arrived.
+    unattempted_since: Option<Instant>,
+    /// The map writes the last sync could not do (retried with backoff).
+    failures: Vec<String>,
+    /// When the main loop last went round.
+    heartbeat: Instant,
 }
 
+impl Default for HealthState {
+    fn default() -> Self {
+        Self {
+            last_synced: None,
+            pending_since: None,
+            unattempted_since: None,
+            failures: Vec::new(),
+            heartbeat: Instant::now(),
+        }
+    }
+}
+
+/// How many failures `/healthz` names before summing up the rest.
+const REASONS_SHOWN: usize = 3;
+
 impl Health {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// A change arrived (from the source, or the agent started).
     pub fn queued(&self) {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.pending_since.get_or_insert_with(Instant::now);
+        let mut s = self.lock();
+        let now = Instant::now();
+        s.pending_since.get_or_insert(now);
+        s.unattempted_since.get_or_insert(now);
     }
 
     /// Everything queued so far is programmed.
     pub fn synced(&self) {
-        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut s = self.lock();
         s.pending_since = None;
+        s.unattempted_since = None;
+        s.failures.clear();
         s.last_synced = Some(SystemTime::now());
+    }
+
+    /// A sync ran but could not write every row (`failures`, one line
+    /// each); what is queued stays pending until a retry writes it.
+    pub fn sync_failed(&self, failures: Vec<String>) {
+        let mut s = self.lock();
+        s.unattempted_since = None;
+        s.failures = failures;
+    }
+
+    /// The main loop went round.
+    pub fn beat(&self) {
+        self.lock().heartbeat = Instant::now();
     }
 
     /// No change has waited longer than the timeout to be programmed.
     #[must_use]
     pub fn is_healthy(&self) -> bool {
-        let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.pending_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT)
+        self.lock().pending_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT)
     }
 
-    /// 200 or 503, and kube-proxy's body.
-    fn report(&self) -> (StatusCode, String) {
-        let healthy = self.is_healthy();
-        let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    /// Every change has been tried within the timeout, whether or not all
+    /// of its writes succeeded: what a Service's health check node port
+    /// takes as the proxy's health, so that rows of *other* Services that
+    /// do not fit never fail it (its own failed rows do, see
+    /// `crate::healthcheck`).
+    #[must_use]
+    pub fn is_syncing(&self) -> bool {
+        self.lock().unattempted_since.is_none_or(|since| since.elapsed() <= HEALTH_TIMEOUT)
+    }
+
+    /// Makes the oldest pending change `by` old (tests).
+    #[cfg(test)]
+    pub(crate) fn backdate_pending(&self, by: Duration) {
+        self.lock().pending_since = Instant::now().checked_sub(by);
+    }
+
+    /// The main loop went round within [`LIVENESS_TIMEOUT`].
+    #[must_use]
+    pub fn is_live(&self) -> bool {
+        self.lock().heartbeat.elapsed() <= LIVENESS_TIMEOUT
+    }
+
+    fn body(s: &HealthState, reason: Option<String>) -> String {
         let fmt =
             |t: SystemTime| k8s_openapi::jiff::Timestamp::try_from(t).map_or_else(|_| String::new(), |t| t.to_string());
-        let body = serde_json::json!({
+        let mut body = serde_json::json!({
             "lastUpdated": s.last_synced.map(fmt).unwrap_or_default(),
             "currentTime": fmt(SystemTime::now()),
         });
-        (if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, body.to_string())
+        if let Some(reason) = reason {
+            body["reason"] = reason.into();
+        }
+        body.to_string()
+    }
+
+    /// `/healthz`: 200 or 503, and kube-proxy's body; `reason` names the
+    /// failed writes being retried (even before they make it fail), or
+    /// how long a change has waited.
+    fn report(&self) -> (StatusCode, String) {
+        let healthy = self.is_healthy();
+        let s = self.lock();
+        let reason = if s.failures.is_empty() {
+            s.pending_since.filter(|_| !healthy).map(|since| {
+                format!("a change has waited {}s to be programmed", since.elapsed().as_secs())
+            })
+        } else {
+            let mut shown: Vec<&str> = s.failures.iter().take(REASONS_SHOWN).map(String::as_str).collect();
+            let more = s.failures.len().saturating_sub(REASONS_SHOWN);
+            let more = format!("and {more} more (see the log)");
+            if s.failures.len() > REASONS_SHOWN {
+                shown.push(&more);
+            }
+            Some(format!(
+                "{} map write(s) failed, retrying with backoff{}: {}",
+                s.failures.len(),
+                s.pending_since.map_or_else(String::new, |since| format!(
+                    " (changes waiting {}s)",
+                    since.elapsed().as_secs()
+                )),
+                shown.join("; ")
+            ))
+        };
+        (if healthy { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Self::body(&s, reason))
+    }
+
+    /// `/livez`: 503 only when the main loop is wedged.
+    fn live_report(&self) -> (StatusCode, String) {
+        let s = self.lock();
+        let stalled = s.heartbeat.elapsed();
+        if stalled <= LIVENESS_TIMEOUT {
+            return (StatusCode::OK, Self::body(&s, None));
+        }
+        let reason = format!("the agent's main loop has not run for {}s (wedged)", stalled.as_secs());
+        (StatusCode::SERVICE_UNAVAILABLE, Self::body(&s, Some(reason)))
     }
 }
 
@@ -491,6 +646,16 @@ async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 async fn health_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {
     let (code, body) = h.report();
     (code, [("content-type", "application/json")], body)
+}
+
+async fn live_handler(State(h): State<Arc<Health>>) -> impl IntoResponse {
+    let (code, body) = h.live_report();
+    (code, [("content-type", "application/json")], body)
+}
+
+/// `/healthz` (syncs keep up) and `/livez` (the main loop is not wedged).
+fn health_router(health: Arc<Health>) -> Router {
+    Router::new().route("/healthz", get(health_handler)).route("/livez", get(live_handler)).with_state(health)
 }
 
 /// Binds both servers (failing fast on a taken port) and serves them in
@@ -507,8 +672,7 @@ pub async fn serve(
     let metrics_listener = tokio::net::TcpListener::bind(metrics_addr).await?;
     let healthz_listener = tokio::net::TcpListener::bind(healthz_addr).await?;
     let metrics_app = Router::new().route("/metrics", get(metrics_handler)).with_state(metrics);
-    let health_app =
-        Router::new().route("/healthz", get(health_handler)).route("/livez", get(health_handler)).with_state(health);
+    let health_app = health_router(health);
     tokio::spawn(async move {
         if let Err(e) = axum::serve(metrics_listener, metrics_app).await {
             tracing::warn!(error = %e, "metrics server stopped");
@@ -551,6 +715,115 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn failed_writes_and_retries_are_exported() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"), MapSizes::default());
+        let objects = Objects::default();
+        let desired = Desired::default();
+        let applied = MapState::default();
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2);
+        m.observe_not_programmed(3);
+        m.record_retry();
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2);
+        let text = m.encode();
+        for want in [
+            "service_dataplane_map_update_errors_total 4",
+            "service_dataplane_map_update_errors_pending 2",
+            "service_dataplane_frontends_not_programmed 3",
+            "service_dataplane_sync_retries_total 1",
+        ] {
+            assert!(text.contains(want), "{want} missing from:\n{text}");
+        }
+        // A sync that writes everything: nothing pending any more.
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0);
+        m.observe_not_programmed(0);
+        let text = m.encode();
+        assert!(text.contains("service_dataplane_map_update_errors_pending 0"), "{text}");
+        assert!(text.contains("service_dataplane_frontends_not_programmed 0"), "{text}");
+    }
+
+    #[test]
+    fn healthz_names_the_failed_writes_and_fails_when_they_outlast_the_timeout() {
+        let h = Health::default();
+        h.queued();
+        let failure = "Service default/web 10.96.0.10:81/TCP internal: map services is full (40 entries): raise it \
+                       with --map-size-services";
+        h.sync_failed(vec![failure.to_owned()]);
+        let (code, body) = h.report();
+        assert_eq!(code, StatusCode::OK, "within the timeout: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let reason = v["reason"].as_str().expect("a reason while writes fail");
+        assert!(reason.contains("--map-size-services") && reason.contains("retrying"), "{reason}");
+        // Still failing after the timeout: unhealthy, and says why.
+        h.lock().pending_since = Instant::now().checked_sub(HEALTH_TIMEOUT + Duration::from_secs(1));
+        let (code, body) = h.report();
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("map services is full"), "{body}");
+        assert!(h.is_syncing(), "the failed change was tried: other Services' health checks are unaffected");
+        // Many failures: a few named, the rest counted.
+        h.sync_failed((0..5).map(|i| format!("failure {i}")).collect());
+        let (_, body) = h.report();
+        assert!(body.contains("5 map write(s) failed") && body.contains("and 2 more"), "{body}");
+        // A retry that writes everything.
+        h.synced();
+        let (code, body) = h.report();
+        assert_eq!(code, StatusCode::OK);
+        assert!(!body.contains("reason"), "{body}");
+    }
+
+    #[test]
+    fn a_change_never_tried_fails_the_proxy_health_of_health_check_node_ports() {
+        let h = Health::default();
+        h.queued();
+        assert!(h.is_syncing());
+        h.lock().unattempted_since = Instant::now().checked_sub(HEALTH_TIMEOUT + Duration::from_secs(1));
+        assert!(!h.is_syncing());
+        h.sync_failed(vec!["x".into()]);
+        assert!(h.is_syncing(), "tried, though not all written");
+    }
+
+    /// `GET path` against `router` served on a loopback port: status and body.
+    async fn get(router: Router, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move { axum::serve(listener, router).await });
+        let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .expect("request");
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).await.expect("response");
+        server.abort();
+        let code = raw.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status line");
+        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (code, body)
+    }
+
+    #[tokio::test]
+    async fn livez_fails_only_when_the_main_loop_is_wedged_and_healthz_only_when_syncs_fall_behind() {
+        let h = Arc::new(Health::default());
+        h.queued();
+        // Behind: a change waiting past the timeout, the loop going round.
+        h.lock().pending_since = Instant::now().checked_sub(HEALTH_TIMEOUT + Duration::from_secs(1));
+        h.beat();
+        let (code, body) = get(health_router(h.clone()), "/healthz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("a change has waited"), "{body}");
+        let (code, body) = get(health_router(h.clone()), "/livez").await;
+        assert_eq!(code, 200, "behind but not wedged: a restart would not help: {body}");
+        // Wedged: synced long ago, the loop has not gone round since.
+        h.synced();
+        h.lock().heartbeat = Instant::now().checked_sub(LIVENESS_TIMEOUT + Duration::from_secs(1)).expect("past");
+        let (code, _) = get(health_router(h.clone()), "/healthz").await;
+        assert_eq!(code, 200);
+        let (code, body) = get(health_router(h.clone()), "/livez").await;
+        assert_eq!(code, 503);
+        assert!(body.contains("main loop has not run"), "{body}");
+        h.beat();
+        assert_eq!(get(health_router(h.clone()), "/livez").await.0, 200);
     }
 
     #[test]

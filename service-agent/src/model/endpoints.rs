@@ -81,11 +81,18 @@ pub fn candidates(
             field,
             message,
         };
-        let matching = slice.ports.iter().flatten().enumerate().find(|(_, p)| {
+        let mut matching = slice.ports.iter().flatten().enumerate().filter(|(_, p)| {
             p.name.as_deref().unwrap_or("") == port_name
                 && Protocol::parse(p.protocol.as_deref()).is_ok_and(|proto| proto == protocol)
         });
-        let Some((pi, slice_port)) = matching else { continue };
+        let Some((pi, slice_port)) = matching.next() else { continue };
+        if let Some((again, _)) = matching.next() {
+            // The API server refuses a port name twice in one slice.
+            errors.push(slice_err(
+                format!("ports[{again}]"),
+                format!("port name {port_name:?} ({protocol}) is a duplicate of ports[{pi}]; only that one is used"),
+            ));
+        }
         let Some(port) = slice_port.port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p != 0) else {
             errors.push(slice_err(
                 format!("ports[{pi}].port"),
@@ -101,7 +108,13 @@ pub fn candidates(
             // kube-proxy use the first.
             let Some(addr) = endpoint.addresses.first() else { continue };
             let ip = match addr.parse::<Ipv4Addr>() {
-                Ok(ip) => ip,
+                Ok(ip) => {
+                    if let Some(why) = super::special_ipv4(ip) {
+                        errors.push(slice_err(format!("endpoints[{ei}].addresses[0]"), format!("{addr:?} {why}")));
+                        continue;
+                    }
+                    ip
+                }
                 Err(e) => {
                     errors.push(slice_err(
                         format!("endpoints[{ei}].addresses[0]"),

@@ -16,6 +16,15 @@
 //!   `loadBalancerSourceRanges`, `healthCheckNodePort` carried to the rows.
 //! - No usable endpoint: "reject"; endpoints, but none this node may use
 //!   under a `Local` policy: "drop".
+//!
+//! What the API server's validation would refuse (an unknown type, a port
+//! out of 1-65535, the same port and protocol twice, an invalid targetPort,
+//! an address that is not one or is special, an unknown policy) is reported
+//! as a [`ModelError`] naming the object and the field; the rest of the
+//! object is served where that is safe (a bad port skips that port, a bad
+//! address that address, a bad policy or affinity timeout falls back to
+//! the default), and every other object is unaffected. Only IPv4 is served
+//! so far; IPv6 addresses are reported, not served.
 
 pub mod endpoints;
 
@@ -25,9 +34,12 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::EndpointSlice,
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use crate::source::{ObjectRef, Objects};
@@ -44,6 +56,9 @@ pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
 pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API server's largest `sessionAffinityConfig.clientIP.timeoutSeconds`
+/// (one day).
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 /// What the model needs to know about the node it runs on.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -202,11 +217,16 @@ impl Cidr {
     pub fn contains(&self, addr: IpAddr) -> bool {
         match (self.addr, addr) {
             (IpAddr::V4(net), IpAddr::V4(a)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix_len)).unwrap_or(0);
+                let mask = 32u32.checked_sub(u32::from(self.prefix_len)).map_or(u32::MAX, |shift| {
+                    // A /0 shifts by 32: nothing of the address is compared.
+                    u32::MAX.checked_shl(shift).unwrap_or(0)
+                });
                 u32::from(net) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(net), IpAddr::V6(a)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix_len)).unwrap_or(0);
+                let mask = 128u32
+                    .checked_sub(u32::from(self.prefix_len))
+                    .map_or(u128::MAX, |shift| u128::MAX.checked_shl(shift).unwrap_or(0));
                 u128::from(net) & mask == u128::from(a) & mask
             }
             _ => false,
@@ -303,8 +323,26 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlic
     by_service
 }
 
+/// Why `ip` may not be a Service or endpoint address, as the API server's
+/// `ValidateNonSpecialIP`/`ValidateEndpointIP` say it (a frontend there
+/// would capture the node's own or link-local traffic).
+#[must_use]
+pub fn special_ipv4(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("may not be unspecified (0.0.0.0)")
+    } else if ip.is_loopback() {
+        Some("may not be in the loopback range (127.0.0.0/8)")
+    } else if ip.is_link_local() {
+        Some("may not be in the link-local range (169.254.0.0/16)")
+    } else if ip.octets()[..3] == [224, 0, 0] {
+        Some("may not be in the link-local multicast range (224.0.0.0/24)")
+    } else {
+        None
+    }
+}
+
 /// Parses the IPv4 addresses of an address list field; IPv6 ones are
-/// reported (not handled yet), unparsable ones too.
+/// reported (not handled yet), unparsable and special ones too.
 fn ipv4_list<'a>(
     field: &str,
     values: impl Iterator<Item = (String, &'a str)>,
@@ -320,7 +358,10 @@ fn ipv4_list<'a>(
             message,
         };
         match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => v4.push(a),
+            Ok(IpAddr::V4(a)) => match special_ipv4(a) {
+                None => v4.push(a),
+                Some(why) => errors.push(err(format!("{ip:?} {why}"))),
+            },
             Ok(IpAddr::V6(_)) => {
                 errors.push(err(format!("{ip}: IPv6 is not handled by this dataplane yet: this address gets no rows")));
             }
@@ -357,7 +398,54 @@ fn service_port(port: &ServicePort) -> Result<(u16, Protocol), (&'static str, St
         .filter(|p| *p != 0)
         .ok_or(("port", format!("{} is not a valid port (1-65535)", port.port)))?;
     let protocol = Protocol::parse(port.protocol.as_deref()).map_err(|m| ("protocol", m))?;
+    target_port(port.target_port.as_ref()).map_err(|m| ("targetPort", m))?;
     Ok((number, protocol))
+}
+
+/// Checks a targetPort the way the API server does after defaulting (0 and
+/// "" become the port): a number in 1-65535 or an IANA service name (at
+/// most 15 of a-z, 0-9 and '-', at least one letter, no '-' at either end
+/// or twice in a row). The model itself does not use it: EndpointSlices
+/// carry the resolved port of each endpoint.
+fn target_port(value: Option<&IntOrString>) -> Result<(), String> {
+    match value {
+        None | Some(IntOrString::Int(0)) => Ok(()),
+        Some(IntOrString::Int(n)) if (1..=65535).contains(n) => Ok(()),
+        Some(IntOrString::Int(n)) => Err(format!("{n} is not a valid port (1-65535)")),
+        Some(IntOrString::String(name)) => {
+            let valid = name.is_empty()
+                || name.len() <= 15
+                    && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && name.bytes().any(|b| b.is_ascii_lowercase())
+                    && !name.starts_with('-')
+                    && !name.ends_with('-')
+                    && !name.contains("--");
+            if valid {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name:?} is neither a port number nor a port name (at most 15 of a-z, 0-9 and '-', with a letter, \
+                     no '-' at an end or twice in a row)"
+                ))
+            }
+        }
+    }
+}
+
+/// A policy field's value: `Local`, or `Cluster` (also when unset). Another
+/// value is reported and taken as `Cluster`, the default.
+fn is_local_policy(
+    value: Option<&str>,
+    field: &str,
+    err: &dyn Fn(String, String) -> ModelError,
+) -> Result<bool, ModelError> {
+    match value {
+        None | Some("Cluster") => Ok(false),
+        Some("Local") => Ok(true),
+        Some(other) => {
+            Err(err(field.into(), format!("{other:?} is not a traffic policy (Cluster, Local); Cluster is used")))
+        }
+    }
 }
 
 fn topology(svc: &Service, spec: &ServiceSpec) -> endpoints::Topology {
@@ -390,8 +478,16 @@ fn service_frontends(
     }
     let Some(spec) = &svc.spec else { return };
     let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
-    if type_ == "ExternalName" {
-        return;
+    match type_ {
+        "ExternalName" => return,
+        "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+        other => {
+            out.errors.push(err(
+                "spec.type".into(),
+                format!("{other:?} is not a Service type (ClusterIP, NodePort, LoadBalancer, ExternalName)"),
+            ));
+            return;
+        }
     }
     let Some(cluster_ips) = cluster_ips(spec, svc_ref, &mut out.errors) else { return };
     if cluster_ips.is_empty() {
@@ -438,20 +534,50 @@ fn service_frontends(
     } else {
         Vec::new()
     };
-    let affinity_timeout_s = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .filter(|t| *t > 0)
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_S)
-    });
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity_timeout_s = match spec.session_affinity.as_deref() {
+        None | Some("None") => None,
+        Some("ClientIP") => {
+            let timeout = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            Some(match timeout.map(u32::try_from) {
+                None => DEFAULT_AFFINITY_TIMEOUT_S,
+                Some(Ok(t)) if (1..=MAX_AFFINITY_TIMEOUT_S).contains(&t) => t,
+                Some(_) => {
+                    out.errors.push(err(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                        format!(
+                            "{} is not in 1-{MAX_AFFINITY_TIMEOUT_S}; the default {DEFAULT_AFFINITY_TIMEOUT_S} is used",
+                            timeout.unwrap_or_default()
+                        ),
+                    ));
+                    DEFAULT_AFFINITY_TIMEOUT_S
+                }
+            })
+        }
+        Some(other) => {
+            out.errors.push(err(
+                "spec.sessionAffinity".into(),
+                format!("{other:?} is not a session affinity (None, ClientIP); None is used"),
+            ));
+            None
+        }
+    };
+    let mut policy = |value: Option<&str>, field: &str| {
+        is_local_policy(value, field, &err).unwrap_or_else(|e| {
+            out.errors.push(e);
+            false
+        })
+    };
+    let internal_local = policy(spec.internal_traffic_policy.as_deref(), "spec.internalTrafficPolicy");
+    let external_local = policy(spec.external_traffic_policy.as_deref(), "spec.externalTrafficPolicy");
     let topology = topology(svc, spec);
     let mut local_endpoints_any_port = 0;
     let mut has_external_frontend = false;
+    // (port, protocol) -> index of the first ServicePort with it.
+    let mut seen_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
 
     for (i, port) in spec.ports.iter().flatten().enumerate() {
         let (port_number, protocol) = match service_port(port) {
@@ -461,6 +587,16 @@ fn service_frontends(
                 continue;
             }
         };
+        if let Some(first) = seen_ports.insert((port_number, protocol), i) {
+            // The API server refuses this (Duplicate value); serving the
+            // first keeps the Service's other ports working.
+            seen_ports.insert((port_number, protocol), first);
+            out.errors.push(err(
+                format!("spec.ports[{i}]"),
+                format!("{port_number}/{protocol} is a duplicate of spec.ports[{first}]; only that one is served"),
+            ));
+            continue;
+        }
         let port_name = port.name.clone().unwrap_or_default();
         let candidates = endpoints::candidates(&svc_ref.namespace, &port_name, protocol, slices, node, &mut out.errors);
         let any = endpoints::any_usable(&candidates);
@@ -595,5 +731,7 @@ fn service_frontends(
     }
 }
 
+#[cfg(test)]
+pub(crate) mod fuzz;
 #[cfg(test)]
 mod tests;

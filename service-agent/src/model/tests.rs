@@ -124,3 +124,194 @@ fn duplicate_endpoints_across_slices_are_merged() {
     let d = desired(&objects(&yaml), &node());
     assert_eq!(d.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)].backends.len(), 2);
 }
+
+/// One of each invalid field the API server would refuse: each is reported
+/// with its object and field, the rest of that Service is served where safe,
+/// and every other Service is programmed.
+#[test]
+#[expect(clippy::too_many_lines, reason = "one table of invalid inputs and one of what is still served")]
+fn invalid_fields_the_api_would_refuse_are_reported_and_everything_else_served() {
+    let svc = |name: &str, spec: &str| {
+        format!("---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n")
+    };
+    let yaml = [
+        WEB.to_owned(),
+        svc("type", "{type: Balanced, clusterIP: 10.96.1.1, ports: [{port: 80}]}"),
+        svc("zero", "{clusterIP: 0.0.0.0, ports: [{port: 80}]}"),
+        svc("loop", "{clusterIPs: [127.0.0.1, 10.96.1.3], ports: [{port: 80}]}"),
+        svc("ext", "{clusterIP: 10.96.1.4, externalIPs: [169.254.0.9, 224.0.0.5, 192.0.2.4, nope], ports: [{port: 80}]}"),
+        svc(
+            "ports",
+            "{clusterIP: 10.96.1.5, ports: [{name: a, port: 80}, {name: b, port: 80}, {name: c, port: 80, protocol: UDP}, \
+             {name: d, port: 81, targetPort: 70000}, {name: e, port: 82, targetPort: Http_Port}, {name: f, port: 83, targetPort: -1}, \
+             {name: g, port: 84, targetPort: web-2}, {name: h, port: 65536}, {name: i, port: 85, protocol: tcp}]}",
+        ),
+        svc("np", "{type: NodePort, clusterIP: 10.96.1.6, ports: [{port: 80, nodePort: 70000}, {port: 81, nodePort: -5}, {port: 82, nodePort: 30082}]}"),
+        svc(
+            "sticky",
+            "{clusterIP: 10.96.1.7, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}, ports: [{port: 80}]}",
+        ),
+        svc("aff", "{clusterIP: 10.96.1.8, sessionAffinity: Sticky, ports: [{port: 80}]}"),
+        svc(
+            "pol",
+            "{type: NodePort, clusterIP: 10.96.1.9, externalTrafficPolicy: Nowhere, internalTrafficPolicy: local, ports: [{port: 80, nodePort: 30080}]}",
+        ),
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ports-1, namespace: shop, labels: {kubernetes.io/service-name: ports}}\n\
+         addressType: IPv4\nports: [{name: a, port: 8080}, {name: a, port: 9090}]\n\
+         endpoints: [{addresses: [127.0.0.1]}, {addresses: [0.0.0.0]}, {addresses: [224.0.0.1]}, {addresses: [10.244.1.5]}]\n"
+            .to_owned(),
+    ]
+    .concat();
+    let node = NodeContext { nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };
+    let d = desired(&objects(&yaml), &node);
+    let errors: Vec<String> = d.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            "EndpointSlice shop/ports-1: endpoints[0].addresses[0]: \"127.0.0.1\" may not be in the loopback range (127.0.0.0/8)",
+            "EndpointSlice shop/ports-1: endpoints[1].addresses[0]: \"0.0.0.0\" may not be unspecified (0.0.0.0)",
+            "EndpointSlice shop/ports-1: endpoints[2].addresses[0]: \"224.0.0.1\" may not be in the link-local multicast range (224.0.0.0/24)",
+            "EndpointSlice shop/ports-1: ports[1]: port name \"a\" (TCP) is a duplicate of ports[0]; only that one is used",
+            "Service shop/aff: spec.sessionAffinity: \"Sticky\" is not a session affinity (None, ClientIP); None is used",
+            "Service shop/ext: spec.externalIPs[0]: \"169.254.0.9\" may not be in the link-local range (169.254.0.0/16)",
+            "Service shop/ext: spec.externalIPs[1]: \"224.0.0.5\" may not be in the link-local multicast range (224.0.0.0/24)",
+            "Service shop/ext: spec.externalIPs[3]: \"nope\" is not an IP address: invalid IP address syntax",
+            "Service shop/loop: spec.clusterIPs[0]: \"127.0.0.1\" may not be in the loopback range (127.0.0.0/8)",
+            "Service shop/np: spec.ports[0].nodePort: 70000 is not a valid port (1-65535)",
+            "Service shop/np: spec.ports[1].nodePort: -5 is not a valid port (1-65535)",
+            "Service shop/pol: spec.externalTrafficPolicy: \"Nowhere\" is not a traffic policy (Cluster, Local); Cluster is used",
+            "Service shop/pol: spec.internalTrafficPolicy: \"local\" is not a traffic policy (Cluster, Local); Cluster is used",
+            "Service shop/ports: spec.ports[1]: 80/TCP is a duplicate of spec.ports[0]; only that one is served",
+            "Service shop/ports: spec.ports[3].targetPort: 70000 is not a valid port (1-65535)",
+            "Service shop/ports: spec.ports[4].targetPort: \"Http_Port\" is neither a port number nor a port name (at most 15 of a-z, 0-9 and '-', with a letter, no '-' at an end or twice in a row)",
+            "Service shop/ports: spec.ports[5].targetPort: -1 is not a valid port (1-65535)",
+            "Service shop/ports: spec.ports[7].port: 65536 is not a valid port (1-65535)",
+            "Service shop/ports: spec.ports[8].protocol: \"tcp\" is not a protocol (TCP, UDP, SCTP)",
+            "Service shop/sticky: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 86401 is not in 1-86400; the default 10800 is used",
+            "Service shop/type: spec.type: \"Balanced\" is not a Service type (ClusterIP, NodePort, LoadBalancer, ExternalName)",
+            "Service shop/zero: spec.clusterIP: \"0.0.0.0\" may not be unspecified (0.0.0.0)",
+        ]
+    );
+    let served: Vec<String> = d
+        .frontends
+        .values()
+        .filter(|f| f.service.name != "web")
+        .map(|f| {
+            format!(
+                "{} {} {}",
+                f.service.name,
+                f.frontend,
+                f.backends.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            )
+        })
+        .collect();
+    assert_eq!(
+        served,
+        [
+            "pol 10.0.0.11:30080/TCP external ",
+            "pol 10.0.0.11:30080/TCP internal ",
+            "np 10.0.0.11:30082/TCP external ",
+            "np 10.0.0.11:30082/TCP internal ",
+            "loop 10.96.1.3:80/TCP internal ",
+            "ext 10.96.1.4:80/TCP internal ",
+            "ports 10.96.1.5:80/TCP internal 10.244.1.5:8080/TCP",
+            "ports 10.96.1.5:80/UDP internal ",
+            "ports 10.96.1.5:84/TCP internal ",
+            "np 10.96.1.6:80/TCP internal ",
+            "np 10.96.1.6:81/TCP internal ",
+            "np 10.96.1.6:82/TCP internal ",
+            "sticky 10.96.1.7:80/TCP internal ",
+            "aff 10.96.1.8:80/TCP internal ",
+            "pol 10.96.1.9:80/TCP internal ",
+            "ext 192.0.2.4:80/TCP external ",
+            "ext 192.0.2.4:80/TCP internal ",
+        ]
+    );
+    let sticky = d.frontends.values().find(|f| f.service.name == "sticky").expect("sticky");
+    assert_eq!(sticky.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    assert!(d.frontends.values().find(|f| f.service.name == "aff").is_some_and(|f| f.affinity_timeout_s.is_none()));
+    // The valid Service beside them is untouched.
+    let web: Vec<_> = d.frontends.values().filter(|f| f.service.name == "web").collect();
+    assert_eq!(web.len(), 2);
+    assert_eq!(web.iter().map(|f| f.backends.len()).sum::<usize>(), 4);
+}
+
+#[test]
+fn a_port_name_no_slice_has_rejects_without_error() {
+    // `targetPort: metrics` named on the Service, but no pod has a port of
+    // that name: the endpoint slice controller leaves the port out of the
+    // slices, and kube-proxy rejects (no endpoints), reporting nothing.
+    let yaml = WEB.replace(
+        "{name: dns, port: 53, protocol: UDP, targetPort: 5353}",
+        "{name: metrics, port: 9100, targetPort: metrics}",
+    );
+    let d = desired(&objects(&yaml), &node());
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let metrics = &d.frontends[&fe([10, 96, 0, 10], 9100, Protocol::Tcp)];
+    assert!(metrics.backends.is_empty());
+    assert_eq!(metrics.when_empty, WhenEmpty::Reject);
+}
+
+/// 100 EndpointSlices of 1,000 endpoints: the model handles the largest
+/// Service a cluster can have without panicking, every endpoint a backend.
+/// The time is printed (no timing is asserted): run with `--nocapture`.
+#[test]
+fn a_service_with_100_000_endpoints() {
+    use k8s_openapi::api::{
+        core::v1::{ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointPort, EndpointSlice},
+    };
+    let mut objects = Objects::default();
+    let svc_ref = ObjectRef { namespace: "big".into(), name: "big".into() };
+    let svc = Service {
+        spec: Some(ServiceSpec {
+            type_: Some("NodePort".into()),
+            cluster_ip: Some("10.96.100.1".into()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                node_port: Some(30080),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    objects.services.insert(svc_ref, svc);
+    for s in 0..100u32 {
+        let mut slice = EndpointSlice {
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort { name: Some("http".into()), port: Some(8080), ..EndpointPort::default() }]),
+            endpoints: Some(
+                (0..1000u32)
+                    .map(|e| {
+                        let n = s * 1000 + e;
+                        Endpoint {
+                            addresses: vec![Ipv4Addr::from(0x0af4_0000 + n).to_string()],
+                            node_name: Some(format!("node-{}", n % 50)),
+                            ..Endpoint::default()
+                        }
+                    })
+                    .collect(),
+            ),
+            ..EndpointSlice::default()
+        };
+        let name = format!("big-{s:03}");
+        slice.metadata.name = Some(name.clone());
+        slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), "big".to_owned())].into());
+        objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, slice);
+    }
+    let node =
+        NodeContext { node_name: "node-0".into(), nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };
+    let started = std::time::Instant::now();
+    let d = desired(&objects, &node);
+    let took = started.elapsed();
+    eprintln!("model::desired with 100,000 endpoints (100 slices x 1,000), 3 frontends: {took:?}");
+    assert!(d.errors.is_empty(), "{:?}", &d.errors[..d.errors.len().min(5)]);
+    assert_eq!(d.frontends.len(), 3);
+    for f in d.frontends.values() {
+        assert_eq!(f.backends.len(), 100_000, "{}", f.frontend);
+        assert!(f.backends.windows(2).all(|w| w[0] < w[1]), "sorted, no duplicates");
+    }
+    assert_eq!(d.frontends.values().next().map(|f| f.backends.iter().filter(|b| b.local).count()), Some(2_000));
+}

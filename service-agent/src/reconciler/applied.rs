@@ -14,17 +14,29 @@ use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
 
 use super::MapState;
 
-/// Value → id for the backend and rev-NAT rows, and the lowest free id.
+/// Value → id for the backend and rev-NAT rows, and the next id to hand
+/// out.
+///
+/// Ids are never reused while the 32-bit counter has not wrapped (four
+/// billion ids): conntrack entries, affinity entries and old flows' packets
+/// that still name a freed id can never reach, or be counted for, whoever
+/// would get it next. The counter outlives the agent (`agent_state`), and
+/// is never below an id in use.
 #[derive(Debug)]
 pub(super) struct IdIndex<V> {
     by_value: HashMap<V, u32>,
-    /// Every id below this one is in use.
-    lowest_free: u32,
+    next: u32,
 }
 
 impl<V: Copy + Eq + std::hash::Hash> IdIndex<V> {
-    fn new(rows: &BTreeMap<u32, V>) -> Self {
-        Self { by_value: rows.iter().map(|(id, v)| (*v, *id)).collect(), lowest_free: 1 }
+    fn new(rows: &BTreeMap<u32, V>, next: u32) -> Self {
+        let above_rows = rows.keys().next_back().map_or(1, |id| id.wrapping_add(1));
+        Self { by_value: rows.iter().map(|(id, v)| (*v, *id)).collect(), next: next.max(above_rows).max(1) }
+    }
+
+    /// The next id [`Self::free_id`] starts from.
+    pub(super) fn next(&self) -> u32 {
+        self.next
     }
 
     /// The id of an applied row holding `value`.
@@ -32,12 +44,15 @@ impl<V: Copy + Eq + std::hash::Hash> IdIndex<V> {
         self.by_value.get(value).copied()
     }
 
-    /// The lowest id no row uses (ids start at 1).
+    /// A fresh id no row uses (never 0), consumed.
     fn free_id(&mut self, rows: &BTreeMap<u32, V>) -> u32 {
-        while rows.contains_key(&self.lowest_free) {
-            self.lowest_free += 1;
+        loop {
+            let id = self.next;
+            self.next = self.next.wrapping_add(1).max(1);
+            if !rows.contains_key(&id) {
+                return id;
+            }
         }
-        self.lowest_free
     }
 
     /// Inserts row `id` into `rows`, keeping the index.
@@ -59,7 +74,6 @@ impl<V: Copy + Eq + std::hash::Hash> IdIndex<V> {
         if self.by_value.get(value) == Some(&id) {
             self.by_value.remove(value);
         }
-        self.lowest_free = self.lowest_free.min(id.max(1));
     }
 }
 
@@ -101,8 +115,8 @@ impl Applied {
             backend_refs: HashMap::new(),
             rev_nat_refs: HashMap::new(),
             live_pairs: HashMap::new(),
-            backend_ids: IdIndex::new(&state.backends),
-            rev_nat_ids: IdIndex::new(&state.rev_nat),
+            backend_ids: IdIndex::new(&state.backends, state.next_ids.backend),
+            rev_nat_ids: IdIndex::new(&state.rev_nat, state.next_ids.rev_nat),
             state,
         };
         // Slot-0 rows sort before their frontend's slot rows, so each slot
@@ -127,9 +141,11 @@ impl Applied {
         self.backend_ids.id_of(value)
     }
 
-    /// The lowest backend id no row uses.
+    /// A backend id never handed out before.
     pub(super) fn free_backend_id(&mut self) -> u32 {
-        self.backend_ids.free_id(&self.state.backends)
+        let id = self.backend_ids.free_id(&self.state.backends);
+        self.state.next_ids.backend = self.backend_ids.next();
+        id
     }
 
     /// The id of an applied rev-NAT row holding `value`.
@@ -137,9 +153,11 @@ impl Applied {
         self.rev_nat_ids.id_of(value)
     }
 
-    /// The lowest rev-NAT id no row uses.
+    /// A rev-NAT id never handed out before.
     pub(super) fn free_rev_nat_id(&mut self) -> u32 {
-        self.rev_nat_ids.free_id(&self.state.rev_nat)
+        let id = self.rev_nat_ids.free_id(&self.state.rev_nat);
+        self.state.next_ids.rev_nat = self.rev_nat_ids.next();
+        id
     }
 
     pub(super) fn backend_referenced(&self, id: u32) -> bool {
@@ -165,7 +183,7 @@ impl Applied {
     /// its live table.
     fn live_slot_rev_nat(&self, key: &ServiceKey) -> Option<u32> {
         let frontend = self.state.services.get(&key.with_slot(0, 0))?;
-        (key.slot != 0 && frontend.version == key.version && u32::from(key.slot) <= frontend.count)
+        (key.slot != 0 && frontend.version == key.version && key.slot <= frontend.count)
             .then_some(frontend.rev_nat_id)
     }
 
@@ -173,7 +191,6 @@ impl Applied {
     /// `value` of `key0` points at.
     fn count_table(&mut self, key0: &ServiceKey, value: &ServiceValue, add: bool) {
         for slot in 1..=value.count {
-            let slot = u16::try_from(slot).unwrap_or(u16::MAX);
             if let Some(row) = self.state.services.get(&key0.with_slot(value.version, slot)) {
                 let pair = (value.rev_nat_id, row.backend_id);
                 if add { inc(&mut self.live_pairs, pair) } else { dec(&mut self.live_pairs, pair) }

@@ -64,13 +64,29 @@ pub fn render(state: &MapState) -> String {
         );
         live.insert(*k);
         let mut table = Vec::new();
+        let mut in_table = std::collections::BTreeSet::new();
         for s in 1..=v.count {
-            let key = k.with_slot(v.version, u16::try_from(s).unwrap_or(u16::MAX));
+            let key = k.with_slot(v.version, s);
             live.insert(key);
-            table.push(state.services.get(&key).map_or_else(|| "MISSING".to_owned(), |r| r.backend_id.to_string()));
+            let row = state.services.get(&key);
+            in_table.extend(row.map(|r| r.backend_id));
+            table.push(row.map_or_else(|| "MISSING".to_owned(), |r| r.backend_id.to_string()));
         }
         if !table.is_empty() {
             let _ = writeln!(out, "    table: {}", table.join(" "));
+        }
+        // Member rows are shown only when they disagree with the table.
+        let members: std::collections::BTreeSet<u32> = state
+            .services
+            .range(k.member(0)..=k.member(u32::MAX))
+            .map(|(m, _)| {
+                live.insert(*m);
+                m.version
+            })
+            .collect();
+        if members != in_table {
+            let ids: Vec<String> = members.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "    MEMBERS DIFFER FROM THE TABLE: {}", ids.join(" "));
         }
     }
     for (k, v) in state.services.iter().filter(|(k, _)| !live.contains(k)) {
@@ -90,9 +106,14 @@ pub fn render(state: &MapState) -> String {
     if !state.source_ranges.is_empty() {
         out.push_str("source_ranges:\n");
         for (len, k) in &state.source_ranges {
-            let family = state.rev_nat.get(&u32::from_be_bytes(k.rev_nat_id)).map_or(FAMILY_IPV4, |r| r.family);
-            let _ =
-                writeln!(out, "  rev_nat={} {}/{}", u32::from_be_bytes(k.rev_nat_id), ip(family, &k.addr), len - 32);
+            let _ = writeln!(
+                out,
+                "  rev_nat={} {} {}/{}",
+                u32::from_be_bytes(k.rev_nat_id),
+                proto_name(k.proto),
+                ip(k.family, &k.addr),
+                len.saturating_sub(service_common::SOURCE_RANGE_FRONTEND_BITS)
+            );
         }
     }
     out

@@ -9,7 +9,7 @@ use std::{
 
 use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{Clock, MapError, MapIo, MapState};
+use super::{Clock, MapError, MapIo, MapState, NextIds};
 
 /// A clock that moves only when told to, shared by its clones: tests
 /// advance it past the grace period instead of sleeping.
@@ -118,6 +118,11 @@ impl MapIo for FakeMaps {
 
     fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
         self.state.source_ranges.remove(&(prefix_len, *key));
+        Ok(())
+    }
+
+    fn put_next_ids(&mut self, next: NextIds) -> Result<(), MapError> {
+        self.state.next_ids = next;
         Ok(())
     }
 }

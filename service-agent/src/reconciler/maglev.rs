@@ -5,18 +5,28 @@
 //! and a backend change moves only the flows of the slots it touches.
 
 /// Table sizes: primes, each at least double the previous. The smallest with
-/// at least [`SLOTS_PER_BACKEND`] slots per backend is used, which bounds the
-/// spread between backends to about 1/SLOTS_PER_BACKEND.
-const SIZES: [u32; 10] = [31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381];
+/// at least [`SLOTS_PER_BACKEND`] slots per backend is used, up to
+/// [`USUAL_MAX`] slots, which bounds the spread between backends to about
+/// 1/SLOTS_PER_BACKEND for up to 2,047 backends. Beyond that the table
+/// stays at [`USUAL_MAX`] slots (the spread grows, the map does not), until
+/// the backends outnumber the slots: then the smallest size with a slot
+/// for each backend, so every endpoint stays reachable.
+const SIZES: [u32; 15] =
+    [31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521, 131_071, 262_139, 524_287];
 const SLOTS_PER_BACKEND: u32 = 8;
+/// The largest table the usual 8 slots per backend lead to.
+const USUAL_MAX: u32 = 16381;
 
-/// The largest backend count a table can hold (one slot each at least).
-pub const MAX_BACKENDS: usize = 16381;
+/// The largest backend count one table holds (a slot each). A Service port
+/// with more ready endpoints is programmed with the first `MAX_BACKENDS` of
+/// them (by name, so every node agrees) and the rest are reported.
+pub const MAX_BACKENDS: usize = 524_287;
 
 /// The table size for `n` backends.
 #[must_use]
 pub fn table_size(n: usize) -> u32 {
-    let want = u32::try_from(n).unwrap_or(u32::MAX).saturating_mul(SLOTS_PER_BACKEND);
+    let n = u32::try_from(n).unwrap_or(u32::MAX);
+    let want = n.saturating_mul(SLOTS_PER_BACKEND).min(USUAL_MAX).max(n);
     SIZES.iter().copied().find(|m| *m >= want).unwrap_or(SIZES[SIZES.len() - 1])
 }
 
@@ -76,7 +86,7 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.244.{}.{}:8080/TCP", i / 250, i % 250 + 1)).collect()
+        (0..n).map(|i| format!("10.{}.{}.{}:8080/TCP", i / 62_500, i / 250 % 250, i % 250 + 1)).collect()
     }
 
     #[test]
@@ -86,6 +96,24 @@ mod tests {
         assert_eq!(table_size(4), 61);
         assert_eq!(table_size(100), 1021);
         assert_eq!(table_size(5000), 16381);
+        assert_eq!(table_size(16381), 16381);
+        // More backends than the usual largest table: a slot each.
+        assert_eq!(table_size(16382), 32749);
+        assert_eq!(table_size(100_000), 131_071);
+        assert_eq!(table_size(MAX_BACKENDS), 524_287);
+    }
+
+    #[test]
+    fn every_backend_is_reachable_in_a_table_larger_than_the_usual() {
+        // 17 EndpointSlices of 1,000: the count that used to panic.
+        for n in [16_382, 17_000, 100_000] {
+            let t = build(&names(n));
+            let mut seen = vec![false; n];
+            for i in &t {
+                seen[*i] = true;
+            }
+            assert!(seen.iter().all(|s| *s), "n={n}: a backend without a slot");
+        }
     }
 
     #[test]

@@ -41,8 +41,8 @@ use std::{
 };
 
 use service_common::{
-    BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, backend_flags,
-    backend_state, service_flags,
+    BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
+    SourceRangeKey, backend_flags, backend_state, service_flags,
 };
 
 use self::applied::Applied;
@@ -129,6 +129,16 @@ pub struct MapState {
     pub rev_nat: BTreeMap<u32, RevNatValue>,
     /// `source_ranges` LPM-trie rows: (prefix length, key).
     pub source_ranges: BTreeSet<(u32, SourceRangeKey)>,
+    /// The next ids to hand out (`agent_state`; 0: none recorded).
+    pub next_ids: NextIds,
+}
+
+/// The next backend and rev-NAT ids to hand out, kept across restarts so
+/// an id is not reused (see `applied::IdIndex`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextIds {
+    pub backend: u32,
+    pub rev_nat: u32,
 }
 
 impl MapState {
@@ -142,7 +152,7 @@ impl MapState {
             .filter(|(k, _)| k.slot != 0)
             .filter_map(|(k, v)| {
                 let frontend = self.services.get(&k.with_slot(0, 0))?;
-                (frontend.version == k.version && u32::from(k.slot) <= frontend.count)
+                (frontend.version == k.version && k.slot <= frontend.count)
                     .then_some((frontend.rev_nat_id, v.backend_id))
             })
             .collect()
@@ -154,6 +164,8 @@ impl MapState {
 pub enum MapError {
     #[error("map {map} is full ({capacity} entries): raise it with {flag}")]
     Full { map: &'static str, capacity: u32, flag: &'static str },
+    #[error("{endpoints} endpoints, more than a backend table holds: the first {max} receive traffic")]
+    TableFull { endpoints: usize, max: usize },
     #[error("map {map}: {op} failed: {source}")]
     Io {
         map: &'static str,
@@ -196,6 +208,10 @@ pub trait MapIo {
     /// # Errors
     /// When the kernel refuses the delete.
     fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError>;
+    /// Records the next ids to hand out.
+    /// # Errors
+    /// When the kernel refuses the update.
+    fn put_next_ids(&mut self, next: NextIds) -> Result<(), MapError>;
 }
 
 /// A frontend that could not be (fully) programmed, and why.
@@ -241,6 +257,8 @@ pub struct Reconciler<M> {
     deferred: DeferredQueue,
     clock: Arc<dyn Clock>,
     grace: Duration,
+    /// The id counters as last recorded in the maps.
+    recorded_next_ids: Option<NextIds>,
 }
 
 struct WrittenFrontend {
@@ -290,21 +308,35 @@ fn rev_nat_value(f: &Frontend) -> RevNatValue {
 /// All rows of `key0`'s frontend (slot 0 and every slot of every version).
 fn frontend_rows(services: &BTreeMap<ServiceKey, ServiceValue>, key0: &ServiceKey) -> Vec<ServiceKey> {
     let lo = key0.with_slot(0, 0);
-    let hi = key0.with_slot(u32::MAX, u16::MAX);
+    let hi = key0.with_slot(u32::MAX, u32::MAX);
     services.range(lo..=hi).map(|(k, _)| *k).collect()
 }
 
-/// The `source_ranges` rows the desired frontends need.
+/// The `loadBalancerSourceRanges` of `df` that apply to it: those of its
+/// address family. kube-proxy filters them the same way, so a Service
+/// whose ranges are all of the other family is not restricted in this one.
+fn frontend_ranges(df: &DesiredFrontend) -> impl Iterator<Item = &crate::model::Cidr> {
+    let v4 = df.frontend.addr.is_ipv4();
+    df.source_ranges.iter().filter(move |c| c.addr.is_ipv4() == v4)
+}
+
+/// The `source_ranges` rows the desired frontends need: keyed by the
+/// frontend's rev-NAT id, protocol and family.
 fn source_range_rows(
     desired: &Desired,
     rev_nat_id: impl Fn(&Frontend) -> Option<u32>,
 ) -> BTreeSet<(u32, SourceRangeKey)> {
     let mut rows = BTreeSet::new();
-    for df in desired.frontends.values().filter(|df| !df.source_ranges.is_empty()) {
+    for df in desired.frontends.values() {
+        let mut ranges = frontend_ranges(df).peekable();
+        if ranges.peek().is_none() {
+            continue;
+        }
         let Some(id) = rev_nat_id(&df.frontend) else { continue };
-        for cidr in &df.source_ranges {
-            let key = SourceRangeKey { rev_nat_id: id.to_be_bytes(), addr: addr_bytes(cidr.addr) };
-            rows.insert((32 + u32::from(cidr.prefix_len), key));
+        let (proto, fam) = (df.frontend.protocol.number(), family(df.frontend.addr));
+        for cidr in ranges {
+            let key = SourceRangeKey::new(id, proto, fam, addr_bytes(cidr.addr));
+            rows.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key));
         }
     }
     rows
@@ -317,8 +349,11 @@ impl<M: MapIo> Reconciler<M> {
     /// # Errors
     /// When the maps cannot be read.
     pub fn new(maps: M) -> Result<Self, MapError> {
-        let applied = Applied::new(maps.dump()?);
+        let state = maps.dump()?;
+        let recorded_next_ids = Some(state.next_ids);
+        let applied = Applied::new(state);
         Ok(Self {
+            recorded_next_ids,
             maps,
             applied,
             written: HashMap::new(),
@@ -372,7 +407,7 @@ impl<M: MapIo> Reconciler<M> {
     /// queued row is part of a live table.
     #[cfg(test)]
     pub(crate) fn check_deferred(&self) {
-        for key in self.applied.state().services.keys().filter(|k| k.slot != 0) {
+        for key in self.applied.state().services.keys().filter(|k| k.slot != 0 && !k.is_member()) {
             let live = self.applied.is_live_slot(key);
             let queued = self.deferred.pending.contains_key(&Deferred::Slot(*key));
             assert!(live != queued, "slot row {key:?}: live {live}, queued {queued}");
@@ -383,6 +418,12 @@ impl<M: MapIo> Reconciler<M> {
     pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
         let services = &self.applied.state().services;
         self.applied.frontends().filter_map(|k| services.get_key_value(k))
+    }
+
+    /// The backend ids of the member rows of frontend `key0` (its current
+    /// backend set).
+    pub fn members(&self, key0: &ServiceKey) -> impl Iterator<Item = u32> + '_ {
+        self.applied.state().services.range(key0.member(0)..=key0.member(u32::MAX)).map(|(k, _)| k.version)
     }
 
     /// The rows as the reconciler believes them applied.
@@ -402,6 +443,15 @@ impl<M: MapIo> Reconciler<M> {
     #[must_use]
     pub fn is_live_pair(&self, rev_nat: u32, backend: u32) -> bool {
         self.applied.is_live_pair(rev_nat, backend)
+    }
+
+    /// Whether `df` is programmed as desired: its last write succeeded and
+    /// it has not changed since. A frontend whose write failed is not (it
+    /// keeps its previous rows, and the next reconcile writes it again).
+    /// Read by the health check node ports, which answer per Service.
+    #[must_use]
+    pub fn is_programmed(&self, df: &DesiredFrontend) -> bool {
+        self.written.get(&df.frontend).is_some_and(|w| w.desired == *df)
     }
 
     /// Brings the maps to `desired`.
@@ -448,6 +498,7 @@ impl<M: MapIo> Reconciler<M> {
         }
         self.delete_undesired(desired, &mut report);
         self.written.retain(|f, _| desired.frontends.contains_key(f));
+        self.record_next_ids(&mut report);
         self.collect_due(&mut report);
         let stale: Vec<_> = self.applied.state().source_ranges.difference(&ranges).copied().collect();
         for row in stale {
@@ -515,6 +566,20 @@ impl<M: MapIo> Reconciler<M> {
         out
     }
 
+    /// Persists the id counters when ids were handed out since the last
+    /// time (a failure is reported and retried at the next reconcile; a
+    /// restart in between still starts above every id in the maps).
+    fn record_next_ids(&mut self, report: &mut ReconcileReport) {
+        let next = self.applied.state().next_ids;
+        if self.recorded_next_ids == Some(next) {
+            return;
+        }
+        match self.maps.put_next_ids(next) {
+            Ok(()) => self.recorded_next_ids = Some(next),
+            Err(source) => report.errors.push(ReconcileError { what: "recording the next ids".into(), source }),
+        }
+    }
+
     fn put_service_row(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
         self.maps.put_service(&key, &value)?;
         self.applied.put_service(key, value);
@@ -531,10 +596,19 @@ impl<M: MapIo> Reconciler<M> {
         report: &mut ReconcileReport,
     ) -> Result<(), MapError> {
         let key0 = frontend_key(&df.frontend);
+        // More endpoints than a table holds: the first ones (in the
+        // model's order, the same on every node) get slots; reported.
+        let backend_ids = &backend_ids[..backend_ids.len().min(maglev::MAX_BACKENDS)];
+        if df.backends.len() > maglev::MAX_BACKENDS {
+            report.errors.push(ReconcileError {
+                what: format!("Service {} {}", df.service, df.frontend),
+                source: MapError::TableFull { endpoints: df.backends.len(), max: maglev::MAX_BACKENDS },
+            });
+        }
         let table: Vec<u32> = if backend_ids.is_empty() {
             Vec::new()
         } else {
-            let names: Vec<String> = df.backends.iter().map(ToString::to_string).collect();
+            let names: Vec<String> = df.backends[..backend_ids.len()].iter().map(ToString::to_string).collect();
             maglev::build(&names).into_iter().map(|i| backend_ids[i]).collect()
         };
         let mut flags = match (table.is_empty(), df.when_empty) {
@@ -545,7 +619,7 @@ impl<M: MapIo> Reconciler<M> {
         if df.affinity_timeout_s.is_some() {
             flags |= service_flags::AFFINITY;
         }
-        if !df.source_ranges.is_empty() {
+        if frontend_ranges(df).next().is_some() {
             flags |= service_flags::SOURCE_RANGES;
         }
         if df.kind == FrontendKind::NodePort {
@@ -565,8 +639,21 @@ impl<M: MapIo> Reconciler<M> {
         };
         // Slot rows that are not part of the live table `version`/`count`.
         let stray_rows = |version: u32, count: u32| {
-            rows.iter().filter(move |k| k.slot != 0 && (k.version != version || u32::from(k.slot) > count)).copied()
+            rows.iter().filter(move |k| k.slot != 0 && !k.is_member() && (k.version != version || k.slot > count)).copied()
         };
+        // Member rows: every backend of the new set has one before the
+        // flip; those of backends that left go after it.
+        let members: BTreeSet<u32> = backend_ids.iter().copied().collect();
+        let old_members: Vec<ServiceKey> =
+            rows.iter().filter(|k| k.is_member() && !members.contains(&k.version)).copied().collect();
+        for id in &members {
+            let key = key0.member(*id);
+            if !self.applied.state().services.contains_key(&key) {
+                let row = ServiceValue { backend_id: *id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
+                self.put_service_row(key, row)?;
+                report.rows_written += 1;
+            }
+        }
         if current_table.as_deref() == Some(table.as_slice()) {
             value.version = current.map_or(0, |v| v.version);
             if current != Some(value) {
@@ -578,18 +665,17 @@ impl<M: MapIo> Reconciler<M> {
             for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
                 self.defer(Deferred::Slot(k), report);
             }
-            return Ok(());
+            return self.delete_members(&old_members, report);
         }
         if !table.is_empty() {
             // A version no row of this frontend uses; never 0.
-            let used: BTreeSet<u32> = rows.iter().map(|k| k.version).collect();
+            let used: BTreeSet<u32> = rows.iter().filter(|k| !k.is_member()).map(|k| k.version).collect();
             let mut version = current.map_or(0, |v| v.version).wrapping_add(1).max(1);
             while used.contains(&version) {
                 version = version.wrapping_add(1).max(1);
             }
             value.version = version;
-            for (i, backend_id) in table.iter().enumerate() {
-                let slot = u16::try_from(i + 1).unwrap_or(u16::MAX);
+            for (slot, backend_id) in (1..).zip(&table) {
                 let row = ServiceValue { backend_id: *backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
                 if let Err(e) = self.put_service_row(key0.with_slot(version, slot), row) {
                     // Undo the partial version; the old one keeps serving.
@@ -609,18 +695,30 @@ impl<M: MapIo> Reconciler<M> {
         for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
             self.defer(Deferred::Slot(k), report);
         }
-        Ok(())
+        // No affinity entry is followed to a backend that left the set.
+        self.delete_members(&old_members, report)
+    }
+
+    /// Deletes member rows; a failure fails the frontend's write, so the
+    /// next reconcile tries again.
+    fn delete_members(&mut self, keys: &[ServiceKey], report: &mut ReconcileReport) -> Result<(), MapError> {
+        let mut first_error = None;
+        for k in keys {
+            match self.maps.del_service(k) {
+                Ok(()) => {
+                    self.applied.remove_service(k);
+                    report.rows_deleted += 1;
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The backend ids of the live version's slots, in slot order.
     fn slot_table(&self, key0: &ServiceKey, value: &ServiceValue) -> Vec<u32> {
         let services = &self.applied.state().services;
-        (1..=value.count)
-            .map(|s| {
-                let slot = u16::try_from(s).unwrap_or(u16::MAX);
-                services.get(&key0.with_slot(value.version, slot)).map_or(0, |v| v.backend_id)
-            })
-            .collect()
+        (1..=value.count).map(|s| services.get(&key0.with_slot(value.version, s)).map_or(0, |v| v.backend_id)).collect()
     }
 
     fn delete_service_row(&mut self, key: &ServiceKey, report: &mut ReconcileReport) {
@@ -670,7 +768,17 @@ impl<M: MapIo> Reconciler<M> {
                     // A row that is live again (never expected: versions of
                     // queued rows are not reused) is kept.
                     if !self.applied.is_live_slot(&key) {
-                        self.delete_service_row(&key, report);
+                        match self.maps.del_service(&key) {
+                            Ok(()) => {
+                                self.applied.remove_service(&key);
+                                report.rows_deleted += 1;
+                            }
+                            Err(source) => {
+                                // Tried again after another grace.
+                                self.defer(Deferred::Slot(key), report);
+                                report.errors.push(ReconcileError { what: "deleting a service row".into(), source });
+                            }
+                        }
                     }
                 }
                 Deferred::RevNat(id) => {

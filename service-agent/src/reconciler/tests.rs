@@ -78,8 +78,12 @@ fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_d
     // The old version's rows (and backend 3, which only they name) wait for
     // the grace period.
     assert_eq!(report.rows_deferred, 31);
-    assert!(!r.maps().ops.iter().any(|op| matches!(op, Op::DelService(_) | Op::DelBackend(_))));
-    assert_eq!(r.maps().state.services.len(), 1 + 31 + 31);
+    // Only backend 3's member row goes at once (affinity must not follow
+    // it any more); nothing a packet may be about to read.
+    let deleted: Vec<&Op> =
+        r.maps().ops.iter().filter(|op| matches!(op, Op::DelService(_) | Op::DelBackend(_))).collect();
+    assert!(matches!(deleted.as_slice(), [Op::DelService(k)] if k.is_member()), "{deleted:?}");
+    assert_eq!(r.maps().state.services.len(), 1 + 31 + 31 + 2);
     assert_eq!(r.next_deferred(), Some(clock.now() + DELETION_GRACE));
     clock.advance(DELETION_GRACE / 2);
     assert!(!r.collect_deferred().changed(), "not due yet");
@@ -87,7 +91,8 @@ fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_d
     let ops = &r.maps().ops;
     let flip = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).expect("slot 0 flipped");
     let new_rows = ops.iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2 && k.slot != 0));
-    let deleted_old = ops.iter().positions_of(|op| matches!(op, Op::DelService(k) if k.version == 1));
+    let deleted_old =
+        ops.iter().positions_of(|op| matches!(op, Op::DelService(k) if k.version == 1 && !k.is_member()));
     // Every new slot row precedes the flip; every old row is deleted after.
     assert_eq!(new_rows.count(), 31);
     assert!(ops[..flip].iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2)).count() == 31);
@@ -153,7 +158,8 @@ fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
     assert_eq!(second.applied().backends.len(), 4);
     second.check_deferred();
     settle(&mut second, &clock);
-    assert_eq!(second.applied().services.len(), 1 + 31);
+    // Slot 0, its 31 slots, a member row for each of its 2 backends.
+    assert_eq!(second.applied().services.len(), 1 + 31 + 2);
     assert_eq!(second.applied().backends.len(), 2);
     assert_eq!(second.applied().rev_nat.len(), 1);
     assert_eq!(second.maps().state, *second.applied());
@@ -161,7 +167,7 @@ fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
 
 #[test]
 fn a_full_map_names_the_flag_and_leaves_other_frontends_programmed() {
-    // Room for one frontend's 31 slots + slot 0, not two.
+    // Room for one frontend's 31 slots, 3 member rows and slot 0, not two.
     let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump");
     let report = r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[4, 5, 6])]));
     assert_eq!(report.errors.len(), 1);
@@ -169,8 +175,9 @@ fn a_full_map_names_the_flag_and_leaves_other_frontends_programmed() {
     assert!(msg.contains("10.96.0.10:81/TCP") && msg.contains("raise it with --map-size-services"), "{msg}");
     assert!(r.applied().services.contains_key(&frontend_key(&frontend(80))));
     assert!(!r.applied().services.contains_key(&frontend_key(&frontend(81))));
-    // The failed frontend's partial rows were undone.
-    assert_eq!(r.maps().state.services.len(), 32);
+    // The failed frontend's partial slot rows were undone (its member
+    // rows, written first, stay for the retry).
+    assert_eq!(r.maps().state.services.keys().filter(|k| !k.is_member()).count(), 32);
     assert_eq!(r.maps().state, *r.applied());
 }
 
@@ -183,7 +190,7 @@ fn deleting_everything_leaves_no_rows() {
     // Slot 0 went at once: no new flow matches.
     assert!(!r.maps().state.services.keys().any(|k| k.slot == 0));
     settle(&mut r, &clock);
-    assert_eq!(r.maps().state, MapState::default());
+    assert_eq!(r.maps().state, MapState { next_ids: r.maps().state.next_ids, ..MapState::default() });
 }
 
 #[test]
@@ -191,11 +198,11 @@ fn with_no_grace_deletions_run_in_the_same_reconcile() {
     let mut r = reconciler().with_grace(Duration::ZERO);
     r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
     r.reconcile(&desired(&[(80, &[1, 2])]));
-    assert_eq!(r.applied().services.len(), 1 + 31);
+    assert_eq!(r.applied().services.len(), 1 + 31 + 2);
     assert_eq!((r.applied().backends.len(), r.applied().rev_nat.len()), (2, 1));
     assert_eq!(r.next_deferred(), None);
     r.reconcile(&Desired::default());
-    assert_eq!(r.maps().state, MapState::default());
+    assert_eq!(r.maps().state, MapState { next_ids: r.maps().state.next_ids, ..MapState::default() });
 }
 
 #[test]
@@ -249,7 +256,7 @@ fn a_frontend_deleted_and_created_again_within_the_grace_gets_whole_rows() {
     // The first life's rows go after their grace; the new ones stay whole.
     clock.advance(DELETION_GRACE / 2);
     r.collect_deferred();
-    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key0).count(), 1 + 31);
+    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key0 && !k.is_member()).count(), 1 + 31);
     assert!(r.applied().rev_nat.contains_key(&again.rev_nat_id));
     assert_eq!(r.applied().backends.len(), 4);
     settle(&mut r, &clock);
@@ -289,7 +296,8 @@ fn ids_awaiting_deletion_are_not_reused() {
     let after = ids_of(&r);
     assert!([1, 2, 3].iter().all(|l| !after.contains_key(l)));
     r.reconcile(&desired(&[(80, &[5]), (82, &[6, 7]), (83, &[8])]));
-    assert_eq!(ids_of(&r)[&8], 1, "the lowest free id again");
+    // Not even then: a freed id is never handed out again.
+    assert!(!pending.contains(&ids_of(&r)[&8]), "a freed id reused");
 }
 
 #[test]
@@ -317,7 +325,7 @@ fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
     assert!(!r.applied().services.keys().any(|k| k.with_slot(0, 0) == key82));
     let report = r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5]), (82, &[4])]));
     assert_eq!(report.frontends_written, 1);
-    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key82).count(), 32);
+    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key82).count(), 32 + 1);
 }
 
 /// A small deterministic generator (xorshift), so the sequence below is the
@@ -344,14 +352,16 @@ impl GraceWatch {
             state
                 .services
                 .get(&k.with_slot(0, 0))
-                .is_some_and(|f| f.version == k.version && u32::from(k.slot) <= f.count)
+                .is_some_and(|f| f.version == k.version && k.slot <= f.count)
         };
         self.0.retain(|k, since| {
             let present = state.services.contains_key(k);
             assert!(present || now >= *since + DELETION_GRACE, "step {step}: {k:?} deleted before its grace");
             present
         });
-        for (k, v) in state.services.iter().filter(|(k, _)| k.slot != 0 && !live(k)) {
+        // Member rows are not read by a packet on its way to a slot: they
+        // go at once when their backend leaves the set.
+        for (k, v) in state.services.iter().filter(|(k, _)| k.slot != 0 && !k.is_member() && !live(k)) {
             self.0.entry(*k).or_insert(now);
             // A packet that read the old slot-0 row finds the backend row
             // (version 77 is the test's own stray row).
@@ -426,5 +436,153 @@ fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_ma
     let mut r = with_clock(maps, &clock);
     r.reconcile(&Desired::default());
     settle(&mut r, &clock);
-    assert_eq!(r.maps().state, MapState::default());
+    assert_eq!(r.maps().state, MapState { next_ids: r.maps().state.next_ids, ..MapState::default() });
+}
+
+/// The member rows of `key0`'s frontend: the backend ids of its set.
+fn members(r: &Reconciler<FakeMaps>, key0: &ServiceKey) -> BTreeSet<u32> {
+    r.maps().state.services.range(key0.member(0)..=key0.member(u32::MAX)).map(|(k, _)| k.version).collect()
+}
+
+/// The backend ids of the live table of `key0`'s frontend.
+fn table_ids(r: &Reconciler<FakeMaps>, key0: &ServiceKey) -> BTreeSet<u32> {
+    let v = r.applied().services[key0];
+    (1..=v.count).map(|s| r.applied().services[&key0.with_slot(v.version, s)].backend_id).collect()
+}
+
+#[test]
+fn member_rows_follow_the_backend_set_and_leave_with_a_removed_backend() {
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
+    let key0 = frontend_key(&frontend(80));
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
+    assert_eq!(members(&r, &key0), table_ids(&r, &key0));
+    assert_eq!(members(&r, &key0).len(), 3);
+    let removed = r.applied().backends.iter().find(|(_, b)| b.addr[3] == 3).map(|(id, _)| *id).unwrap();
+    r.maps.ops.clear();
+    assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
+    // The removed backend's member row goes at once, after the flip: an
+    // affinity entry naming it is no longer followed, while its old slot
+    // rows wait for the grace.
+    let flip = r.maps.ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).unwrap();
+    let gone = r.maps.ops.iter().position(|op| *op == Op::DelService(key0.member(removed))).expect("member deleted");
+    assert!(flip < gone);
+    assert_eq!(members(&r, &key0), table_ids(&r, &key0));
+    settle(&mut r, &clock);
+    assert_eq!(members(&r, &key0), table_ids(&r, &key0));
+    // No backends: no members; the frontend gone: no rows at all.
+    assert!(r.reconcile(&desired(&[(80, &[])])).errors.is_empty());
+    assert!(members(&r, &key0).is_empty());
+    assert!(r.reconcile(&desired(&[])).errors.is_empty());
+    settle(&mut r, &clock);
+    assert!(r.maps().state.services.is_empty());
+}
+
+#[test]
+fn ids_are_not_reused_even_across_restarts() {
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
+    assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
+    let first: BTreeSet<u32> = r.applied().backends.keys().copied().collect();
+    let first_rev: BTreeSet<u32> = r.applied().rev_nat.keys().copied().collect();
+    // Everything removed, then other backends and another frontend: on the
+    // old code they got the freed ids (1, 2) back at once.
+    assert!(r.reconcile(&desired(&[])).errors.is_empty());
+    settle(&mut r, &clock);
+    assert!(r.applied().backends.is_empty());
+    assert!(r.reconcile(&desired(&[(81, &[3, 4])])).errors.is_empty());
+    let second: BTreeSet<u32> = r.applied().backends.keys().copied().collect();
+    assert!(first.is_disjoint(&second), "{first:?} reused in {second:?}");
+    assert!(first_rev.is_disjoint(&r.applied().rev_nat.keys().copied().collect()));
+    // A restart (a new reconciler over the same maps) continues from the
+    // recorded counter, even once every row is gone.
+    assert!(r.reconcile(&desired(&[])).errors.is_empty());
+    settle(&mut r, &clock);
+    let maps = std::mem::take(&mut r.maps);
+    assert!(maps.state.backends.is_empty());
+    let mut r = with_clock(maps, &clock);
+    assert!(r.reconcile(&desired(&[(82, &[5])])).errors.is_empty());
+    let third: BTreeSet<u32> = r.applied().backends.keys().copied().collect();
+    assert!(third.iter().all(|id| second.iter().all(|old| id > old)), "{third:?} after {second:?}");
+}
+
+#[test]
+fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignored() {
+    use crate::model::Cidr;
+    let lb = IpAddr::from([192, 0, 2, 10]);
+    let mut d = Desired::default();
+    for (protocol, ranges) in
+        [(Protocol::Tcp, vec!["10.0.0.0/8", "::/0"]), (Protocol::Udp, vec!["192.168.0.0/16"])]
+    {
+        let f = Frontend { addr: lb, port: 53, protocol, scope: Scope::External };
+        d.frontends.insert(
+            f,
+            DesiredFrontend {
+                service: ObjectRef { namespace: "default".into(), name: format!("{protocol:?}") },
+                port_name: String::new(),
+                frontend: f,
+                kind: crate::model::FrontendKind::LoadBalancer,
+                affinity_timeout_s: None,
+                source_ranges: ranges.iter().map(|c| c.parse::<Cidr>().unwrap()).collect(),
+                backends: vec![backend(1)],
+                when_empty: WhenEmpty::Reject,
+            },
+        );
+    }
+    // Only IPv6 ranges: not restricted in IPv4 (as kube-proxy filters them).
+    let open = Frontend { addr: lb, port: 80, protocol: Protocol::Tcp, scope: Scope::External };
+    let mut df = d.frontends.values().next().unwrap().clone();
+    df.frontend = open;
+    df.source_ranges = vec!["::/0".parse::<Cidr>().unwrap()];
+    d.frontends.insert(open, df);
+    let mut r = reconciler();
+    assert!(r.reconcile(&d).errors.is_empty());
+    let rows: Vec<(u32, SourceRangeKey)> = r.applied().source_ranges.iter().copied().collect();
+    // No IPv6 prefix in any row; each row carries its frontend's protocol.
+    assert!(rows.iter().all(|(_, k)| k.family == FAMILY_IPV4), "{rows:?}");
+    let described: BTreeSet<(u8, [u8; 4], u32)> = rows
+        .iter()
+        .map(|(len, k)| (k.proto, [k.addr[0], k.addr[1], k.addr[2], k.addr[3]], len - SOURCE_RANGE_FRONTEND_BITS))
+        .collect();
+    let tcp = Protocol::Tcp.number();
+    let udp = Protocol::Udp.number();
+    assert_eq!(described, BTreeSet::from([(tcp, [10, 0, 0, 0], 8), (udp, [192, 168, 0, 0], 16)]));
+    let flags = |port, protocol| {
+        r.applied().services[&frontend_key(&Frontend { addr: lb, port, protocol, scope: Scope::External })].flags
+    };
+    assert_ne!(flags(53, Protocol::Tcp) & service_flags::SOURCE_RANGES, 0);
+    assert_ne!(flags(53, Protocol::Udp) & service_flags::SOURCE_RANGES, 0);
+    assert_eq!(flags(80, Protocol::Tcp) & service_flags::SOURCE_RANGES, 0);
+}
+
+#[test]
+fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reachable() {
+    // 17 EndpointSlices of 1,000 panicked every agent (maglev.rs asserted).
+    let f = frontend(80);
+    let backends: Vec<Backend> = (0..17_000u32)
+        .map(|i| {
+            let [_, b, c, d] = i.to_be_bytes();
+            Backend { addr: IpAddr::from([10, b + 1, c, d]), port: 8080, protocol: Protocol::Tcp, local: false, terminating: false }
+        })
+        .collect();
+    let mut d = desired(&[]);
+    d.frontends.insert(
+        f,
+        DesiredFrontend {
+            service: ObjectRef { namespace: "default".into(), name: "big".into() },
+            port_name: String::new(),
+            frontend: f,
+            kind: crate::model::FrontendKind::ClusterIp,
+            affinity_timeout_s: None,
+            source_ranges: Vec::new(),
+            backends,
+            when_empty: WhenEmpty::Reject,
+        },
+    );
+    let mut r = reconciler();
+    let report = r.reconcile(&d);
+    assert!(report.errors.is_empty(), "{report:?}");
+    let key0 = frontend_key(&f);
+    assert_eq!(table_ids(&r, &key0).len(), 17_000);
+    assert_eq!(r.applied().services[&key0].count, 32_749);
 }

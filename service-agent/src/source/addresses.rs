@@ -108,6 +108,20 @@ pub fn select(all: &[InterfaceAddr], external: &Globs, nodeport_cidrs: &[Cidr]) 
     NodeAddresses { nodeport, snat }
 }
 
+/// Adds a SNAT row for each of `interfaces` (the overlay and tunnel
+/// devices) that has an address, keeping rows already chosen: a flow SNATed
+/// out of a tunnel gets the tunnel's address, as MASQUERADE gives it, so
+/// the reply returns through the tunnel. NodePorts do not answer there.
+pub fn add_snat_interfaces(
+    all: &[InterfaceAddr],
+    interfaces: &std::collections::BTreeSet<String>,
+    out: &mut NodeAddresses,
+) {
+    for a in all.iter().filter(|a| interfaces.contains(&a.interface)) {
+        out.snat.entry(a.ifindex).or_insert(a.addr);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +160,16 @@ mod tests {
         let got = select(&[addr(1, "lo", [127, 0, 0, 1])], &Globs::parse("eth0"), &[]);
         assert!(got.nodeport.is_empty());
         assert!(got.snat.is_empty());
+    }
+
+    #[test]
+    fn tunnel_interfaces_get_snat_rows_but_no_nodeports() {
+        let all = [addr(2, "eth0", [192, 168, 100, 11]), addr(5, "flannel.1", [10, 244, 1, 0])];
+        let mut got = select(&all, &Globs::parse("eth0"), &[]);
+        add_snat_interfaces(&all, &std::collections::BTreeSet::from(["flannel.1".to_owned()]), &mut got);
+        assert_eq!(got.nodeport, vec![IpAddr::from([192, 168, 100, 11])]);
+        assert_eq!(got.snat.get(&5), Some(&Ipv4Addr::new(10, 244, 1, 0)));
+        assert_eq!(got.snat.get(&0), Some(&Ipv4Addr::new(192, 168, 100, 11)), "hairpin stays external");
     }
 
     #[test]

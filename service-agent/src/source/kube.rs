@@ -54,12 +54,27 @@ pub enum Error {
 }
 
 /// A client from `kubeconfig`, or the in-cluster configuration (service
-/// account token, `KUBERNETES_SERVICE_HOST`) when it is `None`.
+/// account token and CA, `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT`)
+/// when it is `None`. `master` (kube-proxy's `--master`) replaces the
+/// server address of either, keeping its credentials; without a kubeconfig
+/// and outside a pod it is used alone, unauthenticated, as kube-proxy does.
+///
+/// The DaemonSet needs one of the two: in the host network without
+/// kube-proxy, the `kubernetes` Service's ClusterIP (what the kubelet puts
+/// in `KUBERNETES_SERVICE_HOST`) is not translated for the agent's own
+/// connections, so it is given the API server's real address
+/// (deploy/apiserver.yaml overrides those two variables).
 ///
 /// # Errors
-/// When the configuration cannot be read or the client built.
-pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
-    let config = match kubeconfig {
+/// When the configuration cannot be read, `master` is not a URL, or the
+/// client cannot be built.
+pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<Client, Error> {
+    // axum re-exports the `http` crate kube's config uses (one version in
+    // the lockfile).
+    let master = master
+        .map(|m| m.parse::<axum::http::Uri>().map_err(|e| Error::Config(format!("--master {m:?} is not a URL: {e}"))))
+        .transpose()?;
+    let mut config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
                 .map_err(|source| Error::Kubeconfig { path: path.display().to_string(), source })?;
@@ -67,8 +82,19 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
                 .await
                 .map_err(|source| Error::Kubeconfig { path: path.display().to_string(), source })?
         }
-        None => kube::Config::incluster().map_err(|e| Error::Config(e.to_string()))?,
+        None => match (kube::Config::incluster(), &master) {
+            (Ok(config), _) => config,
+            (Err(e), Some(m)) => {
+                tracing::info!(error = %e, master = %m, "no in-cluster credentials: using --master without them");
+                kube::Config::new(m.clone())
+            }
+            (Err(e), None) => return Err(Error::Config(e.to_string())),
+        },
     };
+    if let Some(m) = master {
+        config.cluster_url = m;
+    }
+    tracing::info!(server = %config.cluster_url, "API server");
     Ok(Client::try_from(config)?)
 }
 

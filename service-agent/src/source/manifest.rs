@@ -7,11 +7,21 @@
 //! selector, unless labelled `endpointslice.kubernetes.io/skip-mirror`).
 //! Other kinds are skipped. A broken file or object is reported with the
 //! file, the document, the object and the field; everything else loads.
+//!
+//! No file can exhaust the agent: one over [`MAX_FILE_BYTES`] is skipped
+//! unread, and a file's documents may expand (through YAML aliases) to at
+//! most [`EXPANSION_PER_BYTE`] budget units per byte of the file plus
+//! [`EXPANSION_SLACK`] (see [`bounded`]), and nest at most
+//! [`nesting::MAX_NESTING`] levels deep (see [`nesting`]); past that the
+//! document is reported and the file's remaining documents are skipped. The
+//! other files load as usual.
 
 use std::{
+    cell::Cell,
     collections::{BTreeMap, hash_map::DefaultHasher},
     fmt,
     hash::{Hash as _, Hasher as _},
+    io::Read as _,
     net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -21,7 +31,7 @@ use k8s_openapi::api::{
     core::v1::{Endpoints, Service},
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed as _};
 
 use super::{ObjectRef, Objects};
 use crate::model::LABEL_SERVICE_NAME;
@@ -30,6 +40,22 @@ use crate::model::LABEL_SERVICE_NAME;
 pub const LABEL_SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
 /// `managed-by` value of mirrored slices.
 pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+
+/// The largest manifest file read (8 MiB); a larger one is reported and
+/// skipped without being read. The API server refuses a request over 3 MiB
+/// and etcd an object over 1.5 MiB, so this holds several of the largest
+/// objects a cluster can have; bigger sets belong in several files.
+pub const MAX_FILE_BYTES: u64 = 8 * 1024 * 1024;
+/// How far a file may expand when parsed: its documents together may take
+/// this many budget units per byte of the file (a node costs
+/// [`bounded::NODE_COST`], each byte of text one; a file without aliases
+/// takes at most about 5 per byte) ...
+pub const EXPANSION_PER_BYTE: usize = 8;
+/// ... plus this many, so a small file may use anchors freely.
+pub const EXPANSION_SLACK: usize = 1024 * 1024;
+
+mod bounded;
+mod nesting;
 
 /// A file, document or field that could not be used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,12 +117,38 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 pub fn load_dir(dir: &Path) -> std::io::Result<Snapshot> {
     let mut loader = Loader::default();
     for file in manifest_files(dir)? {
-        match std::fs::read_to_string(&file) {
-            Ok(text) => loader.load_text(&file, &text),
-            Err(e) => loader.error(&file, 0, None, None, format!("cannot read: {e}")),
+        match read_bounded(&file) {
+            Ok(text) => loader.load_file(&file, &text),
+            Err(message) => loader.error(&file, 0, None, None, message),
         }
     }
     Ok(loader.finish())
+}
+
+/// What a directory holding only `file` with `text` would load (`file`
+/// names it in errors and tells JSON, by its extension, from YAML).
+#[must_use]
+pub fn parse(file: &Path, text: &str) -> Snapshot {
+    let mut loader = Loader::default();
+    loader.load_file(file, text);
+    loader.finish()
+}
+
+/// The file's text, or why it is not read: over [`MAX_FILE_BYTES`] (also
+/// when it grows while being read, or is a special file without a size),
+/// not UTF-8, unreadable.
+fn read_bounded(file: &Path) -> Result<String, String> {
+    let too_big = || format!("larger than the {} MiB limit for a manifest file; skipped", MAX_FILE_BYTES >> 20);
+    let f = std::fs::File::open(file).map_err(|e| format!("cannot read: {e}"))?;
+    if f.metadata().is_ok_and(|m| m.len() > MAX_FILE_BYTES) {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| format!("cannot read: not UTF-8: {e}"))
 }
 
 #[derive(Default)]
@@ -112,23 +164,59 @@ impl Loader {
         self.errors.push(ManifestError { file: file.to_owned(), document, object, field, message });
     }
 
+    /// Loads one file; a panic of the parser (a bug, never expected) is
+    /// reported against the file instead of taking the agent down.
+    fn load_file(&mut self, file: &Path, text: &str) {
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.load_text(file, text)));
+        if let Err(panic) = loaded {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            self.error(file, 0, None, None, format!("the parser failed (a bug; the file is skipped): {what}"));
+        }
+    }
+
     fn load_text(&mut self, file: &Path, text: &str) {
         let is_json = file.extension().is_some_and(|e| e == "json");
+        // Shared by all the file's documents: the file as a whole is bounded.
+        let budget = Cell::new(text.len().saturating_mul(EXPANSION_PER_BYTE).saturating_add(EXPANSION_SLACK));
         // Each document is converted as soon as it is parsed, so only one
         // document's generic value is held at a time.
         let mut load = |i: usize, doc: Result<serde_json::Value, String>| match doc {
             Ok(serde_json::Value::Null) => {}
             Ok(value) => self.load_value(file, i, value),
+            Err(message)
+                if message.contains(bounded::OVER_BUDGET)
+                    || message.contains(nesting::TOO_DEEP)
+                    || message.contains("repetition limit exceeded") =>
+            {
+                self.error(file, i, None, None, format!("too large: {message}"));
+            }
             Err(message) => self.error(file, i, None, None, format!("not valid YAML/JSON: {message}")),
         };
         if is_json {
-            load(1, serde_json::from_str(text).map_err(|e| e.to_string()));
+            let mut de = serde_json::Deserializer::from_str(text);
+            let parsed = bounded::Budgeted(&budget).deserialize(&mut de).and_then(|v| de.end().map(|()| v));
+            load(1, parsed.map_err(|e| e.to_string()));
             return;
         }
-        for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-            let parsed = serde::Deserialize::deserialize(doc).map_err(|e: serde_norway::Error| e.to_string());
+        let too_deep = nesting::too_deep(text);
+        let mut documents = serde_norway::Deserializer::from_str(text);
+        for i in 1.. {
+            // Checked before the iterator loads the document: loading is
+            // what takes the time.
+            if let Some((deep, at)) = &too_deep
+                && *deep == i
+            {
+                load(i, Err(at.clone()));
+                break;
+            }
+            let Some(doc) = documents.next() else { break };
+            let parsed = bounded::Budgeted(&budget).deserialize(doc).map_err(|e: serde_norway::Error| e.to_string());
             let failed = parsed.is_err();
-            load(i + 1, parsed);
+            load(i, parsed);
             // After a syntax error the stream cannot resynchronise (and may
             // repeat the error forever): stop at the first.
             if failed {
@@ -335,7 +423,15 @@ fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
     let mut out = Vec::new();
     for file in manifest_files(dir)? {
         let mut h = DefaultHasher::new();
-        std::fs::read(&file).unwrap_or_default().hash(&mut h);
+        // An oversized file is not read (it would be, every poll): its
+        // error text, with its size, stands for it.
+        match read_bounded(&file) {
+            Ok(text) => text.hash(&mut h),
+            Err(message) => {
+                message.hash(&mut h);
+                std::fs::metadata(&file).ok().map(|m| (m.len(), m.modified().ok())).hash(&mut h);
+            }
+        }
         out.push((file, h.finish()));
     }
     Ok(out)
@@ -385,5 +481,7 @@ pub async fn watch(dir: PathBuf, interval: Duration, tx: tokio::sync::watch::Sen
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

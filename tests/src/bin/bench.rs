@@ -11,13 +11,19 @@ use service_tests::{
         report::{self, Results},
         traffic::{self, Variant},
     },
-    netns::is_root,
+    netns::{clean_up_on_signal, is_root, sweep_leftovers},
 };
 
 fn main() -> Result<()> {
     if !is_root() {
         bail!("the benchmarks create network namespaces and load BPF programs: run them as root");
     }
+    // SIGINT/SIGTERM (also forwarded by `cargo xtask bench`) remove this
+    // run's namespaces and mounts; a killed run's are swept here.
+    for what in sweep_leftovers() {
+        println!("removed a leftover of a killed run: {what}");
+    }
+    clean_up_on_signal();
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let out = args

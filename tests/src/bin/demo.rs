@@ -24,7 +24,7 @@ use service_agent::{
 };
 use service_tests::{
     cluster::{Cluster, EXTERNAL_IP, node_ip},
-    netns::{Agent, BpffsMount, ChildGuard, Netns, binary, is_root},
+    netns::{Agent, BpffsMount, ChildGuard, Netns, binary, clean_up_on_signal, is_root, sweep_leftovers},
 };
 
 const NODES: u8 = 2;
@@ -41,6 +41,12 @@ fn main() -> Result<()> {
     if !is_root() {
         bail!("the demo creates network namespaces and loads BPF programs: run it as root");
     }
+    // Ctrl-C (or SIGTERM, also forwarded by `cargo xtask demo`) removes
+    // the demo's namespaces, agents and mounts; a killed run's are swept.
+    for what in sweep_leftovers() {
+        println!("removed a leftover of a killed run: {what}");
+    }
+    clean_up_on_signal();
     let manifests =
         std::env::var_os("DEMO_MANIFESTS").map_or_else(|| PathBuf::from("examples/manifests"), PathBuf::from);
     let snapshot = manifest::load_dir(&manifests).with_context(|| format!("reading {}", manifests.display()))?;

@@ -1,4 +1,7 @@
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::{
+    fmt::Write as _,
+    sync::atomic::{AtomicU32, Ordering},
+};
 
 use super::*;
 
@@ -214,4 +217,111 @@ async fn watch_sends_on_add_change_and_remove() {
     std::fs::remove_file(dir.0.join("web.yaml")).expect("rm");
     assert!(next(&mut rx).await.objects.services.is_empty());
     task.abort();
+}
+
+/// Errors of `s` with the directory taken out of the file names.
+fn errors_of(s: &Snapshot, dir: &TempDir) -> Vec<String> {
+    s.errors.iter().map(|e| e.to_string().replace(&format!("{}/", dir.0.display()), "")).collect()
+}
+
+#[test]
+fn alias_bombs_are_stopped_with_the_file_named_and_other_files_load() {
+    // The classic billion laughs: 9 levels of 10 aliases (10^9 strings).
+    let mut laughs = String::from("apiVersion: v1\nkind: Service\nmetadata: {name: lol}\nl0: &l0 [\"lol\"]\n");
+    for i in 1..=9 {
+        let refs = vec![format!("*l{}", i - 1); 10].join(", ");
+        writeln!(laughs, "l{i}: &l{i} [{refs}]").expect("to a String");
+    }
+    // The quadratic form serde_norway's own alias limit (100 jumps per
+    // event) lets through: one anchor of 20,000 scalars aliased 20,000
+    // times, 4e8 values from 190 KB.
+    let mut quadratic = String::from("a: &a [");
+    quadratic.push_str(&"1,".repeat(20_000));
+    quadratic.push_str("1]\nb: [");
+    quadratic.push_str(&"*a,".repeat(20_000));
+    quadratic.push_str("*a]\n");
+    // One 512 KiB string aliased 20,000 times: 10 GiB of text.
+    let long = format!("s: &s \"{}\"\nt: [{}*s]\n", "x".repeat(512 * 1024), "*s,".repeat(20_000));
+    let dir = TempDir::new();
+    dir.write("a-laughs.yaml", &laughs);
+    dir.write("b-quadratic.yaml", &format!("{SERVICE_AND_SLICE}---\n{quadratic}"));
+    dir.write("c-long.yaml", &long);
+    dir.write("d-good.yaml", &SERVICE_AND_SLICE.replace("name: web", "name: good"));
+    let s = load_dir(&dir.0).expect("load");
+    let errors = errors_of(&s, &dir);
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    // serde_norway's own limit on alias jumps catches the exponential
+    // form; the budget the other two.
+    assert_eq!(errors[0], "a-laughs.yaml (document 1): too large: repetition limit exceeded", "{errors:?}");
+    for (e, prefix) in errors[1..].iter().zip(["b-quadratic.yaml (document 3)", "c-long.yaml (document 1)"]) {
+        assert!(e.starts_with(&format!("{prefix}: too large: ")) && e.contains(bounded::OVER_BUDGET), "{e}");
+    }
+    // The file's documents before the bomb and the other files load.
+    assert!(s.objects.services.contains_key(&key("default", "web")), "{:?}", s.objects.services.keys());
+    assert!(s.objects.services.contains_key(&key("default", "good")));
+    assert_eq!(s.objects.endpoint_slices.len(), 2);
+}
+
+#[test]
+fn anchors_within_the_budget_still_load() {
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\n  labels: &labels {app: web, tier: front}\n  annotations: *labels\n\
+                spec: {clusterIP: 10.96.0.1, selector: *labels, ports: [{port: 80}]}\n";
+    let s = parse(Path::new("a.yaml"), yaml);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let svc = &s.objects.services[&key("default", "a")];
+    assert_eq!(svc.spec.as_ref().and_then(|s| s.selector.as_ref()).map(BTreeMap::len), Some(2));
+}
+
+#[test]
+fn an_oversized_file_is_skipped_unread_and_named() {
+    let dir = TempDir::new();
+    dir.write("a.yaml", SERVICE_AND_SLICE);
+    // Sparse: no 9 MiB written to the disk.
+    let big = std::fs::File::create(dir.0.join("big.yaml")).expect("create");
+    big.set_len(MAX_FILE_BYTES + 1).expect("set_len");
+    let s = load_dir(&dir.0).expect("load");
+    assert_eq!(errors_of(&s, &dir), ["big.yaml: larger than the 8 MiB limit for a manifest file; skipped"]);
+    assert_eq!(s.objects.services.len(), 1);
+    // A file just at the limit is read (and here is not YAML: NULs).
+    big.set_len(MAX_FILE_BYTES).expect("set_len");
+    let s = load_dir(&dir.0).expect("load");
+    assert!(errors_of(&s, &dir)[0].starts_with("big.yaml (document 1): not valid YAML/JSON"), "{:?}", s.errors);
+    // The watcher's fingerprint tells the two apart without reading more.
+    let small = fingerprint(&dir.0).expect("fingerprint");
+    big.set_len(MAX_FILE_BYTES * 4).expect("set_len");
+    assert_ne!(fingerprint(&dir.0).expect("fingerprint"), small);
+}
+
+#[test]
+fn deep_nesting_and_huge_numbers_are_errors_not_crashes() {
+    let deep = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: d}}\nspec: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let deep_json = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let huge = "apiVersion: v1\nkind: Service\nmetadata: {name: h}\nspec: {ports: [{port: 99999999999999999999999999999999}]}\n";
+    let dir = TempDir::new();
+    dir.write("deep.yaml", &deep);
+    dir.write("deep.json", &deep_json);
+    dir.write("huge.yaml", huge);
+    dir.write("ok.yaml", SERVICE_AND_SLICE);
+    let s = load_dir(&dir.0).expect("load");
+    let errors = errors_of(&s, &dir);
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].starts_with("deep.json (document 1): not valid YAML/JSON: recursion limit exceeded"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1]
+            .starts_with("deep.yaml (document 1): too large: nested more than 128 levels deep (at line 4 column 134)"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[2]
+            .starts_with("huge.yaml (document 1): not valid YAML/JSON: spec.ports[0].port: JSON number out of range"),
+        "{errors:?}"
+    );
+    assert_eq!(s.objects.services.len(), 1);
 }

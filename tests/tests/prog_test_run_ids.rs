@@ -1,0 +1,274 @@
+//! Tier 2 (root): what a stale id or a shared frontend address must never
+//! do, through the real `service_pod_ingress` program with
+//! BPF_PROG_TEST_RUN, its maps programmed by the agent's own manifest →
+//! model → reconciler and reprogrammed between frames:
+//!
+//! - `loadBalancerSourceRanges` are per frontend protocol and family: an
+//!   IPv6 range does not open an IPv4 Service, and two Services sharing a
+//!   LoadBalancer IP for TCP and UDP keep their own ranges;
+//! - a ClientIP affinity entry is followed only to a backend still in the
+//!   frontend's set (not to one removed from it that another Service still
+//!   uses);
+//! - a packet of an old flow whose frontend and backend are gone re-creates
+//!   no counter for their ids.
+
+use std::{net::Ipv4Addr, os::fd::AsFd as _, path::PathBuf, time::Duration};
+
+use aya::{Ebpf, programs::SchedClassifier};
+use service_agent::{
+    maps::{self, MapSizes, PinnedMaps},
+    model::{self, NodeContext},
+    reconciler::Reconciler,
+    source::manifest,
+};
+use service_common::{map_names, stats};
+use service_tests::{
+    fixture::ManifestDir,
+    netns::{BpffsMount, skip_unless_root},
+    packet::{self, TestRunOutput},
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const SYN: u8 = 0x02;
+
+/// The program with its maps, reprogrammed from YAML on demand.
+struct Fixture {
+    ebpf: Ebpf,
+    reconciler: Reconciler<PinnedMaps>,
+    root: PathBuf,
+    manifests: ManifestDir,
+    _bpffs: BpffsMount,
+}
+
+impl Fixture {
+    fn new(yaml: &str) -> Self {
+        let bpffs = BpffsMount::new().expect("mount bpffs");
+        let root = bpffs.path().join("node");
+        let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
+        // No grace: rows leave at once, as they do for good 2 s later.
+        let reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps"))
+            .expect("dump")
+            .with_grace(Duration::ZERO);
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(service_common::PROG_POD_INGRESS).expect("program").try_into().expect("classifier");
+        prog.load().expect("verifier accepts the program");
+        let mut f = Self { ebpf, reconciler, root, manifests: ManifestDir::new(), _bpffs: bpffs };
+        f.program(yaml);
+        f
+    }
+
+    fn program(&mut self, yaml: &str) {
+        self.manifests.write("objects.yaml", yaml);
+        let snapshot = manifest::load_dir(self.manifests.path()).expect("manifests");
+        assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
+        let node = NodeContext { node_name: "node-a".into(), ..NodeContext::default() };
+        let report = self.reconciler.reconcile(&model::desired(&snapshot.objects, &node));
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+    }
+
+    fn run(&self, frame: &[u8]) -> TestRunOutput {
+        let prog: &SchedClassifier =
+            self.ebpf.program(service_common::PROG_POD_INGRESS).expect("program").try_into().expect("classifier");
+        packet::prog_test_run(prog.fd().expect("fd").as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN")
+    }
+
+    fn stat(&self, id: u32) -> u64 {
+        maps::read_stats(&self.root).expect("stats")[id as usize].1
+    }
+}
+
+/// The destination of a DNATed frame.
+fn dnat_target(out: &TestRunOutput) -> (Ipv4Addr, u16) {
+    assert_eq!(out.retval, TC_ACT_OK);
+    let p = packet::parse(&out.data_out).expect("an IPv4 TCP/UDP frame");
+    assert!(packet::checksums_valid(&out.data_out));
+    (p.ip_dst, p.dport)
+}
+
+const LB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+
+/// Two Services on one LoadBalancer IP (reached here from a pod, through
+/// its pod-side frontend; the external program keys source ranges the same
+/// way), one for TCP, one for UDP, with their own ranges; the TCP one lists
+/// an IPv6 range too.
+const SHARED_ADDRESS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-side, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.5.1
+  loadBalancerSourceRanges: ["10.244.0.0/16", "::/0"]
+  ports:
+  - {port: 53, protocol: TCP, targetPort: 5353, nodePort: 30053}
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: tcp-side-1
+  labels: {kubernetes.io/service-name: tcp-side}
+addressType: IPv4
+ports: [{port: 5353, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.21]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: udp-side, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.5.2
+  loadBalancerSourceRanges: ["172.16.0.0/12"]
+  ports:
+  - {port: 53, protocol: UDP, targetPort: 5353, nodePort: 30054}
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: udp-side-1
+  labels: {kubernetes.io/service-name: udp-side}
+addressType: IPv4
+ports: [{port: 5353, protocol: UDP}]
+endpoints:
+- addresses: [10.244.1.22]
+"#;
+
+#[test]
+fn source_ranges_are_per_protocol_and_family() {
+    if skip_unless_root() {
+        return;
+    }
+    let f = Fixture::new(SHARED_ADDRESS);
+    let inside = Ipv4Addr::new(10, 244, 3, 3);
+    let other = Ipv4Addr::new(172, 16, 3, 3);
+    // TCP: only 10.244.0.0/16; the "::/0" range must not let 172.16.x in
+    // (on the old code it was written into the IPv4 trie as /0).
+    let out = f.run(&packet::tcp_v4(inside, 40000, LB, 53, SYN, b""));
+    assert_eq!(dnat_target(&out), (Ipv4Addr::new(10, 244, 1, 21), 5353));
+    let dropped = f.stat(stats::DROP_SOURCE_RANGE);
+    let out = f.run(&packet::tcp_v4(other, 40000, LB, 53, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_SHOT, "an IPv6 range opened an IPv4 frontend");
+    assert_eq!(f.stat(stats::DROP_SOURCE_RANGE), dropped + 1);
+    // UDP on the same address and port: only 172.16.0.0/12 (on the old
+    // code both protocols shared the rev-NAT id, so each got the union).
+    let out = f.run(&packet::udp_v4(other, 40001, LB, 53, b"q"));
+    assert_eq!(dnat_target(&out), (Ipv4Addr::new(10, 244, 1, 22), 5353));
+    let out = f.run(&packet::udp_v4(inside, 40001, LB, 53, b"q"));
+    assert_eq!(out.retval, TC_ACT_SHOT, "the TCP Service's range let a UDP client in");
+    assert_eq!(f.stat(stats::DROP_SOURCE_RANGE), dropped + 2);
+}
+
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 6, 1);
+
+/// `sticky` (ClientIP affinity) and `other`, whose endpoints `sticky`'s
+/// are: its backend rows stay when `sticky` drops one of them.
+fn sticky_yaml(sticky_endpoints: &str) -> String {
+    format!(
+        r"
+apiVersion: v1
+kind: Service
+metadata: {{name: sticky, namespace: default}}
+spec:
+  clusterIP: 10.96.6.1
+  sessionAffinity: ClientIP
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sticky-1
+  labels: {{kubernetes.io/service-name: sticky}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: {sticky_endpoints}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: other, namespace: default}}
+spec:
+  clusterIP: 10.96.6.2
+  ports: [{{port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: other-1
+  labels: {{kubernetes.io/service-name: other}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- addresses: [10.244.1.31]
+- addresses: [10.244.1.32]
+"
+    )
+}
+
+#[test]
+fn an_affinity_entry_is_not_followed_to_a_backend_that_left_the_frontends_set() {
+    if skip_unless_root() {
+        return;
+    }
+    let client = Ipv4Addr::new(10, 244, 9, 9);
+    let mut f = Fixture::new(&sticky_yaml("[{addresses: [10.244.1.31]}]"));
+    let out = f.run(&packet::tcp_v4(client, 41000, STICKY_VIP, 80, SYN, b""));
+    assert_eq!(dnat_target(&out), (Ipv4Addr::new(10, 244, 1, 31), 8080));
+    // .31 leaves `sticky` (it still serves `other`, so its backend row and
+    // id stay): the client's next flows must go to .32, its only backend.
+    f.program(&sticky_yaml("[{addresses: [10.244.1.32]}]"));
+    for sport in 41001..41017 {
+        let out = f.run(&packet::tcp_v4(client, sport, STICKY_VIP, 80, SYN, b""));
+        assert_eq!(
+            dnat_target(&out),
+            (Ipv4Addr::new(10, 244, 1, 32), 8080),
+            "flow from port {sport} followed the affinity entry to a backend the Service no longer has"
+        );
+    }
+    // The stickiness is to the new backend now.
+    assert!(f.stat(stats::AFFINITY_HIT) >= 15);
+}
+
+#[test]
+fn an_old_flows_packets_recreate_no_counter_for_freed_ids() {
+    if skip_unless_root() {
+        return;
+    }
+    let client = Ipv4Addr::new(10, 244, 9, 8);
+    let mut f = Fixture::new(&sticky_yaml("[{addresses: [10.244.1.33]}]"));
+    let syn = packet::tcp_v4(client, 42000, STICKY_VIP, 80, SYN, b"");
+    assert_eq!(dnat_target(&f.run(&syn)), (Ipv4Addr::new(10, 244, 1, 33), 8080));
+    let services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
+    let backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
+    // `sticky` goes, with its only backend: their ids are freed.
+    f.program(&sticky_yaml("[{addresses: [10.244.1.33]}]").split("\n---\n").skip(2).collect::<Vec<_>>().join("\n---\n"));
+    let live_services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
+    let live_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
+    let freed_service: Vec<u32> = services.keys().filter(|id| !live_services.contains_key(id)).copied().collect();
+    let freed_backend: Vec<u32> = backends.keys().filter(|id| !live_backends.contains_key(id)).copied().collect();
+    assert_eq!((freed_service.len(), freed_backend.len()), (1, 1), "{services:?} {backends:?}");
+    // The flow's conntrack entries outlive its frontend: its packets are
+    // still translated, but counted for no id (the old code re-created the
+    // freed ids' counters, to be handed to whoever got the ids next).
+    let ack = packet::tcp_v4(client, 42000, STICKY_VIP, 80, 0x10, b"data");
+    assert_eq!(dnat_target(&f.run(&ack)), (Ipv4Addr::new(10, 244, 1, 33), 8080));
+    let after_services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
+    let after_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
+    for id in &freed_service {
+        assert!(!after_services.contains_key(id), "service counter {id} re-created");
+    }
+    for id in &freed_backend {
+        assert!(!after_backends.contains_key(id), "backend counter {id} re-created");
+    }
+    // A new Service gets fresh ids, never the freed ones.
+    f.program(&sticky_yaml("[{addresses: [10.244.1.34]}]"));
+    let now_services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
+    let now_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
+    assert!(freed_service.iter().all(|id| !now_services.contains_key(id)));
+    assert!(freed_backend.iter().all(|id| !now_backends.contains_key(id)));
+}
