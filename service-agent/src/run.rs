@@ -125,7 +125,8 @@ pub struct RunConfig {
 /// # Errors
 /// When the dataplane cannot be loaded or the manifest directory read.
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
-    let mut ebpf = maps::load(&config.bpffs_root, config.map_sizes).context("loading the dataplane")?;
+    let (mut ebpf, migrations) =
+        maps::load_migrating(&config.bpffs_root, config.map_sizes).context("loading the dataplane")?;
     let mut reconciler =
         Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, config.map_sizes)?).context("reading the pinned maps")?;
     tracing::info!(
@@ -135,21 +136,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     );
     let (mut pod_prog, mut ext_prog) = programs(&mut ebpf)?;
     let (pod_prog, ext_prog) = (&mut pod_prog, &mut ext_prog);
-    let links_dir = links_dir(&config.bpffs_root);
-    let mut pod_attach = AttachManager::new(
-        ROLE_POD,
-        Selection::globs(config.pod_interfaces.clone()),
-        links_dir.clone(),
-        config.attach_mode,
-    );
-    log_attach("pod ingress", &pod_attach.adopt(pod_prog));
-    let ext_selection = Selection {
-        globs: external_globs(&config),
-        tunnels: Some(config.tunnel_interfaces.clone()),
-        exclude: config.pod_interfaces.clone(),
-    };
-    let mut ext_attach = AttachManager::new(ROLE_EXTERNAL, ext_selection, links_dir, config.attach_mode);
-    log_attach("external ingress", &ext_attach.adopt(ext_prog));
+    let (mut pod_attach, mut ext_attach) = attach_managers(&config, pod_prog, ext_prog);
     let mut events = netlink::watch_links().context("opening the rtnetlink event socket")?;
 
     let metrics = Arc::new(Metrics::new(config.bpffs_root.clone(), config.map_sizes));
@@ -172,6 +159,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut rescan = tokio::time::interval(RESCAN);
+    if refill_before_attach(&migrations) {
+        // An upgrade recreated the agent's own maps empty: the programs
+        // already attached (an older agent's, on the old maps) keep
+        // serving until the new maps hold the source's first state.
+        tracing::info!("refilling the recreated maps before attaching the new programs");
+        if snapshots.changed().await.is_ok() {
+            let objects = snapshots.borrow_and_update().clone();
+            sync_once(&mut reconciler, &config.bpffs_root, &objects, &node, &metrics, &mut reported);
+            // The loop syncs again (writing nothing) for health and retries.
+            snapshots.mark_changed();
+        }
+    }
     log_attach("pod ingress", &pod_attach.sync(pod_prog));
     log_attach("external ingress", &ext_attach.sync(ext_prog));
     let mut retry = RetryBackoff::default();
@@ -228,6 +227,18 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
     collector.abort();
     drop(health_checks);
+    drop(reconciler);
+    shut_down(&config, pod_attach, ext_attach, ebpf)
+}
+
+/// On SIGTERM/SIGINT: leaves everything for the next agent
+/// (`--keep-on-exit`), or detaches and removes the pins.
+fn shut_down(
+    config: &RunConfig,
+    mut pod_attach: AttachManager,
+    mut ext_attach: AttachManager,
+    ebpf: aya::Ebpf,
+) -> anyhow::Result<()> {
     if config.keep_on_exit {
         tracing::info!("shutting down: programs stay attached and maps pinned for the next agent");
         pod_attach.leave_attached();
@@ -237,10 +248,19 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     tracing::info!("shutting down: detaching and removing pins");
     pod_attach.detach_all();
     ext_attach.detach_all();
-    drop(reconciler);
     drop(ebpf);
     maps::remove_pins(&config.bpffs_root).context("removing pins")?;
     Ok(())
+}
+
+/// Whether a migration left one of the agent's own maps (those the
+/// reconciler fills) empty: then the new programs are attached only once
+/// they are filled again.
+fn refill_before_attach(migrations: &[maps::layout::Migration]) -> bool {
+    use service_common::map_names::{BACKENDS, REV_NAT, SERVICES, SOURCE_RANGES};
+    migrations
+        .iter()
+        .any(|m| m.change == maps::layout::Change::Recreated && [SERVICES, BACKENDS, REV_NAT, SOURCE_RANGES].contains(&m.name))
 }
 
 /// Sleeps until `at`; never wakes when it is `None`.
@@ -277,6 +297,24 @@ fn prune_counters(reconciler: &Reconciler<PinnedMaps>, bpffs_root: &std::path::P
     if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backend) {
         tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
     }
+}
+
+/// The two attach managers, having taken over what an earlier agent left:
+/// the pod program on `--pod-interfaces`, the external program on
+/// `--external-interfaces` and the tunnel interfaces.
+fn attach_managers(config: &RunConfig, pod: &Programs, ext: &Programs) -> (AttachManager, AttachManager) {
+    let links_dir = links_dir(&config.bpffs_root);
+    let pod_selection = Selection::globs(config.pod_interfaces.clone());
+    let mut pod_attach = AttachManager::new(ROLE_POD, pod_selection, links_dir.clone(), config.attach_mode);
+    log_attach("pod ingress", &pod_attach.adopt(pod));
+    let ext_selection = Selection {
+        globs: external_globs(config),
+        tunnels: Some(config.tunnel_interfaces.clone()),
+        exclude: config.pod_interfaces.clone(),
+    };
+    let mut ext_attach = AttachManager::new(ROLE_EXTERNAL, ext_selection, links_dir, config.attach_mode);
+    log_attach("external ingress", &ext_attach.adopt(ext));
+    (pod_attach, ext_attach)
 }
 
 /// Loads the classifiers into the kernel: each role's Ethernet and L3

@@ -6,7 +6,6 @@
 use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
 
 #[classifier]
-#[expect(clippy::needless_pass_by_value, reason = "the classifier macro fixes the signature")]
 pub fn service_bench_floor(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }

@@ -33,7 +33,7 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
-use service_common::stats;
+use service_common::{PROTO_ICMP, stats};
 
 use crate::{
     flow::{ETH_HLEN, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF},
@@ -45,6 +45,10 @@ use crate::{
 const AF_INET: u8 = 2;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
+/// The first byte of the IP header's flags/fragment offset field, and its
+/// Don't Fragment bit.
+const IP_FRAG_OFF: usize = 6;
+const IP_DF: u8 = 0x40;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// Looks `daddr` up in the FIB from `saddr` (the parameters live in
@@ -107,13 +111,17 @@ fn gso_segment_len(ctx: &TcContext, flow: &Flow, gso_size: u32) -> u16 {
 #[inline(never)]
 pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
     let ip = flow.ip_off;
-    let (Ok(saddr), Ok(daddr), Ok(tot_len)) = (
+    let (Ok(saddr), Ok(daddr), Ok(tot_len), Ok(frag)) = (
         ctx.load::<[u8; 4]>(ip + IP_SRC_OFF),
         ctx.load::<[u8; 4]>(ip + IP_DST_OFF),
         ctx.load::<[u8; 2]>(ip + IP_TOT_LEN_OFF),
+        ctx.load::<u8>(ip + IP_FRAG_OFF),
     ) else {
         return pass(counter);
     };
+    // RFC 1122 3.2.2 (as the kernel's icmp_send): no ICMP error about an
+    // ICMP error (the only ICMP this path carries) or a later fragment.
+    let may_answer = flow.proto != PROTO_ICMP && !flow.later_fragment;
     // The route's MTU (`tot_len` set) is checked against what will go on
     // the wire: the IP length, or for a GSO packet (a TCP sender's super
     // segment, kept whole through veths) the length of each segment, as
@@ -123,12 +131,20 @@ pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
     let tot_len = if gso_size == 0 { u16::from_be_bytes(tot_len) } else { gso_segment_len(ctx, flow, gso_size) };
     let (rc, ifindex, mtu) = lookup(ctx, saddr, daddr, tot_len)?;
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+        // Without DF the stack would fragment it, which a redirect cannot
+        // do: dropped, counted, not answered (the answer says "DF set").
+        if frag & IP_DF == 0 || !may_answer {
+            return Err(stats::DROP_FRAG_NEEDED);
+        }
         return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)));
     }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return pass(counter);
     }
     if flow.ttl <= 1 {
+        if !may_answer {
+            return Err(stats::DROP_TTL_EXCEEDED);
+        }
         return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_TIME_EXCEEDED, 0, 0)));
     }
     // TTL - 1: the 16-bit word (TTL, protocol) changes in the checksum.

@@ -205,10 +205,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     // address, so they leave by a FIB redirect as external flows' do. The
     // two flags share one bit (asserted in service-common), so this is one
     // load and one OR on the scratch value, no new stack slot.
-    #[expect(clippy::cast_possible_truncation, reason = "the bit is below 8")]
-    {
-        scratch.original.flags |= (scratch.service.flags & service_flags::NODE_ADDRESS) as u8;
-    }
+    scratch.original.flags |= (scratch.service.flags & service_flags::NODE_ADDRESS) as u8;
     scratch.reply_key = CtKey { saddr: backend.addr, daddr: key.saddr, sport: backend.port, dport: flow.sport, ..*key };
     scratch.reply = service_common::CtValue {
         nat_addr: key.daddr,

@@ -467,11 +467,13 @@ fn quoted_l4_check_at(frame: &[u8], v: &Ipv4View) -> Option<usize> {
         PROTO_UDP => q + 20 + 6,
         _ => return None,
     };
-    (off + 2 <= frame.len()).then_some(off)
+    // The quote ends with the outer datagram (its IP total length), not
+    // with the frame: bytes past it are a trailer, not part of the error.
+    (off + 2 <= frame.len().min(v.ip_end)).then_some(off)
 }
 
 /// The sum over the quoted packet's pseudo-header (addresses, protocol)
-/// and the quoted TCP/UDP bytes up to the frame's end: not a checksum that
+/// and the quoted TCP/UDP bytes up to the datagram's end: not a checksum that
 /// can be valid (the quote is cut short), but one a correct translation
 /// leaves unchanged.
 #[must_use]
@@ -483,7 +485,7 @@ pub fn quoted_l4_sum(frame: &[u8], v: &Ipv4View) -> Option<u16> {
     let q = quote_at(v);
     Some(ones_complement_sum(
         pseudo_sum(&frame[q + 12..q + 16], &frame[q + 16..q + 20], frame[q + 9], 0),
-        &frame[q + 20..],
+        &frame[q + 20..frame.len().min(v.ip_end)],
     ))
 }
 

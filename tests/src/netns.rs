@@ -161,6 +161,7 @@ pub fn sweep(remove: impl Fn(u32) -> bool) -> Vec<String> {
 
 /// Removes what runs killed before they could clean up left behind: the
 /// harness namespaces and bpffs mounts whose owner process is dead.
+#[must_use = "the names of what was removed, to report"]
 pub fn sweep_leftovers() -> Vec<String> {
     let own = std::process::id();
     sweep(|pid| pid != own && !process_alive(pid))

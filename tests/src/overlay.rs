@@ -11,8 +11,6 @@
 //! `--external-interfaces eth0` only — the overlay devices are found by
 //! their link kind (`--tunnel-interfaces` defaults to `auto`).
 
-#![expect(clippy::missing_panics_doc, reason = "a test harness: a panic is how it reports a broken cluster")]
-
 use std::{
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,

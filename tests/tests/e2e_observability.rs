@@ -210,9 +210,11 @@ fn lb_local_manifests(too_big_remote_endpoints: u8) -> String {
         )
     };
     let local = "- {addresses: [\"10.244.1.11\"], nodeName: node-1}\n".to_owned();
-    let remote: String = (1..=too_big_remote_endpoints)
-        .map(|i| format!("- {{addresses: [\"10.244.2.{i}\"], nodeName: node-2}}\n"))
-        .collect();
+    let remote = (1..=too_big_remote_endpoints).fold(String::new(), |mut out, i| {
+        use std::fmt::Write as _;
+        let _ = writeln!(out, "- {{addresses: [\"10.244.2.{i}\"], nodeName: node-2}}");
+        out
+    });
     [
         service("fits", "10.96.0.20", 30080, 32110, "198.51.100.20"),
         slice("fits", &local),

@@ -108,7 +108,7 @@ fn helper_holds_namespaces_until_signalled() {
     topo.add_pod("p", std::net::Ipv4Addr::new(10, 244, 1, 2)).expect("pod");
     let bpffs = BpffsMount::new().expect("bpffs");
     println!("ready {} {} {}", topo.node.name(), topo.pod("p").ns.name(), bpffs.path().display());
-    std::thread::sleep(Duration::from_secs(600));
+    std::thread::sleep(Duration::from_mins(10));
 }
 
 #[test]

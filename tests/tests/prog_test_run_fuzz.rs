@@ -66,7 +66,7 @@ use service_tests::{
 
 /// Frames per `cargo xtask test` run: about two minutes on a 2-core
 /// machine (each frame runs through both programs).
-const DEFAULT_FRAMES: u64 = 2_000_000;
+const DEFAULT_FRAMES: u64 = 4_000_000;
 
 const POD_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -434,6 +434,9 @@ struct Failure {
     counted: String,
 }
 
+/// A frame worth showing: its index, program, origin and bytes.
+type Example = (u64, Prog, String, Vec<u8>);
+
 #[derive(Default)]
 struct Tally {
     runs: BTreeMap<Prog, u64>,
@@ -458,7 +461,7 @@ struct Tally {
     conntrack_flushes: u64,
     /// The first examples of verdicts that should be rare (a helper or map
     /// operation failed): not broken invariants, but worth a look.
-    notable: BTreeMap<u32, Vec<(u64, Prog, String, Vec<u8>)>>,
+    notable: BTreeMap<u32, Vec<Example>>,
     failures: BTreeMap<&'static str, (u64, Vec<Failure>)>,
 }
 
@@ -536,11 +539,20 @@ fn judge(
                 }
             } else if retval == TC_ACT_SHOT {
                 // Documented unanswered drops: an RST is never answered;
-                // a datagram with IP options gets no port unreachable.
+                // a datagram with IP options gets no port unreachable; the
+                // forwarding answers are not sent about an ICMP error or a
+                // later fragment (RFC 1122 3.2.2), and a packet too big
+                // without DF (the stack would fragment it; a redirect
+                // cannot) is dropped unanswered.
                 let view = fuzz::ipv4_view(input);
+                let unanswerable = view.is_some_and(|w| {
+                    w.later_fragment() || (w.proto == service_common::PROTO_ICMP && input.get(w.l4).is_some())
+                });
                 let documented = match verdict {
                     stats::REJECT_TCP_RST => view.is_some_and(|w| input.get(w.l4 + 13).is_some_and(|f| f & 0x04 != 0)),
                     stats::REJECT_ICMP_UNREACHABLE => view.is_some_and(|w| w.ihl > 20),
+                    stats::DROP_FRAG_NEEDED => unanswerable || input.get(14 + 6).is_some_and(|f| f & 0x40 == 0),
+                    stats::DROP_TTL_EXCEEDED => unanswerable,
                     _ => false,
                 };
                 if !documented {
@@ -840,30 +852,14 @@ fn report(tally: &Tally, frames: u64, seed: u64, secs: f64) {
     }
 }
 
-#[test]
-fn fuzzed_frames_through_both_classifiers_keep_every_invariant() {
-    if skip_unless_root() {
-        return;
-    }
-    let frames: u64 = std::env::var("FUZZ_FRAMES")
-        .ok()
-        .and_then(|s| s.trim().replace('_', "").parse().ok())
-        .unwrap_or(DEFAULT_FRAMES);
-    let seed = fuzz::seed_from_env("FUZZ_SEED");
-    println!(
-        "fuzz: seed {seed:#x}, {frames} frames through both classifiers (reproduce: FUZZ_SEED={seed:#x} FUZZ_FRAMES={frames})"
-    );
-    for addr in [POD_CLIENT, VIP, EMPTY_VIP, NODE, ROUTER, EXT_CLIENT, OUT_OF_RANGE_CLIENT, LB_IP, EXTERNAL_IP]
-        .into_iter()
-        .chain(BACKENDS)
-        .chain(CLASH_VIPS)
-    {
-        assert!(!fuzz::is_foreign(addr.octets()), "{addr} must lie in the fixture's ranges");
-    }
-
+/// Builds the fuzz fixture and runs `f` with the two programs and the pin
+/// root: a fresh network namespace with routes as a node has them (the
+/// remote backend over a path with a 1000-byte MTU, the local pods, the
+/// external clients; forwarding on), the object loaded on a private bpffs
+/// and its maps programmed from [`MANIFESTS`] by the agent's manifest →
+/// model → reconciler.
+fn with_fixture<T: Send>(f: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>, &Path) -> T + Send) -> T {
     let ns = Netns::new(&format!("sd-fuzz-{}", unique_suffix())).expect("netns");
-    // Routes as a node has them: the remote backend over a path with a
-    // 1000-byte MTU, the local pods, the external clients; forwarding on.
     ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]).expect("veth");
     ns.ip(&["link", "set", "d0", "up"]).expect("d0 up");
     ns.ip(&["link", "set", "d1", "up"]).expect("d1 up");
@@ -878,7 +874,7 @@ fn fuzzed_frames_through_both_classifiers_keep_every_invariant() {
     manifests.write("fuzz.yaml", MANIFESTS);
     let root = bpffs.path().join("node");
     let dir = manifests.path().to_owned();
-    let (tally, secs) = ns.run_in(move || {
+    ns.run_in(move || {
         let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
         let snapshot = manifest::load_dir(&dir).expect("manifests");
         assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
@@ -903,11 +899,107 @@ fn fuzzed_frames_through_both_classifiers_keep_every_invariant() {
             p.fd().expect("fd")
         };
         let (pod, external) = (fd(Prog::Pod), fd(Prog::External));
+        f(pod.as_fd(), external.as_fd(), &root)
+    })
+}
+
+#[test]
+fn fuzzed_frames_through_both_classifiers_keep_every_invariant() {
+    if skip_unless_root() {
+        return;
+    }
+    let frames: u64 = std::env::var("FUZZ_FRAMES")
+        .ok()
+        .and_then(|s| s.trim().replace('_', "").parse().ok())
+        .unwrap_or(DEFAULT_FRAMES);
+    let seed = fuzz::seed_from_env("FUZZ_SEED");
+    println!(
+        "fuzz: seed {seed:#x}, {frames} frames through both classifiers (reproduce: FUZZ_SEED={seed:#x} FUZZ_FRAMES={frames})"
+    );
+    for addr in [POD_CLIENT, VIP, EMPTY_VIP, NODE, ROUTER, EXT_CLIENT, OUT_OF_RANGE_CLIENT, LB_IP, EXTERNAL_IP]
+        .into_iter()
+        .chain(BACKENDS)
+        .chain(CLASH_VIPS)
+    {
+        assert!(!fuzz::is_foreign(addr.octets()), "{addr} must lie in the fixture's ranges");
+    }
+
+    let (tally, secs) = with_fixture(move |pod, external, root| {
         let started = Instant::now();
-        let tally = fuzz_both(pod.as_fd(), external.as_fd(), &root, frames, seed);
+        let tally = fuzz_both(pod, external, root, frames, seed);
         (tally, started.elapsed().as_secs_f64())
     });
     report(&tally, frames, seed, secs);
     let broken: BTreeSet<&str> = tally.failures.keys().copied().collect();
     assert!(broken.is_empty(), "invariants broken (seed {seed:#x}, details above): {broken:?}");
+}
+
+/// The findings of the fuzzer, each as the smallest well-formed frame that
+/// shows it, run through the program that hits it and judged by the same
+/// checks (so a fix shows here first, deterministically).
+#[test]
+fn fuzz_findings_reproduce_on_well_formed_frames() {
+    if skip_unless_root() {
+        return;
+    }
+    let failures = with_fixture(|pod, external, root| {
+        let mut reader = StatsReader::open(&root.join(map_names::STATS)).expect("stats map");
+        let mut tally = Tally::default();
+        let mut failures = Vec::new();
+        // Runs `frame` through `prog`; returns what came out, judged.
+        let mut run = |name: &str, prog: Prog, frame: &[u8]| {
+            let before = reader.read().expect("stats");
+            let fd = if prog == Prog::Pod { pod } else { external };
+            let out = packet::prog_test_run(fd, frame, 1).expect("BPF_PROG_TEST_RUN");
+            let counted = Counted::between(&before, &reader.read().expect("stats"));
+            if let Err(v) = judge(&mut tally, prog, Origin::Golden, frame, &out.data_out, out.retval, &counted) {
+                failures.push(format!(
+                    "{name} ({}): {}: {}\n    action {}, counted {}\n    in  {}\n    out {}",
+                    prog.name(),
+                    v.check,
+                    v.detail,
+                    out.retval,
+                    counted.describe(),
+                    hex(frame),
+                    hex(&out.data_out)
+                ));
+            }
+            out.data_out
+        };
+        // 1. A 1,228-byte UDP datagram without DF to a NodePort whose
+        //    backend sits behind a 1000-byte-MTU path: the forwarding stack
+        //    fragments it; it must not be refused with "fragmentation
+        //    needed".
+        run(
+            "UDP without DF, bigger than the path MTU",
+            Prog::External,
+            &packet::udp_v4(EXT_CLIENT, 5000, NODE, 30053, &[9u8; 1200]),
+        );
+        // 2. An ICMP error about a NodePort flow, arriving with TTL 1: it
+        //    must not be answered with an ICMP error.
+        let sent = run("UDP to a NodePort", Prog::External, &packet::udp_v4(EXT_CLIENT, 5001, NODE, 30053, b"query"));
+        let error = with_ttl(packet::icmp_frag_needed_v4(ROUTER, NODE, 576, &sent), 1);
+        run("ICMP error with TTL 1", Prog::External, &error);
+        // 3. A later fragment of a NodePort datagram, arriving with TTL 1:
+        //    only fragment 0 may be answered.
+        let data: Vec<u8> = (0..100u8).collect();
+        let (first, rest) = packet::udp_v4_fragments(EXT_CLIENT, 5002, NODE, 30053, &data, 48);
+        run("first fragment", Prog::External, &first);
+        run("later fragment with TTL 1", Prog::External, &with_ttl(rest, 1));
+        // 4. An ICMP error quoting a translated TCP segment with the 8
+        //    bytes RFC 792 guarantees, in a frame that carries 16 more
+        //    bytes after the IP datagram (a trailer): the quoted TCP
+        //    checksum is not in the datagram, and the ICMP checksum over
+        //    the datagram must stay valid.
+        let syn = run("SYN to a ClusterIP", Prog::Pod, &packet::tcp_v4(POD_CLIENT, 40_000, VIP, 80, SYN, b""));
+        let backend = Ipv4Addr::new(syn[30], syn[31], syn[32], syn[33]);
+        let mut error = packet::icmp_frag_needed_v4(backend, POD_CLIENT, 0, &syn[..14 + 28]);
+        error.extend_from_slice(&[0u8; 16]);
+        run("ICMP error with an 8-byte quote and a frame trailer", Prog::Pod, &error);
+        failures
+    });
+    for f in &failures {
+        println!("FINDING {f}");
+    }
+    assert!(failures.is_empty(), "{} findings reproduce (details above)", failures.len());
 }

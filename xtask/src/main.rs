@@ -60,6 +60,14 @@ enum Cmd {
         #[arg(long, default_value_t = 50_000)]
         connections: u32,
     },
+    /// Packet fuzzing (root): `--frames` random and mutated frames through
+    /// both classifiers with BPF_PROG_TEST_RUN (tests/prog_test_run_fuzz.rs,
+    /// which `test` runs with fewer); prints the count, time and frames/s.
+    /// `FUZZ_SEED` replays a run.
+    Fuzz {
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+    },
 }
 
 /// Commands (or files, for absolute paths) the tests, the demo and the
@@ -458,13 +466,33 @@ fn soak(minutes: u32, connections: u32) -> Result<()> {
     )
 }
 
+fn fuzz(frames: u64) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask fuzz` loads BPF programs and runs them with BPF_PROG_TEST_RUN: run it as root");
+    }
+    setup()?;
+    let exe = test_executables("service-tests")?
+        .into_iter()
+        .find(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("prog_test_run_fuzz-")))
+        .context("the fuzz test executable")?;
+    let started = std::time::Instant::now();
+    let result =
+        status(Command::new(exe).args(["--test-threads=1", "--nocapture"]).env("FUZZ_FRAMES", frames.to_string()));
+    let secs = started.elapsed().as_secs_f64();
+    #[expect(clippy::cast_precision_loss, reason = "a rate for the log")]
+    let rate = frames as f64 / secs;
+    println!("xtask fuzz: {frames} frames in {secs:.1} s ({rate:.0} frames/s, each through both classifiers)");
+    result
+}
+
 fn main() -> Result<()> {
     let command = Cli::parse().command;
-    if matches!(command, Cmd::Test | Cmd::Demo | Cmd::Bench { .. } | Cmd::Soak { .. }) {
+    if matches!(command, Cmd::Test | Cmd::Demo | Cmd::Bench { .. } | Cmd::Soak { .. } | Cmd::Fuzz { .. }) {
         forward_signals();
     }
     match command {
         Cmd::Soak { minutes, connections } => soak(minutes, connections),
+        Cmd::Fuzz { frames } => fuzz(frames),
         Cmd::Bench { quick } => bench(quick),
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => {
