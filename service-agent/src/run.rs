@@ -22,7 +22,9 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::{AttachManager, AttachMode, Globs, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink},
+    attach::{
+        AttachManager, AttachMode, Globs, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink,
+    },
     gc::{self, AffinityFrontends},
     healthcheck::{self, HealthCheckServers},
     maps::{self, MapSizes, PinnedMaps},
@@ -127,13 +129,7 @@ pub struct RunConfig {
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (mut ebpf, migrations) =
         maps::load_migrating(&config.bpffs_root, config.map_sizes).context("loading the dataplane")?;
-    let mut reconciler =
-        Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, config.map_sizes)?).context("reading the pinned maps")?;
-    tracing::info!(
-        bpffs_root = %config.bpffs_root.display(),
-        adopted_rows = reconciler.applied().services.len(),
-        "maps pinned"
-    );
+    let mut reconciler = adopt_maps(&config, &mut ebpf)?;
     let (mut pod_prog, mut ext_prog) = programs(&mut ebpf)?;
     let (pod_prog, ext_prog) = (&mut pod_prog, &mut ext_prog);
     let (mut pod_attach, mut ext_attach) = attach_managers(&config, pod_prog, ext_prog);
@@ -193,7 +189,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some(()) = events.recv() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
             _ = rescan.tick() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
             () = sleep_until(deferred) => {
-                collect_deferred(&mut reconciler, &config.bpffs_root, &metrics);
+                collect_deferred(&mut reconciler, &metrics);
                 false
             }
             () = sleep_until(retry.due()) => {
@@ -258,9 +254,27 @@ fn shut_down(
 /// they are filled again.
 fn refill_before_attach(migrations: &[maps::layout::Migration]) -> bool {
     use service_common::map_names::{BACKENDS, REV_NAT, SERVICES, SOURCE_RANGES};
-    migrations
-        .iter()
-        .any(|m| m.change == maps::layout::Change::Recreated && [SERVICES, BACKENDS, REV_NAT, SOURCE_RANGES].contains(&m.name))
+    migrations.iter().any(|m| {
+        m.change == maps::layout::Change::Recreated && [SERVICES, BACKENDS, REV_NAT, SOURCE_RANGES].contains(&m.name)
+    })
+}
+
+/// The reconciler over the loaded maps, starting from what they hold; the
+/// counters matched to the adopted rows first.
+fn adopt_maps(config: &RunConfig, ebpf: &mut aya::Ebpf) -> anyhow::Result<Reconciler<PinnedMaps>> {
+    let mut maps = PinnedMaps::from_ebpf(ebpf, config.map_sizes)?;
+    match maps.sync_counters() {
+        Ok((0, 0)) => {}
+        Ok((created, deleted)) => tracing::info!(created, deleted, "counters matched to the adopted rows"),
+        Err(e) => tracing::warn!(error = %e, "matching the counters to the adopted rows"),
+    }
+    let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
+    tracing::info!(
+        bpffs_root = %config.bpffs_root.display(),
+        adopted_rows = reconciler.applied().services.len(),
+        "maps pinned"
+    );
+    Ok(reconciler)
 }
 
 /// Sleeps until `at`; never wakes when it is `None`.
@@ -272,9 +286,9 @@ async fn sleep_until(at: Option<std::time::Instant>) {
 }
 
 /// Runs the reconciler's deferred deletions that are due (rows that left
-/// a live table a grace period ago), then prunes the counters of the ids
-/// they freed.
-fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, bpffs_root: &std::path::Path, metrics: &Metrics) {
+/// a live table a grace period ago; the counters of the ids they free go
+/// with their rows).
+fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, metrics: &Metrics) {
     let _span = tracing::info_span!("collect_deferred").entered();
     let report = reconciler.collect_deferred();
     for e in &report.errors {
@@ -284,19 +298,7 @@ fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, bpffs_root: &std::p
         return;
     }
     metrics.observe_maps(reconciler.applied());
-    prune_counters(reconciler, bpffs_root);
     tracing::debug!(rows_deleted = report.rows_deleted, pending = reconciler.deferred_len(), "deferred deletions");
-}
-
-/// Drops the per-Service and per-backend counters of ids the maps no
-/// longer hold (after a sync, and after deferred deletions).
-fn prune_counters(reconciler: &Reconciler<PinnedMaps>, bpffs_root: &std::path::Path) {
-    let applied = reconciler.applied();
-    let live_rev_nat = |id: u32| applied.rev_nat.contains_key(&id);
-    let live_backend = |id: u32| applied.backends.contains_key(&id);
-    if let Err(e) = maps::prune_counters(bpffs_root, &live_rev_nat, &live_backend) {
-        tracing::warn!(error = %e, "pruning the counters of removed frontends and backends");
-    }
 }
 
 /// The two attach managers, having taken over what an earlier agent left:
@@ -373,11 +375,8 @@ fn refresh_node(
     ext_attach.set_globs(globs);
     // Overlay and tunnel devices: SNAT through one writes its address
     // (MASQUERADE's choice), so the reply comes back through it.
-    let tunnels: BTreeSet<String> = crate::attach::links()
-        .into_iter()
-        .filter(|l| ext_attach.selection().is_tunnel(l))
-        .map(|l| l.name)
-        .collect();
+    let tunnels: BTreeSet<String> =
+        crate::attach::links().into_iter().filter(|l| ext_attach.selection().is_tunnel(l)).map(|l| l.name).collect();
     addresses::add_snat_interfaces(&all, &tunnels, &mut now);
     if now == *current {
         return false;
@@ -480,7 +479,6 @@ fn sync_once(
     metrics.observe_not_programmed(not_programmed);
     let failed_services =
         healthcheck::unprogrammed_services(&desired, |df| reconciler.is_programmed(df), &report.errors);
-    prune_counters(reconciler, bpffs_root);
     if report.changed() {
         match maps::flush_udp_conntrack(bpffs_root, |rev_nat, backend| reconciler.is_live_pair(rev_nat, backend)) {
             Ok(0) => {}

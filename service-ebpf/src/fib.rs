@@ -45,10 +45,6 @@ use crate::{
 const AF_INET: u8 = 2;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
-/// The first byte of the IP header's flags/fragment offset field, and its
-/// Don't Fragment bit.
-const IP_FRAG_OFF: usize = 6;
-const IP_DF: u8 = 0x40;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// Looks `daddr` up in the FIB from `saddr` (the parameters live in
@@ -111,11 +107,10 @@ fn gso_segment_len(ctx: &TcContext, flow: &Flow, gso_size: u32) -> u16 {
 #[inline(never)]
 pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
     let ip = flow.ip_off;
-    let (Ok(saddr), Ok(daddr), Ok(tot_len), Ok(frag)) = (
+    let (Ok(saddr), Ok(daddr), Ok(tot_len)) = (
         ctx.load::<[u8; 4]>(ip + IP_SRC_OFF),
         ctx.load::<[u8; 4]>(ip + IP_DST_OFF),
         ctx.load::<[u8; 2]>(ip + IP_TOT_LEN_OFF),
-        ctx.load::<u8>(ip + IP_FRAG_OFF),
     ) else {
         return pass(counter);
     };
@@ -133,7 +128,7 @@ pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // Without DF the stack would fragment it, which a redirect cannot
         // do: dropped, counted, not answered (the answer says "DF set").
-        if frag & IP_DF == 0 || !may_answer {
+        if !flow.dont_fragment || !may_answer {
             return Err(stats::DROP_FRAG_NEEDED);
         }
         return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)));

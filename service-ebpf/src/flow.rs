@@ -38,6 +38,7 @@ pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
 const TCP_FLAGS_OFF: usize = 13;
 /// IPv4 flags/fragment-offset field (host order after from_be_bytes).
+const IP_DF: u16 = 0x4000;
 const IP_MF: u16 = 0x2000;
 const IP_OFFSET_MASK: u16 = 0x1fff;
 /// ICMP errors that quote the packet they are about (RFC 792).
@@ -65,6 +66,9 @@ pub struct Flow {
     /// A later fragment: no L4 header (the ports come from the first
     /// fragment), only the IP header is rewritten.
     pub later_fragment: bool,
+    /// Don't Fragment set: a packet too big for its route is answered
+    /// with fragmentation needed instead of being fragmented.
+    pub dont_fragment: bool,
     pub ttl: u8,
     /// IP identification, network order.
     pub ip_id: [u8; 2],
@@ -224,6 +228,7 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Result<Flow, u32> {
         tcp_flags,
         first_fragment: !later_fragment && frag & IP_MF != 0,
         later_fragment,
+        dont_fragment: frag & IP_DF != 0,
         ttl: ip[8],
         ip_id: [ip[4], ip[5]],
     })

@@ -51,14 +51,6 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
         return pass(stats::PASS_OTHER_PROTO);
     }
     let l4_off = ip_off + 20;
-    // The quote (its IP header and the 8 bytes RFC 792 guarantees) must
-    // lie inside the outer datagram, as its IP total length says; bytes
-    // past it (a trailer, link padding) are not part of the error.
-    let Ok(outer_len) = ctx.load::<[u8; 2]>(flow.ip_off + IP_TOT_LEN_OFF) else { return pass(stats::PASS_MALFORMED) };
-    let outer_end = flow.ip_off + usize::from(u16::from_be_bytes(outer_len));
-    if l4_off + 8 > outer_end {
-        return pass(stats::PASS_MALFORMED);
-    }
     let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else { return pass(stats::PASS_MALFORMED) };
     let old = Endpoints {
         saddr: [ip[12], ip[13], ip[14], ip[15]],
@@ -80,6 +72,15 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
     // SAFETY: plain data; a racing update gives a stale but valid copy.
     let ct: CtValue = unsafe { *found.ct };
     let new = translated(&old, &ct);
+    // The quote (its IP header and the 8 bytes RFC 792 guarantees) must
+    // lie inside the outer datagram, as its IP total length says; bytes
+    // past it (a trailer, link padding) are not part of the error. Read
+    // here, after the lookup, so the bound is not held across the call.
+    let Ok(outer_len) = ctx.load::<[u8; 2]>(flow.ip_off + IP_TOT_LEN_OFF) else { return pass(stats::PASS_MALFORMED) };
+    let outer_end = flow.ip_off + usize::from(u16::from_be_bytes(outer_len));
+    if l4_off + 8 > outer_end {
+        return pass(stats::PASS_MALFORMED);
+    }
     rewrite_quoted(ctx, outer_end, flow.l4_off, ip_off, l4_off, proto, &ip, &old, &new)?;
     // The error went to the quoted packet's source; if the quoted packet's
     // destination itself sent it, its address is translated the same way.
@@ -155,8 +156,8 @@ fn rewrite_quoted(
     icmp_check = csum::update16(icmp_check, old.dport, new.dport);
     // The quoted TCP/UDP checksum, when the quote reaches it (UDP's always
     // does; TCP's only beyond the 8 bytes RFC 792 guarantees) and it is in
-    // use (a UDP checksum of 0 means none).
-    // Only within the outer datagram.
+    // use (a UDP checksum of 0 means none), and only within the outer
+    // datagram.
     let l4_check_off = l4_off + if proto == PROTO_TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF };
     if l4_check_off + 2 <= outer_end
         && let Ok(old_l4_check) = ctx.load::<[u8; 2]>(l4_check_off)

@@ -12,9 +12,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL, SCOPE_INTERNAL,
-    MEMBER_SLOT, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, backend_flags, conntrack::next_state, ct_flags, hash, service_flags,
-    snat_ports, stats,
+    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
+    SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, backend_flags,
+    conntrack::next_state, ct_flags, hash, service_flags, snat_ports, stats,
 };
 
 use crate::{
@@ -303,19 +303,20 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
         if let Some(entry) = unsafe { AFFINITY.get(&s.affinity_key) } {
             s.affinity = *entry;
             let timeout_ns = u64::from(s.service.affinity_timeout_s) * 1_000_000_000;
-            // Only a backend still in this frontend's set (its member row):
-            // an entry naming a removed backend, or an id handed to
-            // another Service since, falls through to the table.
-            // Written field by field, in place: a whole-key temporary would
-            // sit on this frame's stack.
-            s.slot_key = s.frontend;
-            s.slot_key.slot = MEMBER_SLOT;
-            s.slot_key.version = s.affinity.backend_id;
-            // SAFETY: only whether the row exists is read.
-            let member = unsafe { SERVICES.get(&s.slot_key) }.is_some();
-            if member && now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns {
-                // SAFETY: plain data written whole by the agent.
-                if let Some(backend) = unsafe { BACKENDS.get(&s.affinity.backend_id) } {
+            if now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns {
+                // Only a backend still in this frontend's set (its member
+                // row): an entry naming a removed backend, or an id handed
+                // to another Service since, falls through to the table.
+                // Written field by field, in place: a whole-key temporary
+                // would sit on this frame's stack.
+                s.slot_key = s.frontend;
+                s.slot_key.slot = MEMBER_SLOT;
+                s.slot_key.version = s.affinity.backend_id;
+                // SAFETY: only whether the row exists is read, then plain
+                // data written whole by the agent.
+                if unsafe { SERVICES.get(&s.slot_key) }.is_some()
+                    && let Some(backend) = unsafe { BACKENDS.get(&s.affinity.backend_id) }
+                {
                     s.backend = *backend;
                     s.backend_id = s.affinity.backend_id;
                     s.affinity_hit = 1;

@@ -90,10 +90,7 @@ fn wire_tun(c: &Cluster) -> ChildGuard {
     let (n1, n2) = (&c.node(1).node, &c.node(2).node);
     let (p1, p2) = (n1.path(), n2.path());
     let mut relay = n1
-        .spawn(
-            &binary("tun-relay", "TUN_RELAY_BIN"),
-            &[&p1.to_string_lossy(), TUN_DEV, &p2.to_string_lossy(), TUN_DEV],
-        )
+        .spawn(&binary("tun-relay", "TUN_RELAY_BIN"), &[&p1.to_string_lossy(), TUN_DEV, &p2.to_string_lossy(), TUN_DEV])
         .expect("tun-relay");
     let mut line = String::new();
     BufReader::new(relay.0.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("relay output");

@@ -7,13 +7,14 @@
 //! Ethernet header): the programs parse it, answer rejects on it and
 //! redirect to and from it.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 
 use service_tests::{
     cluster::node_ip,
     netns::{Netns, skip_unless_root},
     north_south::{B2, CLIENT_POD, Svc, TIMEOUT, answers, parse_answer},
     overlay::{Kind, Overlay, TUN_DEV, VXLAN_DEV, tun_ip, vxlan_ip},
+    traffic,
 };
 
 /// A ClusterIP whose only endpoint is on node 2.
@@ -53,20 +54,17 @@ const EMPTY: Svc = Svc {
 };
 
 /// One UDP exchange from `ns` with `dst`: the answer, or the error kind.
-fn udp(ns: &Netns, dst: SocketAddr) -> Result<String, std::io::ErrorKind> {
+fn udp(ns: &Netns, dst: SocketAddrV4) -> Result<String, std::io::ErrorKind> {
     ns.run_in(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-        s.connect(dst).expect("connect");
-        s.send(b"hi").expect("send");
-        let mut buf = [0u8; 256];
-        s.recv(&mut buf).map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()).map_err(|e| e.kind())
+        traffic::udp_ask(dst, b"hi", TIMEOUT).map(|b| String::from_utf8_lossy(&b).into_owned()).map_err(|e| e.kind())
     })
 }
 
 /// The agent log line for an overlay device attached by its link kind.
 fn attached(ov: &Overlay, node: u8, dev: &str, build: &str) -> bool {
-    ov.ns.agents[usize::from(node) - 1].log().contains(&format!("attached external ingress program interface={dev} build={build}"))
+    ov.ns.agents[usize::from(node) - 1]
+        .log()
+        .contains(&format!("attached external ingress program interface={dev} build={build}"))
 }
 
 /// Fails on an agent that only attaches to `--external-interfaces`: the
@@ -154,7 +152,7 @@ fn tun_l3_device_carries_service_traffic_rejects_and_replies() {
         TcpStream::connect_timeout(&SocketAddr::from((EMPTY_IP, 80)), TIMEOUT).map(|_| ()).map_err(|e| e.kind())
     });
     assert_eq!(tcp, Err(std::io::ErrorKind::ConnectionRefused), "a TCP RST over the tunnel");
-    assert_eq!(udp(node2, SocketAddr::from((EMPTY_IP, 53))), Err(std::io::ErrorKind::ConnectionRefused));
+    assert_eq!(udp(node2, SocketAddrV4::new(EMPTY_IP, 53)), Err(std::io::ErrorKind::ConnectionRefused));
     assert!(ov.ns.counter(1, "reject_tcp_rst") > rst_before);
     assert!(ov.ns.counter(1, "reject_icmp_unreachable") > icmp_before);
 }

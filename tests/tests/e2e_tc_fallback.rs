@@ -12,8 +12,7 @@
 //! against frozen maps; there was no way to force the fallback either.
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     process::Command,
     sync::{
         Arc,
@@ -33,9 +32,10 @@ use service_agent::{
 use service_tests::{
     fixture::{self, ManifestDir},
     netns::{Agent, BpffsMount, Netns, Topology, binary, skip_unless_root},
+    traffic,
 };
 
-const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+const VIP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
 const FLAGS: &[&str] = &["--attach-mode", "tc", "--keep-on-exit"];
 const RESTARTS: usize = 4;
 
@@ -62,16 +62,9 @@ endpoints:
 - addresses: ["10.244.1.13"]
 "#;
 
+/// One fresh connection to the ClusterIP asking its backend's name.
 fn fresh_request() -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&VIP, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(2)))?;
-    s.write_all(b"who\n")?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
-    if line.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed"));
-    }
-    Ok(line)
+    traffic::tcp_who(VIP, Duration::from_secs(2))
 }
 
 /// The filters on `dev`'s clsact ingress hook, one line each (`tc filter
@@ -118,11 +111,8 @@ fn plant_old_filters(topo: &Topology, root: &std::path::Path) {
     let root = root.to_owned();
     topo.node.run_in(move || {
         let mut ebpf = maps::load(&root, MapSizes::default()).expect("load object");
-        let ext: &mut SchedClassifier = ebpf
-            .program_mut(service_common::PROG_EXTERNAL_INGRESS)
-            .expect("program")
-            .try_into()
-            .expect("classifier");
+        let ext: &mut SchedClassifier =
+            ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
         ext.load().expect("load");
         let old = SchedClassifierLink::attached(
             &client_if,
@@ -209,7 +199,12 @@ fn clsact_filters_are_adopted_replaced_and_removed_like_tcx_links() {
     }
     stop.store(true, Ordering::Relaxed);
     let (ok, failed) = load.join().expect("load thread");
-    assert!(failed.is_empty(), "{} of {} requests failed across the restarts: {failed:?}", failed.len(), ok + failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed across the restarts: {failed:?}",
+        failed.len(),
+        ok + failed.len()
+    );
     assert!(ok > 20, "only {ok} requests");
 
     // An upgrade: the agent's filter on the client's interface runs another

@@ -195,7 +195,8 @@ fn a_changed_map_size_flag_takes_effect_on_restart_keeping_the_rows() {
 
     // A crash right after the old pin was moved aside: the next start
     // resumes from it.
-    std::fs::rename(root.join(map_names::CONNTRACK), layout::migrating_pin(&root, map_names::CONNTRACK)).expect("rename");
+    std::fs::rename(root.join(map_names::CONNTRACK), layout::migrating_pin(&root, map_names::CONNTRACK))
+        .expect("rename");
     let sizes = MapSizes { conntrack: 2048, ..MapSizes::default() };
     let (_ebpf, migrations) = maps::load_migrating(&root, sizes).expect("resume");
     assert_eq!(migration(&migrations, map_names::CONNTRACK).rows_copied, 10);

@@ -246,7 +246,9 @@ fn an_old_flows_packets_recreate_no_counter_for_freed_ids() {
     let services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
     let backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
     // `sticky` goes, with its only backend: their ids are freed.
-    f.program(&sticky_yaml("[{addresses: [10.244.1.33]}]").split("\n---\n").skip(2).collect::<Vec<_>>().join("\n---\n"));
+    f.program(
+        &sticky_yaml("[{addresses: [10.244.1.33]}]").split("\n---\n").skip(2).collect::<Vec<_>>().join("\n---\n"),
+    );
     let live_services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
     let live_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
     let freed_service: Vec<u32> = services.keys().filter(|id| !live_services.contains_key(id)).copied().collect();

@@ -514,8 +514,9 @@ impl AttachManager {
             }
         }
         // Leftovers on interfaces no longer selected go too.
-        let (keep, drop_now): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.replacing).into_iter().partition(|(idx, name, _)| now.get(idx).is_some_and(|l| l.name == *name));
+        let (keep, drop_now): (Vec<_>, Vec<_>) = std::mem::take(&mut self.replacing)
+            .into_iter()
+            .partition(|(idx, name, _)| now.get(idx).is_some_and(|l| l.name == *name));
         self.replacing = keep;
         for (idx, _, leftover) in drop_now {
             release_leftover(idx, leftover);
@@ -533,7 +534,8 @@ impl AttachManager {
             // agent's, another program): replaced in place.
             let in_place = self.mode != AttachMode::Tcx
                 && self.replacing.iter().any(|(i, _, l)| {
-                    *i == idx && matches!(l, Leftover::Filter { priority: p, handle: h } if (*p, *h) == (priority, handle))
+                    *i == idx
+                        && matches!(l, Leftover::Filter { priority: p, handle: h } if (*p, *h) == (priority, handle))
                 });
             let tag = progs.tag(l3);
             match attach(progs.get(l3), self.role, &link.name, idx, tag, &self.links_dir, self.mode, in_place) {
@@ -547,7 +549,8 @@ impl AttachManager {
                         replaced = true;
                         match leftover {
                             // Now ours: replaced in place.
-                            Leftover::Filter { priority: p, handle: h } if in_place && (p, h) == (priority, handle) => {}
+                            Leftover::Filter { priority: p, handle: h } if in_place && (p, h) == (priority, handle) => {
+                            }
                             other => release_leftover(idx, other),
                         }
                     }

@@ -189,8 +189,9 @@ fn request(msg_type: u16, flags: u16, body: &[u8]) -> io::Result<Vec<Vec<u8>>> {
     kernel.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
     let addr_len = u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or_default();
     // SAFETY: msg and kernel are valid for the lengths passed.
-    let sent =
-        unsafe { libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&raw const kernel).cast(), addr_len) };
+    let sent = unsafe {
+        libc::sendto(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0, (&raw const kernel).cast(), addr_len)
+    };
     if sent < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -240,7 +241,8 @@ pub fn links() -> io::Result<Vec<LinkInfo>> {
             match t {
                 IFLA_IFNAME => name = Some(c_string(payload)),
                 IFLA_LINKINFO => {
-                    kind = attributes(payload).into_iter().find(|(t, _)| *t == IFLA_INFO_KIND).map(|(_, k)| c_string(k));
+                    kind =
+                        attributes(payload).into_iter().find(|(t, _)| *t == IFLA_INFO_KIND).map(|(_, k)| c_string(k));
                 }
                 _ => {}
             }
@@ -283,7 +285,8 @@ pub fn ingress_filters(ifindex: u32) -> io::Result<Vec<TcFilter>> {
             continue;
         }
         let priority = u16::try_from(info >> 16).unwrap_or_default();
-        let mut filter = TcFilter { priority, handle, kind: String::new(), name: String::new(), tag: None, prog_id: None };
+        let mut filter =
+            TcFilter { priority, handle, kind: String::new(), name: String::new(), tag: None, prog_id: None };
         for (t, payload) in attributes(&part[20..]) {
             match t {
                 TCA_KIND => filter.kind = c_string(payload),

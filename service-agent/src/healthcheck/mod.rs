@@ -27,7 +27,7 @@ use axum::{Router, extract::State, http::StatusCode, response::IntoResponse};
 use crate::{
     metrics::Health,
     model::{Desired, DesiredFrontend, HealthCheck},
-    reconciler::ReconcileError,
+    reconciler::{Concerns, ReconcileError},
     source::ObjectRef,
 };
 
@@ -47,13 +47,16 @@ pub fn unprogrammed_services(
 ) -> BTreeMap<ObjectRef, String> {
     let mut failed: BTreeMap<&ObjectRef, Vec<String>> = BTreeMap::new();
     for df in desired.frontends.values().filter(|df| !is_programmed(df)) {
-        let frontend = df.frontend.to_string();
-        let backends: Vec<String> = df.backends.iter().map(|b| format!("backend {b}")).collect();
         let why: Vec<String> = errors
             .iter()
-            .filter(|e| e.what.ends_with(&frontend) || backends.contains(&e.what))
+            .filter(|e| match e.concerns {
+                Concerns::Frontend(f) => f == df.frontend,
+                Concerns::Backend(b) => df.backends.contains(&b),
+                Concerns::Other => false,
+            })
             .map(|e| e.source.to_string())
             .collect();
+        let frontend = df.frontend;
         let why = if why.is_empty() { "see the agent log".to_owned() } else { why.join(", ") };
         failed.entry(&df.service).or_default().push(format!("{frontend}: {why}"));
     }
@@ -228,12 +231,8 @@ mod tests {
 
     /// `name`'s ClusterIP frontend 10.96.0.`ip`:80 with backends 10.244.1.`b`.
     fn frontend(d: &mut Desired, name: &str, ip: u8, backends: &[u8]) {
-        let f = Frontend {
-            addr: IpAddr::from([10, 96, 0, ip]),
-            port: 80,
-            protocol: Protocol::Tcp,
-            scope: Scope::Internal,
-        };
+        let f =
+            Frontend { addr: IpAddr::from([10, 96, 0, ip]), port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
         let backends = backends
             .iter()
             .map(|b| Backend {
@@ -265,8 +264,7 @@ mod tests {
         frontend(&mut d, "fits", 10, &[1, 2]);
         frontend(&mut d, "too-big", 11, &[3, 4]);
         // Room for one frontend (slot 0, 31 slots, 2 member rows), not two.
-        let mut r =
-            Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump").with_grace(Duration::ZERO);
+        let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump").with_grace(Duration::ZERO);
         let report = r.reconcile(&d);
         assert_eq!(report.errors.len(), 1, "{report:?}");
         let failed = unprogrammed_services(&d, |df| r.is_programmed(df), &report.errors);

@@ -24,14 +24,13 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
 };
 
 use aya::maps::{MapData, MapInfo};
 use service_common::{agent_state, layout, map_names};
 
-use super::LoadError;
+use super::{LoadError, elem};
 
 /// What a map is, as far as a pin's compatibility goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,9 +84,10 @@ pub fn migrating_pin(root: &Path, name: &str) -> PathBuf {
 /// without a row: pins of agents from before the versions were recorded).
 fn recorded_versions(root: &Path) -> impl Fn(&str) -> u32 {
     let rows: Vec<(String, u32)> = (|| {
-        let map: aya::maps::HashMap<MapData, agent_state::Key, u64> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(MapData::from_pin(root.join(map_names::AGENT_STATE)).ok()?))
-                .ok()?;
+        let map: aya::maps::HashMap<MapData, agent_state::Key, u64> = aya::maps::HashMap::try_from(
+            aya::maps::Map::HashMap(MapData::from_pin(root.join(map_names::AGENT_STATE)).ok()?),
+        )
+        .ok()?;
         Some(
             map.iter()
                 .filter_map(Result::ok)
@@ -154,21 +154,28 @@ pub fn prepare(root: &Path, wanted: &[(&'static str, Shape)]) -> Result<Vec<Migr
             // Interrupted before the load: start over from the old pin.
             std::fs::rename(&old_pin, &pin).map_err(io_err)?;
         }
-        if old_pin.exists() {
+        let from = if old_pin.exists() {
             // Interrupted after the load: copy again (the copy only adds).
-            let from = pinned_shape(&old_pin, version(name)).map_err(io_err)?;
-            out.push(Migration { name, change: change(&from, to), from, to: *to, old_pin, rows_copied: 0, rows_dropped: 0 });
+            pinned_shape(&old_pin, version(name)).map_err(io_err)?
+        } else if pin.exists() {
+            let from = pinned_shape(&pin, version(name)).map_err(io_err)?;
+            if from == *to {
+                continue;
+            }
+            std::fs::rename(&pin, &old_pin).map_err(io_err)?;
+            from
+        } else {
             continue;
-        }
-        if !pin.exists() {
-            continue;
-        }
-        let from = pinned_shape(&pin, version(name)).map_err(io_err)?;
-        if from == *to {
-            continue;
-        }
-        std::fs::rename(&pin, &old_pin).map_err(io_err)?;
-        out.push(Migration { name, change: change(&from, to), from, to: *to, old_pin, rows_copied: 0, rows_dropped: 0 });
+        };
+        out.push(Migration {
+            name,
+            change: change(&from, to),
+            from,
+            to: *to,
+            old_pin,
+            rows_copied: 0,
+            rows_dropped: 0,
+        });
     }
     Ok(out)
 }
@@ -204,7 +211,8 @@ fn record_versions(root: &Path) -> Result<(), LoadError> {
     let name = map_names::AGENT_STATE;
     let data = MapData::from_pin(root.join(name)).map_err(|source| LoadError::Map { name, source })?;
     let mut map: aya::maps::HashMap<MapData, agent_state::Key, u64> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data)).map_err(|source| LoadError::Map { name, source })?;
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))
+            .map_err(|source| LoadError::Map { name, source })?;
     for (map_name, version) in layout::VERSIONS {
         let key = agent_state::key(&format!("{}{map_name}", agent_state::LAYOUT_PREFIX));
         map.insert(key, u64::from(version), 0).map_err(|source| LoadError::Map { name, source })?;
@@ -212,36 +220,10 @@ fn record_versions(root: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-/// The `BPF_MAP_*_ELEM` / `GET_NEXT_KEY` part of `union bpf_attr`.
-#[repr(C)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
-}
-
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-fn bpf_elem(cmd: libc::c_long, fd: u32, key: *const u8, value: *mut u8, flags: u64) -> io::Result<()> {
-    let attr = ElemAttr { map_fd: fd, _pad: 0, key: key as u64, value: value as u64, flags };
-    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; the
-    // caller sizes `key` and `value` to the map's key and value sizes.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, std::mem::size_of::<ElemAttr>()) };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-fn fd_of(map: &MapData) -> io::Result<u32> {
-    u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)
-}
-
 /// Copies every row of `old` into `new` (same key and value layout) as raw
 /// bytes. Returns (copied, dropped because `new` was full).
 fn copy_rows(old: &MapData, new: &MapData, shape: &Shape) -> io::Result<(usize, usize)> {
-    let (old_fd, new_fd) = (fd_of(old)?, fd_of(new)?);
+    let (old_fd, new_fd) = (elem::fd_of(old)?, elem::fd_of(new)?);
     let key_size = usize::try_from(shape.key_size).map_err(io::Error::other)?;
     let value_size = usize::try_from(shape.value_size).map_err(io::Error::other)?;
     // Per-CPU values come as one 8-byte-aligned slot per possible CPU.
@@ -257,20 +239,22 @@ fn copy_rows(old: &MapData, new: &MapData, shape: &Shape) -> io::Result<(usize, 
     let mut first = true;
     loop {
         let from = if first { std::ptr::null() } else { key.as_ptr() };
-        match bpf_elem(BPF_MAP_GET_NEXT_KEY, old_fd, from, next.as_mut_ptr(), 0) {
+        // SAFETY (the three calls): `key`/`next` hold the map's key size and
+        // `value` its value size (per CPU slots included), as `shape` says.
+        match unsafe { elem::call(elem::GET_NEXT_KEY, old_fd, from, next.as_mut_ptr(), 0) } {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
             Err(e) => return Err(e),
         }
         first = false;
         key.copy_from_slice(&next);
-        match bpf_elem(BPF_MAP_LOOKUP_ELEM, old_fd, key.as_ptr(), value.as_mut_ptr(), 0) {
+        match unsafe { elem::call(elem::LOOKUP, old_fd, key.as_ptr(), value.as_mut_ptr(), 0) } {
             Ok(()) => {}
             // Deleted meanwhile (an old program is still running).
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
         }
-        match bpf_elem(BPF_MAP_UPDATE_ELEM, new_fd, key.as_ptr(), value.as_mut_ptr(), 0) {
+        match unsafe { elem::call(elem::UPDATE, new_fd, key.as_ptr(), value.as_mut_ptr(), 0) } {
             Ok(()) => copied += 1,
             Err(e) if matches!(e.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)) => dropped += 1,
             Err(e) => return Err(e),

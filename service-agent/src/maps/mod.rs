@@ -225,23 +225,20 @@ impl PinnedMaps {
     /// # Errors
     /// When a map is missing or of the wrong type.
     pub fn from_ebpf(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, LoadError> {
-        let mut typed = |name: &'static str| ebpf.take_map(name).ok_or(LoadError::MissingMap(name));
-        let services = typed(map_names::SERVICES)?;
-        let backends = typed(map_names::BACKENDS)?;
-        let rev_nat = typed(map_names::REV_NAT)?;
-        let source_ranges = typed(map_names::SOURCE_RANGES)?;
-        let service_counters = typed(map_names::SERVICE_COUNTERS)?;
-        let backend_counters = typed(map_names::BACKEND_COUNTERS)?;
-        let agent_state = typed(map_names::AGENT_STATE)?;
-        Self::from_maps([services, backends, rev_nat, source_ranges, service_counters, backend_counters, agent_state], sizes)
+        Self::from_maps(|name| ebpf.take_map(name).ok_or(LoadError::MissingMap(name)), sizes)
     }
 
-    fn from_maps(maps: [Map; 7], sizes: MapSizes) -> Result<Self, LoadError> {
-        use map_names::{
-            AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES,
-        };
-        let [services, backends, rev_nat, source_ranges, service_counters, backend_counters, agent_state] = maps;
+    /// The maps the reconciler writes, each from `get`, typed.
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, LoadError>,
+        sizes: MapSizes,
+    ) -> Result<Self, LoadError> {
+        use map_names::{AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES};
         let err = |name| move |source| LoadError::Map { name, source };
+        let (services, backends, rev_nat, source_ranges) =
+            (get(SERVICES)?, get(BACKENDS)?, get(REV_NAT)?, get(SOURCE_RANGES)?);
+        let (service_counters, backend_counters, agent_state) =
+            (get(SERVICE_COUNTERS)?, get(BACKEND_COUNTERS)?, get(AGENT_STATE)?);
         Ok(Self {
             services: HashMap::try_from(services).map_err(err(SERVICES))?,
             backends: HashMap::try_from(backends).map_err(err(BACKENDS))?,
@@ -259,23 +256,22 @@ impl PinnedMaps {
     /// # Errors
     /// When a pin is missing or of the wrong type.
     pub fn open(root: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
-        use map_names::{
-            AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES,
-        };
-        let mut maps = Vec::new();
-        for name in [SERVICES, BACKENDS, REV_NAT, SOURCE_RANGES, SERVICE_COUNTERS, BACKEND_COUNTERS, AGENT_STATE] {
-            maps.push(open_pinned(root, name)?);
-        }
-        let maps: [Map; 7] = maps.try_into().map_err(|_| LoadError::MissingMap(SERVICES))?;
-        Self::from_maps(maps, sizes)
+        Self::from_maps(|name| open_pinned(root, name), sizes)
     }
 
     /// Creates the zeroed counters of a new id (a row already there, e.g.
     /// adopted from an earlier agent, is kept).
-    fn create_counters(map: &mut PerCpuHashMap<MapData, u32, Counters>, name: &'static str, id: u32) -> Result<(), MapError> {
+    fn create_counters(
+        map: &mut PerCpuHashMap<MapData, u32, Counters>,
+        name: &'static str,
+        id: u32,
+    ) -> Result<(), MapError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Io { map: name, op: "nr_cpus", source: e })?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus])
-            .map_err(|e| MapError::Io { map: name, op: "update", source: e })?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| MapError::Io {
+            map: name,
+            op: "update",
+            source: e,
+        })?;
         match map.insert(id, zero, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
@@ -298,6 +294,48 @@ impl PinnedMaps {
         {
             tracing::warn!(map = name, id, error = %e, "deleting the counters of a freed id");
         }
+    }
+
+    /// Gives the counters the lifecycle of their rows for whatever an
+    /// earlier agent left, once at start (from then on they are created and
+    /// deleted with the backend and rev-NAT rows): a counter row for every
+    /// id in `backends` / `rev_nat`, none for any other id (older programs
+    /// created rows on first use, and kept those of freed ids alive).
+    /// Returns (created, deleted).
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn sync_counters(&mut self) -> Result<(usize, usize), MapError> {
+        let keys = |ids: Vec<Result<u32, aya::maps::MapError>>, name| {
+            ids.into_iter()
+                .filter(|r| !r.as_ref().is_err_and(is_not_found))
+                .collect::<Result<std::collections::BTreeSet<u32>, _>>()
+                .map_err(|e| MapError::Io { map: name, op: "dump", source: io::Error::other(e) })
+        };
+        let (mut created, mut deleted) = (0, 0);
+        for (rows, counters, name) in [
+            (
+                keys(self.backends.keys().collect(), map_names::BACKENDS)?,
+                &mut self.backend_counters,
+                map_names::BACKEND_COUNTERS,
+            ),
+            (
+                keys(self.rev_nat.keys().collect(), map_names::REV_NAT)?,
+                &mut self.service_counters,
+                map_names::SERVICE_COUNTERS,
+            ),
+        ] {
+            let existing = keys(counters.keys().collect(), name)?;
+            for id in rows.difference(&existing) {
+                Self::create_counters(counters, name, *id)?;
+                created += 1;
+            }
+            for id in existing.difference(&rows) {
+                Self::delete_counters(counters, name, *id);
+                deleted += 1;
+            }
+        }
+        Ok((created, deleted))
     }
 
     fn state_row(&self, name: &str) -> u64 {
@@ -544,29 +582,6 @@ pub fn read_counters(
     Ok(out)
 }
 
-/// Deletes the counters of ids no longer in use, so a reused id starts
-/// from zero.
-///
-/// # Errors
-/// When a map cannot be read or written.
-pub fn prune_counters(
-    root: &Path,
-    live_rev_nat: &dyn Fn(u32) -> bool,
-    live_backend: &dyn Fn(u32) -> bool,
-) -> Result<usize, LoadError> {
-    let mut removed = 0;
-    for (name, live) in [(map_names::SERVICE_COUNTERS, live_rev_nat), (map_names::BACKEND_COUNTERS, live_backend)] {
-        let mut map = counters_map(root, name)?;
-        let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|id| !live(*id)).collect();
-        for id in stale {
-            if map.remove(&id).is_ok() {
-                removed += 1;
-            }
-        }
-    }
-    Ok(removed)
-}
-
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns()` reads,
 /// to turn the programs' timestamps into ages.
 #[must_use]
@@ -664,36 +679,61 @@ pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Resu
 /// # Errors
 /// When the kernel refuses the call.
 pub fn next_key<K: aya::Pod, V: aya::Pod>(map: &HashMap<MapData, K, V>, key: Option<&K>) -> io::Result<Option<K>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-
     use aya::maps::IterableMap as _;
-    /// The `BPF_MAP_*_ELEM` part of `union bpf_attr`.
+    let mut next = std::mem::MaybeUninit::<K>::uninit();
+    let from = key.map_or(std::ptr::null(), |k| std::ptr::from_ref(k).cast::<u8>());
+    // SAFETY: `from` (when set) points at a live K and `next` has room for
+    // one K, the map's key size (aya checked it when typing `map`).
+    match unsafe { elem::call(elem::GET_NEXT_KEY, elem::fd_of(map.map())?, from, next.as_mut_ptr().cast(), 0) } {
+        // SAFETY: the kernel wrote a whole key on success; K is Pod.
+        Ok(()) => Ok(Some(unsafe { next.assume_init() })),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The `bpf(2)` element commands on raw bytes, for what aya's typed maps
+/// do not offer: a walk resumed from a saved key, and copying the rows of
+/// a map whose types are only known by their sizes.
+mod elem {
+    use std::{
+        io,
+        os::fd::{AsFd as _, AsRawFd as _},
+    };
+
+    use aya::maps::MapData;
+
+    pub const LOOKUP: libc::c_long = 1;
+    pub const UPDATE: libc::c_long = 2;
+    pub const GET_NEXT_KEY: libc::c_long = 4;
+
+    /// The `BPF_MAP_*_ELEM` / `GET_NEXT_KEY` part of `union bpf_attr`.
     #[repr(C)]
     struct Attr {
         map_fd: u32,
         _pad: u32,
         key: u64,
-        next_key: u64,
+        /// The value (lookup, update) or the next key (get next key).
+        value: u64,
         flags: u64,
     }
-    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-    let mut next = std::mem::MaybeUninit::<K>::uninit();
-    let attr = Attr {
-        map_fd: u32::try_from(map.map().fd().as_fd().as_raw_fd()).map_err(io::Error::other)?,
-        _pad: 0,
-        key: key.map_or(0, |k| std::ptr::from_ref(k) as u64),
-        next_key: next.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    // SAFETY: `attr` is a valid, initialized `bpf_attr` prefix of the size
-    // passed; `key` (when set) points at a live K and `next_key` at room
-    // for one K, the map's key size (aya checked it when typing `map`).
-    let rc =
-        unsafe { libc::syscall(libc::SYS_bpf, BPF_MAP_GET_NEXT_KEY, &raw const attr, std::mem::size_of::<Attr>()) };
-    if rc == 0 {
-        // SAFETY: the kernel wrote a whole key on success; K is Pod.
-        return Ok(Some(unsafe { next.assume_init() }));
+
+    /// Runs element command `cmd` on map `fd`.
+    ///
+    /// # Safety
+    /// `key` is null (get next key: the first) or points at the map's key
+    /// size of readable bytes; `value` points at room for the map's key
+    /// size (get next key) or value size (per-CPU maps: one 8-byte-aligned
+    /// slot per possible CPU).
+    pub unsafe fn call(cmd: libc::c_long, fd: u32, key: *const u8, value: *mut u8, flags: u64) -> io::Result<()> {
+        let attr = Attr { map_fd: fd, _pad: 0, key: key as u64, value: value as u64, flags };
+        // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed;
+        // the pointers are as the caller promised.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &raw const attr, std::mem::size_of::<Attr>()) };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ENOENT) { Ok(None) } else { Err(e) }
+
+    pub fn fd_of(map: &MapData) -> io::Result<u32> {
+        u32::try_from(map.fd().as_fd().as_raw_fd()).map_err(io::Error::other)
+    }
 }

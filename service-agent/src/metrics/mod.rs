@@ -604,9 +604,9 @@ impl Health {
         let healthy = self.is_healthy();
         let s = self.lock();
         let reason = if s.failures.is_empty() {
-            s.pending_since.filter(|_| !healthy).map(|since| {
-                format!("a change has waited {}s to be programmed", since.elapsed().as_secs())
-            })
+            s.pending_since
+                .filter(|_| !healthy)
+                .map(|since| format!("a change has waited {}s to be programmed", since.elapsed().as_secs()))
         } else {
             let mut shown: Vec<&str> = s.failures.iter().take(REASONS_SHOWN).map(String::as_str).collect();
             let more = s.failures.len().saturating_sub(REASONS_SHOWN);
@@ -617,10 +617,8 @@ impl Health {
             Some(format!(
                 "{} map write(s) failed, retrying with backoff{}: {}",
                 s.failures.len(),
-                s.pending_since.map_or_else(String::new, |since| format!(
-                    " (changes waiting {}s)",
-                    since.elapsed().as_secs()
-                )),
+                s.pending_since
+                    .map_or_else(String::new, |since| format!(" (changes waiting {}s)", since.elapsed().as_secs())),
                 shown.join("; ")
             ))
         };

@@ -183,8 +183,7 @@ impl Applied {
     /// its live table.
     fn live_slot_rev_nat(&self, key: &ServiceKey) -> Option<u32> {
         let frontend = self.state.services.get(&key.with_slot(0, 0))?;
-        (key.slot != 0 && frontend.version == key.version && key.slot <= frontend.count)
-            .then_some(frontend.rev_nat_id)
+        (key.slot != 0 && frontend.version == key.version && key.slot <= frontend.count).then_some(frontend.rev_nat_id)
     }
 
     /// Adds (`add`) or removes the live pairs of the table slot-0 row

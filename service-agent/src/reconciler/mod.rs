@@ -219,8 +219,36 @@ pub trait MapIo {
 #[error("{what}: {source}")]
 pub struct ReconcileError {
     pub what: String,
+    /// The frontend or backend the failed operation was for, so a caller
+    /// can tell which frontends it kept from being programmed.
+    pub concerns: Concerns,
     #[source]
     pub source: MapError,
+}
+
+/// What a failed map operation was for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Concerns {
+    /// A frontend's own rows (slot 0, slots, members, its rev-NAT row).
+    Frontend(Frontend),
+    /// A backend row.
+    Backend(Backend),
+    /// Rows of no one frontend (deletions, source ranges, the id record).
+    Other,
+}
+
+impl ReconcileError {
+    fn frontend(df: &DesiredFrontend, source: MapError) -> Self {
+        Self {
+            what: format!("Service {} {}", df.service, df.frontend),
+            concerns: Concerns::Frontend(df.frontend),
+            source,
+        }
+    }
+
+    fn other(what: impl Into<String>, source: MapError) -> Self {
+        Self { what: what.into(), concerns: Concerns::Other, source }
+    }
 }
 
 /// What one reconcile did.
@@ -476,7 +504,7 @@ impl<M: MapIo> Reconciler<M> {
                     report.rows_written += 1;
                 }
                 Err(source) => {
-                    report.errors.push(ReconcileError { what: "loadBalancerSourceRanges row".into(), source });
+                    report.errors.push(ReconcileError::other("loadBalancerSourceRanges row", source));
                 }
             }
         }
@@ -490,9 +518,7 @@ impl<M: MapIo> Reconciler<M> {
                 }
                 Err(source) => {
                     self.written.remove(&df.frontend);
-                    report
-                        .errors
-                        .push(ReconcileError { what: format!("Service {} {}", df.service, df.frontend), source });
+                    report.errors.push(ReconcileError::frontend(df, source));
                 }
             }
         }
@@ -507,7 +533,7 @@ impl<M: MapIo> Reconciler<M> {
                     self.applied.source_ranges_mut().remove(&row);
                     report.rows_deleted += 1;
                 }
-                Err(source) => report.errors.push(ReconcileError { what: "deleting a source range".into(), source }),
+                Err(source) => report.errors.push(ReconcileError::other("deleting a source range", source)),
             }
         }
         #[cfg(test)]
@@ -530,7 +556,11 @@ impl<M: MapIo> Reconciler<M> {
             } else {
                 let id = self.applied.free_backend_id();
                 if let Err(source) = self.maps.put_backend(id, &value) {
-                    report.errors.push(ReconcileError { what: format!("backend {b}"), source });
+                    report.errors.push(ReconcileError {
+                        what: format!("backend {b}"),
+                        concerns: Concerns::Backend(*b),
+                        source,
+                    });
                     continue;
                 }
                 self.applied.insert_backend(id, value);
@@ -554,7 +584,11 @@ impl<M: MapIo> Reconciler<M> {
             } else {
                 let id = self.applied.free_rev_nat_id();
                 if let Err(source) = self.maps.put_rev_nat(id, &value) {
-                    report.errors.push(ReconcileError { what: format!("rev-NAT {}", df.frontend), source });
+                    report.errors.push(ReconcileError {
+                        what: format!("rev-NAT {}", df.frontend),
+                        concerns: Concerns::Frontend(df.frontend),
+                        source,
+                    });
                     continue;
                 }
                 self.applied.insert_rev_nat(id, value);
@@ -576,7 +610,7 @@ impl<M: MapIo> Reconciler<M> {
         }
         match self.maps.put_next_ids(next) {
             Ok(()) => self.recorded_next_ids = Some(next),
-            Err(source) => report.errors.push(ReconcileError { what: "recording the next ids".into(), source }),
+            Err(source) => report.errors.push(ReconcileError::other("recording the next ids", source)),
         }
     }
 
@@ -600,10 +634,10 @@ impl<M: MapIo> Reconciler<M> {
         // model's order, the same on every node) get slots; reported.
         let backend_ids = &backend_ids[..backend_ids.len().min(maglev::MAX_BACKENDS)];
         if df.backends.len() > maglev::MAX_BACKENDS {
-            report.errors.push(ReconcileError {
-                what: format!("Service {} {}", df.service, df.frontend),
-                source: MapError::TableFull { endpoints: df.backends.len(), max: maglev::MAX_BACKENDS },
-            });
+            report.errors.push(ReconcileError::frontend(
+                df,
+                MapError::TableFull { endpoints: df.backends.len(), max: maglev::MAX_BACKENDS },
+            ));
         }
         let table: Vec<u32> = if backend_ids.is_empty() {
             Vec::new()
@@ -639,7 +673,9 @@ impl<M: MapIo> Reconciler<M> {
         };
         // Slot rows that are not part of the live table `version`/`count`.
         let stray_rows = |version: u32, count: u32| {
-            rows.iter().filter(move |k| k.slot != 0 && !k.is_member() && (k.version != version || k.slot > count)).copied()
+            rows.iter()
+                .filter(move |k| k.slot != 0 && !k.is_member() && (k.version != version || k.slot > count))
+                .copied()
         };
         // Member rows: every backend of the new set has one before the
         // flip; those of backends that left go after it.
@@ -721,13 +757,19 @@ impl<M: MapIo> Reconciler<M> {
         (1..=value.count).map(|s| services.get(&key0.with_slot(value.version, s)).map_or(0, |v| v.backend_id)).collect()
     }
 
-    fn delete_service_row(&mut self, key: &ServiceKey, report: &mut ReconcileReport) {
+    /// Deletes one services row; a failure is reported. Returns whether
+    /// the row is gone.
+    fn delete_service_row(&mut self, key: &ServiceKey, report: &mut ReconcileReport) -> bool {
         match self.maps.del_service(key) {
             Ok(()) => {
                 self.applied.remove_service(key);
                 report.rows_deleted += 1;
+                true
             }
-            Err(source) => report.errors.push(ReconcileError { what: "deleting a service row".into(), source }),
+            Err(source) => {
+                report.errors.push(ReconcileError::other("deleting a service row", source));
+                false
+            }
         }
     }
 
@@ -767,18 +809,9 @@ impl<M: MapIo> Reconciler<M> {
                 Deferred::Slot(key) => {
                     // A row that is live again (never expected: versions of
                     // queued rows are not reused) is kept.
-                    if !self.applied.is_live_slot(&key) {
-                        match self.maps.del_service(&key) {
-                            Ok(()) => {
-                                self.applied.remove_service(&key);
-                                report.rows_deleted += 1;
-                            }
-                            Err(source) => {
-                                // Tried again after another grace.
-                                self.defer(Deferred::Slot(key), report);
-                                report.errors.push(ReconcileError { what: "deleting a service row".into(), source });
-                            }
-                        }
+                    // A failed delete is tried again after another grace.
+                    if !self.applied.is_live_slot(&key) && !self.delete_service_row(&key, report) {
+                        self.defer(Deferred::Slot(key), report);
                     }
                 }
                 Deferred::RevNat(id) => {
@@ -807,7 +840,7 @@ impl<M: MapIo> Reconciler<M> {
                 Err(source) => {
                     // Tried again after another grace.
                     self.defer(Deferred::RevNat(id), report);
-                    report.errors.push(ReconcileError { what: format!("deleting rev-NAT {id}"), source });
+                    report.errors.push(ReconcileError::other(format!("deleting rev-NAT {id}"), source));
                 }
             }
         }
@@ -819,7 +852,7 @@ impl<M: MapIo> Reconciler<M> {
                     self.applied.remove_backend(id);
                     report.rows_deleted += 1;
                 }
-                Err(source) => report.errors.push(ReconcileError { what: format!("deleting backend {id}"), source }),
+                Err(source) => report.errors.push(ReconcileError::other(format!("deleting backend {id}"), source)),
             }
         }
     }

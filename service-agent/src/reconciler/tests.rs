@@ -91,8 +91,7 @@ fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_d
     let ops = &r.maps().ops;
     let flip = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).expect("slot 0 flipped");
     let new_rows = ops.iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2 && k.slot != 0));
-    let deleted_old =
-        ops.iter().positions_of(|op| matches!(op, Op::DelService(k) if k.version == 1 && !k.is_member()));
+    let deleted_old = ops.iter().positions_of(|op| matches!(op, Op::DelService(k) if k.version == 1 && !k.is_member()));
     // Every new slot row precedes the flip; every old row is deleted after.
     assert_eq!(new_rows.count(), 31);
     assert!(ops[..flip].iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2)).count() == 31);
@@ -349,10 +348,7 @@ struct GraceWatch(BTreeMap<ServiceKey, Instant>);
 impl GraceWatch {
     fn observe(&mut self, state: &MapState, now: Instant, step: u64) {
         let live = |k: &ServiceKey| {
-            state
-                .services
-                .get(&k.with_slot(0, 0))
-                .is_some_and(|f| f.version == k.version && k.slot <= f.count)
+            state.services.get(&k.with_slot(0, 0)).is_some_and(|f| f.version == k.version && k.slot <= f.count)
         };
         self.0.retain(|k, since| {
             let present = state.services.contains_key(k);
@@ -511,9 +507,7 @@ fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignor
     use crate::model::Cidr;
     let lb = IpAddr::from([192, 0, 2, 10]);
     let mut d = Desired::default();
-    for (protocol, ranges) in
-        [(Protocol::Tcp, vec!["10.0.0.0/8", "::/0"]), (Protocol::Udp, vec!["192.168.0.0/16"])]
-    {
+    for (protocol, ranges) in [(Protocol::Tcp, vec!["10.0.0.0/8", "::/0"]), (Protocol::Udp, vec!["192.168.0.0/16"])] {
         let f = Frontend { addr: lb, port: 53, protocol, scope: Scope::External };
         d.frontends.insert(
             f,
@@ -562,7 +556,13 @@ fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reach
     let backends: Vec<Backend> = (0..17_000u32)
         .map(|i| {
             let [_, b, c, d] = i.to_be_bytes();
-            Backend { addr: IpAddr::from([10, b + 1, c, d]), port: 8080, protocol: Protocol::Tcp, local: false, terminating: false }
+            Backend {
+                addr: IpAddr::from([10, b + 1, c, d]),
+                port: 8080,
+                protocol: Protocol::Tcp,
+                local: false,
+                terminating: false,
+            }
         })
         .collect();
     let mut d = desired(&[]);
