@@ -274,7 +274,7 @@ pub struct SnatGroup {
 
 impl std::fmt::Display for SnatGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::reconciler::dump;
+        use crate::rows::render as dump;
         write!(
             f,
             "{} → {}:{}/{}",

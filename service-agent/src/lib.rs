@@ -13,5 +13,6 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod reconciler;
+pub mod rows;
 pub mod run;
 pub mod source;

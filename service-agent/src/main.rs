@@ -2,7 +2,12 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use service_agent::{attach::Globs, inspect, maps::MapSizes, run};
+use service_agent::{
+    attach::Globs,
+    inspect,
+    maps::{DEFAULT_BPFFS_ROOT, MapSizes},
+    run,
+};
 
 #[derive(Parser)]
 #[command(name = "service-agent", version, about = "eBPF Kubernetes Service dataplane (kube-proxy replacement)")]
@@ -21,6 +26,30 @@ enum Inspect {
     Conntrack,
     Affinity,
     Stats,
+}
+
+impl From<Inspect> for inspect::View {
+    fn from(what: Inspect) -> Self {
+        match what {
+            Inspect::Services => Self::Services,
+            Inspect::Backends => Self::Backends,
+            Inspect::Conntrack => Self::Conntrack,
+            Inspect::Affinity => Self::Affinity,
+            Inspect::Stats => Self::Stats,
+        }
+    }
+}
+
+/// Where an explained packet enters the node.
+#[derive(Clone, Copy, ValueEnum)]
+enum EntrySide {
+    /// From the node's routes: a client routed out of a pod interface is a
+    /// local pod, any other comes from outside.
+    Auto,
+    /// A local pod (the pod program, internal frontends).
+    Pod,
+    /// Outside the node (the external program, external frontends).
+    External,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,7 +73,7 @@ enum Command {
     Inspect {
         #[arg(value_enum)]
         what: Inspect,
-        #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
         bpffs_root: PathBuf,
         /// Output format.
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Text)]
@@ -57,7 +86,10 @@ enum Command {
         src: String,
         /// The destination: IP:PORT/PROTO.
         dst: String,
-        #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+        /// Where the packet enters the node.
+        #[arg(long, value_enum, default_value_t = EntrySide::Auto)]
+        from: EntrySide,
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
         bpffs_root: PathBuf,
     },
     /// Remove every program link and map pin under --bpffs-root, and the
@@ -65,7 +97,7 @@ enum Command {
     /// namespace (what a SIGTERM'd agent does on its way out; for after a
     /// SIGKILL or before uninstalling).
     Cleanup {
-        #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+        #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
         bpffs_root: PathBuf,
     },
 }
@@ -123,7 +155,7 @@ struct RunArgs {
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     nodeport_addresses: Vec<service_agent::model::Cidr>,
     /// Where the maps are pinned (a directory on a BPF filesystem).
-    #[arg(long, default_value = "/sys/fs/bpf/service-dataplane", value_name = "PATH")]
+    #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
     bpffs_root: PathBuf,
     /// Capacity of the services map (frontends plus their backend slots).
     #[arg(long, default_value_t = service_common::capacity::SERVICES)]
@@ -158,152 +190,6 @@ struct RunArgs {
     healthz_bind_address: std::net::SocketAddr,
 }
 
-fn json<T: serde::Serialize>(rows: &T) -> anyhow::Result<String> {
-    Ok(serde_json::to_string_pretty(rows)? + "\n")
-}
-
-#[expect(clippy::too_many_lines, reason = "one table per map, side by side")]
-fn inspect_text(what: Inspect, root: &std::path::Path, output: Output) -> anyhow::Result<String> {
-    let state = inspect::applied(root)?;
-    Ok(match (what, output) {
-        (Inspect::Services, Output::Json) => {
-            let mut rows = inspect::services(&state);
-            inspect::add_counters(&mut rows, &mut [], root)?;
-            json(&rows)?
-        }
-        (Inspect::Services, Output::Text) => {
-            let mut rows = inspect::services(&state);
-            inspect::add_counters(&mut rows, &mut [], root)?;
-            let rows: Vec<Vec<String>> = rows
-                .into_iter()
-                .map(|s| {
-                    let backends: Vec<String> = s
-                        .backends
-                        .iter()
-                        .map(|(b, n)| {
-                            format!(
-                                "{}:{} ({n}/{}){}",
-                                b.address,
-                                b.port,
-                                s.slots,
-                                if b.state == "terminating" { " terminating" } else { "" }
-                            )
-                        })
-                        .collect();
-                    let flags = if s.flags.is_empty() { "-".into() } else { s.flags.join(",") };
-                    vec![
-                        s.frontend,
-                        flags,
-                        s.packets.to_string(),
-                        s.bytes.to_string(),
-                        if backends.is_empty() { "<none>".into() } else { backends.join(", ") },
-                    ]
-                })
-                .collect();
-            inspect::table(&["FRONTEND", "FLAGS", "PACKETS", "BYTES", "BACKENDS (slots)"], &rows)
-        }
-        (Inspect::Backends, output) => {
-            let mut rows: Vec<inspect::BackendRow> =
-                state.backends.iter().map(|(id, b)| inspect::services_backend(*id, b)).collect();
-            inspect::add_counters(&mut [], &mut rows, root)?;
-            if output == Output::Json {
-                json(&rows)?
-            } else {
-                let rows: Vec<Vec<String>> = rows
-                    .into_iter()
-                    .map(|b| {
-                        vec![
-                            b.id.to_string(),
-                            format!("{}:{}/{}", b.address, b.port, b.protocol),
-                            if b.local { "local".into() } else { "remote".into() },
-                            b.state.into(),
-                            b.packets.to_string(),
-                            b.bytes.to_string(),
-                        ]
-                    })
-                    .collect();
-                inspect::table(&["ID", "BACKEND", "NODE", "STATE", "PACKETS", "BYTES"], &rows)
-            }
-        }
-        (Inspect::Conntrack, output) => {
-            let rows = inspect::conntrack(root)?;
-            if output == Output::Json {
-                json(&rows)?
-            } else {
-                let rows: Vec<Vec<String>> = rows
-                    .into_iter()
-                    .map(|c| {
-                        vec![
-                            c.protocol,
-                            c.source,
-                            c.destination,
-                            c.direction.into(),
-                            c.translated_to,
-                            c.backend_id.to_string(),
-                            c.table.into(),
-                            if c.state.is_empty() { "-".into() } else { c.state.join(",") },
-                            format!("{}s", c.idle_seconds),
-                            format!("{}s", c.expires_in_seconds),
-                        ]
-                    })
-                    .collect();
-                inspect::table(
-                    &[
-                        "PROTO",
-                        "SOURCE",
-                        "DESTINATION",
-                        "DIRECTION",
-                        "TRANSLATED TO",
-                        "BACKEND",
-                        "TABLE",
-                        "STATE",
-                        "IDLE",
-                        "EXPIRES IN",
-                    ],
-                    &rows,
-                )
-            }
-        }
-        (Inspect::Affinity, output) => {
-            let rows = inspect::affinity(root, &state)?;
-            if output == Output::Json {
-                json(&rows)?
-            } else {
-                let rows: Vec<Vec<String>> = rows
-                    .into_iter()
-                    .map(|a| {
-                        vec![
-                            a.client,
-                            format!("{}/{}", a.frontend, a.protocol),
-                            a.backend,
-                            format!("{}s", a.idle_seconds),
-                        ]
-                    })
-                    .collect();
-                inspect::table(&["CLIENT", "FRONTEND", "BACKEND", "IDLE"], &rows)
-            }
-        }
-        (Inspect::Stats, output) => {
-            let rows = inspect::stats(root)?;
-            if output == Output::Json {
-                json(&rows)?
-            } else {
-                let rows: Vec<Vec<String>> = rows
-                    .into_iter()
-                    .map(|s| {
-                        vec![
-                            s.counter.into(),
-                            if s.drop { "drop".into() } else { "pass".into() },
-                            s.packets.to_string(),
-                        ]
-                    })
-                    .collect();
-                inspect::table(&["COUNTER", "KIND", "PACKETS"], &rows)
-            }
-        }
-    })
-}
-
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -320,11 +206,16 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Inspect { what, bpffs_root, output } => {
-            print!("{}", inspect_text(what, &bpffs_root, output)?);
+            print!("{}", inspect::show(what.into(), &bpffs_root, output == Output::Json)?);
             Ok(())
         }
-        Command::Explain { src, dst, bpffs_root } => {
-            print!("{}", inspect::explain(&bpffs_root, &src, &dst)?);
+        Command::Explain { src, dst, from, bpffs_root } => {
+            let entry = match from {
+                EntrySide::Auto => inspect::Entry::Auto,
+                EntrySide::Pod => inspect::Entry::Pod,
+                EntrySide::External => inspect::Entry::External,
+            };
+            print!("{}", inspect::explain(&bpffs_root, &src, &dst, entry)?);
             Ok(())
         }
         Command::Cleanup { bpffs_root } => {

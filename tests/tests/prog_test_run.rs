@@ -7,9 +7,10 @@ use std::{net::Ipv4Addr, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{Ebpf, programs::SchedClassifier};
 use service_agent::{
-    maps::{self, MapSizes, PinnedMaps},
+    maps::{self, MapSizes, MapState, PinnedMaps},
     model::{self, NodeContext},
-    reconciler::{MapState, Reconciler, frontend_key},
+    reconciler::Reconciler,
+    rows::frontend_key,
     source::manifest,
 };
 use service_common::{addr_v4, hash, port_be, stats};

@@ -611,6 +611,62 @@ pub fn remove_pinned_links(links_dir: &Path) -> std::io::Result<usize> {
     Ok(removed)
 }
 
+/// A program the agent attached, as the kernel and the pins show it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AttachedProgram {
+    pub interface: String,
+    pub ifindex: u32,
+    /// "pod" (`service_pod_ingress*`) or "external" (`service_external_ingress*`).
+    pub program: &'static str,
+    /// "tcx" (a pinned TCX link) or "tc" (a clsact filter).
+    pub via: &'static str,
+    /// The program's tag (which build of it runs there).
+    pub tag: String,
+}
+
+/// Which of the agent's programs are attached to which interfaces of this
+/// network namespace: the TCX links pinned under `links_dir` whose
+/// interface still exists, and the agent's clsact filters.
+#[must_use]
+pub fn attached_programs(links_dir: &Path) -> Vec<AttachedProgram> {
+    let links: BTreeMap<u32, LinkInfo> = links().into_iter().map(|l| (l.ifindex, l)).collect();
+    let program = |role: &str| if role == ROLE_POD { "pod" } else { "external" };
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(links_dir).into_iter().flatten().filter_map(Result::ok) {
+        let Some(file) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        for role in [ROLE_POD, ROLE_EXTERNAL] {
+            if let Some((ifindex, name, tag)) = parse_pin_name(role, &file)
+                && links.get(&ifindex).is_some_and(|l| l.name == name)
+            {
+                out.push(AttachedProgram {
+                    interface: name,
+                    ifindex,
+                    program: program(role),
+                    via: "tcx",
+                    tag: format!("{tag:016x}"),
+                });
+                break;
+            }
+        }
+    }
+    for link in links.values() {
+        let Ok(filters) = netlink::ingress_filters(link.ifindex) else { continue };
+        for f in filters {
+            if let Some(role) = filter_role(&f) {
+                out.push(AttachedProgram {
+                    interface: link.name.clone(),
+                    ifindex: link.ifindex,
+                    program: program(role),
+                    via: "tc",
+                    tag: f.tag.map_or_else(|| "?".into(), |t| format!("{t:016x}")),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.ifindex, a.program).cmp(&(b.ifindex, b.program)));
+    out
+}
+
 /// Removes every clsact ingress filter of the agent's (its priorities and
 /// handles, or one of its program names) from every interface of this
 /// network namespace: what `service-agent cleanup` does for the clsact

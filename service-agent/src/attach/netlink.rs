@@ -79,6 +79,7 @@ pub fn watch_links() -> io::Result<mpsc::Receiver<()>> {
 
 /// `linux/rtnetlink.h` message types.
 const RTM_GETLINK: u16 = 18;
+const RTM_GETROUTE: u16 = 26;
 const RTM_DELTFILTER: u16 = 45;
 const RTM_GETTFILTER: u16 = 46;
 /// `linux/netlink.h`.
@@ -220,6 +221,38 @@ fn request(msg_type: u16, flags: u16, body: &[u8]) -> io::Result<Vec<Vec<u8>>> {
             rest = &rest[align4(len).min(rest.len())..];
         }
     }
+}
+
+/// `linux/rtnetlink.h` route attributes.
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+/// `sizeof(struct rtmsg)`.
+const RTMSG_LEN: usize = 12;
+
+/// The interface this namespace routes `dst` out of (what `ip route get`
+/// answers), or `None` when it has no route to it.
+///
+/// # Errors
+/// When the rtnetlink request fails for another reason.
+pub fn route_oif(dst: std::net::Ipv4Addr) -> io::Result<Option<u32>> {
+    // struct rtmsg: AF_INET, a /32 destination, everything else zero.
+    let mut body = vec![0u8; RTMSG_LEN];
+    body[0] = u8::try_from(libc::AF_INET).unwrap_or_default();
+    body[1] = 32;
+    push_attr(&mut body, RTA_DST, &dst.octets());
+    let parts = match request(RTM_GETROUTE, NLM_F_ACK, &body) {
+        Ok(parts) => parts,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL)) => {
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(parts.iter().filter(|p| p.len() >= RTMSG_LEN).find_map(|p| {
+        attributes(&p[RTMSG_LEN..]).into_iter().find_map(|(kind, payload)| {
+            (kind & NLA_TYPE_MASK == RTA_OIF && payload.len() >= 4)
+                .then(|| u32::from_ne_bytes([payload[0], payload[1], payload[2], payload[3]]))
+        })
+    }))
 }
 
 /// Every interface of this network namespace with its link type and kind.

@@ -201,8 +201,9 @@ mod tests {
 
     use super::*;
     use crate::{
+        maps::fake::FakeMaps,
         model::{Backend, Frontend, FrontendKind, Protocol, Scope, WhenEmpty},
-        reconciler::{Reconciler, fake::FakeMaps},
+        reconciler::Reconciler,
     };
 
     #[test]

@@ -30,7 +30,7 @@ use std::{
 use aya::maps::{MapData, MapInfo};
 use service_common::{agent_state, layout, map_names};
 
-use super::{LoadError, elem};
+use super::{LoadError, access::elem};
 
 /// What a map is, as far as a pin's compatibility goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -40,9 +40,9 @@ use prometheus_client::{
 };
 
 use crate::{
-    maps::{self, MapSizes},
+    maps::{MapSizes, MapState, Readers},
     model::Desired,
-    reconciler::MapState,
+    rows,
     source::Objects,
 };
 
@@ -191,20 +191,36 @@ struct CounterLabels {
     backends: BTreeMap<u32, String>,
 }
 
-/// Reads the per-CPU counters at scrape time.
-#[derive(Debug)]
+/// Reads the per-CPU counters at scrape time, through maps opened once (at
+/// the first scrape that finds them pinned).
 struct PacketCounters {
     bpffs_root: PathBuf,
+    readers: Mutex<Option<Readers>>,
     labels: Arc<Mutex<CounterLabels>>,
 }
 
+impl std::fmt::Debug for PacketCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PacketCounters").field("bpffs_root", &self.bpffs_root).finish_non_exhaustive()
+    }
+}
+
 impl PacketCounters {
+    /// Runs `read` on the readers, opening them first if needed; `None`
+    /// while the maps are not pinned (yet).
+    fn read<T>(&self, read: impl FnOnce(&Readers) -> T) -> Option<T> {
+        let mut readers = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if readers.is_none() {
+            *readers = Readers::open(&self.bpffs_root).ok();
+        }
+        readers.as_ref().map(read)
+    }
+
     fn encode_traffic(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let labels = self.labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let services =
-            maps::read_counters(&self.bpffs_root, service_common::map_names::SERVICE_COUNTERS).unwrap_or_default();
-        let backends =
-            maps::read_counters(&self.bpffs_root, service_common::map_names::BACKEND_COUNTERS).unwrap_or_default();
+        let (services, backends) = self
+            .read(|r| (r.service_counters().unwrap_or_default(), r.backend_counters().unwrap_or_default()))
+            .unwrap_or_default();
         for (metric, help, bytes) in [
             ("service_dataplane_service_packets", "Packets translated per Service frontend, both directions", false),
             ("service_dataplane_service_bytes", "Bytes translated per Service frontend, both directions", true),
@@ -236,7 +252,7 @@ impl PacketCounters {
 
 impl Collector for PacketCounters {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(stats) = maps::read_stats(&self.bpffs_root) else { return Ok(()) };
+        let Some(Ok(stats)) = self.read(Readers::stats) else { return Ok(()) };
         let mut metric = encoder.encode_descriptor(
             "service_dataplane_packets",
             "Packets seen by the dataplane programs, by verdict or drop reason",
@@ -353,7 +369,11 @@ impl Metrics {
         );
         let gc = GcMetrics::register(&mut registry, map_entries.clone());
         let counter_labels = Arc::new(Mutex::new(CounterLabels::default()));
-        registry.register_collector(Box::new(PacketCounters { bpffs_root, labels: counter_labels.clone() }));
+        registry.register_collector(Box::new(PacketCounters {
+            bpffs_root,
+            readers: Mutex::new(None),
+            labels: counter_labels.clone(),
+        }));
         Self {
             registry,
             sync_duration,
@@ -435,7 +455,7 @@ impl Metrics {
     fn label_counters(&self, desired: &Desired, applied: &MapState) {
         let mut labels = CounterLabels::default();
         for df in desired.frontends.values() {
-            let Some(row) = applied.services.get(&crate::reconciler::frontend_key(&df.frontend)) else { continue };
+            let Some(row) = applied.services.get(&rows::frontend_key(&df.frontend)) else { continue };
             labels.frontends.entry(row.rev_nat_id).or_default().push(FrontendLabel {
                 namespace: df.service.namespace.clone(),
                 name: df.service.name.clone(),
@@ -444,8 +464,8 @@ impl Metrics {
             });
         }
         for (id, b) in &applied.backends {
-            let addr = crate::reconciler::dump::ip(b.family, &b.addr);
-            let proto = crate::reconciler::dump::proto_name(b.proto);
+            let addr = rows::render::ip(b.family, &b.addr);
+            let proto = rows::render::proto_name(b.proto);
             labels.backends.insert(*id, format!("{addr}:{}/{proto}", u16::from_be_bytes(b.port)));
         }
         *self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = labels;

@@ -29,24 +29,26 @@
 //! its previous rows and is reported; the others are still programmed.
 
 mod applied;
-pub mod dump;
-pub mod fake;
+mod clock;
 pub mod maglev;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
-use service_common::{
-    BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
-    SourceRangeKey, backend_flags, backend_state, service_flags,
-};
+use service_common::{ServiceKey, ServiceValue};
 
 use self::applied::Applied;
-use crate::model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, WhenEmpty};
+#[cfg(test)]
+pub use self::clock::ManualClock;
+pub use self::clock::{Clock, SystemClock};
+use crate::maps::{MapError, MapIo, MapState, NextIds};
+use crate::{
+    model::{Backend, Desired, DesiredFrontend, Frontend},
+    rows,
+};
 
 /// How long a row a packet may still be about to read (an old version's
 /// slot rows, a deleted frontend's, an unreferenced rev-NAT row) stays
@@ -54,21 +56,6 @@ use crate::model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, Wh
 /// program (microseconds), short enough that the services map's spare room
 /// for a version being replaced is soon back.
 pub const DELETION_GRACE: Duration = Duration::from_secs(2);
-
-/// Where the reconciler reads the time for its deferred deletions.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> Instant;
-}
-
-/// The monotonic clock of the process.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Instant {
-        Instant::now()
-    }
-}
 
 /// A row whose deletion waits for the grace period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -119,99 +106,6 @@ impl DeferredQueue {
     fn next(&self) -> Option<Instant> {
         self.due.first().map(|(at, _)| *at)
     }
-}
-
-/// The rows of the three maps the agent owns.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MapState {
-    pub services: BTreeMap<ServiceKey, ServiceValue>,
-    pub backends: BTreeMap<u32, BackendValue>,
-    pub rev_nat: BTreeMap<u32, RevNatValue>,
-    /// `source_ranges` LPM-trie rows: (prefix length, key).
-    pub source_ranges: BTreeSet<(u32, SourceRangeKey)>,
-    /// The next ids to hand out (`agent_state`; 0: none recorded).
-    pub next_ids: NextIds,
-}
-
-/// The next backend and rev-NAT ids to hand out, kept across restarts so
-/// an id is not reused (see `applied::IdIndex`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NextIds {
-    pub backend: u32,
-    pub rev_nat: u32,
-}
-
-impl MapState {
-    /// Every (rev-NAT id, backend id) pair a frontend's live backend table
-    /// holds: the flows conntrack may keep. A full pass over the rows; the
-    /// reconciler keeps the same set indexed ([`Reconciler::is_live_pair`]).
-    #[must_use]
-    pub fn live_pairs(&self) -> BTreeSet<(u32, u32)> {
-        self.services
-            .iter()
-            .filter(|(k, _)| k.slot != 0)
-            .filter_map(|(k, v)| {
-                let frontend = self.services.get(&k.with_slot(0, 0))?;
-                (frontend.version == k.version && k.slot <= frontend.count)
-                    .then_some((frontend.rev_nat_id, v.backend_id))
-            })
-            .collect()
-    }
-}
-
-/// A failed map operation.
-#[derive(Debug, thiserror::Error)]
-pub enum MapError {
-    #[error("map {map} is full ({capacity} entries): raise it with {flag}")]
-    Full { map: &'static str, capacity: u32, flag: &'static str },
-    #[error("{endpoints} endpoints, more than a backend table holds: the first {max} receive traffic")]
-    TableFull { endpoints: usize, max: usize },
-    #[error("map {map}: {op} failed: {source}")]
-    Io {
-        map: &'static str,
-        op: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// Map I/O, behind a trait so reconciler tests run against an in-memory fake
-/// ([`fake::FakeMaps`]) and the agent against the pinned BPF maps.
-pub trait MapIo {
-    /// Every row of the three maps.
-    ///
-    /// # Errors
-    /// When a map cannot be read.
-    fn dump(&self) -> Result<MapState, MapError>;
-    /// # Errors
-    /// When the map is full or the kernel refuses the update.
-    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError>;
-    /// Deleting a row that is absent is not an error.
-    /// # Errors
-    /// When the kernel refuses the delete.
-    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError>;
-    /// # Errors
-    /// When the map is full or the kernel refuses the update.
-    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError>;
-    /// # Errors
-    /// When the kernel refuses the delete.
-    fn del_backend(&mut self, id: u32) -> Result<(), MapError>;
-    /// # Errors
-    /// When the map is full or the kernel refuses the update.
-    fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError>;
-    /// # Errors
-    /// When the kernel refuses the delete.
-    fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError>;
-    /// # Errors
-    /// When the map is full or the kernel refuses the update.
-    fn put_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError>;
-    /// # Errors
-    /// When the kernel refuses the delete.
-    fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError>;
-    /// Records the next ids to hand out.
-    /// # Errors
-    /// When the kernel refuses the update.
-    fn put_next_ids(&mut self, next: NextIds) -> Result<(), MapError>;
 }
 
 /// A frontend that could not be (fully) programmed, and why.
@@ -294,80 +188,11 @@ struct WrittenFrontend {
     rev_nat_id: u32,
 }
 
-fn family(addr: IpAddr) -> u8 {
-    if addr.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
-}
-
-fn addr_bytes(addr: IpAddr) -> service_common::Addr {
-    match addr {
-        IpAddr::V4(a) => service_common::addr_v4(a.octets()),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
-/// The slot-0 key of a frontend.
-#[must_use]
-pub fn frontend_key(f: &Frontend) -> ServiceKey {
-    ServiceKey::frontend(
-        family(f.addr),
-        addr_bytes(f.addr),
-        service_common::port_be(f.port),
-        f.protocol.number(),
-        f.scope.number(),
-    )
-}
-
-fn backend_value(b: &Backend) -> BackendValue {
-    BackendValue {
-        addr: addr_bytes(b.addr),
-        port: service_common::port_be(b.port),
-        proto: b.protocol.number(),
-        family: family(b.addr),
-        flags: if b.local { backend_flags::LOCAL } else { 0 },
-        state: if b.terminating { backend_state::TERMINATING } else { backend_state::ACTIVE },
-        _pad: [0; 2],
-    }
-}
-
-fn rev_nat_value(f: &Frontend) -> RevNatValue {
-    RevNatValue { addr: addr_bytes(f.addr), port: service_common::port_be(f.port), family: family(f.addr), _pad: 0 }
-}
-
 /// All rows of `key0`'s frontend (slot 0 and every slot of every version).
 fn frontend_rows(services: &BTreeMap<ServiceKey, ServiceValue>, key0: &ServiceKey) -> Vec<ServiceKey> {
     let lo = key0.with_slot(0, 0);
     let hi = key0.with_slot(u32::MAX, u32::MAX);
     services.range(lo..=hi).map(|(k, _)| *k).collect()
-}
-
-/// The `loadBalancerSourceRanges` of `df` that apply to it: those of its
-/// address family. kube-proxy filters them the same way, so a Service
-/// whose ranges are all of the other family is not restricted in this one.
-fn frontend_ranges(df: &DesiredFrontend) -> impl Iterator<Item = &crate::model::Cidr> {
-    let v4 = df.frontend.addr.is_ipv4();
-    df.source_ranges.iter().filter(move |c| c.addr.is_ipv4() == v4)
-}
-
-/// The `source_ranges` rows the desired frontends need: keyed by the
-/// frontend's rev-NAT id, protocol and family.
-fn source_range_rows(
-    desired: &Desired,
-    rev_nat_id: impl Fn(&Frontend) -> Option<u32>,
-) -> BTreeSet<(u32, SourceRangeKey)> {
-    let mut rows = BTreeSet::new();
-    for df in desired.frontends.values() {
-        let mut ranges = frontend_ranges(df).peekable();
-        if ranges.peek().is_none() {
-            continue;
-        }
-        let Some(id) = rev_nat_id(&df.frontend) else { continue };
-        let (proto, fam) = (df.frontend.protocol.number(), family(df.frontend.addr));
-        for cidr in ranges {
-            let key = SourceRangeKey::new(id, proto, fam, addr_bytes(cidr.addr));
-            rows.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key));
-        }
-    }
-    rows
 }
 
 impl<M: MapIo> Reconciler<M> {
@@ -494,7 +319,7 @@ impl<M: MapIo> Reconciler<M> {
             .collect();
         let backend_ids = self.write_backends(&changed, &mut report);
         let rev_nat_ids = self.write_rev_nats(&changed, &mut report);
-        let ranges = source_range_rows(desired, |f| {
+        let ranges = rows::source_range_rows(desired, |f| {
             rev_nat_ids.get(f).or_else(|| self.written.get(f).map(|w| &w.rev_nat_id)).copied()
         });
         for row in ranges.difference(&self.applied.state().source_ranges.clone()) {
@@ -550,7 +375,7 @@ impl<M: MapIo> Reconciler<M> {
             if out.contains_key(b) {
                 continue;
             }
-            let value = backend_value(b);
+            let value = rows::backend_value(b);
             let id = if let Some(id) = self.applied.backend_id_of(&value) {
                 id
             } else {
@@ -578,7 +403,7 @@ impl<M: MapIo> Reconciler<M> {
     fn write_rev_nats(&mut self, changed: &[&DesiredFrontend], report: &mut ReconcileReport) -> HashMap<Frontend, u32> {
         let mut out = HashMap::new();
         for df in changed {
-            let value = rev_nat_value(&df.frontend);
+            let value = rows::rev_nat_value(&df.frontend);
             let id = if let Some(id) = self.applied.rev_nat_id_of(&value) {
                 id
             } else {
@@ -629,7 +454,7 @@ impl<M: MapIo> Reconciler<M> {
         backend_ids: &[u32],
         report: &mut ReconcileReport,
     ) -> Result<(), MapError> {
-        let key0 = frontend_key(&df.frontend);
+        let key0 = rows::frontend_key(&df.frontend);
         // More endpoints than a table holds: the first ones (in the
         // model's order, the same on every node) get slots; reported.
         let backend_ids = &backend_ids[..backend_ids.len().min(maglev::MAX_BACKENDS)];
@@ -645,32 +470,10 @@ impl<M: MapIo> Reconciler<M> {
             let names: Vec<String> = df.backends[..backend_ids.len()].iter().map(ToString::to_string).collect();
             maglev::build(&names).into_iter().map(|i| backend_ids[i]).collect()
         };
-        let mut flags = match (table.is_empty(), df.when_empty) {
-            (false, _) => 0,
-            (true, WhenEmpty::Reject) => service_flags::REJECT,
-            (true, WhenEmpty::Drop) => service_flags::DROP,
-        };
-        if df.affinity_timeout_s.is_some() {
-            flags |= service_flags::AFFINITY;
-        }
-        if frontend_ranges(df).next().is_some() {
-            flags |= service_flags::SOURCE_RANGES;
-        }
-        if df.kind == FrontendKind::NodePort {
-            flags |= service_flags::NODE_ADDRESS;
-        }
         let current = self.applied.state().services.get(&key0).copied();
         let current_table = current.map(|v| self.slot_table(&key0, &v));
         let rows = frontend_rows(&self.applied.state().services, &key0);
-        let mut value = ServiceValue {
-            backend_id: 0,
-            count: u32::try_from(table.len()).unwrap_or(u32::MAX),
-            version: 0,
-            rev_nat_id,
-            affinity_timeout_s: df.affinity_timeout_s.unwrap_or(0),
-            flags,
-            _pad: 0,
-        };
+        let mut value = rows::frontend_value(df, rev_nat_id, table.len());
         // Slot rows that are not part of the live table `version`/`count`.
         let stray_rows = |version: u32, count: u32| {
             rows.iter()
@@ -685,7 +488,7 @@ impl<M: MapIo> Reconciler<M> {
         for id in &members {
             let key = key0.member(*id);
             if !self.applied.state().services.contains_key(&key) {
-                let row = ServiceValue { backend_id: *id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
+                let row = rows::member_value(*id);
                 self.put_service_row(key, row)?;
                 report.rows_written += 1;
             }
@@ -712,7 +515,7 @@ impl<M: MapIo> Reconciler<M> {
             }
             value.version = version;
             for (slot, backend_id) in (1..).zip(&table) {
-                let row = ServiceValue { backend_id: *backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
+                let row = rows::slot_value(*backend_id);
                 if let Err(e) = self.put_service_row(key0.with_slot(version, slot), row) {
                     // Undo the partial version; the old one keeps serving.
                     for s in 1..=slot {
@@ -781,7 +584,7 @@ impl<M: MapIo> Reconciler<M> {
     }
 
     fn delete_undesired(&mut self, desired: &Desired, report: &mut ReconcileReport) {
-        let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(frontend_key).collect();
+        let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(rows::frontend_key).collect();
         // Frontends that are gone: slot 0 first (new flows stop), then, once
         // the grace has passed, the slot rows. Slot rows without any slot-0
         // row are pruned too.
@@ -858,5 +661,7 @@ impl<M: MapIo> Reconciler<M> {
     }
 }
 
+#[cfg(test)]
+mod golden_tests;
 #[cfg(test)]
 mod tests;

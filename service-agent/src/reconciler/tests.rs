@@ -1,11 +1,12 @@
 use std::net::IpAddr;
 
-use super::{
-    fake::{FakeMaps, ManualClock, Op},
-    *,
-};
+use service_common::{FAMILY_IPV4, SOURCE_RANGE_FRONTEND_BITS, SourceRangeKey, service_flags};
+
+use super::*;
 use crate::{
-    model::{Protocol, Scope},
+    maps::fake::{FakeMaps, Op},
+    model::{Protocol, Scope, WhenEmpty},
+    rows::frontend_key,
     source::ObjectRef,
 };
 

@@ -17,9 +17,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use service_agent::{
-    maps::{self, MapSizes, PinnedMaps},
+    maps::{self, MapIo as _, MapSizes, PinnedMaps},
     model::{self, Desired, FrontendKind, NodeContext, Protocol, Scope},
-    reconciler::{MapIo as _, dump},
+    rows::render as dump,
     source::manifest,
 };
 use service_tests::{

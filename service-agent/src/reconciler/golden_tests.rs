@@ -3,7 +3,7 @@
 //! reconciler (into the in-memory maps); the reported errors and the
 //! canonical sorted map dump must equal `golden/<case>.expected`.
 //!
-//! `UPDATE_GOLDEN=1 cargo test -p service-agent --test golden` rewrites the
+//! `UPDATE_GOLDEN=1 cargo test -p service-agent golden` rewrites the
 //! expected files; review the diff before committing it.
 
 use std::{
@@ -13,12 +13,11 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use service_agent::{
+use crate::{
+    maps::{MapState, fake::FakeMaps},
     model::{self, NodeContext},
-    reconciler::{
-        DELETION_GRACE, MapState, Reconciler, dump,
-        fake::{FakeMaps, ManualClock},
-    },
+    reconciler::{DELETION_GRACE, ManualClock, Reconciler},
+    rows::render as dump,
     source::manifest,
 };
 use service_common::{BackendValue, RevNatValue};

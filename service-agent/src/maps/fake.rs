@@ -1,38 +1,10 @@
-//! An in-memory [`MapIo`] for tests: the same rows the kernel maps would
-//! hold, the same capacity errors, and a log of every operation so tests
-//! can check the order of writes.
-
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
-};
+//! An in-memory [`MapIo`] for tests (built only for them): the same rows
+//! the kernel maps would hold, the same capacity errors, and a log of every
+//! operation so tests can check the order of writes.
 
 use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
 
-use super::{Clock, MapError, MapIo, MapState, NextIds};
-
-/// A clock that moves only when told to, shared by its clones: tests
-/// advance it past the grace period instead of sleeping.
-#[derive(Clone, Debug)]
-pub struct ManualClock(Arc<Mutex<Instant>>);
-
-impl Default for ManualClock {
-    fn default() -> Self {
-        Self(Arc::new(Mutex::new(Instant::now())))
-    }
-}
-
-impl ManualClock {
-    pub fn advance(&self, by: Duration) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += by;
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Instant {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
+use super::{MapError, MapIo, MapState, NextIds};
 
 /// One map operation, as the fake saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,277 @@
+//! `explain`: what a flow gets from the live maps, and why, told from where
+//! its packets enter the node. A packet from a local pod meets the pod
+//! program and the frontends of internal scope (ClusterIPs, and the
+//! pod-side twins of the node's NodePorts, LoadBalancer IPs and
+//! externalIPs); a packet from outside meets the external program and the
+//! external frontends, with their source ranges, traffic policy and SNAT.
+
+use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+
+use service_common::{
+    CtKey, CtValue, FAMILY_IPV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
+    addr_v4, backend_flags, ct_flags, hash, port_be, service_flags,
+};
+
+use super::{InspectError, Pins};
+use crate::{
+    attach::{self, AttachedProgram},
+    maps::{self, MapState},
+    rows::render::{backend_row, expires_in_seconds, flag_names, frontend, proto_name, services, state_names},
+};
+
+/// Where the explained packet enters the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// Decided from the node's routes: a client routed out of an interface
+    /// that carries the pod program is a local pod; any other is outside.
+    Auto,
+    /// The host side of a local pod's interface (the pod program).
+    Pod,
+    /// An external interface (the external program).
+    External,
+}
+
+/// `SRC_IP[:PORT]` and `DST_IP:PORT/PROTO`.
+fn parse_flow(src: &str, dst: &str) -> Result<(Ipv4Addr, Option<u16>, Ipv4Addr, u16, u8), InspectError> {
+    let usage = |m: &str| InspectError::Usage(format!("{m} (expected SRC_IP[:PORT] DST_IP:PORT/PROTO)"));
+    let (src_ip, src_port) = match src.split_once(':') {
+        Some((ip, port)) => (ip, Some(port.parse::<u16>().map_err(|_| usage("bad source port"))?)),
+        None => (src, None),
+    };
+    let src_ip: Ipv4Addr = src_ip.parse().map_err(|_| usage("bad source address"))?;
+    let (dst, proto) = dst.split_once('/').ok_or_else(|| usage("missing /PROTO"))?;
+    let proto = match proto.to_ascii_uppercase().as_str() {
+        "TCP" => service_common::PROTO_TCP,
+        "UDP" => service_common::PROTO_UDP,
+        "SCTP" => service_common::PROTO_SCTP,
+        _ => return Err(usage("PROTO must be TCP, UDP or SCTP")),
+    };
+    let (dst_ip, dst_port) = dst.split_once(':').ok_or_else(|| usage("missing :PORT"))?;
+    let dst_ip: Ipv4Addr = dst_ip.parse().map_err(|_| usage("bad destination address"))?;
+    let dst_port: u16 = dst_port.parse().map_err(|_| usage("bad destination port"))?;
+    Ok((src_ip, src_port, dst_ip, dst_port, proto))
+}
+
+/// Which side a packet from `src` enters on, and the sentence saying why.
+fn resolve_entry(entry: Entry, src: Ipv4Addr, attached: &[AttachedProgram]) -> (Entry, String) {
+    match entry {
+        Entry::Pod => (Entry::Pod, "entering from a local pod (--from pod): the pod program".into()),
+        Entry::External => {
+            (Entry::External, "entering from outside the node (--from external): the external program".into())
+        }
+        Entry::Auto => {
+            let oif = attach::netlink::route_oif(src).ok().flatten();
+            let on = |program: &str| attached.iter().find(|a| Some(a.ifindex) == oif && a.program == program);
+            if let Some(a) = on("pod") {
+                (
+                    Entry::Pod,
+                    format!("{src} is a local pod (routed via {}, which carries the pod program)", a.interface),
+                )
+            } else {
+                let via = oif.and_then(|i| attached.iter().find(|a| a.ifindex == i)).map_or_else(
+                    || oif.map_or_else(|| "no route to it".to_owned(), |i| format!("routed via ifindex {i}")),
+                    |a| format!("routed via {}", a.interface),
+                );
+                (
+                    Entry::External,
+                    format!("{src} is outside this node ({via}; not a pod interface): the external program"),
+                )
+            }
+        }
+    }
+}
+
+/// Whether `src` lies in one of the frontend's `loadBalancerSourceRanges`
+/// rows, and which (the longest match, as the LPM trie answers).
+fn source_range(state: &MapState, svc: &ServiceValue, key0: &ServiceKey, src: Ipv4Addr) -> Option<String> {
+    let src = u32::from(src);
+    state
+        .source_ranges
+        .iter()
+        .filter(|(_, k)| u32::from_be_bytes(k.rev_nat_id) == svc.rev_nat_id && k.proto == key0.proto)
+        .filter(|(_, k)| k.family == FAMILY_IPV4)
+        .filter_map(|(len, k)| {
+            let bits = len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS).min(32);
+            let net = u32::from_be_bytes([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]);
+            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
+            (src & mask == net & mask).then(|| (bits, format!("{}/{bits}", Ipv4Addr::from(net))))
+        })
+        .max_by_key(|(bits, _)| *bits)
+        .map(|(_, cidr)| cidr)
+}
+
+/// `explain`: what a flow from `src` (`IP` or `IP:PORT`) to `dst`
+/// (`IP:PORT/PROTO`) gets, and why, from the live maps, for a packet
+/// entering as `entry` says.
+///
+/// # Errors
+/// When the arguments do not parse or the maps cannot be read.
+#[expect(clippy::too_many_lines, reason = "one report, read top to bottom in the order it prints")]
+pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String, InspectError> {
+    let (src_ip, src_port, dst_ip, dst_port, proto) = parse_flow(src, dst)?;
+    let pins = Pins::open(root)?;
+    let state = &pins.programmed;
+    let mut out = String::new();
+    let attached = attach::attached_programs(&root.join("links"));
+    let (side, why) = resolve_entry(entry, src_ip, &attached);
+    let _ = writeln!(out, "{why}.");
+    let scope = if side == Entry::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
+    let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4(dst_ip.octets()), port_be(dst_port), proto, scope);
+    let Some(svc) = state.services.get(&key0) else {
+        let other = if scope == SCOPE_EXTERNAL { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
+        let elsewhere = state.services.contains_key(&ServiceKey { scope: other, ..key0 });
+        let _ = writeln!(
+            out,
+            "{dst_ip}:{dst_port}/{} is not a Service frontend {}: the packet passes untouched{}.",
+            proto_name(proto),
+            if side == Entry::External { "for traffic from outside" } else { "for pods" },
+            if elsewhere {
+                if side == Entry::External {
+                    " (it is one for pods on this node only: a ClusterIP, or a port not exposed outside)"
+                } else {
+                    " (it is one for traffic from outside only)"
+                }
+            } else {
+                ""
+            }
+        );
+        return Ok(out);
+    };
+    let _ = writeln!(
+        out,
+        "frontend {}: rev_nat {}, {} slots (version {}), flags [{}], affinity {} s",
+        frontend(&key0),
+        svc.rev_nat_id,
+        svc.count,
+        svc.version,
+        flag_names(svc.flags).join(","),
+        svc.affinity_timeout_s
+    );
+    if svc.flags & service_flags::SOURCE_RANGES != 0 {
+        if let Some(cidr) = source_range(state, svc, &key0, src_ip) {
+            let _ = writeln!(out, "loadBalancerSourceRanges: {src_ip} is inside {cidr}: allowed.");
+        } else {
+            let _ = writeln!(
+                out,
+                "loadBalancerSourceRanges: {src_ip} is outside every range: new flows are dropped (drop_source_range)."
+            );
+            return Ok(out);
+        }
+    }
+    // How a flow to backend `id` leaves: SNAT or not, and why.
+    let translation = |id: u32| -> &'static str {
+        let Some(b) = state.backends.get(&id) else { return "" };
+        match side {
+            Entry::External if b.flags & backend_flags::LOCAL == 0 => {
+                "; on another node, so the packet is also SNATed to this node's address (externalTrafficPolicy: Cluster) and the reply comes back through here"
+            }
+            Entry::External => "; on this node: the client's address is kept",
+            _ if b.addr == addr_v4(src_ip.octets()) => {
+                "; the client itself (hairpin): SNATed to the hairpin address so the reply comes back through here"
+            }
+            _ => "",
+        }
+    };
+    let describe = |id: u32| {
+        state.backends.get(&id).map_or_else(
+            || format!("backend {id} (gone)"),
+            |b| {
+                let r = backend_row(id, b);
+                format!(
+                    "backend {id} {}:{}/{}{}{}",
+                    r.address,
+                    r.port,
+                    r.protocol,
+                    if r.local { " local" } else { "" },
+                    if r.state == "terminating" { " terminating" } else { "" }
+                )
+            },
+        )
+    };
+    if svc.count == 0 {
+        let why = if svc.flags & service_flags::DROP != 0 {
+            "dropped (drop_no_local_backend): the traffic policy is Local and this node has no endpoint"
+        } else if svc.flags & service_flags::REJECT != 0 {
+            "rejected (TCP RST / ICMP port unreachable): the Service has no usable endpoint"
+        } else {
+            "dropped (drop_no_backend): the Service has no usable endpoint"
+        };
+        let _ = writeln!(out, "new flows are {why}.");
+        return Ok(out);
+    }
+    // Existing flows from this client, in either conntrack table.
+    let ct = pins.conntrack_entries()?;
+    let now = maps::monotonic_ns();
+    let flows: Vec<&(&str, CtKey, CtValue)> = ct
+        .iter()
+        .filter(|(_, k, v)| {
+            v.flags & ct_flags::DNAT != 0
+                && (v.flags & ct_flags::EXTERNAL != 0) == (side == Entry::External)
+                && k.saddr == addr_v4(src_ip.octets())
+                && k.daddr == key0.addr
+                && k.dport == key0.port
+                && k.proto == proto
+                && src_port.is_none_or(|p| k.sport == port_be(p))
+        })
+        .collect();
+    for (table, k, v) in &flows {
+        let _ = writeln!(
+            out,
+            "conntrack ({table}): the flow from port {} is pinned to {}{} (state [{}], idle {} s, expires in {} s)",
+            u16::from_be_bytes(k.sport),
+            describe(v.backend_id),
+            if v.flags & ct_flags::SNAT != 0 { ", SNATed" } else { "" },
+            state_names(v.state).join(","),
+            now.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+            expires_in_seconds(proto, v, now),
+        );
+    }
+    if svc.flags & service_flags::AFFINITY != 0 {
+        let aff = pins.readers.affinity()?;
+        let entry = aff
+            .iter()
+            .find(|(k, _)| k.client == addr_v4(src_ip.octets()) && k.rev_nat_id == svc.rev_nat_id && k.proto == proto);
+        match entry {
+            Some((_, v)) => {
+                let idle = now.saturating_sub(v.last_used_ns) / 1_000_000_000;
+                let live = idle <= u64::from(svc.affinity_timeout_s);
+                let _ = writeln!(
+                    out,
+                    "affinity: {src_ip} → {} (idle {idle} s of {} s{})",
+                    describe(v.backend_id),
+                    svc.affinity_timeout_s,
+                    if live { "" } else { ", expired: a new flow is hashed again" }
+                );
+            }
+            None => {
+                let _ =
+                    writeln!(out, "affinity: no entry for {src_ip} yet: its next new flow is hashed and remembered.");
+            }
+        }
+    }
+    if let Some(port) = src_port {
+        let h = hash::flow_hash(&addr_v4(src_ip.octets()), &key0.addr, port_be(port), key0.port, proto);
+        let slot = hash::slot_for(h, svc.count);
+        let row = state.services.get(&key0.with_slot(svc.version, slot));
+        let _ = writeln!(
+            out,
+            "a new flow from {src_ip}:{port} hashes to slot {slot} of {}: {}{}",
+            svc.count,
+            row.map_or_else(|| "(missing slot row)".into(), |r| describe(r.backend_id)),
+            row.map_or("", |r| translation(r.backend_id))
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "a new flow's backend depends on its source port (give SRC as IP:PORT to see its slot); the table:"
+        );
+        let row = services(state).into_iter().find(|r| r.frontend == frontend(&key0));
+        for (b, n) in row.map(|r| r.backends).unwrap_or_default() {
+            let _ = writeln!(out, "  {n:>5} of {} slots → {}{}", svc.count, describe(b.id), translation(b.id));
+        }
+    }
+    if flows.is_empty() && src_port.is_some() {
+        let _ = writeln!(out, "no conntrack entry for this flow yet.");
+    }
+    Ok(out)
+}

@@ -1,0 +1,282 @@
+//! The maps the reconciler writes, opened from the loaded object or from
+//! their pins, and their [`MapIo`] implementation.
+
+use std::{io, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey},
+};
+use service_common::{
+    BackendValue, Counters, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, agent_state, map_names,
+};
+
+use super::{
+    LoadError, MapError, MapIo, MapSizes, MapState, NextIds,
+    access::{dump_map, is_not_found, open_pinned},
+};
+
+/// `BPF_NOEXIST`: an update that only creates.
+const BPF_NOEXIST: u64 = 1;
+
+/// The maps the reconciler writes: the frontends, backends, rev-NAT and
+/// source-range rows, the counters created and deleted with the backend
+/// and rev-NAT rows of the same id, and the id counters in `agent_state`.
+pub struct PinnedMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    rev_nat: HashMap<MapData, u32, RevNatValue>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
+    service_counters: PerCpuHashMap<MapData, u32, Counters>,
+    backend_counters: PerCpuHashMap<MapData, u32, Counters>,
+    agent_state: HashMap<MapData, agent_state::Key, u64>,
+    sizes: MapSizes,
+}
+
+impl PinnedMaps {
+    /// Takes the maps out of a loaded object.
+    ///
+    /// # Errors
+    /// When a map is missing or of the wrong type.
+    pub fn from_ebpf(ebpf: &mut Ebpf, sizes: MapSizes) -> Result<Self, LoadError> {
+        Self::from_maps(|name| ebpf.take_map(name).ok_or(LoadError::MissingMap(name)), sizes)
+    }
+
+    /// The maps the reconciler writes, each from `get`, typed.
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, LoadError>,
+        sizes: MapSizes,
+    ) -> Result<Self, LoadError> {
+        use map_names::{AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES};
+        let err = |name| move |source| LoadError::Map { name, source };
+        let (services, backends, rev_nat, source_ranges) =
+            (get(SERVICES)?, get(BACKENDS)?, get(REV_NAT)?, get(SOURCE_RANGES)?);
+        let (service_counters, backend_counters, agent_state) =
+            (get(SERVICE_COUNTERS)?, get(BACKEND_COUNTERS)?, get(AGENT_STATE)?);
+        Ok(Self {
+            services: HashMap::try_from(services).map_err(err(SERVICES))?,
+            backends: HashMap::try_from(backends).map_err(err(BACKENDS))?,
+            rev_nat: HashMap::try_from(rev_nat).map_err(err(REV_NAT))?,
+            source_ranges: LpmTrie::try_from(source_ranges).map_err(err(SOURCE_RANGES))?,
+            service_counters: PerCpuHashMap::try_from(service_counters).map_err(err(SERVICE_COUNTERS))?,
+            backend_counters: PerCpuHashMap::try_from(backend_counters).map_err(err(BACKEND_COUNTERS))?,
+            agent_state: HashMap::try_from(agent_state).map_err(err(AGENT_STATE))?,
+            sizes,
+        })
+    }
+
+    /// Opens the maps pinned under `root` (for tests and tools).
+    ///
+    /// # Errors
+    /// When a pin is missing or of the wrong type.
+    pub fn open(root: &Path, sizes: MapSizes) -> Result<Self, LoadError> {
+        Self::from_maps(|name| open_pinned(root, name), sizes)
+    }
+
+    /// Creates the zeroed counters of a new id (a row already there, e.g.
+    /// adopted from an earlier agent, is kept).
+    fn create_counters(
+        map: &mut PerCpuHashMap<MapData, u32, Counters>,
+        name: &'static str,
+        id: u32,
+    ) -> Result<(), MapError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Io { map: name, op: "nr_cpus", source: e })?;
+        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| MapError::Io {
+            map: name,
+            op: "update",
+            source: e,
+        })?;
+        match map.insert(id, zero, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
+                if io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            // Counters are not worth failing a row for: a missing row only
+            // means the id's packets are not counted.
+            Err(e) => {
+                tracing::warn!(map = name, id, error = %e, "creating the counters of a new id");
+                Ok(())
+            }
+        }
+    }
+
+    fn delete_counters(map: &mut PerCpuHashMap<MapData, u32, Counters>, name: &'static str, id: u32) {
+        if let Err(e) = map.remove(&id)
+            && !is_not_found(&e)
+        {
+            tracing::warn!(map = name, id, error = %e, "deleting the counters of a freed id");
+        }
+    }
+
+    /// Gives the counters the lifecycle of their rows for whatever an
+    /// earlier agent left, once at start (from then on they are created and
+    /// deleted with the backend and rev-NAT rows): a counter row for every
+    /// id in `backends` / `rev_nat`, none for any other id (older programs
+    /// created rows on first use, and kept those of freed ids alive).
+    /// Returns (created, deleted).
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn sync_counters(&mut self) -> Result<(usize, usize), MapError> {
+        let keys = |ids: Vec<Result<u32, aya::maps::MapError>>, name| {
+            ids.into_iter()
+                .filter(|r| !r.as_ref().is_err_and(is_not_found))
+                .collect::<Result<std::collections::BTreeSet<u32>, _>>()
+                .map_err(|e| MapError::Io { map: name, op: "dump", source: io::Error::other(e) })
+        };
+        let (mut created, mut deleted) = (0, 0);
+        for (rows, counters, name) in [
+            (
+                keys(self.backends.keys().collect(), map_names::BACKENDS)?,
+                &mut self.backend_counters,
+                map_names::BACKEND_COUNTERS,
+            ),
+            (
+                keys(self.rev_nat.keys().collect(), map_names::REV_NAT)?,
+                &mut self.service_counters,
+                map_names::SERVICE_COUNTERS,
+            ),
+        ] {
+            let existing = keys(counters.keys().collect(), name)?;
+            for id in rows.difference(&existing) {
+                Self::create_counters(counters, name, *id)?;
+                created += 1;
+            }
+            for id in existing.difference(&rows) {
+                Self::delete_counters(counters, name, *id);
+                deleted += 1;
+            }
+        }
+        Ok((created, deleted))
+    }
+
+    fn state_row(&self, name: &str) -> u64 {
+        self.agent_state.get(&agent_state::key(name), 0).unwrap_or(0)
+    }
+}
+
+fn classify(
+    map: &'static str,
+    op: &'static str,
+    capacity: u32,
+    flag: &'static str,
+    e: aya::maps::MapError,
+) -> MapError {
+    if let aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) = &e {
+        // A full hash map answers E2BIG to an insert of a new key.
+        if io_error.raw_os_error() == Some(libc::E2BIG) || io_error.raw_os_error() == Some(libc::ENOSPC) {
+            return MapError::Full { map, capacity, flag };
+        }
+    }
+    MapError::Io { map, op, source: io::Error::other(e) }
+}
+
+/// Deletes `key`; a row that is already gone is not an error.
+fn delete_row<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    name: &'static str,
+    key: &K,
+) -> Result<(), MapError> {
+    match map.remove(key) {
+        Err(e) if !is_not_found(&e) => Err(MapError::Io { map: name, op: "delete", source: io::Error::other(e) }),
+        _ => Ok(()),
+    }
+}
+
+impl MapIo for PinnedMaps {
+    fn dump(&self) -> Result<MapState, MapError> {
+        Ok(MapState {
+            services: dump_map(&self.services, map_names::SERVICES)?,
+            backends: dump_map(&self.backends, map_names::BACKENDS)?,
+            rev_nat: dump_map(&self.rev_nat, map_names::REV_NAT)?,
+            source_ranges: {
+                let mut rows = std::collections::BTreeSet::new();
+                for key in self.source_ranges.keys() {
+                    match key {
+                        Ok(k) => {
+                            rows.insert((k.prefix_len(), k.data()));
+                        }
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => {
+                            return Err(MapError::Io {
+                                map: map_names::SOURCE_RANGES,
+                                op: "dump",
+                                source: io::Error::other(e),
+                            });
+                        }
+                    }
+                }
+                rows
+            },
+            next_ids: NextIds {
+                backend: u32::try_from(self.state_row(agent_state::NEXT_BACKEND_ID)).unwrap_or(0),
+                rev_nat: u32::try_from(self.state_row(agent_state::NEXT_REV_NAT_ID)).unwrap_or(0),
+            },
+        })
+    }
+
+    fn put_next_ids(&mut self, next: NextIds) -> Result<(), MapError> {
+        for (name, id) in [(agent_state::NEXT_BACKEND_ID, next.backend), (agent_state::NEXT_REV_NAT_ID, next.rev_nat)] {
+            self.agent_state.insert(agent_state::key(name), u64::from(id), 0).map_err(|e| MapError::Io {
+                map: map_names::AGENT_STATE,
+                op: "update",
+                source: io::Error::other(e),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn put_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
+        self.source_ranges.insert(&LpmKey::new(prefix_len, *key), 1, 0).map_err(|e| {
+            classify(map_names::SOURCE_RANGES, "update", service_common::capacity::SOURCE_RANGES, "(fixed size)", e)
+        })
+    }
+
+    fn del_source_range(&mut self, prefix_len: u32, key: &SourceRangeKey) -> Result<(), MapError> {
+        match self.source_ranges.remove(&LpmKey::new(prefix_len, *key)) {
+            Err(e) if !is_not_found(&e) => {
+                Err(MapError::Io { map: map_names::SOURCE_RANGES, op: "delete", source: io::Error::other(e) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| classify(map_names::SERVICES, "update", self.sizes.services, "--map-size-services", e))
+    }
+
+    fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        delete_row(&mut self.services, map_names::SERVICES, key)
+    }
+
+    fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
+        // The counters first: the row's first packet is counted.
+        Self::create_counters(&mut self.backend_counters, map_names::BACKEND_COUNTERS, id)?;
+        self.backends
+            .insert(id, value, 0)
+            .map_err(|e| classify(map_names::BACKENDS, "update", self.sizes.backends, "--map-size-backends", e))
+    }
+
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        delete_row(&mut self.backends, map_names::BACKENDS, &id)?;
+        Self::delete_counters(&mut self.backend_counters, map_names::BACKEND_COUNTERS, id);
+        Ok(())
+    }
+
+    fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError> {
+        Self::create_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id)?;
+        self.rev_nat
+            .insert(id, value, 0)
+            .map_err(|e| classify(map_names::REV_NAT, "update", self.sizes.backends, "--map-size-backends", e))
+    }
+
+    fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError> {
+        delete_row(&mut self.rev_nat, map_names::REV_NAT, &id)?;
+        Self::delete_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id);
+        Ok(())
+    }
+}

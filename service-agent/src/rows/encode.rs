@@ -1,0 +1,132 @@
+//! Desired frontends and backends as map keys and values: the one place
+//! that knows how the model's words become the programs' rows (byte order,
+//! families, flags). The reconciler decides which rows to write and when;
+//! this decides what they hold.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use service_common::{
+    BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
+    SourceRangeKey, backend_flags, backend_state, service_flags,
+};
+
+use crate::model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, WhenEmpty};
+
+/// The `FAMILY_*` of an address.
+#[must_use]
+pub fn family(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { FAMILY_IPV4 } else { FAMILY_IPV6 }
+}
+
+/// An address as the maps hold it (IPv4 in the first four bytes).
+#[must_use]
+pub fn addr_bytes(addr: IpAddr) -> service_common::Addr {
+    match addr {
+        IpAddr::V4(a) => service_common::addr_v4(a.octets()),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The slot-0 key of a frontend.
+#[must_use]
+pub fn frontend_key(f: &Frontend) -> ServiceKey {
+    ServiceKey::frontend(
+        family(f.addr),
+        addr_bytes(f.addr),
+        service_common::port_be(f.port),
+        f.protocol.number(),
+        f.scope.number(),
+    )
+}
+
+/// The `backends` row of a backend.
+#[must_use]
+pub fn backend_value(b: &Backend) -> BackendValue {
+    BackendValue {
+        addr: addr_bytes(b.addr),
+        port: service_common::port_be(b.port),
+        proto: b.protocol.number(),
+        family: family(b.addr),
+        flags: if b.local { backend_flags::LOCAL } else { 0 },
+        state: if b.terminating { backend_state::TERMINATING } else { backend_state::ACTIVE },
+        _pad: [0; 2],
+    }
+}
+
+/// The `rev_nat` row of a frontend: the address replies get back.
+#[must_use]
+pub fn rev_nat_value(f: &Frontend) -> RevNatValue {
+    RevNatValue { addr: addr_bytes(f.addr), port: service_common::port_be(f.port), family: family(f.addr), _pad: 0 }
+}
+
+/// The slot-0 row of a frontend whose table has `table_len` slots: what a
+/// new flow's packet reads first. `version` is set by the reconciler.
+#[must_use]
+pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, table_len: usize) -> ServiceValue {
+    let mut flags = match (table_len == 0, df.when_empty) {
+        (false, _) => 0,
+        (true, WhenEmpty::Reject) => service_flags::REJECT,
+        (true, WhenEmpty::Drop) => service_flags::DROP,
+    };
+    if df.affinity_timeout_s.is_some() {
+        flags |= service_flags::AFFINITY;
+    }
+    if frontend_ranges(df).next().is_some() {
+        flags |= service_flags::SOURCE_RANGES;
+    }
+    if df.kind == FrontendKind::NodePort {
+        flags |= service_flags::NODE_ADDRESS;
+    }
+    ServiceValue {
+        backend_id: 0,
+        count: u32::try_from(table_len).unwrap_or(u32::MAX),
+        version: 0,
+        rev_nat_id,
+        affinity_timeout_s: df.affinity_timeout_s.unwrap_or(0),
+        flags,
+        _pad: 0,
+    }
+}
+
+/// A slot row of a frontend's backend table: the backend that slot picks.
+#[must_use]
+pub fn slot_value(backend_id: u32) -> ServiceValue {
+    ServiceValue { backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() }
+}
+
+/// A member row (slot `MEMBER_SLOT`, version = backend id): the backend is
+/// in the frontend's current set, so an affinity entry may follow it.
+#[must_use]
+pub fn member_value(backend_id: u32) -> ServiceValue {
+    ServiceValue { backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() }
+}
+
+/// The `loadBalancerSourceRanges` of `df` that apply to it: those of its
+/// address family. kube-proxy filters them the same way, so a Service
+/// whose ranges are all of the other family is not restricted in this one.
+pub fn frontend_ranges(df: &DesiredFrontend) -> impl Iterator<Item = &crate::model::Cidr> {
+    let v4 = df.frontend.addr.is_ipv4();
+    df.source_ranges.iter().filter(move |c| c.addr.is_ipv4() == v4)
+}
+
+/// The `source_ranges` rows the desired frontends need: keyed by the
+/// frontend's rev-NAT id, protocol and family.
+pub fn source_range_rows(
+    desired: &Desired,
+    rev_nat_id: impl Fn(&Frontend) -> Option<u32>,
+) -> BTreeSet<(u32, SourceRangeKey)> {
+    let mut rows = BTreeSet::new();
+    for df in desired.frontends.values() {
+        let mut ranges = frontend_ranges(df).peekable();
+        if ranges.peek().is_none() {
+            continue;
+        }
+        let Some(id) = rev_nat_id(&df.frontend) else { continue };
+        let (proto, fam) = (df.frontend.protocol.number(), family(df.frontend.addr));
+        for cidr in ranges {
+            let key = SourceRangeKey::new(id, proto, fam, addr_bytes(cidr.addr));
+            rows.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key));
+        }
+    }
+    rows
+}

@@ -1,0 +1,419 @@
+//! Map rows for humans: the canonical, sorted dump the golden tests compare
+//! ([`render`]: slot rows shown as their frontend's table, rows of no live
+//! table listed as stray, which a correct reconcile never leaves), and the
+//! rows and text tables of `inspect` (one `*Row` type per view, serialized
+//! as is for `-o json`, whose field names are kept stable).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::Serialize;
+use service_common::{
+    Addr, CtKey, CtValue, FAMILY_IPV4, Port, ServiceKey, backend_flags, backend_state, conntrack, ct_flags,
+    service_flags,
+};
+
+use crate::maps::MapState;
+
+#[must_use]
+pub fn ip(family: u8, addr: &Addr) -> IpAddr {
+    if family == FAMILY_IPV4 {
+        IpAddr::V4(Ipv4Addr::new(addr[0], addr[1], addr[2], addr[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(*addr))
+    }
+}
+
+#[must_use]
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        service_common::PROTO_TCP => "TCP".into(),
+        service_common::PROTO_UDP => "UDP".into(),
+        service_common::PROTO_SCTP => "SCTP".into(),
+        other => format!("proto{other}"),
+    }
+}
+
+fn port(p: Port) -> u16 {
+    u16::from_be_bytes(p)
+}
+
+#[must_use]
+pub fn frontend(k: &ServiceKey) -> String {
+    let scope = if k.scope == service_common::SCOPE_INTERNAL { "internal" } else { "external" };
+    format!("{}:{}/{} {scope}", ip(k.family, &k.addr), port(k.port), proto_name(k.proto))
+}
+
+fn service_flag_names(flags: u16) -> String {
+    let names = flag_names(flags);
+    if names.is_empty() { "-".into() } else { names.join(",") }
+}
+
+/// `addr:port` of a row's address and port.
+#[must_use]
+pub fn endpoint(family: u8, addr: &Addr, port: Port) -> String {
+    format!("{}:{}", ip(family, addr), u16::from_be_bytes(port))
+}
+
+/// Renders `state` canonically.
+#[must_use]
+pub fn render(state: &MapState) -> String {
+    let mut out = String::from("services:\n");
+    let mut live = std::collections::BTreeSet::new();
+    for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+        let _ = writeln!(
+            out,
+            "  {} rev_nat={} version={} slots={} flags={} affinity={}s",
+            frontend(k),
+            v.rev_nat_id,
+            v.version,
+            v.count,
+            service_flag_names(v.flags),
+            v.affinity_timeout_s
+        );
+        live.insert(*k);
+        let mut table = Vec::new();
+        let mut in_table = std::collections::BTreeSet::new();
+        for s in 1..=v.count {
+            let key = k.with_slot(v.version, s);
+            live.insert(key);
+            let row = state.services.get(&key);
+            in_table.extend(row.map(|r| r.backend_id));
+            table.push(row.map_or_else(|| "MISSING".to_owned(), |r| r.backend_id.to_string()));
+        }
+        if !table.is_empty() {
+            let _ = writeln!(out, "    table: {}", table.join(" "));
+        }
+        // Member rows are shown only when they disagree with the table.
+        let members: std::collections::BTreeSet<u32> = state
+            .services
+            .range(k.member(0)..=k.member(u32::MAX))
+            .map(|(m, _)| {
+                live.insert(*m);
+                m.version
+            })
+            .collect();
+        if members != in_table {
+            let ids: Vec<String> = members.iter().map(ToString::to_string).collect();
+            let _ = writeln!(out, "    MEMBERS DIFFER FROM THE TABLE: {}", ids.join(" "));
+        }
+    }
+    for (k, v) in state.services.iter().filter(|(k, _)| !live.contains(k)) {
+        let _ = writeln!(out, "  STRAY {} version={} slot={} backend={}", frontend(k), k.version, k.slot, v.backend_id);
+    }
+    out.push_str("backends:\n");
+    for (id, b) in &state.backends {
+        let local = if b.flags & backend_flags::LOCAL != 0 { " local" } else { "" };
+        let state = if b.state == backend_state::TERMINATING { " terminating" } else { "" };
+        let _ =
+            writeln!(out, "  {id} {}:{}/{}{local}{state}", ip(b.family, &b.addr), port(b.port), proto_name(b.proto));
+    }
+    out.push_str("rev_nat:\n");
+    for (id, r) in &state.rev_nat {
+        let _ = writeln!(out, "  {id} {}:{}", ip(r.family, &r.addr), port(r.port));
+    }
+    if !state.source_ranges.is_empty() {
+        out.push_str("source_ranges:\n");
+        for (len, k) in &state.source_ranges {
+            let _ = writeln!(
+                out,
+                "  rev_nat={} {} {}/{}",
+                u32::from_be_bytes(k.rev_nat_id),
+                proto_name(k.proto),
+                ip(k.family, &k.addr),
+                len.saturating_sub(service_common::SOURCE_RANGE_FRONTEND_BITS)
+            );
+        }
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub local: bool,
+    pub state: &'static str,
+    /// Packets and bytes translated to and from it (both directions).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: String,
+    pub scope: &'static str,
+    pub rev_nat_id: u32,
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout_seconds: u32,
+    pub slots: u32,
+    /// Backends with the number of table slots each holds.
+    pub backends: Vec<(BackendRow, u32)>,
+    /// Packets and bytes translated for this frontend's address:port
+    /// (both directions; TCP and UDP of one port share the count).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConntrackRow {
+    pub protocol: String,
+    pub source: String,
+    pub destination: String,
+    /// "dnat" (original direction) or "rev-nat" (reply direction).
+    pub direction: &'static str,
+    pub translated_to: String,
+    pub backend_id: u32,
+    /// A FIN or RST was seen (TCP).
+    pub closing: bool,
+    pub idle_seconds: u64,
+    /// "assured" (the `conntrack` map) or "new" (`conntrack_new`: not yet
+    /// answered).
+    pub table: &'static str,
+    /// The flow's state bits by name (`conntrack::state::NAMES`).
+    pub state: Vec<&'static str>,
+    /// The idle time left before the entry expires (0: expired, the
+    /// garbage collector frees it).
+    pub expires_in_seconds: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AffinityRow {
+    pub client: String,
+    pub rev_nat_id: u32,
+    pub frontend: String,
+    pub protocol: String,
+    pub backend_id: u32,
+    pub backend: String,
+    pub idle_seconds: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatRow {
+    pub counter: &'static str,
+    pub drop: bool,
+    pub packets: u64,
+}
+
+/// The names of a frontend's `service_flags`.
+#[must_use]
+pub fn flag_names(flags: u16) -> Vec<&'static str> {
+    service_flags::NAMES.into_iter().filter(|(bit, _)| flags & bit != 0).map(|(_, n)| n).collect()
+}
+
+/// One `backends` row, readable.
+#[must_use]
+pub fn backend_row(id: u32, b: &service_common::BackendValue) -> BackendRow {
+    BackendRow {
+        id,
+        address: ip(b.family, &b.addr).to_string(),
+        port: u16::from_be_bytes(b.port),
+        protocol: proto_name(b.proto),
+        local: b.flags & backend_flags::LOCAL != 0,
+        state: if b.state == backend_state::TERMINATING { "terminating" } else { "active" },
+        packets: 0,
+        bytes: 0,
+    }
+}
+
+/// The frontends with their backends, from the applied rows.
+#[must_use]
+pub fn services(state: &MapState) -> Vec<ServiceRow> {
+    state
+        .services
+        .iter()
+        .filter(|(k, _)| k.slot == 0)
+        .map(|(k, v)| {
+            let mut per_backend: BTreeMap<u32, u32> = BTreeMap::new();
+            for s in 1..=v.count {
+                let slot = k.with_slot(v.version, s);
+                if let Some(row) = state.services.get(&slot) {
+                    *per_backend.entry(row.backend_id).or_default() += 1;
+                }
+            }
+            ServiceRow {
+                frontend: frontend(k),
+                address: ip(k.family, &k.addr).to_string(),
+                port: u16::from_be_bytes(k.port),
+                protocol: proto_name(k.proto),
+                scope: if k.scope == service_common::SCOPE_INTERNAL { "internal" } else { "external" },
+                rev_nat_id: v.rev_nat_id,
+                flags: flag_names(v.flags),
+                affinity_timeout_seconds: v.affinity_timeout_s,
+                slots: v.count,
+                backends: per_backend
+                    .into_iter()
+                    .filter_map(|(id, n)| state.backends.get(&id).map(|b| (backend_row(id, b), n)))
+                    .collect(),
+                packets: 0,
+                bytes: 0,
+            }
+        })
+        .collect()
+}
+
+/// Renders rows as an aligned text table.
+#[must_use]
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: &[String]| {
+        let cols: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", cols.join("  ").trim_end());
+    };
+    line(&mut out, &header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>());
+    for r in rows {
+        line(&mut out, r);
+    }
+    out
+}
+
+fn or_dash(names: &[&str]) -> String {
+    if names.is_empty() { "-".into() } else { names.join(",") }
+}
+
+/// `inspect services` as text.
+#[must_use]
+pub fn services_table(rows: Vec<ServiceRow>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|s| {
+            let backends: Vec<String> = s
+                .backends
+                .iter()
+                .map(|(b, n)| {
+                    let terminating = if b.state == "terminating" { " terminating" } else { "" };
+                    format!("{}:{} ({n}/{}){terminating}", b.address, b.port, s.slots)
+                })
+                .collect();
+            vec![
+                s.frontend,
+                or_dash(&s.flags),
+                s.packets.to_string(),
+                s.bytes.to_string(),
+                if backends.is_empty() { "<none>".into() } else { backends.join(", ") },
+            ]
+        })
+        .collect();
+    table(&["FRONTEND", "FLAGS", "PACKETS", "BYTES", "BACKENDS (slots)"], &rows)
+}
+
+/// `inspect backends` as text.
+#[must_use]
+pub fn backends_table(rows: Vec<BackendRow>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|b| {
+            vec![
+                b.id.to_string(),
+                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                if b.local { "local".into() } else { "remote".into() },
+                b.state.into(),
+                b.packets.to_string(),
+                b.bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(&["ID", "BACKEND", "NODE", "STATE", "PACKETS", "BYTES"], &rows)
+}
+
+/// `inspect conntrack` as text.
+#[must_use]
+pub fn conntrack_table(rows: Vec<ConntrackRow>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|c| {
+            vec![
+                c.protocol,
+                c.source,
+                c.destination,
+                c.direction.into(),
+                c.translated_to,
+                c.backend_id.to_string(),
+                c.table.into(),
+                or_dash(&c.state),
+                format!("{}s", c.idle_seconds),
+                format!("{}s", c.expires_in_seconds),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PROTO",
+            "SOURCE",
+            "DESTINATION",
+            "DIRECTION",
+            "TRANSLATED TO",
+            "BACKEND",
+            "TABLE",
+            "STATE",
+            "IDLE",
+            "EXPIRES IN",
+        ],
+        &rows,
+    )
+}
+
+/// `inspect affinity` as text.
+#[must_use]
+pub fn affinity_table(rows: Vec<AffinityRow>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|a| vec![a.client, format!("{}/{}", a.frontend, a.protocol), a.backend, format!("{}s", a.idle_seconds)])
+        .collect();
+    table(&["CLIENT", "FRONTEND", "BACKEND", "IDLE"], &rows)
+}
+
+/// `inspect stats` as text.
+#[must_use]
+pub fn stats_table(rows: Vec<StatRow>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|s| vec![s.counter.into(), if s.drop { "drop".into() } else { "pass".into() }, s.packets.to_string()])
+        .collect();
+    table(&["COUNTER", "KIND", "PACKETS"], &rows)
+}
+
+/// The names of a flow's `conntrack::state` bits.
+#[must_use]
+pub fn state_names(state: u8) -> Vec<&'static str> {
+    conntrack::state::NAMES.into_iter().filter(|(bit, _)| state & bit != 0).map(|(_, n)| n).collect()
+}
+
+/// Seconds of idle time left before `v` expires at `now_ns`.
+#[must_use]
+pub fn expires_in_seconds(proto: u8, v: &CtValue, now_ns: u64) -> u64 {
+    let idle = now_ns.saturating_sub(v.last_seen_ns);
+    conntrack::timeout_ns(proto, v.state).saturating_sub(idle) / 1_000_000_000
+}
+
+/// One conntrack entry, readable; `table` names the map it is in.
+#[must_use]
+pub fn conntrack_row(table: &'static str, k: &CtKey, v: &CtValue, now_ns: u64) -> ConntrackRow {
+    ConntrackRow {
+        protocol: proto_name(k.proto),
+        source: endpoint(k.family, &k.saddr, k.sport),
+        destination: endpoint(k.family, &k.daddr, k.dport),
+        direction: if v.flags & ct_flags::DNAT != 0 { "dnat" } else { "rev-nat" },
+        translated_to: endpoint(k.family, &v.nat_addr, v.nat_port),
+        backend_id: v.backend_id,
+        closing: conntrack::is_closing(k.proto, v.state),
+        idle_seconds: now_ns.saturating_sub(v.last_seen_ns) / 1_000_000_000,
+        table,
+        state: state_names(v.state),
+        expires_in_seconds: expires_in_seconds(k.proto, v, now_ns),
+    }
+}
