@@ -16,3 +16,4 @@ pub mod reconciler;
 pub mod rows;
 pub mod run;
 pub mod source;
+pub mod vocabulary;

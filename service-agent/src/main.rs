@@ -3,10 +3,10 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use service_agent::{
-    attach::Globs,
     inspect,
     maps::{DEFAULT_BPFFS_ROOT, MapSizes},
     run,
+    vocabulary::Globs,
 };
 
 #[derive(Parser)]
@@ -153,7 +153,7 @@ struct RunArgs {
     /// addresses inside these CIDRs. Default: every address on the external
     /// interfaces.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
-    nodeport_addresses: Vec<service_agent::model::Cidr>,
+    nodeport_addresses: Vec<service_agent::vocabulary::Cidr>,
     /// Where the maps are pinned (a directory on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
     bpffs_root: PathBuf,

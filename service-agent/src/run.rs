@@ -22,20 +22,18 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::{
-        AttachManager, AttachMode, Globs, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink,
-    },
+    attach::{AttachManager, AttachMode, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink},
     gc::{self, AffinityFrontends},
     healthcheck::{self, HealthCheckServers},
     maps::{self, MapSizes, PinnedMaps},
     metrics::{Health, Metrics},
-    model::{self, Cidr, HealthCheck, NodeContext},
+    model::{self, HealthCheck, NodeContext},
     reconciler::Reconciler,
     source::{
-        ObjectRef, Objects,
         addresses::{self, NodeAddresses},
         kube, manifest,
     },
+    vocabulary::{Cidr, Globs, ObjectRef, Objects},
 };
 
 /// How often the manifest directory is polled.
@@ -271,7 +269,7 @@ fn adopt_maps(config: &RunConfig, ebpf: &mut aya::Ebpf) -> anyhow::Result<Reconc
     let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
     tracing::info!(
         bpffs_root = %config.bpffs_root.display(),
-        adopted_rows = reconciler.applied().services.len(),
+        adopted_rows = reconciler.programmed().services.len(),
         "maps pinned"
     );
     Ok(reconciler)
@@ -297,7 +295,7 @@ fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, metrics: &Metrics) 
     if !report.changed() {
         return;
     }
-    metrics.observe_maps(reconciler.applied());
+    metrics.observe_maps(reconciler.programmed());
     tracing::debug!(rows_deleted = report.rows_deleted, pending = reconciler.deferred_len(), "deferred deletions");
 }
 
@@ -474,7 +472,7 @@ fn sync_once(
     for e in &report.errors {
         tracing::error!(error = %e, "map update failed");
     }
-    metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.applied(), report.errors.len());
+    metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.programmed(), report.errors.len());
     let not_programmed = desired.frontends.values().filter(|df| !reconciler.is_programmed(df)).count();
     metrics.observe_not_programmed(not_programmed);
     let failed_services =

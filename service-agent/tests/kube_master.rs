@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Service;
 use serde_json::json;
-use service_agent::source::{Objects, kube as source};
+use service_agent::{source::kube as source, vocabulary::Objects};
 use support::apiserver::{ApiServer, Kind};
 use tokio::sync::watch;
 

@@ -12,7 +12,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 use serde_json::json;
-use service_agent::source::{Objects, kube as source};
+use service_agent::{source::kube as source, vocabulary::Objects};
 use support::apiserver::{ApiServer, Kind};
 use tokio::sync::watch;
 

@@ -313,10 +313,14 @@ pub mod backend_flags {
     pub const LOCAL: u8 = 1 << 0;
 }
 
-/// `BackendValue::state`.
+/// `BackendValue::state`: for `inspect` and `explain` only. The programs
+/// never read it: which backends a frontend uses is decided by the agent,
+/// which puts only those into the frontend's table.
 pub mod backend_state {
-    pub const ACTIVE: u8 = 0;
-    /// Serving but terminating (used only as a fallback, KEP-1669).
+    /// The endpoint is ready.
+    pub const READY: u8 = 0;
+    /// Serving but terminating, in the table only because the Service has
+    /// no ready endpoint (the fallback of KEP-1669).
     pub const TERMINATING: u8 = 1;
 }
 

@@ -198,7 +198,7 @@ impl Fixture {
             Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
         let report = reconciler.reconcile(&desired);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
-        let applied = reconciler.applied().clone();
+        let applied = reconciler.programmed().clone();
         let prog: &mut SchedClassifier =
             ebpf.program_mut(service_common::PROG_POD_INGRESS).expect("program").try_into().expect("classifier");
         prog.load().expect("verifier accepts the program");

@@ -34,32 +34,7 @@ use aya::programs::{
 };
 
 use self::netlink::LinkInfo;
-/// Interface name globs (`*` and `?`), kube-proxy-style comma separated.
-#[derive(Clone, Debug)]
-pub struct Globs(Vec<String>);
-
-impl Globs {
-    #[must_use]
-    pub fn parse(list: &str) -> Self {
-        Self(list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
-    }
-
-    #[must_use]
-    pub fn matches(&self, name: &str) -> bool {
-        self.0.iter().any(|g| glob_match(g.as_bytes(), name.as_bytes()))
-    }
-}
-
-fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
-    match (pattern.split_first(), name.split_first()) {
-        (None, None) => true,
-        (Some((b'*', rest)), _) => glob_match(rest, name) || (!name.is_empty() && glob_match(pattern, &name[1..])),
-        (Some((b'?', rest)), Some((_, name_rest))) => glob_match(rest, name_rest),
-        (Some((p, rest)), Some((n, name_rest))) if p == n => glob_match(rest, name_rest),
-        _ => false,
-    }
-}
-
+use crate::vocabulary::Globs;
 /// `(ifindex, name)` of every interface in this network namespace.
 /// (`/sys/class/net` would show the namespace sysfs was mounted in, which is
 /// not ours under `nsenter --net`; `if_nameindex(3)` asks the kernel.)
@@ -138,7 +113,7 @@ impl TunnelInterfaces {
                 glob => globs.push(glob.to_owned()),
             }
         }
-        Self { globs: Globs(globs), kinds }
+        Self { globs: Globs::from_patterns(globs), kinds }
     }
 
     #[must_use]
@@ -162,7 +137,7 @@ impl Selection {
     /// Interfaces matching `globs`, nothing else.
     #[must_use]
     pub fn globs(globs: Globs) -> Self {
-        Self { globs, tunnels: None, exclude: Globs(Vec::new()) }
+        Self { globs, tunnels: None, exclude: Globs::default() }
     }
 
     #[must_use]

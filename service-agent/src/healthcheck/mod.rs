@@ -28,7 +28,7 @@ use crate::{
     metrics::Health,
     model::{Desired, DesiredFrontend, HealthCheck},
     reconciler::{Concerns, ReconcileError},
-    source::ObjectRef,
+    vocabulary::ObjectRef,
 };
 
 /// How many failed frontends a Service's reason names before summing up.
@@ -241,7 +241,7 @@ mod tests {
                 port: 8080,
                 protocol: Protocol::Tcp,
                 local: true,
-                terminating: false,
+                ready: true,
             })
             .collect();
         d.frontends.insert(

@@ -21,7 +21,7 @@ pub struct MapState {
 }
 
 /// The next backend and rev-NAT ids to hand out, kept across restarts so
-/// an id is not reused (see `applied::IdIndex`).
+/// an id is not reused (see `reconciler::mirror::IdIndex`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NextIds {
     pub backend: u32,

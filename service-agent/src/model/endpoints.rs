@@ -20,7 +20,7 @@ use std::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
 use super::{Backend, ModelError, NodeContext, Protocol};
-use crate::source::ObjectRef;
+use crate::vocabulary::ObjectRef;
 
 /// One endpoint address:port with what the selection needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -131,7 +131,7 @@ pub fn candidates(
                     port,
                     protocol,
                     local: endpoint.node_name.as_deref() == Some(node.node_name.as_str()),
-                    terminating: !ready,
+                    ready,
                 },
                 ready,
                 serving,

@@ -29,8 +29,8 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, NodeContext, desired};
-use crate::source::{ObjectRef, Objects};
+use super::{NodeContext, desired};
+use crate::vocabulary::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects};
 
 /// splitmix64: tiny, fast, and good enough to pick test inputs.
 pub struct Rng(u64);

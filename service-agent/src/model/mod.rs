@@ -42,18 +42,10 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::source::{ObjectRef, Objects};
+use crate::vocabulary::{
+    ANNOTATION_TOPOLOGY_MODE, Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects,
+};
 
-/// Label linking an EndpointSlice to its Service.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
-/// Services carrying this label belong to another proxy (kube-proxy skips
-/// them too).
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-
-/// Node label with the node's zone (topology-aware routing).
-pub const LABEL_ZONE: &str = "topology.kubernetes.io/zone";
-/// The older annotation that turns on topology-aware hints.
-pub const ANNOTATION_TOPOLOGY_MODE: &str = "service.kubernetes.io/topology-mode";
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 /// The API server's largest `sessionAffinityConfig.clientIP.timeoutSeconds`
@@ -177,8 +169,9 @@ pub struct Backend {
     pub protocol: Protocol,
     /// The endpoint's `nodeName` is this node.
     pub local: bool,
-    /// Used only as the serving-terminating fallback (not ready).
-    pub terminating: bool,
+    /// `false`: a serving-but-terminating endpoint, used only because the
+    /// Service has no ready one (the fallback of KEP-1669).
+    pub ready: bool,
 }
 
 impl fmt::Display for Backend {
@@ -196,55 +189,6 @@ pub enum WhenEmpty {
     /// It has endpoints, but a `Local` traffic policy leaves none on this
     /// node: drop silently, as kube-proxy does.
     Drop,
-}
-
-/// An IPv4 or IPv6 prefix (`loadBalancerSourceRanges`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix_len: u8,
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix_len)
-    }
-}
-
-impl Cidr {
-    /// Whether `addr` lies inside the prefix (never across families).
-    #[must_use]
-    pub fn contains(&self, addr: IpAddr) -> bool {
-        match (self.addr, addr) {
-            (IpAddr::V4(net), IpAddr::V4(a)) => {
-                let mask = 32u32.checked_sub(u32::from(self.prefix_len)).map_or(u32::MAX, |shift| {
-                    // A /0 shifts by 32: nothing of the address is compared.
-                    u32::MAX.checked_shl(shift).unwrap_or(0)
-                });
-                u32::from(net) & mask == u32::from(a) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(a)) => {
-                let mask = 128u32
-                    .checked_sub(u32::from(self.prefix_len))
-                    .map_or(u128::MAX, |shift| u128::MAX.checked_shl(shift).unwrap_or(0));
-                u128::from(net) & mask == u128::from(a) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s.trim().split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (address/length)"))?;
-        let addr: IpAddr = addr.parse().map_err(|e| format!("{s:?} is not a CIDR: {e}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix_len: u8 =
-            len.parse().ok().filter(|l| *l <= max).ok_or_else(|| format!("{s:?} has an invalid prefix length"))?;
-        Ok(Self { addr, prefix_len })
-    }
 }
 
 /// The desired state of one frontend.

@@ -73,8 +73,8 @@ impl Agent {
         Self { reconciler, clock }
     }
 
-    fn applied(&self) -> &MapState {
-        self.reconciler.applied()
+    fn programmed(&self) -> &MapState {
+        self.reconciler.programmed()
     }
 }
 
@@ -90,7 +90,7 @@ fn run_case(dir: &Path, agent: &mut Agent) -> String {
     let report = reconciler.collect_deferred();
     assert!(report.errors.is_empty(), "map errors: {:?}", report.errors);
     assert_eq!(reconciler.next_deferred(), None);
-    assert_eq!(reconciler.maps().state, *reconciler.applied(), "mirror and maps differ");
+    assert_eq!(reconciler.maps().state, *reconciler.programmed(), "mirror and maps differ");
     let mut out = String::from("errors:\n");
     let prefix = format!("{}/", dir.display());
     for e in &snapshot.errors {
@@ -190,7 +190,7 @@ fn the_order_objects_arrive_in_does_not_change_the_result() {
     write_docs(&dir.0, &docs);
     let mut all_at_once = Agent::new();
     run_case(&dir.0, &mut all_at_once);
-    let expected = resolved(all_at_once.applied());
+    let expected = resolved(all_at_once.programmed());
     assert!(expected.len() >= 4, "{expected:?}");
 
     // Reversed, one document at a time (slices before their Services, one
@@ -202,7 +202,7 @@ fn the_order_objects_arrive_in_does_not_change_the_result() {
         write_docs(&dir.0, &reversed[..n]);
         run_case(&dir.0, &mut incremental);
     }
-    assert_eq!(resolved(incremental.applied()), expected);
+    assert_eq!(resolved(incremental.programmed()), expected);
 
     // Removing the documents one at a time leaves no row behind.
     for n in (0..reversed.len()).rev() {

@@ -28,9 +28,9 @@
 //! reconcile is safe to retry: a failed write leaves the affected frontend on
 //! its previous rows and is reported; the others are still programmed.
 
-mod applied;
 mod clock;
 pub mod maglev;
+mod mirror;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
@@ -40,10 +40,10 @@ use std::{
 
 use service_common::{ServiceKey, ServiceValue};
 
-use self::applied::Applied;
 #[cfg(test)]
 pub use self::clock::ManualClock;
 pub use self::clock::{Clock, SystemClock};
+use self::mirror::Mirror;
 use crate::maps::{MapError, MapIo, MapState, NextIds};
 use crate::{
     model::{Backend, Desired, DesiredFrontend, Frontend},
@@ -167,7 +167,7 @@ impl ReconcileReport {
 /// Owns the maps and a mirror of what is applied to them.
 pub struct Reconciler<M> {
     maps: M,
-    applied: Applied,
+    mirror: Mirror,
     /// What each frontend was last written from. A frontend whose desired
     /// state is unchanged is skipped (its rows, and so its backend and
     /// rev-NAT rows, are still there), so one EndpointSlice change costs its
@@ -204,11 +204,11 @@ impl<M: MapIo> Reconciler<M> {
     pub fn new(maps: M) -> Result<Self, MapError> {
         let state = maps.dump()?;
         let recorded_next_ids = Some(state.next_ids);
-        let applied = Applied::new(state);
+        let mirror = Mirror::new(state);
         Ok(Self {
             recorded_next_ids,
             maps,
-            applied,
+            mirror,
             written: HashMap::new(),
             deferred: DeferredQueue::default(),
             clock: Arc::new(SystemClock),
@@ -251,7 +251,7 @@ impl<M: MapIo> Reconciler<M> {
         let mut report = ReconcileReport::default();
         self.collect_due(&mut report);
         #[cfg(test)]
-        self.applied.check_indexes();
+        self.mirror.check_indexes();
         report
     }
 
@@ -260,8 +260,8 @@ impl<M: MapIo> Reconciler<M> {
     /// queued row is part of a live table.
     #[cfg(test)]
     pub(crate) fn check_deferred(&self) {
-        for key in self.applied.state().services.keys().filter(|k| k.slot != 0 && !k.is_member()) {
-            let live = self.applied.is_live_slot(key);
+        for key in self.mirror.state().services.keys().filter(|k| k.slot != 0 && !k.is_member()) {
+            let live = self.mirror.is_live_slot(key);
             let queued = self.deferred.pending.contains_key(&Deferred::Slot(*key));
             assert!(live != queued, "slot row {key:?}: live {live}, queued {queued}");
         }
@@ -269,20 +269,20 @@ impl<M: MapIo> Reconciler<M> {
 
     /// The slot-0 rows (key, value) of every frontend.
     pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
-        let services = &self.applied.state().services;
-        self.applied.frontends().filter_map(|k| services.get_key_value(k))
+        let services = &self.mirror.state().services;
+        self.mirror.frontends().filter_map(|k| services.get_key_value(k))
     }
 
     /// The backend ids of the member rows of frontend `key0` (its current
     /// backend set).
     pub fn members(&self, key0: &ServiceKey) -> impl Iterator<Item = u32> + '_ {
-        self.applied.state().services.range(key0.member(0)..=key0.member(u32::MAX)).map(|(k, _)| k.version)
+        self.mirror.state().services.range(key0.member(0)..=key0.member(u32::MAX)).map(|(k, _)| k.version)
     }
 
-    /// The rows as the reconciler believes them applied.
+    /// The rows the reconciler has programmed (its mirror of the maps).
     #[must_use]
-    pub fn applied(&self) -> &MapState {
-        self.applied.state()
+    pub fn programmed(&self) -> &MapState {
+        self.mirror.state()
     }
 
     #[must_use]
@@ -295,7 +295,7 @@ impl<M: MapIo> Reconciler<M> {
     /// the reconciler's index rather than a pass over every row.
     #[must_use]
     pub fn is_live_pair(&self, rev_nat: u32, backend: u32) -> bool {
-        self.applied.is_live_pair(rev_nat, backend)
+        self.mirror.is_live_pair(rev_nat, backend)
     }
 
     /// Whether `df` is programmed as desired: its last write succeeded and
@@ -322,10 +322,10 @@ impl<M: MapIo> Reconciler<M> {
         let ranges = rows::source_range_rows(desired, |f| {
             rev_nat_ids.get(f).or_else(|| self.written.get(f).map(|w| &w.rev_nat_id)).copied()
         });
-        for row in ranges.difference(&self.applied.state().source_ranges.clone()) {
+        for row in ranges.difference(&self.mirror.state().source_ranges.clone()) {
             match self.maps.put_source_range(row.0, &row.1) {
                 Ok(()) => {
-                    self.applied.source_ranges_mut().insert(*row);
+                    self.mirror.source_ranges_mut().insert(*row);
                     report.rows_written += 1;
                 }
                 Err(source) => {
@@ -351,18 +351,18 @@ impl<M: MapIo> Reconciler<M> {
         self.written.retain(|f, _| desired.frontends.contains_key(f));
         self.record_next_ids(&mut report);
         self.collect_due(&mut report);
-        let stale: Vec<_> = self.applied.state().source_ranges.difference(&ranges).copied().collect();
+        let stale: Vec<_> = self.mirror.state().source_ranges.difference(&ranges).copied().collect();
         for row in stale {
             match self.maps.del_source_range(row.0, &row.1) {
                 Ok(()) => {
-                    self.applied.source_ranges_mut().remove(&row);
+                    self.mirror.source_ranges_mut().remove(&row);
                     report.rows_deleted += 1;
                 }
                 Err(source) => report.errors.push(ReconcileError::other("deleting a source range", source)),
             }
         }
         #[cfg(test)]
-        self.applied.check_indexes();
+        self.mirror.check_indexes();
         report
     }
 
@@ -376,10 +376,10 @@ impl<M: MapIo> Reconciler<M> {
                 continue;
             }
             let value = rows::backend_value(b);
-            let id = if let Some(id) = self.applied.backend_id_of(&value) {
+            let id = if let Some(id) = self.mirror.backend_id_of(&value) {
                 id
             } else {
-                let id = self.applied.free_backend_id();
+                let id = self.mirror.free_backend_id();
                 if let Err(source) = self.maps.put_backend(id, &value) {
                     report.errors.push(ReconcileError {
                         what: format!("backend {b}"),
@@ -388,7 +388,7 @@ impl<M: MapIo> Reconciler<M> {
                     });
                     continue;
                 }
-                self.applied.insert_backend(id, value);
+                self.mirror.insert_backend(id, value);
                 report.rows_written += 1;
                 id
             };
@@ -404,10 +404,10 @@ impl<M: MapIo> Reconciler<M> {
         let mut out = HashMap::new();
         for df in changed {
             let value = rows::rev_nat_value(&df.frontend);
-            let id = if let Some(id) = self.applied.rev_nat_id_of(&value) {
+            let id = if let Some(id) = self.mirror.rev_nat_id_of(&value) {
                 id
             } else {
-                let id = self.applied.free_rev_nat_id();
+                let id = self.mirror.free_rev_nat_id();
                 if let Err(source) = self.maps.put_rev_nat(id, &value) {
                     report.errors.push(ReconcileError {
                         what: format!("rev-NAT {}", df.frontend),
@@ -416,7 +416,7 @@ impl<M: MapIo> Reconciler<M> {
                     });
                     continue;
                 }
-                self.applied.insert_rev_nat(id, value);
+                self.mirror.insert_rev_nat(id, value);
                 report.rows_written += 1;
                 id
             };
@@ -429,7 +429,7 @@ impl<M: MapIo> Reconciler<M> {
     /// time (a failure is reported and retried at the next reconcile; a
     /// restart in between still starts above every id in the maps).
     fn record_next_ids(&mut self, report: &mut ReconcileReport) {
-        let next = self.applied.state().next_ids;
+        let next = self.mirror.state().next_ids;
         if self.recorded_next_ids == Some(next) {
             return;
         }
@@ -441,7 +441,7 @@ impl<M: MapIo> Reconciler<M> {
 
     fn put_service_row(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), MapError> {
         self.maps.put_service(&key, &value)?;
-        self.applied.put_service(key, value);
+        self.mirror.put_service(key, value);
         Ok(())
     }
 
@@ -470,9 +470,9 @@ impl<M: MapIo> Reconciler<M> {
             let names: Vec<String> = df.backends[..backend_ids.len()].iter().map(ToString::to_string).collect();
             maglev::build(&names).into_iter().map(|i| backend_ids[i]).collect()
         };
-        let current = self.applied.state().services.get(&key0).copied();
+        let current = self.mirror.state().services.get(&key0).copied();
         let current_table = current.map(|v| self.slot_table(&key0, &v));
-        let rows = frontend_rows(&self.applied.state().services, &key0);
+        let rows = frontend_rows(&self.mirror.state().services, &key0);
         let mut value = rows::frontend_value(df, rev_nat_id, table.len());
         // Slot rows that are not part of the live table `version`/`count`.
         let stray_rows = |version: u32, count: u32| {
@@ -487,7 +487,7 @@ impl<M: MapIo> Reconciler<M> {
             rows.iter().filter(|k| k.is_member() && !members.contains(&k.version)).copied().collect();
         for id in &members {
             let key = key0.member(*id);
-            if !self.applied.state().services.contains_key(&key) {
+            if !self.mirror.state().services.contains_key(&key) {
                 let row = rows::member_value(*id);
                 self.put_service_row(key, row)?;
                 report.rows_written += 1;
@@ -545,7 +545,7 @@ impl<M: MapIo> Reconciler<M> {
         for k in keys {
             match self.maps.del_service(k) {
                 Ok(()) => {
-                    self.applied.remove_service(k);
+                    self.mirror.remove_service(k);
                     report.rows_deleted += 1;
                 }
                 Err(e) => first_error = first_error.or(Some(e)),
@@ -556,7 +556,7 @@ impl<M: MapIo> Reconciler<M> {
 
     /// The backend ids of the live version's slots, in slot order.
     fn slot_table(&self, key0: &ServiceKey, value: &ServiceValue) -> Vec<u32> {
-        let services = &self.applied.state().services;
+        let services = &self.mirror.state().services;
         (1..=value.count).map(|s| services.get(&key0.with_slot(value.version, s)).map_or(0, |v| v.backend_id)).collect()
     }
 
@@ -565,7 +565,7 @@ impl<M: MapIo> Reconciler<M> {
     fn delete_service_row(&mut self, key: &ServiceKey, report: &mut ReconcileReport) -> bool {
         match self.maps.del_service(key) {
             Ok(()) => {
-                self.applied.remove_service(key);
+                self.mirror.remove_service(key);
                 report.rows_deleted += 1;
                 true
             }
@@ -588,13 +588,13 @@ impl<M: MapIo> Reconciler<M> {
         // Frontends that are gone: slot 0 first (new flows stop), then, once
         // the grace has passed, the slot rows. Slot rows without any slot-0
         // row are pruned too.
-        let gone: BTreeSet<ServiceKey> = self.applied.frontends().filter(|k| !wanted.contains(k)).copied().collect();
+        let gone: BTreeSet<ServiceKey> = self.mirror.frontends().filter(|k| !wanted.contains(k)).copied().collect();
         for key0 in gone {
-            if self.applied.state().services.contains_key(&key0) {
+            if self.mirror.state().services.contains_key(&key0) {
                 self.delete_service_row(&key0, report);
                 report.frontends_deleted += 1;
             }
-            for k in frontend_rows(&self.applied.state().services, &key0) {
+            for k in frontend_rows(&self.mirror.state().services, &key0) {
                 self.defer(Deferred::Slot(k), report);
             }
         }
@@ -613,7 +613,7 @@ impl<M: MapIo> Reconciler<M> {
                     // A row that is live again (never expected: versions of
                     // queued rows are not reused) is kept.
                     // A failed delete is tried again after another grace.
-                    if !self.applied.is_live_slot(&key) && !self.delete_service_row(&key, report) {
+                    if !self.mirror.is_live_slot(&key) && !self.delete_service_row(&key, report) {
                         self.defer(Deferred::Slot(key), report);
                     }
                 }
@@ -623,7 +623,7 @@ impl<M: MapIo> Reconciler<M> {
             }
         }
         let rev_nats: Vec<(u32, bool)> =
-            self.applied.state().rev_nat.keys().map(|id| (*id, self.applied.rev_nat_referenced(*id))).collect();
+            self.mirror.state().rev_nat.keys().map(|id| (*id, self.mirror.rev_nat_referenced(*id))).collect();
         for (id, referenced) in rev_nats {
             if referenced {
                 // Referenced again (a frontend came back): its grace starts
@@ -637,7 +637,7 @@ impl<M: MapIo> Reconciler<M> {
             }
             match self.maps.del_rev_nat(id) {
                 Ok(()) => {
-                    self.applied.remove_rev_nat(id);
+                    self.mirror.remove_rev_nat(id);
                     report.rows_deleted += 1;
                 }
                 Err(source) => {
@@ -648,11 +648,11 @@ impl<M: MapIo> Reconciler<M> {
             }
         }
         let unused: Vec<u32> =
-            self.applied.state().backends.keys().copied().filter(|id| !self.applied.backend_referenced(*id)).collect();
+            self.mirror.state().backends.keys().copied().filter(|id| !self.mirror.backend_referenced(*id)).collect();
         for id in unused {
             match self.maps.del_backend(id) {
                 Ok(()) => {
-                    self.applied.remove_backend(id);
+                    self.mirror.remove_backend(id);
                     report.rows_deleted += 1;
                 }
                 Err(source) => report.errors.push(ReconcileError::other(format!("deleting backend {id}"), source)),

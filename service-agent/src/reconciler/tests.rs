@@ -7,7 +7,7 @@ use crate::{
     maps::fake::{FakeMaps, Op},
     model::{Protocol, Scope, WhenEmpty},
     rows::frontend_key,
-    source::ObjectRef,
+    vocabulary::ObjectRef,
 };
 
 fn frontend(port: u16) -> Frontend {
@@ -15,13 +15,7 @@ fn frontend(port: u16) -> Frontend {
 }
 
 fn backend(last: u8) -> Backend {
-    Backend {
-        addr: IpAddr::from([10, 244, 1, last]),
-        port: 8080,
-        protocol: Protocol::Tcp,
-        local: true,
-        terminating: false,
-    }
+    Backend { addr: IpAddr::from([10, 244, 1, last]), port: 8080, protocol: Protocol::Tcp, local: true, ready: true }
 }
 
 fn desired(entries: &[(u16, &[u8])]) -> Desired {
@@ -70,7 +64,7 @@ fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_d
     let mut r = with_clock(FakeMaps::default(), &clock);
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
     let key0 = frontend_key(&frontend(80));
-    let v1 = r.applied().services[&key0];
+    let v1 = r.programmed().services[&key0];
     assert_eq!((v1.version, v1.count), (1, 31));
     r.maps.ops.clear();
 
@@ -100,8 +94,8 @@ fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_d
     assert!(deleted_old.iter().all(|i| *i > flip));
     // Backend 3 is no longer referenced: deleted last.
     assert!(matches!(ops.last(), Some(Op::DelBackend(_))));
-    assert_eq!(r.applied().services[&key0].version, 2);
-    assert_eq!(r.maps().state, *r.applied());
+    assert_eq!(r.programmed().services[&key0].version, 2);
+    assert_eq!(r.maps().state, *r.programmed());
 }
 
 trait Positions<T> {
@@ -127,10 +121,10 @@ fn an_unchanged_desired_state_writes_nothing() {
 fn a_frontend_without_backends_rejects_and_has_no_slot_rows() {
     let mut r = reconciler();
     r.reconcile(&desired(&[(80, &[])]));
-    let v = r.applied().services[&frontend_key(&frontend(80))];
+    let v = r.programmed().services[&frontend_key(&frontend(80))];
     assert_eq!((v.count, v.flags), (0, service_flags::REJECT));
-    assert_eq!(r.applied().services.len(), 1);
-    assert!(r.applied().backends.is_empty());
+    assert_eq!(r.programmed().services.len(), 1);
+    assert!(r.programmed().backends.is_empty());
 }
 
 #[test]
@@ -144,7 +138,7 @@ fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
         // grace period.
         first.reconcile(&desired(&[(80, &[1, 4]), (81, &[3])]));
         assert!(first.deferred_len() > 0);
-        maps = FakeMaps { state: first.applied().clone(), ..FakeMaps::default() };
+        maps = FakeMaps { state: first.programmed().clone(), ..FakeMaps::default() };
     }
     let mut second = with_clock(maps, &clock);
     let report = second.reconcile(&desired(&[(80, &[1, 4])]));
@@ -154,15 +148,15 @@ fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
     // (how long ago the earlier agent queued them is unknown).
     assert_eq!(report.rows_written, 0, "{report:?}");
     assert_eq!(report.frontends_deleted, 1);
-    assert_eq!(second.applied().services.keys().filter(|k| k.slot == 0).count(), 1);
-    assert_eq!(second.applied().backends.len(), 4);
+    assert_eq!(second.programmed().services.keys().filter(|k| k.slot == 0).count(), 1);
+    assert_eq!(second.programmed().backends.len(), 4);
     second.check_deferred();
     settle(&mut second, &clock);
     // Slot 0, its 31 slots, a member row for each of its 2 backends.
-    assert_eq!(second.applied().services.len(), 1 + 31 + 2);
-    assert_eq!(second.applied().backends.len(), 2);
-    assert_eq!(second.applied().rev_nat.len(), 1);
-    assert_eq!(second.maps().state, *second.applied());
+    assert_eq!(second.programmed().services.len(), 1 + 31 + 2);
+    assert_eq!(second.programmed().backends.len(), 2);
+    assert_eq!(second.programmed().rev_nat.len(), 1);
+    assert_eq!(second.maps().state, *second.programmed());
 }
 
 #[test]
@@ -173,12 +167,12 @@ fn a_full_map_names_the_flag_and_leaves_other_frontends_programmed() {
     assert_eq!(report.errors.len(), 1);
     let msg = report.errors[0].to_string();
     assert!(msg.contains("10.96.0.10:81/TCP") && msg.contains("raise it with --map-size-services"), "{msg}");
-    assert!(r.applied().services.contains_key(&frontend_key(&frontend(80))));
-    assert!(!r.applied().services.contains_key(&frontend_key(&frontend(81))));
+    assert!(r.programmed().services.contains_key(&frontend_key(&frontend(80))));
+    assert!(!r.programmed().services.contains_key(&frontend_key(&frontend(81))));
     // The failed frontend's partial slot rows were undone (its member
     // rows, written first, stay for the retry).
     assert_eq!(r.maps().state.services.keys().filter(|k| !k.is_member()).count(), 32);
-    assert_eq!(r.maps().state, *r.applied());
+    assert_eq!(r.maps().state, *r.programmed());
 }
 
 #[test]
@@ -198,8 +192,8 @@ fn with_no_grace_deletions_run_in_the_same_reconcile() {
     let mut r = reconciler().with_grace(Duration::ZERO);
     r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
     r.reconcile(&desired(&[(80, &[1, 2])]));
-    assert_eq!(r.applied().services.len(), 1 + 31 + 2);
-    assert_eq!((r.applied().backends.len(), r.applied().rev_nat.len()), (2, 1));
+    assert_eq!(r.programmed().services.len(), 1 + 31 + 2);
+    assert_eq!((r.programmed().backends.len(), r.programmed().rev_nat.len()), (2, 1));
     assert_eq!(r.next_deferred(), None);
     r.reconcile(&Desired::default());
     assert_eq!(r.maps().state, MapState { next_ids: r.maps().state.next_ids, ..MapState::default() });
@@ -211,9 +205,9 @@ fn the_old_version_survives_a_flip_until_the_grace_has_passed() {
     let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2, 3])]));
     let key0 = frontend_key(&frontend(80));
-    let old = r.applied().services[&key0];
+    let old = r.programmed().services[&key0];
     let old_rows: Vec<(ServiceKey, ServiceValue)> =
-        (1..=31).map(|s| key0.with_slot(old.version, s)).map(|k| (k, r.applied().services[&k])).collect();
+        (1..=31).map(|s| key0.with_slot(old.version, s)).map(|k| (k, r.programmed().services[&k])).collect();
     r.reconcile(&desired(&[(80, &[1, 2])]));
     r.check_deferred();
     // Until the grace has passed, a packet that read the old slot-0 row
@@ -231,7 +225,7 @@ fn the_old_version_survives_a_flip_until_the_grace_has_passed() {
     assert!(r.collect_deferred().rows_deleted > 0);
     assert!(old_rows.iter().all(|(k, _)| !r.maps().state.services.contains_key(k)));
     assert_eq!(r.maps().state.backends.len(), 2);
-    assert_eq!(r.maps().state, *r.applied());
+    assert_eq!(r.maps().state, *r.programmed());
 }
 
 #[test]
@@ -240,27 +234,27 @@ fn a_frontend_deleted_and_created_again_within_the_grace_gets_whole_rows() {
     let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
     let key0 = frontend_key(&frontend(80));
-    let first = r.applied().services[&key0];
+    let first = r.programmed().services[&key0];
     r.reconcile(&desired(&[(81, &[3])]));
-    assert!(!r.applied().services.contains_key(&key0));
+    assert!(!r.programmed().services.contains_key(&key0));
     clock.advance(DELETION_GRACE / 2);
     // Back, with one backend more, before the old rows have gone.
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 4]), (81, &[3])])).errors.is_empty());
     r.check_deferred();
-    let again = r.applied().services[&key0];
+    let again = r.programmed().services[&key0];
     assert_ne!(again.version, first.version, "a version awaiting deletion is not reused");
     assert_eq!(again.rev_nat_id, first.rev_nat_id, "the rev-NAT row awaiting deletion is taken back");
     let live: BTreeSet<u32> =
-        r.applied().live_pairs().iter().filter(|(rn, _)| *rn == again.rev_nat_id).map(|p| p.1).collect();
+        r.programmed().live_pairs().iter().filter(|(rn, _)| *rn == again.rev_nat_id).map(|p| p.1).collect();
     assert_eq!(live.len(), 3);
     // The first life's rows go after their grace; the new ones stay whole.
     clock.advance(DELETION_GRACE / 2);
     r.collect_deferred();
-    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key0 && !k.is_member()).count(), 1 + 31);
-    assert!(r.applied().rev_nat.contains_key(&again.rev_nat_id));
-    assert_eq!(r.applied().backends.len(), 4);
+    assert_eq!(r.programmed().services.keys().filter(|k| k.with_slot(0, 0) == key0 && !k.is_member()).count(), 1 + 31);
+    assert!(r.programmed().rev_nat.contains_key(&again.rev_nat_id));
+    assert_eq!(r.programmed().backends.len(), 4);
     settle(&mut r, &clock);
-    assert_eq!(r.maps().state, *r.applied());
+    assert_eq!(r.maps().state, *r.programmed());
 }
 
 #[test]
@@ -269,10 +263,10 @@ fn ids_awaiting_deletion_are_not_reused() {
     let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
     let ids_of = |r: &Reconciler<FakeMaps>| -> BTreeMap<u8, u32> {
-        r.applied().backends.iter().map(|(id, b)| (b.addr[3], *id)).collect()
+        r.programmed().backends.iter().map(|(id, b)| (b.addr[3], *id)).collect()
     };
     let before = ids_of(&r);
-    let rev_nat_81 = r.applied().services[&frontend_key(&frontend(81))].rev_nat_id;
+    let rev_nat_81 = r.programmed().services[&frontend_key(&frontend(81))].rev_nat_id;
     // Port 80 moves to backend 5 (backends 1 and 2 now only named by the
     // old version), port 81 goes (its rev-NAT row unreferenced).
     r.reconcile(&desired(&[(80, &[5])]));
@@ -286,13 +280,13 @@ fn ids_awaiting_deletion_are_not_reused() {
     for last in [5, 6, 7] {
         assert!(!pending.contains(&during[&last]), "backend {last} got a pending id");
     }
-    let rev_nat_82 = r.applied().services[&frontend_key(&frontend(82))].rev_nat_id;
+    let rev_nat_82 = r.programmed().services[&frontend_key(&frontend(82))].rev_nat_id;
     assert_ne!(rev_nat_82, rev_nat_81, "rev-NAT id awaiting deletion reused");
-    assert!(r.applied().rev_nat.contains_key(&rev_nat_81));
+    assert!(r.programmed().rev_nat.contains_key(&rev_nat_81));
     r.check_deferred();
     settle(&mut r, &clock);
     // Gone now, and so free again.
-    assert!(!r.applied().rev_nat.contains_key(&rev_nat_81));
+    assert!(!r.programmed().rev_nat.contains_key(&rev_nat_81));
     let after = ids_of(&r);
     assert!([1, 2, 3].iter().all(|l| !after.contains_key(l)));
     r.reconcile(&desired(&[(80, &[5]), (82, &[6, 7]), (83, &[8])]));
@@ -322,10 +316,10 @@ fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
     assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5])])).errors.is_empty());
     settle(&mut r, &clock);
     let key82 = frontend_key(&frontend(82));
-    assert!(!r.applied().services.keys().any(|k| k.with_slot(0, 0) == key82));
+    assert!(!r.programmed().services.keys().any(|k| k.with_slot(0, 0) == key82));
     let report = r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5]), (82, &[4])]));
     assert_eq!(report.frontends_written, 1);
-    assert_eq!(r.applied().services.keys().filter(|k| k.with_slot(0, 0) == key82).count(), 32 + 1);
+    assert_eq!(r.programmed().services.keys().filter(|k| k.with_slot(0, 0) == key82).count(), 32 + 1);
 }
 
 /// A small deterministic generator (xorshift), so the sequence below is the
@@ -399,35 +393,35 @@ fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_ma
             maps.state.services.insert(key0.with_slot(77, 1), stray);
         }
         let mut r = with_clock(std::mem::take(&mut maps), &clock);
-        watch.observe(r.applied(), clock.now(), step);
+        watch.observe(r.programmed(), clock.now(), step);
         for _ in 0..=rng.below(3) {
             // Up to 1.5 grace periods.
             clock.advance(Duration::from_millis(rng.below(3_000)));
             if rng.below(3) == 0 {
                 r.collect_deferred();
-                assert_eq!(r.maps().state, *r.applied(), "step {step}");
-                watch.observe(r.applied(), clock.now(), step);
+                assert_eq!(r.maps().state, *r.programmed(), "step {step}");
+                watch.observe(r.programmed(), clock.now(), step);
                 assert!(r.next_deferred().is_none_or(|at| at > clock.now()), "step {step}");
             }
             let report = r.reconcile(&d);
-            assert_eq!(r.maps().state, *r.applied(), "step {step}");
-            watch.observe(r.applied(), clock.now(), step);
+            assert_eq!(r.maps().state, *r.programmed(), "step {step}");
+            watch.observe(r.programmed(), clock.now(), step);
             if report.errors.is_empty() {
                 r.check_deferred();
                 for (port, backends) in &entries {
-                    let v = r.applied().services[&frontend_key(&frontend(*port))];
-                    let live = r.applied().live_pairs();
+                    let v = r.programmed().services[&frontend_key(&frontend(*port))];
+                    let live = r.programmed().live_pairs();
                     let reached: BTreeSet<u32> =
                         live.iter().filter(|(rn, _)| *rn == v.rev_nat_id).map(|(_, b)| *b).collect();
                     assert_eq!(reached.len(), backends.len(), "step {step} port {port}");
                     assert!(reached.iter().all(|b| r.is_live_pair(v.rev_nat_id, *b)));
                     // Every slot row of a live table names a backend row.
-                    assert!(reached.iter().all(|b| r.applied().backends.contains_key(b)), "step {step}");
+                    assert!(reached.iter().all(|b| r.programmed().backends.contains_key(b)), "step {step}");
                 }
-                assert_eq!(r.applied().services.keys().filter(|k| k.slot == 0).count(), entries.len());
+                assert_eq!(r.programmed().services.keys().filter(|k| k.slot == 0).count(), entries.len());
             }
         }
-        maps = FakeMaps { state: r.applied().clone(), ..FakeMaps::default() };
+        maps = FakeMaps { state: r.programmed().clone(), ..FakeMaps::default() };
     }
     // Everything queued goes once the grace has passed.
     let mut r = with_clock(maps, &clock);
@@ -443,8 +437,8 @@ fn members(r: &Reconciler<FakeMaps>, key0: &ServiceKey) -> BTreeSet<u32> {
 
 /// The backend ids of the live table of `key0`'s frontend.
 fn table_ids(r: &Reconciler<FakeMaps>, key0: &ServiceKey) -> BTreeSet<u32> {
-    let v = r.applied().services[key0];
-    (1..=v.count).map(|s| r.applied().services[&key0.with_slot(v.version, s)].backend_id).collect()
+    let v = r.programmed().services[key0];
+    (1..=v.count).map(|s| r.programmed().services[&key0.with_slot(v.version, s)].backend_id).collect()
 }
 
 #[test]
@@ -455,7 +449,7 @@ fn member_rows_follow_the_backend_set_and_leave_with_a_removed_backend() {
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
     assert_eq!(members(&r, &key0), table_ids(&r, &key0));
     assert_eq!(members(&r, &key0).len(), 3);
-    let removed = r.applied().backends.iter().find(|(_, b)| b.addr[3] == 3).map(|(id, _)| *id).unwrap();
+    let removed = r.programmed().backends.iter().find(|(_, b)| b.addr[3] == 3).map(|(id, _)| *id).unwrap();
     r.maps.ops.clear();
     assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
     // The removed backend's member row goes at once, after the flip: an
@@ -480,17 +474,17 @@ fn ids_are_not_reused_even_across_restarts() {
     let clock = ManualClock::default();
     let mut r = with_clock(FakeMaps::default(), &clock);
     assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
-    let first: BTreeSet<u32> = r.applied().backends.keys().copied().collect();
-    let first_rev: BTreeSet<u32> = r.applied().rev_nat.keys().copied().collect();
+    let first: BTreeSet<u32> = r.programmed().backends.keys().copied().collect();
+    let first_rev: BTreeSet<u32> = r.programmed().rev_nat.keys().copied().collect();
     // Everything removed, then other backends and another frontend: on the
     // old code they got the freed ids (1, 2) back at once.
     assert!(r.reconcile(&desired(&[])).errors.is_empty());
     settle(&mut r, &clock);
-    assert!(r.applied().backends.is_empty());
+    assert!(r.programmed().backends.is_empty());
     assert!(r.reconcile(&desired(&[(81, &[3, 4])])).errors.is_empty());
-    let second: BTreeSet<u32> = r.applied().backends.keys().copied().collect();
+    let second: BTreeSet<u32> = r.programmed().backends.keys().copied().collect();
     assert!(first.is_disjoint(&second), "{first:?} reused in {second:?}");
-    assert!(first_rev.is_disjoint(&r.applied().rev_nat.keys().copied().collect()));
+    assert!(first_rev.is_disjoint(&r.programmed().rev_nat.keys().copied().collect()));
     // A restart (a new reconciler over the same maps) continues from the
     // recorded counter, even once every row is gone.
     assert!(r.reconcile(&desired(&[])).errors.is_empty());
@@ -499,13 +493,13 @@ fn ids_are_not_reused_even_across_restarts() {
     assert!(maps.state.backends.is_empty());
     let mut r = with_clock(maps, &clock);
     assert!(r.reconcile(&desired(&[(82, &[5])])).errors.is_empty());
-    let third: BTreeSet<u32> = r.applied().backends.keys().copied().collect();
+    let third: BTreeSet<u32> = r.programmed().backends.keys().copied().collect();
     assert!(third.iter().all(|id| second.iter().all(|old| id > old)), "{third:?} after {second:?}");
 }
 
 #[test]
 fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignored() {
-    use crate::model::Cidr;
+    use crate::vocabulary::Cidr;
     let lb = IpAddr::from([192, 0, 2, 10]);
     let mut d = Desired::default();
     for (protocol, ranges) in [(Protocol::Tcp, vec!["10.0.0.0/8", "::/0"]), (Protocol::Udp, vec!["192.168.0.0/16"])] {
@@ -532,7 +526,7 @@ fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignor
     d.frontends.insert(open, df);
     let mut r = reconciler();
     assert!(r.reconcile(&d).errors.is_empty());
-    let rows: Vec<(u32, SourceRangeKey)> = r.applied().source_ranges.iter().copied().collect();
+    let rows: Vec<(u32, SourceRangeKey)> = r.programmed().source_ranges.iter().copied().collect();
     // No IPv6 prefix in any row; each row carries its frontend's protocol.
     assert!(rows.iter().all(|(_, k)| k.family == FAMILY_IPV4), "{rows:?}");
     let described: BTreeSet<(u8, [u8; 4], u32)> = rows
@@ -543,7 +537,7 @@ fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignor
     let udp = Protocol::Udp.number();
     assert_eq!(described, BTreeSet::from([(tcp, [10, 0, 0, 0], 8), (udp, [192, 168, 0, 0], 16)]));
     let flags = |port, protocol| {
-        r.applied().services[&frontend_key(&Frontend { addr: lb, port, protocol, scope: Scope::External })].flags
+        r.programmed().services[&frontend_key(&Frontend { addr: lb, port, protocol, scope: Scope::External })].flags
     };
     assert_ne!(flags(53, Protocol::Tcp) & service_flags::SOURCE_RANGES, 0);
     assert_ne!(flags(53, Protocol::Udp) & service_flags::SOURCE_RANGES, 0);
@@ -562,7 +556,7 @@ fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reach
                 port: 8080,
                 protocol: Protocol::Tcp,
                 local: false,
-                terminating: false,
+                ready: true,
             }
         })
         .collect();
@@ -585,5 +579,5 @@ fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reach
     assert!(report.errors.is_empty(), "{report:?}");
     let key0 = frontend_key(&f);
     assert_eq!(table_ids(&r, &key0).len(), 17_000);
-    assert_eq!(r.applied().services[&key0].count, 32_749);
+    assert_eq!(r.programmed().services[&key0].count, 32_749);
 }

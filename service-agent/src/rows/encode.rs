@@ -48,7 +48,7 @@ pub fn backend_value(b: &Backend) -> BackendValue {
         proto: b.protocol.number(),
         family: family(b.addr),
         flags: if b.local { backend_flags::LOCAL } else { 0 },
-        state: if b.terminating { backend_state::TERMINATING } else { backend_state::ACTIVE },
+        state: if b.ready { backend_state::READY } else { backend_state::TERMINATING },
         _pad: [0; 2],
     }
 }
@@ -104,7 +104,7 @@ pub fn member_value(backend_id: u32) -> ServiceValue {
 /// The `loadBalancerSourceRanges` of `df` that apply to it: those of its
 /// address family. kube-proxy filters them the same way, so a Service
 /// whose ranges are all of the other family is not restricted in this one.
-pub fn frontend_ranges(df: &DesiredFrontend) -> impl Iterator<Item = &crate::model::Cidr> {
+pub fn frontend_ranges(df: &DesiredFrontend) -> impl Iterator<Item = &crate::vocabulary::Cidr> {
     let v4 = df.frontend.addr.is_ipv4();
     df.source_ranges.iter().filter(move |c| c.addr.is_ipv4() == v4)
 }

@@ -11,7 +11,7 @@ use std::{
     net::{IpAddr, Ipv4Addr},
 };
 
-use crate::{attach::Globs, model::Cidr};
+use crate::vocabulary::{Cidr, Globs};
 
 /// One IPv4 address of an interface.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

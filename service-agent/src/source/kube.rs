@@ -34,7 +34,7 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 
-use super::{ObjectRef, Objects};
+use crate::vocabulary::{ObjectRef, Objects};
 
 /// kube-proxy's Service label selector.
 pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";

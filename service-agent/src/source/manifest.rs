@@ -33,13 +33,9 @@ use k8s_openapi::api::{
 };
 use serde::de::{DeserializeOwned, DeserializeSeed as _};
 
-use super::{ObjectRef, Objects};
-use crate::model::LABEL_SERVICE_NAME;
-
-/// Label that stops the mirroring controller from mirroring an Endpoints.
-pub const LABEL_SKIP_MIRROR: &str = "endpointslice.kubernetes.io/skip-mirror";
-/// `managed-by` value of mirrored slices.
-pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io";
+use crate::vocabulary::{
+    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SKIP_MIRROR, MIRRORING_CONTROLLER, ObjectRef, Objects,
+};
 
 /// The largest manifest file read (8 MiB); a larger one is reported and
 /// skipped without being read. The API server refuses a request over 3 MiB
@@ -401,7 +397,7 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
         for (family, eps) in by_family {
             let mut labels = endpoints.metadata.labels.clone().unwrap_or_default();
             labels.insert(LABEL_SERVICE_NAME.into(), key.name.clone());
-            labels.insert("endpointslice.kubernetes.io/managed-by".into(), MIRRORING_CONTROLLER.into());
+            labels.insert(LABEL_MANAGED_BY.into(), MIRRORING_CONTROLLER.into());
             let mut slice = EndpointSlice {
                 address_type: family.into(),
                 endpoints: Some(eps),

@@ -25,7 +25,7 @@ use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
     model::{self, NodeContext},
     reconciler::Reconciler,
-    source::{ObjectRef, Objects},
+    vocabulary::{self, ObjectRef, Objects},
 };
 
 use super::{Stats, summarize};
@@ -111,7 +111,7 @@ fn slice(i: usize, per: usize, shift: usize) -> EndpointSlice {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}-x")),
             namespace: Some("bench".into()),
-            labels: Some([(model::LABEL_SERVICE_NAME.to_owned(), format!("svc-{i}"))].into()),
+            labels: Some([(vocabulary::LABEL_SERVICE_NAME.to_owned(), format!("svc-{i}"))].into()),
             ..ObjectMeta::default()
         },
         address_type: "IPv4".into(),

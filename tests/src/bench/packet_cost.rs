@@ -23,7 +23,7 @@ use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
     model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, Protocol, Scope, WhenEmpty},
     reconciler::Reconciler,
-    source::ObjectRef,
+    vocabulary::ObjectRef,
 };
 
 use super::{Stats, summarize};
@@ -58,7 +58,7 @@ pub fn synthetic(n: usize) -> Desired {
         let frontend = Frontend { addr: vip.into(), port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
         let mut backends: Vec<Backend> = backends
             .into_iter()
-            .map(|b| Backend { addr: b.into(), port: 8080, protocol: Protocol::Tcp, local: true, terminating: false })
+            .map(|b| Backend { addr: b.into(), port: 8080, protocol: Protocol::Tcp, local: true, ready: true })
             .collect();
         backends.sort();
         desired.frontends.insert(

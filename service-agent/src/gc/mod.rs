@@ -29,6 +29,11 @@
 //! ([`judge_conntrack`], [`judge_affinity`], [`SnatUsage`], [`SnatAlarm`]),
 //! unit-tested without root; the map I/O around them is thin.
 
+mod metrics;
+
+pub use self::metrics::GcMetrics;
+pub(crate) use self::metrics::MapLabel;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
@@ -42,10 +47,7 @@ use service_common::{
     map_names, service_flags, snat_ports,
 };
 
-use crate::{
-    maps::{self, LoadError, MapSizes},
-    metrics::GcMetrics,
-};
+use crate::maps::{self, LoadError, MapSizes};
 
 /// How often the collector wakes.
 /// An expired conntrack entry is deleted only once it has been expired

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
 
-use super::MapState;
+use crate::maps::MapState;
 
 /// Value → id for the backend and rev-NAT rows, and the next id to hand
 /// out.
@@ -92,7 +92,7 @@ fn dec<K: Eq + std::hash::Hash>(counts: &mut HashMap<K, u32>, key: K) {
 
 /// [`MapState`] and its indexes.
 #[derive(Debug)]
-pub(super) struct Applied {
+pub(super) struct Mirror {
     state: MapState,
     /// Slot-0 key → rows of that frontend (slot 0 and every version's slots).
     rows_per_frontend: HashMap<ServiceKey, u32>,
@@ -106,7 +106,7 @@ pub(super) struct Applied {
     rev_nat_ids: IdIndex<RevNatValue>,
 }
 
-impl Applied {
+impl Mirror {
     /// Indexes `state` (one full pass, at start).
     pub(super) fn new(mut state: MapState) -> Self {
         let services = std::mem::take(&mut state.services);
