@@ -26,6 +26,9 @@ enum Inspect {
     Conntrack,
     Affinity,
     Stats,
+    /// Which programs are attached to which interfaces (run it in the
+    /// node's network namespace).
+    Interfaces,
 }
 
 impl From<Inspect> for inspect::View {
@@ -36,6 +39,7 @@ impl From<Inspect> for inspect::View {
             Inspect::Conntrack => Self::Conntrack,
             Inspect::Affinity => Self::Affinity,
             Inspect::Stats => Self::Stats,
+            Inspect::Interfaces => Self::Interfaces,
         }
     }
 }
@@ -69,7 +73,8 @@ enum LogFormat {
 enum Command {
     /// Program the dataplane and keep it in sync until SIGINT/SIGTERM.
     Run(RunArgs),
-    /// Show the pinned maps: services, backends, conntrack, affinity, stats.
+    /// Show the pinned maps (services, backends, conntrack, affinity, stats) or
+    /// which programs are attached to which interfaces (interfaces).
     Inspect {
         #[arg(value_enum)]
         what: Inspect,

@@ -180,13 +180,26 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
         }
     }
 
-    // explain: the service row, the client's conntrack entries, the slot.
-    let why = agent_cli(&root, &["explain", "10.244.1.10", "10.96.0.10:80/TCP"]);
+    // explain (in the node's namespace, where the route to the client pod
+    // tells it entered from a pod): the service row, the client's conntrack
+    // entries, the slot.
+    let explain = |args: &[&str]| {
+        let mut all = vec!["explain"];
+        all.extend_from_slice(args);
+        let root = root.to_string_lossy();
+        all.extend_from_slice(&["--bpffs-root", &root]);
+        let out =
+            topo.node.exec(&binary("service-agent", "SERVICE_AGENT_BIN").to_string_lossy(), &all).expect("explain");
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let why = explain(&["10.244.1.10", "10.96.0.10:80/TCP"]);
+    assert!(why.contains("10.244.1.10 is a local pod (routed via veth1"), "{why}");
     assert!(why.contains("frontend 10.96.0.10:80/TCP internal"), "{why}");
     assert_eq!(why.matches("is pinned to backend").count(), 5, "{why}");
-    let why = agent_cli(&root, &["explain", "10.244.1.10:55555", "10.96.0.10:80/TCP"]);
+    let why = explain(&["10.244.1.10:55555", "10.96.0.10:80/TCP"]);
     assert!(why.contains("hashes to slot") && why.contains("10.244.1.11:8080/TCP"), "{why}");
-    let why = agent_cli(&root, &["explain", "10.244.1.10", "10.96.0.99:80/TCP"]);
+    let why = explain(&["10.244.1.10", "10.96.0.99:80/TCP"]);
     assert!(why.contains("not a Service frontend"), "{why}");
 }
 

@@ -13,6 +13,7 @@ use service_common::{CtKey, CtValue, FAMILY_IPV4};
 
 pub use self::explain::{Entry, explain};
 use crate::{
+    attach,
     maps::{self, LoadError, MapError, MapIo as _, MapSizes, MapState, PinnedMaps, Readers},
     rows::render::{
         self, AffinityRow, BackendRow, ConntrackRow, ServiceRow, StatRow, backend_row, endpoint, ip, proto_name,
@@ -37,6 +38,8 @@ pub enum View {
     Conntrack,
     Affinity,
     Stats,
+    /// Which programs are attached to which interfaces.
+    Interfaces,
 }
 
 /// The pinned maps of one node, opened once, and the rows the agent
@@ -186,5 +189,7 @@ pub fn show(view: View, root: &Path, as_json: bool) -> Result<String, InspectErr
         View::Affinity => Ok(render::affinity_table(pins.affinity()?)),
         View::Stats if as_json => json(&pins.stats()?),
         View::Stats => Ok(render::stats_table(pins.stats()?)),
+        View::Interfaces if as_json => json(&attach::attached_programs(&root.join("links"))),
+        View::Interfaces => Ok(render::interfaces_table(attach::attached_programs(&root.join("links")))),
     }
 }

@@ -417,3 +417,13 @@ pub fn conntrack_row(table: &'static str, k: &CtKey, v: &CtValue, now_ns: u64) -
         expires_in_seconds: expires_in_seconds(k.proto, v, now_ns),
     }
 }
+
+/// `inspect interfaces` as text.
+#[must_use]
+pub fn interfaces_table(rows: Vec<crate::attach::AttachedProgram>) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|a| vec![a.interface, a.ifindex.to_string(), a.program.into(), a.via.into(), a.tag])
+        .collect();
+    table(&["INTERFACE", "IFINDEX", "PROGRAM", "VIA", "TAG"], &rows)
+}

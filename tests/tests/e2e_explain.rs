@@ -1,0 +1,110 @@
+//! Tier 3: `service-agent explain` tells a flow from where its packets
+//! enter the node. Run on node 1 of the two-node north-south cluster (in
+//! its network namespace, as an operator would in the agent's pod), after
+//! real traffic: a client outside the node meets the external frontend
+//! (its source ranges, its traffic policy, SNAT to a backend on another
+//! node), a client pod meets the pod-side frontend, and a ClusterIP is no
+//! frontend at all for traffic from outside.
+
+use service_tests::{
+    cluster::EXTERNAL_IP,
+    netns::{Netns, binary},
+    north_south::{A1, B2, CLIENT_POD, LB_IP, NorthSouth, Svc, WEB, answers, assert_both_backends},
+};
+
+/// A LoadBalancer Service for 10.0.0.0/8 only, with
+/// `externalTrafficPolicy: Local` and its one endpoint on node 2.
+const GUARDED: Svc = Svc {
+    name: "guarded",
+    cluster_ip: "10.96.0.40",
+    type_: "LoadBalancer",
+    ports: &[("http", 81, 8080, "TCP", Some(30084))],
+    spec_extra: "  externalTrafficPolicy: Local\n  loadBalancerSourceRanges: [10.0.0.0/8]\n",
+    status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
+    endpoints: &[B2],
+};
+
+/// `service-agent COMMAND ARGS... --bpffs-root ROOT` in `node`'s network
+/// namespace: its stdout.
+fn agent_cli(node: &Netns, root: &std::path::Path, command: &str, args: &[&str]) -> String {
+    let bin = binary("service-agent", "SERVICE_AGENT_BIN");
+    let mut all = vec![command];
+    all.extend_from_slice(args);
+    let root = root.to_string_lossy();
+    all.extend_from_slice(&["--bpffs-root", &root]);
+    let out = node.exec(&bin.to_string_lossy(), &all).expect("service-agent explain");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn explain(node: &Netns, root: &std::path::Path, args: &[&str]) -> String {
+    agent_cli(node, root, "explain", args)
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn explain_describes_the_frontend_the_packet_meets_where_it_enters() {
+    let ns = NorthSouth::start(&[WEB, GUARDED]);
+    let node1 = &ns.cluster.node(1).node;
+    let root = ns.root(1);
+    // Real flows first, so explain has conntrack entries to show.
+    let seen = answers(&ns.cluster.external, &format!("http://{LB_IP}/"), 12);
+    assert_both_backends(&seen, A1.0, service_tests::cluster::node_ip(1));
+
+    // The external client: routed out of eth0, so the external frontend.
+    let lb = format!("{LB_IP}:80/TCP");
+    let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), &lb]);
+    assert!(why.contains(&format!("{EXTERNAL_IP} is outside this node")), "{why}");
+    assert!(why.contains("frontend 198.51.100.10:80/TCP external"), "{why}");
+    assert!(why.contains("conntrack (assured): the flow from port"), "{why}");
+    assert!(why.contains(", SNATed (state"), "the flows to b2 were SNATed: {why}");
+    // Its table: a1 on this node keeps the client's address, b2 is SNATed.
+    assert!(why.contains(&format!("{}:8080/TCP local; on this node: the client's address is kept", A1.2)), "{why}");
+    assert!(
+        why.contains(&format!(
+            "{}:8080/TCP; on another node, so the packet is also SNATed to this node's address",
+            B2.2
+        )),
+        "{why}"
+    );
+
+    // A client pod of node 1: the pod-side twin of the same address.
+    let why = explain(node1, &root, &[&CLIENT_POD.to_string(), &lb]);
+    assert!(why.contains(&format!("{CLIENT_POD} is a local pod (routed via veth")), "{why}");
+    assert!(why.contains("frontend 198.51.100.10:80/TCP internal"), "{why}");
+    assert!(!why.contains("SNATed"), "no SNAT from a pod to another pod: {why}");
+
+    // The same client pod, forced to the external side, and the other way.
+    let why = explain(node1, &root, &[&CLIENT_POD.to_string(), &lb, "--from", "external"]);
+    assert!(why.contains("frontend 198.51.100.10:80/TCP external"), "{why}");
+    let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), &lb, "--from", "pod"]);
+    assert!(why.contains("frontend 198.51.100.10:80/TCP internal"), "{why}");
+
+    // loadBalancerSourceRanges: the external client is outside them.
+    let guarded = format!("{LB_IP}:81/TCP");
+    let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), &guarded]);
+    assert!(why.contains("frontend 198.51.100.10:81/TCP external"), "{why}");
+    assert!(why.contains("outside every range: new flows are dropped (drop_source_range)"), "{why}");
+    // A source inside them meets the Local policy: no endpoint on node 1.
+    let why = explain(node1, &root, &["10.1.2.3", &guarded, "--from", "external"]);
+    assert!(why.contains("10.1.2.3 is inside 10.0.0.0/8: allowed"), "{why}");
+    assert!(why.contains("dropped (drop_no_local_backend)"), "{why}");
+    // From a pod the ranges and the policy do not apply (the pod-side
+    // twin: internalTrafficPolicy Cluster reaches b2 on node 2).
+    let why = explain(node1, &root, &[&CLIENT_POD.to_string(), &guarded]);
+    assert!(why.contains("frontend 198.51.100.10:81/TCP internal"), "{why}");
+    assert!(why.contains(&format!("{}:8080/TCP", B2.2)) && !why.contains("drop_source_range"), "{why}");
+
+    // Which program runs where, as explain's `auto` saw it.
+    let attached = agent_cli(node1, &root, "inspect", &["interfaces"]);
+    let line = |name: &str| attached.lines().find(|l| l.split_whitespace().next() == Some(name)).map(str::to_owned);
+    let eth0 = line("eth0").unwrap_or_else(|| panic!("eth0 missing:\n{attached}"));
+    assert!(eth0.contains("external") && eth0.contains("tcx"), "{attached}");
+    let pods = attached.lines().filter(|l| l.starts_with("veth") && l.contains(" pod ")).count();
+    assert_eq!(pods, 2, "node 1's pods are a1 and the client: {attached}");
+
+    // A ClusterIP is a frontend for pods only.
+    let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), "10.96.0.10:80/TCP"]);
+    assert!(why.contains("is not a Service frontend for traffic from outside"), "{why}");
+    assert!(why.contains("it is one for pods on this node only"), "{why}");
+}
