@@ -40,7 +40,12 @@ pub mod map_names {
     /// (`service-agent`'s `maps::layout`) and ids are not reused across
     /// restarts. Its own layout never changes.
     pub const AGENT_STATE: &str = "agent_state";
-    pub const ALL: [&str; 13] = [
+    /// The counters of `stats` per ingress interface
+    /// ([`InterfaceCounterKey`](super::InterfaceCounterKey) → packets, per
+    /// CPU), for every counter but the fast path's
+    /// (`stats::Counter::per_interface`).
+    pub const INTERFACE_STATS: &str = "interface_stats";
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -54,6 +59,7 @@ pub mod map_names {
         CONNTRACK_NEW,
         FRAGMENTS,
         AGENT_STATE,
+        INTERFACE_STATS,
     ];
 }
 
@@ -92,18 +98,20 @@ pub mod agent_state {
 /// flows in a recreated conntrack are picked up again as new flows).
 pub mod layout {
     use super::map_names::{
-        AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS, REV_NAT,
-        SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOURCE_RANGES, STATS,
+        AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS, INTERFACE_STATS,
+        REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOURCE_RANGES, STATS,
     };
 
     /// Layout 2 of `services`: 32-bit slots and member rows; of
-    /// `source_ranges`: keyed per frontend protocol and family.
-    pub const VERSIONS: [(&str, u32); 13] = [
+    /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
+    /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
+    /// rejects that were not answered counted as drops.
+    pub const VERSIONS: [(&str, u32); 14] = [
         (SERVICES, 2),
         (BACKENDS, 1),
         (REV_NAT, 1),
         (CONNTRACK, 1),
-        (STATS, 1),
+        (STATS, 2),
         (SOURCE_RANGES, 2),
         (AFFINITY, 1),
         (SERVICE_COUNTERS, 1),
@@ -112,6 +120,7 @@ pub mod layout {
         (CONNTRACK_NEW, 1),
         (FRAGMENTS, 1),
         (AGENT_STATE, 1),
+        (INTERFACE_STATS, 1),
     ];
 
     /// The layout version of map `name` (1 for an unknown name).
@@ -133,6 +142,9 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     pub const AFFINITY: u32 = 65_536;
     pub const SNAT_ADDRS: u32 = 256;
+    /// `interface_stats` rows: (interface, counter) pairs, least recently
+    /// used evicted first (about 500 interfaces with every counter).
+    pub const INTERFACE_STATS: u32 = 16_384;
 }
 
 /// The source ports SNAT picks from for traffic it sends to a backend on
@@ -508,6 +520,18 @@ pub struct AffinityValue {
 }
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 
+/// Key of the per-CPU `interface_stats` map (value: `u64` packets): a
+/// counter of `stats` (`stats::Counter` id) for one ingress interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct InterfaceCounterKey {
+    /// The interface the packet entered on (`skb->ifindex`).
+    pub ifindex: u32,
+    /// A `stats::Counter` id.
+    pub counter: u32,
+}
+const _: () = assert!(size_of::<InterfaceCounterKey>() == 8);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY (for each impl): the types are #[repr(C)], contain only integers
@@ -525,6 +549,7 @@ mod user {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
+    unsafe impl aya::Pod for super::InterfaceCounterKey {}
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_loop};
 use service_common::{
     CtKey, CtValue, Port,
     conntrack::{is_free, next_state, peer_key, state, timeouts},
-    ct_flags, stats,
+    ct_flags,
+    stats::Counter,
 };
 
 use crate::{
@@ -50,15 +51,16 @@ fn remove(key: &CtKey, assured: bool) {
 }
 
 /// Removes a dead flow (expired, or closed and its tuple wanted again):
-/// the entry and its peer. Not inlined: a rare path.
+/// the entry and its peer (counted for interface `ifindex`). Not inlined:
+/// a rare path.
 #[inline(never)]
-pub fn kill(key: &CtKey, ct: *const CtValue, assured: bool) -> Result<(), u32> {
+pub fn kill(key: &CtKey, ct: *const CtValue, assured: bool, ifindex: u32) -> Result<(), Counter> {
     let s = scratch()?;
     // SAFETY: a valid map value pointer; plain data.
     s.peer_key = peer_key(key, unsafe { &*ct });
     remove(&s.peer_key, assured);
     remove(key, assured);
-    count(stats::CT_REPLACED);
+    count(ifindex, Counter::CtReplaced);
     Ok(())
 }
 
@@ -66,8 +68,16 @@ pub fn kill(key: &CtKey, ct: *const CtValue, assured: bool) -> Result<(), u32> {
 /// change is written to both entries (and an assured flow moves to the
 /// assured table); otherwise the last-seen stamp of both is refreshed at
 /// most once per [`timeouts::REFRESH_NS`], so the pair expires together.
+/// A flow made assured is counted for interface `ifindex`.
 #[inline(always)]
-pub fn track(key: &CtKey, ct: *mut CtValue, assured: bool, tcp_flags: u8, now: u64) -> Result<(), u32> {
+pub fn track(
+    key: &CtKey,
+    ct: *mut CtValue,
+    assured: bool,
+    tcp_flags: u8,
+    now: u64,
+    ifindex: u32,
+) -> Result<(), Counter> {
     // SAFETY: a valid map value pointer from a successful lookup; racing
     // writers store the same kind of plain values.
     let entry = unsafe { &mut *ct };
@@ -76,14 +86,14 @@ pub fn track(key: &CtKey, ct: *mut CtValue, assured: bool, tcp_flags: u8, now: u
     if next == entry.state && now.saturating_sub(entry.last_seen_ns) <= timeouts::REFRESH_NS {
         return Ok(());
     }
-    update_pair(key, ct, u32::from(next) | (u32::from(assured) << 8), now)
+    update_pair(key, ct, u32::from(next) | (u32::from(assured) << 8), now, ifindex)
 }
 
 /// Not inlined: once a second per flow, or on a state change. The new
-/// state and the table share one argument (a BPF function takes five,
-/// the Result's pointer included).
+/// state and the table share one argument (a BPF function takes five;
+/// the Result comes back in a register).
 #[inline(never)]
-fn update_pair(key: &CtKey, ct: *mut CtValue, next_and_table: u32, now: u64) -> Result<(), u32> {
+fn update_pair(key: &CtKey, ct: *mut CtValue, next_and_table: u32, now: u64, ifindex: u32) -> Result<(), Counter> {
     #[expect(clippy::cast_possible_truncation, reason = "the state is the low byte")]
     let next = next_and_table as u8;
     let assured = next_and_table >> 8 != 0;
@@ -106,14 +116,14 @@ fn update_pair(key: &CtKey, ct: *mut CtValue, next_and_table: u32, now: u64) -> 
         // new-flow table. In between both tables hold it; lookups try the
         // assured table first, so every packet sees one consistent entry.
         // SAFETY: map value pointers from successful lookups.
-        CONNTRACK.insert(key, unsafe { &*ct }, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+        CONNTRACK.insert(key, unsafe { &*ct }, 0).map_err(|_| Counter::DropCtInsert)?;
         if let Some(peer) = peer {
             // SAFETY: as above.
-            CONNTRACK.insert(&s.peer_key, unsafe { &*peer }, 0).map_err(|_| stats::DROP_CT_INSERT)?;
+            CONNTRACK.insert(&s.peer_key, unsafe { &*peer }, 0).map_err(|_| Counter::DropCtInsert)?;
         }
         remove(&s.peer_key, false);
         remove(key, false);
-        count(stats::CT_ASSURED);
+        count(ifindex, Counter::CtAssured);
     }
     Ok(())
 }
@@ -157,7 +167,7 @@ fn claim(s: &mut Scratch, now: u64) -> bool {
 
 /// Claims the reply tuple as it is (no source translation needed).
 #[inline(never)]
-pub fn claim_reply(now: u64) -> Result<bool, u32> {
+pub fn claim_reply(now: u64) -> Result<bool, Counter> {
     Ok(claim(scratch()?, now))
 }
 
@@ -170,6 +180,9 @@ struct PortSearch {
     min: u32,
     port: u32,
     found: u32,
+    /// Set when this CPU's scratch slot could not be looked up: the search
+    /// stopped for that, not for want of a free port.
+    no_scratch: u32,
 }
 
 /// One candidate of the port search: `min + (start + i) % span`.
@@ -177,7 +190,10 @@ extern "C" fn try_port(i: u64, ctx: *mut c_void) -> i64 {
     // SAFETY: bpf_loop hands back the PortSearch pointer `claim_port`
     // passed, which lives in that caller's frame for the whole loop.
     let search = unsafe { &mut *ctx.cast::<PortSearch>() };
-    let Ok(s) = scratch() else { return 1 };
+    let Ok(s) = scratch() else {
+        search.no_scratch = 1;
+        return 1;
+    };
     #[expect(clippy::cast_possible_truncation, reason = "i < span <= 65536")]
     let offset = (search.start.wrapping_add(i as u32)) % search.span.max(1);
     let port = search.min + offset;
@@ -198,16 +214,19 @@ extern "C" fn try_port(i: u64, ctx: *mut c_void) -> i64 {
 /// at a flow-hashed one, so allocation succeeds while any port is free for
 /// this (address, backend address, backend port, protocol).
 #[inline(never)]
-pub fn claim_port(min: u16, max: u16, start: u32, now: u64) -> Result<Port, u32> {
+pub fn claim_port(min: u16, max: u16, start: u32, now: u64) -> Result<Port, Counter> {
     let span = u32::from(max - min) + 1;
-    let mut search = PortSearch { now, start, span, min: u32::from(min), port: 0, found: 0 };
+    let mut search = PortSearch { now, start, span, min: u32::from(min), port: 0, found: 0, no_scratch: 0 };
     // SAFETY: the callback and its context follow bpf_loop's contract (the
     // verifier checks the callback); the context is this frame's.
     unsafe {
         bpf_loop(span, try_port as *const () as *mut c_void, (&raw mut search).cast::<c_void>(), 0);
     }
+    if search.no_scratch != 0 {
+        return Err(Counter::DropNoScratch);
+    }
     if search.found == 0 {
-        return Err(stats::DROP_SNAT_NO_PORT);
+        return Err(Counter::DropSnatNoPort);
     }
     #[expect(clippy::cast_possible_truncation, reason = "a port found in min..=max")]
     Ok((search.port as u16).to_be_bytes())

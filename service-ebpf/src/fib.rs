@@ -12,7 +12,9 @@
 //! would: the TTL is decremented (an exhausted one is answered with ICMP
 //! time exceeded), and a packet too big for the egress MTU (the route's,
 //! or the device's for a GSO packet) is answered with ICMP fragmentation
-//! needed carrying that MTU, instead of vanishing at the device.
+//! needed carrying that MTU, instead of vanishing at the device. A packet
+//! the FIB has no route for is dropped (`drop_no_route`): handing it to the
+//! stack would only have it dropped there as a martian.
 //!
 //! L3 devices (no MAC header: WireGuard, IPIP, tun): `bpf_redirect_neigh`
 //! drops a packet whose `mac_header` is not before its `network_header`
@@ -29,17 +31,17 @@
 use core::{mem::size_of, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS},
+    bindings::{BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_REDIRECT},
     helpers::{bpf_fib_lookup, bpf_redirect_neigh, bpf_skb_change_head},
     programs::TcContext,
 };
-use service_common::{PROTO_ICMP, stats};
+use service_common::{PROTO_ICMP, stats::Counter};
 
 use crate::{
     flow::{ETH_HLEN, Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, IP_TTL_OFF},
-    nat::{NEEDS_ICMP_ANSWER, Outcome, pass},
     reject,
     scratch::scratch,
+    verdict::Sent,
 };
 
 const AF_INET: u8 = 2;
@@ -51,7 +53,7 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 /// scratch); returns the helper's code. `tot_len` 0 asks the kernel to
 /// judge the packet against the egress device's MTU (GSO aware).
 #[inline(always)]
-fn lookup(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], tot_len: u16) -> Result<(i64, u32, u16), u32> {
+fn lookup(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], tot_len: u16) -> Result<(i64, u32, u16), Counter> {
     let s = scratch()?;
     // SAFETY: bpf_fib_lookup is plain data (integers, arrays, unions of
     // integers); all zeroes is a valid value.
@@ -77,15 +79,10 @@ fn lookup(ctx: &TcContext, saddr: [u8; 4], daddr: [u8; 4], tot_len: u16) -> Resu
 /// forwarding route for it. SNAT uses that interface's address (what
 /// MASQUERADE does), not the one the flow came in on.
 #[inline(never)]
-pub fn egress_ifindex(ctx: &TcContext, daddr: [u8; 4]) -> u32 {
-    match lookup(ctx, [0; 4], daddr, 0) {
-        Ok((rc, ifindex, _))
-            if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) =>
-        {
-            ifindex
-        }
-        _ => 0,
-    }
+pub fn egress_ifindex(ctx: &TcContext, daddr: [u8; 4]) -> Result<u32, Counter> {
+    let (rc, ifindex, _) = lookup(ctx, [0; 4], daddr, 0)?;
+    let routed = rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH);
+    Ok(if routed { ifindex } else { 0 })
 }
 
 /// The IP length of each segment of a GSO packet: headers plus
@@ -101,18 +98,20 @@ fn gso_segment_len(ctx: &TcContext, flow: &Flow, gso_size: u32) -> u16 {
     u16::try_from(len).unwrap_or(u16::MAX)
 }
 
-/// Redirects the (already rewritten) packet towards its destination and
-/// counts it as `counter`. When the FIB has no forwarding route for it the
-/// packet is left to the stack.
+/// Redirects the (already rewritten) packet towards its destination, to
+/// be counted as `counter`; a packet too big or out of TTL is answered
+/// instead (counted as `drop_frag_needed` / `drop_ttl_exceeded`). A
+/// packet the FIB has no forwarding route for is dropped
+/// (`drop_no_route`).
 #[inline(never)]
-pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
+pub fn forward(ctx: &TcContext, flow: &Flow, counter: Counter) -> Result<Sent, Counter> {
     let ip = flow.ip_off;
     let (Ok(saddr), Ok(daddr), Ok(tot_len)) = (
         ctx.load::<[u8; 4]>(ip + IP_SRC_OFF),
         ctx.load::<[u8; 4]>(ip + IP_DST_OFF),
         ctx.load::<[u8; 2]>(ip + IP_TOT_LEN_OFF),
     ) else {
-        return pass(counter);
+        return Err(Counter::DropLoad);
     };
     // RFC 1122 3.2.2 (as the kernel's icmp_send): no ICMP error about an
     // ICMP error (the only ICMP this path carries) or a later fragment.
@@ -129,24 +128,27 @@ pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
         // Without DF the stack would fragment it, which a redirect cannot
         // do: dropped, counted, not answered (the answer says "DF set").
         if !flow.dont_fragment || !may_answer {
-            return Err(stats::DROP_FRAG_NEEDED);
+            return Err(Counter::DropFragNeeded);
         }
-        return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)));
+        return reject::icmp_error_to_sender(ctx, flow, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu));
     }
+    // Blackhole, unreachable, prohibited, not forwarded (a local
+    // destination), forwarding disabled, unsupported encapsulation: the
+    // stack would drop it too, as a martian.
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) && rc != i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
-        return pass(counter);
+        return Err(Counter::DropNoRoute);
     }
     if flow.ttl <= 1 {
         if !may_answer {
-            return Err(stats::DROP_TTL_EXCEEDED);
+            return Err(Counter::DropTtlExceeded);
         }
-        return Ok((NEEDS_ICMP_ANSWER, reject::pack_icmp(ICMP_TIME_EXCEEDED, 0, 0)));
+        return reject::icmp_error_to_sender(ctx, flow, reject::pack_icmp(ICMP_TIME_EXCEEDED, 0, 0));
     }
     // TTL - 1: the 16-bit word (TTL, protocol) changes in the checksum.
     let old = u64::from(u16::from_ne_bytes([flow.ttl, flow.proto]));
     let new = u64::from(u16::from_ne_bytes([flow.ttl - 1, flow.proto]));
-    ctx.l3_csum_replace(ip + IP_CSUM_OFF, old, new, 2).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ip + IP_TTL_OFF, &(flow.ttl - 1), 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.l3_csum_replace(ip + IP_CSUM_OFF, old, new, 2).map_err(|_| Counter::DropL3Csum)?;
+    ctx.store(ip + IP_TTL_OFF, &(flow.ttl - 1), 0).map_err(|_| Counter::DropStore)?;
     if ip != ETH_HLEN {
         // An L3 ingress: room for the MAC header the redirect expects (see
         // the module comment); zeroes, pulled again before transmission.
@@ -154,12 +156,15 @@ pub fn redirect(ctx: &TcContext, flow: &Flow, counter: u32) -> Outcome {
         // SAFETY: the helper takes the context pointer the kernel gave us.
         let rc = unsafe { bpf_skb_change_head(ctx.skb.skb, ETH_HLEN as u32, 0) };
         if rc != 0 {
-            return Err(stats::DROP_REWRITE);
+            return Err(Counter::DropResize);
         }
     }
     // SAFETY: no neighbour parameters (the helper looks the next hop up
     // itself); the ifindex comes from the FIB.
     let action = unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) };
-    #[expect(clippy::cast_possible_truncation, reason = "TC_ACT_REDIRECT or TC_ACT_SHOT")]
-    Ok((action as i32, counter))
+    // TC_ACT_SHOT when the kernel refuses the redirect's arguments.
+    if action != i64::from(TC_ACT_REDIRECT) {
+        return Err(Counter::DropRedirectRefused);
+    }
+    Ok(Sent(counter))
 }

@@ -17,7 +17,7 @@
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use service_common::{
-    CtKey, FAMILY_IPV4, FragKey, FragValue, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port, addr_v4, stats,
+    CtKey, FAMILY_IPV4, FragKey, FragValue, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Port, addr_v4, stats::Counter,
 };
 
 use crate::maps::FRAGMENTS;
@@ -124,15 +124,15 @@ fn fragment_ports(saddr: [u8; 4], daddr: [u8; 4], id: [u8; 2], proto: u8) -> Opt
 /// non-linear skb are pulled into the linear area first; a packet shorter
 /// than `off + size_of::<T>()` is malformed.
 #[inline(always)]
-fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, u32> {
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Counter> {
     if let Some(value) = read_linear(ctx, off) {
         return Ok(value);
     }
-    let len = u32::try_from(off + core::mem::size_of::<T>()).map_err(|_| stats::PASS_MALFORMED)?;
-    ctx.pull_data(len).map_err(|_| stats::PASS_MALFORMED)?;
+    let len = u32::try_from(off + core::mem::size_of::<T>()).map_err(|_| Counter::PassMalformed)?;
+    ctx.pull_data(len).map_err(|_| Counter::PassMalformed)?;
     // bpf_skb_pull_data invalidates every packet pointer: read_linear
     // loads them again.
-    read_linear(ctx, off).ok_or(stats::PASS_MALFORMED)
+    read_linear(ctx, off).ok_or(Counter::PassMalformed)
 }
 
 #[inline(always)]
@@ -158,29 +158,29 @@ fn read_linear<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
 /// Not inlined: its header copies stay out of the entry point's frame,
 /// which every call chain below it pays for.
 #[inline(never)]
-pub fn parse_into<const L2: usize>(ctx: &TcContext, out: &mut Flow, key: &mut CtKey) -> Result<(), u32> {
+pub fn parse_into<const L2: usize>(ctx: &TcContext, out: &mut Flow, key: &mut CtKey) -> Result<(), Counter> {
     *out = parse::<L2>(ctx)?;
     *key = out.ct_key();
     Ok(())
 }
 
 #[inline(always)]
-fn parse<const L2: usize>(ctx: &TcContext) -> Result<Flow, u32> {
+fn parse<const L2: usize>(ctx: &TcContext) -> Result<Flow, Counter> {
     if L2 == ETH_HLEN {
         let ethertype: [u8; 2] = read(ctx, 12)?;
         if ethertype != ETH_P_IP_BE {
-            return Err(stats::PASS_NOT_IPV4);
+            return Err(Counter::PassNotIpv4);
         }
     } else if ctx.skb.protocol() != u32::from(u16::from_ne_bytes(ETH_P_IP_BE)) {
         // No MAC header to read: the device set skb->protocol (network
         // order, in the low 16 bits) from the packet (tun: from the IP
         // version nibble; tunnels: from the outer header).
-        return Err(stats::PASS_NOT_IPV4);
+        return Err(Counter::PassNotIpv4);
     }
     let ip: [u8; 20] = read(ctx, L2)?;
     let ihl = usize::from(ip[0] & 0x0f);
     if ip[0] >> 4 != 4 || ihl < 5 {
-        return Err(stats::PASS_MALFORMED);
+        return Err(Counter::PassMalformed);
     }
     let frag = u16::from_be_bytes([ip[6], ip[7]]);
     let proto = ip[9];
@@ -191,11 +191,11 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Result<Flow, u32> {
         // went through here (fragments of other traffic, or ones that
         // overtook their first, pass untouched).
         if proto != PROTO_TCP && proto != PROTO_UDP && proto != PROTO_SCTP {
-            return Err(stats::PASS_FRAGMENT);
+            return Err(Counter::PassFragment);
         }
         let saddr = [ip[12], ip[13], ip[14], ip[15]];
         let daddr = [ip[16], ip[17], ip[18], ip[19]];
-        (fragment_ports(saddr, daddr, [ip[4], ip[5]], proto).ok_or(stats::PASS_FRAGMENT)?, 0)
+        (fragment_ports(saddr, daddr, [ip[4], ip[5]], proto).ok_or(Counter::PassFragment)?, 0)
     } else if proto == PROTO_TCP {
         // The checksum lies beyond the flags: a TCP header this short is
         // malformed, and rewriting it would fail anyway.
@@ -211,11 +211,11 @@ fn parse<const L2: usize>(ctx: &TcContext) -> Result<Flow, u32> {
     } else if proto == PROTO_ICMP {
         let icmp_type: u8 = read(ctx, l4_off)?;
         if icmp_type != ICMP_DEST_UNREACH && icmp_type != ICMP_TIME_EXCEEDED && icmp_type != ICMP_PARAMETER_PROBLEM {
-            return Err(stats::PASS_OTHER_PROTO);
+            return Err(Counter::PassOtherProto);
         }
         ([0; 4], 0)
     } else {
-        return Err(stats::PASS_OTHER_PROTO);
+        return Err(Counter::PassOtherProto);
     };
     Ok(Flow {
         saddr: [ip[12], ip[13], ip[14], ip[15]],

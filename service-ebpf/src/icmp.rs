@@ -14,13 +14,14 @@ use aya_ebpf::{bindings::BPF_F_RECOMPUTE_CSUM, programs::TcContext};
 use service_common::{
     CtKey, CtValue, FAMILY_IPV4, PROTO_TCP, PROTO_UDP, addr_v4,
     csum::{self, Endpoints},
-    ct_flags, stats,
+    ct_flags,
+    stats::Counter,
 };
 
 use crate::{
     conntrack,
     flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP_TOT_LEN_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
-    nat::{Outcome, pass, redirect},
+    verdict::{Outcome, forward, pass},
 };
 
 /// Offsets inside the ICMP message.
@@ -40,18 +41,18 @@ fn v4(addr: &[u8; 16]) -> [u8; 4] {
 #[inline(never)]
 pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
     let ip_off = flow.l4_off + ICMP_HLEN;
-    let Ok(ip) = ctx.load::<[u8; 20]>(ip_off) else { return pass(stats::PASS_MALFORMED) };
+    let Ok(ip) = ctx.load::<[u8; 20]>(ip_off) else { return pass(Counter::PassMalformed) };
     // A quoted header with options is left alone (rare; the ports would
     // move).
     if ip[0] != 0x45 {
-        return pass(stats::PASS_MALFORMED);
+        return pass(Counter::PassMalformed);
     }
     let proto = ip[9];
     if proto != PROTO_TCP && proto != PROTO_UDP {
-        return pass(stats::PASS_OTHER_PROTO);
+        return pass(Counter::PassOtherProto);
     }
     let l4_off = ip_off + 20;
-    let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else { return pass(stats::PASS_MALFORMED) };
+    let Ok(ports) = ctx.load::<[u8; 4]>(l4_off) else { return pass(Counter::PassMalformed) };
     let old = Endpoints {
         saddr: [ip[12], ip[13], ip[14], ip[15]],
         daddr: [ip[16], ip[17], ip[18], ip[19]],
@@ -68,7 +69,7 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
         family: FAMILY_IPV4,
         _pad: [0; 2],
     };
-    let Some(found) = conntrack::lookup(&key) else { return pass(stats::PASS_NO_SERVICE) };
+    let Some(found) = conntrack::lookup(&key) else { return pass(Counter::PassNoService) };
     // SAFETY: plain data; a racing update gives a stale but valid copy.
     let ct: CtValue = unsafe { *found.ct };
     let new = translated(&old, &ct);
@@ -76,10 +77,12 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
     // lie inside the outer datagram, as its IP total length says; bytes
     // past it (a trailer, link padding) are not part of the error. Read
     // here, after the lookup, so the bound is not held across the call.
-    let Ok(outer_len) = ctx.load::<[u8; 2]>(flow.ip_off + IP_TOT_LEN_OFF) else { return pass(stats::PASS_MALFORMED) };
+    let Ok(outer_len) = ctx.load::<[u8; 2]>(flow.ip_off + IP_TOT_LEN_OFF) else {
+        return pass(Counter::PassMalformed);
+    };
     let outer_end = flow.ip_off + usize::from(u16::from_be_bytes(outer_len));
     if l4_off + 8 > outer_end {
-        return pass(stats::PASS_MALFORMED);
+        return pass(Counter::PassMalformed);
     }
     rewrite_quoted(ctx, outer_end, flow.l4_off, ip_off, l4_off, proto, &ip, &old, &new)?;
     // The error went to the quoted packet's source; if the quoted packet's
@@ -87,17 +90,17 @@ pub fn translate_error(ctx: &TcContext, flow: &Flow) -> Outcome {
     let outer_destination = if flow.daddr == old.saddr { new.saddr } else { flow.daddr };
     let outer_source = if flow.saddr == old.daddr { new.daddr } else { flow.saddr };
     let ip = flow.ip_off;
-    let Ok(mut check) = ctx.load::<[u8; 2]>(ip + IP_CSUM_OFF) else { return Err(stats::DROP_REWRITE) };
+    let Ok(mut check) = ctx.load::<[u8; 2]>(ip + IP_CSUM_OFF) else { return Err(Counter::DropLoad) };
     check = csum::update32(check, flow.saddr, outer_source);
     check = csum::update32(check, flow.daddr, outer_destination);
-    ctx.store(ip + IP_SRC_OFF, &outer_source, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ip + IP_DST_OFF, &outer_destination, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ip + IP_CSUM_OFF, &check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip + IP_SRC_OFF, &outer_source, STORE).map_err(|_| Counter::DropStore)?;
+    ctx.store(ip + IP_DST_OFF, &outer_destination, STORE).map_err(|_| Counter::DropStore)?;
+    ctx.store(ip + IP_CSUM_OFF, &check, STORE).map_err(|_| Counter::DropStore)?;
     if ct.flags & (ct_flags::EXTERNAL | ct_flags::SNAT) != 0 {
         // Its new addresses may include this node's own (see `fib`).
-        return redirect(stats::ICMP_ERROR_TRANSLATED);
+        return forward(Counter::IcmpErrorTranslated);
     }
-    pass(stats::ICMP_ERROR_TRANSLATED)
+    pass(Counter::IcmpErrorTranslated)
 }
 
 /// What the quoted packet becomes. An entry rewrites packets of its own
@@ -128,7 +131,7 @@ fn translated(old: &Endpoints, ct: &CtValue) -> Endpoints {
 }
 
 /// Rewrites the quoted IP header and ports, their checksums and the ICMP
-/// checksum.
+/// checksum; any helper failing here is `drop_icmp_quote`.
 #[expect(clippy::too_many_arguments, reason = "offsets read once by the caller")]
 #[inline(always)]
 fn rewrite_quoted(
@@ -141,8 +144,8 @@ fn rewrite_quoted(
     ip: &[u8; 20],
     old: &Endpoints,
     new: &Endpoints,
-) -> Result<(), u32> {
-    let mut icmp_check: [u8; 2] = ctx.load(icmp_off + ICMP_CSUM_OFF).map_err(|_| stats::DROP_REWRITE)?;
+) -> Result<(), Counter> {
+    let mut icmp_check: [u8; 2] = ctx.load(icmp_off + ICMP_CSUM_OFF).map_err(|_| Counter::DropIcmpQuote)?;
     // The quoted IP header: addresses and its checksum. The ICMP checksum
     // covers both; the header's sum does not change (that is what its
     // checksum is for), but each field is folded in anyway, exactly.
@@ -165,13 +168,13 @@ fn rewrite_quoted(
     {
         let l4_check = csum::update_endpoints(old_l4_check, proto == PROTO_UDP, old, new);
         icmp_check = csum::update16(icmp_check, old_l4_check, l4_check);
-        ctx.store(l4_check_off, &l4_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.store(l4_check_off, &l4_check, STORE).map_err(|_| Counter::DropIcmpQuote)?;
     }
-    ctx.store(ip_off + 12, &new.saddr, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ip_off + 16, &new.daddr, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(ip_off + 10, &ip_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(l4_off, &new.sport, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(l4_off + 2, &new.dport, STORE).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(icmp_off + ICMP_CSUM_OFF, &icmp_check, STORE).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(ip_off + 12, &new.saddr, STORE).map_err(|_| Counter::DropIcmpQuote)?;
+    ctx.store(ip_off + 16, &new.daddr, STORE).map_err(|_| Counter::DropIcmpQuote)?;
+    ctx.store(ip_off + 10, &ip_check, STORE).map_err(|_| Counter::DropIcmpQuote)?;
+    ctx.store(l4_off, &new.sport, STORE).map_err(|_| Counter::DropIcmpQuote)?;
+    ctx.store(l4_off + 2, &new.dport, STORE).map_err(|_| Counter::DropIcmpQuote)?;
+    ctx.store(icmp_off + ICMP_CSUM_OFF, &icmp_check, STORE).map_err(|_| Counter::DropIcmpQuote)?;
     Ok(())
 }

@@ -2,25 +2,30 @@
 //! error about a known flow → its translation; conntrack (an existing flow,
 //! either direction) → its rewrite; a Service frontend (a new flow) →
 //! backend, conntrack, rewrite, or a reject answer; else pass. Packets
-//! whose new source is a node address leave by a FIB redirect. Every
-//! outcome is a counter id from `service_common::stats`, counted here in
-//! one place.
+//! whose new source is a node address leave by a FIB redirect. Inner
+//! functions return a [`Verdict`] or the drop reason (`Err(Counter)`);
+//! [`run`] turns it into a TC action and one counter, in one place.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    programs::TcContext,
+};
 use service_common::{
     PROTO_ICMP, PROTO_TCP,
     conntrack::{is_closing, is_expired, is_syn},
-    ct_flags, stats,
+    ct_flags,
+    stats::Counter,
 };
 
 use crate::{
     conntrack, fib,
-    flow::{ktime_ns, parse_into, remember_first_fragment},
+    flow::{Flow, ktime_ns, parse_into, remember_first_fragment},
     icmp,
-    maps::count,
-    nat::{NEEDS_ICMP_ANSWER, NEEDS_JOIN, NEEDS_REDIRECT, NEEDS_REJECT, Outcome, Side, established, new_flow},
+    maps::{count, ifindex},
+    nat::{NewFlow, Side, established, new_flow},
     reject,
     scratch::{Packet, packet},
+    verdict::{Outcome, Sent, Verdict},
 };
 
 /// Runs the pipeline; returns the TC action. `L2` is the length of the
@@ -28,32 +33,37 @@ use crate::{
 /// L3 device (the packet starts at the IP header).
 #[inline(always)]
 pub fn run<const L2: usize>(ctx: &TcContext, side: Side) -> i32 {
-    let Some(packet) = packet() else {
-        count(stats::DROP_NO_SCRATCH);
-        return TC_ACT_SHOT;
-    };
-    if let Err(pass_counter) = parse_into::<L2>(ctx, &mut packet.flow, &mut packet.key) {
-        count(pass_counter);
-        return aya_ebpf::bindings::TC_ACT_OK;
-    }
-    let packet: &Packet = packet;
-    let flow = &packet.flow;
-    let (action, counter) = match try_run(ctx, packet, side) {
-        Ok((NEEDS_REDIRECT, counter)) => match fib::redirect(ctx, flow, counter) {
-            // Too big, or out of TTL: the ICMP answer the stack's
-            // forwarding would have sent.
-            Ok((NEEDS_ICMP_ANSWER, answer)) => match reject::icmp_error_to_sender(ctx, flow, answer) {
-                Ok(action) => (action, reject::answer_counter(answer)),
-                Err(counter) => (TC_ACT_SHOT, counter),
-            },
-            Ok(verdict) => verdict,
+    // The one place a verdict becomes a TC action and a counter. The
+    // steps that send the packet (the FIB redirect with its ICMP answers,
+    // the reject answers) are BPF functions of their own, called from
+    // here, so their buffers never share a call chain with new_flow's.
+    let (action, counter) = match pipeline::<L2>(ctx, side) {
+        Ok((Verdict::Pass(counter), _)) => (TC_ACT_OK, counter),
+        Ok((Verdict::Forward(counter), flow)) => match fib::forward(ctx, flow, counter) {
+            Ok(Sent(counter)) => (TC_ACT_REDIRECT, counter),
             Err(counter) => (TC_ACT_SHOT, counter),
         },
-        Ok(verdict) => verdict,
+        Ok((Verdict::Reject, flow)) => match reject::refuse(ctx, flow) {
+            Ok(Sent(counter)) => (TC_ACT_REDIRECT, counter),
+            Err(counter) => (TC_ACT_SHOT, counter),
+        },
         Err(counter) => (TC_ACT_SHOT, counter),
     };
-    count(counter);
+    count(ifindex(ctx), counter);
     action
+}
+
+/// Parses the packet into this CPU's packet slot and translates it: its
+/// verdict and the parsed flow. A packet the programs do not touch (not
+/// IPv4, malformed, ...) passes with the parse's counter.
+#[inline(always)]
+fn pipeline<const L2: usize>(ctx: &TcContext, side: Side) -> Result<(Verdict, &'static Flow), Counter> {
+    let packet = packet().ok_or(Counter::DropNoScratch)?;
+    if let Err(counter) = parse_into::<L2>(ctx, &mut packet.flow, &mut packet.key) {
+        return Ok((Verdict::Pass(counter), &packet.flow));
+    }
+    let packet: &'static Packet = packet;
+    Ok((try_run(ctx, packet, side)?, &packet.flow))
 }
 
 /// Not inlined: its frame sits beside the entry point's, and the deepest
@@ -81,29 +91,17 @@ fn try_run(ctx: &TcContext, packet: &Packet, side: Side) -> Outcome {
         if !reopened && !is_expired(entry, flow.proto, ktime_ns()) {
             return established(ctx, flow, key, &found);
         }
-        conntrack::kill(key, found.ct, found.assured)?;
+        conntrack::kill(key, found.ct, found.assured, ifindex(ctx))?;
     }
-    match new_flow(ctx, flow, key, side) {
-        // Answered here, not inside new_flow: the answer's buffers and
-        // new_flow's locals never share one call chain's stack.
-        Ok((NEEDS_REJECT, _)) => {
-            let (saddr, daddr) = (u32::from_ne_bytes(flow.saddr), u32::from_ne_bytes(flow.daddr));
-            if flow.proto == PROTO_TCP {
-                reject::tcp_rst(ctx, saddr, daddr, reject::pack(flow.ip_off, flow.l4_off, flow.tcp_flags))
-                    .map(|action| (action, stats::REJECT_TCP_RST))
-            } else {
-                reject::icmp_port_unreachable(ctx, saddr, daddr, reject::pack(flow.ip_off, flow.l4_off, 0))
-                    .map(|action| (action, stats::REJECT_ICMP_UNREACHABLE))
-            }
-        }
+    match new_flow(ctx, flow, key, side)? {
+        NewFlow::Verdict(verdict) => Ok(verdict),
         // Another CPU created this flow a moment ago: follow its entry.
-        Ok((NEEDS_JOIN, _)) => match conntrack::lookup(key) {
+        NewFlow::Join => match conntrack::lookup(key) {
             Some(found) => {
-                count(stats::CT_RACE_JOINED);
+                count(ifindex(ctx), Counter::CtRaceJoined);
                 established(ctx, flow, key, &found)
             }
-            None => Err(stats::DROP_CT_RACE),
+            None => Err(Counter::DropCtRace),
         },
-        outcome => outcome,
     }
 }

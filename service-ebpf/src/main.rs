@@ -35,6 +35,8 @@ mod pod_ingress;
 mod reject;
 #[cfg(target_arch = "bpf")]
 mod scratch;
+#[cfg(target_arch = "bpf")]
+mod verdict;
 
 /// On the host the crate builds as an empty binary, so `cargo check
 /// --workspace` works without the BPF target.

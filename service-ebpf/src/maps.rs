@@ -6,12 +6,14 @@
     reason = "map keys and values are passed by reference so they are not copied again on the 512-byte BPF stack"
 )]
 
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
 use service_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, RevNatValue,
-    ServiceKey, ServiceValue, SourceRangeKey, agent_state, capacity, stats,
+    Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, InterfaceCounterKey,
+    RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, agent_state, capacity,
+    stats::{self, Counter},
 };
 
 #[btf_map(name = "services")]
@@ -60,13 +62,54 @@ pub static SNAT_ADDRS: HashMap<u32, Addr, { capacity::SNAT_ADDRS as usize }> = H
 #[btf_map(name = "agent_state")]
 pub static AGENT_STATE: HashMap<agent_state::Key, u64, { agent_state::CAPACITY as usize }> = HashMap::new();
 
-/// Adds one to verdict counter `id` (this CPU's copy).
+/// The counters of `stats` per ingress interface, for every counter but
+/// the fast path's (`Counter::per_interface`). An LRU: rows of interfaces
+/// long gone make room for new ones.
+#[btf_map(name = "interface_stats")]
+pub static INTERFACE_STATS: LruPerCpuHashMap<InterfaceCounterKey, u64, { capacity::INTERFACE_STATS as usize }> =
+    LruPerCpuHashMap::new();
+
+/// The interface the packet entered on.
 #[inline(always)]
-pub fn count(id: u32) {
-    if let Some(counter) = STATS.get_ptr_mut(id) {
+pub fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading a field of the context the kernel handed us.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Adds one to counter `id` (this CPU's copy), and to its row for
+/// interface `ifindex` unless it is a fast-path counter (a constant `id`
+/// folds the test away).
+#[inline(always)]
+pub fn count(ifindex: u32, id: Counter) {
+    if let Some(counter) = STATS.get_ptr_mut(id as u32) {
         // SAFETY: the pointer comes from a successful per-CPU array lookup,
         // so it is valid and only this CPU writes to it.
         unsafe { *counter += 1 };
+    }
+    if id.per_interface() {
+        count_interface(ifindex, id);
+    }
+}
+
+/// Adds one to `interface_stats[(ifindex, id)]`, creating the row. Not
+/// inlined: the key stays off the callers' frames.
+#[inline(never)]
+fn count_interface(ifindex: u32, id: Counter) {
+    let key = InterfaceCounterKey { ifindex, counter: id as u32 };
+    if let Some(row) = INTERFACE_STATS.get_ptr_mut(&key) {
+        // SAFETY: a per-CPU value: only this CPU writes it.
+        unsafe { *row += 1 };
+        return;
+    }
+    // The interface's first packet of this counter (on any CPU): the row
+    // starts at 1 for this CPU (0 for the others). A racing insert of the
+    // same row by another CPU makes this one fail with EEXIST: the row is
+    // there now, so the lookup is tried once more.
+    if INTERFACE_STATS.insert(&key, &1, u64::from(BPF_NOEXIST)).is_err()
+        && let Some(row) = INTERFACE_STATS.get_ptr_mut(&key)
+    {
+        // SAFETY: as above.
+        unsafe { *row += 1 };
     }
 }
 

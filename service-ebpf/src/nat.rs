@@ -14,47 +14,33 @@ use aya_ebpf::{
 use service_common::{
     Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, backend_flags,
-    conntrack::next_state, ct_flags, hash, service_flags, snat_ports, stats,
+    conntrack::next_state, ct_flags, hash, service_flags, snat_ports, stats::Counter,
 };
 
 use crate::{
     conntrack::{self, Found, claim_port, claim_reply},
     fib::egress_ifindex,
     flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, ktime_ns},
-    maps::{AFFINITY, BACKENDS, CONNTRACK_NEW, SERVICES, SNAT_ADDRS, SOURCE_RANGES, count, count_flow},
+    maps::{AFFINITY, BACKENDS, CONNTRACK_NEW, SERVICES, SNAT_ADDRS, SOURCE_RANGES, count, count_flow, ifindex},
     scratch::{Scratch, scratch},
+    verdict::{Outcome, Verdict, forward, pass},
 };
 
-/// `Ok((action, counter))` lets the packet go on (`TC_ACT_OK`, or
-/// redirected as a reject answer); `Err(counter)` drops it.
-pub type Outcome = Result<(i32, u32), u32>;
+/// `bpf_map_update_elem`'s error for `BPF_NOEXIST` on an existing key.
+const EEXIST: i32 = 17;
 
-/// The action [`new_flow`] returns when the packet must be rejected.
-pub const NEEDS_REJECT: i32 = i32::MIN;
-/// The action returned for a translated packet that must leave by a FIB
-/// lookup and redirect (see `fib`); done by the caller, so the lookup's
-/// buffers never share a call chain's stack with the translation's.
-pub const NEEDS_REDIRECT: i32 = i32::MIN + 1;
-/// The action `fib::redirect` returns for a packet it cannot forward (too
-/// big for the egress MTU, TTL exhausted); the counter slot carries the
-/// ICMP answer (`reject::pack_icmp`), which the caller builds.
-pub const NEEDS_ICMP_ANSWER: i32 = i32::MIN + 3;
-/// The action [`new_flow`] returns when another CPU created the same flow
-/// first: the caller looks the flow up again and translates the packet
-/// the way the winner's entry says (one backend, one SNAT port per flow).
-pub const NEEDS_JOIN: i32 = i32::MIN + 2;
-
-#[inline(always)]
-#[expect(clippy::unnecessary_wraps, reason = "an Outcome, so every return site reads alike")]
-pub fn redirect(counter: u32) -> Outcome {
-    Ok((NEEDS_REDIRECT, counter))
+/// What [`new_flow`] decided.
+#[derive(Clone, Copy)]
+pub enum NewFlow {
+    /// The packet's verdict.
+    Verdict(Verdict),
+    /// Another CPU created the same flow first: the caller looks the flow
+    /// up again and translates the packet the way the winner's entry says
+    /// (one backend, one SNAT port per flow).
+    Join,
 }
 
-#[inline(always)]
-#[expect(clippy::unnecessary_wraps, reason = "an Outcome, so every return site reads alike")]
-pub fn pass(counter: u32) -> Outcome {
-    Ok((aya_ebpf::bindings::TC_ACT_OK, counter))
-}
+const _: () = assert!(size_of::<Result<NewFlow, Counter>>() <= 8);
 
 /// Which interface a packet entered on: it decides which frontends a new
 /// flow may match and when it needs SNAT.
@@ -85,14 +71,14 @@ pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> 
     // A later fragment carries no news about the flow's state (its first
     // fragment did): it only follows the translation.
     if !flow.later_fragment {
-        conntrack::track(key, ct, found.assured, flow.tcp_flags, ktime_ns())?;
+        conntrack::track(key, ct, found.assured, flow.tcp_flags, ktime_ns(), ifindex(ctx))?;
     }
     // SAFETY: a valid map value pointer from a successful lookup; the
     // fields are plain data, a racing update gives stale but valid values.
     let ct = unsafe { &*ct };
     let flags = ct.flags;
     let snat = flags & ct_flags::SNAT != 0;
-    let counter = if flow.later_fragment { stats::FRAGMENT_TRANSLATED } else { stats::DNAT_ESTABLISHED };
+    let counter = if flow.later_fragment { Counter::FragmentTranslated } else { Counter::DnatEstablished };
     if flags & ct_flags::DNAT != 0 {
         rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&ct.nat_addr), 2, flow.dport, ct.nat_port)?;
         count_flow(ctx, ct.rev_nat_id, ct.backend_id);
@@ -102,7 +88,7 @@ pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> 
             // A remapped source port keeps the client's own address: no
             // node address to route around.
             if snat_addr != flow.saddr {
-                return redirect(counter);
+                return forward(counter);
             }
         }
         pass(counter)
@@ -112,13 +98,13 @@ pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> 
             rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&ct.snat_addr), 2, flow.dport, ct.snat_port)?;
         }
         count_flow(ctx, ct.rev_nat_id, ct.backend_id);
-        let counter = if flow.later_fragment { stats::FRAGMENT_TRANSLATED } else { stats::REV_NAT };
+        let counter = if flow.later_fragment { Counter::FragmentTranslated } else { Counter::RevNat };
         if flags & ct_flags::EXTERNAL != 0 {
-            return redirect(counter);
+            return forward(counter);
         }
         pass(counter)
     } else {
-        pass(stats::PASS_NO_SERVICE)
+        pass(Counter::PassNoService)
     }
 }
 
@@ -131,17 +117,17 @@ pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> 
     clippy::too_many_lines,
     reason = "one new flow's steps in order; each further split is a BPF frame the 512-byte stack cannot afford"
 )]
-pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcome {
+pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result<NewFlow, Counter> {
     let scope = if side == Side::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let scratch = scratch()?;
     scratch.frontend = ServiceKey::frontend(FAMILY_IPV4, key.daddr, flow.dport, flow.proto, scope);
     // SAFETY: service values are plain data written whole by the agent.
     let Some(service) = (unsafe { SERVICES.get(&scratch.frontend) }) else {
-        return pass(stats::PASS_NO_SERVICE);
+        return Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService)));
     };
     if flow.later_fragment {
         // Its first fragment's flow is gone: nothing to follow.
-        return pass(stats::PASS_FRAGMENT);
+        return Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassFragment)));
     }
     scratch.service = *service;
     let service = &scratch.service;
@@ -153,23 +139,23 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
             SourceRangeKey::new(service.rev_nat_id, flow.proto, FAMILY_IPV4, key.saddr),
         );
         if SOURCE_RANGES.get(&range_key).is_none() {
-            return Err(stats::DROP_SOURCE_RANGE);
+            return Err(Counter::DropSourceRange);
         }
     }
     if service.count == 0 {
         if service.flags & service_flags::DROP != 0 {
-            return Err(stats::DROP_NO_LOCAL_BACKEND);
+            return Err(Counter::DropNoLocalBackend);
         }
         if service.flags & service_flags::REJECT == 0 {
-            return Err(stats::DROP_NO_BACKEND);
+            return Err(Counter::DropNoBackend);
         }
-        return Ok((NEEDS_REJECT, 0));
+        return Ok(NewFlow::Verdict(Verdict::Reject));
     }
     let now = ktime_ns();
     choose_backend(scratch, key, flow, now)?;
     let (backend_id, backend, affinity_hit) = (scratch.backend_id, scratch.backend, scratch.affinity_hit != 0);
     if flow.proto == PROTO_SCTP && backend.port != flow.dport {
-        return Err(stats::DROP_SCTP_PORT_TRANSLATION);
+        return Err(Counter::DropSctpPortTranslation);
     }
     // SNAT: a backend on another node would answer the client directly,
     // bypassing this node's reverse translation; a pod reaching itself
@@ -179,9 +165,8 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
         // backend (MASQUERADE's choice); the entry interface's when that
         // one has no SNAT address.
         Side::External if backend.flags & backend_flags::LOCAL == 0 => {
-            Some(match egress_ifindex(ctx, v4(&backend.addr)) {
-                // SAFETY: reading the receiving interface from the context.
-                0 => unsafe { (*ctx.skb.skb).ifindex },
+            Some(match egress_ifindex(ctx, v4(&backend.addr))? {
+                0 => ifindex(ctx),
                 egress => egress,
             })
         }
@@ -216,11 +201,10 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     let sctp = flow.proto == PROTO_SCTP;
     let mut remapped = false;
     if let Some(row) = snat_row {
-        // SAFETY: reading the receiving interface from the context.
-        let ingress = unsafe { (*ctx.skb.skb).ifindex };
+        let ingress = ifindex(ctx);
         // SAFETY: plain data written whole by the agent.
         let snat_addr =
-            *unsafe { SNAT_ADDRS.get(&row).or_else(|| SNAT_ADDRS.get(&ingress)) }.ok_or(stats::DROP_SNAT_NO_ADDRESS)?;
+            *unsafe { SNAT_ADDRS.get(&row).or_else(|| SNAT_ADDRS.get(&ingress)) }.ok_or(Counter::DropSnatNoAddress)?;
         scratch.reply.flags |= ct_flags::SNAT;
         scratch.reply.snat_addr = key.saddr;
         scratch.reply.snat_port = flow.sport;
@@ -229,7 +213,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
             // No port translation for SCTP (its CRC32c covers the ports):
             // the client's own port, if free.
             if !claim_reply(now)? {
-                return Err(stats::DROP_SNAT_NO_PORT);
+                return Err(Counter::DropSctpTupleTaken);
             }
             flow.sport
         } else {
@@ -245,7 +229,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
         // this flow's source port, keeping the client's address (what
         // netfilter's NAT does on a clash).
         if sctp {
-            return Err(stats::DROP_SNAT_NO_PORT);
+            return Err(Counter::DropSctpTupleTaken);
         }
         scratch.reply.flags |= ct_flags::SNAT;
         scratch.reply.snat_addr = key.saddr;
@@ -260,28 +244,31 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
     // The flow itself, last: a reply finds its entry as soon as the first
     // packet leaves. Two CPUs creating the same flow: one insert wins, the
     // other packet gives its claim back and follows the winner's entry.
-    if CONNTRACK_NEW.insert(key, &scratch.original, u64::from(BPF_NOEXIST)).is_err() {
+    if let Err(e) = CONNTRACK_NEW.insert(key, &scratch.original, u64::from(BPF_NOEXIST)) {
         let _ = CONNTRACK_NEW.remove(&scratch.reply_key);
-        return Ok((NEEDS_JOIN, 0));
+        if e == -EEXIST {
+            return Ok(NewFlow::Join);
+        }
+        return Err(Counter::DropCtInsert);
     }
     let (snat, snat_addr, snat_port) =
         (scratch.original.flags & ct_flags::SNAT != 0, scratch.original.snat_addr, scratch.original.snat_port);
     rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&backend.addr), 2, flow.dport, backend.port)?;
     if affinity_hit {
-        count(stats::AFFINITY_HIT);
+        count(ifindex(ctx), Counter::AffinityHit);
     }
     count_flow(ctx, rev_nat_id, backend_id);
     if snat {
         rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, v4(&snat_addr), 0, flow.sport, snat_port)?;
         if remapped {
-            count(stats::NAT_CLASH_REMAPPED);
-            return pass(stats::DNAT_NEW);
+            count(ifindex(ctx), Counter::NatClashRemapped);
+            return Ok(NewFlow::Verdict(Verdict::Pass(Counter::DnatNew)));
         }
-        count(stats::SNAT_NEW);
+        count(ifindex(ctx), Counter::SnatNew);
         // The new source is this node's own address.
-        return redirect(stats::DNAT_NEW);
+        return Ok(NewFlow::Verdict(Verdict::Forward(Counter::DnatNew)));
     }
-    pass(stats::DNAT_NEW)
+    Ok(NewFlow::Verdict(Verdict::Pass(Counter::DnatNew)))
 }
 
 /// The backend for a new flow: the client's affinity entry when the
@@ -292,7 +279,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Outcom
 /// Not inlined (its keys stay out of `new_flow`'s frame); the result goes
 /// to `scratch.backend`, `backend_id`, `affinity_hit`.
 #[inline(never)]
-fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result<(), u32> {
+fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result<(), Counter> {
     // Keys and values are built in scratch memory: this frame sits under
     // `new_flow`'s in the deepest call chain.
     let sticky = s.service.flags & service_flags::AFFINITY != 0;
@@ -331,7 +318,7 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
     // cover the value the slot is computed from.
     let count = s.service.count;
     if count == 0 {
-        return Err(stats::DROP_NO_BACKEND);
+        return Err(Counter::DropNoBackend);
     }
     let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
     s.slot_key = s.frontend;
@@ -340,12 +327,12 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
     // SAFETY: plain data written whole by the agent.
     let backend_id = match unsafe { SERVICES.get(&s.slot_key) } {
         Some(row) => row.backend_id,
-        None => return Err(stats::DROP_MISSING_ROW),
+        None => return Err(Counter::DropMissingRow),
     };
     // SAFETY: as above.
     match unsafe { BACKENDS.get(&backend_id) } {
         Some(b) => s.backend = *b,
-        None => return Err(stats::DROP_MISSING_ROW),
+        None => return Err(Counter::DropMissingRow),
     }
     s.backend_id = backend_id;
     s.affinity_hit = 0;
@@ -362,7 +349,8 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
 /// port_off`, fixing the IP checksum and the L4 checksum (pseudo-header
 /// included). The kernel helpers handle CHECKSUM_PARTIAL packets (only the
 /// pseudo-header sum is updated) as well as complete checksums; a UDP
-/// checksum of 0 ("none") stays 0 (BPF_F_MARK_MANGLED_0).
+/// checksum of 0 ("none") stays 0 (BPF_F_MARK_MANGLED_0). A failed helper
+/// is counted as its stage: `drop_l4_csum`, `drop_l3_csum`, `drop_store`.
 #[expect(clippy::too_many_arguments, reason = "one call site per direction; a struct would only rename them")]
 #[inline(always)]
 fn rewrite(
@@ -374,7 +362,7 @@ fn rewrite(
     port_off: usize,
     old_port: Port,
     new_port: Port,
-) -> Result<(), u32> {
+) -> Result<(), Counter> {
     let (csum_off, mangled_0) = if flow.proto == PROTO_TCP {
         (flow.l4_off + TCP_CSUM_OFF, 0)
     } else {
@@ -391,16 +379,16 @@ fn rewrite(
         let to = u64::from(u32::from_ne_bytes(new_addr));
         if !sctp {
             ctx.l4_csum_replace(csum_off, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4)
-                .map_err(|_| stats::DROP_REWRITE)?;
+                .map_err(|_| Counter::DropL4Csum)?;
         }
-        ctx.l3_csum_replace(flow.ip_off + IP_CSUM_OFF, from, to, 4).map_err(|_| stats::DROP_REWRITE)?;
-        ctx.store(flow.ip_off + addr_off, &new_addr, 0).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.l3_csum_replace(flow.ip_off + IP_CSUM_OFF, from, to, 4).map_err(|_| Counter::DropL3Csum)?;
+        ctx.store(flow.ip_off + addr_off, &new_addr, 0).map_err(|_| Counter::DropStore)?;
     }
     if old_port != new_port && !sctp {
         let from = u64::from(u16::from_ne_bytes(old_port));
         let to = u64::from(u16::from_ne_bytes(new_port));
-        ctx.l4_csum_replace(csum_off, from, to, mangled_0 | 2).map_err(|_| stats::DROP_REWRITE)?;
-        ctx.store(flow.l4_off + port_off, &new_port, 0).map_err(|_| stats::DROP_REWRITE)?;
+        ctx.l4_csum_replace(csum_off, from, to, mangled_0 | 2).map_err(|_| Counter::DropL4Csum)?;
+        ctx.store(flow.l4_off + port_off, &new_port, 0).map_err(|_| Counter::DropStore)?;
     }
     Ok(())
 }

@@ -8,8 +8,10 @@
 //! (the IP header at offset 0) there are none, and `bpf_redirect` to it
 //! takes the kernel's no-MAC path (`__bpf_redirect_no_mac`).
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
-use service_common::{csum, stats};
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
+use service_common::{PROTO_TCP, csum, stats::Counter};
+
+use crate::{flow::Flow, verdict::Sent};
 
 const ETH_HLEN: usize = 14;
 const IP_HLEN: usize = 20;
@@ -71,33 +73,52 @@ pub fn pack(ip_off: usize, l4_off: usize, tcp_flags: u8) -> u32 {
     ((ip_off as u32) << 16) | ((l4_off as u32) << 8) | u32::from(tcp_flags)
 }
 
+/// Rejects a new flow to a frontend without endpoints: a TCP RST for TCP,
+/// an ICMP port unreachable otherwise, sent back; counted as
+/// `reject_tcp_rst` / `reject_icmp_unreachable`.
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, flow: &Flow) -> Result<Sent, Counter> {
+    let (saddr, daddr) = (u32::from_ne_bytes(flow.saddr), u32::from_ne_bytes(flow.daddr));
+    if flow.proto == PROTO_TCP {
+        tcp_rst(ctx, saddr, daddr, pack(flow.ip_off, flow.l4_off, flow.tcp_flags))
+    } else {
+        icmp_port_unreachable(ctx, saddr, daddr, pack(flow.ip_off, flow.l4_off, 0))
+    }
+}
+
 /// Swaps the Ethernet addresses (the answer goes back to the sender), when
 /// there are any: an L3 device's packet (`ip_off` 0) has no MAC header.
 #[inline(always)]
-fn swap_macs(ctx: &TcContext, ip_off: usize) -> Result<(), u32> {
+fn swap_macs(ctx: &TcContext, ip_off: usize) -> Result<(), Counter> {
     if ip_off != ETH_HLEN {
         return Ok(());
     }
-    let macs: [u8; 12] = ctx.load(0).map_err(|_| stats::DROP_REWRITE)?;
+    let macs: [u8; 12] = ctx.load(0).map_err(|_| Counter::DropLoad)?;
     let mut swapped = [0u8; 12];
     swapped[0..6].copy_from_slice(&macs[6..12]);
     swapped[6..12].copy_from_slice(&macs[0..6]);
-    ctx.store(0, &swapped, 0).map_err(|_| stats::DROP_REWRITE)
+    ctx.store(0, &swapped, 0).map_err(|_| Counter::DropStore)
 }
 
+/// Sends the answer back out of the interface it came in on, to be
+/// counted as `counter`.
 #[inline(always)]
-fn send_back(ctx: &TcContext) -> i32 {
+fn send_back(ctx: &TcContext, counter: Counter) -> Result<Sent, Counter> {
     // SAFETY: reading the ingress ifindex from the context the kernel
     // handed us; bpf_redirect has no memory preconditions.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: see above.
-    #[expect(clippy::cast_possible_truncation, reason = "bpf_redirect returns a TC action (small)")]
-    let action = unsafe { bpf_redirect(ifindex, 0) } as i32;
-    action
+    let action = unsafe { bpf_redirect(ifindex, 0) };
+    // TC_ACT_SHOT when the kernel refuses the redirect's flags.
+    if action != i64::from(TC_ACT_REDIRECT) {
+        return Err(Counter::DropRedirectRefused);
+    }
+    Ok(Sent(counter))
 }
 
 /// Turns a TCP segment into the RST that refuses it (RFC 793 reset
-/// generation) and sends it back. An incoming RST is dropped unanswered.
+/// generation) and sends it back. An incoming RST is dropped unanswered
+/// (`drop_reject_unanswered`).
 ///
 /// Not inlined: a rare path whose buffers must not count against the
 /// fast path's 512-byte stack (a BPF-to-BPF call gets its own frame).
@@ -106,13 +127,13 @@ fn send_back(ctx: &TcContext) -> i32 {
 /// `saddr`/`daddr` are the offending packet's addresses as they sit in the
 /// header (`u32::from_ne_bytes` of the wire bytes): scalars, not a struct,
 /// so nothing more lands on the stack.
-pub fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<i32, u32> {
+fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<Sent, Counter> {
     let p = Offender::new(saddr, daddr, l4_off_flags);
     if p.tcp_flags & TCP_RST != 0 {
-        return Err(stats::REJECT_TCP_RST);
+        return Err(Counter::DropRejectUnanswered);
     }
-    let tcp: [u8; TCP_HLEN] = ctx.load(p.l4_off).map_err(|_| stats::DROP_REWRITE)?;
-    let ip: [u8; IP_HLEN] = ctx.load(p.ip_off).map_err(|_| stats::DROP_REWRITE)?;
+    let tcp: [u8; TCP_HLEN] = ctx.load(p.l4_off).map_err(|_| Counter::DropLoad)?;
+    let ip: [u8; IP_HLEN] = ctx.load(p.ip_off).map_err(|_| Counter::DropLoad)?;
     let ip_total = u32::from(u16::from_be_bytes([ip[2], ip[3]]));
     let ihl = u32::from(ip[0] & 0x0f) * 4;
     let doff = u32::from(tcp[12] >> 4) * 4;
@@ -142,23 +163,24 @@ pub fn tcp_rst(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Re
     let ip_hdr = ipv4_header(p.daddr, p.saddr, service_common::PROTO_TCP, (IP_HLEN + TCP_HLEN) as u16);
 
     swap_macs(ctx, p.ip_off)?;
-    ctx.store(p.ip_off, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(p.ip_off + IP_HLEN, &rst, 0).map_err(|_| stats::DROP_REWRITE)?;
+    ctx.store(p.ip_off, &ip_hdr, 0).map_err(|_| Counter::DropStore)?;
+    ctx.store(p.ip_off + IP_HLEN, &rst, 0).map_err(|_| Counter::DropStore)?;
     #[expect(clippy::cast_possible_truncation, reason = "54 bytes at most")]
     change_tail(ctx, (p.ip_off + IP_HLEN + TCP_HLEN) as u32)?;
-    Ok(send_back(ctx))
+    send_back(ctx, Counter::RejectTcpRst)
 }
 
 /// Turns a datagram into the ICMP port unreachable that refuses it, sent
 /// from the Service address, quoting its IP header and first 8 bytes.
-/// Datagrams with IP options are dropped unanswered (counted as rejected).
+/// Datagrams with IP options are dropped unanswered
+/// (`drop_reject_unanswered`).
 #[inline(never)]
-pub fn icmp_port_unreachable(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<i32, u32> {
+fn icmp_port_unreachable(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_flags: u32) -> Result<Sent, Counter> {
     let p = Offender::new(saddr, daddr, l4_off_flags);
     if p.l4_off != p.ip_off + IP_HLEN {
-        return Err(stats::REJECT_ICMP_UNREACHABLE);
+        return Err(Counter::DropRejectUnanswered);
     }
-    let quote: [u8; QUOTE_LEN] = ctx.load(p.ip_off).map_err(|_| stats::DROP_REWRITE)?;
+    let quote: [u8; QUOTE_LEN] = ctx.load(p.ip_off).map_err(|_| Counter::DropLoad)?;
     let mut icmp = [0u8; ICMP_HLEN + QUOTE_LEN];
     icmp[0] = 3; // destination unreachable
     icmp[1] = 3; // port unreachable
@@ -173,16 +195,16 @@ pub fn icmp_port_unreachable(ctx: &TcContext, saddr: u32, daddr: u32, l4_off_fla
     #[expect(clippy::cast_possible_truncation, reason = "70 bytes at most")]
     change_tail(ctx, (p.ip_off + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)?;
     swap_macs(ctx, p.ip_off)?;
-    ctx.store(p.ip_off, &ip_hdr, 0).map_err(|_| stats::DROP_REWRITE)?;
-    ctx.store(p.ip_off + IP_HLEN, &icmp, 0).map_err(|_| stats::DROP_REWRITE)?;
-    Ok(send_back(ctx))
+    ctx.store(p.ip_off, &ip_hdr, 0).map_err(|_| Counter::DropStore)?;
+    ctx.store(p.ip_off + IP_HLEN, &icmp, 0).map_err(|_| Counter::DropStore)?;
+    send_back(ctx, Counter::RejectIcmpUnreachable)
 }
 
 #[inline(always)]
-fn change_tail(ctx: &TcContext, len: u32) -> Result<(), u32> {
+fn change_tail(ctx: &TcContext, len: u32) -> Result<(), Counter> {
     // SAFETY: the helper takes the context pointer the kernel gave us.
     let rc = unsafe { aya_ebpf::helpers::bpf_skb_change_tail(ctx.skb.skb, len, 0) };
-    if rc == 0 { Ok(()) } else { Err(stats::DROP_REWRITE) }
+    if rc == 0 { Ok(()) } else { Err(Counter::DropResize) }
 }
 
 /// Where the quote starts in an ICMP answer built by
@@ -198,8 +220,8 @@ pub fn pack_icmp(icmp_type: u8, code: u8, mtu: u16) -> u32 {
 
 /// The counter for an answer built by [`icmp_error_to_sender`].
 #[inline(always)]
-pub fn answer_counter(answer: u32) -> u32 {
-    if answer >> 24 == 11 { stats::DROP_TTL_EXCEEDED } else { stats::DROP_FRAG_NEEDED }
+fn answer_counter(answer: u32) -> Counter {
+    if answer >> 24 == 11 { Counter::DropTtlExceeded } else { Counter::DropFragNeeded }
 }
 
 /// Answers a packet that cannot be forwarded (too big for the egress MTU,
@@ -207,17 +229,18 @@ pub fn answer_counter(answer: u32) -> u32 {
 /// sent, back to its sender, quoting the packet as the sender sent it:
 /// the translation already written into it is undone in the quote (its
 /// addresses, ports, IP checksum and UDP checksum). Sent from the address
-/// the sender addressed. A packet with IP options is dropped unanswered.
-/// The answer is built in scratch memory, off the stack.
+/// the sender addressed. A packet with IP options is dropped unanswered
+/// (`drop_icmp_answer`). The answer is built in scratch memory, off the
+/// stack.
 #[inline(never)]
-pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u32) -> Result<i32, u32> {
+pub fn icmp_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result<Sent, Counter> {
     let s = crate::scratch::scratch()?;
     let buf = &mut s.answer;
     // [0, 20): IP header; [20, 28): ICMP header; [28, 56): the quote.
     let ip_off = flow.ip_off;
-    let quote: [u8; QUOTE_LEN] = ctx.load(ip_off).map_err(|_| stats::DROP_ICMP_ANSWER)?;
+    let quote: [u8; QUOTE_LEN] = ctx.load(ip_off).map_err(|_| Counter::DropLoad)?;
     if quote[0] != 0x45 {
-        return Err(stats::DROP_ICMP_ANSWER);
+        return Err(Counter::DropIcmpAnswer);
     }
     buf[Q..].copy_from_slice(&quote);
     // The endpoints as they now sit in the packet, and as its sender sent
@@ -264,8 +287,8 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &crate::flow::Flow, answer: u
     let ip_hdr = ipv4_header(flow.daddr, flow.saddr, PROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
     buf[..IP_HLEN].copy_from_slice(&ip_hdr);
     #[expect(clippy::cast_possible_truncation, reason = "70 bytes at most")]
-    change_tail(ctx, (ip_off + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32).map_err(|_| stats::DROP_ICMP_ANSWER)?;
-    swap_macs(ctx, ip_off).map_err(|_| stats::DROP_ICMP_ANSWER)?;
-    ctx.store(ip_off, &s.answer, 0).map_err(|_| stats::DROP_ICMP_ANSWER)?;
-    Ok(send_back(ctx))
+    change_tail(ctx, (ip_off + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)?;
+    swap_macs(ctx, ip_off)?;
+    ctx.store(ip_off, &s.answer, 0).map_err(|_| Counter::DropStore)?;
+    send_back(ctx, answer_counter(answer))
 }

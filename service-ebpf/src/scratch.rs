@@ -3,7 +3,9 @@
 //! the FIB lookup's parameters), kept off the 512-byte stack.
 
 use aya_ebpf::{bindings::bpf_fib_lookup as FibParams, btf_maps::PerCpuArray, macros::btf_map};
-use service_common::{AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, ServiceKey, ServiceValue, stats};
+use service_common::{
+    AffinityKey, AffinityValue, BackendValue, CtKey, CtValue, ServiceKey, ServiceValue, stats::Counter,
+};
 
 use crate::flow::Flow;
 
@@ -58,8 +60,8 @@ static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
 
 /// This CPU's scratch space.
 #[inline(always)]
-pub fn scratch() -> Result<&'static mut Scratch, u32> {
-    let ptr = SCRATCH.get_ptr_mut(0).ok_or(stats::DROP_NO_SCRATCH)?;
+pub fn scratch() -> Result<&'static mut Scratch, Counter> {
+    let ptr = SCRATCH.get_ptr_mut(0).ok_or(Counter::DropNoScratch)?;
     // SAFETY: this CPU's own slot; a BPF program is not preempted by
     // itself on one CPU, so nothing else uses it while this packet runs.
     Ok(unsafe { &mut *ptr })

@@ -9,7 +9,27 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
+use service_common::{InterfaceCounterKey, map_names, stats::Counter};
+
 use crate::netns::{ChildGuard, Netns, binary, unique_suffix};
+
+/// Packets counted as `counter` for interface `ifindex` in the pinned
+/// `interface_stats` map under `root`, all CPUs summed (0 without a row).
+///
+/// # Panics
+/// When the pin is missing or is not a per-CPU hash map.
+#[must_use]
+pub fn interface_stat(root: &Path, ifindex: u32, counter: Counter) -> u64 {
+    let pin = aya::maps::MapData::from_pin(root.join(map_names::INTERFACE_STATS)).expect("pinned interface_stats");
+    let map: aya::maps::PerCpuHashMap<_, InterfaceCounterKey, u64> =
+        aya::maps::PerCpuHashMap::try_from(aya::maps::Map::PerCpuLruHashMap(pin)).expect("interface_stats");
+    map.get(&InterfaceCounterKey { ifindex, counter: counter.id() }, 0).map_or(0, |values| values.iter().sum())
+}
+
+/// The interface BPF_PROG_TEST_RUN runs a TC program's packets as
+/// entering on: the loopback device of the calling thread's network
+/// namespace.
+pub const TEST_RUN_IFINDEX: u32 = 1;
 
 /// A manifest directory, removed on drop.
 pub struct ManifestDir(PathBuf);

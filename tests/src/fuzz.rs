@@ -18,7 +18,7 @@ use std::{
     path::Path,
 };
 
-use service_common::stats;
+use service_common::stats::{self, Counter};
 
 use crate::packet::ones_complement_sum;
 
@@ -146,8 +146,10 @@ pub enum VerdictKind {
     /// Rewritten and let go (`TC_ACT_OK`, or `TC_ACT_REDIRECT` by the FIB).
     Translated,
     /// Turned into the answer that refuses it (TCP RST, ICMP error) and
-    /// sent back (`TC_ACT_REDIRECT`); or dropped unanswered where the
-    /// answer must not be sent (an RST, a datagram with IP options).
+    /// sent back (`TC_ACT_REDIRECT`); or, for the forwarding answers,
+    /// dropped unanswered where the stack would not answer (no DF, an ICMP
+    /// error, a later fragment). A refused new flow that cannot be
+    /// answered is `drop_reject_unanswered`, a drop.
     Answered,
     /// Dropped (`TC_ACT_SHOT`).
     Dropped,
@@ -155,56 +157,65 @@ pub enum VerdictKind {
 
 /// Every per-packet verdict counter: the entry point (`ingress::run`)
 /// counts exactly one of these for each packet, in one place.
-pub const VERDICT_COUNTERS: [(u32, VerdictKind); 26] = [
-    (stats::PASS_NOT_IPV4, VerdictKind::Pass),
-    (stats::PASS_OTHER_PROTO, VerdictKind::Pass),
-    (stats::PASS_FRAGMENT, VerdictKind::Pass),
-    (stats::PASS_MALFORMED, VerdictKind::Pass),
-    (stats::PASS_NO_SERVICE, VerdictKind::Pass),
-    (stats::DNAT_NEW, VerdictKind::Translated),
-    (stats::DNAT_ESTABLISHED, VerdictKind::Translated),
-    (stats::REV_NAT, VerdictKind::Translated),
-    (stats::ICMP_ERROR_TRANSLATED, VerdictKind::Translated),
-    (stats::FRAGMENT_TRANSLATED, VerdictKind::Translated),
-    (stats::REJECT_TCP_RST, VerdictKind::Answered),
-    (stats::REJECT_ICMP_UNREACHABLE, VerdictKind::Answered),
-    (stats::DROP_FRAG_NEEDED, VerdictKind::Answered),
-    (stats::DROP_TTL_EXCEEDED, VerdictKind::Answered),
-    (stats::DROP_NO_BACKEND, VerdictKind::Dropped),
-    (stats::DROP_MISSING_ROW, VerdictKind::Dropped),
-    (stats::DROP_CT_INSERT, VerdictKind::Dropped),
-    (stats::DROP_REWRITE, VerdictKind::Dropped),
-    (stats::DROP_CT_RACE, VerdictKind::Dropped),
-    (stats::DROP_NO_LOCAL_BACKEND, VerdictKind::Dropped),
-    (stats::DROP_SCTP_PORT_TRANSLATION, VerdictKind::Dropped),
-    (stats::DROP_SOURCE_RANGE, VerdictKind::Dropped),
-    (stats::DROP_SNAT_NO_PORT, VerdictKind::Dropped),
-    (stats::DROP_SNAT_NO_ADDRESS, VerdictKind::Dropped),
-    (stats::DROP_ICMP_ANSWER, VerdictKind::Dropped),
-    (stats::DROP_NO_SCRATCH, VerdictKind::Dropped),
+pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 35] = [
+    (Counter::PassNotIpv4, VerdictKind::Pass),
+    (Counter::PassOtherProto, VerdictKind::Pass),
+    (Counter::PassFragment, VerdictKind::Pass),
+    (Counter::PassMalformed, VerdictKind::Pass),
+    (Counter::PassNoService, VerdictKind::Pass),
+    (Counter::DnatNew, VerdictKind::Translated),
+    (Counter::DnatEstablished, VerdictKind::Translated),
+    (Counter::RevNat, VerdictKind::Translated),
+    (Counter::IcmpErrorTranslated, VerdictKind::Translated),
+    (Counter::FragmentTranslated, VerdictKind::Translated),
+    (Counter::RejectTcpRst, VerdictKind::Answered),
+    (Counter::RejectIcmpUnreachable, VerdictKind::Answered),
+    (Counter::DropFragNeeded, VerdictKind::Answered),
+    (Counter::DropTtlExceeded, VerdictKind::Answered),
+    (Counter::DropNoBackend, VerdictKind::Dropped),
+    (Counter::DropMissingRow, VerdictKind::Dropped),
+    (Counter::DropCtInsert, VerdictKind::Dropped),
+    (Counter::DropL3Csum, VerdictKind::Dropped),
+    (Counter::DropCtRace, VerdictKind::Dropped),
+    (Counter::DropNoLocalBackend, VerdictKind::Dropped),
+    (Counter::DropSctpPortTranslation, VerdictKind::Dropped),
+    (Counter::DropSourceRange, VerdictKind::Dropped),
+    (Counter::DropSnatNoPort, VerdictKind::Dropped),
+    (Counter::DropSnatNoAddress, VerdictKind::Dropped),
+    (Counter::DropIcmpAnswer, VerdictKind::Dropped),
+    (Counter::DropNoScratch, VerdictKind::Dropped),
+    (Counter::DropL4Csum, VerdictKind::Dropped),
+    (Counter::DropStore, VerdictKind::Dropped),
+    (Counter::DropLoad, VerdictKind::Dropped),
+    (Counter::DropResize, VerdictKind::Dropped),
+    (Counter::DropIcmpQuote, VerdictKind::Dropped),
+    (Counter::DropNoRoute, VerdictKind::Dropped),
+    (Counter::DropRedirectRefused, VerdictKind::Dropped),
+    (Counter::DropRejectUnanswered, VerdictKind::Dropped),
+    (Counter::DropSctpTupleTaken, VerdictKind::Dropped),
 ];
 
 /// Counted beside a packet's verdict (`maps::count` calls outside the entry
 /// point's one `count(counter)`): something that happened to its flow.
-pub const EVENT_COUNTERS: [u32; 6] = [
-    stats::AFFINITY_HIT,
-    stats::SNAT_NEW,
-    stats::CT_REPLACED,
-    stats::CT_ASSURED,
-    stats::NAT_CLASH_REMAPPED,
-    stats::CT_RACE_JOINED,
+pub const EVENT_COUNTERS: [Counter; 6] = [
+    Counter::AffinityHit,
+    Counter::SnatNew,
+    Counter::CtReplaced,
+    Counter::CtAssured,
+    Counter::NatClashRemapped,
+    Counter::CtRaceJoined,
 ];
 
 /// The kind of verdict counter `id`, `None` for an event counter.
 #[must_use]
-pub fn verdict_kind(id: u32) -> Option<VerdictKind> {
+pub fn verdict_kind(id: Counter) -> Option<VerdictKind> {
     VERDICT_COUNTERS.iter().find(|(v, _)| *v == id).map(|(_, k)| *k)
 }
 
 /// The name of counter `id`.
 #[must_use]
-pub fn counter_name(id: u32) -> &'static str {
-    stats::ALL.iter().find(|(i, _)| *i == id).map_or("?", |(_, n)| n)
+pub fn counter_name(id: Counter) -> &'static str {
+    id.name()
 }
 
 /// `bpf_attr.batch` (include/uapi/linux/bpf.h), for BPF_MAP_LOOKUP_BATCH.
@@ -284,9 +295,9 @@ impl StatsReader {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counted {
     /// `(id, delta)` of every verdict counter that moved.
-    pub verdicts: Vec<(u32, u64)>,
+    pub verdicts: Vec<(Counter, u64)>,
     /// `(id, delta)` of every event counter that moved.
-    pub events: Vec<(u32, u64)>,
+    pub events: Vec<(Counter, u64)>,
 }
 
 impl Counted {
@@ -295,6 +306,7 @@ impl Counted {
         let mut c = Self::default();
         for (id, (b, a)) in (0u32..).zip(before.iter().zip(after)) {
             let delta = a.wrapping_sub(*b);
+            let Some(id) = Counter::from_id(id) else { continue };
             if delta == 0 {
                 continue;
             }
@@ -306,7 +318,7 @@ impl Counted {
     /// The one verdict of the run, when exactly one verdict counter moved,
     /// by exactly one.
     #[must_use]
-    pub fn single_verdict(&self) -> Option<u32> {
+    pub fn single_verdict(&self) -> Option<Counter> {
         match self.verdicts.as_slice() {
             [(id, 1)] => Some(*id),
             _ => None,
@@ -315,7 +327,8 @@ impl Counted {
 
     #[must_use]
     pub fn describe(&self) -> String {
-        let list = |v: &[(u32, u64)]| v.iter().map(|(id, d)| format!("{}+{d}", counter_name(*id))).collect::<Vec<_>>();
+        let list =
+            |v: &[(Counter, u64)]| v.iter().map(|(id, d)| format!("{}+{d}", counter_name(*id))).collect::<Vec<_>>();
         format!("verdicts {:?}, events {:?}", list(&self.verdicts), list(&self.events))
     }
 }
@@ -1258,12 +1271,12 @@ fn is_icmp_error(t: u8) -> bool {
 /// # Errors
 /// The first broken invariant.
 #[expect(clippy::too_many_lines, reason = "one check after another, in the order a reader verifies an answer")]
-pub fn check_answer(input: &[u8], output: &[u8], verdict: u32) -> Result<(), Violation> {
+pub fn check_answer(input: &[u8], output: &[u8], verdict: Counter) -> Result<(), Violation> {
     let Some(v) = ipv4_view(input) else {
         return Err(violation("answered_a_frame_that_is_not_ipv4", "no IPv4 header in the input"));
     };
-    let forwarding_answer = verdict == stats::DROP_FRAG_NEEDED || verdict == stats::DROP_TTL_EXCEEDED;
-    if verdict == stats::DROP_FRAG_NEEDED && input[ETH_HLEN + 6] & 0x40 == 0 {
+    let forwarding_answer = verdict == Counter::DropFragNeeded || verdict == Counter::DropTtlExceeded;
+    if verdict == Counter::DropFragNeeded && input[ETH_HLEN + 6] & 0x40 == 0 {
         return Err(violation(
             "frag_needed_sent_for_a_packet_without_df",
             format!(
@@ -1296,7 +1309,7 @@ pub fn check_answer(input: &[u8], output: &[u8], verdict: u32) -> Result<(), Vio
             ));
         }
     }
-    let rst = verdict == stats::REJECT_TCP_RST;
+    let rst = verdict == Counter::RejectTcpRst;
     let want_len = if rst { ETH_HLEN + 40 } else { ETH_HLEN + 20 + 8 + 28 };
     if output.len() != want_len {
         return Err(violation("answer_has_the_wrong_length", format!("{} bytes, want {want_len}", output.len())));
@@ -1334,8 +1347,8 @@ pub fn check_answer(input: &[u8], output: &[u8], verdict: u32) -> Result<(), Vio
         return Err(violation("answer_icmp_checksum_invalid", format!("{l4:02x?}")));
     }
     let want_type = match verdict {
-        stats::REJECT_ICMP_UNREACHABLE => (3, 3),
-        stats::DROP_FRAG_NEEDED => (3, 4),
+        Counter::RejectIcmpUnreachable => (3, 3),
+        Counter::DropFragNeeded => (3, 4),
         _ => (11, 0),
     };
     if (l4[0], l4[1]) != want_type {
@@ -1343,7 +1356,7 @@ pub fn check_answer(input: &[u8], output: &[u8], verdict: u32) -> Result<(), Vio
     }
     let quote = &l4[8..36];
     let sent = &input[ETH_HLEN..ETH_HLEN + 28];
-    if verdict == stats::REJECT_ICMP_UNREACHABLE {
+    if verdict == Counter::RejectIcmpUnreachable {
         if quote != sent {
             return Err(violation(
                 "answer_quote_differs_from_the_offending_packet",
@@ -1399,10 +1412,11 @@ mod tests {
 
     #[test]
     fn every_counter_is_a_verdict_or_an_event_and_never_both() {
-        for (id, name) in stats::ALL {
+        for id in Counter::ALL {
+            let name = id.name();
             let verdict = VERDICT_COUNTERS.iter().filter(|(v, _)| *v == id).count();
             let event = EVENT_COUNTERS.iter().filter(|e| **e == id).count();
-            assert_eq!(verdict + event, 1, "classify counter {name} ({id}) as a verdict or an event");
+            assert_eq!(verdict + event, 1, "classify counter {name} ({}) as a verdict or an event", id.id());
         }
         assert_eq!(VERDICT_COUNTERS.len() + EVENT_COUNTERS.len(), stats::COUNT as usize);
     }
@@ -1410,7 +1424,7 @@ mod tests {
     #[test]
     fn drop_counters_are_dropping_verdicts() {
         for (id, kind) in VERDICT_COUNTERS {
-            if stats::is_drop(id) {
+            if id.is_drop() {
                 assert!(matches!(kind, VerdictKind::Dropped | VerdictKind::Answered), "{}", counter_name(id));
             }
         }

@@ -31,23 +31,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// Whether this process runs as root (privileged tests skip otherwise).
+/// Whether this process runs as root (the demo, the benchmarks and the
+/// sweep refuse to start otherwise; the privileged tests are `#[ignore]`d
+/// and run by `cargo xtask test` with `--include-ignored`).
 #[must_use]
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// True (after saying why) when not root: privileged tests then skip
-/// instead of failing under a plain `cargo test`. `cargo xtask test` runs
-/// them as root.
-#[must_use]
-pub fn skip_unless_root() -> bool {
-    if is_root() {
-        return false;
-    }
-    eprintln!("skipped: needs root (run through `cargo xtask test`)");
-    true
 }
 
 /// The prefix of every network namespace the harness makes.

@@ -201,6 +201,29 @@ pub fn udp_v4_fragments(
     (first, rest)
 }
 
+/// `frame` (Ethernet + a 20-byte IPv4 header) with 4 bytes of IP options
+/// (three NOPs and an end of list) after its header: IHL 6, the total
+/// length and the header checksum redone. The L4 checksum stays exact (the
+/// pseudo-header counts the L4 length, which does not change).
+///
+/// # Panics
+/// When `frame` has no 20-byte IPv4 header.
+#[must_use]
+pub fn with_ip_options(frame: &[u8]) -> Vec<u8> {
+    assert_eq!(frame[14], 0x45, "a 20-byte IPv4 header");
+    let mut f = frame[..34].to_vec();
+    f.extend_from_slice(&[1, 1, 1, 0]);
+    f.extend_from_slice(&frame[34..]);
+    f[14] = 0x46;
+    let tot_len = u16::from_be_bytes([f[16], f[17]]) + 4;
+    f[16..18].copy_from_slice(&tot_len.to_be_bytes());
+    f[24] = 0;
+    f[25] = 0;
+    let c = checksum(&f[14..38]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 /// A non-first IPv4 fragment (offset in 8-byte units) of a UDP datagram.
 #[must_use]
 pub fn ipv4_fragment(src: Ipv4Addr, dst: Ipv4Addr, offset_units: u16, data: &[u8]) -> Vec<u8> {

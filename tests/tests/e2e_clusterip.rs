@@ -14,7 +14,7 @@ use std::{
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, ChildGuard, Topology, skip_unless_root, wait_until},
+    netns::{Agent, BpffsMount, ChildGuard, Topology, wait_until},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -149,10 +149,8 @@ fn who(stream: &mut TcpStream) -> String {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn sixty_new_tcp_connections_to_the_cluster_ip_reach_all_three_backends() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
@@ -173,10 +171,8 @@ fn sixty_new_tcp_connections_to_the_cluster_ip_reach_all_three_backends() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn udp_request_and_response_through_the_cluster_ip() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let (from, answer) = cluster.topo.pod("client").ns.run_in(|| {
         let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
@@ -192,10 +188,8 @@ fn udp_request_and_response_through_the_cluster_ip() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn an_established_connection_keeps_working_while_the_other_backends_are_removed() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let mut held = cluster.connect().expect("connect");
     let serving = who(&mut held);
@@ -212,10 +206,8 @@ fn an_established_connection_keeps_working_while_the_other_backends_are_removed(
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second() {
-    if skip_unless_root() {
-        return;
-    }
     let mut cluster = Cluster::start();
     let new_ip = Ipv4Addr::new(10, 244, 1, 14);
     cluster.topo.add_pod("backend-d", new_ip).expect("pod");
@@ -238,10 +230,8 @@ fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second()
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_malformed_manifest_is_reported_and_everything_else_is_still_programmed() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     cluster.manifests.write(
         "broken.yaml",
@@ -277,10 +267,8 @@ fn a_malformed_manifest_is_reported_and_everything_else_is_still_programmed() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn sigterm_detaches_the_programs_and_removes_the_pins() {
-    if skip_unless_root() {
-        return;
-    }
     let mut cluster = Cluster::start();
     let root = cluster.bpffs.path().join("node-1");
     assert!(root.join("services").exists() && root.join("conntrack").exists());

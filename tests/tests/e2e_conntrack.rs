@@ -13,7 +13,6 @@ use std::{
 
 use service_tests::{
     cluster::{node_ip, pod_cidr},
-    netns::skip_unless_root,
     north_south::{A1, B2, CLIENT_POD, NorthSouth, Svc, TIMEOUT, parse_answer},
     traffic::{tcp_from_port, tcp_who, udp_ask, who},
 };
@@ -55,10 +54,8 @@ fn connections(count: usize, addr: SocketAddrV4) -> (Vec<String>, Vec<(usize, St
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn nodeport_to_a_remote_backend_keeps_working_past_the_snat_port_range() {
-    if skip_unless_root() {
-        return;
-    }
     let ns = NorthSouth::start(&[NODEPORT_ONLY_REMOTE]);
     busy_client(&ns.cluster.external);
     let started = Instant::now();
@@ -76,10 +73,8 @@ fn nodeport_to_a_remote_backend_keeps_working_past_the_snat_port_range() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_pod_reaching_itself_keeps_working_past_the_snat_port_range() {
-    if skip_unless_root() {
-        return;
-    }
     let own = Svc {
         name: "own",
         cluster_ip: "10.96.0.30",
@@ -99,10 +94,8 @@ fn a_pod_reaching_itself_keeps_working_past_the_snat_port_range() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections() {
-    if skip_unless_root() {
-        return;
-    }
     let svc = |name, cluster_ip| Svc {
         name,
         cluster_ip,
@@ -137,10 +130,8 @@ fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections(
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
-    if skip_unless_root() {
-        return;
-    }
     let dns = Svc {
         name: "dns",
         cluster_ip: "10.96.0.53",
@@ -181,10 +172,8 @@ fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_size() {
-    if skip_unless_root() {
-        return;
-    }
     let sink = Svc {
         name: "sink",
         cluster_ip: "10.96.0.60",
@@ -227,10 +216,8 @@ fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_siz
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_packet_too_big_for_the_route_towards_the_backend_gets_fragmentation_needed() {
-    if skip_unless_root() {
-        return;
-    }
     // Node 1 reaches node 2's pods over a path with a 1200-byte MTU.
     let narrow = |c: &service_tests::cluster::Cluster| {
         let cidr = format!("{}/24", pod_cidr(2));
@@ -261,10 +248,8 @@ fn a_packet_too_big_for_the_route_towards_the_backend_gets_fragmentation_needed(
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated() {
-    if skip_unless_root() {
-        return;
-    }
     let dns = Svc {
         name: "dns",
         cluster_ip: "10.96.0.53",
@@ -287,10 +272,8 @@ fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn snat_uses_the_address_of_the_interface_towards_the_backend() {
-    if skip_unless_root() {
-        return;
-    }
     // Node 1 has a second, "public" NIC facing the client directly
     // (203.0.113.0/24), which node 2 has no route to: a backend on node 2
     // can only answer node 1's fabric address.

@@ -10,9 +10,11 @@ use std::{
     time::Duration,
 };
 
+use service_common::stats::Counter;
 use service_tests::{
     cluster::{EXTERNAL_IP, node_ip},
-    netns::{Netns, skip_unless_root, wait_until},
+    fixture::interface_stat,
+    netns::{Netns, wait_until},
     north_south::{
         A1, B2, CLIENT_POD, EXTERNAL_SVC_IP, Ep, LB_IP, NorthSouth, Svc, TIMEOUT, WEB, answers, assert_both_backends,
         get, names, parse_answer,
@@ -21,10 +23,8 @@ use service_tests::{
 };
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn nodeport_lb_ip_and_external_ip_reach_backends_on_both_nodes() {
-    if skip_unless_root() {
-        return;
-    }
     let ns = NorthSouth::start(&[WEB]);
     let client = &ns.cluster.external;
     // NodePort on node 1 and on node 2: each node SNATs to itself for the
@@ -56,10 +56,8 @@ fn nodeport_lb_ip_and_external_ip_reach_backends_on_both_nodes() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_local_endpoints() {
-    if skip_unless_root() {
-        return;
-    }
     let local = Svc {
         name: "local",
         cluster_ip: "10.96.0.20",
@@ -101,10 +99,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_drops_without_loca
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn load_balancer_source_ranges_drop_other_sources() {
-    if skip_unless_root() {
-        return;
-    }
     let allowed = Svc {
         name: "allowed",
         cluster_ip: "10.96.0.30",
@@ -143,10 +139,8 @@ fn connects(ns: &Netns, addr: Ipv4Addr, port: u16) -> bool {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn nodeport_addresses_follow_the_flags_and_the_addresses_that_come_and_go() {
-    if skip_unless_root() {
-        return;
-    }
     let np = Svc {
         name: "np",
         cluster_ip: "10.96.0.70",
@@ -192,10 +186,8 @@ fn nodeport_addresses_follow_the_flags_and_the_addresses_that_come_and_go() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_pod_reaching_its_own_service_lands_on_itself_and_pods_reach_backends_on_other_nodes() {
-    if skip_unless_root() {
-        return;
-    }
     let selfish = Svc {
         name: "self",
         cluster_ip: "10.96.0.40",
@@ -241,10 +233,8 @@ fn a_pod_reaching_its_own_service_lands_on_itself_and_pods_reach_backends_on_oth
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn pods_reach_node_ports_load_balancer_ips_and_external_ips_through_every_endpoint() {
-    if skip_unless_root() {
-        return;
-    }
     // externalTrafficPolicy Local with the only endpoint on node 2: external
     // clients at node 1 are dropped, but a pod on node 1 dialling node 1's
     // NodePort, the LB IP or the external IP is translated on its own node
@@ -290,10 +280,8 @@ fn pods_reach_node_ports_load_balancer_ips_and_external_ips_through_every_endpoi
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn nodeport_rejects_without_endpoints_and_keeps_client_ip_affinity() {
-    if skip_unless_root() {
-        return;
-    }
     let empty = Svc {
         name: "empty",
         cluster_ip: "10.96.0.50",
@@ -330,6 +318,14 @@ fn nodeport_rejects_without_endpoints_and_keeps_client_ip_affinity() {
     assert_eq!(udp, Err(std::io::ErrorKind::ConnectionRefused), "ICMP port unreachable");
     assert!(ns.counter(1, "reject_tcp_rst") >= 1);
     assert!(ns.counter(1, "reject_icmp_unreachable") >= 1);
+    // Per interface: all of them on node 1's eth0, where they came in.
+    let out = ns.cluster.node(1).node.exec("cat", &["/sys/class/net/eth0/ifindex"]).expect("ifindex");
+    let eth0: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("ifindex");
+    for (name, counter) in
+        [("reject_tcp_rst", Counter::RejectTcpRst), ("reject_icmp_unreachable", Counter::RejectIcmpUnreachable)]
+    {
+        assert_eq!(interface_stat(&ns.root(1), eth0, counter), ns.counter(1, name), "{name} on eth0");
+    }
     // ClientIP affinity: 20 connections, one backend.
     let got = answers(client, &format!("http://{}:30086/", node_ip(1)), 20);
     assert_eq!(names(&got).len(), 1, "{got:?}");
@@ -338,10 +334,8 @@ fn nodeport_rejects_without_endpoints_and_keeps_client_ip_affinity() {
 
 /// Sends `who` on an open TCP connection and reads the answer.
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn removing_a_backend_flushes_its_udp_flows_and_lets_tcp_flows_finish() {
-    if skip_unless_root() {
-        return;
-    }
     let ns = NorthSouth::start(&[WEB]);
     let node1 = node_ip(1);
     // One UDP socket (one 5-tuple) and one TCP connection, both pinned to
@@ -406,10 +400,8 @@ fn ip_mtu(sock: &UdpSocket) -> i32 {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn icmp_errors_about_a_translated_flow_reach_the_client() {
-    if skip_unless_root() {
-        return;
-    }
     // Only b2, on node 2: the flow is DNATed and SNATed by node 1.
     let big = Svc {
         name: "big",

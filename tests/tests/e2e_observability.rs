@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, Topology, binary, is_root, wait_until},
+    netns::{Agent, BpffsMount, Topology, binary, wait_until},
 };
 
 /// `service-agent ARGS... --bpffs-root ROOT`: its stdout.
@@ -66,13 +66,10 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
 #[expect(clippy::too_many_lines, reason = "one live node, checked through every operator interface in turn")]
 fn metrics_health_inspect_and_explain_work_on_a_live_node() {
-    if !is_root() {
-        eprintln!("skipped: needs root (run through `cargo xtask test`)");
-        return;
-    }
     let mut topo = Topology::new().expect("node");
     topo.add_pod("client", Ipv4Addr::new(10, 244, 1, 10)).expect("client");
     topo.add_pod("backend", Ipv4Addr::new(10, 244, 1, 11)).expect("backend");
@@ -238,12 +235,9 @@ fn lb_local_manifests(too_big_remote_endpoints: u8) -> String {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
 fn failed_map_writes_are_retried_reported_and_fail_only_their_own_services_health_check() {
-    if !is_root() {
-        eprintln!("skipped: needs root (run through `cargo xtask test`)");
-        return;
-    }
     let topo = Topology::new().expect("node");
     let manifests = ManifestDir::new();
     manifests.write("services.yaml", &lb_local_manifests(40));

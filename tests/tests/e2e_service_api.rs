@@ -16,7 +16,7 @@ use std::{
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, ChildGuard, Topology, skip_unless_root},
+    netns::{Agent, BpffsMount, ChildGuard, Topology},
 };
 
 const NODE: &str = "node-1";
@@ -194,10 +194,8 @@ impl Cluster {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let (tcp, udp) = cluster.topo.pod("client").ns.run_in(|| {
         let tcp = TcpStream::connect_timeout(&SocketAddr::from(([10, 96, 1, 1], 80)), Duration::from_secs(2));
@@ -216,20 +214,16 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn internal_traffic_policy_local_only_reaches_this_nodes_endpoints() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let seen = cluster.spread("http://10.96.1.2:80/", 20);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["backend-a"], "{seen:?}");
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn client_ip_affinity_keeps_a_client_on_one_backend_across_20_connections() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let seen = cluster.spread("http://10.96.1.3:80/", 20);
     assert_eq!(seen.len(), 1, "{seen:?}");
@@ -237,20 +231,16 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_across_20_connections() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn without_ready_endpoints_the_serving_terminating_ones_are_used() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let seen = cluster.spread("http://10.96.1.4:80/", 12);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["backend-c"], "{seen:?}");
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn named_target_ports_resolve_per_pod_on_a_multi_port_service() {
-    if skip_unless_root() {
-        return;
-    }
     let cluster = Cluster::start();
     let http = cluster.spread("http://10.96.1.5:80/", 30);
     assert_eq!(http.keys().collect::<Vec<_>>(), ["backend-a", "backend-d"], "{http:?}");

@@ -11,8 +11,8 @@ use std::{
 };
 
 use service_tests::netns::{
-    BPFFS_PREFIX, BpffsMount, ChildGuard, Topology, netns_owner, process_alive, run, skip_unless_root, suffix_owner,
-    sweep, sweep_leftovers, unique_suffix, wait_until,
+    BPFFS_PREFIX, BpffsMount, ChildGuard, Topology, netns_owner, process_alive, run, suffix_owner, sweep,
+    sweep_leftovers, unique_suffix, wait_until,
 };
 
 fn netns_exists(name: &str) -> bool {
@@ -38,10 +38,8 @@ fn names_say_their_owner() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn leftovers_of_a_dead_owner_are_swept_and_a_live_owners_kept() {
-    if skip_unless_root() {
-        return;
-    }
     // A process that has exited (and been reaped): the owner of a run
     // that was killed. And one that runs: the owner of a parallel run.
     let mut gone = Command::new("true").spawn().expect("true");
@@ -112,10 +110,8 @@ fn helper_holds_namespaces_until_signalled() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn sigterm_removes_what_the_process_made() {
-    if skip_unless_root() {
-        return;
-    }
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let exe = std::env::current_exe().expect("test binary");
         let mut child = ChildGuard(

@@ -13,9 +13,10 @@ use service_agent::{
     rows::frontend_key,
     source::manifest,
 };
-use service_common::{addr_v4, hash, port_be, stats};
+use service_common::{addr_v4, hash, port_be, stats::Counter};
 use service_tests::{
-    netns::{BpffsMount, skip_unless_root},
+    fixture::{TEST_RUN_IFINDEX, interface_stat},
+    netns::BpffsMount,
     packet::{self, TestRunOutput},
 };
 
@@ -124,6 +125,26 @@ ports: [{port: 36412, protocol: SCTP}]
 endpoints:
 - addresses: [10.244.1.12]
 ---
+# A second SCTP Service with the same backend: a client port used for both
+# clashes on the reply tuple, and SCTP's ports are never translated.
+apiVersion: v1
+kind: Service
+metadata: {name: signalling-b, namespace: default}
+spec:
+  clusterIP: 10.96.0.51
+  ports:
+  - {port: 36412, protocol: SCTP, targetPort: 36412}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: signalling-b-1
+  labels: {kubernetes.io/service-name: signalling-b}
+addressType: IPv4
+ports: [{port: 36412, protocol: SCTP}]
+endpoints:
+- addresses: [10.244.1.12]
+---
 # Two Services with one and the same backend: a client port used for both
 # clashes on the reply tuple.
 apiVersion: v1
@@ -211,8 +232,13 @@ impl Fixture {
         packet::prog_test_run(prog.fd().expect("fd").as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN")
     }
 
-    fn stat(&self, id: u32) -> u64 {
+    fn stat(&self, id: Counter) -> u64 {
         maps::read_stats(&self.root).expect("stats")[id as usize].1
+    }
+
+    /// Counter `id` of the interface test runs enter on.
+    fn iface_stat(&self, id: Counter) -> u64 {
+        interface_stat(&self.root, TEST_RUN_IFINDEX, id)
     }
 
     /// The backend the program must pick for a flow: the same hash and the
@@ -240,10 +266,8 @@ const ACK: u8 = 0x10;
 const SYN_ACK: u8 = 0x12;
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn tcp_to_a_cluster_ip_is_dnated_and_the_reply_reverse_nated_with_exact_checksums() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let backend = f.expected_backend(40000, 80, service_common::PROTO_TCP);
     assert!(BACKENDS.contains(&backend));
@@ -255,28 +279,32 @@ fn tcp_to_a_cluster_ip_is_dnated_and_the_reply_reverse_nated_with_exact_checksum
     let expected = packet::tcp_v4(CLIENT, 40000, backend, 8080, SYN, b"");
     assert_eq!(out.data_out, expected, "DNATed SYN differs from the expected frame");
     assert!(packet::checksums_valid(&out.data_out));
-    assert_eq!(f.stat(stats::DNAT_NEW), 1);
+    assert_eq!(f.stat(Counter::DnatNew), 1);
 
     // The backend's SYN-ACK gets the VIP back as its source.
     let reply = packet::tcp_v4(backend, 8080, CLIENT, 40000, SYN_ACK, b"");
     let out = f.run(&reply);
     assert_eq!(out.retval, TC_ACT_OK);
     assert_eq!(out.data_out, packet::tcp_v4(VIP, 80, CLIENT, 40000, SYN_ACK, b""));
-    assert_eq!(f.stat(stats::REV_NAT), 1);
+    assert_eq!(f.stat(Counter::RevNat), 1);
 
     // A later packet with payload follows conntrack to the same backend.
     let data = packet::tcp_v4(CLIENT, 40000, VIP, 80, ACK, b"GET / HTTP/1.1\r\n\r\n");
     let out = f.run(&data);
     assert_eq!(out.retval, TC_ACT_OK);
     assert_eq!(out.data_out, packet::tcp_v4(CLIENT, 40000, backend, 8080, ACK, b"GET / HTTP/1.1\r\n\r\n"));
-    assert_eq!(f.stat(stats::DNAT_ESTABLISHED), 1);
+    assert_eq!(f.stat(Counter::DnatEstablished), 1);
+
+    // Per interface: the new flow is counted for the interface it entered
+    // on; the fast path (established flows, replies) adds no row.
+    assert_eq!(f.iface_stat(Counter::DnatNew), 1);
+    assert_eq!(f.iface_stat(Counter::RevNat), 0);
+    assert_eq!(f.iface_stat(Counter::DnatEstablished), 0);
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn new_flows_spread_over_every_backend() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let mut seen = std::collections::BTreeSet::new();
     for sport in 41000..41060 {
@@ -290,10 +318,8 @@ fn new_flows_spread_over_every_backend() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn udp_is_translated_both_ways_and_a_zero_checksum_stays_zero() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let backend = f.expected_backend(5000, 53, service_common::PROTO_UDP);
     let out = f.run(&packet::udp_v4(CLIENT, 5000, VIP, 53, b"query"));
@@ -317,29 +343,27 @@ fn bad_ihl(mut frame: Vec<u8>) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn packets_not_for_a_service_come_out_byte_identical() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
-    let cases: Vec<(&str, Vec<u8>, u32)> = vec![
-        ("pod-to-pod TCP", packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, SYN, b""), stats::PASS_NO_SERVICE),
-        ("VIP on a port it does not serve", packet::tcp_v4(CLIENT, 40000, VIP, 81, SYN, b""), stats::PASS_NO_SERVICE),
-        ("ARP", packet::arp_request(CLIENT, VIP), stats::PASS_NOT_IPV4),
+    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+        ("pod-to-pod TCP", packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, SYN, b""), Counter::PassNoService),
+        ("VIP on a port it does not serve", packet::tcp_v4(CLIENT, 40000, VIP, 81, SYN, b""), Counter::PassNoService),
+        ("ARP", packet::arp_request(CLIENT, VIP), Counter::PassNotIpv4),
         (
             "non-first fragment to the VIP",
             packet::ipv4_fragment(CLIENT, VIP, 185, b"middle of a datagram"),
-            stats::PASS_FRAGMENT,
+            Counter::PassFragment,
         ),
         (
             "truncated TCP header",
             packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")[..36].to_vec(),
-            stats::PASS_MALFORMED,
+            Counter::PassMalformed,
         ),
         (
             "IPv4 header length below 20 bytes",
             bad_ihl(packet::tcp_v4(CLIENT, 40000, VIP, 80, SYN, b"")),
-            stats::PASS_MALFORMED,
+            Counter::PassMalformed,
         ),
     ];
     for (what, frame, counter) in cases {
@@ -352,10 +376,8 @@ fn packets_not_for_a_service_come_out_byte_identical() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_service_without_endpoints_rejects_tcp_with_an_exact_rst() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let syn = packet::tcp_v4(CLIENT, 40000, EMPTY_VIP, 80, SYN, b"");
     let out = f.run(&syn);
@@ -371,7 +393,7 @@ fn a_service_without_endpoints_rejects_tcp_with_an_exact_rst() {
     assert_eq!(u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]), 0, "SEQ=0");
     assert_eq!(u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]), 1_000_001, "ACK=SEG.SEQ+1 for a SYN");
     assert!(packet::checksums_valid(rst), "IP and TCP checksums");
-    assert_eq!(f.stat(stats::REJECT_TCP_RST), 1);
+    assert_eq!(f.stat(Counter::RejectTcpRst), 1);
 
     // An ACK segment gets <SEQ=SEG.ACK><CTL=RST>; an RST is never answered.
     let out = f.run(&packet::tcp_v4(CLIENT, 40001, EMPTY_VIP, 80, ACK, b"data"));
@@ -379,15 +401,27 @@ fn a_service_without_endpoints_rejects_tcp_with_an_exact_rst() {
     assert_eq!(out.data_out[34 + 13], 0x04);
     assert_eq!(&out.data_out[34 + 4..34 + 8], &2_000_000u32.to_be_bytes());
     assert!(packet::checksums_valid(&out.data_out));
+    assert_eq!((f.stat(Counter::RejectTcpRst), f.iface_stat(Counter::RejectTcpRst)), (2, 2));
     let out = f.run(&packet::tcp_v4(CLIENT, 40002, EMPTY_VIP, 80, 0x04, b""));
     assert_eq!(out.retval, TC_ACT_SHOT);
+    // Dropped unanswered, and counted as that, not as a reject.
+    assert_eq!(f.stat(Counter::DropRejectUnanswered), 1);
+    assert_eq!(f.iface_stat(Counter::DropRejectUnanswered), 1);
+    assert_eq!(f.stat(Counter::RejectTcpRst), 2);
+
+    // A SYN whose TCP header is cut short after its checksum (18 bytes):
+    // the parse has what a translation needs, the RST needs the whole
+    // header, and reading it back fails (bpf_skb_load_bytes past skb->len).
+    let short = packet::tcp_v4(CLIENT, 40003, EMPTY_VIP, 80, SYN, b"")[..14 + 20 + 18].to_vec();
+    let out = f.run(&short);
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!((f.stat(Counter::DropLoad), f.iface_stat(Counter::DropLoad)), (1, 1));
+    assert_eq!(f.stat(Counter::RejectTcpRst), 2);
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let query = packet::udp_v4(CLIENT, 5000, EMPTY_VIP, 53, b"q");
     let out = f.run(&query);
@@ -402,14 +436,23 @@ fn a_service_without_endpoints_rejects_udp_with_icmp_port_unreachable() {
     assert_eq!((icmp[34], icmp[35]), (3, 3), "destination unreachable, port unreachable");
     assert_eq!(packet::checksum(&icmp[34..]), 0, "ICMP checksum");
     assert_eq!(&icmp[42..70], &query[14..42], "quotes the datagram's IP header and first 8 bytes");
-    assert_eq!(f.stat(stats::REJECT_ICMP_UNREACHABLE), 1);
+    assert_eq!(f.stat(Counter::RejectIcmpUnreachable), 1);
+
+    // A datagram with IP options gets no answer (the quote would not be
+    // its header and 8 bytes): a drop of its own reason, not a reject.
+    let with_options = packet::with_ip_options(&packet::udp_v4(CLIENT, 5001, EMPTY_VIP, 53, b"q"));
+    assert!(packet::checksums_valid(&with_options));
+    let out = f.run(&with_options);
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(f.stat(Counter::DropRejectUnanswered), 1);
+    assert_eq!(f.iface_stat(Counter::DropRejectUnanswered), 1);
+    assert_eq!(f.stat(Counter::RejectIcmpUnreachable), 1);
+    assert_eq!(f.iface_stat(Counter::RejectIcmpUnreachable), 1);
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn sctp_to_a_cluster_ip_is_dnated_with_its_crc32c_intact() {
-    if skip_unless_root() {
-        return;
-    }
     // The kernel here has no SCTP stack, so no netns test can carry real
     // SCTP; the program's SCTP path is shown on crafted packets.
     let f = Fixture::new();
@@ -425,22 +468,38 @@ fn sctp_to_a_cluster_ip_is_dnated_with_its_crc32c_intact() {
 }
 
 #[test]
-fn a_local_policy_without_a_local_endpoint_drops_silently() {
-    if skip_unless_root() {
-        return;
-    }
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn an_sctp_flow_whose_reply_tuple_is_taken_is_dropped_as_drop_sctp_tuple_taken() {
     let f = Fixture::new();
-    let out = f.run(&packet::tcp_v4(CLIENT, 40000, LOCAL_POLICY_VIP, 80, SYN, b""));
+    let (a, b) = (Ipv4Addr::new(10, 96, 0, 50), Ipv4Addr::new(10, 96, 0, 51));
+    let out = f.run(&packet::sctp_init_v4(CLIENT, 38500, a, 36412));
+    assert_eq!((out.retval, out.data_out), (TC_ACT_OK, packet::sctp_init_v4(CLIENT, 38500, BACKENDS[1], 36412)));
+    // The same client port to the other Service with the same backend:
+    // the reply tuple (backend:36412 → client:38500) is the first flow's,
+    // and SCTP's port cannot be remapped (its CRC32c covers it).
+    let out = f.run(&packet::sctp_init_v4(CLIENT, 38500, b, 36412));
     assert_eq!(out.retval, TC_ACT_SHOT);
-    assert_eq!(f.stat(stats::DROP_NO_LOCAL_BACKEND), 1);
-    assert_eq!(f.stat(stats::REJECT_TCP_RST), 0);
+    assert_eq!(f.stat(Counter::DropSctpTupleTaken), 1);
+    assert_eq!(f.iface_stat(Counter::DropSctpTupleTaken), 1);
+    assert_eq!(f.stat(Counter::DropSnatNoPort), 0, "no longer hidden in the SNAT port counter");
+    // Another client port is free.
+    let out = f.run(&packet::sctp_init_v4(CLIENT, 38501, b, 36412));
+    assert_eq!((out.retval, out.data_out), (TC_ACT_OK, packet::sctp_init_v4(CLIENT, 38501, BACKENDS[1], 36412)));
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_local_policy_without_a_local_endpoint_drops_silently() {
+    let f = Fixture::new();
+    let out = f.run(&packet::tcp_v4(CLIENT, 40000, LOCAL_POLICY_VIP, 80, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_SHOT);
+    assert_eq!(f.stat(Counter::DropNoLocalBackend), 1);
+    assert_eq!(f.stat(Counter::RejectTcpRst), 0);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn client_ip_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let mut backends = std::collections::BTreeSet::new();
     for sport in 42000..42020 {
@@ -449,7 +508,7 @@ fn client_ip_affinity_sends_every_new_flow_of_a_client_to_one_backend() {
         backends.insert(packet::parse(&out.data_out).expect("parse").ip_dst);
     }
     assert_eq!(backends.len(), 1, "{backends:?}");
-    assert_eq!(f.stat(stats::AFFINITY_HIT), 19);
+    assert_eq!(f.stat(Counter::AffinityHit), 19);
     // Another client is hashed on its own.
     let other = Ipv4Addr::new(10, 244, 1, 99);
     let out = f.run(&packet::tcp_v4(other, 42000, STICKY_VIP, 80, SYN, b""));
@@ -506,10 +565,8 @@ fn entry(
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn tcp_flows_follow_netfilter_states_and_a_syn_on_a_closed_flow_starts_afresh() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let backend = f.expected_backend(40100, 80, service_common::PROTO_TCP);
     let run_ok = |frame: Vec<u8>| assert_eq!(f.run(&frame).retval, TC_ACT_OK);
@@ -521,7 +578,7 @@ fn tcp_flows_follow_netfilter_states_and_a_syn_on_a_closed_flow_starts_afresh() 
     // The handshake completed: both entries moved to the assured table.
     assert_eq!(entry(&f, CLIENT, 40100, VIP, 80), Some(("conntrack", vec!["seen-reply", "assured"])));
     assert_eq!(entry(&f, backend, 8080, CLIENT, 40100), Some(("conntrack", vec!["seen-reply", "assured"])));
-    assert_eq!(f.stat(stats::CT_ASSURED), 1);
+    assert_eq!(f.stat(Counter::CtAssured), 1);
     // The client closes; the backend keeps sending (half-closed) and is
     // still translated; then it closes too.
     run_ok(packet::tcp_v4(CLIENT, 40100, VIP, 80, FIN_ACK, b""));
@@ -536,16 +593,14 @@ fn tcp_flows_follow_netfilter_states_and_a_syn_on_a_closed_flow_starts_afresh() 
     // closed one's state.
     let out = f.run(&packet::tcp_v4(CLIENT, 40100, VIP, 80, SYN, b""));
     assert_eq!(out.data_out, packet::tcp_v4(CLIENT, 40100, backend, 8080, SYN, b""));
-    assert_eq!(f.stat(stats::CT_REPLACED), 1);
+    assert_eq!(f.stat(Counter::CtReplaced), 1);
     assert_eq!(entry(&f, CLIENT, 40100, VIP, 80), Some(("conntrack_new", vec![])));
     assert_eq!(entry(&f, backend, 8080, CLIENT, 40100), Some(("conntrack_new", vec![])));
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_reply_tuple_held_by_a_live_flow_gets_the_new_flows_source_port_remapped() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let (a, b, backend) = (Ipv4Addr::new(10, 96, 0, 61), Ipv4Addr::new(10, 96, 0, 62), Ipv4Addr::new(10, 244, 1, 11));
     let out = f.run(&packet::tcp_v4(CLIENT, 40200, a, 80, SYN, b""));
@@ -559,7 +614,7 @@ fn a_reply_tuple_held_by_a_live_flow_gets_the_new_flows_source_port_remapped() {
     assert_ne!(second.sport, 40200);
     assert!(second.sport >= service_common::snat_ports::REMAP_MIN);
     assert_eq!(out.data_out, packet::tcp_v4(CLIENT, second.sport, backend, 8080, SYN, b""), "exact checksums");
-    assert_eq!(f.stat(stats::NAT_CLASH_REMAPPED), 1);
+    assert_eq!(f.stat(Counter::NatClashRemapped), 1);
     // Each connection's replies come back from its own Service, to the
     // client's own port.
     let out = f.run(&packet::tcp_v4(backend, 8080, CLIENT, 40200, SYN_ACK, b""));
@@ -574,10 +629,8 @@ fn a_reply_tuple_held_by_a_live_flow_gets_the_new_flows_source_port_remapped() {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn every_fragment_of_a_datagram_follows_its_first_fragment_both_ways() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new();
     let payload: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
     let backend = f.expected_backend(5300, 53, service_common::PROTO_UDP);
@@ -594,7 +647,7 @@ fn every_fragment_of_a_datagram_follows_its_first_fragment_both_ways() {
     let (want_first, want_rest) = packet::udp_v4_fragments(VIP, 53, CLIENT, 5300, &payload, 1480);
     assert_eq!(f.run(&first).data_out, want_first);
     assert_eq!(f.run(&rest).data_out, want_rest);
-    assert_eq!(f.stat(stats::FRAGMENT_TRANSLATED), 2);
+    assert_eq!(f.stat(Counter::FragmentTranslated), 2);
     // A later fragment whose first fragment never came passes untouched.
     let (_, stray) = packet::udp_v4_fragments(CLIENT, 5301, Ipv4Addr::new(10, 96, 0, 99), 53, &payload, 1480);
     let out = f.run(&stray);

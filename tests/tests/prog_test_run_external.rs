@@ -3,9 +3,10 @@
 //! another node (DNAT + SNAT), its reply, and an ICMP error about it, each
 //! compared byte for byte with a frame built from scratch (so every
 //! checksum, the quoted ones inside the ICMP error included, is exact).
-//! Run inside a fresh network namespace: the FIB lookup the program does
-//! for packets with a node-address source finds no route there, so the
-//! verdict is the stack's (`TC_ACT_OK`) and deterministic.
+//! Each runs inside a fresh network namespace whose routes it sets: the
+//! FIB lookup the program does for packets with a node-address source
+//! finds them there (redirected, one TTL less), or finds none
+//! (`drop_no_route`). Test runs only return the packet; nothing is sent.
 
 use std::{
     collections::BTreeMap,
@@ -21,14 +22,14 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{CtKey, CtValue, addr_v4, port_be, snat_ports, stats};
+use service_common::{CtKey, CtValue, addr_v4, port_be, snat_ports, stats::Counter};
 use service_tests::{
-    fixture::ManifestDir,
-    netns::{BpffsMount, Netns, skip_unless_root, unique_suffix},
+    fixture::{ManifestDir, TEST_RUN_IFINDEX, interface_stat},
+    netns::{BpffsMount, Netns, unique_suffix},
     packet,
 };
 
-const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
 const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 12);
@@ -86,32 +87,49 @@ fn with_program(ns: &Netns, check: impl FnOnce(BorrowedFd<'_>, &Path) + Send) {
     });
 }
 
+/// Routes as a node has them: the backend's pod network and the clients'
+/// network behind a veth, forwarding on.
+fn route_like_a_node(ns: &Netns) {
+    ns.ip(&["link", "set", "lo", "up"]).expect("lo");
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]).expect("veth");
+    ns.ip(&["link", "set", "d0", "up"]).expect("d0 up");
+    ns.ip(&["link", "set", "d1", "up"]).expect("d1 up");
+    ns.ip(&["addr", "add", "10.244.2.1/24", "dev", "d0"]).expect("addr");
+    ns.ip(&["route", "add", "192.168.100.0/24", "dev", "d0"]).expect("client route");
+    ns.sysctl("net.ipv4.ip_forward=1").expect("forwarding");
+}
+
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_nodeport_flow_to_another_node_is_dnated_snated_reversed_and_its_icmp_errors_translated() {
-    if skip_unless_root() {
-        return;
-    }
     let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    route_like_a_node(&ns);
     with_program(&ns, |fd, root| {
         let run = |frame: &[u8]| packet::prog_test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
-        let stat = |id: u32| maps::read_stats(root).expect("stats")[id as usize].1;
+        let stat = |id: Counter| maps::read_stats(root).expect("stats")[id as usize].1;
+        // Every packet here has a node address as its new source (or
+        // destination, for replies to a SNATed flow): it leaves by the FIB
+        // redirect, one TTL less (the MAC header is the neighbour
+        // output's business, after the program).
+        let redirected = |out: &packet::TestRunOutput, want: &[u8]| {
+            assert_eq!(out.retval, TC_ACT_REDIRECT);
+            assert_eq!(out.data_out[14..], with_ttl(want, 63)[14..]);
+        };
 
         // TCP SYN client → node:30080 becomes node:P → backend:8080, P in
         // the SNAT range.
         let out = run(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x02, b""));
-        assert_eq!(out.retval, TC_ACT_OK);
         let p = packet::parse(&out.data_out).expect("parse");
         assert!((snat_ports::MIN..=snat_ports::MAX).contains(&p.sport), "{p:?}");
         let snat_port = p.sport;
-        assert_eq!(out.data_out, packet::tcp_v4(NODE, snat_port, BACKEND, 8080, 0x02, b""));
-        assert_eq!((stat(stats::DNAT_NEW), stat(stats::SNAT_NEW)), (1, 1));
+        redirected(&out, &packet::tcp_v4(NODE, snat_port, BACKEND, 8080, 0x02, b""));
+        assert_eq!((stat(Counter::DnatNew), stat(Counter::SnatNew)), (1, 1));
         // The backend's SYN-ACK to node:P becomes node:30080 → client:40000.
         let out = run(&packet::tcp_v4(BACKEND, 8080, NODE, snat_port, 0x12, b""));
-        assert_eq!(out.retval, TC_ACT_OK);
-        assert_eq!(out.data_out, packet::tcp_v4(NODE, 30080, CLIENT, 40000, 0x12, b""));
+        redirected(&out, &packet::tcp_v4(NODE, 30080, CLIENT, 40000, 0x12, b""));
         // The next client packet follows the same translation.
         let out = run(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x10, b"GET /"));
-        assert_eq!(out.data_out, packet::tcp_v4(NODE, snat_port, BACKEND, 8080, 0x10, b"GET /"));
+        redirected(&out, &packet::tcp_v4(NODE, snat_port, BACKEND, 8080, 0x10, b"GET /"));
 
         // UDP: the datagram as it left this node, then a "fragmentation
         // needed" about it from a router behind the node: translated into
@@ -119,22 +137,19 @@ fn a_nodeport_flow_to_another_node_is_dnated_snated_reversed_and_its_icmp_errors
         let out = run(&packet::udp_v4(CLIENT, 5000, NODE, 30053, b"query!"));
         let p = packet::parse(&out.data_out).expect("parse");
         let sent = packet::udp_v4(NODE, p.sport, BACKEND, 5353, b"query!");
-        assert_eq!(out.data_out, sent);
+        redirected(&out, &sent);
         let icmp = packet::icmp_frag_needed_v4(ROUTER, NODE, 1000, &sent);
         let out = run(&icmp);
-        assert_eq!(out.retval, TC_ACT_OK);
         let client_sent = packet::udp_v4(CLIENT, 5000, NODE, 30053, b"query!");
-        assert_eq!(
-            out.data_out,
-            packet::icmp_frag_needed_v4(ROUTER, CLIENT, 1000, &client_sent),
-            "outer destination, quoted addresses, ports and every checksum"
-        );
+        // Outer destination, quoted addresses, ports and every checksum.
+        redirected(&out, &packet::icmp_frag_needed_v4(ROUTER, CLIENT, 1000, &client_sent));
         // An error sent by the backend itself: its address (the quoted
         // destination) becomes the NodePort's too.
         let unreachable = packet::icmp_frag_needed_v4(BACKEND, NODE, 0, &sent);
         let out = run(&unreachable);
-        assert_eq!(out.data_out, packet::icmp_frag_needed_v4(NODE, CLIENT, 0, &client_sent));
-        assert_eq!(stat(stats::ICMP_ERROR_TRANSLATED), 2);
+        redirected(&out, &packet::icmp_frag_needed_v4(NODE, CLIENT, 0, &client_sent));
+        assert_eq!(stat(Counter::IcmpErrorTranslated), 2);
+        assert_eq!(interface_stat(root, TEST_RUN_IFINDEX, Counter::IcmpErrorTranslated), 2);
         // An ICMP error about no flow of ours passes untouched.
         let unrelated = packet::icmp_frag_needed_v4(ROUTER, NODE, 1000, &packet::udp_v4(NODE, 1, CLIENT, 2, b"xy"));
         let out = run(&unrelated);
@@ -156,10 +171,8 @@ fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwarding_icmp_answer() {
-    if skip_unless_root() {
-        return;
-    }
     let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
     // A route to the backend (so the FIB redirect happens) over a path
     // with a 1000-byte MTU, and forwarding on, as on a node.
@@ -172,7 +185,7 @@ fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwardi
     ns.sysctl("net.ipv4.ip_forward=1").expect("forwarding");
     with_program(&ns, |fd, root| {
         let run = |frame: &[u8]| packet::prog_test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
-        let stat = |id: u32| maps::read_stats(root).expect("stats")[id as usize].1;
+        let stat = |id: Counter| maps::read_stats(root).expect("stats")[id as usize].1;
 
         // The SYN is translated and redirected towards the backend with
         // its TTL one lower (and the header checksum to match).
@@ -198,7 +211,7 @@ fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwardi
         assert_eq!((icmp[0], icmp[1], u16::from_be_bytes([icmp[6], icmp[7]])), (3, 4, 1000), "frag needed, MTU 1000");
         assert_eq!(packet::checksum(icmp), 0, "ICMP checksum");
         assert_eq!(&icmp[8..], &big[14..14 + 28], "the client's own header and ports, untranslated");
-        assert_eq!(stat(stats::DROP_FRAG_NEEDED), 1);
+        assert_eq!(stat(Counter::DropFragNeeded), 1);
 
         // A packet arriving with TTL 1 cannot be forwarded: time exceeded.
         let dying = with_ttl(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x10, b"x"), 1);
@@ -208,7 +221,44 @@ fn redirected_packets_lose_one_ttl_and_too_big_or_expiring_ones_get_the_forwardi
         assert_eq!((icmp[0], icmp[1]), (11, 0), "time exceeded in transit");
         assert_eq!(packet::checksum(icmp), 0);
         assert_eq!(&icmp[8..], &dying[14..14 + 28]);
-        assert_eq!(stat(stats::DROP_TTL_EXCEEDED), 1);
+        assert_eq!(stat(Counter::DropTtlExceeded), 1);
+
+        // Too big again, but with IP options: the answer (which quotes a
+        // 20-byte header) is not built; dropped as drop_icmp_answer.
+        let big_with_options = packet::with_ip_options(&big);
+        let out = run(&big_with_options);
+        assert_eq!(out.retval, TC_ACT_SHOT);
+        assert_eq!(stat(Counter::DropIcmpAnswer), 1);
+        assert_eq!(interface_stat(root, TEST_RUN_IFINDEX, Counter::DropIcmpAnswer), 1);
+        assert_eq!(stat(Counter::DropFragNeeded), 1, "counted as the unanswered drop only");
+    });
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_packet_the_fib_has_no_route_for_is_dropped_as_drop_no_route() {
+    let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    // Forwarding on, but the backend is unreachable: bpf_fib_lookup
+    // returns BPF_FIB_LKUP_RET_UNREACHABLE. Handed to the stack, the
+    // packet (its new source is this node's address) would die there as a
+    // martian; the program drops it and says why.
+    ns.ip(&["link", "set", "lo", "up"]).expect("lo");
+    ns.sysctl("net.ipv4.ip_forward=1").expect("forwarding");
+    ns.ip(&["route", "add", "unreachable", &format!("{BACKEND}/32")]).expect("unreachable route");
+    with_program(&ns, |fd, root| {
+        let run = |frame: &[u8]| packet::prog_test_run(fd.as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN");
+        let stat = |id: Counter| maps::read_stats(root).expect("stats")[id as usize].1;
+        let iface = |id: Counter| interface_stat(root, TEST_RUN_IFINDEX, id);
+        let out = run(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x02, b""));
+        assert_eq!(out.retval, TC_ACT_SHOT);
+        assert_eq!((stat(Counter::DropNoRoute), iface(Counter::DropNoRoute)), (1, 1));
+        assert_eq!(stat(Counter::DnatNew), 0, "not counted as the translation that could not leave");
+        // A blackhole route says the same.
+        ns.ip(&["route", "replace", "blackhole", &format!("{BACKEND}/32")]).expect("blackhole route");
+        let out = run(&packet::tcp_v4(CLIENT, 40000, NODE, 30080, 0x10, b"x"));
+        assert_eq!(out.retval, TC_ACT_SHOT);
+        assert_eq!((stat(Counter::DropNoRoute), iface(Counter::DropNoRoute)), (2, 2));
+        assert_eq!(stat(Counter::DnatEstablished), 0);
     });
 }
 
@@ -224,15 +274,14 @@ fn pin_to_cpu(cpu: usize) {
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn two_cpus_creating_the_same_flow_at_once_give_it_one_snat_port() {
-    if skip_unless_root() {
-        return;
-    }
     if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) < 2 {
         eprintln!("skipped: needs two CPUs");
         return;
     }
     let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    route_like_a_node(&ns);
     with_program(&ns, |fd, root| {
         // The same first packet of each new flow goes through the program
         // on CPU 0 and CPU 1 at the same moment (a spinning start line).
@@ -262,23 +311,22 @@ fn two_cpus_creating_the_same_flow_at_once_give_it_one_snat_port() {
         });
         let differing: Vec<_> = (0..usize::from(FLOWS)).filter(|&i| ports[0][i] != ports[1][i]).collect();
         let stats = maps::read_stats(root).expect("stats");
-        let joined = stats[stats::CT_RACE_JOINED as usize].1;
+        let joined = stats[Counter::CtRaceJoined as usize].1;
         println!("{FLOWS} flows raced on two CPUs: {joined} joined the other CPU's flow");
         assert!(joined > u64::from(FLOWS) / 10, "the two CPUs really raced ({joined} joins)");
         assert!(differing.is_empty(), "flows whose two first packets left with different SNAT ports: {differing:?}");
-        assert_eq!(stats[stats::DROP_CT_RACE as usize].1, 0);
+        assert_eq!(stats[Counter::DropCtRace as usize].1, 0);
     });
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn every_port_of_the_snat_range_is_tried_and_only_a_full_range_refuses_a_flow() {
-    if skip_unless_root() {
-        return;
-    }
     let ns = Netns::new(&format!("sd-ptr-{}", unique_suffix())).expect("netns");
+    route_like_a_node(&ns);
     with_program(&ns, |fd, root| {
         let run = |frame: &[u8]| packet::prog_test_run(fd, frame, 1).expect("BPF_PROG_TEST_RUN");
-        let stat = |id: u32| maps::read_stats(root).expect("stats")[id as usize].1;
+        let stat = |id: Counter| maps::read_stats(root).expect("stats")[id as usize].1;
         // Live flows hold every SNAT port towards the backend but one:
         // their reply entries (backend:8080 → node:P), assured, just seen.
         let pin = aya::maps::MapData::from_pin(root.join(service_common::map_names::CONNTRACK)).expect("pinned map");
@@ -317,12 +365,12 @@ fn every_port_of_the_snat_range_is_tried_and_only_a_full_range_refuses_a_flow() 
         }
         // A new flow finds the one free port, wherever its hash starts.
         let out = run(&packet::tcp_v4(CLIENT, 40_001, NODE, 30080, 0x02, b""));
-        assert_eq!(out.retval, TC_ACT_OK);
+        assert_eq!(out.retval, TC_ACT_REDIRECT);
         assert_eq!(packet::parse(&out.data_out).expect("parse").sport, free);
         // Now every port is live: the next new flow is refused, counted.
         let out = run(&packet::tcp_v4(CLIENT, 40_002, NODE, 30080, 0x02, b""));
-        assert_eq!(out.retval, 2, "TC_ACT_SHOT");
-        assert_eq!(stat(stats::DROP_SNAT_NO_PORT), 1);
+        assert_eq!(out.retval, TC_ACT_SHOT);
+        assert_eq!(stat(Counter::DropSnatNoPort), 1);
         // One flow closes (both FINs): its port is free at once.
         let closed_port = 61_234u16;
         let key = reply_key(closed_port);
@@ -330,7 +378,7 @@ fn every_port_of_the_snat_range_is_tried_and_only_a_full_range_refuses_a_flow() 
         value.state |= service_common::conntrack::state::FIN_ORIGINAL | service_common::conntrack::state::FIN_REPLY;
         conntrack.insert(key, value, 0).expect("closed");
         let out = run(&packet::tcp_v4(CLIENT, 40_003, NODE, 30080, 0x02, b""));
-        assert_eq!(out.retval, TC_ACT_OK);
+        assert_eq!(out.retval, TC_ACT_REDIRECT);
         assert_eq!(packet::parse(&out.data_out).expect("parse").sport, closed_port);
     });
 }

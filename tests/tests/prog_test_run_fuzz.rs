@@ -56,11 +56,11 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{CtKey, CtValue, map_names, stats};
+use service_common::{CtKey, CtValue, map_names, stats::Counter};
 use service_tests::{
     fixture::ManifestDir,
     fuzz::{self, Counted, Rng, StatsReader, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VerdictKind, Violation, hex},
-    netns::{BpffsMount, Netns, skip_unless_root, unique_suffix},
+    netns::{BpffsMount, Netns, unique_suffix},
     packet,
 };
 
@@ -440,8 +440,8 @@ type Example = (u64, Prog, String, Vec<u8>);
 #[derive(Default)]
 struct Tally {
     runs: BTreeMap<Prog, u64>,
-    verdicts: BTreeMap<(Prog, u32), u64>,
-    events: BTreeMap<u32, u64>,
+    verdicts: BTreeMap<(Prog, Counter), u64>,
+    events: BTreeMap<Counter, u64>,
     origins: BTreeMap<Origin, u64>,
     foreign_checked: u64,
     translations: u64,
@@ -449,7 +449,7 @@ struct Tally {
     translations_ip_valid: u64,
     translations_l4_unverifiable: u64,
     identity_translations: u64,
-    answers: BTreeMap<u32, u64>,
+    answers: BTreeMap<Counter, u64>,
     /// Answers built for frames whose IPv4 header checksum is bad (the IP
     /// layer would have dropped them), or whose TCP/UDP checksum is bad
     /// (netfilter's REJECT does not answer those).
@@ -461,7 +461,7 @@ struct Tally {
     conntrack_flushes: u64,
     /// The first examples of verdicts that should be rare (a helper or map
     /// operation failed): not broken invariants, but worth a look.
-    notable: BTreeMap<u32, Vec<Example>>,
+    notable: BTreeMap<Counter, Vec<Example>>,
     failures: BTreeMap<&'static str, (u64, Vec<Failure>)>,
 }
 
@@ -538,8 +538,9 @@ fn judge(
                     tally.answers_to_bad_l4_checksums += 1;
                 }
             } else if retval == TC_ACT_SHOT {
-                // Documented unanswered drops: an RST is never answered;
-                // a datagram with IP options gets no port unreachable; the
+                // Documented unanswered drops (an RST or a datagram with IP
+                // options refused count as drop_reject_unanswered, never as
+                // a reject): the
                 // forwarding answers are not sent about an ICMP error or a
                 // later fragment (RFC 1122 3.2.2), and a packet too big
                 // without DF (the stack would fragment it; a redirect
@@ -549,10 +550,8 @@ fn judge(
                     w.later_fragment() || (w.proto == service_common::PROTO_ICMP && input.get(w.l4).is_some())
                 });
                 let documented = match verdict {
-                    stats::REJECT_TCP_RST => view.is_some_and(|w| input.get(w.l4 + 13).is_some_and(|f| f & 0x04 != 0)),
-                    stats::REJECT_ICMP_UNREACHABLE => view.is_some_and(|w| w.ihl > 20),
-                    stats::DROP_FRAG_NEEDED => unanswerable || input.get(14 + 6).is_some_and(|f| f & 0x40 == 0),
-                    stats::DROP_TTL_EXCEEDED => unanswerable,
+                    Counter::DropFragNeeded => unanswerable || input.get(14 + 6).is_some_and(|f| f & 0x40 == 0),
+                    Counter::DropTtlExceeded => unanswerable,
                     _ => false,
                 };
                 if !documented {
@@ -565,6 +564,17 @@ fn judge(
         VerdictKind::Dropped => {
             if retval != TC_ACT_SHOT {
                 return Err(v("drop_verdict_but_not_tc_act_shot", format!("verdict {name}, action {retval}")));
+            }
+            // A refused new flow goes unanswered only when it is a TCP RST
+            // (RFC 793) or carries IP options (the answer quotes 20 bytes).
+            if verdict == Counter::DropRejectUnanswered {
+                let documented = fuzz::ipv4_view(input).is_some_and(|w| {
+                    w.ihl > 20
+                        || (w.proto == service_common::PROTO_TCP && input.get(w.l4 + 13).is_some_and(|f| f & 0x04 != 0))
+                });
+                if !documented {
+                    return Err(v("reject_unanswered_without_a_documented_reason", format!("verdict {name}")));
+                }
             }
         }
     }
@@ -722,13 +732,19 @@ fn fuzz_both(pod: BorrowedFd<'_>, external: BorrowedFd<'_>, root: &Path, frames:
                 });
             }
             if let Some(
-                id @ (stats::DROP_REWRITE
-                | stats::DROP_CT_INSERT
-                | stats::DROP_MISSING_ROW
-                | stats::DROP_NO_SCRATCH
-                | stats::DROP_CT_RACE
-                | stats::DROP_SNAT_NO_ADDRESS
-                | stats::DROP_NO_BACKEND),
+                id @ (Counter::DropL3Csum
+                | Counter::DropL4Csum
+                | Counter::DropStore
+                | Counter::DropLoad
+                | Counter::DropResize
+                | Counter::DropIcmpQuote
+                | Counter::DropRedirectRefused
+                | Counter::DropCtInsert
+                | Counter::DropMissingRow
+                | Counter::DropNoScratch
+                | Counter::DropCtRace
+                | Counter::DropSnatNoAddress
+                | Counter::DropNoBackend),
             ) = counted.single_verdict()
             {
                 let examples = tally.notable.entry(id).or_default();
@@ -736,12 +752,12 @@ fn fuzz_both(pod: BorrowedFd<'_>, external: BorrowedFd<'_>, root: &Path, frames:
                     examples.push((index, prog, what.clone(), frame.clone()));
                 }
             }
-            if counted.single_verdict() == Some(stats::DROP_SNAT_NO_PORT) {
+            if counted.single_verdict() == Some(Counter::DropSnatNoPort) {
                 flush_pending = true;
             }
             if n == 0
                 && origin == Origin::Golden
-                && matches!(counted.single_verdict(), Some(stats::DNAT_NEW | stats::DNAT_ESTABLISHED))
+                && matches!(counted.single_verdict(), Some(Counter::DnatNew | Counter::DnatEstablished))
                 && out.data_out.len() == frame.len()
             {
                 goldens.learn(&mut rng, &out.data_out);
@@ -904,10 +920,8 @@ fn with_fixture<T: Send>(f: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>, &Path) -
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn fuzzed_frames_through_both_classifiers_keep_every_invariant() {
-    if skip_unless_root() {
-        return;
-    }
     let frames: u64 = std::env::var("FUZZ_FRAMES")
         .ok()
         .and_then(|s| s.trim().replace('_', "").parse().ok())
@@ -938,10 +952,8 @@ fn fuzzed_frames_through_both_classifiers_keep_every_invariant() {
 /// shows it, run through the program that hits it and judged by the same
 /// checks (so a fix shows here first, deterministically).
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn fuzz_findings_reproduce_on_well_formed_frames() {
-    if skip_unless_root() {
-        return;
-    }
     let failures = with_fixture(|pod, external, root| {
         let mut reader = StatsReader::open(&root.join(map_names::STATS)).expect("stats map");
         let mut tally = Tally::default();

@@ -21,10 +21,10 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{map_names, stats};
+use service_common::{map_names, stats::Counter};
 use service_tests::{
     fixture::ManifestDir,
-    netns::{BpffsMount, skip_unless_root},
+    netns::BpffsMount,
     packet::{self, TestRunOutput},
 };
 
@@ -73,7 +73,7 @@ impl Fixture {
         packet::prog_test_run(prog.fd().expect("fd").as_fd(), frame, 1).expect("BPF_PROG_TEST_RUN")
     }
 
-    fn stat(&self, id: u32) -> u64 {
+    fn stat(&self, id: Counter) -> u64 {
         maps::read_stats(&self.root).expect("stats")[id as usize].1
     }
 }
@@ -141,10 +141,8 @@ endpoints:
 "#;
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn source_ranges_are_per_protocol_and_family() {
-    if skip_unless_root() {
-        return;
-    }
     let f = Fixture::new(SHARED_ADDRESS);
     let inside = Ipv4Addr::new(10, 244, 3, 3);
     let other = Ipv4Addr::new(172, 16, 3, 3);
@@ -152,17 +150,17 @@ fn source_ranges_are_per_protocol_and_family() {
     // (on the old code it was written into the IPv4 trie as /0).
     let out = f.run(&packet::tcp_v4(inside, 40000, LB, 53, SYN, b""));
     assert_eq!(dnat_target(&out), (Ipv4Addr::new(10, 244, 1, 21), 5353));
-    let dropped = f.stat(stats::DROP_SOURCE_RANGE);
+    let dropped = f.stat(Counter::DropSourceRange);
     let out = f.run(&packet::tcp_v4(other, 40000, LB, 53, SYN, b""));
     assert_eq!(out.retval, TC_ACT_SHOT, "an IPv6 range opened an IPv4 frontend");
-    assert_eq!(f.stat(stats::DROP_SOURCE_RANGE), dropped + 1);
+    assert_eq!(f.stat(Counter::DropSourceRange), dropped + 1);
     // UDP on the same address and port: only 172.16.0.0/12 (on the old
     // code both protocols shared the rev-NAT id, so each got the union).
     let out = f.run(&packet::udp_v4(other, 40001, LB, 53, b"q"));
     assert_eq!(dnat_target(&out), (Ipv4Addr::new(10, 244, 1, 22), 5353));
     let out = f.run(&packet::udp_v4(inside, 40001, LB, 53, b"q"));
     assert_eq!(out.retval, TC_ACT_SHOT, "the TCP Service's range let a UDP client in");
-    assert_eq!(f.stat(stats::DROP_SOURCE_RANGE), dropped + 2);
+    assert_eq!(f.stat(Counter::DropSourceRange), dropped + 2);
 }
 
 const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 6, 1);
@@ -211,10 +209,8 @@ endpoints:
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn an_affinity_entry_is_not_followed_to_a_backend_that_left_the_frontends_set() {
-    if skip_unless_root() {
-        return;
-    }
     let client = Ipv4Addr::new(10, 244, 9, 9);
     let mut f = Fixture::new(&sticky_yaml("[{addresses: [10.244.1.31]}]"));
     let out = f.run(&packet::tcp_v4(client, 41000, STICKY_VIP, 80, SYN, b""));
@@ -231,14 +227,12 @@ fn an_affinity_entry_is_not_followed_to_a_backend_that_left_the_frontends_set() 
         );
     }
     // The stickiness is to the new backend now.
-    assert!(f.stat(stats::AFFINITY_HIT) >= 15);
+    assert!(f.stat(Counter::AffinityHit) >= 15);
 }
 
 #[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
 fn an_old_flows_packets_recreate_no_counter_for_freed_ids() {
-    if skip_unless_root() {
-        return;
-    }
     let client = Ipv4Addr::new(10, 244, 9, 8);
     let mut f = Fixture::new(&sticky_yaml("[{addresses: [10.244.1.33]}]"));
     let syn = packet::tcp_v4(client, 42000, STICKY_VIP, 80, SYN, b"");

@@ -381,8 +381,10 @@ fn test() -> Result<()> {
         let label = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         println!("\n-- {label}");
         run_counted(
+            // The privileged tests are #[ignore]d (a plain `cargo test`
+            // shows them as skipped, not passed): run them here.
             Command::new(&exe)
-                .arg("--test-threads=1")
+                .args(["--test-threads=1", "--include-ignored"])
                 .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
                 .env("POD_ECHO_BIN", release_bin("pod-echo"))
                 .env("SERVICE_EBPF_OBJECT", &object),
@@ -458,7 +460,7 @@ fn soak(minutes: u32, connections: u32) -> Result<()> {
         .context("the soak test executable")?;
     status(
         Command::new(exe)
-            .args(["--test-threads=1", "--nocapture"])
+            .args(["--test-threads=1", "--include-ignored", "--nocapture"])
             .env("SERVICE_AGENT_BIN", release_bin("service-agent"))
             .env("POD_ECHO_BIN", release_bin("pod-echo"))
             .env("SOAK_SECONDS", (u64::from(minutes) * 60).to_string())
@@ -476,8 +478,11 @@ fn fuzz(frames: u64) -> Result<()> {
         .find(|e| e.file_name().is_some_and(|n| n.to_string_lossy().starts_with("prog_test_run_fuzz-")))
         .context("the fuzz test executable")?;
     let started = std::time::Instant::now();
-    let result =
-        status(Command::new(exe).args(["--test-threads=1", "--nocapture"]).env("FUZZ_FRAMES", frames.to_string()));
+    let result = status(
+        Command::new(exe)
+            .args(["--test-threads=1", "--include-ignored", "--nocapture"])
+            .env("FUZZ_FRAMES", frames.to_string()),
+    );
     let secs = started.elapsed().as_secs_f64();
     #[expect(clippy::cast_precision_loss, reason = "a rate for the log")]
     let rate = frames as f64 / secs;

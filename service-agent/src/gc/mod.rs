@@ -661,7 +661,7 @@ impl Collector {
     /// Warns once per episode of new flows dropped for lack of a SNAT port.
     fn check_snat_drops(&mut self) {
         let Ok(stats) = maps::read_stats(&self.root) else { return };
-        let Some(&(_, dropped)) = stats.get(service_common::stats::DROP_SNAT_NO_PORT as usize) else { return };
+        let Some(&(_, dropped)) = stats.get(service_common::stats::Counter::DropSnatNoPort as usize) else { return };
         if let Some(grown) = self.alarm.observe(dropped) {
             let busiest = self.last_snat.busiest();
             tracing::warn!(
