@@ -85,6 +85,28 @@ fn explain_describes_the_frontend_the_packet_meets_where_it_enters() {
     let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), &guarded]);
     assert!(why.contains("frontend 198.51.100.10:81/TCP external"), "{why}");
     assert!(why.contains("outside every range: new flows are dropped (drop_source_range)"), "{why}");
+    // Real packets from outside the ranges: dropped, and `inspect stats`
+    // says on which interface.
+    assert!(
+        service_tests::north_south::get(&ns.cluster.external, &format!("http://{LB_IP}:81/")).is_err(),
+        "outside the ranges"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&agent_cli(node1, &root, "inspect", &["stats", "-o", "json"])).expect("json");
+    let row = stats.as_array().expect("rows").iter().find(|r| r["counter"] == "drop_source_range").expect("row");
+    let on = |name: &str| {
+        row["interfaces"]
+            .as_array()
+            .expect("interfaces")
+            .iter()
+            .find(|i| i["interface"] == name)
+            .map(|i| i["packets"].clone())
+    };
+    assert!(on("eth0").and_then(|p| p.as_u64()).is_some_and(|p| p >= 1), "{row}");
+    assert!(on("veth1").is_none(), "no drop on a pod interface: {row}");
+    let text = agent_cli(node1, &root, "inspect", &["stats"]);
+    assert!(text.lines().any(|l| l.starts_with("drop_source_range") && l.contains("eth0=")), "{text}");
+
     // A source inside them meets the Local policy: no endpoint on node 1.
     let why = explain(node1, &root, &["10.1.2.3", &guarded, "--from", "external"]);
     assert!(why.contains("10.1.2.3 is inside 10.0.0.0/8: allowed"), "{why}");

@@ -96,6 +96,11 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     assert_eq!(get("service_dataplane_packets_total{verdict=\"dnat_new_flow\",drop=\"false\"}"), 5.0);
     assert!(get("service_dataplane_packets_total{verdict=\"rev_nat_reply\",drop=\"false\"}") >= 5.0);
     assert_eq!(get("service_dataplane_packets_total{verdict=\"drop_no_backend\",drop=\"true\"}"), 0.0);
+    // The same new flows by the interface they entered on: the client's.
+    assert_eq!(
+        get("service_dataplane_interface_packets_total{interface=\"veth1\",verdict=\"dnat_new_flow\",drop=\"false\"}"),
+        5.0
+    );
     // Per-Service and per-backend traffic, both directions, named.
     let svc_packets = get(
         "service_dataplane_service_packets_total{namespace=\"default\",name=\"web\",port=\"\",frontend=\"10.96.0.10:80\"}",

@@ -154,15 +154,30 @@ impl Pins {
     /// # Errors
     /// When the map cannot be read.
     pub fn stats(&self) -> Result<Vec<StatRow>, InspectError> {
+        let per_interface = self.readers.interface_stats()?;
+        let names: std::collections::BTreeMap<u32, String> =
+            attach::links().into_iter().map(|l| (l.ifindex, l.name)).collect();
         Ok(self
             .readers
             .stats()?
             .into_iter()
             .enumerate()
-            .map(|(id, (counter, packets))| StatRow {
-                counter,
-                drop: service_common::stats::is_drop(u32::try_from(id).unwrap_or(u32::MAX)),
-                packets,
+            .map(|(id, (counter, packets))| {
+                let id = u32::try_from(id).unwrap_or(u32::MAX);
+                StatRow {
+                    counter,
+                    drop: service_common::stats::is_drop(id),
+                    packets,
+                    interfaces: per_interface
+                        .iter()
+                        .filter(|((_, c), n)| *c == id && **n > 0)
+                        .map(|((ifindex, _), n)| render::InterfacePackets {
+                            interface: names.get(ifindex).cloned().unwrap_or_else(|| format!("ifindex {ifindex}")),
+                            ifindex: *ifindex,
+                            packets: *n,
+                        })
+                        .collect(),
+                }
             })
             .collect())
     }

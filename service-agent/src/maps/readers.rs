@@ -7,7 +7,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
-use service_common::{AffinityKey, AffinityValue, Counters, CtKey, CtValue, map_names, stats};
+use service_common::{AffinityKey, AffinityValue, Counters, CtKey, CtValue, InterfaceCounterKey, map_names, stats};
 
 use super::{
     LoadError,
@@ -25,6 +25,7 @@ pub struct Readers {
     service_counters: CounterMap,
     backend_counters: CounterMap,
     stats: PerCpuArray<MapData, u64>,
+    interface_stats: PerCpuHashMap<MapData, InterfaceCounterKey, u64>,
 }
 
 impl Readers {
@@ -40,6 +41,10 @@ impl Readers {
             service_counters: open_counters(root, map_names::SERVICE_COUNTERS)?,
             backend_counters: open_counters(root, map_names::BACKEND_COUNTERS)?,
             stats: open_stats(root)?,
+            interface_stats: {
+                let name = map_names::INTERFACE_STATS;
+                PerCpuHashMap::try_from(open_pinned(root, name)?).map_err(|source| LoadError::Map { name, source })?
+            },
         })
     }
 
@@ -92,6 +97,27 @@ impl Readers {
     /// When the map cannot be read.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, LoadError> {
         sum_stats(&self.stats)
+    }
+
+    /// The counters per ingress interface, summed over CPUs: (ifindex,
+    /// counter id) → packets (`interface_stats`; the fast path's counters
+    /// are counted in total only).
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn interface_stats(&self) -> Result<BTreeMap<(u32, u32), u64>, LoadError> {
+        let name = map_names::INTERFACE_STATS;
+        let mut out = BTreeMap::new();
+        for row in &self.interface_stats {
+            match row {
+                Ok((k, per_cpu)) => {
+                    out.insert((k.ifindex, k.counter), per_cpu.iter().sum());
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(source) => return Err(LoadError::Map { name, source }),
+            }
+        }
+        Ok(out)
     }
 }
 

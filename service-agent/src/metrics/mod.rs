@@ -70,6 +70,13 @@ struct VerdictLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InterfaceVerdictLabel {
+    interface: String,
+    verdict: String,
+    drop: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FrontendLabel {
     namespace: String,
     name: String,
@@ -165,6 +172,24 @@ impl Collector for PacketCounters {
                 drop: service_common::stats::is_drop(u32::try_from(id).unwrap_or(u32::MAX)).to_string(),
             };
             ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+        }
+        if let Some(Ok(per_interface)) = self.read(Readers::interface_stats) {
+            let names: BTreeMap<u32, String> =
+                crate::attach::links().into_iter().map(|l| (l.ifindex, l.name)).collect();
+            let mut metric = encoder.encode_descriptor(
+                "service_dataplane_interface_packets",
+                "Packets by the interface they entered on and verdict or drop reason (all but the fast path's)",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((ifindex, id), value) in per_interface {
+                let labels = InterfaceVerdictLabel {
+                    interface: names.get(&ifindex).cloned().unwrap_or_else(|| ifindex.to_string()),
+                    verdict: service_common::stats::Counter::from_id(id).map_or("?", |c| c.name()).to_owned(),
+                    drop: service_common::stats::is_drop(id).to_string(),
+                };
+                ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+            }
         }
         self.encode_traffic(&mut encoder)
     }

@@ -201,6 +201,16 @@ pub struct StatRow {
     pub counter: &'static str,
     pub drop: bool,
     pub packets: u64,
+    /// The packets per ingress interface (counters of the fast path are
+    /// counted in total only, and show none).
+    pub interfaces: Vec<InterfacePackets>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InterfacePackets {
+    pub interface: String,
+    pub ifindex: u32,
+    pub packets: u64,
 }
 
 /// The names of a frontend's `service_flags`.
@@ -382,9 +392,17 @@ pub fn affinity_table(rows: Vec<AffinityRow>) -> String {
 pub fn stats_table(rows: Vec<StatRow>) -> String {
     let rows: Vec<Vec<String>> = rows
         .into_iter()
-        .map(|s| vec![s.counter.into(), if s.drop { "drop".into() } else { "pass".into() }, s.packets.to_string()])
+        .map(|s| {
+            let by: Vec<String> = s.interfaces.iter().map(|i| format!("{}={}", i.interface, i.packets)).collect();
+            vec![
+                s.counter.into(),
+                if s.drop { "drop".into() } else { "pass".into() },
+                s.packets.to_string(),
+                if by.is_empty() { "-".into() } else { by.join(",") },
+            ]
+        })
         .collect();
-    table(&["COUNTER", "KIND", "PACKETS"], &rows)
+    table(&["COUNTER", "KIND", "PACKETS", "BY INTERFACE"], &rows)
 }
 
 /// The names of a flow's `conntrack::state` bits.
