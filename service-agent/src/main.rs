@@ -19,31 +19,6 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Inspect {
-    Services,
-    Backends,
-    Conntrack,
-    Affinity,
-    Stats,
-    /// Which programs are attached to which interfaces (run it in the
-    /// node's network namespace).
-    Interfaces,
-}
-
-impl From<Inspect> for inspect::View {
-    fn from(what: Inspect) -> Self {
-        match what {
-            Inspect::Services => Self::Services,
-            Inspect::Backends => Self::Backends,
-            Inspect::Conntrack => Self::Conntrack,
-            Inspect::Affinity => Self::Affinity,
-            Inspect::Stats => Self::Stats,
-            Inspect::Interfaces => Self::Interfaces,
-        }
-    }
-}
-
 /// Where an explained packet enters the node.
 #[derive(Clone, Copy, ValueEnum)]
 enum EntrySide {
@@ -77,7 +52,7 @@ enum Command {
     /// which programs are attached to which interfaces (interfaces).
     Inspect {
         #[arg(value_enum)]
-        what: Inspect,
+        what: inspect::View,
         #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
         bpffs_root: PathBuf,
         /// Output format.
@@ -211,7 +186,7 @@ async fn main() -> anyhow::Result<()> {
     init_logging(cli.log_format);
     match cli.command {
         Command::Inspect { what, bpffs_root, output } => {
-            print!("{}", inspect::show(what.into(), &bpffs_root, output == Output::Json)?);
+            print!("{}", inspect::show(what, &bpffs_root, output == Output::Json)?);
             Ok(())
         }
         Command::Explain { src, dst, from, bpffs_root } => {

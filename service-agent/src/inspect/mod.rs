@@ -31,14 +31,15 @@ pub enum InspectError {
 }
 
 /// What `inspect` shows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum View {
     Services,
     Backends,
     Conntrack,
     Affinity,
     Stats,
-    /// Which programs are attached to which interfaces.
+    /// Which programs are attached to which interfaces (run it in the
+    /// node's network namespace).
     Interfaces,
 }
 
