@@ -41,10 +41,7 @@ impl Readers {
             service_counters: open_counters(root, map_names::SERVICE_COUNTERS)?,
             backend_counters: open_counters(root, map_names::BACKEND_COUNTERS)?,
             stats: open_stats(root)?,
-            interface_stats: {
-                let name = map_names::INTERFACE_STATS;
-                PerCpuHashMap::try_from(open_pinned(root, name)?).map_err(|source| LoadError::Map { name, source })?
-            },
+            interface_stats: open_per_cpu_hash(root, map_names::INTERFACE_STATS)?,
         })
     }
 
@@ -134,8 +131,16 @@ fn dump<K: aya::Pod + Ord, V: aya::Pod>(
     })
 }
 
-fn open_counters(root: &Path, name: &'static str) -> Result<CounterMap, LoadError> {
+/// A pinned per-CPU hash map (plain or LRU).
+fn open_per_cpu_hash<K: aya::Pod, V: aya::Pod>(
+    root: &Path,
+    name: &'static str,
+) -> Result<PerCpuHashMap<MapData, K, V>, LoadError> {
     PerCpuHashMap::try_from(open_pinned(root, name)?).map_err(|source| LoadError::Map { name, source })
+}
+
+fn open_counters(root: &Path, name: &'static str) -> Result<CounterMap, LoadError> {
+    open_per_cpu_hash(root, name)
 }
 
 fn open_stats(root: &Path) -> Result<PerCpuArray<MapData, u64>, LoadError> {
