@@ -67,15 +67,21 @@ fn v4(addr: &Addr) -> [u8; 4] {
 /// frame (the verifier allows 512 bytes for the deepest call chain).
 #[inline(never)]
 pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> Outcome {
-    let ct = found.ct;
+    // The entry is copied before tracking: a flow made assured moves to
+    // the other table, and the element it leaves is freed at once. Another
+    // CPU may reuse that element for a new flow straight away (hash map
+    // elements are recycled without waiting for readers), so reading it
+    // after the move could translate this packet with another flow's
+    // addresses.
+    // SAFETY: a valid map value pointer from a successful lookup; the
+    // fields are plain data.
+    scratch()?.entry = unsafe { *found.ct };
     // A later fragment carries no news about the flow's state (its first
     // fragment did): it only follows the translation.
     if !flow.later_fragment {
-        conntrack::track(key, ct, found.assured, flow.tcp_flags, ktime_ns(), ifindex(ctx))?;
+        conntrack::track(key, found.ct, found.assured, flow.tcp_flags, ktime_ns(), ifindex(ctx))?;
     }
-    // SAFETY: a valid map value pointer from a successful lookup; the
-    // fields are plain data, a racing update gives stale but valid values.
-    let ct = unsafe { &*ct };
+    let ct = &scratch()?.entry;
     let flags = ct.flags;
     let snat = flags & ct_flags::SNAT != 0;
     let counter = if flow.later_fragment { Counter::FragmentTranslated } else { Counter::DnatEstablished };

@@ -39,6 +39,8 @@ pub struct Scratch {
     pub reply_key: CtKey,
     pub original: CtValue,
     pub reply: CtValue,
+    /// A known flow's entry, copied before tracking may free it.
+    pub entry: CtValue,
     /// The other entry of a flow whose state changes or that is removed.
     pub peer_key: CtKey,
     pub fib: FibParams,

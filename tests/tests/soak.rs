@@ -373,6 +373,33 @@ fn every_path_keeps_working_through_churn_and_agent_restarts() {
             snmp.unwrap_or_default().lines().filter(|l| l.starts_with("Udp:")).map(str::to_owned).collect();
         println!("{label}: {}", udp.join(" | "));
     }
+    if total_failed > 0 {
+        // Where a lost packet went when the dataplane counted no drop: the
+        // kernel's own counters (non-zero ones) and the devices' drops.
+        let hosts = [
+            ("node 1", &ns.cluster.node(1).node),
+            ("node 2", &ns.cluster.node(2).node),
+            ("client", &ns.cluster.node(1).pod("client").ns),
+            ("a1", ns.pod(A1)),
+            ("b2", ns.pod(B2)),
+        ];
+        for (label, host) in hosts {
+            let nstat = host.exec("nstat", &["-as"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            let lines: Vec<String> = nstat
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| {
+                    !l.starts_with('#') && !l.starts_with("Tcp") && !l.contains("Octets") && !l.contains("Pkts")
+                })
+                .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
+                .collect();
+            println!("{label} nstat: {}", lines.join(" "));
+            let links = host.exec("ip", &["-s", "-o", "link"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            for l in links.unwrap_or_default().lines() {
+                println!("{label} link: {}", l.split_whitespace().collect::<Vec<_>>().join(" "));
+            }
+        }
+    }
     assert_eq!(total_failed, 0, "failed connections (see the table)");
     assert!(counts.values().all(|c| *c >= per_path));
     recreated_ok.expect("the re-created Service answers");
