@@ -292,14 +292,19 @@ pub mod service_flags {
     /// which the stack's input routing drops as a martian: they leave by a
     /// FIB lookup and a redirect, as replies of external flows do.
     pub const NODE_ADDRESS: u16 = 1 << 4;
+    /// New flows get this node's address as their source (kube-proxy's
+    /// masquerade mark; the model decides which frontends): the reply
+    /// must come back through this node to be translated.
+    pub const MASQUERADE: u16 = 1 << 5;
 
     /// Each flag with the name `inspect` and the golden dumps show.
-    pub const NAMES: [(u16, &str); 5] = [
+    pub const NAMES: [(u16, &str); 6] = [
         (REJECT, "reject"),
         (DROP, "drop"),
         (AFFINITY, "affinity"),
         (SOURCE_RANGES, "source-ranges"),
         (NODE_ADDRESS, "node-address"),
+        (MASQUERADE, "masquerade"),
     ];
 }
 

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, backend_flags,
-    conntrack::next_state, ct_flags, hash, service_flags, snat_ports, stats::Counter,
+    SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, conntrack::next_state,
+    ct_flags, hash, service_flags, snat_ports, stats::Counter,
 };
 
 use crate::{
@@ -46,11 +46,14 @@ const _: () = assert!(size_of::<Result<NewFlow, Counter>>() <= 8);
 /// flow may match and when it needs SNAT.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Side {
-    /// The host side of a pod interface: ClusterIP frontends; SNAT only
-    /// for a hairpin (the pod lands on itself).
+    /// The host side of a pod interface: the frontends pods reach
+    /// (ClusterIPs, and this node's NodePorts, LoadBalancer IPs and
+    /// external IPs); SNAT for a hairpin (the pod lands on itself) or a
+    /// masquerading frontend.
     Pod,
-    /// An external interface: NodePort, LoadBalancer and external IPs;
-    /// SNAT when the backend runs on another node.
+    /// An external interface: NodePort, LoadBalancer IP, external IP and
+    /// ClusterIP frontends for traffic from outside; SNAT for a
+    /// masquerading frontend.
     External,
 }
 
@@ -163,21 +166,23 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     if flow.proto == PROTO_SCTP && backend.port != flow.dport {
         return Err(Counter::DropSctpPortTranslation);
     }
-    // SNAT: a backend on another node would answer the client directly,
-    // bypassing this node's reverse translation; a pod reaching itself
-    // would see its own address as the source and drop the packet.
-    let snat_row = match side {
+    // SNAT: a pod reaching itself would see its own address as the source
+    // and drop the packet; a frontend the agent marks masquerades (traffic
+    // from outside under a Cluster policy, whose backend on another node
+    // would answer the client directly, bypassing this node's reverse
+    // translation; pod traffic to a NodePort, as kube-proxy does).
+    let snat_row = if side == Side::Pod && backend.addr == key.saddr {
+        Some(SNAT_HAIRPIN)
+    } else if scratch.service.flags & service_flags::MASQUERADE != 0 {
         // The address of the interface the packet leaves by towards the
-        // backend (MASQUERADE's choice); the entry interface's when that
-        // one has no SNAT address.
-        Side::External if backend.flags & backend_flags::LOCAL == 0 => {
-            Some(match egress_ifindex(ctx, v4(&backend.addr))? {
-                0 => ifindex(ctx),
-                egress => egress,
-            })
-        }
-        Side::Pod if backend.addr == key.saddr => Some(SNAT_HAIRPIN),
-        _ => None,
+        // backend (MASQUERADE's choice); failing that the entry
+        // interface's, then the node's first external address.
+        Some(match egress_ifindex(ctx, v4(&backend.addr))? {
+            0 => ifindex(ctx),
+            egress => egress,
+        })
+    } else {
+        None
     };
     let rev_nat_id = scratch.service.rev_nat_id;
     scratch.original = service_common::CtValue {
@@ -209,8 +214,10 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     if let Some(row) = snat_row {
         let ingress = ifindex(ctx);
         // SAFETY: plain data written whole by the agent.
-        let snat_addr =
-            *unsafe { SNAT_ADDRS.get(&row).or_else(|| SNAT_ADDRS.get(&ingress)) }.ok_or(Counter::DropSnatNoAddress)?;
+        let snat_addr = *unsafe {
+            SNAT_ADDRS.get(&row).or_else(|| SNAT_ADDRS.get(&ingress)).or_else(|| SNAT_ADDRS.get(&SNAT_HAIRPIN))
+        }
+        .ok_or(Counter::DropSnatNoAddress)?;
         scratch.reply.flags |= ct_flags::SNAT;
         scratch.reply.snat_addr = key.saddr;
         scratch.reply.snat_port = flow.sport;

@@ -2,9 +2,9 @@
 //! enter the node. Run on node 1 of the two-node north-south cluster (in
 //! its network namespace, as an operator would in the agent's pod), after
 //! real traffic: a client outside the node meets the external frontend
-//! (its source ranges, its traffic policy, SNAT to a backend on another
-//! node), a client pod meets the pod-side frontend, and a ClusterIP is no
-//! frontend at all for traffic from outside.
+//! (its source ranges, its traffic policy, the masquerade of a Cluster
+//! policy), a client pod meets the pod-side frontend, and a ClusterIP
+//! reached from outside is translated and masqueraded.
 
 use service_tests::{
     cluster::EXTERNAL_IP,
@@ -49,7 +49,7 @@ fn explain_describes_the_frontend_the_packet_meets_where_it_enters() {
     let root = ns.root(1);
     // Real flows first, so explain has conntrack entries to show.
     let seen = answers(&ns.cluster.external, &format!("http://{LB_IP}/"), 12);
-    assert_both_backends(&seen, A1.0, service_tests::cluster::node_ip(1));
+    assert_both_backends(&seen, service_tests::cluster::node_ip(1));
 
     // The external client: routed out of eth0, so the external frontend.
     let lb = format!("{LB_IP}:80/TCP");
@@ -58,21 +58,22 @@ fn explain_describes_the_frontend_the_packet_meets_where_it_enters() {
     assert!(why.contains("frontend 198.51.100.10:80/TCP external"), "{why}");
     assert!(why.contains("conntrack (assured): the flow from port"), "{why}");
     assert!(why.contains(", SNATed (state"), "the flows to b2 were SNATed: {why}");
-    // Its table: a1 on this node keeps the client's address, b2 is SNATed.
-    assert!(why.contains(&format!("{}:8080/TCP local; on this node: the client's address is kept", A1.2)), "{why}");
-    assert!(
-        why.contains(&format!(
-            "{}:8080/TCP; on another node, so the packet is also SNATed to this node's address",
-            B2.2
-        )),
-        "{why}"
-    );
+    // Its table: both backends, each masqueraded (eTP Cluster, as kube-proxy).
+    for ep in [A1, B2] {
+        assert!(
+            why.contains(&format!("{}:8080/TCP", ep.2)) && why.contains("masqueraded to this node's address"),
+            "{why}"
+        );
+    }
 
     // A client pod of node 1: the pod-side twin of the same address.
     let why = explain(node1, &root, &[&CLIENT_POD.to_string(), &lb]);
     assert!(why.contains(&format!("{CLIENT_POD} is a local pod (routed via veth")), "{why}");
     assert!(why.contains("frontend 198.51.100.10:80/TCP internal"), "{why}");
-    assert!(!why.contains("SNATed"), "no SNAT from a pod to another pod: {why}");
+    assert!(
+        why.contains("masqueraded to this node's address (a pod reaching an external frontend"),
+        "a pod reaching a LoadBalancer IP of a Cluster-policy Service is masqueraded, as kube-proxy does: {why}"
+    );
 
     // The same client pod, forced to the external side, and the other way.
     let why = explain(node1, &root, &[&CLIENT_POD.to_string(), &lb, "--from", "external"]);
@@ -125,8 +126,12 @@ fn explain_describes_the_frontend_the_packet_meets_where_it_enters() {
     let pods = attached.lines().filter(|l| l.starts_with("veth") && l.contains(" pod ")).count();
     assert_eq!(pods, 2, "node 1's pods are a1 and the client: {attached}");
 
-    // A ClusterIP is a frontend for pods only.
+    // A ClusterIP reached from outside (a service CIDR routed to the
+    // nodes): translated and masqueraded, as kube-proxy does.
     let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), "10.96.0.10:80/TCP"]);
+    assert!(why.contains("frontend 10.96.0.10:80/TCP external"), "{why}");
+    assert!(why.contains("masqueraded to this node's address"), "{why}");
+    // A port the Service does not serve is no frontend at all.
+    let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), "10.96.0.10:81/TCP"]);
     assert!(why.contains("is not a Service frontend for traffic from outside"), "{why}");
-    assert!(why.contains("it is one for pods on this node only"), "{why}");
 }

@@ -385,7 +385,7 @@ fn every_path_keeps_working_through_churn_and_agent_restarts() {
         ];
         for (label, host) in hosts {
             let nstat = host.exec("nstat", &["-as"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-            let lines: Vec<String> = nstat
+            let counters: Vec<String> = nstat
                 .unwrap_or_default()
                 .lines()
                 .filter(|l| {
@@ -393,9 +393,10 @@ fn every_path_keeps_working_through_churn_and_agent_restarts() {
                 })
                 .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
                 .collect();
-            println!("{label} nstat: {}", lines.join(" "));
-            let links = host.exec("ip", &["-s", "-o", "link"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
-            for l in links.unwrap_or_default().lines() {
+            println!("{label} nstat: {}", counters.join(" "));
+            let devices =
+                host.exec("ip", &["-s", "-o", "link"]).map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+            for l in devices.unwrap_or_default().lines() {
                 println!("{label} link: {}", l.split_whitespace().collect::<Vec<_>>().join(" "));
             }
         }

@@ -255,6 +255,7 @@ mod tests {
                 when_empty: WhenEmpty::Reject,
                 affinity_timeout_s: None,
                 source_ranges: Vec::new(),
+                masquerade: false,
             },
         );
     }

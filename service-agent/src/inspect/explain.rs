@@ -9,7 +9,7 @@ use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use service_common::{
     CtKey, CtValue, FAMILY_IPV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
-    addr_v4, backend_flags, ct_flags, hash, port_be, service_flags,
+    addr_v4, ct_flags, hash, port_be, service_flags,
 };
 
 use super::{InspectError, Pins};
@@ -127,7 +127,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
             if side == Entry::External { "for traffic from outside" } else { "for pods" },
             if elsewhere {
                 if side == Entry::External {
-                    " (it is one for pods on this node only: a ClusterIP, or a port not exposed outside)"
+                    " (it is one for pods on this node only)"
                 } else {
                     " (it is one for traffic from outside only)"
                 }
@@ -159,15 +159,19 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         }
     }
     // How a flow to backend `id` leaves: SNAT or not, and why.
+    let masquerade = svc.flags & service_flags::MASQUERADE != 0;
     let translation = |id: u32| -> &'static str {
         let Some(b) = state.backends.get(&id) else { return "" };
         match side {
-            Entry::External if b.flags & backend_flags::LOCAL == 0 => {
-                "; on another node, so the packet is also SNATed to this node's address (externalTrafficPolicy: Cluster) and the reply comes back through here"
-            }
-            Entry::External => "; on this node: the client's address is kept",
-            _ if b.addr == addr_v4(src_ip.octets()) => {
+            _ if side == Entry::Pod && b.addr == addr_v4(src_ip.octets()) => {
                 "; the client itself (hairpin): SNATed to the hairpin address so the reply comes back through here"
+            }
+            Entry::External if masquerade => {
+                "; masqueraded to this node's address (externalTrafficPolicy: Cluster, as kube-proxy) so the reply comes back through here"
+            }
+            Entry::External => "; the client's address is kept (externalTrafficPolicy: Local)",
+            _ if masquerade => {
+                "; masqueraded to this node's address (a pod reaching an external frontend, or --masquerade-all, as kube-proxy)"
             }
             _ => "",
         }

@@ -2,15 +2,20 @@
 //! (pkg/proxy/topology.go `CategorizeEndpoints`):
 //!
 //! 1. readiness: the `ready` endpoints (unknown readiness counts as ready);
-//!    when none is ready, those that are `serving` and `terminating`
-//!    (KEP-1669); never the rest;
+//!    when none is ready anywhere, those that are `serving` and
+//!    `terminating` (KEP-1669); never the rest;
 //! 2. traffic policy `Local`: only endpoints on this node (readiness
 //!    fallback applied to the local ones on their own);
-//! 3. otherwise topology: with `trafficDistribution: PreferSameNode` the
-//!    endpoints hinted for this node, with `PreferClose` (or the
-//!    `service.kubernetes.io/topology-mode: Auto` annotation) those hinted
-//!    for this node's zone — but only when every endpoint carries hints and
-//!    at least one matches; otherwise all of them.
+//! 3. otherwise topology, from the EndpointSlice hints alone (the
+//!    EndpointSlice controller writes them only for Services that ask, by
+//!    `trafficDistribution` or the topology-mode annotation): the ready
+//!    endpoints hinted for this node when every ready endpoint has node
+//!    hints and one names this node, else those hinted for this node's zone
+//!    under the same rule, else all of them. The terminating fallback is
+//!    never filtered by topology.
+//!
+//! The same address twice (across slices): a non-terminating one replaces
+//! a terminating one.
 
 use std::{
     collections::BTreeMap,
@@ -33,16 +38,6 @@ pub struct Candidate {
     pub zones: Option<Vec<String>>,
     /// `hints.forNodes[].name`; `None` when the endpoint has no node hints.
     pub nodes: Option<Vec<String>>,
-}
-
-/// The topology preference of a Service.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Topology {
-    None,
-    /// `PreferClose` / `PreferSameZone` / topology-mode Auto: zone hints.
-    SameZone,
-    /// `PreferSameNode`: node hints, then zone hints.
-    SameNode,
 }
 
 fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
@@ -139,7 +134,20 @@ pub fn candidates(
                 zones: hints.and_then(|h| h.for_zones.as_ref()).map(|z| z.iter().map(|z| z.name.clone()).collect()),
                 nodes: hints.and_then(|h| h.for_nodes.as_ref()).map(|n| n.iter().map(|n| n.name.clone()).collect()),
             };
-            out.entry((ip, port)).or_insert(candidate);
+            // The same address twice (across slices, or an IP the pod
+            // network reused before the terminating pod's endpoint is
+            // gone): a non-terminating one replaces what came before, as
+            // kube-proxy's EndpointSliceCache does.
+            match out.entry((ip, port)) {
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(candidate);
+                }
+                std::collections::btree_map::Entry::Occupied(mut o) => {
+                    if !candidate.terminating {
+                        o.insert(candidate);
+                    }
+                }
+            }
         }
     }
     out.into_values().collect()
@@ -154,29 +162,34 @@ fn usable<'a>(candidates: impl Iterator<Item = &'a Candidate> + Clone) -> Vec<&'
     candidates.filter(|c| c.serving && c.terminating).collect()
 }
 
-/// The endpoints for cluster-wide traffic, topology applied.
+/// The ready endpoints hinted for `name` when every ready endpoint carries
+/// such hints and at least one names it.
+fn hinted<'a>(
+    ready: &[&'a Candidate],
+    hints: impl Fn(&Candidate) -> Option<&Vec<String>>,
+    name: &str,
+) -> Option<Vec<&'a Candidate>> {
+    let all_hinted = ready.iter().all(|c| hints(c).is_some_and(|h| !h.is_empty()));
+    let mine: Vec<&Candidate> =
+        ready.iter().copied().filter(|c| hints(c).is_some_and(|h| h.iter().any(|n| n == name))).collect();
+    (all_hinted && !mine.is_empty()).then_some(mine)
+}
+
+/// The endpoints for cluster-wide traffic (kube-proxy's
+/// `CategorizeEndpoints`): the ready endpoints topology allows, where the
+/// hints decide (node hints for this node when every ready endpoint has
+/// some, else zone hints for this node's zone likewise, else all); when no
+/// endpoint is ready anywhere, the serving-and-terminating ones, topology
+/// not applied.
 #[must_use]
-pub fn cluster(candidates: &[Candidate], topology: Topology, node: &NodeContext) -> Vec<Backend> {
-    let all = usable(candidates.iter());
-    let by_node = || {
-        let hinted = all.iter().all(|c| c.nodes.as_ref().is_some_and(|n| !n.is_empty()));
-        let mine: Vec<&Candidate> =
-            all.iter().copied().filter(|c| c.nodes.as_ref().is_some_and(|n| n.contains(&node.node_name))).collect();
-        (hinted && !mine.is_empty()).then_some(mine)
-    };
-    let by_zone = || {
-        let zone = node.zone.as_deref()?;
-        let hinted = all.iter().all(|c| c.zones.as_ref().is_some_and(|z| !z.is_empty()));
-        let mine: Vec<&Candidate> =
-            all.iter().copied().filter(|c| c.zones.as_ref().is_some_and(|z| z.iter().any(|z| z == zone))).collect();
-        (hinted && !mine.is_empty()).then_some(mine)
-    };
-    let chosen = match topology {
-        Topology::None => None,
-        Topology::SameZone => by_zone(),
-        Topology::SameNode => by_node().or_else(by_zone),
-    };
-    chosen.unwrap_or(all).into_iter().map(|c| c.backend).collect()
+pub fn cluster(candidates: &[Candidate], node: &NodeContext) -> Vec<Backend> {
+    let ready: Vec<&Candidate> = candidates.iter().filter(|c| c.ready).collect();
+    if ready.is_empty() {
+        return candidates.iter().filter(|c| c.serving && c.terminating).map(|c| c.backend).collect();
+    }
+    let chosen = hinted(&ready, |c| c.nodes.as_ref(), &node.node_name)
+        .or_else(|| node.zone.as_deref().and_then(|zone| hinted(&ready, |c| c.zones.as_ref(), zone)));
+    chosen.unwrap_or(ready).into_iter().map(|c| c.backend).collect()
 }
 
 /// The endpoints for `Local` traffic policy: this node's only.

@@ -30,7 +30,7 @@ use k8s_openapi::{
 };
 
 use super::{NodeContext, desired};
-use crate::vocabulary::{LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects};
+use crate::vocabulary::{Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects};
 
 /// splitmix64: tiny, fast, and good enough to pick test inputs.
 pub struct Rng(u64);
@@ -137,7 +137,7 @@ pub fn service(rng: &mut Rng) -> (ObjectRef, Service) {
     }
     if rng.one_in(10) {
         svc.metadata.annotations =
-            Some([(super::ANNOTATION_TOPOLOGY_MODE.to_owned(), one_of(rng, &["Auto", "auto"]))].into());
+            Some([(crate::vocabulary::ANNOTATION_TOPOLOGY_MODE.to_owned(), one_of(rng, &["Auto", "auto"]))].into());
     }
     let port = |rng: &mut Rng| ServicePort {
         name: rng.maybe(|r| one_of(r, &["http", "dns", "", "a"])),
@@ -325,6 +325,13 @@ pub fn node(rng: &mut Rng) -> NodeContext {
         node_name: one_of(rng, &["node-a", "node-b"]),
         zone: rng.maybe(|r| one_of(r, &["zone-a", "zone-b"])),
         nodeport_addresses: rng.list(2, |r| r.ip().parse::<IpAddr>().unwrap_or(IpAddr::from([10, 0, 0, 11]))),
+        masquerade_all: rng.one_in(4),
+        service_cidrs: rng.list(1, |r| {
+            r.ip().parse::<IpAddr>().map_or(Cidr { addr: IpAddr::from([10, 96, 0, 0]), prefix_len: 12 }, |addr| Cidr {
+                addr,
+                prefix_len: 24,
+            })
+        }),
     }
 }
 

@@ -27,6 +27,7 @@
 //! so far; IPv6 addresses are reported, not served.
 
 pub mod endpoints;
+pub mod trace;
 
 use std::{
     collections::BTreeMap,
@@ -42,9 +43,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::vocabulary::{
-    ANNOTATION_TOPOLOGY_MODE, Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects,
-};
+use crate::vocabulary::{Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -61,6 +60,12 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// The addresses NodePorts answer on (`--nodeport-addresses`).
     pub nodeport_addresses: Vec<IpAddr>,
+    /// kube-proxy's `--masquerade-all`: pod traffic to ClusterIPs is
+    /// masqueraded too.
+    pub masquerade_all: bool,
+    /// The ranges ClusterIPs are allocated from (`--service-cluster-ip-range`):
+    /// traffic to an address of them that no Service has is dropped.
+    pub service_cidrs: Vec<Cidr>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -205,8 +210,17 @@ pub struct DesiredFrontend {
     /// `sessionAffinity: ClientIP`: the timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
     /// `loadBalancerSourceRanges` (the LoadBalancer ingress frontends, as
-    /// kube-proxy filters them); empty means every source.
+    /// kube-proxy filters them, plus the ingress IPs themselves, which a
+    /// load balancer that SNATs to its own address uses); empty means every
+    /// source.
     pub source_ranges: Vec<Cidr>,
+    /// New flows get this node's address as their source (kube-proxy's
+    /// masquerade mark): traffic from outside the node unless a `Local`
+    /// external policy keeps the client's address, pod traffic to a
+    /// NodePort, LoadBalancer IP or external IP of a `Cluster` policy
+    /// Service, and with `--masquerade-all` pod traffic to ClusterIPs. (A
+    /// pod landing on itself is masqueraded whatever this says.)
+    pub masquerade: bool,
 }
 
 /// A Service with `externalTrafficPolicy: Local` and a `healthCheckNodePort`:
@@ -232,6 +246,10 @@ pub struct ModelError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<Frontend, DesiredFrontend>,
+    /// What a new flow to a Service address gets when no frontend serves
+    /// its port and protocol: every ClusterIP rejects (a /32), the rest of
+    /// each service CIDR drops, as kube-proxy's nftables mode does.
+    pub unserved: BTreeMap<Cidr, WhenEmpty>,
     pub health_checks: BTreeMap<ObjectRef, HealthCheck>,
     pub errors: Vec<ModelError>,
 }
@@ -249,6 +267,13 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
         let no_slices = Vec::new();
         let svc_slices = slices.get(svc_ref).unwrap_or(&no_slices);
         service_frontends(svc_ref, svc, svc_slices, &node, &mut out);
+    }
+    for cidr in &node.service_cidrs {
+        out.unserved.insert(*cidr, WhenEmpty::Drop);
+    }
+    for df in out.frontends.values().filter(|df| df.kind == FrontendKind::ClusterIp) {
+        let host = Cidr { addr: df.frontend.addr, prefix_len: if df.frontend.addr.is_ipv4() { 32 } else { 128 } };
+        out.unserved.insert(host, WhenEmpty::Reject);
     }
     out.errors.sort();
     out.errors.dedup();
@@ -392,22 +417,6 @@ fn is_local_policy(
     }
 }
 
-fn topology(svc: &Service, spec: &ServiceSpec) -> endpoints::Topology {
-    match spec.traffic_distribution.as_deref() {
-        Some("PreferSameNode") => endpoints::Topology::SameNode,
-        Some("PreferClose" | "PreferSameZone") => endpoints::Topology::SameZone,
-        _ => {
-            let auto = svc
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(ANNOTATION_TOPOLOGY_MODE))
-                .is_some_and(|m| m.eq_ignore_ascii_case("auto"));
-            if auto { endpoints::Topology::SameZone } else { endpoints::Topology::None }
-        }
-    }
-}
-
 #[expect(clippy::too_many_lines, reason = "one pass over a Service's spec, in the order the API documents it")]
 fn service_frontends(
     svc_ref: &ObjectRef,
@@ -472,6 +481,13 @@ fn service_frontends(
                 Err(m) => out.errors.push(err(format!("spec.loadBalancerSourceRanges[{i}]"), m)),
             }
         }
+        if ranges.iter().any(|r| node.nodeport_addresses.iter().any(|a| r.contains(*a))) {
+            // As kube-proxy: when the ranges let this node in, the ingress
+            // IPs are let in too. A VIP-style load balancer's address is
+            // often local to the nodes, so a node's request to it loops
+            // back with the VIP as its source.
+            ranges.extend(lb_ingress.iter().map(|ip| Cidr { addr: IpAddr::V4(*ip), prefix_len: 32 }));
+        }
         ranges.sort();
         ranges.dedup();
         ranges
@@ -517,8 +533,10 @@ fn service_frontends(
     };
     let internal_local = policy(spec.internal_traffic_policy.as_deref(), "spec.internalTrafficPolicy");
     let external_local = policy(spec.external_traffic_policy.as_deref(), "spec.externalTrafficPolicy");
-    let topology = topology(svc, spec);
-    let mut local_endpoints_any_port = 0;
+    // kube-proxy's health check counts the distinct ready local endpoint
+    // addresses over all ports; terminating ones do not count, so a node
+    // whose endpoints are all terminating answers 503 and is drained.
+    let mut local_ready: std::collections::BTreeSet<IpAddr> = std::collections::BTreeSet::new();
     let mut has_external_frontend = false;
     // (port, protocol) -> index of the first ServicePort with it.
     let mut seen_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
@@ -544,21 +562,32 @@ fn service_frontends(
         let port_name = port.name.clone().unwrap_or_default();
         let candidates = endpoints::candidates(&svc_ref.namespace, &port_name, protocol, slices, node, &mut out.errors);
         let any = endpoints::any_usable(&candidates);
-        let cluster = endpoints::cluster(&candidates, topology, node);
+        let cluster = endpoints::cluster(&candidates, node);
         let local = endpoints::local(&candidates);
-        local_endpoints_any_port = local_endpoints_any_port.max(local.len());
+        local_ready.extend(candidates.iter().filter(|c| c.backend.local && c.ready).map(|c| c.backend.addr));
         let pick = |is_local: bool| {
             let backends = if is_local { local.clone() } else { cluster.clone() };
             let when_empty = if any { WhenEmpty::Drop } else { WhenEmpty::Reject };
             (backends, when_empty)
         };
 
-        let mut frontends: Vec<(Frontend, FrontendKind, bool)> = Vec::new();
+        // (frontend, kind, Local policy, masquerade)
+        let mut frontends: Vec<(Frontend, FrontendKind, bool, bool)> = Vec::new();
         for addr in &cluster_ips {
             frontends.push((
                 Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::Internal },
                 FrontendKind::ClusterIp,
                 internal_local,
+                node.masquerade_all,
+            ));
+            // Traffic from outside the node to a ClusterIP (a service CIDR
+            // routed to the nodes): translated under the internal policy
+            // and masqueraded, as kube-proxy does.
+            frontends.push((
+                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
+                FrontendKind::ClusterIp,
+                internal_local,
+                true,
             ));
         }
         if is_node_port {
@@ -569,6 +598,7 @@ fn service_frontends(
                             Frontend { addr: *addr, port: np, protocol, scope: Scope::External },
                             FrontendKind::NodePort,
                             external_local,
+                            !external_local,
                         ));
                     }
                 }
@@ -586,6 +616,7 @@ fn service_frontends(
                 Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
                 FrontendKind::LoadBalancer,
                 external_local,
+                !external_local,
             ));
         }
         for addr in &external_ips {
@@ -593,20 +624,22 @@ fn service_frontends(
                 Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
                 FrontendKind::ExternalIp,
                 external_local,
+                !external_local,
             ));
         }
         // Pods reach the external frontends too: a pod dialling this node's
         // address:NodePort, a LoadBalancer ingress IP or an external IP is
         // translated on its own node, as kube-proxy's "short-circuit" does,
-        // to the cluster-wide endpoints whatever externalTrafficPolicy says
-        // (pod traffic is not external traffic).
+        // to the cluster-wide endpoints whatever either policy says (pod
+        // traffic is not external traffic), masqueraded unless the
+        // external policy is `Local`, as kube-proxy marks it.
         let from_pods: Vec<_> = frontends
             .iter()
-            .filter(|(f, _, _)| f.scope == Scope::External)
-            .map(|(f, kind, _)| (Frontend { scope: Scope::Internal, ..*f }, *kind, false))
+            .filter(|(f, kind, _, _)| f.scope == Scope::External && *kind != FrontendKind::ClusterIp)
+            .map(|(f, kind, _, masquerade)| (Frontend { scope: Scope::Internal, ..*f }, *kind, false, *masquerade))
             .collect();
         frontends.extend(from_pods);
-        for (frontend, kind, is_local) in frontends {
+        for (frontend, kind, is_local, masquerade) in frontends {
             if let Some(existing) = out.frontends.get(&frontend) {
                 out.errors.push(err(
                     format!("spec.ports[{i}]"),
@@ -617,7 +650,7 @@ fn service_frontends(
                 ));
                 continue;
             }
-            has_external_frontend |= frontend.scope == Scope::External;
+            has_external_frontend |= frontend.scope == Scope::External && kind != FrontendKind::ClusterIp;
             let (mut backends, mut when_empty) = pick(is_local);
             if protocol == Protocol::Sctp {
                 // SCTP's CRC32c covers the ports and cannot be updated in
@@ -654,6 +687,7 @@ fn service_frontends(
                     when_empty,
                     affinity_timeout_s,
                     source_ranges: ranges,
+                    masquerade,
                 },
             );
         }
@@ -663,8 +697,7 @@ fn service_frontends(
     if external_local && is_lb && has_external_frontend {
         match spec.health_check_node_port.map(u16::try_from) {
             Some(Ok(port)) if port != 0 => {
-                out.health_checks
-                    .insert(svc_ref.clone(), HealthCheck { port, local_endpoints: local_endpoints_any_port });
+                out.health_checks.insert(svc_ref.clone(), HealthCheck { port, local_endpoints: local_ready.len() });
             }
             None => {}
             Some(_) => out.errors.push(err(

@@ -77,6 +77,9 @@ pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, table_len: usize) -
     if df.kind == FrontendKind::NodePort {
         flags |= service_flags::NODE_ADDRESS;
     }
+    if df.masquerade {
+        flags |= service_flags::MASQUERADE;
+    }
     ServiceValue {
         backend_id: 0,
         count: u32::try_from(table_len).unwrap_or(u32::MAX),

@@ -72,6 +72,7 @@ pub fn synthetic(n: usize) -> Desired {
                 when_empty: WhenEmpty::Reject,
                 affinity_timeout_s: None,
                 source_ranges: Vec::new(),
+                masquerade: false,
             },
         );
     };

@@ -270,6 +270,7 @@ fn node() -> NodeContext {
         node_name: "node-a".into(),
         zone: Some("zone-a".into()),
         nodeport_addresses: vec![std::net::IpAddr::from([10, 0, 0, 11])],
+        ..NodeContext::default()
     }
 }
 

@@ -1,0 +1,201 @@
+//! The flow tables of `tests/flows` (format: `tests/flows/FORMAT.md`):
+//! loading them, turning a table's node into the model's context, and a
+//! flow's expectation into the model's [`Outcome`].
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use service_agent::{
+    model::{
+        NodeContext, Protocol,
+        trace::{Entry, Outcome, Probe},
+    },
+    vocabulary::Cidr,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    pub reference: String,
+    pub node: Node,
+    #[serde(default)]
+    pub flags: Vec<String>,
+    pub objects: String,
+    pub flows: Vec<Flow>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Node {
+    pub name: String,
+    pub addresses: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub zone: Option<String>,
+    #[serde(default, rename = "clusterCIDR")]
+    pub cluster_cidr: Option<String>,
+    #[serde(default, rename = "serviceCIDRs")]
+    pub service_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flow {
+    pub name: String,
+    pub source: Ipv4Addr,
+    pub destination: SocketAddr,
+    #[serde(default)]
+    pub protocol: Option<String>,
+    pub output: String,
+    pub masquerade: bool,
+    #[serde(default)]
+    pub ours: Option<Ours>,
+    #[serde(default)]
+    pub skip: Option<String>,
+}
+
+/// Where this project deliberately differs: its own expectation, and the
+/// row of `docs/semantics.md` saying why.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ours {
+    pub output: Option<String>,
+    pub masquerade: Option<bool>,
+    pub why: String,
+}
+
+/// Every table under `dir`, sorted by path.
+pub fn load(dir: &Path) -> Vec<(PathBuf, Table)> {
+    let mut files: Vec<PathBuf> =
+        walk(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "yaml")).collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let table: Table =
+                serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: not a flow table: {e}", path.display()));
+            (path, table)
+        })
+        .collect()
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// A flag's value, given as `--name=value` or `--name value`.
+fn flag<'a>(flags: &'a [String], name: &str) -> Option<&'a str> {
+    flags.iter().enumerate().find_map(|(i, f)| {
+        f.strip_prefix(name).and_then(|rest| match rest.strip_prefix('=') {
+            Some(v) => Some(v),
+            None if rest.is_empty() => flags.get(i + 1).map(String::as_str),
+            None => None,
+        })
+    })
+}
+
+impl Table {
+    /// The model's view of the table's node: NodePorts answer on the node
+    /// addresses inside `--nodeport-addresses` (every one without it).
+    pub fn node_context(&self) -> NodeContext {
+        let cidrs: Vec<Cidr> = flag(&self.flags, "--nodeport-addresses")
+            .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
+            .unwrap_or_default();
+        let nodeport_addresses = self
+            .node
+            .addresses
+            .iter()
+            .map(|a| IpAddr::V4(*a))
+            .filter(|a| cidrs.is_empty() || cidrs.iter().any(|c| c.contains(*a)))
+            .collect();
+        NodeContext {
+            node_name: self.node.name.clone(),
+            zone: self.node.zone.clone(),
+            nodeport_addresses,
+            masquerade_all: self.flags.iter().any(|f| f == "--masquerade-all"),
+            service_cidrs: self
+                .node
+                .service_cidrs
+                .iter()
+                .map(|c| c.parse().unwrap_or_else(|e| panic!("{}: service CIDR {c:?}: {e}", self.reference)))
+                .collect(),
+        }
+    }
+
+    /// The pods' addresses: `--cluster-cidr` when the flags set it (empty
+    /// means none), else the node's `clusterCIDR`.
+    fn cluster_cidr(&self) -> Option<Cidr> {
+        flag(&self.flags, "--cluster-cidr")
+            .map(str::to_owned)
+            .or_else(|| self.node.cluster_cidr.clone())
+            .filter(|c| !c.is_empty())
+            .map(|c| c.parse().unwrap_or_else(|e| panic!("{}: cluster CIDR {c:?}: {e}", self.reference)))
+    }
+
+    /// Where `flow` enters, or why it cannot be run here.
+    pub fn entry(&self, flow: &Flow) -> Result<Entry, String> {
+        if let Some(why) = &flow.skip {
+            return Err(why.clone());
+        }
+        if self.node.addresses.contains(&flow.source) || flow.source.is_loopback() {
+            return Err("host-originated traffic: issue 15".into());
+        }
+        // kube-proxy's tables also use sources in the cluster CIDR when a
+        // test turns local-traffic detection off; the pod is still a pod.
+        let pod_cidr = self.cluster_cidr().or_else(|| self.node.cluster_cidr.as_deref().and_then(|c| c.parse().ok()));
+        Ok(if pod_cidr.is_some_and(|c| c.contains(IpAddr::V4(flow.source))) { Entry::Pod } else { Entry::External })
+    }
+}
+
+impl Flow {
+    pub fn protocol(&self) -> Protocol {
+        match self.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => Protocol::Sctp,
+            other => panic!("flow {:?}: protocol {other:?}", self.name),
+        }
+    }
+
+    pub fn probe(&self, entry: Entry) -> Probe {
+        Probe { source: self.source, destination: self.destination, protocol: self.protocol(), entry }
+    }
+
+    /// kube-proxy's expectation, or this project's where it deliberately
+    /// differs.
+    pub fn expected(&self) -> Outcome {
+        let output = self.ours.as_ref().and_then(|o| o.output.as_deref()).unwrap_or(&self.output);
+        let masquerade = self.ours.as_ref().and_then(|o| o.masquerade).unwrap_or(self.masquerade);
+        parse_outcome(output, masquerade).unwrap_or_else(|e| panic!("flow {:?}: {e}", self.name))
+    }
+}
+
+/// kube-proxy's output string as an outcome. `ACCEPT` (a health check
+/// node port let through to the node) is an untouched packet here.
+pub fn parse_outcome(output: &str, masquerade: bool) -> Result<Outcome, String> {
+    Ok(match output.trim() {
+        "" | "ACCEPT" => Outcome::Untouched,
+        "REJECT" => Outcome::Reject,
+        "DROP" => Outcome::Drop,
+        list => {
+            let endpoints: BTreeSet<SocketAddr> = list
+                .split(',')
+                .map(|e| e.trim().parse().map_err(|err| format!("endpoint {e:?}: {err}")))
+                .collect::<Result<_, _>>()?;
+            Outcome::Forward { endpoints, masquerade }
+        }
+    })
+}
