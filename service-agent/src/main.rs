@@ -134,6 +134,17 @@ struct RunArgs {
     /// interfaces.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     nodeport_addresses: Vec<service_agent::vocabulary::Cidr>,
+    /// kube-proxy's --masquerade-all: pod traffic to ClusterIPs is
+    /// masqueraded to the node's address too (external frontends are
+    /// masqueraded under externalTrafficPolicy: Cluster regardless).
+    #[arg(long)]
+    masquerade_all: bool,
+    /// The ranges ClusterIPs are allocated from (the API server's
+    /// --service-cluster-ip-range): a new flow to an address of them that
+    /// no Service has is dropped, as kube-proxy's nftables mode does. A
+    /// ClusterIP's unserved port is rejected whether or not this is set.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
+    service_cluster_ip_range: Vec<service_agent::vocabulary::Cidr>,
     /// Where the maps are pinned (a directory on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
     bpffs_root: PathBuf,
@@ -219,6 +230,8 @@ async fn main() -> anyhow::Result<()> {
                 tunnel_interfaces: service_agent::attach::TunnelInterfaces::parse(&args.tunnel_interfaces),
                 attach_mode: args.attach_mode,
                 nodeport_addresses: args.nodeport_addresses,
+                masquerade_all: args.masquerade_all,
+                service_cidrs: args.service_cluster_ip_range,
                 bpffs_root: args.bpffs_root,
                 map_sizes: MapSizes {
                     services: args.map_size_services,

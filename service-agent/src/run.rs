@@ -110,6 +110,10 @@ pub struct RunConfig {
     /// kube-proxy's `--nodeport-addresses`; empty: every address on the
     /// external interfaces.
     pub nodeport_addresses: Vec<Cidr>,
+    /// kube-proxy's `--masquerade-all`.
+    pub masquerade_all: bool,
+    /// `--service-cluster-ip-range`: unallocated addresses are dropped.
+    pub service_cidrs: Vec<Cidr>,
     pub bpffs_root: PathBuf,
     pub map_sizes: MapSizes,
     /// Leave links and pins in place on exit (for the next agent).
@@ -145,7 +149,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut health_checks = HealthCheckServers::new(health.clone());
     let mut reported = BTreeSet::new();
     let mut snapshots = start_source(&config).await?;
-    let mut node = NodeContext { node_name: config.node_name.clone(), ..NodeContext::default() };
+    let mut node = NodeContext {
+        node_name: config.node_name.clone(),
+        masquerade_all: config.masquerade_all,
+        service_cidrs: config.service_cidrs.clone(),
+        ..NodeContext::default()
+    };
     let mut node_addrs = NodeAddresses::default();
     refresh_node(&config, &mut ext_attach, &mut node_addrs, &mut node);
     let mut snapshot: Option<Objects> = None;

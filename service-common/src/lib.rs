@@ -139,7 +139,10 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const CONNTRACK_NEW: u32 = 65_536;
     pub const FRAGMENTS: u32 = 8_192;
-    pub const SOURCE_RANGES: u32 = 16_384;
+    /// Every `loadBalancerSourceRanges` CIDR of every LoadBalancer
+    /// frontend, plus a row per ClusterIP and per service CIDR
+    /// ([`crate::service_ips`]). Not preallocated (an LPM trie never is).
+    pub const SOURCE_RANGES: u32 = 131_072;
     pub const AFFINITY: u32 = 65_536;
     pub const SNAT_ADDRS: u32 = 256;
     /// `interface_stats` rows: (interface, counter) pairs, least recently
@@ -482,6 +485,22 @@ const _: () = assert!(size_of::<SourceRangeKey>() == 24);
 
 /// The bits of a [`SourceRangeKey`] before the address.
 pub const SOURCE_RANGE_FRONTEND_BITS: u32 = 64;
+
+/// The `source_ranges` rows no frontend owns (rev-NAT id 0, never a
+/// frontend's): the addresses Services may have, which a new flow that
+/// matched no frontend is checked against, as kube-proxy's nftables mode
+/// does. Their `proto` byte says which kind of row it is.
+pub mod service_ips {
+    /// The owner id of these rows.
+    pub const OWNER: u32 = 0;
+    /// Every address a Service may have: each service CIDR, and each
+    /// ClusterIP (a /32) outside them. A new flow to such an address that
+    /// is not a ClusterIP is dropped (`drop_unallocated_service_ip`).
+    pub const RANGE: u8 = 0xfe;
+    /// Each ClusterIP (a /32): a new flow to a port or protocol it does not
+    /// serve is rejected (TCP RST / ICMP port unreachable).
+    pub const CLUSTER_IP: u8 = 0xff;
+}
 
 impl SourceRangeKey {
     #[must_use]

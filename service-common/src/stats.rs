@@ -231,6 +231,10 @@ counters! {
     /// through SNAT or clashing with another Service's flow to the same
     /// backend.
     DropSctpTupleTaken = 40, "drop_sctp_tuple_taken", drop;
+    /// Dropped: a new flow to an address of a service CIDR
+    /// (`--service-cluster-ip-range`) that no Service has, as kube-proxy's
+    /// nftables mode drops it. (A ClusterIP's unserved port is rejected.)
+    DropUnallocatedServiceIp = 41, "drop_unallocated_service_ip", drop;
 }
 
 #[cfg(test)]

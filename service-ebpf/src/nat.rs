@@ -14,7 +14,7 @@ use aya_ebpf::{
 use service_common::{
     Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, conntrack::next_state,
-    ct_flags, hash, service_flags, snat_ports, stats::Counter,
+    ct_flags, hash, service_flags, service_ips, snat_ports, stats::Counter,
 };
 
 use crate::{
@@ -132,7 +132,10 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     scratch.frontend = ServiceKey::frontend(FAMILY_IPV4, key.daddr, flow.dport, flow.proto, scope);
     // SAFETY: service values are plain data written whole by the agent.
     let Some(service) = (unsafe { SERVICES.get(&scratch.frontend) }) else {
-        return Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService)));
+        if flow.later_fragment {
+            return Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService)));
+        }
+        return unserved(key);
     };
     if flow.later_fragment {
         // Its first fragment's flow is gone: nothing to follow.
@@ -282,6 +285,25 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
         return Ok(NewFlow::Verdict(Verdict::Forward(Counter::DnatNew)));
     }
     Ok(NewFlow::Verdict(Verdict::Pass(Counter::DnatNew)))
+}
+
+/// A new flow that matched no frontend: to a ClusterIP (on a port or
+/// protocol it does not serve) rejected, to another address of a service
+/// CIDR dropped, to anything else passed untouched. Not inlined: its trie
+/// keys stay out of `new_flow`'s frame; a packet for no Service pays one
+/// trie lookup here.
+#[inline(never)]
+fn unserved(key: &CtKey) -> Result<NewFlow, Counter> {
+    let bits = SOURCE_RANGE_FRONTEND_BITS + 32;
+    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV4, key.daddr));
+    if SOURCE_RANGES.get(&range).is_none() {
+        return Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService)));
+    }
+    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV4, key.daddr));
+    if SOURCE_RANGES.get(&host).is_some() {
+        return Ok(NewFlow::Verdict(Verdict::Reject));
+    }
+    Err(Counter::DropUnallocatedServiceIp)
 }
 
 /// The backend for a new flow: the client's affinity entry when the

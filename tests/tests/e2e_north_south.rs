@@ -239,7 +239,7 @@ fn pods_reach_node_ports_load_balancer_ips_and_external_ips_through_every_endpoi
     // clients at node 1 are dropped, but a pod on node 1 dialling node 1's
     // NodePort, the LB IP or the external IP is translated on its own node
     // to the cluster-wide endpoints (kube-proxy's short-circuit), keeping
-    // its own address.
+    // its own address (a Local policy is not masqueraded).
     let local = Svc {
         name: "local",
         cluster_ip: "10.96.0.45",
@@ -249,8 +249,10 @@ fn pods_reach_node_ports_load_balancer_ips_and_external_ips_through_every_endpoi
         status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
         endpoints: &[B2],
     };
-    // A backend on the client's own node: the reply enters a pod interface
-    // and leaves by a FIB redirect (its restored source is node 1's).
+    // A backend on the client's own node, externalTrafficPolicy Cluster:
+    // masqueraded to node 1's address, as kube-proxy marks pod traffic to
+    // a NodePort; the reply enters a pod interface and leaves by a FIB
+    // redirect (its restored source is node 1's).
     let near = Svc {
         name: "near",
         cluster_ip: "10.96.0.46",
@@ -263,7 +265,7 @@ fn pods_reach_node_ports_load_balancer_ips_and_external_ips_through_every_endpoi
     let ns = NorthSouth::start(&[local, near]);
     let client = &ns.cluster.node(1).pod("client").ns;
     for (name, peer) in answers(client, &format!("http://{}:30090/", node_ip(1)), 3) {
-        assert_eq!((name.as_str(), peer.ip()), ("a1", CLIENT_POD.into()));
+        assert_eq!((name.as_str(), peer.ip()), ("a1", node_ip(1).into()));
     }
     let before = ns.counter(1, "dnat_new_flow");
     for url in
@@ -455,4 +457,45 @@ fn icmp_errors_about_a_translated_flow_reach_the_client() {
     assert_eq!(mtu_after, 1000, "the client learnt the path MTU from the translated ICMP error");
     assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused), "port unreachable reached the client's socket");
     assert!(ns.counter(1, "icmp_error_translated") >= 2);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn service_cidrs_reject_unserved_ports_drop_unallocated_addresses_and_translate_from_outside() {
+    let flags: &[&str] = &["--external-interfaces", "eth0", "--service-cluster-ip-range", "10.96.0.0/16"];
+    // The external client routes the service CIDR to node 1, as a BGP
+    // announcement of it would.
+    let ns = NorthSouth::start_with(
+        &[WEB],
+        |c| {
+            c.external.ip(&["route", "add", "10.96.0.0/16", "via", &node_ip(1).to_string()]).expect("service route");
+        },
+        &[flags, flags],
+    );
+    let pod = &ns.cluster.node(1).pod("client").ns;
+    // WEB's ClusterIP on a port it does not serve: refused at once (TCP RST,
+    // ICMP port unreachable), as kube-proxy's nftables mode does.
+    let tcp = pod.run_in(|| TcpStream::connect_timeout(&"10.96.0.10:81".parse().expect("addr"), TIMEOUT));
+    let err = tcp.expect_err("port 81 is not served");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    let udp = pod.run_in(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        s.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        s.connect("10.96.0.10:9999").expect("connect");
+        s.send(b"x").expect("send");
+        s.recv(&mut [0u8; 16])
+    });
+    let err = udp.expect_err("port 9999 is not served");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "ICMP port unreachable: {err}");
+    // An address of the range no Service has: dropped silently, counted.
+    let before = ns.counter(1, "drop_unallocated_service_ip");
+    let tcp = pod.run_in(|| TcpStream::connect_timeout(&"10.96.5.5:80".parse().expect("addr"), TIMEOUT));
+    let err = tcp.expect_err("10.96.5.5 is not allocated");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "a silent drop: {err}");
+    assert!(ns.counter(1, "drop_unallocated_service_ip") > before);
+    // From outside the node: the ClusterIP is translated and masqueraded,
+    // its unserved port rejected.
+    assert_both_backends(&answers(&ns.cluster.external, "http://10.96.0.10/", 24), node_ip(1));
+    let tcp = ns.cluster.external.run_in(|| TcpStream::connect_timeout(&"10.96.0.10:81".parse().expect("a"), TIMEOUT));
+    assert_eq!(tcp.expect_err("not served").kind(), std::io::ErrorKind::ConnectionRefused);
 }

@@ -91,7 +91,8 @@ const LB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
 /// Two Services on one LoadBalancer IP (reached here from a pod, through
 /// its pod-side frontend; the external program keys source ranges the same
 /// way), one for TCP, one for UDP, with their own ranges; the TCP one lists
-/// an IPv6 range too.
+/// an IPv6 range too. `externalTrafficPolicy: Local`, so a pod's flow is
+/// not masqueraded (this fixture writes no SNAT addresses).
 const SHARED_ADDRESS: &str = r#"
 apiVersion: v1
 kind: Service
@@ -100,6 +101,7 @@ spec:
   type: LoadBalancer
   clusterIP: 10.96.5.1
   loadBalancerSourceRanges: ["10.244.0.0/16", "::/0"]
+  externalTrafficPolicy: Local
   ports:
   - {port: 53, protocol: TCP, targetPort: 5353, nodePort: 30053}
 status:
@@ -123,6 +125,7 @@ spec:
   type: LoadBalancer
   clusterIP: 10.96.5.2
   loadBalancerSourceRanges: ["172.16.0.0/12"]
+  externalTrafficPolicy: Local
   ports:
   - {port: 53, protocol: UDP, targetPort: 5353, nodePort: 30054}
 status:

@@ -16,6 +16,13 @@
 //!   `loadBalancerSourceRanges`, `healthCheckNodePort` carried to the rows.
 //! - No usable endpoint: "reject"; endpoints, but none this node may use
 //!   under a `Local` policy: "drop".
+//! - Masquerade per frontend, as kube-proxy marks it: traffic from outside
+//!   under `externalTrafficPolicy: Cluster`, pod traffic to the external
+//!   frontends of such a Service, traffic from outside to a ClusterIP (each
+//!   ClusterIP has an external-scope twin), and with `--masquerade-all` pod
+//!   traffic to ClusterIPs.
+//! - The service IP ranges (`unserved`): a ClusterIP's unserved port
+//!   rejects, an unallocated address of `--service-cluster-ip-range` drops.
 //!
 //! What the API server's validation would refuse (an unknown type, a port
 //! out of 1-65535, the same port and protocol twice, an invalid targetPort,

@@ -320,3 +320,61 @@ fn a_service_with_100_000_endpoints() {
     }
     assert_eq!(d.frontends.values().next().map(|f| f.backends.iter().filter(|b| b.local).count()), Some(2_000));
 }
+
+#[test]
+fn a_health_check_counts_ready_local_endpoints_only_and_a_duplicate_prefers_the_running_one() {
+    // kube-proxy's LocalReadyEndpoints: a node whose local endpoints are all
+    // terminating answers 503 (0), so load balancers drain it; distinct
+    // addresses over every port. The same address in two slices: the
+    // non-terminating copy wins (a pod IP reused before the old pod's
+    // endpoint is gone).
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.9.1
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  ports: [{name: a, port: 80, nodePort: 30900}, {name: b, port: 81, nodePort: 30901}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.9}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: shop, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8081}]
+endpoints:
+- {addresses: [10.244.0.1], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.0.2], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}}
+- {addresses: [10.244.0.3], nodeName: node-b}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-2, namespace: shop, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{name: a, port: 8080}, {name: b, port: 8081}]
+endpoints:
+- {addresses: [10.244.0.2], nodeName: node-a, conditions: {ready: true}}
+";
+    let mut objs = objects(yaml);
+    let lb_ref = ObjectRef { namespace: "shop".into(), name: "lb".into() };
+    let d = desired(&objs, &node());
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    // 10.244.0.2 is ready through lb-2, which replaced its terminating copy.
+    assert_eq!(d.health_checks[&lb_ref].local_endpoints, 1);
+    let external = |d: &Desired| {
+        d.frontends
+            .values()
+            .find(|f| f.kind == FrontendKind::LoadBalancer && f.frontend.scope == Scope::External && f.port_name == "a")
+            .map(|f| f.backends.iter().map(ToString::to_string).collect::<Vec<_>>())
+    };
+    assert_eq!(external(&d), Some(vec!["10.244.0.2:8080/TCP".to_owned()]));
+    // Without lb-2 only terminating endpoints are local: they still serve
+    // (the fallback), but the health check says 0.
+    objs.endpoint_slices.retain(|r, _| r.name != "lb-2");
+    let d = desired(&objs, &node());
+    assert_eq!(d.health_checks[&lb_ref].local_endpoints, 0);
+    assert_eq!(external(&d), Some(vec!["10.244.0.1:8080/TCP".to_owned(), "10.244.0.2:8080/TCP".to_owned()]));
+}

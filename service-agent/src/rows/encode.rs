@@ -7,10 +7,13 @@ use std::{collections::BTreeSet, net::IpAddr};
 
 use service_common::{
     BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
-    SourceRangeKey, backend_flags, backend_state, service_flags,
+    SourceRangeKey, backend_flags, backend_state, service_flags, service_ips,
 };
 
-use crate::model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, WhenEmpty};
+use crate::{
+    model::{Backend, Desired, DesiredFrontend, Frontend, FrontendKind, WhenEmpty},
+    vocabulary::Cidr,
+};
 
 /// The `FAMILY_*` of an address.
 #[must_use]
@@ -129,6 +132,36 @@ pub fn source_range_rows(
         for cidr in ranges {
             let key = SourceRangeKey::new(id, proto, fam, addr_bytes(cidr.addr));
             rows.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key));
+        }
+    }
+    rows.extend(service_ip_rows(desired));
+    rows
+}
+
+/// The rows of the addresses Services may have (`service_ips`): every
+/// service CIDR and every ClusterIP outside them as a `RANGE`, every
+/// ClusterIP as a `CLUSTER_IP` too (IPv4 only, as the programs).
+fn service_ip_rows(desired: &Desired) -> BTreeSet<(u32, SourceRangeKey)> {
+    let mut rows = BTreeSet::new();
+    let cidrs: Vec<&Cidr> = desired.unserved.iter().filter(|(_, w)| **w == WhenEmpty::Drop).map(|(c, _)| c).collect();
+    for (cidr, when) in &desired.unserved {
+        if !cidr.addr.is_ipv4() {
+            continue;
+        }
+        let row = |kind: u8| {
+            let key = SourceRangeKey::new(service_ips::OWNER, kind, FAMILY_IPV4, addr_bytes(cidr.addr));
+            (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key)
+        };
+        match when {
+            WhenEmpty::Drop => {
+                rows.insert(row(service_ips::RANGE));
+            }
+            WhenEmpty::Reject => {
+                rows.insert(row(service_ips::CLUSTER_IP));
+                if !cidrs.iter().any(|c| c.contains(cidr.addr)) {
+                    rows.insert(row(service_ips::RANGE));
+                }
+            }
         }
     }
     rows

@@ -118,14 +118,16 @@ pub fn render(state: &MapState) -> String {
     if !state.source_ranges.is_empty() {
         out.push_str("source_ranges:\n");
         for (len, k) in &state.source_ranges {
-            let _ = writeln!(
-                out,
-                "  rev_nat={} {} {}/{}",
-                u32::from_be_bytes(k.rev_nat_id),
-                proto_name(k.proto),
-                ip(k.family, &k.addr),
-                len.saturating_sub(service_common::SOURCE_RANGE_FRONTEND_BITS)
-            );
+            let owner = u32::from_be_bytes(k.rev_nat_id);
+            let prefix = len.saturating_sub(service_common::SOURCE_RANGE_FRONTEND_BITS);
+            let addr = ip(k.family, &k.addr);
+            let _ = if owner == service_common::service_ips::OWNER {
+                let kind =
+                    if k.proto == service_common::service_ips::CLUSTER_IP { "cluster-ip" } else { "service-ip-range" };
+                writeln!(out, "  {kind} {addr}/{prefix}")
+            } else {
+                writeln!(out, "  rev_nat={owner} {} {addr}/{prefix}", proto_name(k.proto))
+            };
         }
     }
     out
