@@ -427,9 +427,10 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
             let (snapshot_tx, mut snapshots) = tokio::sync::watch::channel(first);
             snapshots.mark_changed();
             tokio::spawn(manifest::watch(dir.clone(), MANIFEST_POLL, snapshot_tx));
+            let node_name = config.node_name.clone();
             tokio::spawn(async move {
                 while snapshots.changed().await.is_ok() {
-                    let objects = snapshots.borrow_and_update().objects.clone();
+                    let objects = snapshots.borrow_and_update().for_node(&node_name);
                     tx.send_replace(objects);
                 }
             });

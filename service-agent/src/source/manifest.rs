@@ -1,10 +1,12 @@
 //! The manifest-directory source: the YAML/JSON a user would `kubectl
 //! apply`, read from a directory and polled for changes.
 //!
-//! Handled kinds: `v1 Service`, `discovery.k8s.io/v1 EndpointSlice`, and
+//! Handled kinds: `v1 Service`, `discovery.k8s.io/v1 EndpointSlice`,
 //! `v1 Endpoints`, which are mirrored into EndpointSlices the way the
 //! endpointslice-mirroring controller does (only for a Service without a
-//! selector, unless labelled `endpointslice.kubernetes.io/skip-mirror`).
+//! selector, unless labelled `endpointslice.kubernetes.io/skip-mirror`), and
+//! `v1 Node` (the agent uses the one named like its node: its
+//! `topology.kubernetes.io/zone` label drives topology, as in cluster mode).
 //! Other kinds are skipped. A broken file or object is reported with the
 //! file, the document, the object and the field; everything else loads.
 //!
@@ -28,7 +30,7 @@ use std::{
 };
 
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
+    core::v1::{Endpoints, Node, Service},
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
 };
 use serde::de::{DeserializeOwned, DeserializeSeed as _};
@@ -88,7 +90,18 @@ impl std::error::Error for ManifestError {}
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub objects: Objects,
+    /// The Node objects, by name; [`Snapshot::for_node`] picks this node's.
+    pub nodes: BTreeMap<String, Node>,
     pub errors: Vec<ManifestError>,
+}
+
+impl Snapshot {
+    /// The objects as node `node_name` sees them: with its Node object
+    /// when the directory has one.
+    #[must_use]
+    pub fn for_node(&self, node_name: &str) -> Objects {
+        Objects { node: self.nodes.get(node_name).cloned(), ..self.objects.clone() }
+    }
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -152,6 +165,7 @@ struct Loader {
     services: BTreeMap<ObjectRef, (PathBuf, Service)>,
     slices: BTreeMap<ObjectRef, (PathBuf, EndpointSlice)>,
     endpoints: BTreeMap<ObjectRef, (PathBuf, usize, Endpoints)>,
+    nodes: BTreeMap<String, (PathBuf, Node)>,
     errors: Vec<ManifestError>,
 }
 
@@ -242,7 +256,7 @@ impl Loader {
             .to_owned();
         let handled = matches!(
             (api_version.as_str(), kind.as_str()),
-            ("v1", "Service" | "Endpoints") | ("discovery.k8s.io/v1", "EndpointSlice")
+            ("v1", "Service" | "Endpoints" | "Node") | ("discovery.k8s.io/v1", "EndpointSlice")
         );
         if !handled {
             tracing::debug!(file = %file.display(), document, %api_version, %kind, "skipping a kind this source does not handle");
@@ -252,6 +266,19 @@ impl Loader {
             self.error(file, document, Some(kind), Some("metadata.name".into()), "is required".into());
             return;
         };
+        if kind == "Node" {
+            // Cluster-scoped: named by its name alone.
+            let object = format!("Node {name}");
+            if let Some(node) = self.typed::<Node>(file, document, &object, value) {
+                if let Some((first, _)) = self.nodes.get(&name) {
+                    let message = format!("duplicate of the one in {} (that one is used)", first.display());
+                    self.error(file, document, Some(object), None, message);
+                } else {
+                    self.nodes.insert(name, (file.to_owned(), node));
+                }
+            }
+            return;
+        }
         let key = ObjectRef { namespace, name };
         let object = format!("{kind} {key}");
         match kind.as_str() {
@@ -339,7 +366,8 @@ impl Loader {
                 objects.endpoint_slices.insert(ObjectRef { namespace: key.namespace.clone(), name }, slice);
             }
         }
-        Snapshot { objects, errors: self.errors }
+        let nodes = self.nodes.into_iter().map(|(name, (_, node))| (name, node)).collect();
+        Snapshot { objects, nodes, errors: self.errors }
     }
 }
 

@@ -325,3 +325,35 @@ fn deep_nesting_and_huge_numbers_are_errors_not_crashes() {
     );
     assert_eq!(s.objects.services.len(), 1);
 }
+
+#[test]
+fn a_node_manifest_gives_its_node_the_zone_and_other_nodes_nothing() {
+    let yaml = r"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-a
+  labels: {topology.kubernetes.io/zone: zone-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b, labels: {topology.kubernetes.io/zone: zone-b}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+";
+    let snapshot = parse(Path::new("nodes.yaml"), yaml);
+    assert_eq!(snapshot.errors.len(), 1, "the second node-a is a duplicate: {:?}", snapshot.errors);
+    assert!(snapshot.errors[0].to_string().contains("Node node-a"), "{}", snapshot.errors[0]);
+    let zone = |name: &str| {
+        snapshot
+            .for_node(name)
+            .node
+            .and_then(|n| n.metadata.labels)
+            .and_then(|l| l.get(crate::vocabulary::LABEL_ZONE).cloned())
+    };
+    assert_eq!(zone("node-a").as_deref(), Some("zone-a"));
+    assert_eq!(zone("node-b").as_deref(), Some("zone-b"));
+    assert_eq!(zone("node-c"), None);
+}
