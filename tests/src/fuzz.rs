@@ -157,7 +157,7 @@ pub enum VerdictKind {
 
 /// Every per-packet verdict counter: the entry point (`ingress::run`)
 /// counts exactly one of these for each packet, in one place.
-pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 35] = [
+pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 36] = [
     (Counter::PassNotIpv4, VerdictKind::Pass),
     (Counter::PassOtherProto, VerdictKind::Pass),
     (Counter::PassFragment, VerdictKind::Pass),
@@ -193,6 +193,7 @@ pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 35] = [
     (Counter::DropRedirectRefused, VerdictKind::Dropped),
     (Counter::DropRejectUnanswered, VerdictKind::Dropped),
     (Counter::DropSctpTupleTaken, VerdictKind::Dropped),
+    (Counter::DropUnallocatedServiceIp, VerdictKind::Dropped),
 ];
 
 /// Counted beside a packet's verdict (`maps::count` calls outside the entry

@@ -348,7 +348,11 @@ fn packets_not_for_a_service_come_out_byte_identical() {
     let f = Fixture::new();
     let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
         ("pod-to-pod TCP", packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, SYN, b""), Counter::PassNoService),
-        ("VIP on a port it does not serve", packet::tcp_v4(CLIENT, 40000, VIP, 81, SYN, b""), Counter::PassNoService),
+        (
+            "an address no Service has",
+            packet::tcp_v4(CLIENT, 40000, Ipv4Addr::new(192, 0, 2, 77), 81, SYN, b""),
+            Counter::PassNoService,
+        ),
         ("ARP", packet::arp_request(CLIENT, VIP), Counter::PassNotIpv4),
         (
             "non-first fragment to the VIP",
@@ -373,6 +377,24 @@ fn packets_not_for_a_service_come_out_byte_identical() {
         assert_eq!(out.data_out, frame, "{what} was modified");
         assert_eq!(f.stat(counter), before + 1, "{what} not counted");
     }
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_cluster_ip_rejects_a_port_it_does_not_serve() {
+    // kube-proxy's nftables mode: a ClusterIP's unserved port or protocol
+    // is refused, not left to time out.
+    let f = Fixture::new();
+    let out = f.run(&packet::tcp_v4(CLIENT, 40000, VIP, 81, SYN, b""));
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "an RST back out of the pod interface");
+    let p = packet::parse(&out.data_out).expect("parse");
+    assert_eq!((p.ip_src, p.ip_dst, p.sport, p.dport), (VIP, CLIENT, 81, 40000));
+    assert_eq!(out.data_out[34 + 13], 0x14, "RST+ACK");
+    assert!(packet::checksums_valid(&out.data_out));
+    assert_eq!(f.stat(Counter::RejectTcpRst), 1);
+    let out = f.run(&packet::udp_v4(CLIENT, 40001, VIP, 80, b"q"));
+    assert_eq!(out.retval, TC_ACT_REDIRECT, "port 80 is TCP only: ICMP port unreachable");
+    assert_eq!(f.stat(Counter::RejectIcmpUnreachable), 1);
 }
 
 #[test]
