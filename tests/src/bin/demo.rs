@@ -136,7 +136,9 @@ fn main() -> Result<()> {
     let client_pod = &cluster.node(1).pod("client").ns;
     failures += traffic(&desired, Scope::Internal, client_pod, &[None]);
     println!("\n== NodePort traffic from the external client {EXTERNAL_IP}, to both nodes");
-    println!("   (a backend on the node the client hit sees the client; one on the other node sees that node: SNAT)");
+    println!(
+        "   (every backend sees the node the client hit: externalTrafficPolicy Cluster masquerades, as kube-proxy)"
+    );
     let node_addrs: Vec<Option<Ipv4Addr>> = (1..=NODES).map(|n| Some(node_ip(n))).collect();
     failures += traffic(&desired, Scope::External, &cluster.external, &node_addrs);
 
@@ -180,6 +182,9 @@ fn traffic(desired: &Desired, scope: Scope, ns: &Netns, targets: &[Option<Ipv4Ad
         let IpAddr::V4(addr) = df.frontend.addr else { continue };
         if df.frontend.protocol == Protocol::Sctp || df.frontend.scope != scope {
             continue; // the demo's clients speak TCP and UDP
+        }
+        if scope == Scope::External && df.kind == FrontendKind::ClusterIp {
+            continue; // the external client has no route to the service CIDR
         }
         let port = df.frontend.port;
         for target in targets {
