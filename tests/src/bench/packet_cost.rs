@@ -92,9 +92,9 @@ pub fn synthetic(n: usize) -> Desired {
 pub fn sizes(n: usize) -> MapSizes {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     MapSizes {
-        // Slot 0 plus a 31-slot table per frontend, with room for a new
-        // version during an update.
-        services: (n * 34).max(service_common::capacity::SERVICES),
+        // Per frontend: slot 0, a 31-slot table and a member row per
+        // backend (34 rows), with room for a new version during an update.
+        services: (n * 68).max(service_common::capacity::SERVICES),
         backends: (n * 2 + 16).max(service_common::capacity::BACKENDS),
         conntrack: 4_194_304,
         conntrack_new: 4_194_304,
