@@ -131,7 +131,10 @@ fn explain_describes_the_frontend_the_packet_meets_where_it_enters() {
     let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), "10.96.0.10:80/TCP"]);
     assert!(why.contains("frontend 10.96.0.10:80/TCP external"), "{why}");
     assert!(why.contains("masqueraded to this node's address"), "{why}");
-    // A port the Service does not serve is no frontend at all.
+    // A port the Service does not serve: rejected, as the programs do.
     let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), "10.96.0.10:81/TCP"]);
+    assert!(why.contains("10.96.0.10 is a ClusterIP that does not serve 81/TCP: new flows are rejected"), "{why}");
+    // An address no Service has is no frontend at all.
+    let why = explain(node1, &root, &[&EXTERNAL_IP.to_string(), "198.51.100.99:80/TCP"]);
     assert!(why.contains("is not a Service frontend for traffic from outside"), "{why}");
 }

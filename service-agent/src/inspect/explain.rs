@@ -8,8 +8,8 @@
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use service_common::{
-    CtKey, CtValue, FAMILY_IPV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
-    addr_v4, ct_flags, hash, port_be, service_flags,
+    CtKey, CtValue, FAMILY_IPV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, addr_v4,
+    ct_flags, hash, port_be, service_flags, service_ips,
 };
 
 use super::{InspectError, Pins};
@@ -81,14 +81,16 @@ fn resolve_entry(entry: Entry, src: Ipv4Addr, attached: &[AttachedProgram]) -> (
     }
 }
 
-/// Whether `src` lies in one of the frontend's `loadBalancerSourceRanges`
-/// rows, and which (the longest match, as the LPM trie answers).
-fn source_range(state: &MapState, svc: &ServiceValue, key0: &ServiceKey, src: Ipv4Addr) -> Option<String> {
-    let src = u32::from(src);
+/// The `source_ranges` row of `owner` and `proto` that `addr` lies in, if
+/// any (the longest match, as the LPM trie answers): a frontend's
+/// `loadBalancerSourceRanges` (owner: its rev-NAT id), or a service IP row
+/// (owner [`service_ips::OWNER`], proto its kind).
+fn range_of(state: &MapState, owner: u32, proto: u8, addr: Ipv4Addr) -> Option<String> {
+    let src = u32::from(addr);
     state
         .source_ranges
         .iter()
-        .filter(|(_, k)| u32::from_be_bytes(k.rev_nat_id) == svc.rev_nat_id && k.proto == key0.proto)
+        .filter(|(_, k)| u32::from_be_bytes(k.rev_nat_id) == owner && k.proto == proto)
         .filter(|(_, k)| k.family == FAMILY_IPV4)
         .filter_map(|(len, k)| {
             let bits = len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS).min(32);
@@ -118,6 +120,22 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
     let scope = if side == Entry::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4(dst_ip.octets()), port_be(dst_port), proto, scope);
     let Some(svc) = state.services.get(&key0) else {
+        // What the programs do with a flow no frontend serves: the service
+        // IP rows decide (a ClusterIP rejects, the rest of a range drops).
+        if let Some(range) = range_of(state, service_ips::OWNER, service_ips::RANGE, dst_ip) {
+            let why = if range_of(state, service_ips::OWNER, service_ips::CLUSTER_IP, dst_ip).is_some() {
+                format!(
+                    "{dst_ip} is a ClusterIP that does not serve {dst_port}/{}: new flows are rejected (TCP RST / ICMP port unreachable), as kube-proxy's nftables mode does",
+                    proto_name(proto)
+                )
+            } else {
+                format!(
+                    "{dst_ip} is in the service IP range {range} but no Service has it: new flows are dropped (drop_unallocated_service_ip)"
+                )
+            };
+            let _ = writeln!(out, "{why}.");
+            return Ok(out);
+        }
         let other = if scope == SCOPE_EXTERNAL { SCOPE_INTERNAL } else { SCOPE_EXTERNAL };
         let elsewhere = state.services.contains_key(&ServiceKey { scope: other, ..key0 });
         let _ = writeln!(
@@ -148,7 +166,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         svc.affinity_timeout_s
     );
     if svc.flags & service_flags::SOURCE_RANGES != 0 {
-        if let Some(cidr) = source_range(state, svc, &key0, src_ip) {
+        if let Some(cidr) = range_of(state, svc.rev_nat_id, key0.proto, src_ip) {
             let _ = writeln!(out, "loadBalancerSourceRanges: {src_ip} is inside {cidr}: allowed.");
         } else {
             let _ = writeln!(
@@ -163,7 +181,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
     let translation = |id: u32| -> &'static str {
         let Some(b) = state.backends.get(&id) else { return "" };
         match side {
-            _ if side == Entry::Pod && b.addr == addr_v4(src_ip.octets()) => {
+            Entry::Pod if b.addr == addr_v4(src_ip.octets()) => {
                 "; the client itself (hairpin): SNATed to the hairpin address so the reply comes back through here"
             }
             Entry::External if masquerade => {

@@ -278,7 +278,8 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
     for cidr in &node.service_cidrs {
         out.unserved.insert(*cidr, WhenEmpty::Drop);
     }
-    for df in out.frontends.values().filter(|df| df.kind == FrontendKind::ClusterIp) {
+    let cluster_ips = out.frontends.values().filter(|df| df.kind == FrontendKind::ClusterIp);
+    for df in cluster_ips.filter(|df| df.frontend.scope == Scope::Internal) {
         let host = Cidr { addr: df.frontend.addr, prefix_len: if df.frontend.addr.is_ipv4() { 32 } else { 128 } };
         out.unserved.insert(host, WhenEmpty::Reject);
     }

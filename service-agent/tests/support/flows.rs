@@ -135,16 +135,6 @@ impl Table {
         }
     }
 
-    /// The pods' addresses: `--cluster-cidr` when the flags set it (empty
-    /// means none), else the node's `clusterCIDR`.
-    fn cluster_cidr(&self) -> Option<Cidr> {
-        flag(&self.flags, "--cluster-cidr")
-            .map(str::to_owned)
-            .or_else(|| self.node.cluster_cidr.clone())
-            .filter(|c| !c.is_empty())
-            .map(|c| c.parse().unwrap_or_else(|e| panic!("{}: cluster CIDR {c:?}: {e}", self.reference)))
-    }
-
     /// Where `flow` enters, or why it cannot be run here.
     pub fn entry(&self, flow: &Flow) -> Result<Entry, String> {
         if let Some(why) = &flow.skip {
@@ -153,10 +143,15 @@ impl Table {
         if self.node.addresses.contains(&flow.source) || flow.source.is_loopback() {
             return Err("host-originated traffic: issue 15".into());
         }
-        // kube-proxy's tables also use sources in the cluster CIDR when a
-        // test turns local-traffic detection off; the pod is still a pod.
-        let pod_cidr = self.cluster_cidr().or_else(|| self.node.cluster_cidr.as_deref().and_then(|c| c.parse().ok()));
-        Ok(if pod_cidr.is_some_and(|c| c.contains(IpAddr::V4(flow.source))) { Entry::Pod } else { Entry::External })
+        // The node's `clusterCIDR`, whatever `--cluster-cidr` says: a test
+        // that turns kube-proxy's local-traffic detection off still sends
+        // from pods, and this dataplane knows pods by their interface.
+        let pods: Option<Cidr> = self
+            .node
+            .cluster_cidr
+            .as_deref()
+            .map(|c| c.parse().unwrap_or_else(|e| panic!("{}: cluster CIDR {c:?}: {e}", self.reference)));
+        Ok(if pods.is_some_and(|c| c.contains(IpAddr::V4(flow.source))) { Entry::Pod } else { Entry::External })
     }
 }
 
