@@ -67,6 +67,13 @@ pub struct Ours {
     pub why: String,
 }
 
+/// The text of `docs/semantics.md` (both crates that run the tables sit
+/// beside `docs/`).
+pub fn semantics() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/semantics.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
 /// Every table under `dir`, sorted by path.
 pub fn load(dir: &Path) -> Vec<(PathBuf, Table)> {
     let mut files: Vec<PathBuf> =
@@ -165,6 +172,20 @@ impl Flow {
         }
     }
 
+    /// # Panics
+    /// When the flow differs deliberately (`ours:`) and `semantics` (the
+    /// text of `docs/semantics.md`) has no row with its `why`.
+    pub fn assert_documented(&self, table: &str, semantics: &str) {
+        if let Some(ours) = &self.ours {
+            assert!(
+                semantics.contains(&ours.why),
+                "{table}: {:?}: docs/semantics.md has no row {:?}",
+                self.name,
+                ours.why
+            );
+        }
+    }
+
     pub fn probe(&self, entry: Entry) -> Probe {
         Probe { source: self.source, destination: self.destination, protocol: self.protocol(), entry }
     }
@@ -193,4 +214,63 @@ pub fn parse_outcome(output: &str, masquerade: bool) -> Result<Outcome, String> 
             Outcome::Forward { endpoints, masquerade }
         }
     })
+}
+
+/// The verdict of a run over the tables: flows agreeing with kube-proxy,
+/// differing deliberately (each checked to have its row in
+/// `docs/semantics.md`), not run (and why), and wrong.
+pub struct Tally {
+    semantics: String,
+    pub agree: usize,
+    pub deliberate: usize,
+    pub skipped: Vec<String>,
+    pub wrong: Vec<String>,
+}
+
+impl Tally {
+    pub fn new() -> Self {
+        Self { semantics: semantics(), agree: 0, deliberate: 0, skipped: Vec::new(), wrong: Vec::new() }
+    }
+
+    pub fn skip(&mut self, table: &str, flow: &Flow, why: &str) {
+        self.skipped.push(format!("{table}: {}: {why}", flow.name));
+    }
+
+    /// Counts `flow` of `table`: `got` against what it expects; `detail`
+    /// goes into the report of a wrong flow.
+    pub fn record(&mut self, table: &str, flow: &Flow, got: &Outcome, detail: &str) {
+        let expected = flow.expected();
+        if *got != expected {
+            self.wrong.push(format!(
+                "{table}: {:?} ({} → {} {}): expected {expected}, got {got}{detail}",
+                flow.name,
+                flow.source,
+                flow.destination,
+                flow.protocol()
+            ));
+        } else if flow.ours.is_some() {
+            flow.assert_documented(table, &self.semantics);
+            self.deliberate += 1;
+        } else {
+            self.agree += 1;
+        }
+    }
+
+    /// Prints the counts (`what`: what the flows ran through) and fails on
+    /// any wrong flow, or when none was run.
+    pub fn finish(&self, what: &str, tables: usize) {
+        println!(
+            "{tables} tables through {what}: {} flows agree with kube-proxy, {} differ deliberately (rows of \
+             docs/semantics.md), {} not run here, {} wrong",
+            self.agree,
+            self.deliberate,
+            self.skipped.len(),
+            self.wrong.len()
+        );
+        for s in &self.skipped {
+            println!("  not run: {s}");
+        }
+        assert!(self.agree > 0, "no flow was run");
+        assert!(self.wrong.is_empty(), "{} flows disagree:\n{}", self.wrong.len(), self.wrong.join("\n"));
+    }
 }
