@@ -102,12 +102,13 @@ pub mod layout {
         REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOURCE_RANGES, STATS,
     };
 
-    /// Layout 2 of `services`: 32-bit slots and member rows; of
+    /// Layout 3 of `services`: slot 0 carries the affinity scope in
+    /// `backend_id`. Layout 2 of `services`: 32-bit slots and member rows; of
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
     /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
     /// rejects that were not answered counted as drops.
     pub const VERSIONS: [(&str, u32); 14] = [
-        (SERVICES, 2),
+        (SERVICES, 3),
         (BACKENDS, 1),
         (REV_NAT, 1),
         (CONNTRACK, 1),
@@ -312,8 +313,9 @@ pub mod service_flags {
 }
 
 /// Value of the `services` map. For slot 0: `count`, `version`,
-/// `rev_nat_id`, `flags`, `affinity_timeout_s` are set and `backend_id` is 0.
-/// For slot rows: only `backend_id` is set.
+/// `rev_nat_id`, `flags`, `affinity_timeout_s` are set, and `backend_id`
+/// holds the affinity scope ([`ServiceValue::affinity_scope`]). For slot
+/// rows: only `backend_id` is set.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceValue {
@@ -326,6 +328,20 @@ pub struct ServiceValue {
     pub _pad: u16,
 }
 const _: () = assert!(size_of::<ServiceValue>() == 24);
+
+impl ServiceValue {
+    /// Of a slot-0 row with [`service_flags::AFFINITY`]: the id naming the
+    /// ClientIP affinity entries ([`AffinityKey::scope`]) this frontend
+    /// shares with every other frontend of its Service port (ClusterIP,
+    /// NodePorts, LoadBalancer IPs, external IPs), as kube-proxy keeps
+    /// affinity per Service port: the rev-NAT id of the port's ClusterIP.
+    /// Stored in `backend_id`, which a slot-0 row has no other use for.
+    #[must_use]
+    #[inline]
+    pub const fn affinity_scope(&self) -> u32 {
+        self.backend_id
+    }
+}
 
 /// `BackendValue::flags`.
 pub mod backend_flags {
@@ -525,7 +541,9 @@ const _: () = assert!(size_of::<Counters>() == 16);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct AffinityKey {
     pub client: Addr,
-    pub rev_nat_id: u32,
+    /// The Service port's scope ([`ServiceValue::affinity_scope`]): one
+    /// entry per client whichever of the port's addresses it dialled.
+    pub scope: u32,
     /// The frontend's protocol: TCP and UDP ports of one Service keep
     /// their own affinity, as kube-proxy's per-port `recent` lists do.
     pub proto: u8,

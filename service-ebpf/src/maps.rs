@@ -48,7 +48,7 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES 
 pub static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::REV_NAT as usize }> = PerCpuHashMap::new();
 #[btf_map(name = "backend_counters")]
 pub static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::BACKENDS as usize }> = PerCpuHashMap::new();
-/// ClientIP session affinity: (client, frontend, protocol) → backend.
+/// ClientIP session affinity: (client, Service port, protocol) → backend.
 #[btf_map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
 /// The node address SNAT writes as the source: per external interface

@@ -318,8 +318,10 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
     // Keys and values are built in scratch memory: this frame sits under
     // `new_flow`'s in the deepest call chain.
     let sticky = s.service.flags & service_flags::AFFINITY != 0;
+    // One entry per client and Service port, whichever of the port's
+    // frontends (ClusterIP, NodePort, LoadBalancer IP, external IP) it used.
     s.affinity_key =
-        AffinityKey { client: key.saddr, rev_nat_id: s.service.rev_nat_id, proto: flow.proto, _pad: [0; 3] };
+        AffinityKey { client: key.saddr, scope: s.service.affinity_scope(), proto: flow.proto, _pad: [0; 3] };
     if sticky {
         // SAFETY: plain data; a racing update gives a stale but valid copy.
         if let Some(entry) = unsafe { AFFINITY.get(&s.affinity_key) } {

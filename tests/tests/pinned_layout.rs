@@ -111,7 +111,7 @@ fn pins_of_an_older_layout_are_replaced_and_same_layout_rows_kept() {
     );
     // Same layout, smaller: its rows survive the resize.
     bpftool_create(&root.join(map_names::AFFINITY), "type lru_hash key 24 value 16 entries 128 name affinity");
-    let sticky = AffinityKey { client: addr_v4([10, 244, 9, 9]), rev_nat_id: 7, proto: 6, _pad: [0; 3] };
+    let sticky = AffinityKey { client: addr_v4([10, 244, 9, 9]), scope: 7, proto: 6, _pad: [0; 3] };
     let entry = AffinityValue { backend_id: 3, _pad: 0, last_used_ns: 42 };
     hash_map::<AffinityKey, AffinityValue>(&root.join(map_names::AFFINITY)).insert(sticky, entry, 0).expect("row");
 

@@ -9,6 +9,9 @@
 //! - a ClientIP affinity entry is followed only to a backend still in the
 //!   frontend's set (not to one removed from it that another Service still
 //!   uses);
+//! - ClientIP affinity is kept per Service port, as kube-proxy keeps it: a
+//!   client that reached the ClusterIP keeps its endpoint through the
+//!   port's NodePort, LoadBalancer IP and external IP;
 //! - a packet of an old flow whose frontend and backend are gone re-creates
 //!   no counter for their ids.
 
@@ -62,7 +65,8 @@ impl Fixture {
         self.manifests.write("objects.yaml", yaml);
         let snapshot = manifest::load_dir(self.manifests.path()).expect("manifests");
         assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
-        let node = NodeContext { node_name: "node-a".into(), ..NodeContext::default() };
+        let node =
+            NodeContext { node_name: "node-a".into(), nodeport_addresses: vec![NODE.into()], ..NodeContext::default() };
         let report = self.reconciler.reconcile(&model::desired(&snapshot.objects, &node));
         assert!(report.errors.is_empty(), "{:?}", report.errors);
     }
@@ -87,6 +91,8 @@ fn dnat_target(out: &TestRunOutput) -> (Ipv4Addr, u16) {
 }
 
 const LB: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// The node's address: NodePorts answer there.
+const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
 
 /// Two Services on one LoadBalancer IP (reached here from a pod, through
 /// its pod-side frontend; the external program keys source ranges the same
@@ -270,4 +276,63 @@ fn an_old_flows_packets_recreate_no_counter_for_freed_ids() {
     let now_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
     assert!(freed_service.iter().all(|id| !now_services.contains_key(id)));
     assert!(freed_backend.iter().all(|id| !now_backends.contains_key(id)));
+}
+
+/// A sticky LoadBalancer Service with a NodePort and an external IP, three
+/// endpoints. `externalTrafficPolicy: Local`, so a pod's flows to the
+/// node-side frontends are not masqueraded (this fixture writes no SNAT
+/// addresses) and go to the cluster-wide endpoints, as kube-proxy's
+/// short-circuit sends them.
+const STICKY_EVERYWHERE: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: sticky-lb, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.7.1
+  externalIPs: [192.0.2.71]
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.70}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: sticky-lb-1
+  labels: {kubernetes.io/service-name: sticky-lb}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.244.1.41], nodeName: node-a}
+- {addresses: [10.244.2.42], nodeName: node-b}
+- {addresses: [10.244.3.43], nodeName: node-c}
+";
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn affinity_is_kept_per_service_port_whichever_address_the_client_dials() {
+    let f = Fixture::new(STICKY_EVERYWHERE);
+    let cluster_ip = Ipv4Addr::new(10, 96, 7, 1);
+    let others = [(NODE, 30080), (Ipv4Addr::new(192, 0, 2, 70), 80), (Ipv4Addr::new(192, 0, 2, 71), 80)];
+    let mut chosen = std::collections::BTreeSet::new();
+    let mut sport = 43000;
+    // Twelve clients: with a per-frontend scope each of the 36 later flows
+    // would be hashed anew (a third of them landing on the first endpoint
+    // by chance).
+    for host in 1..=12 {
+        let client = Ipv4Addr::new(10, 244, 9, host);
+        sport += 1;
+        let first = dnat_target(&f.run(&packet::tcp_v4(client, sport, cluster_ip, 80, SYN, b"")));
+        chosen.insert(first);
+        for (addr, port) in others {
+            sport += 1;
+            let later = dnat_target(&f.run(&packet::tcp_v4(client, sport, addr, port, SYN, b"")));
+            assert_eq!(later, first, "client {client} dialled {addr}:{port} after the ClusterIP: another endpoint");
+        }
+    }
+    assert!(chosen.len() > 1, "the clients' first flows all went to one endpoint: {chosen:?}");
+    assert_eq!(f.stat(Counter::AffinityHit), 36);
 }

@@ -210,11 +210,12 @@ pub fn plan_conntrack(
 /// rows of the `services` map, as the reconciler applied them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AffinityFrontends {
-    /// (rev-NAT id, protocol) of frontends with ClientIP affinity → their
-    /// timeout in seconds (the largest, should two frontends share it).
+    /// (affinity scope, protocol) of frontends with ClientIP affinity →
+    /// their timeout in seconds (the largest, should two frontends share
+    /// it; every frontend of a Service port does).
     pub timeouts: BTreeMap<(u32, u8), u32>,
-    /// The same frontends' backend ids (their member rows; the union,
-    /// should two frontends share the key).
+    /// The same frontends' backend ids (their member rows; the union over
+    /// the frontends sharing the key).
     pub members: BTreeMap<(u32, u8), std::collections::BTreeSet<u32>>,
     /// `monotonic_ns()` when these rows were read: an entry used since then
     /// may belong to a frontend or backend written after, and is never
@@ -233,9 +234,10 @@ impl AffinityFrontends {
         let mut out = Self { as_of_ns, ..Self::default() };
         for (k, v) in rows.into_iter().filter(|(k, _)| k.slot == 0) {
             if v.flags & service_flags::AFFINITY != 0 {
-                let t = out.timeouts.entry((v.rev_nat_id, k.proto)).or_insert(0);
+                let scope = (v.affinity_scope(), k.proto);
+                let t = out.timeouts.entry(scope).or_insert(0);
                 *t = (*t).max(v.affinity_timeout_s);
-                out.members.entry((v.rev_nat_id, k.proto)).or_default().extend(members(k));
+                out.members.entry(scope).or_default().extend(members(k));
             }
         }
         out
@@ -250,7 +252,7 @@ pub fn judge_affinity(
     frontends: &AffinityFrontends,
     now_ns: u64,
 ) -> Option<Reason> {
-    let frontend = (key.rev_nat_id, key.proto);
+    let frontend = (key.scope, key.proto);
     let stale = value.last_used_ns < frontends.as_of_ns;
     let Some(&timeout_s) = frontends.timeouts.get(&frontend) else {
         return stale.then_some(Reason::Orphaned);
@@ -680,7 +682,9 @@ impl Collector {
 
 #[cfg(test)]
 mod tests {
-    use service_common::{FAMILY_IPV4, PROTO_TCP, PROTO_UDP, SCOPE_INTERNAL, addr_v4, conntrack::state, port_be};
+    use service_common::{
+        FAMILY_IPV4, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL, SCOPE_INTERNAL, addr_v4, conntrack::state, port_be,
+    };
 
     use super::*;
 
@@ -795,7 +799,8 @@ mod tests {
     fn affinity_goes_after_its_timeout_or_with_its_frontend() {
         let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4([10, 96, 0, 1]), port_be(80), PROTO_TCP, SCOPE_INTERNAL);
         let sticky = ServiceValue {
-            backend_id: 0,
+            // The affinity scope: the ClusterIP's own rev-NAT id.
+            backend_id: 7,
             count: 31,
             version: 1,
             rev_nat_id: 7,
@@ -806,22 +811,34 @@ mod tests {
         let plain = ServiceValue { rev_nat_id: 8, affinity_timeout_s: 0, flags: 0, ..sticky };
         let key1 = ServiceKey { port: port_be(81), ..key0 };
         let slot = ServiceValue { backend_id: 3, ..bytemuck::Zeroable::zeroed() };
-        let rows = [(key0, sticky), (key1, plain), (key0.with_slot(1, 1), slot)];
+        // A NodePort of the same Service port: its own rev-NAT id, the
+        // ClusterIP's scope, a shorter timeout, a local endpoint only.
+        let node_port_key =
+            ServiceKey::frontend(FAMILY_IPV4, addr_v4([192, 168, 0, 2]), port_be(30080), PROTO_TCP, SCOPE_EXTERNAL);
+        let node_port = ServiceValue { rev_nat_id: 9, affinity_timeout_s: 300, ..sticky };
+        let rows = [(key0, sticky), (key1, plain), (key0.with_slot(1, 1), slot), (node_port_key, node_port)];
         let now = 10_000 * S;
-        let members = |k: &ServiceKey| if *k == key0 { vec![3, 4] } else { vec![5] };
+        let members = |k: &ServiceKey| match k {
+            k if *k == key0 => vec![3, 4],
+            k if *k == node_port_key => vec![6],
+            _ => vec![5],
+        };
         let f = AffinityFrontends::from_rows(rows.iter().map(|(k, v)| (k, v)), members, now - 5 * S);
         assert_eq!(f.timeouts, BTreeMap::from([((7, PROTO_TCP), 600)]));
-        let key = |rev_nat_id, proto| AffinityKey { client: addr_v4([10, 0, 0, 1]), rev_nat_id, proto, _pad: [0; 3] };
+        let key = |scope, proto| AffinityKey { client: addr_v4([10, 0, 0, 1]), scope, proto, _pad: [0; 3] };
         let used = |ago: u64| AffinityValue { backend_id: 3, _pad: 0, last_used_ns: now - ago * S };
         assert_eq!(judge_affinity(&key(7, PROTO_TCP), &used(599), &f, now), None);
         assert_eq!(judge_affinity(&key(7, PROTO_TCP), &used(601), &f, now), Some(Reason::Expired));
         // UDP of the same port has no affinity row: orphaned.
         assert_eq!(judge_affinity(&key(7, PROTO_UDP), &used(10), &f, now), Some(Reason::Orphaned));
-        // A frontend without affinity, a rev-NAT id no frontend has.
+        // A frontend without affinity, a scope no frontend has (the
+        // NodePort's own rev-NAT id names none).
         assert_eq!(judge_affinity(&key(8, PROTO_TCP), &used(10), &f, now), Some(Reason::Orphaned));
         assert_eq!(judge_affinity(&key(9, PROTO_TCP), &used(10), &f, now), Some(Reason::Orphaned));
         // Used after the rows were read: perhaps a frontend written since.
         assert_eq!(judge_affinity(&key(9, PROTO_TCP), &used(1), &f, now), None);
+        // The NodePort's endpoint is a member of the Service port's set.
+        assert_eq!(judge_affinity(&key(7, PROTO_TCP), &AffinityValue { backend_id: 6, ..used(10) }, &f, now), None);
         // A backend the frontend no longer has (and not one added since).
         let gone = AffinityValue { backend_id: 9, ..used(10) };
         assert_eq!(judge_affinity(&key(7, PROTO_TCP), &gone, &f, now), Some(Reason::BackendRemoved));

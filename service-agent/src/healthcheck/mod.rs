@@ -254,6 +254,7 @@ mod tests {
                 backends,
                 when_empty: WhenEmpty::Reject,
                 affinity_timeout_s: None,
+                affinity_scope: None,
                 source_ranges: Vec::new(),
                 masquerade: false,
             },

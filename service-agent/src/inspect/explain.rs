@@ -252,7 +252,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         let aff = pins.readers.affinity()?;
         let entry = aff
             .iter()
-            .find(|(k, _)| k.client == addr_v4(src_ip.octets()) && k.rev_nat_id == svc.rev_nat_id && k.proto == proto);
+            .find(|(k, _)| k.client == addr_v4(src_ip.octets()) && k.scope == svc.affinity_scope() && k.proto == proto);
         match entry {
             Some((_, v)) => {
                 let idle = now.saturating_sub(v.last_used_ns) / 1_000_000_000;

@@ -134,10 +134,10 @@ impl Pins {
             .into_iter()
             .map(|(k, v)| AffinityRow {
                 client: ip(FAMILY_IPV4, &k.client).to_string(),
-                rev_nat_id: k.rev_nat_id,
-                frontend: state
+                scope: k.scope,
+                service_port: state
                     .rev_nat
-                    .get(&k.rev_nat_id)
+                    .get(&k.scope)
                     .map_or_else(|| "?".into(), |r| endpoint(r.family, &r.addr, r.port)),
                 protocol: proto_name(k.proto),
                 backend_id: v.backend_id,

@@ -216,6 +216,12 @@ pub struct DesiredFrontend {
     pub when_empty: WhenEmpty,
     /// `sessionAffinity: ClientIP`: the timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// With affinity: the Service port's ClusterIP frontend, whose rev-NAT
+    /// id names the affinity entries every frontend of the port shares
+    /// (kube-proxy keeps affinity per Service port: a client keeps its
+    /// endpoint whether it dials the ClusterIP, a NodePort, a LoadBalancer
+    /// IP or an external IP). `None` without affinity.
+    pub affinity_scope: Option<Frontend>,
     /// `loadBalancerSourceRanges` (the LoadBalancer ingress frontends, as
     /// kube-proxy filters them, plus the ingress IPs themselves, which a
     /// load balancer that SNATs to its own address uses); empty means every
@@ -579,6 +585,12 @@ fn service_frontends(
             (backends, when_empty)
         };
 
+        let affinity_scope = affinity_timeout_s.and(cluster_ips.first()).map(|addr| Frontend {
+            addr: IpAddr::V4(*addr),
+            port: port_number,
+            protocol,
+            scope: Scope::Internal,
+        });
         // (frontend, kind, Local policy, masquerade)
         let mut frontends: Vec<(Frontend, FrontendKind, bool, bool)> = Vec::new();
         for addr in &cluster_ips {
@@ -694,6 +706,7 @@ fn service_frontends(
                     backends,
                     when_empty,
                     affinity_timeout_s,
+                    affinity_scope,
                     source_ranges: ranges,
                     masquerade,
                 },

@@ -234,6 +234,11 @@ fn invalid_fields_the_api_would_refuse_are_reported_and_everything_else_served()
     );
     let sticky = d.frontends.values().find(|f| f.service.name == "sticky").expect("sticky");
     assert_eq!(sticky.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    // Every frontend of the port shares the ClusterIP's affinity scope.
+    let scope =
+        Frontend { addr: IpAddr::from([10, 96, 1, 7]), port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
+    assert!(d.frontends.values().filter(|f| f.service.name == "sticky").all(|f| f.affinity_scope == Some(scope)));
+    assert!(d.frontends.values().filter(|f| f.affinity_timeout_s.is_none()).all(|f| f.affinity_scope.is_none()));
     assert!(d.frontends.values().find(|f| f.service.name == "aff").is_some_and(|f| f.affinity_timeout_s.is_none()));
     // The valid Service beside them is untouched.
     let web: Vec<_> = d.frontends.values().filter(|f| f.service.name == "web" && !is_external_cluster_ip(f)).collect();

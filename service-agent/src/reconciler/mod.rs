@@ -473,7 +473,12 @@ impl<M: MapIo> Reconciler<M> {
         let current = self.mirror.state().services.get(&key0).copied();
         let current_table = current.map(|v| self.slot_table(&key0, &v));
         let rows = frontend_rows(&self.mirror.state().services, &key0);
-        let mut value = rows::frontend_value(df, rev_nat_id, table.len());
+        // The Service port's ClusterIP has its rev-NAT row by now (rows are
+        // shared by value, and the changed frontends' were written first);
+        // without one (its write failed) the frontend keeps affinity alone.
+        let scope =
+            df.affinity_scope.and_then(|f| self.mirror.rev_nat_id_of(&rows::rev_nat_value(&f))).unwrap_or(rev_nat_id);
+        let mut value = rows::frontend_value(df, rev_nat_id, scope, table.len());
         // Slot rows that are not part of the live table `version`/`count`.
         let stray_rows = |version: u32, count: u32| {
             rows.iter()

@@ -63,9 +63,11 @@ pub fn rev_nat_value(f: &Frontend) -> RevNatValue {
 }
 
 /// The slot-0 row of a frontend whose table has `table_len` slots: what a
-/// new flow's packet reads first. `version` is set by the reconciler.
+/// new flow's packet reads first. `affinity_scope` is the rev-NAT id of
+/// `df.affinity_scope` (see [`ServiceValue::affinity_scope`]); `version`
+/// is set by the reconciler.
 #[must_use]
-pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, table_len: usize) -> ServiceValue {
+pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, affinity_scope: u32, table_len: usize) -> ServiceValue {
     let mut flags = match (table_len == 0, df.when_empty) {
         (false, _) => 0,
         (true, WhenEmpty::Reject) => service_flags::REJECT,
@@ -84,7 +86,7 @@ pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, table_len: usize) -
         flags |= service_flags::MASQUERADE;
     }
     ServiceValue {
-        backend_id: 0,
+        backend_id: if df.affinity_timeout_s.is_some() { affinity_scope } else { 0 },
         count: u32::try_from(table_len).unwrap_or(u32::MAX),
         version: 0,
         rev_nat_id,

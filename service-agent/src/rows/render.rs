@@ -66,13 +66,18 @@ pub fn render(state: &MapState) -> String {
     for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
         let _ = writeln!(
             out,
-            "  {} rev_nat={} version={} slots={} flags={} affinity={}s",
+            "  {} rev_nat={} version={} slots={} flags={} affinity={}s{}",
             frontend(k),
             v.rev_nat_id,
             v.version,
             v.count,
             service_flag_names(v.flags),
-            v.affinity_timeout_s
+            v.affinity_timeout_s,
+            if v.flags & service_flags::AFFINITY == 0 {
+                String::new()
+            } else {
+                format!(" scope={}", v.affinity_scope())
+            }
         );
         live.insert(*k);
         let mut table = Vec::new();
@@ -190,8 +195,11 @@ pub struct ConntrackRow {
 #[derive(Debug, Serialize)]
 pub struct AffinityRow {
     pub client: String,
-    pub rev_nat_id: u32,
-    pub frontend: String,
+    /// The Service port's scope (the rev-NAT id of its ClusterIP).
+    pub scope: u32,
+    /// The Service port, named by its ClusterIP:port: the entry serves
+    /// every frontend of the port.
+    pub service_port: String,
     pub protocol: String,
     pub backend_id: u32,
     pub backend: String,
@@ -384,9 +392,11 @@ pub fn conntrack_table(rows: Vec<ConntrackRow>) -> String {
 pub fn affinity_table(rows: Vec<AffinityRow>) -> String {
     let rows: Vec<Vec<String>> = rows
         .into_iter()
-        .map(|a| vec![a.client, format!("{}/{}", a.frontend, a.protocol), a.backend, format!("{}s", a.idle_seconds)])
+        .map(|a| {
+            vec![a.client, format!("{}/{}", a.service_port, a.protocol), a.backend, format!("{}s", a.idle_seconds)]
+        })
         .collect();
-    table(&["CLIENT", "FRONTEND", "BACKEND", "IDLE"], &rows)
+    table(&["CLIENT", "SERVICE PORT", "BACKEND", "IDLE"], &rows)
 }
 
 /// `inspect stats` as text.

@@ -71,6 +71,7 @@ pub fn synthetic(n: usize) -> Desired {
                 backends,
                 when_empty: WhenEmpty::Reject,
                 affinity_timeout_s: None,
+                affinity_scope: None,
                 source_ranges: Vec::new(),
                 masquerade: false,
             },
