@@ -140,9 +140,10 @@ struct RunArgs {
     #[arg(long)]
     masquerade_all: bool,
     /// The ranges ClusterIPs are allocated from (the API server's
-    /// --service-cluster-ip-range): a new flow to an address of them that
-    /// no Service has is dropped, as kube-proxy's nftables mode does. A
-    /// ClusterIP's unserved port is rejected whether or not this is set.
+    /// --service-cluster-ip-range), plus every ServiceCIDR object's: a new
+    /// flow to an address of them that no Service has is dropped, as
+    /// kube-proxy's nftables mode does. A ClusterIP's unserved port is
+    /// rejected whether or not this is set.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     service_cluster_ip_range: Vec<service_agent::vocabulary::Cidr>,
     /// Where the maps are pinned (a directory on a BPF filesystem).

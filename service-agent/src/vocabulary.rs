@@ -9,10 +9,12 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 
 /// `namespace/name` of an object. An object without a namespace is in
-/// `default`, as `kubectl apply` would put it.
+/// `default`, as `kubectl apply` would put it. A cluster-scoped object (a
+/// ServiceCIDR) has an empty namespace and is shown by its name alone.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
     pub namespace: String,
@@ -21,7 +23,7 @@ pub struct ObjectRef {
 
 impl std::fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        if self.namespace.is_empty() { f.write_str(&self.name) } else { write!(f, "{}/{}", self.namespace, self.name) }
     }
 }
 
@@ -33,6 +35,12 @@ pub struct Objects {
     /// This node's Node object, when the source knows it (its zone label
     /// drives topology-aware routing).
     pub node: Option<Node>,
+    /// The ServiceCIDR objects (`networking.k8s.io/v1`, cluster-scoped), by
+    /// name: the ranges ClusterIPs are allocated from, besides
+    /// `--service-cluster-ip-range`. May be empty in a cluster that has
+    /// some: the Kubernetes source publishes without them until they are
+    /// listed, and before 1.33 or without RBAC for them never lists them.
+    pub service_cidrs: BTreeMap<String, ServiceCIDR>,
 }
 
 /// Label linking an EndpointSlice to its Service.

@@ -18,7 +18,7 @@ fn read(file: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-fn rbac_grants_exactly_list_watch_of_services_and_endpointslices_and_get_list_watch_of_nodes() {
+fn rbac_grants_exactly_list_watch_of_services_endpointslices_and_servicecidrs_and_get_list_watch_of_nodes() {
     let docs = documents();
     let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
     assert_eq!(kinds, ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"]);
@@ -52,6 +52,8 @@ fn rbac_grants_exactly_list_watch_of_services_and_endpointslices_and_get_list_wa
             "/services:watch",
             "discovery.k8s.io/endpointslices:list",
             "discovery.k8s.io/endpointslices:watch",
+            "networking.k8s.io/servicecidrs:list",
+            "networking.k8s.io/servicecidrs:watch",
         ]
     );
     assert_eq!(binding.role_ref.name, "service-dataplane");

@@ -7,9 +7,11 @@ mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 
+use axum::http::StatusCode;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use serde_json::json;
 use service_agent::{source::kube as source, vocabulary::Objects};
@@ -39,6 +41,10 @@ fn slice(name: &str, service: &str, ips: &[&str]) -> EndpointSlice {
 fn node(name: &str, zone: &str) -> Node {
     serde_json::from_value(json!({"metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}}))
         .expect("node")
+}
+
+fn service_cidr(name: &str, cidrs: &[&str]) -> ServiceCIDR {
+    serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"cidrs": cidrs}})).expect("servicecidr")
 }
 
 /// The source running against `api` in its own task, publishing on `rx`.
@@ -200,6 +206,55 @@ async fn a_burst_of_changes_is_published_as_a_few_updates() {
 }
 
 #[tokio::test]
+async fn servicecidrs_are_published_by_name_a_terminating_one_kept_and_a_deleted_one_removed() {
+    let api = ApiServer::start().await;
+    api.apply(Kind::Service, service("web", "10.96.0.10", &[]));
+    api.apply(Kind::ServiceCidr, service_cidr("kubernetes", &["10.96.0.0/16", "fd00:10:96::/108"]));
+    let mut src = Running::start(&api);
+    let first = src.until(PATIENCE, "the listed ServiceCIDR", |o| o.service_cidrs.contains_key("kubernetes")).await;
+    let cidrs = first.service_cidrs["kubernetes"].spec.as_ref().and_then(|s| s.cidrs.clone());
+    assert_eq!(cidrs, Some(vec!["10.96.0.0/16".to_owned(), "fd00:10:96::/108".to_owned()]));
+
+    api.apply(Kind::ServiceCidr, service_cidr("extra", &["10.100.0.0/16"]));
+    src.until(SECOND, "a new ServiceCIDR", |o| o.service_cidrs.len() == 2).await;
+    // Being deleted: the API server keeps it (its finalizer) while
+    // addresses of it are allocated, and it is still published.
+    let mut terminating = service_cidr("extra", &["10.100.0.0/16"]);
+    terminating.metadata.deletion_timestamp =
+        Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).expect("time"));
+    terminating.metadata.finalizers = Some(vec!["networking.k8s.io/service-cidr-finalizer".into()]);
+    api.apply(Kind::ServiceCidr, terminating);
+    src.until(SECOND, "the terminating ServiceCIDR", |o| {
+        o.service_cidrs.get("extra").is_some_and(|c| c.metadata.deletion_timestamp.is_some())
+    })
+    .await;
+    api.delete(Kind::ServiceCidr, "", "extra");
+    let o = src.until(SECOND, "the deleted ServiceCIDR gone", |o| o.service_cidrs.len() == 1).await;
+    assert_eq!(o.service_cidrs.keys().collect::<Vec<_>>(), ["kubernetes"]);
+    assert_eq!(names(&o).0, ["default/web"]);
+}
+
+#[tokio::test]
+async fn services_are_published_when_servicecidrs_are_not_served_and_servicecidrs_follow_once_they_are() {
+    // 404: a cluster before 1.33; 403: RBAC without servicecidrs.
+    for refusal in [StatusCode::NOT_FOUND, StatusCode::FORBIDDEN] {
+        let api = ApiServer::start().await;
+        api.refuse(Kind::ServiceCidr, refusal);
+        api.apply(Kind::Service, service("web", "10.96.0.10", &[]));
+        api.apply(Kind::EndpointSlice, slice("web-1", "web", &["10.244.1.11"]));
+        api.apply(Kind::ServiceCidr, service_cidr("kubernetes", &["10.96.0.0/16"]));
+        let mut src = Running::start(&api);
+        let o = src.until(PATIENCE, "the Services, ServiceCIDRs refused", |o| o.services.len() == 1).await;
+        assert!(o.service_cidrs.is_empty(), "{refusal}: {:?}", o.service_cidrs);
+        assert_eq!(o.endpoint_slices.len(), 1, "{refusal}");
+
+        api.serve_again(Kind::ServiceCidr);
+        let o = src.until(PATIENCE, "the ServiceCIDR once served", |o| o.service_cidrs.len() == 1).await;
+        assert_eq!(o.services.len(), 1, "{refusal}");
+    }
+}
+
+#[tokio::test]
 async fn unsupported_field_selectors_are_refused_with_400() {
     let api = ApiServer::start().await;
     let body = reqwest_like_get(&format!("{}/api/v1/services?fieldSelector=spec.clusterIP%3D1.2.3.4", api.url())).await;
@@ -272,6 +327,12 @@ async fn kubectl_lists_and_watches_through_the_double() {
     .await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "endpointslice.discovery.k8s.io/web-1");
+
+    // ServiceCIDRs, cluster-scoped, found through the discovery documents.
+    api.apply(Kind::ServiceCidr, service_cidr("kubernetes", &["10.96.0.0/16"]));
+    let out = run(vec![url.clone(), "get".into(), "servicecidrs".into(), "-o".into(), "name".into()]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "servicecidr.networking.k8s.io/kubernetes");
 
     // kubectl's own watch sees a Service created while it watches.
     let mut watch = tokio::process::Command::new(&kubectl)

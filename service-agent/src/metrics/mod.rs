@@ -337,7 +337,7 @@ impl Metrics {
         for e in &desired.errors {
             invalid.entry(e.kind).or_default().insert(e.object.to_string());
         }
-        for kind in ["Service", "EndpointSlice", "Endpoints"] {
+        for kind in ["Service", "EndpointSlice", "Endpoints", "ServiceCIDR"] {
             let n = invalid.get(kind).map_or(0, BTreeSet::len);
             self.invalid_objects
                 .get_or_create(&KindLabel { kind: kind.into() })

@@ -25,6 +25,7 @@ use k8s_openapi::{
             ServiceStatus, SessionAffinityConfig,
         },
         discovery::v1::{Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForNode, ForZone},
+        networking::v1::{ServiceCIDR, ServiceCIDRSpec},
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -317,6 +318,18 @@ pub fn objects(rng: &mut Rng) -> Objects {
         node.metadata.labels = Some([(LABEL_ZONE.to_owned(), one_of(rng, &["zone-a", "zone-b"]))].into());
         objects.node = Some(node);
     }
+    if rng.one_in(4) {
+        // A ServiceCIDR, its ranges often invalid.
+        let mut object = ServiceCIDR::default();
+        let cidrs = rng.list(2, |r| {
+            let len = if r.one_in(4) { r.int().to_string() } else { r.below(33).to_string() };
+            format!("{}/{len}", r.ip())
+        });
+        object.spec = Some(ServiceCIDRSpec { cidrs: Some(cidrs) });
+        let name = (*rng.pick(&["kubernetes", "extra"])).to_owned();
+        object.metadata.name = Some(name.clone());
+        objects.service_cidrs.insert(name, object);
+    }
     objects
 }
 
@@ -353,6 +366,7 @@ pub fn check_invariants(objects: &Objects, d: &super::Desired) {
     for e in &d.errors {
         let known = match e.kind {
             "Service" => objects.services.contains_key(&e.object),
+            "ServiceCIDR" => e.object.namespace.is_empty() && objects.service_cidrs.contains_key(&e.object.name),
             _ => objects.endpoint_slices.contains_key(&e.object) || e.object.name.is_empty(),
         };
         assert!(known, "an error about an object not in the input: {e}");

@@ -22,7 +22,8 @@
 //!   ClusterIP has an external-scope twin), and with `--masquerade-all` pod
 //!   traffic to ClusterIPs.
 //! - The service IP ranges (`unserved`): a ClusterIP's unserved port
-//!   rejects, an unallocated address of `--service-cluster-ip-range` drops.
+//!   rejects, an unallocated address of `--service-cluster-ip-range` or of
+//!   a ServiceCIDR object drops.
 //!
 //! What the API server's validation would refuse (an unknown type, a port
 //! out of 1-65535, the same port and protocol twice, an invalid targetPort,
@@ -71,7 +72,8 @@ pub struct NodeContext {
     /// masqueraded too.
     pub masquerade_all: bool,
     /// The ranges ClusterIPs are allocated from (`--service-cluster-ip-range`):
-    /// traffic to an address of them that no Service has is dropped.
+    /// traffic to an address of them that no Service has is dropped. The
+    /// ServiceCIDR objects' ranges are added to these.
     pub service_cidrs: Vec<Cidr>,
 }
 
@@ -281,8 +283,8 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
         let svc_slices = slices.get(svc_ref).unwrap_or(&no_slices);
         service_frontends(svc_ref, svc, svc_slices, &node, &mut out);
     }
-    for cidr in &node.service_cidrs {
-        out.unserved.insert(*cidr, WhenEmpty::Drop);
+    for cidr in node.service_cidrs.iter().copied().chain(service_cidr_objects(objects, &mut out.errors)) {
+        out.unserved.insert(cidr, WhenEmpty::Drop);
     }
     let cluster_ips = out.frontends.values().filter(|df| df.kind == FrontendKind::ClusterIp);
     for df in cluster_ips.filter(|df| df.frontend.scope == Scope::Internal) {
@@ -292,6 +294,34 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
     out.errors.sort();
     out.errors.dedup();
     out
+}
+
+/// The ranges of every ServiceCIDR object (`spec.cidrs`), used as
+/// `--service-cluster-ip-range` is. One being deleted still counts: the API
+/// server keeps it while addresses of it are allocated, and kube-proxy uses
+/// it until it is gone. An IPv6 range is kept, as the flag's: the rows are
+/// written per family and the IPv4-only programs get none for it, so a
+/// dual-stack cluster's ServiceCIDRs are not reported (its IPv6 Services
+/// are, each on its own). A range that does not parse is reported and the
+/// others apply.
+fn service_cidr_objects(objects: &Objects, errors: &mut Vec<ModelError>) -> Vec<Cidr> {
+    let mut cidrs = Vec::new();
+    for (name, object) in &objects.service_cidrs {
+        let listed = object.spec.as_ref().and_then(|spec| spec.cidrs.as_ref());
+        for (i, text) in listed.into_iter().flatten().enumerate() {
+            match text.parse::<Cidr>() {
+                Ok(cidr) => cidrs.push(cidr),
+                Err(message) => errors.push(ModelError {
+                    kind: "ServiceCIDR",
+                    // Cluster-scoped: named by its name alone.
+                    object: ObjectRef { namespace: String::new(), name: name.clone() },
+                    field: format!("spec.cidrs[{i}]"),
+                    message,
+                }),
+            }
+        }
+    }
+    cidrs
 }
 
 fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlice>> {

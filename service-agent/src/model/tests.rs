@@ -17,6 +17,9 @@ fn objects(yaml: &str) -> Objects {
             Some("EndpointSlice") => {
                 objects.endpoint_slices.insert(key, serde_json::from_value(value).expect("slice"));
             }
+            Some("ServiceCIDR") => {
+                objects.service_cidrs.insert(key.name, serde_json::from_value(value).expect("servicecidr"));
+            }
             other => panic!("unexpected kind {other:?}"),
         }
     }
@@ -382,4 +385,72 @@ endpoints:
     let d = desired(&objs, &node());
     assert_eq!(d.health_checks[&lb_ref].local_endpoints, 0);
     assert_eq!(external(&d), Some(vec!["10.244.0.1:8080/TCP".to_owned(), "10.244.0.2:8080/TCP".to_owned()]));
+}
+
+fn cidr(text: &str) -> Cidr {
+    text.parse().expect("cidr")
+}
+
+/// The flag's ranges.
+fn node_with_ranges(ranges: &[&str]) -> NodeContext {
+    NodeContext { service_cidrs: ranges.iter().map(|r| cidr(r)).collect(), ..node() }
+}
+
+const SERVICE_CIDRS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: kubernetes}
+spec: {cidrs: [10.96.0.0/16, "fd00:10:96::/108"]}
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: retiring, deletionTimestamp: "2026-01-01T00:00:00Z", finalizers: [networking.k8s.io/service-cidr-finalizer]}
+spec: {cidrs: [10.97.0.0/24]}
+"#;
+
+#[test]
+fn servicecidr_ranges_drop_unallocated_addresses_with_the_flags_and_a_deleted_one_until_it_is_gone() {
+    let d =
+        desired(&objects(&format!("{WEB}---{SERVICE_CIDRS}")), &node_with_ranges(&["10.100.0.0/24", "10.96.0.0/16"]));
+    // The IPv6 range is kept as the flag's would be (the encoder writes no
+    // row of that family): a dual-stack ServiceCIDR is not an error.
+    assert!(d.errors.is_empty(), "{:?}", d.errors);
+    let got: Vec<String> = d.unserved.iter().map(|(c, w)| format!("{c} {w:?}")).collect();
+    assert_eq!(
+        got,
+        [
+            "10.96.0.0/16 Drop",
+            "10.96.0.10/32 Reject",
+            "10.97.0.0/24 Drop",
+            "10.100.0.0/24 Drop",
+            "fd00:10:96::/108 Drop",
+        ]
+    );
+    // Without the objects, the flag's alone.
+    let d = desired(&objects(WEB), &node_with_ranges(&["10.100.0.0/24"]));
+    let got: Vec<String> = d.unserved.keys().map(ToString::to_string).collect();
+    assert_eq!(got, ["10.96.0.10/32", "10.100.0.0/24"]);
+}
+
+#[test]
+fn a_malformed_servicecidr_range_is_reported_with_object_and_field_and_the_other_ranges_apply() {
+    let yaml = format!(
+        "{SERVICE_CIDRS}---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {{name: broken}}
+spec: {{cidrs: [10.98.0.0/33, 10.99.0.0/16, not-a-cidr]}}
+"
+    );
+    let d = desired(&objects(&yaml), &node_with_ranges(&["10.100.0.0/24"]));
+    let errors: Vec<String> = d.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            r#"ServiceCIDR broken: spec.cidrs[0]: "10.98.0.0/33" has an invalid prefix length"#,
+            r#"ServiceCIDR broken: spec.cidrs[2]: "not-a-cidr" is not a CIDR (address/length)"#,
+        ]
+    );
+    let got: Vec<String> = d.unserved.keys().map(ToString::to_string).collect();
+    assert_eq!(got, ["10.96.0.0/16", "10.97.0.0/24", "10.99.0.0/16", "10.100.0.0/24", "fd00:10:96::/108"]);
 }

@@ -1,5 +1,6 @@
 //! The Kubernetes API source: kube-rs reflectors for Services,
-//! EndpointSlices and this node's Node, published as whole [`Objects`].
+//! EndpointSlices, this node's Node and the ServiceCIDRs, published as
+//! whole [`Objects`].
 //!
 //! - Services are watched with kube-proxy's label selector
 //!   (`!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name`),
@@ -8,8 +9,17 @@
 //!   assembled from individual events: after a relist (for instance after a
 //!   `410 Expired`) the store holds exactly what the API server listed, so
 //!   whatever disappeared meanwhile is pruned.
-//! - Nothing is published before all three stores have completed their
-//!   first list, so a half-listed cluster is never programmed.
+//! - Nothing is published before the Service, EndpointSlice and Node stores
+//!   have completed their first list, so a half-listed cluster is never
+//!   programmed.
+//! - The ServiceCIDR store is not waited for: a cluster before 1.33 (no
+//!   `networking.k8s.io/v1` ServiceCIDR) or whose RBAC does not grant
+//!   `servicecidrs` list/watch answers its list with an error, and must
+//!   still be served. Without ServiceCIDRs only the drop rows of their
+//!   unallocated addresses are missing (`--service-cluster-ip-range`'s
+//!   still apply): it fails open. So publication starts without them and
+//!   republishes when they are listed; their watch retries with backoff
+//!   like the others, and its errors are logged once per error streak.
 //! - Watch errors back off and retry (kube's default backoff); while the API
 //!   server is away the last published state stays in force.
 //! - A burst of changes is coalesced: after a change the publisher waits
@@ -23,6 +33,7 @@ use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
+    networking::v1::ServiceCIDR,
 };
 use kube::{
     Api, Client, Resource,
@@ -99,8 +110,9 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<C
 }
 
 /// Drives one watcher stream in its own task, waking `changed` on every
-/// event and logging errors once per error streak.
-fn drive<S, T>(kind: &'static str, stream: S, changed: Arc<Notify>)
+/// event and logging errors once per error streak (with `meanwhile`, what
+/// the failure means for the dataplane).
+fn drive<S, T>(kind: &'static str, stream: S, changed: Arc<Notify>, meanwhile: &'static str)
 where
     S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
     T: Send,
@@ -119,7 +131,7 @@ where
                 }
                 Err(error) => {
                     if !failing {
-                        tracing::warn!(kind, %error, "watch failed; retrying with backoff, keeping the last state");
+                        tracing::warn!(kind, %error, meanwhile, "watch failed; retrying with backoff");
                         failing = true;
                     }
                 }
@@ -127,6 +139,9 @@ where
         }
     });
 }
+
+/// What a failing watch of a kind the publication waits for means.
+const KEEPING: &str = "the last state is kept";
 
 fn keyed<K: Resource + Clone>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, K> {
     objects
@@ -153,26 +168,43 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
     let (services, writer) = reflector::store::<Service>();
     let config = watcher::Config::default().labels(SERVICE_SELECTOR);
     let stream = reflector::reflector(writer, watcher(Api::<Service>::all(client.clone()), config).default_backoff());
-    drive("Service", stream, changed.clone());
+    drive("Service", stream, changed.clone(), KEEPING);
 
     let (slices, writer) = reflector::store::<EndpointSlice>();
     let stream = reflector::reflector(
         writer,
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()).default_backoff(),
     );
-    drive("EndpointSlice", stream, changed.clone());
+    drive("EndpointSlice", stream, changed.clone(), KEEPING);
 
     let (nodes, writer) = reflector::store::<Node>();
     let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
-    let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client), config).default_backoff());
-    drive("Node", stream, changed.clone());
+    let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client.clone()), config).default_backoff());
+    drive("Node", stream, changed.clone(), KEEPING);
+
+    // Not waited for (see the module documentation): a cluster without
+    // them, or without the right to list them, is served all the same.
+    let (service_cidrs, writer) = reflector::store::<ServiceCIDR>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<ServiceCIDR>::all(client), watcher::Config::default()).default_backoff(),
+    );
+    drive(
+        "ServiceCIDR",
+        stream,
+        changed.clone(),
+        "the last listed ServiceCIDRs are kept; before the first list only --service-cluster-ip-range's \
+         unallocated addresses are dropped (a cluster before 1.33 has no ServiceCIDRs; otherwise check that the \
+         RBAC grants servicecidrs list and watch)",
+    );
 
     for ready in [services.wait_until_ready().await, slices.wait_until_ready().await, nodes.wait_until_ready().await] {
         ready.map_err(|_| Error::StoreDropped)?;
     }
     tracing::info!("initial lists complete");
+    let stores = Stores { services, slices, nodes, service_cidrs };
     loop {
-        publish(&services, &slices, &nodes, &node_name, &tx);
+        stores.publish(&node_name, &tx);
         changed.notified().await;
         // Coalesce a burst into one publication.
         tokio::time::sleep(COALESCE).await;
@@ -182,24 +214,40 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
     }
 }
 
-fn publish(
-    services: &Store<Service>,
-    slices: &Store<EndpointSlice>,
-    nodes: &Store<Node>,
-    node_name: &str,
-    tx: &watch::Sender<Objects>,
-) {
-    let objects = Objects {
-        services: keyed(services.state()),
-        endpoint_slices: keyed(slices.state()),
-        node: nodes.state().into_iter().find(|n| n.metadata.name.as_deref() == Some(node_name)).map(|n| (*n).clone()),
-    };
-    tx.send_if_modified(|current| {
-        if *current == objects {
-            false
-        } else {
-            *current = objects;
-            true
-        }
-    });
+/// The reflector stores a publication is read from.
+struct Stores {
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+    nodes: Store<Node>,
+    service_cidrs: Store<ServiceCIDR>,
+}
+
+impl Stores {
+    fn publish(&self, node_name: &str, tx: &watch::Sender<Objects>) {
+        let objects = Objects {
+            services: keyed(self.services.state()),
+            endpoint_slices: keyed(self.slices.state()),
+            node: self
+                .nodes
+                .state()
+                .into_iter()
+                .find(|n| n.metadata.name.as_deref() == Some(node_name))
+                .map(|n| (*n).clone()),
+            // Cluster-scoped: by name. Empty until (and unless) listed.
+            service_cidrs: self
+                .service_cidrs
+                .state()
+                .into_iter()
+                .map(|c| (c.metadata.name.clone().unwrap_or_default(), (*c).clone()))
+                .collect(),
+        };
+        tx.send_if_modified(|current| {
+            if *current == objects {
+                false
+            } else {
+                *current = objects;
+                true
+            }
+        });
+    }
 }

@@ -6,9 +6,11 @@
 //! endpointslice-mirroring controller does (only for a Service without a
 //! selector, unless labelled `endpointslice.kubernetes.io/skip-mirror`), and
 //! `v1 Node` (the agent uses the one named like its node: its
-//! `topology.kubernetes.io/zone` label drives topology, as in cluster mode).
-//! Other kinds are skipped. A broken file or object is reported with the
-//! file, the document, the object and the field; everything else loads.
+//! `topology.kubernetes.io/zone` label drives topology, as in cluster mode),
+//! and `networking.k8s.io/v1 ServiceCIDR` (its ranges are used as
+//! `--service-cluster-ip-range`'s). Other kinds are skipped. A broken file
+//! or object is reported with the file, the document, the object and the
+//! field; everything else loads.
 //!
 //! No file can exhaust the agent: one over [`MAX_FILE_BYTES`] is skipped
 //! unread, and a file's documents may expand (through YAML aliases) to at
@@ -32,6 +34,7 @@ use std::{
 use k8s_openapi::api::{
     core::v1::{Endpoints, Node, Service},
     discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    networking::v1::ServiceCIDR,
 };
 use serde::de::{DeserializeOwned, DeserializeSeed as _};
 
@@ -164,9 +167,34 @@ fn read_bounded(file: &Path) -> Result<String, String> {
 struct Loader {
     services: BTreeMap<ObjectRef, (PathBuf, Service)>,
     slices: BTreeMap<ObjectRef, (PathBuf, EndpointSlice)>,
-    endpoints: BTreeMap<ObjectRef, (PathBuf, usize, Endpoints)>,
+    /// With the document each is in.
+    endpoints: BTreeMap<ObjectRef, (PathBuf, (usize, Endpoints))>,
     nodes: BTreeMap<String, (PathBuf, Node)>,
+    service_cidrs: BTreeMap<String, (PathBuf, ServiceCIDR)>,
     errors: Vec<ManifestError>,
+}
+
+/// Keeps the first object of a key, in file order; a later one is reported
+/// against its own file and document.
+fn keep_first<K: Ord, T>(
+    objects: &mut BTreeMap<K, (PathBuf, T)>,
+    errors: &mut Vec<ManifestError>,
+    (file, document, object): (&Path, usize, &str),
+    key: K,
+    value: T,
+) {
+    if let Some((first, _)) = objects.get(&key) {
+        let message = format!("duplicate of the one in {} (that one is used)", first.display());
+        errors.push(ManifestError {
+            file: file.to_owned(),
+            document,
+            object: Some(object.to_owned()),
+            field: None,
+            message,
+        });
+    } else {
+        objects.insert(key, (file.to_owned(), value));
+    }
 }
 
 impl Loader {
@@ -256,7 +284,9 @@ impl Loader {
             .to_owned();
         let handled = matches!(
             (api_version.as_str(), kind.as_str()),
-            ("v1", "Service" | "Endpoints" | "Node") | ("discovery.k8s.io/v1", "EndpointSlice")
+            ("v1", "Service" | "Endpoints" | "Node")
+                | ("discovery.k8s.io/v1", "EndpointSlice")
+                | ("networking.k8s.io/v1", "ServiceCIDR")
         );
         if !handled {
             tracing::debug!(file = %file.display(), document, %api_version, %kind, "skipping a kind this source does not handle");
@@ -266,56 +296,43 @@ impl Loader {
             self.error(file, document, Some(kind), Some("metadata.name".into()), "is required".into());
             return;
         };
-        if kind == "Node" {
-            // Cluster-scoped: named by its name alone.
-            let object = format!("Node {name}");
-            if let Some(node) = self.typed::<Node>(file, document, &object, value) {
-                if let Some((first, _)) = self.nodes.get(&name) {
-                    let message = format!("duplicate of the one in {} (that one is used)", first.display());
-                    self.error(file, document, Some(object), None, message);
-                } else {
-                    self.nodes.insert(name, (file.to_owned(), node));
+        // Cluster-scoped kinds are named by their name alone.
+        match kind.as_str() {
+            "Node" => {
+                let object = format!("Node {name}");
+                if let Some(node) = self.typed::<Node>(file, document, &object, value) {
+                    keep_first(&mut self.nodes, &mut self.errors, (file, document, &object), name, node);
                 }
+                return;
             }
-            return;
+            "ServiceCIDR" => {
+                let object = format!("ServiceCIDR {name}");
+                if let Some(cidr) = self.typed::<ServiceCIDR>(file, document, &object, value) {
+                    keep_first(&mut self.service_cidrs, &mut self.errors, (file, document, &object), name, cidr);
+                }
+                return;
+            }
+            _ => {}
         }
         let key = ObjectRef { namespace, name };
         let object = format!("{kind} {key}");
         match kind.as_str() {
             "Service" => {
                 if let Some(svc) = self.typed::<Service>(file, document, &object, value) {
-                    self.insert_service(file, document, &object, key, svc);
+                    keep_first(&mut self.services, &mut self.errors, (file, document, &object), key, svc);
                 }
             }
             "EndpointSlice" => {
                 if let Some(slice) = self.typed::<EndpointSlice>(file, document, &object, value) {
-                    if let Some((first, _)) = self.slices.get(&key) {
-                        let message = format!("duplicate of the one in {} (that one is used)", first.display());
-                        self.error(file, document, Some(object), None, message);
-                    } else {
-                        self.slices.insert(key, (file.to_owned(), slice));
-                    }
+                    keep_first(&mut self.slices, &mut self.errors, (file, document, &object), key, slice);
                 }
             }
             _ => {
                 if let Some(endpoints) = self.typed::<Endpoints>(file, document, &object, value) {
-                    if let Some((first, _, _)) = self.endpoints.get(&key) {
-                        let message = format!("duplicate of the one in {} (that one is used)", first.display());
-                        self.error(file, document, Some(object), None, message);
-                    } else {
-                        self.endpoints.insert(key, (file.to_owned(), document, endpoints));
-                    }
+                    let at = (file, document, object.as_str());
+                    keep_first(&mut self.endpoints, &mut self.errors, at, key, (document, endpoints));
                 }
             }
-        }
-    }
-
-    fn insert_service(&mut self, file: &Path, document: usize, object: &str, key: ObjectRef, svc: Service) {
-        if let Some((first, _)) = self.services.get(&key) {
-            let message = format!("duplicate of the one in {} (that one is used)", first.display());
-            self.error(file, document, Some(object.to_owned()), None, message);
-        } else {
-            self.services.insert(key, (file.to_owned(), svc));
         }
     }
 
@@ -343,9 +360,10 @@ impl Loader {
             services: self.services.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
             endpoint_slices: self.slices.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
             node: None,
+            service_cidrs: std::mem::take(&mut self.service_cidrs).into_iter().map(|(k, (_, c))| (k, c)).collect(),
         };
         let endpoints = std::mem::take(&mut self.endpoints);
-        for (key, (file, document, endpoints)) in endpoints {
+        for (key, (file, (document, endpoints))) in endpoints {
             let Some((_, svc)) = self.services.get(&key) else { continue };
             let has_selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref()).is_some_and(|s| !s.is_empty());
             let skip =

@@ -1,6 +1,6 @@
 //! An in-process Kubernetes API server test double, over plain HTTP on
-//! 127.0.0.1, for Services, EndpointSlices and Nodes. It follows the
-//! documented list/watch protocol where clients depend on it:
+//! 127.0.0.1, for Services, EndpointSlices, Nodes and ServiceCIDRs. It
+//! follows the documented list/watch protocol where clients depend on it:
 //!
 //! - one resourceVersion counter across all kinds;
 //! - list: `{kind: XList, metadata: {resourceVersion}, items}`;
@@ -18,7 +18,9 @@
 //!
 //! The test drives it: create/update/delete objects, `compact()` the
 //! history, `drop_watches()` mid-stream, `stop()` and `start()` on the same
-//! port.
+//! port, `refuse()` a kind's list and watch with a status (a cluster that
+//! does not have the resource: 404; RBAC not granting it: 403) and
+//! `serve_again()`.
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -44,6 +46,7 @@ pub enum Kind {
     Service,
     EndpointSlice,
     Node,
+    ServiceCidr,
 }
 
 impl Kind {
@@ -51,6 +54,7 @@ impl Kind {
         match self {
             Self::Service | Self::Node => "v1",
             Self::EndpointSlice => "discovery.k8s.io/v1",
+            Self::ServiceCidr => "networking.k8s.io/v1",
         }
     }
 
@@ -59,11 +63,12 @@ impl Kind {
             Self::Service => "Service",
             Self::EndpointSlice => "EndpointSlice",
             Self::Node => "Node",
+            Self::ServiceCidr => "ServiceCIDR",
         }
     }
 
     fn namespaced(self) -> bool {
-        self != Self::Node
+        !matches!(self, Self::Node | Self::ServiceCidr)
     }
 }
 
@@ -85,6 +90,8 @@ struct Inner {
     /// Watches from a resourceVersion below this get 410 Expired.
     oldest_rv: u64,
     uid: u64,
+    /// Kinds whose list and watch are answered with this status instead.
+    refused: BTreeMap<Kind, StatusCode>,
 }
 
 struct Shared {
@@ -124,10 +131,12 @@ impl ApiServer {
             .route("/apis/discovery.k8s.io/v1/endpointslices", get(list_or_watch_slices))
             .route("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices", get(list_or_watch_slices_ns))
             .route("/api/v1/nodes", get(list_or_watch_nodes))
+            .route("/apis/networking.k8s.io/v1/servicecidrs", get(list_or_watch_service_cidrs))
             .route("/api", get(discovery_core_versions))
             .route("/apis", get(discovery_groups))
             .route("/api/v1", get(discovery_core_v1))
             .route("/apis/discovery.k8s.io/v1", get(discovery_slices_v1))
+            .route("/apis/networking.k8s.io/v1", get(discovery_networking_v1))
             .route("/version", get(version))
             .with_state(self.shared.clone());
         self.server = Some(tokio::spawn(async move {
@@ -171,6 +180,17 @@ impl ApiServer {
         let mut inner = self.shared.inner.lock().expect("lock");
         inner.oldest_rv = inner.rv;
         inner.history.clear();
+    }
+
+    /// Answers `kind`'s list and watch requests with `code` (and a Status)
+    /// from now on; open watches are not cut (see `drop_watches`).
+    pub fn refuse(&self, kind: Kind, code: StatusCode) {
+        self.shared.inner.lock().expect("lock").refused.insert(kind, code);
+    }
+
+    /// Serves `kind` again after `refuse`.
+    pub fn serve_again(&self, kind: Kind) {
+        self.shared.inner.lock().expect("lock").refused.remove(&kind);
     }
 
     /// Creates or replaces an object (a typed k8s-openapi object or JSON).
@@ -402,6 +422,9 @@ async fn list_or_watch_slices_ns(
 async fn list_or_watch_nodes(s: State<Arc<Shared>>, q: Query<BTreeMap<String, String>>) -> Response {
     handle(&s.0, Kind::Node, None, &q.0)
 }
+async fn list_or_watch_service_cidrs(s: State<Arc<Shared>>, q: Query<BTreeMap<String, String>>) -> Response {
+    handle(&s.0, Kind::ServiceCidr, None, &q.0)
+}
 
 // Legacy (unaggregated) discovery, enough for kubectl to map resource names.
 async fn discovery_core_versions() -> Response {
@@ -412,32 +435,41 @@ async fn discovery_core_versions() -> Response {
     )
 }
 async fn discovery_groups() -> Response {
-    let gv = json!({"groupVersion": "discovery.k8s.io/v1", "version": "v1"});
+    let group = |name: &str| {
+        let gv = json!({"groupVersion": format!("{name}/v1"), "version": "v1"});
+        json!({"name": name, "versions": [gv.clone()], "preferredVersion": gv})
+    };
     json_response(
         StatusCode::OK,
         &json!({"kind": "APIGroupList", "apiVersion": "v1",
-        "groups": [{"name": "discovery.k8s.io", "versions": [gv.clone()], "preferredVersion": gv}]}),
+        "groups": [group("discovery.k8s.io"), group("networking.k8s.io")]}),
     )
 }
 fn resource(name: &str, singular: &str, kind: &str, namespaced: bool, short: &[&str]) -> Value {
     json!({"name": name, "singularName": singular, "namespaced": namespaced, "kind": kind,
            "verbs": ["get", "list", "watch"], "shortNames": short})
 }
-async fn discovery_core_v1() -> Response {
+/// The resources of one group version.
+fn resource_list(group_version: &str, resources: &[Value]) -> Response {
     json_response(
         StatusCode::OK,
-        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
-        "resources": [resource("services", "service", "Service", true, &["svc"]),
-                      resource("nodes", "node", "Node", false, &["no"])]}),
+        &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources}),
+    )
+}
+async fn discovery_core_v1() -> Response {
+    resource_list(
+        "v1",
+        &[
+            resource("services", "service", "Service", true, &["svc"]),
+            resource("nodes", "node", "Node", false, &["no"]),
+        ],
     )
 }
 async fn discovery_slices_v1() -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"kind": "APIResourceList", "apiVersion": "v1",
-        "groupVersion": "discovery.k8s.io/v1",
-        "resources": [resource("endpointslices", "endpointslice", "EndpointSlice", true, &[])]}),
-    )
+    resource_list("discovery.k8s.io/v1", &[resource("endpointslices", "endpointslice", "EndpointSlice", true, &[])])
+}
+async fn discovery_networking_v1() -> Response {
+    resource_list("networking.k8s.io/v1", &[resource("servicecidrs", "servicecidr", "ServiceCIDR", false, &[])])
 }
 async fn version() -> Response {
     json_response(StatusCode::OK, &json!({"major": "1", "minor": "37", "gitVersion": "v1.37.0-apiserver-double"}))
@@ -448,6 +480,18 @@ fn json_response(code: StatusCode, body: &Value) -> Response {
 }
 
 fn handle(shared: &Arc<Shared>, kind: Kind, namespace: Option<String>, q: &BTreeMap<String, String>) -> Response {
+    let refused = shared.inner.lock().expect("lock").refused.get(&kind).copied();
+    if let Some(code) = refused {
+        let (reason, message) = match code {
+            StatusCode::NOT_FOUND => ("NotFound", "the server could not find the requested resource".to_owned()),
+            StatusCode::FORBIDDEN => (
+                "Forbidden",
+                format!("cannot list resource {:?} at the cluster scope", kind.name().to_lowercase() + "s"),
+            ),
+            _ => ("InternalError", format!("{kind:?} refused")),
+        };
+        return json_response(code, &status(code.as_u16(), reason, &message));
+    }
     let labels = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
         Ok(l) => l,
         Err(m) => return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", &m)),

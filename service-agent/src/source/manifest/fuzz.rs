@@ -60,7 +60,7 @@ const TOKENS: [&str; 40] = [
     "é\u{200b}\u{feff}",
 ];
 
-const KEYS: [&str; 24] = [
+const KEYS: [&str; 25] = [
     "apiVersion",
     "kind",
     "metadata",
@@ -76,6 +76,7 @@ const KEYS: [&str; 24] = [
     "clusterIP",
     "clusterIPs",
     "externalIPs",
+    "cidrs",
     "type",
     "endpoints",
     "addresses",
@@ -92,7 +93,17 @@ fn scalar(rng: &mut Rng) -> String {
         0 => (*rng.pick(&TOKENS)).to_owned(),
         1 => rng.int().to_string(),
         2 => rng.ip(),
-        3 => (*rng.pick(&["Service", "EndpointSlice", "Endpoints", "List", "v1", "discovery.k8s.io/v1"])).to_owned(),
+        3 => (*rng.pick(&[
+            "Service",
+            "EndpointSlice",
+            "Endpoints",
+            "ServiceCIDR",
+            "List",
+            "v1",
+            "discovery.k8s.io/v1",
+            "networking.k8s.io/v1",
+        ]))
+        .to_owned(),
         4 => format!("{:?}", rng.text()),
         _ => rng
             .text()
@@ -147,9 +158,16 @@ fn random_yaml(rng: &mut Rng) -> String {
             out.push_str("---\n");
         }
         out.push_str("apiVersion: ");
-        out.push_str(rng.pick::<&str>(&["v1", "discovery.k8s.io/v1", "apps/v1"]));
+        out.push_str(rng.pick::<&str>(&["v1", "discovery.k8s.io/v1", "networking.k8s.io/v1", "apps/v1"]));
         out.push_str("\nkind: ");
-        out.push_str(rng.pick::<&str>(&["Service", "EndpointSlice", "Endpoints", "List", "ServiceList"]));
+        out.push_str(rng.pick::<&str>(&[
+            "Service",
+            "EndpointSlice",
+            "Endpoints",
+            "ServiceCIDR",
+            "List",
+            "ServiceList",
+        ]));
         out.push('\n');
         for _ in 0..rng.below(5) {
             out.push_str(rng.pick::<&str>(&KEYS));
@@ -310,10 +328,15 @@ fn random_and_mutated_manifests_never_panic() {
                     text.push_str("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n");
                     text.push_str(&serde_norway::to_string(slice).expect("to yaml"));
                 }
+                for cidr in objects.service_cidrs.values() {
+                    text.push_str("---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\n");
+                    text.push_str(&serde_norway::to_string(cidr).expect("to yaml"));
+                }
                 let snapshot = check(Path::new("objects.yaml"), &text);
                 // What serialized reads back the same.
                 assert_eq!(snapshot.objects.services, objects.services, "{text}");
                 assert_eq!(snapshot.objects.endpoint_slices, objects.endpoint_slices, "{text}");
+                assert_eq!(snapshot.objects.service_cidrs, objects.service_cidrs, "{text}");
                 (PathBuf::from("objects.yaml"), mutate(rng, &text))
             }
         };

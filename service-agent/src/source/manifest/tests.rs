@@ -357,3 +357,49 @@ metadata: {name: node-a}
     assert_eq!(zone("node-b").as_deref(), Some("zone-b"));
     assert_eq!(zone("node-c"), None);
 }
+
+#[test]
+fn a_servicecidr_manifest_is_loaded_by_name_and_a_duplicate_or_bad_one_reported() {
+    let dir = TempDir::new();
+    dir.write(
+        "1-cidrs.yaml",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata:
+  name: extra
+spec:
+  cidrs:
+  - 10.100.0.0/16
+  - "fd00:100::/108"
+---
+apiVersion: networking.k8s.io/v1
+kind: ServiceCIDR
+metadata: {name: broken}
+spec: {cidrs: 10.101.0.0/16}
+---
+apiVersion: networking.k8s.io/v1beta1
+kind: ServiceCIDR
+metadata: {name: beta}
+spec: {cidrs: [10.102.0.0/16]}
+"#,
+    );
+    dir.write("2-again.yaml", "apiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\nmetadata: {name: extra}\n");
+    let s = load_dir(&dir.0).expect("load");
+    let errors = errors_of(&s, &dir);
+    assert_eq!(
+        errors,
+        [
+            r#"1-cidrs.yaml (document 2): ServiceCIDR broken: spec.cidrs: invalid type: string "10.101.0.0/16", expected a sequence"#,
+            "2-again.yaml (document 1): ServiceCIDR extra: duplicate of the one in 1-cidrs.yaml (that one is used)",
+        ]
+    );
+    // Cluster-scoped: keyed by name, no namespace defaulted; the v1beta1
+    // one is a kind this source does not handle, skipped as before.
+    assert_eq!(s.objects.service_cidrs.keys().collect::<Vec<_>>(), ["extra"]);
+    let cidrs = s.objects.service_cidrs["extra"].spec.as_ref().and_then(|spec| spec.cidrs.clone());
+    assert_eq!(cidrs, Some(vec!["10.100.0.0/16".to_owned(), "fd00:100::/108".to_owned()]));
+    assert_eq!(s.objects.service_cidrs["extra"].metadata.namespace, None);
+    // Every node sees them.
+    assert_eq!(s.for_node("node-a").service_cidrs, s.objects.service_cidrs);
+}
