@@ -146,6 +146,18 @@ struct RunArgs {
     /// rejected whether or not this is set.
     #[arg(long, value_name = "CIDR,...", value_delimiter = ',')]
     service_cluster_ip_range: Vec<service_agent::vocabulary::Cidr>,
+    /// Socket-level load balancing (cgroup connect/sendmsg/recvmsg/
+    /// getpeername hooks): `host` translates the sockets of the node's own
+    /// network namespace (host processes, hostNetwork pods), which the
+    /// packet path cannot see; `all` every socket under --cgroup-root,
+    /// pods' too; `off` attaches nothing.
+    #[arg(long, default_value = "host", value_name = "host|all|off")]
+    socket_lb: service_agent::attach::socket::SocketLb,
+    /// The cgroup (v2) the socket-level programs are attached to; nothing
+    /// outside it is touched. Default: the host's cgroup2 mount (one is
+    /// mounted at /run/service-dataplane/cgroup2 when there is none).
+    #[arg(long, value_name = "PATH")]
+    cgroup_root: Option<PathBuf>,
     /// Where the maps are pinned (a directory on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
     bpffs_root: PathBuf,
@@ -233,6 +245,8 @@ async fn main() -> anyhow::Result<()> {
                 nodeport_addresses: args.nodeport_addresses,
                 masquerade_all: args.masquerade_all,
                 service_cidrs: args.service_cluster_ip_range,
+                socket_lb: args.socket_lb,
+                cgroup_root: args.cgroup_root,
                 bpffs_root: args.bpffs_root,
                 map_sizes: MapSizes {
                     services: args.map_size_services,

@@ -22,7 +22,10 @@ use aya::programs::SchedClassifier;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    attach::{AttachManager, AttachMode, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink},
+    attach::{
+        AttachManager, AttachMode, Programs, ROLE_EXTERNAL, ROLE_POD, Selection, TunnelInterfaces, netlink,
+        socket::{SocketHooks, SocketLb},
+    },
     gc::{self, AffinityFrontends},
     healthcheck::{self, HealthCheckServers},
     maps::{self, MapSizes, PinnedMaps},
@@ -114,6 +117,10 @@ pub struct RunConfig {
     pub masquerade_all: bool,
     /// `--service-cluster-ip-range`: unallocated addresses are dropped.
     pub service_cidrs: Vec<Cidr>,
+    /// `--socket-lb`.
+    pub socket_lb: SocketLb,
+    /// `--cgroup-root`; `None`: the host's cgroup2 mount.
+    pub cgroup_root: Option<PathBuf>,
     pub bpffs_root: PathBuf,
     pub map_sizes: MapSizes,
     /// Leave links and pins in place on exit (for the next agent).
@@ -132,6 +139,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let (mut ebpf, migrations) =
         maps::load_migrating(&config.bpffs_root, config.map_sizes).context("loading the dataplane")?;
     let mut reconciler = adopt_maps(&config, &mut ebpf)?;
+    let socket_hooks = socket_hooks(&config, &mut ebpf)?;
     let (mut pod_prog, mut ext_prog) = programs(&mut ebpf)?;
     let (pod_prog, ext_prog) = (&mut pod_prog, &mut ext_prog);
     let (mut pod_attach, mut ext_attach) = attach_managers(&config, pod_prog, ext_prog);
@@ -231,7 +239,28 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     collector.abort();
     drop(health_checks);
     drop(reconciler);
-    shut_down(&config, pod_attach, ext_attach, ebpf)
+    shut_down(&config, pod_attach, ext_attach, socket_hooks, ebpf)
+}
+
+/// `--socket-lb`: the mode written for the programs, and the hooks on
+/// `--cgroup-root` (none, and an earlier agent's removed, when off).
+fn socket_hooks(config: &RunConfig, ebpf: &mut aya::Ebpf) -> anyhow::Result<SocketHooks> {
+    maps::write_socket_lb(&config.bpffs_root, config.socket_lb.mode()).context("writing the socket_lb row")?;
+    let links_dir = links_dir(&config.bpffs_root);
+    if config.socket_lb == SocketLb::Off {
+        let removed = crate::attach::socket::remove_pins(&links_dir);
+        if removed > 0 {
+            tracing::info!(removed, "--socket-lb off: socket-level links removed");
+        }
+        return Ok(SocketHooks::default());
+    }
+    let root = match &config.cgroup_root {
+        Some(path) => path.clone(),
+        None => crate::attach::socket::default_cgroup_root()?,
+    };
+    let hooks = SocketHooks::attach(ebpf, &root, &links_dir)?;
+    tracing::info!(cgroup_root = %root.display(), mode = ?config.socket_lb, "socket-level load balancing attached");
+    Ok(hooks)
 }
 
 /// On SIGTERM/SIGINT: leaves everything for the next agent
@@ -240,17 +269,20 @@ fn shut_down(
     config: &RunConfig,
     mut pod_attach: AttachManager,
     mut ext_attach: AttachManager,
+    mut socket_hooks: SocketHooks,
     ebpf: aya::Ebpf,
 ) -> anyhow::Result<()> {
     if config.keep_on_exit {
         tracing::info!("shutting down: programs stay attached and maps pinned for the next agent");
         pod_attach.leave_attached();
         ext_attach.leave_attached();
+        socket_hooks.leave_attached();
         return Ok(());
     }
     tracing::info!("shutting down: detaching and removing pins");
     pod_attach.detach_all();
     ext_attach.detach_all();
+    socket_hooks.detach_all();
     drop(ebpf);
     maps::remove_pins(&config.bpffs_root).context("removing pins")?;
     Ok(())

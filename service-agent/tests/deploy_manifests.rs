@@ -98,6 +98,11 @@ fn the_daemonset_runs_the_agent_like_kube_proxy_with_only_the_capabilities_it_ne
         );
     }
     assert!(args.iter().any(|a| a == "--keep-on-exit"), "rolling updates must not detach the dataplane");
+    // The socket-level hooks go on the host's cgroup2 root, mounted in.
+    let root = args.iter().find_map(|a| a.strip_prefix("--cgroup-root=")).expect("--cgroup-root");
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == root).expect("a mount at --cgroup-root");
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("its volume");
+    assert_eq!(volume.host_path.as_ref().map(|h| h.path.as_str()), Some("/sys/fs/cgroup"));
 }
 
 #[test]

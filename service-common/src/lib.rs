@@ -45,7 +45,14 @@ pub mod map_names {
     /// CPU), for every counter but the fast path's
     /// (`stats::Counter::per_interface`).
     pub const INTERFACE_STATS: &str = "interface_stats";
-    pub const ALL: [&str; 14] = [
+    /// Socket-level load balancing: what a translated socket was
+    /// connected or sent to (socket cookie, backend) → the Service address,
+    /// for `recvmsg` and `getpeername` to show the Service again.
+    pub const SOCK_REV_NAT: &str = "sock_rev_nat";
+    /// Socket-level load balancing's configuration, one row written by the
+    /// agent (`SocketLbConfig`).
+    pub const SOCKET_LB: &str = "socket_lb";
+    pub const ALL: [&str; 16] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -60,6 +67,8 @@ pub mod map_names {
         FRAGMENTS,
         AGENT_STATE,
         INTERFACE_STATS,
+        SOCK_REV_NAT,
+        SOCKET_LB,
     ];
 }
 
@@ -99,7 +108,7 @@ pub mod agent_state {
 pub mod layout {
     use super::map_names::{
         AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS, INTERFACE_STATS,
-        REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOURCE_RANGES, STATS,
+        REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
     };
 
     /// Layout 3 of `services`: slot 0 carries the affinity scope in
@@ -107,7 +116,7 @@ pub mod layout {
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
     /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
     /// rejects that were not answered counted as drops.
-    pub const VERSIONS: [(&str, u32); 14] = [
+    pub const VERSIONS: [(&str, u32); 16] = [
         (SERVICES, 3),
         (BACKENDS, 1),
         (REV_NAT, 1),
@@ -122,6 +131,8 @@ pub mod layout {
         (FRAGMENTS, 1),
         (AGENT_STATE, 1),
         (INTERFACE_STATS, 1),
+        (SOCK_REV_NAT, 1),
+        (SOCKET_LB, 1),
     ];
 
     /// The layout version of map `name` (1 for an unknown name).
@@ -149,7 +160,59 @@ pub mod capacity {
     /// `interface_stats` rows: (interface, counter) pairs, least recently
     /// used evicted first (about 500 interfaces with every counter).
     pub const INTERFACE_STATS: u32 = 16_384;
+    /// Sockets translated at connect()/sendmsg() whose peer is shown as
+    /// the Service address: one row per (socket, backend), least recently
+    /// used evicted first.
+    pub const SOCK_REV_NAT: u32 = 65_536;
 }
+
+/// `SocketLbConfig::mode` (`--socket-lb`).
+pub mod socket_lb {
+    /// No socket is translated: the packet path does everything.
+    pub const OFF: u32 = 0;
+    /// Only sockets of the agent's own network namespace (host processes
+    /// and hostNetwork pods) are translated.
+    pub const HOST: u32 = 1;
+    /// Every socket under the cgroup root, pods' too.
+    pub const ALL: u32 = 2;
+}
+
+/// The one row (key 0) of the `socket_lb` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SocketLbConfig {
+    /// A [`socket_lb`] mode.
+    pub mode: u32,
+    pub _pad: u32,
+    /// The network namespace cookie of the node's own namespace (the
+    /// agent's), for [`socket_lb::HOST`].
+    pub host_netns_cookie: u64,
+}
+const _: () = assert!(size_of::<SocketLbConfig>() == 16);
+
+/// Key of the `sock_rev_nat` map: a socket (its cookie) and the backend a
+/// Service address was translated to for it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRevNatKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    pub port: Port,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<SockRevNatKey>() == 32);
+
+/// Value of the `sock_rev_nat` map: the Service address (and port) the
+/// application used, and its frontend's rev-NAT id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockRevNatValue {
+    pub addr: Addr,
+    pub port: Port,
+    pub _pad: [u8; 2],
+    pub rev_nat_id: u32,
+}
+const _: () = assert!(size_of::<SockRevNatValue>() == 24);
 
 /// The source ports SNAT picks from for traffic it sends to a backend on
 /// another node (and for hairpin traffic): above Linux's default ephemeral
@@ -180,6 +243,21 @@ pub const PROG_EXTERNAL_INGRESS: &str = "service_external_ingress";
 /// type.
 pub const PROG_POD_INGRESS_L3: &str = "service_pod_ingress_l3";
 pub const PROG_EXTERNAL_INGRESS_L3: &str = "service_external_ingress_l3";
+
+/// The socket-level programs (cgroup sock_addr hooks), attached to
+/// `--cgroup-root`: a Service address given to connect() or sendmsg() is
+/// replaced by a backend's; recvmsg() and getpeername() show the Service
+/// address again. By attach type, as the agent attaches and pins them.
+pub const PROGS_SOCK: [(&str, &str); 4] = [
+    ("connect4", PROG_SOCK_CONNECT4),
+    ("sendmsg4", PROG_SOCK_SENDMSG4),
+    ("recvmsg4", PROG_SOCK_RECVMSG4),
+    ("getpeername4", PROG_SOCK_GETPEERNAME4),
+];
+pub const PROG_SOCK_CONNECT4: &str = "service_sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "service_sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "service_sock_recvmsg4";
+pub const PROG_SOCK_GETPEERNAME4: &str = "service_sock_getpeername4";
 
 /// Name of the classifier that only returns its pass verdict: the floor of
 /// `cargo xtask bench`'s per-packet measurements (never attached).
@@ -592,6 +670,9 @@ mod user {
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragValue {}
     unsafe impl aya::Pod for super::InterfaceCounterKey {}
+    unsafe impl aya::Pod for super::SocketLbConfig {}
+    unsafe impl aya::Pod for super::SockRevNatKey {}
+    unsafe impl aya::Pod for super::SockRevNatValue {}
 }
 
 #[cfg(test)]

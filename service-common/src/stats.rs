@@ -235,6 +235,21 @@ counters! {
     /// (`--service-cluster-ip-range`) that no Service has, as kube-proxy's
     /// nftables mode drops it. (A ClusterIP's unserved port is rejected.)
     DropUnallocatedServiceIp = 41, "drop_unallocated_service_ip", drop;
+    /// Socket-level load balancing: a connect() to a Service address went
+    /// to a backend instead (the socket's packets need no translation).
+    SockConnect = 42, "sock_connect", fast;
+    /// Socket-level load balancing: a datagram sent to a Service address
+    /// (sendmsg() on an unconnected UDP socket) went to a backend instead.
+    SockSendmsg = 43, "sock_sendmsg", fast;
+    /// Socket-level load balancing: recvmsg() or getpeername() showed the
+    /// Service address instead of the backend's.
+    SockRevNat = 44, "sock_rev_nat", fast;
+    /// Socket-level load balancing: a connect() or sendmsg() to a Service
+    /// without endpoints failed with ECONNREFUSED, as kube-proxy's reject
+    /// makes it fail. (No packet was dropped: no packet was sent. The
+    /// socket counters have no interface, so none has an
+    /// `interface_stats` row.)
+    SockRefused = 45, "sock_refused", fast;
 }
 
 #[cfg(test)]
@@ -274,7 +289,7 @@ mod tests {
                 assert!(c.is_drop(), "{}", c.name());
             }
         }
-        let fast: [Counter; 8] = [
+        let fast: [Counter; 12] = [
             Counter::PassNotIpv4,
             Counter::PassOtherProto,
             Counter::PassFragment,
@@ -283,6 +298,11 @@ mod tests {
             Counter::DnatEstablished,
             Counter::RevNat,
             Counter::FragmentTranslated,
+            // The socket-level programs': no interface.
+            Counter::SockConnect,
+            Counter::SockSendmsg,
+            Counter::SockRevNat,
+            Counter::SockRefused,
         ];
         for c in Counter::ALL {
             assert_eq!(c.per_interface(), !fast.contains(&c), "{}", c.name());

@@ -36,6 +36,8 @@ mod reject;
 #[cfg(target_arch = "bpf")]
 mod scratch;
 #[cfg(target_arch = "bpf")]
+mod socket;
+#[cfg(target_arch = "bpf")]
 mod verdict;
 
 /// On the host the crate builds as an empty binary, so `cargo check

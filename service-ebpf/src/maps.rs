@@ -7,12 +7,13 @@
 )]
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use aya_ebpf::btf_maps::{HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, InterfaceCounterKey,
-    RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, agent_state, capacity,
+    RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SocketLbConfig, SourceRangeKey, agent_state,
+    capacity,
     stats::{self, Counter},
 };
 
@@ -68,6 +69,15 @@ pub static AGENT_STATE: HashMap<agent_state::Key, u64, { agent_state::CAPACITY a
 #[btf_map(name = "interface_stats")]
 pub static INTERFACE_STATS: LruPerCpuHashMap<InterfaceCounterKey, u64, { capacity::INTERFACE_STATS as usize }> =
     LruPerCpuHashMap::new();
+
+/// Socket-level load balancing: (socket cookie, backend) → the Service
+/// address the application named, for recvmsg and getpeername.
+#[btf_map(name = "sock_rev_nat")]
+pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNatValue, { capacity::SOCK_REV_NAT as usize }> =
+    LruHashMap::new();
+/// Socket-level load balancing's one configuration row (`--socket-lb`).
+#[btf_map(name = "socket_lb")]
+pub static SOCKET_LB: Array<SocketLbConfig, 1> = Array::new();
 
 /// The interface the packet entered on.
 #[inline(always)]

@@ -198,13 +198,18 @@ pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 36] = [
 
 /// Counted beside a packet's verdict (`maps::count` calls outside the entry
 /// point's one `count(counter)`): something that happened to its flow.
-pub const EVENT_COUNTERS: [Counter; 6] = [
+pub const EVENT_COUNTERS: [Counter; 10] = [
     Counter::AffinityHit,
     Counter::SnatNew,
     Counter::CtReplaced,
     Counter::CtAssured,
     Counter::NatClashRemapped,
     Counter::CtRaceJoined,
+    // The socket-level programs' (no packet reaches them).
+    Counter::SockConnect,
+    Counter::SockSendmsg,
+    Counter::SockRevNat,
+    Counter::SockRefused,
 ];
 
 /// The kind of verdict counter `id`, `None` for an event counter.

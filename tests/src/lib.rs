@@ -1,5 +1,6 @@
 //! Shared pieces of the privileged test tiers, the demo and the benchmarks.
 pub mod bench;
+pub mod cgroup;
 pub mod cluster;
 pub mod fixture;
 pub mod fuzz;

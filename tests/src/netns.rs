@@ -581,6 +581,9 @@ impl Agent {
             .arg(binary("service-agent", "SERVICE_AGENT_BIN"))
             .args(["--log-format", "text", "run"])
             .args(args)
+            // Never the machine's cgroups: a test that wants socket-level
+            // load balancing gives its own cgroup (`--cgroup-root`).
+            .args(if args.iter().any(|a| a.starts_with("--socket-lb")) { &[][..] } else { &["--socket-lb", "off"][..] })
             .args(["--node-name", node_name, "--bpffs-root"])
             .arg(bpffs_root)
             .env("NO_COLOR", "1")

@@ -27,6 +27,7 @@
 mod hook;
 pub mod netlink;
 mod select;
+pub mod socket;
 
 use std::{collections::BTreeMap, path::PathBuf};
 

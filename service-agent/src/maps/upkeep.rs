@@ -33,6 +33,42 @@ pub fn write_snat_addrs(root: &Path, rows: &BTreeMap<u32, Ipv4Addr>) -> Result<(
     Ok(())
 }
 
+/// Writes the `socket_lb` row: `--socket-lb`'s mode, and the network
+/// namespace cookie of the agent's own namespace (the node's, whose
+/// sockets `host` translates).
+///
+/// # Errors
+/// When the pin is missing, the cookie cannot be read, or the row cannot
+/// be written.
+pub fn write_socket_lb(root: &Path, mode: u32) -> Result<(), LoadError> {
+    let name = map_names::SOCKET_LB;
+    let data = aya::maps::MapData::from_pin(root.join(name)).map_err(|source| LoadError::Map { name, source })?;
+    let mut map: aya::maps::Array<MapData, service_common::SocketLbConfig> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|source| LoadError::Map { name, source })?;
+    let host_netns_cookie = own_netns_cookie().map_err(|e| LoadError::Object(format!("SO_NETNS_COOKIE: {e}")))?;
+    let row = service_common::SocketLbConfig { mode, _pad: 0, host_netns_cookie };
+    map.set(0, row, 0).map_err(|source| LoadError::Map { name, source })
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE` of a
+/// socket opened here: the value `bpf_get_netns_cookie` gives programs).
+///
+/// # Errors
+/// When no socket can be opened or the kernel has no `SO_NETNS_COOKIE`.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    let mut cookie: u64 = 0;
+    #[expect(clippy::cast_possible_truncation, reason = "8 fits in socklen_t")]
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&raw mut cookie).cast(), &raw mut len)
+    };
+    if rc == 0 { Ok(cookie) } else { Err(std::io::Error::last_os_error()) }
+}
+
 /// Deletes the UDP conntrack entries (both directions, in `conntrack` and
 /// `conntrack_new`) whose (frontend, backend) pair is no longer live, so
 /// clients of a removed backend move to a live one with their next

@@ -1,0 +1,263 @@
+//! The socket-level programs (`service_common::PROGS_SOCK`: connect4,
+//! sendmsg4, recvmsg4, getpeername4) on the cgroup `--cgroup-root`:
+//! attached as links pinned under `<bpffs-root>/links/` (named by attach
+//! type, the cgroup's inode and the program's tag), so they survive the
+//! agent being killed; a restarted agent adopts links of the same program
+//! on the same cgroup, attaches the new ones before it removes older ones
+//! (an upgrade leaves no moment without translation), and `service-agent
+//! cleanup` removes them with the other link pins. Nothing is attached
+//! anywhere but the given cgroup.
+
+use std::{
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+
+/// Pin name prefix of the socket-level links.
+pub const PIN_PREFIX: &str = "sock-";
+
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Where the agent mounts a cgroup2 filesystem when the host has none.
+pub const FALLBACK_CGROUP_ROOT: &str = "/run/service-dataplane/cgroup2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketHookError {
+    #[error("--cgroup-root {path}: {message}")]
+    CgroupRoot { path: PathBuf, message: String },
+    #[error("program {program}: {message}")]
+    Program { program: &'static str, message: String },
+}
+
+/// `--socket-lb`: whose sockets the socket-level programs translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SocketLb {
+    /// Only the node's own (host processes, hostNetwork pods): what the
+    /// packet path cannot see. Pods keep the packet path.
+    Host,
+    /// Every socket under `--cgroup-root`, pods' too: a pod's TCP to a
+    /// ClusterIP connects straight to the backend, and its packets need no
+    /// translation.
+    All,
+    /// None: nothing is attached to any cgroup.
+    Off,
+}
+
+impl SocketLb {
+    /// The `socket_lb` row's mode.
+    #[must_use]
+    pub const fn mode(self) -> u32 {
+        match self {
+            Self::Host => service_common::socket_lb::HOST,
+            Self::All => service_common::socket_lb::ALL,
+            Self::Off => service_common::socket_lb::OFF,
+        }
+    }
+}
+
+impl std::str::FromStr for SocketLb {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "host" => Ok(Self::Host),
+            "all" => Ok(Self::All),
+            "off" => Ok(Self::Off),
+            other => Err(format!("unknown --socket-lb {other:?} (host, all or off)")),
+        }
+    }
+}
+
+/// The socket-level links this agent holds.
+#[derive(Default)]
+pub struct SocketHooks {
+    links: Vec<(PathBuf, FdLink)>,
+}
+
+/// `e` and its sources, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+fn pin_name(attach: &str, cgroup_ino: u64, tag: u64) -> String {
+    format!("{PIN_PREFIX}{attach}-{cgroup_ino}-{tag:016x}")
+}
+
+fn is_cgroup2(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: statfs fills the zeroed buffer; the path is NUL-terminated.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut buf) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libc targets")]
+    Ok(i64::from(buf.f_type) == CGROUP2_SUPER_MAGIC)
+}
+
+/// The cgroup2 mount point from `mountinfo` (the text of
+/// `/proc/self/mountinfo`): the first mount of type `cgroup2`.
+#[must_use]
+pub fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        (after.split_whitespace().next() == Some("cgroup2"))
+            .then(|| before.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// The default `--cgroup-root`: the host's cgroup2 mount, or one the agent
+/// mounts at [`FALLBACK_CGROUP_ROOT`].
+///
+/// # Errors
+/// When there is none and mounting one fails.
+pub fn default_cgroup_root() -> Result<PathBuf, SocketHookError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(path) = cgroup2_mount(&mountinfo) {
+        return Ok(path);
+    }
+    let path = PathBuf::from(FALLBACK_CGROUP_ROOT);
+    let fail = |message: String| SocketHookError::CgroupRoot { path: path.clone(), message };
+    std::fs::create_dir_all(&path).map_err(|e| fail(e.to_string()))?;
+    tracing::info!(path = %path.display(), "no cgroup2 filesystem mounted: mounting one");
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "cgroup2", "none"])
+        .arg(&path)
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok { Ok(path) } else { Err(fail("mounting a cgroup2 filesystem failed".into())) }
+}
+
+impl SocketHooks {
+    /// Loads the socket-level programs and attaches them to `cgroup_root`,
+    /// adopting links pinned by an earlier agent for the same programs and
+    /// cgroup, then removing any other socket-level link pin.
+    ///
+    /// # Errors
+    /// When `cgroup_root` is not a cgroup2 directory, or a program cannot
+    /// be loaded, attached or pinned (what was attached stays; the caller
+    /// keeps the returned links only on success).
+    pub fn attach(ebpf: &mut Ebpf, cgroup_root: &Path, links_dir: &Path) -> Result<Self, SocketHookError> {
+        let root_error = |message: String| SocketHookError::CgroupRoot { path: cgroup_root.to_owned(), message };
+        match is_cgroup2(cgroup_root) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(root_error("not a cgroup2 filesystem (mount one, or name a cgroup2 directory)".into()));
+            }
+            Err(e) => return Err(root_error(e.to_string())),
+        }
+        let cgroup = std::fs::File::open(cgroup_root).map_err(|e| root_error(e.to_string()))?;
+        let ino = cgroup.metadata().map_err(|e| root_error(e.to_string()))?.ino();
+        std::fs::create_dir_all(links_dir).map_err(|e| root_error(format!("creating {}: {e}", links_dir.display())))?;
+        let mut hooks = Self::default();
+        for (attach, program) in service_common::PROGS_SOCK {
+            let fail = |message: String| SocketHookError::Program { program, message };
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(program)
+                .ok_or_else(|| fail("missing from the eBPF object".into()))?
+                .try_into()
+                .map_err(|e| fail(format!("{e}")))?;
+            prog.load().map_err(|e| fail(format!("the verifier refused it: {}", chain(&e))))?;
+            let tag = prog.info().map_err(|e| fail(e.to_string()))?.tag();
+            let pin = links_dir.join(pin_name(attach, ino, tag));
+            if let Ok(adopted) = PinnedLink::from_pin(&pin) {
+                hooks.links.push((pin, adopted.into()));
+                continue;
+            }
+            // A link (kernels 5.7+) always shares the hook with other
+            // programs; the kernel refuses any attach flag with it.
+            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| fail(chain(&e)))?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(|e| fail(e.to_string()))?)
+                .map_err(|e| fail(format!("a link without an fd: {e}")))?;
+            let pinned = link.pin(&pin).map_err(|e| fail(format!("pinning {}: {e}", pin.display())))?;
+            hooks.links.push((pin, pinned.into()));
+        }
+        // Now that this agent's programs are in place: an earlier agent's
+        // (another build, or another cgroup) go.
+        let keep: Vec<&PathBuf> = hooks.links.iter().map(|(p, _)| p).collect();
+        for stale in pins(links_dir).into_iter().filter(|p| !keep.contains(&p)) {
+            tracing::info!(pin = %stale.display(), "removing an earlier socket-level link");
+            let _ = std::fs::remove_file(&stale);
+        }
+        Ok(hooks)
+    }
+
+    /// What is attached: the pins.
+    #[must_use]
+    pub fn pins(&self) -> Vec<&Path> {
+        self.links.iter().map(|(p, _)| p.as_path()).collect()
+    }
+
+    /// Detaches: removes the pins (the links go with the last reference).
+    pub fn detach_all(&mut self) {
+        for (pin, link) in self.links.drain(..) {
+            let _ = std::fs::remove_file(&pin);
+            drop(link);
+        }
+    }
+
+    /// Leaves the links pinned for the next agent.
+    pub fn leave_attached(&mut self) {
+        self.links.clear();
+    }
+}
+
+/// Every socket-level link pin under `links_dir`.
+#[must_use]
+pub fn pins(links_dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(links_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.starts_with(PIN_PREFIX)))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Removes every socket-level link pin under `links_dir` (`--socket-lb
+/// off`): the programs leave the cgroup. Returns how many there were.
+#[must_use = "the count says whether anything was attached"]
+pub fn remove_pins(links_dir: &Path) -> usize {
+    let stale = pins(links_dir);
+    for pin in &stale {
+        let _ = std::fs::remove_file(pin);
+    }
+    stale.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cgroup2_mount_is_found_in_mountinfo() {
+        let hybrid = "\
+35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw
+37 35 0:32 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
+        assert_eq!(cgroup2_mount(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(cgroup2_mount("36 35 0:31 / /sys/fs/cgroup rw - cgroup2 none rw"), Some("/sys/fs/cgroup".into()));
+        assert_eq!(cgroup2_mount("37 35 0:32 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu"), None);
+    }
+
+    #[test]
+    fn pin_names_carry_the_attach_type_cgroup_and_tag() {
+        assert_eq!(pin_name("connect4", 1234, 0xab), "sock-connect4-1234-00000000000000ab");
+    }
+}

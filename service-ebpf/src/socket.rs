@@ -1,0 +1,213 @@
+//! Socket-level load balancing: cgroup sock_addr hooks on `--cgroup-root`.
+//!
+//! - `connect4` (TCP and connected UDP) and `sendmsg4` (unconnected UDP):
+//!   a Service address is replaced by a backend's before the socket ever
+//!   sends a packet, chosen from the same frontend rows as the packet path
+//!   (the Maglev table of the internal-scope frontend, which is what
+//!   kube-proxy applies to traffic from the node itself: ClusterIPs under
+//!   `internalTrafficPolicy`, NodePorts, LoadBalancer IPs and external IPs
+//!   short-circuited to the cluster-wide endpoints), with ClientIP
+//!   affinity. The socket's packets then carry the backend's address and
+//!   need no translation at all. A Service without endpoints fails the
+//!   call with ECONNREFUSED at once.
+//! - `recvmsg4` and `getpeername4`: what the socket was translated to is
+//!   shown as the Service address again (a UDP reply's source, a connected
+//!   socket's peer), from `sock_rev_nat` keyed by socket cookie and
+//!   backend.
+//!
+//! `--socket-lb` (the `socket_lb` row) says whose sockets: the node's own
+//! network namespace only (`host`), every namespace under the cgroup root
+//! (`all`), or none.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use service_common::{
+    Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
+    SCOPE_INTERNAL, ServiceKey, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb, stats::Counter,
+};
+
+use crate::{
+    flow::ktime_ns,
+    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_REV_NAT, SOCKET_LB, count},
+};
+
+/// A sock_addr program's verdicts: let the call go on, or fail it (with
+/// EPERM, or the errno `bpf_set_retval` set).
+const ALLOW: i32 = 1;
+const DENY: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+#[cgroup_sock_addr(connect4)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_connect4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Counter::SockConnect)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    translate(&ctx, Counter::SockSendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore(&ctx);
+    ALLOW
+}
+
+/// The address and port the call names (`user_ip4`, `user_port`: both in
+/// network byte order, the port in the low 16 bits).
+#[inline(always)]
+fn user_addr(ctx: &SockAddrContext) -> (Addr, Port) {
+    // SAFETY: single field reads of the context the kernel handed us; the
+    // verifier allows both in every sock_addr program.
+    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
+    let ip = ip.to_ne_bytes();
+    #[expect(clippy::cast_possible_truncation, reason = "the port is the low 16 bits")]
+    let port = (port as u16).to_ne_bytes();
+    (service_common::addr_v4(ip), port)
+}
+
+#[inline(always)]
+fn set_user_addr(ctx: &SockAddrContext, addr: &Addr, port: Port) {
+    // SAFETY: single field writes the verifier allows in connect4,
+    // sendmsg4, recvmsg4 and getpeername4.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
+        (*ctx.sock_addr).user_port = u32::from(u16::from_ne_bytes(port));
+    }
+}
+
+/// Whether this socket is one `--socket-lb` translates.
+#[inline(always)]
+fn enabled(ctx: &SockAddrContext) -> bool {
+    let Some(config) = SOCKET_LB.get(0) else { return false };
+    match config.mode {
+        socket_lb::ALL => true,
+        // SAFETY: a helper the kernel offers sock_addr programs.
+        socket_lb::HOST => (unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) == config.host_netns_cookie,
+        _ => false,
+    }
+}
+
+/// The affinity "client" of a socket: its network namespace (its cookie
+/// in bytes 8..16, which no IPv4 client address has set), so every socket
+/// of the node (or of a pod) shares one entry per Service port, as every
+/// connection from one source address does in the packet path.
+#[inline(always)]
+fn socket_client(ctx: &SockAddrContext) -> Addr {
+    // SAFETY: a helper the kernel offers sock_addr programs.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }.to_ne_bytes();
+    let mut client = [0u8; 16];
+    client[8..].copy_from_slice(&netns);
+    client
+}
+
+/// connect4 / sendmsg4: a Service address becomes a backend's.
+#[inline(always)]
+fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
+    // SAFETY: a single field read.
+    let protocol = unsafe { (*ctx.sock_addr).protocol };
+    let proto = match protocol {
+        6 => PROTO_TCP,
+        17 => PROTO_UDP,
+        _ => return ALLOW,
+    };
+    if !enabled(ctx) {
+        return ALLOW;
+    }
+    let (addr, port) = user_addr(ctx);
+    let key = ServiceKey::frontend(FAMILY_IPV4, addr, port, proto, SCOPE_INTERNAL);
+    // SAFETY: plain data written whole by the agent.
+    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else { return ALLOW };
+    if service.count == 0 {
+        // No endpoint (REJECT), or none this node may use (DROP): fail at
+        // once rather than let the application wait for a timeout.
+        // SAFETY: a helper the kernel offers cgroup programs.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        count(0, Counter::SockRefused);
+        return DENY;
+    }
+    let Some(backend) = choose(ctx, &key, &service, proto) else { return ALLOW };
+    // SAFETY: a helper the kernel offers sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev = SockRevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
+    let shown = SockRevNatValue { addr, port, _pad: [0; 2], rev_nat_id: service.rev_nat_id };
+    // Losing the row (a full map) only shows the backend's address to
+    // recvmsg/getpeername: the connection itself works.
+    let _ = SOCK_REV_NAT.insert(&rev, &shown, 0);
+    set_user_addr(ctx, &backend.addr, backend.port);
+    count(0, counter);
+    ALLOW
+}
+
+/// The backend for a new socket: its affinity entry's when the Service
+/// has ClientIP affinity and the entry is fresh and still a member, else a
+/// random slot of the frontend's Maglev table (a socket has no port yet to
+/// hash; every slot is equally likely, as every flow hash is).
+#[inline(always)]
+fn choose(
+    ctx: &SockAddrContext,
+    key: &ServiceKey,
+    service: &service_common::ServiceValue,
+    proto: u8,
+) -> Option<BackendValue> {
+    let sticky = service.flags & service_flags::AFFINITY != 0;
+    let affinity_key = AffinityKey { client: socket_client(ctx), scope: service.affinity_scope(), proto, _pad: [0; 3] };
+    let now = ktime_ns();
+    if sticky
+        // SAFETY: plain data; a racing update gives a stale but valid copy.
+        && let Some(entry) = unsafe { AFFINITY.get(&affinity_key) }.copied()
+        && now.saturating_sub(entry.last_used_ns) <= u64::from(service.affinity_timeout_s) * 1_000_000_000
+    {
+        let member = ServiceKey { slot: MEMBER_SLOT, version: entry.backend_id, ..*key };
+        // SAFETY: plain data written whole by the agent.
+        if unsafe { SERVICES.get(&member) }.is_some()
+            && let Some(backend) = unsafe { BACKENDS.get(&entry.backend_id) }.copied()
+        {
+            let fresh = AffinityValue { last_used_ns: now, ..entry };
+            let _ = AFFINITY.insert(&affinity_key, &fresh, 0);
+            return Some(backend);
+        }
+    }
+    // SAFETY: a helper without arguments.
+    let random = unsafe { bpf_get_prandom_u32() };
+    let slot = ServiceKey { slot: hash::slot_for(random, service.count), version: service.version, ..*key };
+    // SAFETY: plain data written whole by the agent.
+    let backend_id = unsafe { SERVICES.get(&slot) }?.backend_id;
+    // SAFETY: as above.
+    let backend = unsafe { BACKENDS.get(&backend_id) }.copied()?;
+    if sticky {
+        let entry = AffinityValue { backend_id, _pad: 0, last_used_ns: now };
+        // Losing the entry only loses stickiness for the next socket.
+        let _ = AFFINITY.insert(&affinity_key, &entry, 0);
+    }
+    Some(backend)
+}
+
+/// recvmsg4 / getpeername4: a backend this socket was translated to is
+/// shown as the Service address it asked for.
+#[inline(always)]
+fn restore(ctx: &SockAddrContext) {
+    let (addr, port) = user_addr(ctx);
+    // SAFETY: a helper the kernel offers sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey { cookie, addr, port, _pad: [0; 6] };
+    // SAFETY: plain data written whole by connect4/sendmsg4.
+    if let Some(shown) = unsafe { SOCK_REV_NAT.get(&key) }.copied() {
+        set_user_addr(ctx, &shown.addr, shown.port);
+        count(0, Counter::SockRevNat);
+    }
+}

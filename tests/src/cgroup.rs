@@ -1,0 +1,70 @@
+//! A cgroup (v2) a test creates under its own, for the socket-level
+//! programs to be attached to and its clients to run in: never the test
+//! runner's own cgroup or the machine's root. Removed on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::netns::{Netns, binary, unique_suffix};
+
+pub struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    /// A new cgroup `sd-sock-<suffix>` below this process's own cgroup.
+    ///
+    /// # Errors
+    /// When no cgroup2 filesystem is mounted or the directory cannot be
+    /// created.
+    pub fn new() -> Result<Self> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mount = service_agent::attach::socket::cgroup2_mount(&mountinfo).context("no cgroup2 filesystem")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup2 line in /proc/self/cgroup")?;
+        let dir = mount.join(own.trim_start_matches('/')).join(format!("sd-sock-{}", unique_suffix()));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Runs `sock-client MODE ADDR` in `ns`, inside this cgroup; its output
+    /// lines (an `error: …` line when the call failed).
+    ///
+    /// # Errors
+    /// When the client cannot be started.
+    pub fn sock_client(&self, ns: &Netns, mode: &str, addr: &str) -> Result<Vec<String>> {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter "--net=$ns" "$@""#,
+                "sh",
+            ])
+            .arg(&self.0)
+            .arg(ns.path())
+            .arg(binary("sock-client", "SOCK_CLIENT_BIN"))
+            .args([mode, addr])
+            .output()
+            .context("starting sock-client")?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // Its processes have exited (each client is waited for); a cgroup
+        // with none is removed with rmdir.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}

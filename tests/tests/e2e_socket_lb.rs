@@ -1,0 +1,91 @@
+//! Tier 3: socket-level load balancing (`--socket-lb host`) with real
+//! sockets. Node 1's agent attaches its cgroup hooks to a cgroup this test
+//! creates under its own (`--cgroup-root`); clients run in that cgroup, in
+//! node 1's network namespace, as host processes do. Without the hooks the
+//! node cannot reach a ClusterIP at all (no route: the packet path only
+//! sees pod and external interfaces).
+
+use std::collections::BTreeSet;
+
+use service_tests::{
+    cgroup::TestCgroup,
+    cluster::node_ip,
+    netns::binary,
+    north_south::{A1, B2, NorthSouth, Svc, WEB},
+};
+
+const EMPTY: Svc = Svc {
+    name: "empty",
+    cluster_ip: "10.96.0.30",
+    type_: "ClusterIP",
+    ports: &[("http", 80, 8080, "TCP", None)],
+    spec_extra: "",
+    status: "",
+    endpoints: &[],
+};
+
+/// The backend names in `answer NAME PEER` lines.
+fn backend(lines: &[String]) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix("answer "))
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no answer in {lines:?}"))
+        .to_owned()
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
+    let cgroup = TestCgroup::new().expect("test cgroup");
+    let root = cgroup.path().display().to_string();
+    let node1_flags = ["--external-interfaces", "eth0", "--socket-lb", "host", "--cgroup-root", root.as_str()];
+    let mut ns = NorthSouth::start_with(&[WEB, EMPTY], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
+    let run = |ns: &NorthSouth, mode: &str, addr: &str| {
+        cgroup.sock_client(&ns.cluster.node(1).node, mode, addr).expect("sock-client")
+    };
+    let both: BTreeSet<String> = [A1.0, B2.0].iter().map(|s| (*s).to_owned()).collect();
+
+    // TCP to the ClusterIP, a NodePort on the node's own address, the
+    // LoadBalancer IP and the external IP: backends on this node and on
+    // the other one; getpeername() shows the address the client dialled.
+    let node_port = format!("{}:30080", node_ip(1));
+    for addr in ["10.96.0.10:80", node_port.as_str(), "198.51.100.10:80", "198.51.100.20:80"] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..16 {
+            let lines = run(&ns, "tcp", addr);
+            assert_eq!(lines.first().map(String::as_str), Some(format!("peer {addr}").as_str()), "{lines:?}");
+            seen.insert(backend(&lines));
+        }
+        assert_eq!(seen, both, "TCP to {addr}");
+    }
+    // UDP, unconnected (as DNS clients send): the reply comes from the
+    // Service address; connected: getpeername() shows it.
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        let lines = run(&ns, "udp", "10.96.0.10:53");
+        assert_eq!(lines.first().map(String::as_str), Some("from 10.96.0.10:53"), "{lines:?}");
+        seen.insert(backend(&lines));
+    }
+    assert_eq!(seen, both, "unconnected UDP");
+    let lines = run(&ns, "udp-connected", "10.96.0.10:53");
+    assert_eq!(lines.first().map(String::as_str), Some("peer 10.96.0.10:53"), "{lines:?}");
+    backend(&lines);
+    // No endpoints: connect() fails with ECONNREFUSED at once.
+    let lines = run(&ns, "tcp", "10.96.0.30:80");
+    assert!(lines.iter().any(|l| l.contains("os error 111")), "{lines:?}");
+    for counter in ["sock_connect", "sock_sendmsg", "sock_rev_nat", "sock_refused"] {
+        assert!(ns.counter(1, counter) > 0, "{counter}");
+    }
+    // Only sockets under --cgroup-root: the same client outside it is not
+    // translated (and the node has no route to the ClusterIP).
+    let client = binary("sock-client", "SOCK_CLIENT_BIN").display().to_string();
+    let outside = ns.cluster.node(1).node.exec(&client, &["tcp", "10.96.0.10:80"]).expect("client");
+    assert!(String::from_utf8_lossy(&outside.stdout).starts_with("error:"), "{outside:?}");
+    // The agent leaves: its links go with their pins, and the cgroup's
+    // sockets are not translated any more.
+    let agent = ns.agents.remove(0);
+    drop(agent);
+    let lines = run(&ns, "tcp", "10.96.0.10:80");
+    assert!(lines.first().is_some_and(|l| l.starts_with("error:")), "hooks still attached: {lines:?}");
+}
