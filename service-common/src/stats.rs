@@ -244,9 +244,11 @@ counters! {
     /// Socket-level load balancing: recvmsg() or getpeername() showed the
     /// Service address instead of the backend's.
     SockRevNat = 44, "sock_rev_nat", fast;
-    /// Socket-level load balancing: a connect() or sendmsg() to a Service
-    /// without endpoints failed with ECONNREFUSED, as kube-proxy's reject
-    /// makes it fail. (No packet was dropped: no packet was sent. The
+    /// Socket-level load balancing: a connect() or sendmsg() failed at
+    /// once: to a Service without endpoints, or to a ClusterIP's unserved
+    /// port (ECONNREFUSED, as kube-proxy's reject makes it fail), or to an
+    /// unallocated address of a service CIDR (ENETUNREACH, where kube-proxy
+    /// drops). (No packet was dropped: no packet was sent. The
     /// socket counters have no interface, so none has an
     /// `interface_stats` row.)
     SockRefused = 45, "sock_refused", fast;

@@ -21,18 +21,20 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
-    SCOPE_INTERNAL, ServiceKey, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb, stats::Counter,
+    SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, hash,
+    service_flags, service_ips, socket_lb, stats::Counter,
 };
 
 use crate::{
     flow::ktime_ns,
-    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_REV_NAT, SOCKET_LB, count},
+    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, count},
 };
 
 /// A sock_addr program's verdicts: let the call go on, or fail it (with
@@ -40,6 +42,7 @@ use crate::{
 const ALLOW: i32 = 1;
 const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
+const ENETUNREACH: i32 = 101;
 
 #[cgroup_sock_addr(connect4)]
 #[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
@@ -131,7 +134,7 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
     let (addr, port) = user_addr(ctx);
     let key = ServiceKey::frontend(FAMILY_IPV4, addr, port, proto, SCOPE_INTERNAL);
     // SAFETY: plain data written whole by the agent.
-    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else { return ALLOW };
+    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else { return unserved(&addr) };
     if service.count == 0 {
         // No endpoint (REJECT), or none this node may use (DROP): fail at
         // once rather than let the application wait for a timeout.
@@ -151,6 +154,28 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
     set_user_addr(ctx, &backend.addr, backend.port);
     count(0, counter);
     ALLOW
+}
+
+/// No frontend for this address, port and protocol: from the service IP
+/// rows, as the packet path decides (`nat::unserved`). A ClusterIP's
+/// unserved port or protocol fails with ECONNREFUSED, as kube-proxy's
+/// reject makes it fail; another address of a service CIDR with
+/// ENETUNREACH (kube-proxy drops it: the application would wait for a
+/// timeout, and its packets would otherwise leave by the default route);
+/// any other address is left alone.
+#[inline(never)]
+fn unserved(addr: &Addr) -> i32 {
+    let bits = SOURCE_RANGE_FRONTEND_BITS + 32;
+    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV4, *addr));
+    if SOURCE_RANGES.get(&range).is_none() {
+        return ALLOW;
+    }
+    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV4, *addr));
+    let errno = if SOURCE_RANGES.get(&host).is_some() { ECONNREFUSED } else { ENETUNREACH };
+    // SAFETY: a helper the kernel offers cgroup programs.
+    unsafe { bpf_set_retval(-errno) };
+    count(0, Counter::SockRefused);
+    DENY
 }
 
 /// The backend for a new socket: its affinity entry's when the Service

@@ -9,22 +9,20 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::netns::{Netns, binary, unique_suffix};
+use crate::netns::{CGROUP_PREFIX, Netns, binary, cgroup_parent, unique_suffix};
 
 pub struct TestCgroup(PathBuf);
 
 impl TestCgroup {
-    /// A new cgroup `sd-sock-<suffix>` below this process's own cgroup.
+    /// A new cgroup `sd-sock-<suffix>` below this process's own cgroup
+    /// (swept like the harness's namespaces when a run is killed).
     ///
     /// # Errors
     /// When no cgroup2 filesystem is mounted or the directory cannot be
     /// created.
     pub fn new() -> Result<Self> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let mount = service_agent::attach::socket::cgroup2_mount(&mountinfo).context("no cgroup2 filesystem")?;
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
-        let own = own.lines().find_map(|l| l.strip_prefix("0::")).context("no cgroup2 line in /proc/self/cgroup")?;
-        let dir = mount.join(own.trim_start_matches('/')).join(format!("sd-sock-{}", unique_suffix()));
+        let parent = cgroup_parent().context("no cgroup2 filesystem, or no cgroup2 line in /proc/self/cgroup")?;
+        let dir = parent.join(format!("{CGROUP_PREFIX}{}", unique_suffix()));
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Self(dir))
     }

@@ -146,7 +146,41 @@ pub fn sweep(remove: impl Fn(u32) -> bool) -> Vec<String> {
         remove_bpffs(&path);
         removed.push(format!("bpffs {}", path.display()));
     }
+    let mut cgroups: Vec<PathBuf> = cgroup_parent()
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix(CGROUP_PREFIX))
+                .and_then(suffix_owner)
+                .is_some_and(&remove)
+        })
+        .map(|e| e.path())
+        .collect();
+    cgroups.sort();
+    for path in cgroups {
+        // Empty once its clients are gone (they die with their namespace).
+        if std::fs::remove_dir(&path).is_ok() {
+            removed.push(format!("cgroup {}", path.display()));
+        }
+    }
     removed
+}
+
+/// Name prefix of the cgroups the harness creates (`cgroup::TestCgroup`).
+pub const CGROUP_PREFIX: &str = "sd-sock-";
+
+/// Where the harness creates its cgroups: this process's own cgroup (v2).
+#[must_use]
+pub fn cgroup_parent() -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mount = service_agent::attach::socket::cgroup2_mount(&mountinfo)?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(mount.join(own.trim_start_matches('/')))
 }
 
 /// Removes what runs killed before they could clean up left behind: the

@@ -39,7 +39,16 @@ fn backend(lines: &[String]) -> String {
 fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     let cgroup = TestCgroup::new().expect("test cgroup");
     let root = cgroup.path().display().to_string();
-    let node1_flags = ["--external-interfaces", "eth0", "--socket-lb", "host", "--cgroup-root", root.as_str()];
+    let node1_flags = [
+        "--external-interfaces",
+        "eth0",
+        "--socket-lb",
+        "host",
+        "--cgroup-root",
+        root.as_str(),
+        "--service-cluster-ip-range",
+        "10.96.0.0/16",
+    ];
     let mut ns = NorthSouth::start_with(&[WEB, EMPTY], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
     let run = |ns: &NorthSouth, mode: &str, addr: &str| {
         cgroup.sock_client(&ns.cluster.node(1).node, mode, addr).expect("sock-client")
@@ -74,6 +83,13 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     // No endpoints: connect() fails with ECONNREFUSED at once.
     let lines = run(&ns, "tcp", "10.96.0.30:80");
     assert!(lines.iter().any(|l| l.contains("os error 111")), "{lines:?}");
+    // A ClusterIP's unserved port: refused, as the packet path rejects it;
+    // an address of the service CIDR no Service has: unreachable (the
+    // packet path drops it).
+    let lines = run(&ns, "tcp", "10.96.0.10:81");
+    assert!(lines.iter().any(|l| l.contains("os error 111")), "{lines:?}");
+    let lines = run(&ns, "tcp", "10.96.0.99:80");
+    assert!(lines.iter().any(|l| l.contains("os error 101")), "{lines:?}");
     for counter in ["sock_connect", "sock_sendmsg", "sock_rev_nat", "sock_refused"] {
         assert!(ns.counter(1, counter) > 0, "{counter}");
     }
