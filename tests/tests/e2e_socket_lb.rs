@@ -24,6 +24,17 @@ const EMPTY: Svc = Svc {
     endpoints: &[],
 };
 
+/// The same backends as `web`, with ClientIP affinity and a NodePort.
+const STICKY: Svc = Svc {
+    name: "sticky",
+    cluster_ip: "10.96.0.40",
+    type_: "NodePort",
+    ports: &[("http", 80, 8080, "TCP", Some(30040))],
+    spec_extra: "  sessionAffinity: ClientIP\n",
+    status: "",
+    endpoints: &[A1, B2],
+};
+
 /// The backend names in `answer NAME PEER` lines.
 fn backend(lines: &[String]) -> String {
     lines
@@ -49,7 +60,8 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
         "--service-cluster-ip-range",
         "10.96.0.0/16",
     ];
-    let mut ns = NorthSouth::start_with(&[WEB, EMPTY], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
+    let mut ns =
+        NorthSouth::start_with(&[WEB, EMPTY, STICKY], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
     let run = |ns: &NorthSouth, mode: &str, addr: &str| {
         cgroup.sock_client(&ns.cluster.node(1).node, mode, addr).expect("sock-client")
     };
@@ -83,6 +95,14 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     // No endpoints: connect() fails with ECONNREFUSED at once.
     let lines = run(&ns, "tcp", "10.96.0.30:80");
     assert!(lines.iter().any(|l| l.contains("os error 111")), "{lines:?}");
+    // ClientIP affinity: every socket of the node (one client, its
+    // network namespace) keeps the endpoint its first one got, through the
+    // ClusterIP and the Service port's NodePort alike.
+    let sticky_node_port = format!("{}:30040", node_ip(1));
+    let first = backend(&run(&ns, "tcp", "10.96.0.40:80"));
+    for addr in ["10.96.0.40:80", sticky_node_port.as_str()].repeat(8) {
+        assert_eq!(backend(&run(&ns, "tcp", addr)), first, "{addr} left the affinity endpoint");
+    }
     // A ClusterIP's unserved port: refused, as the packet path rejects it;
     // an address of the service CIDR no Service has: unreachable (the
     // packet path drops it).
