@@ -38,6 +38,15 @@ impl TestCgroup {
     /// # Errors
     /// When the client cannot be started.
     pub fn sock_client(&self, ns: &Netns, mode: &str, addr: &str) -> Result<Vec<String>> {
+        self.sock_client_with(ns, &[mode, addr])
+    }
+
+    /// Runs `sock-client ARGS` in `ns`, inside this cgroup; its output
+    /// lines.
+    ///
+    /// # Errors
+    /// When the client cannot be started.
+    pub fn sock_client_with(&self, ns: &Netns, args: &[&str]) -> Result<Vec<String>> {
         let out = Command::new("sh")
             .args([
                 "-c",
@@ -47,7 +56,7 @@ impl TestCgroup {
             .arg(&self.0)
             .arg(ns.path())
             .arg(binary("sock-client", "SOCK_CLIENT_BIN"))
-            .args([mode, addr])
+            .args(args)
             .output()
             .context("starting sock-client")?;
         Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())

@@ -5,12 +5,12 @@
 //! node cannot reach a ClusterIP at all (no route: the packet path only
 //! sees pod and external interfaces).
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use service_tests::{
     cgroup::TestCgroup,
     cluster::node_ip,
-    netns::binary,
+    netns::{Agent, binary},
     north_south::{A1, B2, NorthSouth, Svc, WEB},
 };
 
@@ -124,4 +124,60 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     drop(agent);
     let lines = run(&ns, "tcp", "10.96.0.10:80");
     assert!(lines.first().is_some_and(|l| l.starts_with("error:")), "hooks still attached: {lines:?}");
+}
+
+/// `backends a1=N,b2=M` → the names and counts.
+fn tally(lines: &[String]) -> Vec<(String, usize)> {
+    let line = lines.iter().find_map(|l| l.strip_prefix("backends ")).unwrap_or_else(|| panic!("{lines:?}"));
+    line.split(',')
+        .map(|pair| {
+            let (name, n) = pair.split_once('=').unwrap_or_else(|| panic!("{line}"));
+            (name.to_owned(), n.parse().unwrap_or_else(|_| panic!("{line}")))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn host_sockets_keep_working_through_thousands_of_connections_and_an_agent_killed_and_restarted() {
+    let cgroup = TestCgroup::new().expect("test cgroup");
+    let root = cgroup.path().display().to_string();
+    let node1_flags = ["--external-interfaces", "eth0", "--socket-lb", "host", "--cgroup-root", root.as_str()];
+    let mut ns = NorthSouth::start_with(&[WEB], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
+    let many = |ns: &NorthSouth, mode: &str, count: &str| {
+        let lines = cgroup.sock_client_with(&ns.cluster.node(1).node, &[mode, "10.96.0.10:80", count]).expect("client");
+        tally(&lines)
+    };
+    let spread = |t: &[(String, usize)], total: usize| {
+        assert_eq!(t.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["a1", "b2"], "{t:?}");
+        assert_eq!(t.iter().map(|(_, n)| n).sum::<usize>(), total);
+        // A random slot of a 2-backend table: neither gets fewer than a
+        // third (far beyond chance at these counts).
+        assert!(t.iter().all(|(_, n)| *n * 3 > total), "{t:?}");
+    };
+    spread(&many(&ns, "tcp-many", "1000"), 1000);
+    // UDP to the DNS port, unconnected, every reply from the Service.
+    let lines =
+        cgroup.sock_client_with(&ns.cluster.node(1).node, &["udp-many", "10.96.0.10:53", "1000"]).expect("client");
+    spread(&tally(&lines), 1000);
+    // SIGKILL: the links stay pinned, so host sockets keep being
+    // translated while no agent runs.
+    let mut killed = ns.agents.remove(0);
+    killed.kill().expect("kill");
+    spread(&many(&ns, "tcp-many", "300"), 300);
+    // The next agent adopts the links (the same build on the same cgroup):
+    // still one program per hook, still translating.
+    let mut agent =
+        Agent::start(&ns.cluster.node(1).node, ns.manifests.path(), "node1", &ns.root(1), &node1_flags).expect("agent");
+    agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
+    let pins: Vec<String> = std::fs::read_dir(ns.root(1).join("links"))
+        .expect("links")
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("sock-"))
+        .collect();
+    assert_eq!(pins.len(), 4, "{pins:?}");
+    spread(&many(&ns, "tcp-many", "300"), 300);
+    drop(agent);
+    drop(killed);
 }
