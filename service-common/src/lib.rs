@@ -52,7 +52,10 @@ pub mod map_names {
     /// Socket-level load balancing's configuration, one row written by the
     /// agent (`SocketLbConfig`).
     pub const SOCKET_LB: &str = "socket_lb";
-    pub const ALL: [&str; 16] = [
+    /// Per frontend (rev-NAT id): the connect() and sendmsg() calls the
+    /// socket-level programs translated (`SockCounters`, per CPU).
+    pub const SOCK_COUNTERS: &str = "sock_counters";
+    pub const ALL: [&str; 17] = [
         SERVICES,
         BACKENDS,
         REV_NAT,
@@ -69,6 +72,7 @@ pub mod map_names {
         INTERFACE_STATS,
         SOCK_REV_NAT,
         SOCKET_LB,
+        SOCK_COUNTERS,
     ];
 }
 
@@ -108,7 +112,7 @@ pub mod agent_state {
 pub mod layout {
     use super::map_names::{
         AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS, INTERFACE_STATS,
-        REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
+        REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
     };
 
     /// Layout 3 of `services`: slot 0 carries the affinity scope in
@@ -116,7 +120,7 @@ pub mod layout {
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
     /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
     /// rejects that were not answered counted as drops.
-    pub const VERSIONS: [(&str, u32); 16] = [
+    pub const VERSIONS: [(&str, u32); 17] = [
         (SERVICES, 3),
         (BACKENDS, 1),
         (REV_NAT, 1),
@@ -133,6 +137,7 @@ pub mod layout {
         (INTERFACE_STATS, 1),
         (SOCK_REV_NAT, 1),
         (SOCKET_LB, 1),
+        (SOCK_COUNTERS, 1),
     ];
 
     /// The layout version of map `name` (1 for an unknown name).
@@ -213,6 +218,18 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u32,
 }
 const _: () = assert!(size_of::<SockRevNatValue>() == 24);
+
+/// Value of the per-CPU `sock_counters` map (keyed by rev-NAT id, created
+/// and deleted by the agent with the frontend's rev-NAT row).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SockCounters {
+    /// connect() calls to the frontend, translated to a backend.
+    pub connects: u64,
+    /// sendmsg() calls (unconnected UDP) to the frontend, translated.
+    pub sendmsgs: u64,
+}
+const _: () = assert!(size_of::<SockCounters>() == 16);
 
 /// The source ports SNAT picks from for traffic it sends to a backend on
 /// another node (and for hairpin traffic): above Linux's default ephemeral
@@ -673,6 +690,7 @@ mod user {
     unsafe impl aya::Pod for super::SocketLbConfig {}
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNatValue {}
+    unsafe impl aya::Pod for super::SockCounters {}
 }
 
 #[cfg(test)]

@@ -12,8 +12,8 @@ use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, InterfaceCounterKey,
-    RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, SocketLbConfig, SourceRangeKey, agent_state,
-    capacity,
+    RevNatValue, ServiceKey, ServiceValue, SockCounters, SockRevNatKey, SockRevNatValue, SocketLbConfig,
+    SourceRangeKey, agent_state, capacity,
     stats::{self, Counter},
 };
 
@@ -75,6 +75,10 @@ pub static INTERFACE_STATS: LruPerCpuHashMap<InterfaceCounterKey, u64, { capacit
 #[btf_map(name = "sock_rev_nat")]
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNatValue, { capacity::SOCK_REV_NAT as usize }> =
     LruHashMap::new();
+/// Per frontend (rev-NAT id): connect() and sendmsg() calls translated;
+/// rows created and deleted by the agent with the rev-NAT rows.
+#[btf_map(name = "sock_counters")]
+pub static SOCK_COUNTERS: PerCpuHashMap<u32, SockCounters, { capacity::REV_NAT as usize }> = PerCpuHashMap::new();
 /// Socket-level load balancing's one configuration row (`--socket-lb`).
 #[btf_map(name = "socket_lb")]
 pub static SOCKET_LB: Array<SocketLbConfig, 1> = Array::new();

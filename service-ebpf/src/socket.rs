@@ -34,7 +34,7 @@ use service_common::{
 
 use crate::{
     flow::ktime_ns,
-    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, count},
+    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, count},
 };
 
 /// A sock_addr program's verdicts: let the call go on, or fail it (with
@@ -153,6 +153,16 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
     let _ = SOCK_REV_NAT.insert(&rev, &shown, 0);
     set_user_addr(ctx, &backend.addr, backend.port);
     count(0, counter);
+    if let Some(c) = SOCK_COUNTERS.get_ptr_mut(&service.rev_nat_id) {
+        // SAFETY: a per-CPU value: only this CPU writes it.
+        unsafe {
+            if counter == Counter::SockConnect {
+                (*c).connects += 1;
+            } else {
+                (*c).sendmsgs += 1;
+            }
+        }
+    }
     ALLOW
 }
 

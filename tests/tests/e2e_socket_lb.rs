@@ -10,6 +10,7 @@ use std::{collections::BTreeSet, time::Duration};
 use service_tests::{
     cgroup::TestCgroup,
     cluster::node_ip,
+    fixture,
     netns::{Agent, binary},
     north_south::{A1, B2, NorthSouth, Svc, WEB},
 };
@@ -113,6 +114,18 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     for counter in ["sock_connect", "sock_sendmsg", "sock_rev_nat", "sock_refused"] {
         assert!(ns.counter(1, counter) > 0, "{counter}");
     }
+    // Per Service frontend, in /metrics.
+    let metrics = fixture::curl(&ns.cluster.node(1).node, "http://127.0.0.1:10249/metrics").expect("metrics");
+    let value = |metric: &str, frontend: &str| -> f64 {
+        let label = format!("frontend=\"{frontend}\"");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(metric) && l.contains(&label))
+            .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum()
+    };
+    assert!(value("service_dataplane_service_socket_connects_total", "10.96.0.10:80") >= 16.0, "{metrics}");
+    assert!(value("service_dataplane_service_socket_sendmsgs_total", "10.96.0.10:53") >= 16.0, "{metrics}");
     // Only sockets under --cgroup-root: the same client outside it is not
     // translated (and the node has no route to the ClusterIP).
     let client = binary("sock-client", "SOCK_CLIENT_BIN").display().to_string();

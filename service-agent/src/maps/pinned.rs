@@ -8,7 +8,7 @@ use aya::{
     maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey},
 };
 use service_common::{
-    BackendValue, Counters, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey, agent_state, map_names,
+    BackendValue, Counters, RevNatValue, ServiceKey, ServiceValue, SockCounters, SourceRangeKey, agent_state, map_names,
 };
 
 use super::{
@@ -29,6 +29,7 @@ pub struct PinnedMaps {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     service_counters: PerCpuHashMap<MapData, u32, Counters>,
     backend_counters: PerCpuHashMap<MapData, u32, Counters>,
+    sock_counters: PerCpuHashMap<MapData, u32, SockCounters>,
     agent_state: HashMap<MapData, agent_state::Key, u64>,
     sizes: MapSizes,
 }
@@ -47,12 +48,15 @@ impl PinnedMaps {
         mut get: impl FnMut(&'static str) -> Result<Map, LoadError>,
         sizes: MapSizes,
     ) -> Result<Self, LoadError> {
-        use map_names::{AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOURCE_RANGES};
+        use map_names::{
+            AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOCK_COUNTERS, SOURCE_RANGES,
+        };
         let err = |name| move |source| LoadError::Map { name, source };
         let (services, backends, rev_nat, source_ranges) =
             (get(SERVICES)?, get(BACKENDS)?, get(REV_NAT)?, get(SOURCE_RANGES)?);
         let (service_counters, backend_counters, agent_state) =
             (get(SERVICE_COUNTERS)?, get(BACKEND_COUNTERS)?, get(AGENT_STATE)?);
+        let sock_counters = get(SOCK_COUNTERS)?;
         Ok(Self {
             services: HashMap::try_from(services).map_err(err(SERVICES))?,
             backends: HashMap::try_from(backends).map_err(err(BACKENDS))?,
@@ -60,6 +64,7 @@ impl PinnedMaps {
             source_ranges: LpmTrie::try_from(source_ranges).map_err(err(SOURCE_RANGES))?,
             service_counters: PerCpuHashMap::try_from(service_counters).map_err(err(SERVICE_COUNTERS))?,
             backend_counters: PerCpuHashMap::try_from(backend_counters).map_err(err(BACKEND_COUNTERS))?,
+            sock_counters: PerCpuHashMap::try_from(sock_counters).map_err(err(SOCK_COUNTERS))?,
             agent_state: HashMap::try_from(agent_state).map_err(err(AGENT_STATE))?,
             sizes,
         })
@@ -75,13 +80,13 @@ impl PinnedMaps {
 
     /// Creates the zeroed counters of a new id (a row already there, e.g.
     /// adopted from an earlier agent, is kept).
-    fn create_counters(
-        map: &mut PerCpuHashMap<MapData, u32, Counters>,
+    fn create_counters<V: aya::Pod + Default>(
+        map: &mut PerCpuHashMap<MapData, u32, V>,
         name: &'static str,
         id: u32,
     ) -> Result<(), MapError> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Io { map: name, op: "nr_cpus", source: e })?;
-        let zero = PerCpuValues::try_from(vec![Counters::default(); cpus]).map_err(|e| MapError::Io {
+        let zero = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| MapError::Io {
             map: name,
             op: "update",
             source: e,
@@ -102,7 +107,7 @@ impl PinnedMaps {
         }
     }
 
-    fn delete_counters(map: &mut PerCpuHashMap<MapData, u32, Counters>, name: &'static str, id: u32) {
+    fn delete_counters<V: aya::Pod>(map: &mut PerCpuHashMap<MapData, u32, V>, name: &'static str, id: u32) {
         if let Err(e) = map.remove(&id)
             && !is_not_found(&e)
         {
@@ -148,6 +153,17 @@ impl PinnedMaps {
                 Self::delete_counters(counters, name, *id);
                 deleted += 1;
             }
+        }
+        // The socket path's, per rev-NAT id too.
+        let (rows, name) = (keys(self.rev_nat.keys().collect(), map_names::REV_NAT)?, map_names::SOCK_COUNTERS);
+        let existing = keys(self.sock_counters.keys().collect(), name)?;
+        for id in rows.difference(&existing) {
+            Self::create_counters(&mut self.sock_counters, name, *id)?;
+            created += 1;
+        }
+        for id in existing.difference(&rows) {
+            Self::delete_counters(&mut self.sock_counters, name, *id);
+            deleted += 1;
         }
         Ok((created, deleted))
     }
@@ -269,6 +285,7 @@ impl MapIo for PinnedMaps {
 
     fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError> {
         Self::create_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id)?;
+        Self::create_counters(&mut self.sock_counters, map_names::SOCK_COUNTERS, id)?;
         self.rev_nat
             .insert(id, value, 0)
             .map_err(|e| classify(map_names::REV_NAT, "update", self.sizes.backends, "--map-size-backends", e))
@@ -277,6 +294,7 @@ impl MapIo for PinnedMaps {
     fn del_rev_nat(&mut self, id: u32) -> Result<(), MapError> {
         delete_row(&mut self.rev_nat, map_names::REV_NAT, &id)?;
         Self::delete_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id);
+        Self::delete_counters(&mut self.sock_counters, map_names::SOCK_COUNTERS, id);
         Ok(())
     }
 }

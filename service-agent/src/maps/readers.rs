@@ -7,7 +7,9 @@
 use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
-use service_common::{AffinityKey, AffinityValue, Counters, CtKey, CtValue, InterfaceCounterKey, map_names, stats};
+use service_common::{
+    AffinityKey, AffinityValue, Counters, CtKey, CtValue, InterfaceCounterKey, SockCounters, map_names, stats,
+};
 
 use super::{
     LoadError,
@@ -24,6 +26,7 @@ pub struct Readers {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     service_counters: CounterMap,
     backend_counters: CounterMap,
+    sock_counters: PerCpuHashMap<MapData, u32, SockCounters>,
     stats: PerCpuArray<MapData, u64>,
     interface_stats: PerCpuHashMap<MapData, InterfaceCounterKey, u64>,
 }
@@ -40,6 +43,7 @@ impl Readers {
             affinity: open_hash(root, map_names::AFFINITY)?,
             service_counters: open_counters(root, map_names::SERVICE_COUNTERS)?,
             backend_counters: open_counters(root, map_names::BACKEND_COUNTERS)?,
+            sock_counters: open_per_cpu_hash(root, map_names::SOCK_COUNTERS)?,
             stats: open_stats(root)?,
             interface_stats: open_per_cpu_hash(root, map_names::INTERFACE_STATS)?,
         })
@@ -76,6 +80,18 @@ impl Readers {
     /// When the map cannot be read.
     pub fn service_counters(&self) -> Result<BTreeMap<u32, Counters>, LoadError> {
         sum_counters(&self.service_counters, map_names::SERVICE_COUNTERS)
+    }
+
+    /// connect() and sendmsg() calls translated per frontend (rev-NAT id,
+    /// `sock_counters`), summed over CPUs.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn sock_counters(&self) -> Result<BTreeMap<u32, SockCounters>, LoadError> {
+        sum_per_cpu(&self.sock_counters, map_names::SOCK_COUNTERS, |a, c| SockCounters {
+            connects: a.connects + c.connects,
+            sendmsgs: a.sendmsgs + c.sendmsgs,
+        })
     }
 
     /// Packets and bytes per backend id (`backend_counters`), summed over
@@ -149,14 +165,20 @@ fn open_stats(root: &Path) -> Result<PerCpuArray<MapData, u64>, LoadError> {
 }
 
 fn sum_counters(map: &CounterMap, name: &'static str) -> Result<BTreeMap<u32, Counters>, LoadError> {
+    sum_per_cpu(map, name, |a, c| Counters { packets: a.packets + c.packets, bytes: a.bytes + c.bytes })
+}
+
+/// Every row of a per-CPU map keyed by id, its CPUs' values added up.
+fn sum_per_cpu<V: aya::Pod + Default>(
+    map: &PerCpuHashMap<MapData, u32, V>,
+    name: &'static str,
+    add: impl Fn(V, &V) -> V,
+) -> Result<BTreeMap<u32, V>, LoadError> {
     let mut out = BTreeMap::new();
     for row in map {
         match row {
             Ok((id, per_cpu)) => {
-                let sum = per_cpu.iter().fold(Counters::default(), |a, c| Counters {
-                    packets: a.packets + c.packets,
-                    bytes: a.bytes + c.bytes,
-                });
+                let sum = per_cpu.iter().fold(V::default(), &add);
                 out.insert(id, sum);
             }
             Err(e) if is_not_found(&e) => {}

@@ -141,6 +141,27 @@ impl PacketCounters {
                 }
             }
         }
+        let sockets = self.read(|r| r.sock_counters().unwrap_or_default()).unwrap_or_default();
+        for (metric, help, sendmsgs) in [
+            (
+                "service_dataplane_service_socket_connects",
+                "connect() calls to a Service frontend translated at the socket (--socket-lb)",
+                false,
+            ),
+            (
+                "service_dataplane_service_socket_sendmsgs",
+                "sendmsg() calls (unconnected UDP) to a Service frontend translated at the socket (--socket-lb)",
+                true,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (id, c) in &sockets {
+                if let Some(label) = labels.frontends.get(id).and_then(|l| l.first()) {
+                    ConstCounter::new(if sendmsgs { c.sendmsgs } else { c.connects })
+                        .encode(m.encode_family(label)?)?;
+                }
+            }
+        }
         for (metric, help, bytes) in [
             ("service_dataplane_backend_packets", "Packets translated per backend, both directions", false),
             ("service_dataplane_backend_bytes", "Bytes translated per backend, both directions", true),
