@@ -289,21 +289,41 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
 
 /// A new flow that matched no frontend: to a ClusterIP (on a port or
 /// protocol it does not serve) rejected, to another address of a service
-/// CIDR dropped, to anything else passed untouched. Not inlined: its trie
-/// keys stay out of `new_flow`'s frame; a packet for no Service pays one
-/// trie lookup here.
-#[inline(never)]
+/// CIDR dropped, to anything else passed untouched ([`service_ip`], not
+/// inlined: its trie keys stay out of `new_flow`'s frame; a packet for no
+/// Service pays one trie lookup there).
+#[inline(always)]
 fn unserved(key: &CtKey) -> Result<NewFlow, Counter> {
+    match service_ip(&key.daddr) {
+        ServiceIp::None => Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService))),
+        ServiceIp::ClusterIp => Ok(NewFlow::Verdict(Verdict::Reject)),
+        ServiceIp::Unallocated => Err(Counter::DropUnallocatedServiceIp),
+    }
+}
+
+/// What the service IP rows (`source_ranges`, owner
+/// [`service_ips::OWNER`]) say of an IPv4 address no frontend serves.
+pub enum ServiceIp {
+    /// No Service address: not the dataplane's business.
+    None,
+    /// A ClusterIP (on a port or protocol it does not serve).
+    ClusterIp,
+    /// An address of a service CIDR that no Service has.
+    Unallocated,
+}
+
+/// Looks `addr` up among the service IP rows: what the packet path and the
+/// socket path both decide an unserved address by. Not inlined: its trie
+/// keys stay out of the callers' frames.
+#[inline(never)]
+pub fn service_ip(addr: &Addr) -> ServiceIp {
     let bits = SOURCE_RANGE_FRONTEND_BITS + 32;
-    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV4, key.daddr));
+    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV4, *addr));
     if SOURCE_RANGES.get(&range).is_none() {
-        return Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService)));
+        return ServiceIp::None;
     }
-    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV4, key.daddr));
-    if SOURCE_RANGES.get(&host).is_some() {
-        return Ok(NewFlow::Verdict(Verdict::Reject));
-    }
-    Err(Counter::DropUnallocatedServiceIp)
+    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV4, *addr));
+    if SOURCE_RANGES.get(&host).is_some() { ServiceIp::ClusterIp } else { ServiceIp::Unallocated }
 }
 
 /// The backend for a new flow: the client's affinity entry when the

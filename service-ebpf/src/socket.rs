@@ -21,20 +21,19 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
-    SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, hash,
-    service_flags, service_ips, socket_lb, stats::Counter,
+    SCOPE_INTERNAL, ServiceKey, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb, stats::Counter,
 };
 
 use crate::{
     flow::ktime_ns,
-    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, count},
+    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, count},
+    nat::{ServiceIp, service_ip},
 };
 
 /// A sock_addr program's verdicts: let the call go on, or fail it (with
@@ -167,21 +166,19 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
 }
 
 /// No frontend for this address, port and protocol: from the service IP
-/// rows, as the packet path decides (`nat::unserved`). A ClusterIP's
+/// rows ([`service_ip`], as the packet path decides). A ClusterIP's
 /// unserved port or protocol fails with ECONNREFUSED, as kube-proxy's
 /// reject makes it fail; another address of a service CIDR with
 /// ENETUNREACH (kube-proxy drops it: the application would wait for a
 /// timeout, and its packets would otherwise leave by the default route);
 /// any other address is left alone.
-#[inline(never)]
+#[inline(always)]
 fn unserved(addr: &Addr) -> i32 {
-    let bits = SOURCE_RANGE_FRONTEND_BITS + 32;
-    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV4, *addr));
-    if SOURCE_RANGES.get(&range).is_none() {
-        return ALLOW;
-    }
-    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV4, *addr));
-    let errno = if SOURCE_RANGES.get(&host).is_some() { ECONNREFUSED } else { ENETUNREACH };
+    let errno = match service_ip(addr) {
+        ServiceIp::None => return ALLOW,
+        ServiceIp::ClusterIp => ECONNREFUSED,
+        ServiceIp::Unallocated => ENETUNREACH,
+    };
     // SAFETY: a helper the kernel offers cgroup programs.
     unsafe { bpf_set_retval(-errno) };
     count(0, Counter::SockRefused);

@@ -99,16 +99,7 @@ fn pin_name(attach: &str, cgroup_ino: u64, tag: u64) -> String {
 }
 
 fn is_cgroup2(path: &Path) -> std::io::Result<bool> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    // SAFETY: statfs fills the zeroed buffer; the path is NUL-terminated.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c.as_ptr(), &raw mut buf) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    #[expect(clippy::useless_conversion, reason = "f_type's width differs between libc targets")]
-    Ok(i64::from(buf.f_type) == CGROUP2_SUPER_MAGIC)
+    Ok(crate::maps::filesystem_type(path)? == CGROUP2_SUPER_MAGIC)
 }
 
 /// The cgroup2 mount point from `mountinfo` (the text of
@@ -196,12 +187,6 @@ impl SocketHooks {
             let _ = std::fs::remove_file(&stale);
         }
         Ok(hooks)
-    }
-
-    /// What is attached: the pins.
-    #[must_use]
-    pub fn pins(&self) -> Vec<&Path> {
-        self.links.iter().map(|(p, _)| p.as_path()).collect()
     }
 
     /// Detaches: removes the pins (the links go with the last reference).

@@ -69,6 +69,14 @@ pub enum LoadError {
 }
 
 fn is_bpffs(path: &Path) -> io::Result<bool> {
+    Ok(filesystem_type(path)? == BPF_FS_MAGIC)
+}
+
+/// The type (`statfs`'s magic number) of the filesystem `path` is on.
+///
+/// # Errors
+/// When `statfs` fails (no such path, ...).
+pub(crate) fn filesystem_type(path: &Path) -> io::Result<i64> {
     use std::os::unix::ffi::OsStrExt as _;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     // SAFETY: `c` is a valid NUL-terminated path and `buf` a properly sized,
@@ -79,7 +87,7 @@ fn is_bpffs(path: &Path) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     #[expect(clippy::useless_conversion, reason = "f_type's width differs between libc targets")]
-    Ok(i64::from(buf.f_type) == BPF_FS_MAGIC)
+    Ok(i64::from(buf.f_type))
 }
 
 /// Creates `root` (and parents) and checks it lives on a bpffs. When the

@@ -20,12 +20,15 @@ mod pinned;
 mod readers;
 mod upkeep;
 
-pub(crate) use self::access::{is_not_found, open_hash};
+pub(crate) use self::{
+    access::{is_not_found, open_hash},
+    load::filesystem_type,
+};
 pub use self::{
     access::{monotonic_ns, next_key},
     io::{MapError, MapIo, MapState, NextIds},
     load::{DEFAULT_BPFFS_ROOT, LoadError, MapSizes, load, load_migrating, prepare_bpffs_root, remove_pins},
     pinned::PinnedMaps,
     readers::{Readers, read_affinity, read_conntrack, read_conntrack_new, read_counters, read_stats},
-    upkeep::{flush_udp_conntrack, own_netns_cookie, write_snat_addrs, write_socket_lb},
+    upkeep::{flush_udp_conntrack, write_snat_addrs, write_socket_lb},
 };

@@ -1,7 +1,7 @@
 //! The maps the reconciler writes, opened from the loaded object or from
 //! their pins, and their [`MapIo`] implementation.
 
-use std::{io, path::Path};
+use std::{collections::BTreeSet, io, path::Path};
 
 use aya::{
     Ebpf,
@@ -125,52 +125,44 @@ impl PinnedMaps {
     /// # Errors
     /// When a map cannot be read.
     pub fn sync_counters(&mut self) -> Result<(usize, usize), MapError> {
-        let keys = |ids: Vec<Result<u32, aya::maps::MapError>>, name| {
-            ids.into_iter()
-                .filter(|r| !r.as_ref().is_err_and(is_not_found))
-                .collect::<Result<std::collections::BTreeSet<u32>, _>>()
-                .map_err(|e| MapError::Io { map: name, op: "dump", source: io::Error::other(e) })
-        };
-        let (mut created, mut deleted) = (0, 0);
-        for (rows, counters, name) in [
-            (
-                keys(self.backends.keys().collect(), map_names::BACKENDS)?,
-                &mut self.backend_counters,
-                map_names::BACKEND_COUNTERS,
-            ),
-            (
-                keys(self.rev_nat.keys().collect(), map_names::REV_NAT)?,
-                &mut self.service_counters,
-                map_names::SERVICE_COUNTERS,
-            ),
-        ] {
-            let existing = keys(counters.keys().collect(), name)?;
-            for id in rows.difference(&existing) {
-                Self::create_counters(counters, name, *id)?;
-                created += 1;
-            }
-            for id in existing.difference(&rows) {
-                Self::delete_counters(counters, name, *id);
-                deleted += 1;
-            }
-        }
-        // The socket path's, per rev-NAT id too.
-        let (rows, name) = (keys(self.rev_nat.keys().collect(), map_names::REV_NAT)?, map_names::SOCK_COUNTERS);
-        let existing = keys(self.sock_counters.keys().collect(), name)?;
+        let backends = ids(self.backends.keys().collect(), map_names::BACKENDS)?;
+        let rev_nats = ids(self.rev_nat.keys().collect(), map_names::REV_NAT)?;
+        let counts = [
+            Self::match_counters(&backends, &mut self.backend_counters, map_names::BACKEND_COUNTERS)?,
+            Self::match_counters(&rev_nats, &mut self.service_counters, map_names::SERVICE_COUNTERS)?,
+            Self::match_counters(&rev_nats, &mut self.sock_counters, map_names::SOCK_COUNTERS)?,
+        ];
+        Ok(counts.iter().fold((0, 0), |(c, d), (created, deleted)| (c + created, d + deleted)))
+    }
+
+    /// Makes `counters` have a row for exactly the ids in `rows`; returns
+    /// (created, deleted).
+    fn match_counters<V: aya::Pod + Default>(
+        rows: &BTreeSet<u32>,
+        counters: &mut PerCpuHashMap<MapData, u32, V>,
+        name: &'static str,
+    ) -> Result<(usize, usize), MapError> {
+        let existing = ids(counters.keys().collect(), name)?;
         for id in rows.difference(&existing) {
-            Self::create_counters(&mut self.sock_counters, name, *id)?;
-            created += 1;
+            Self::create_counters(counters, name, *id)?;
         }
-        for id in existing.difference(&rows) {
-            Self::delete_counters(&mut self.sock_counters, name, *id);
-            deleted += 1;
+        for id in existing.difference(rows) {
+            Self::delete_counters(counters, name, *id);
         }
-        Ok((created, deleted))
+        Ok((rows.difference(&existing).count(), existing.difference(rows).count()))
     }
 
     fn state_row(&self, name: &str) -> u64 {
         self.agent_state.get(&agent_state::key(name), 0).unwrap_or(0)
     }
+}
+
+/// The ids a dump of map `name` gave (keys gone meanwhile skipped).
+fn ids(keys: Vec<Result<u32, aya::maps::MapError>>, name: &'static str) -> Result<BTreeSet<u32>, MapError> {
+    keys.into_iter()
+        .filter(|r| !r.as_ref().is_err_and(is_not_found))
+        .collect::<Result<BTreeSet<u32>, _>>()
+        .map_err(|e| MapError::Io { map: name, op: "dump", source: io::Error::other(e) })
 }
 
 fn classify(

@@ -55,7 +55,7 @@ pub fn write_socket_lb(root: &Path, mode: u32) -> Result<(), LoadError> {
 ///
 /// # Errors
 /// When no socket can be opened or the kernel has no `SO_NETNS_COOKIE`.
-pub fn own_netns_cookie() -> std::io::Result<u64> {
+fn own_netns_cookie() -> std::io::Result<u64> {
     use std::os::fd::AsRawFd as _;
     const SO_NETNS_COOKIE: libc::c_int = 71;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;

@@ -125,40 +125,44 @@ impl PacketCounters {
 
     fn encode_traffic(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let labels = self.labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (services, backends) = self
-            .read(|r| (r.service_counters().unwrap_or_default(), r.backend_counters().unwrap_or_default()))
+        let (services, backends, sockets) = self
+            .read(|r| {
+                (
+                    r.service_counters().unwrap_or_default(),
+                    r.backend_counters().unwrap_or_default(),
+                    r.sock_counters().unwrap_or_default(),
+                )
+            })
             .unwrap_or_default();
-        for (metric, help, bytes) in [
-            ("service_dataplane_service_packets", "Packets translated per Service frontend, both directions", false),
-            ("service_dataplane_service_bytes", "Bytes translated per Service frontend, both directions", true),
-        ] {
-            let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
-            for (id, c) in &services {
-                // Frontends sharing an address:port (TCP and UDP of one
-                // port) share a counter; it is reported under the first.
-                if let Some(label) = labels.frontends.get(id).and_then(|l| l.first()) {
-                    ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(label)?)?;
-                }
-            }
-        }
-        let sockets = self.read(|r| r.sock_counters().unwrap_or_default()).unwrap_or_default();
-        for (metric, help, sendmsgs) in [
+        let per_frontend = [
+            (
+                "service_dataplane_service_packets",
+                "Packets translated per Service frontend, both directions",
+                services.iter().map(|(id, c)| (*id, c.packets)).collect::<Vec<_>>(),
+            ),
+            (
+                "service_dataplane_service_bytes",
+                "Bytes translated per Service frontend, both directions",
+                services.iter().map(|(id, c)| (*id, c.bytes)).collect(),
+            ),
             (
                 "service_dataplane_service_socket_connects",
                 "connect() calls to a Service frontend translated at the socket (--socket-lb)",
-                false,
+                sockets.iter().map(|(id, c)| (*id, c.connects)).collect(),
             ),
             (
                 "service_dataplane_service_socket_sendmsgs",
                 "sendmsg() calls (unconnected UDP) to a Service frontend translated at the socket (--socket-lb)",
-                true,
+                sockets.iter().map(|(id, c)| (*id, c.sendmsgs)).collect(),
             ),
-        ] {
+        ];
+        for (metric, help, values) in per_frontend {
             let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
-            for (id, c) in &sockets {
-                if let Some(label) = labels.frontends.get(id).and_then(|l| l.first()) {
-                    ConstCounter::new(if sendmsgs { c.sendmsgs } else { c.connects })
-                        .encode(m.encode_family(label)?)?;
+            for (id, value) in values {
+                // Frontends sharing an address:port (TCP and UDP of one
+                // port) share a counter; it is reported under the first.
+                if let Some(label) = labels.frontends.get(&id).and_then(|l| l.first()) {
+                    ConstCounter::new(value).encode(m.encode_family(label)?)?;
                 }
             }
         }
