@@ -23,12 +23,16 @@ struct Cli {
 #[derive(Clone, Copy, ValueEnum)]
 enum EntrySide {
     /// From the node's routes: a client routed out of a pod interface is a
-    /// local pod, any other comes from outside.
+    /// local pod, an address of the node itself is a host socket, any
+    /// other comes from outside.
     Auto,
     /// A local pod (the pod program, internal frontends).
     Pod,
     /// Outside the node (the external program, external frontends).
     External,
+    /// A socket of the node itself: a host process or hostNetwork pod (the
+    /// socket-level programs, internal frontends).
+    Host,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -218,6 +222,7 @@ async fn main() -> anyhow::Result<()> {
                 EntrySide::Auto => inspect::Entry::Auto,
                 EntrySide::Pod => inspect::Entry::Pod,
                 EntrySide::External => inspect::Entry::External,
+                EntrySide::Host => inspect::Entry::Host,
             };
             print!("{}", inspect::explain(&bpffs_root, &src, &dst, entry)?);
             Ok(())

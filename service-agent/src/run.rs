@@ -177,7 +177,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tracing::info!("refilling the recreated maps before attaching the new programs");
         if snapshots.changed().await.is_ok() {
             let objects = snapshots.borrow_and_update().clone();
-            sync_once(&mut reconciler, &config.bpffs_root, &objects, &node, &metrics, &mut reported);
+            sync_once(&mut reconciler, &config, &objects, &node, &metrics, &mut reported);
             // The loop syncs again (writing nothing) for health and retries.
             snapshots.mark_changed();
         }
@@ -215,7 +215,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         };
         if let (true, Some(objects)) = (resync, &snapshot) {
-            let outcome = sync_once(&mut reconciler, &config.bpffs_root, objects, &node, &metrics, &mut reported);
+            let outcome = sync_once(&mut reconciler, &config, objects, &node, &metrics, &mut reported);
             let ok = outcome.failures.is_empty();
             if let Some(delay) = retry.record(ok, std::time::Instant::now()) {
                 tracing::warn!(
@@ -491,12 +491,12 @@ struct SyncOutcome {
     failed_services: std::collections::BTreeMap<ObjectRef, String>,
 }
 
-/// One sync: model, reconcile, UDP conntrack flush, metrics. Invalid
-/// fields are logged once each (`reported` remembers them while they stay
-/// invalid).
+/// One sync: model, reconcile, UDP conntrack flush (and the UDP sockets of
+/// removed backends closed), metrics. Invalid fields are logged once each
+/// (`reported` remembers them while they stay invalid).
 fn sync_once(
     reconciler: &mut Reconciler<PinnedMaps>,
-    bpffs_root: &std::path::Path,
+    config: &RunConfig,
     objects: &Objects,
     node: &NodeContext,
     metrics: &Metrics,
@@ -520,11 +520,7 @@ fn sync_once(
     let failed_services =
         healthcheck::unprogrammed_services(&desired, |df| reconciler.is_programmed(df), &report.errors);
     if report.changed() {
-        match maps::flush_udp_conntrack(bpffs_root, |rev_nat, backend| reconciler.is_live_pair(rev_nat, backend)) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(entries = n, "flushed UDP conntrack entries of removed backends"),
-            Err(e) => tracing::warn!(error = %e, "flushing UDP conntrack entries of removed backends"),
-        }
+        flush_removed_backends(reconciler, config);
     }
     tracing::info!(
         services = objects.services.len(),
@@ -548,6 +544,31 @@ fn sync_once(
         failures: report.errors.iter().map(ToString::to_string).collect(),
         health_checks: desired.health_checks,
         failed_services,
+    }
+}
+
+/// kube-proxy's conntrack cleanup after a change: UDP flows of a removed
+/// backend are flushed (their next datagram picks a live one), and with
+/// socket-level translation on, the UDP sockets connected to such a backend
+/// are closed (see `attach::sock_diag`).
+fn flush_removed_backends(reconciler: &Reconciler<PinnedMaps>, config: &RunConfig) {
+    let live = |rev_nat, backend| reconciler.is_live_pair(rev_nat, backend);
+    match maps::flush_udp_conntrack(&config.bpffs_root, live) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(entries = n, "flushed UDP conntrack entries of removed backends"),
+        Err(e) => tracing::warn!(error = %e, "flushing UDP conntrack entries of removed backends"),
+    }
+    if config.socket_lb == SocketLb::Off {
+        return;
+    }
+    let sockets = match maps::take_udp_sockets_of_removed_backends(&config.bpffs_root, live) {
+        Ok(sockets) => sockets,
+        Err(e) => return tracing::warn!(error = %e, "reading the UDP sockets of removed backends"),
+    };
+    match crate::attach::sock_diag::destroy_udp(&sockets, config.socket_lb == SocketLb::All) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(sockets = n, "closed UDP sockets connected to removed backends"),
+        Err(e) => tracing::warn!(error = %e, "closing UDP sockets connected to removed backends (sock_diag)"),
     }
 }
 

@@ -115,8 +115,9 @@ pub mod layout {
         REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
     };
 
-    /// Layout 3 of `services`: slot 0 carries the affinity scope in
-    /// `backend_id`. Layout 2 of `services`: 32-bit slots and member rows; of
+    /// Layout 2 of `sock_rev_nat`: the value names the socket's protocol
+    /// and backend id (for the removed-backend UDP socket flush). Layout 3
+    /// of `services`: slot 0 carries the affinity scope in `backend_id`. Layout 2 of `services`: 32-bit slots and member rows; of
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
     /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
     /// rejects that were not answered counted as drops.
@@ -135,7 +136,7 @@ pub mod layout {
         (FRAGMENTS, 1),
         (AGENT_STATE, 1),
         (INTERFACE_STATS, 1),
-        (SOCK_REV_NAT, 1),
+        (SOCK_REV_NAT, 2),
         (SOCKET_LB, 1),
         (SOCK_COUNTERS, 1),
     ];
@@ -208,16 +209,22 @@ pub struct SockRevNatKey {
 const _: () = assert!(size_of::<SockRevNatKey>() == 32);
 
 /// Value of the `sock_rev_nat` map: the Service address (and port) the
-/// application used, and its frontend's rev-NAT id.
+/// application used, its frontend's rev-NAT id, and the socket's protocol
+/// and backend id: a UDP socket whose (rev-NAT id, backend id) pair is no
+/// longer live is connected to a removed backend, and the agent closes it
+/// (kube-proxy's UDP conntrack flush, for sockets).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SockRevNatValue {
     pub addr: Addr,
     pub port: Port,
-    pub _pad: [u8; 2],
+    /// `PROTO_TCP` or `PROTO_UDP`.
+    pub proto: u8,
+    pub _pad: u8,
     pub rev_nat_id: u32,
+    pub backend_id: u32,
 }
-const _: () = assert!(size_of::<SockRevNatValue>() == 24);
+const _: () = assert!(size_of::<SockRevNatValue>() == 28);
 
 /// Value of the per-CPU `sock_counters` map (keyed by rev-NAT id, created
 /// and deleted by the agent with the frontend's rev-NAT row).

@@ -142,11 +142,11 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
         count(0, Counter::SockRefused);
         return DENY;
     }
-    let Some(backend) = choose(ctx, &key, &service, proto) else { return ALLOW };
+    let Some((backend_id, backend)) = choose(ctx, &key, &service, proto) else { return ALLOW };
     // SAFETY: a helper the kernel offers sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let rev = SockRevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
-    let shown = SockRevNatValue { addr, port, _pad: [0; 2], rev_nat_id: service.rev_nat_id };
+    let shown = SockRevNatValue { addr, port, proto, _pad: 0, rev_nat_id: service.rev_nat_id, backend_id };
     // Losing the row (a full map) only shows the backend's address to
     // recvmsg/getpeername: the connection itself works.
     let _ = SOCK_REV_NAT.insert(&rev, &shown, 0);
@@ -195,7 +195,7 @@ fn choose(
     key: &ServiceKey,
     service: &service_common::ServiceValue,
     proto: u8,
-) -> Option<BackendValue> {
+) -> Option<(u32, BackendValue)> {
     let sticky = service.flags & service_flags::AFFINITY != 0;
     let affinity_key = AffinityKey { client: socket_client(ctx), scope: service.affinity_scope(), proto, _pad: [0; 3] };
     let now = ktime_ns();
@@ -211,7 +211,7 @@ fn choose(
         {
             let fresh = AffinityValue { last_used_ns: now, ..entry };
             let _ = AFFINITY.insert(&affinity_key, &fresh, 0);
-            return Some(backend);
+            return Some((entry.backend_id, backend));
         }
     }
     // SAFETY: a helper without arguments.
@@ -226,7 +226,7 @@ fn choose(
         // Losing the entry only loses stickiness for the next socket.
         let _ = AFFINITY.insert(&affinity_key, &entry, 0);
     }
-    Some(backend)
+    Some((backend_id, backend))
 }
 
 /// recvmsg4 / getpeername4: a backend this socket was translated to is

@@ -4,12 +4,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result};
 
-use crate::netns::{CGROUP_PREFIX, Netns, binary, cgroup_parent, unique_suffix};
+use crate::netns::{CGROUP_PREFIX, ChildGuard, Netns, binary, cgroup_parent, unique_suffix};
 
 pub struct TestCgroup(PathBuf);
 
@@ -47,7 +47,30 @@ impl TestCgroup {
     /// # Errors
     /// When the client cannot be started.
     pub fn sock_client_with(&self, ns: &Netns, args: &[&str]) -> Result<Vec<String>> {
-        let out = Command::new("sh")
+        let out = self.sock_client_command(ns, args).output().context("starting sock-client")?;
+        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+    }
+
+    /// Starts `sock-client ARGS` in `ns`, inside this cgroup, stdout piped:
+    /// a client that runs while the test changes things around it.
+    ///
+    /// # Errors
+    /// When the client cannot be started.
+    pub fn spawn_sock_client(&self, ns: &Netns, args: &[&str]) -> Result<ChildGuard> {
+        let child = self
+            .sock_client_command(ns, args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting sock-client")?;
+        Ok(ChildGuard(child))
+    }
+
+    /// `sock-client ARGS` run by a shell that first moves itself into this
+    /// cgroup, then enters `ns`'s network namespace.
+    fn sock_client_command(&self, ns: &Netns, args: &[&str]) -> Command {
+        let mut command = Command::new("sh");
+        command
             .args([
                 "-c",
                 r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter "--net=$ns" "$@""#,
@@ -56,10 +79,8 @@ impl TestCgroup {
             .arg(&self.0)
             .arg(ns.path())
             .arg(binary("sock-client", "SOCK_CLIENT_BIN"))
-            .args(args)
-            .output()
-            .context("starting sock-client")?;
-        Ok(String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect())
+            .args(args);
+        command
     }
 }
 

@@ -161,6 +161,19 @@ impl NorthSouth {
     }
 }
 
+/// `service-agent COMMAND ARGS... --bpffs-root ROOT` in `node`'s network
+/// namespace: its stdout.
+pub fn agent_cli(node: &Netns, root: &std::path::Path, command: &str, args: &[&str]) -> String {
+    let bin = binary("service-agent", "SERVICE_AGENT_BIN");
+    let mut all = vec![command];
+    all.extend_from_slice(args);
+    let root = root.to_string_lossy();
+    all.extend_from_slice(&["--bpffs-root", &root]);
+    let out = node.exec(&bin.to_string_lossy(), &all).expect("service-agent");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `(pod name, source address the pod saw)` from a pod-echo answer.
 pub fn parse_answer(body: &str) -> (String, SocketAddr) {
     let mut words = body.split_whitespace();

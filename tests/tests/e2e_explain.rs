@@ -8,8 +8,8 @@
 
 use service_tests::{
     cluster::EXTERNAL_IP,
-    netns::{Netns, binary},
-    north_south::{A1, B2, CLIENT_POD, LB_IP, NorthSouth, Svc, WEB, answers, assert_both_backends},
+    netns::Netns,
+    north_south::{A1, B2, CLIENT_POD, LB_IP, NorthSouth, Svc, WEB, agent_cli, answers, assert_both_backends},
 };
 
 /// A LoadBalancer Service for 10.0.0.0/8 only, with
@@ -23,19 +23,6 @@ const GUARDED: Svc = Svc {
     status: "status:\n  loadBalancer:\n    ingress:\n    - ip: 198.51.100.10\n",
     endpoints: &[B2],
 };
-
-/// `service-agent COMMAND ARGS... --bpffs-root ROOT` in `node`'s network
-/// namespace: its stdout.
-fn agent_cli(node: &Netns, root: &std::path::Path, command: &str, args: &[&str]) -> String {
-    let bin = binary("service-agent", "SERVICE_AGENT_BIN");
-    let mut all = vec![command];
-    all.extend_from_slice(args);
-    let root = root.to_string_lossy();
-    all.extend_from_slice(&["--bpffs-root", &root]);
-    let out = node.exec(&bin.to_string_lossy(), &all).expect("service-agent explain");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn explain(node: &Netns, root: &std::path::Path, args: &[&str]) -> String {
     agent_cli(node, root, "explain", args)

@@ -12,7 +12,7 @@ use service_tests::{
     cluster::node_ip,
     fixture,
     netns::{Agent, binary},
-    north_south::{A1, B2, NorthSouth, Svc, WEB},
+    north_south::{A1, B2, NorthSouth, Svc, WEB, agent_cli},
 };
 
 const EMPTY: Svc = Svc {
@@ -126,6 +126,40 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     };
     assert!(value("service_dataplane_service_socket_connects_total", "10.96.0.10:80") >= 16.0, "{metrics}");
     assert!(value("service_dataplane_service_socket_sendmsgs_total", "10.96.0.10:53") >= 16.0, "{metrics}");
+    // inspect and explain show the socket path: the hooks on the test's
+    // cgroup, the calls translated per frontend, the translated sockets,
+    // and what a host socket's connect() gets.
+    let node = &ns.cluster.node(1).node;
+    let root1 = ns.root(1);
+    let sockets: serde_json::Value =
+        serde_json::from_str(&agent_cli(node, &root1, "inspect", &["sockets", "-o", "json"])).expect("json");
+    assert_eq!(sockets["mode"], "host", "{sockets}");
+    let hooks: BTreeSet<&str> =
+        sockets["hooks"].as_array().expect("hooks").iter().filter_map(|h| h["attach"].as_str()).collect();
+    assert_eq!(hooks, ["connect4", "getpeername4", "recvmsg4", "sendmsg4"].into_iter().collect(), "{sockets}");
+    let cgroup_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup.path()).expect("cgroup"));
+    assert!(sockets["hooks"].as_array().expect("hooks").iter().all(|h| h["cgroup_inode"] == cgroup_inode), "{sockets}");
+    let frontend = sockets["frontends"]
+        .as_array()
+        .expect("frontends")
+        .iter()
+        .find(|f| f["frontend"] == "10.96.0.10:80/TCP internal")
+        .unwrap_or_else(|| panic!("{sockets}"));
+    assert!(frontend["connects"].as_u64() >= Some(16), "{sockets}");
+    let translated = sockets["sockets"].as_array().expect("sockets");
+    assert!(translated.iter().any(|s| s["service"] == "10.96.0.10:53" && s["protocol"] == "UDP"), "{sockets}");
+    let text = agent_cli(node, &root1, "inspect", &["sockets"]);
+    assert!(text.contains("socket-level load balancing: host") && text.contains("connect4"), "{text}");
+    let node_addr = node_ip(1).to_string();
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.10:80/TCP"]);
+    assert!(why.contains("a socket of the node itself") && why.contains("random slot"), "{why}");
+    assert!(why.contains(&format!("{}:8080/TCP", A1.2)) && why.contains(&format!("{}:8080/TCP", B2.2)), "{why}");
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.30:80/TCP", "--from", "host"]);
+    assert!(why.contains("ECONNREFUSED"), "{why}");
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.99:80/TCP", "--from", "host"]);
+    assert!(why.contains("ENETUNREACH"), "{why}");
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.40:80/TCP", "--from", "host"]);
+    assert!(why.contains("affinity: the node's sockets → backend"), "{why}");
     // Only sockets under --cgroup-root: the same client outside it is not
     // translated (and the node has no route to the ClusterIP).
     let client = binary("sock-client", "SOCK_CLIENT_BIN").display().to_string();
@@ -193,4 +227,77 @@ fn host_sockets_keep_working_through_thousands_of_connections_and_an_agent_kille
     spread(&many(&ns, "tcp-many", "300"), 300);
     drop(agent);
     drop(killed);
+}
+
+/// Reads lines of a held client until one starting with `prefix`.
+fn line_starting(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("client output");
+        if line.starts_with(prefix) {
+            return line;
+        }
+        seen.push(line);
+    }
+    panic!("no {prefix:?} line in {seen:?}");
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn a_backend_removed_mid_flow_keeps_tcp_going_and_closes_the_udp_sockets_connected_to_it() {
+    use std::io::BufRead as _;
+    let cgroup = TestCgroup::new().expect("test cgroup");
+    let root = cgroup.path().display().to_string();
+    let node1_flags = ["--external-interfaces", "eth0", "--socket-lb", "host", "--cgroup-root", root.as_str()];
+    let mut ns = NorthSouth::start_with(&[WEB], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
+    let node = &ns.cluster.node(1).node;
+    let hold = |mode: &str, addr: &str| {
+        let mut child = cgroup.spawn_sock_client(node, &[mode, addr, "10"]).expect("client");
+        let out = child.0.stdout.take().expect("stdout");
+        (child, std::io::BufReader::new(out).lines())
+    };
+    // A connected UDP socket (as a DNS client that connects), and a TCP
+    // connection to the same backend (new ones until one gets it).
+    let (_udp, mut udp_lines) = hold("hold-udp", "10.96.0.10:53");
+    let removed = line_starting(&mut udp_lines, "answer ")["answer ".len()..].to_owned();
+    let mut tcp = None;
+    for _ in 0..40 {
+        let (child, mut lines) = hold("hold-tcp", "10.96.0.10:80");
+        assert_eq!(line_starting(&mut lines, "peer "), "peer 10.96.0.10:80");
+        if line_starting(&mut lines, "answer ")["answer ".len()..] == removed {
+            tcp = Some((child, lines));
+            break;
+        }
+    }
+    let (_tcp, tcp_lines) = tcp.unwrap_or_else(|| panic!("no TCP connection reached {removed} in 40"));
+    // The backend leaves its Service (its pod still runs, as a pod being
+    // scaled down does while it drains).
+    let kept = if removed == A1.0 { B2 } else { A1 };
+    ns.manifests.write("web.yaml", &Svc { endpoints: &[kept], ..WEB }.yaml());
+    ns.agents[0]
+        .wait_for_log("closed UDP sockets connected to removed backends", 1, Duration::from_secs(10))
+        .expect("the UDP socket closed");
+    // UDP: the connected socket was aborted and disconnected (its next
+    // call fails: ECONNABORTED from a receive, EDESTADDRREQ from a send),
+    // and a new one reaches the backend that is left.
+    let aborted = line_starting(&mut udp_lines, "aborted after ");
+    assert!(aborted.ends_with("(os error 103)") || aborted.ends_with("(os error 89)"), "{aborted}");
+    assert_eq!(line_starting(&mut udp_lines, "reconnected "), format!("reconnected {}", kept.0));
+    // TCP: the connection goes on with the removed backend to the end,
+    // every exchange answered, as under kube-proxy.
+    let rest: Vec<String> = tcp_lines.map(|l| l.expect("client output")).collect();
+    assert!(rest.iter().all(|l| !l.starts_with("answer ") && !l.starts_with("error")), "{rest:?}");
+    let exchanges: usize = rest
+        .iter()
+        .find_map(|l| l.strip_prefix("exchanges "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{rest:?}"));
+    assert!(exchanges > 100, "{rest:?}");
+    // New sockets, TCP and unconnected UDP, only reach the backend left.
+    for mode in ["tcp", "udp"] {
+        let addr = if mode == "tcp" { "10.96.0.10:80" } else { "10.96.0.10:53" };
+        for _ in 0..16 {
+            assert_eq!(backend(&cgroup.sock_client(node, mode, addr).expect("client")), kept.0, "{mode}");
+        }
+    }
 }

@@ -27,6 +27,7 @@
 mod hook;
 pub mod netlink;
 mod select;
+pub mod sock_diag;
 pub mod socket;
 
 use std::{collections::BTreeMap, path::PathBuf};

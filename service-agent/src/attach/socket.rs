@@ -98,6 +98,33 @@ fn pin_name(attach: &str, cgroup_ino: u64, tag: u64) -> String {
     format!("{PIN_PREFIX}{attach}-{cgroup_ino}-{tag:016x}")
 }
 
+/// One socket-level link pinned under `links/`: `inspect sockets`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PinnedHook {
+    /// The attach type (connect4, sendmsg4, recvmsg4, getpeername4).
+    pub attach: String,
+    /// The inode of the cgroup directory it is attached to.
+    pub cgroup_inode: u64,
+    /// The program's tag (which build of it runs there).
+    pub tag: String,
+}
+
+/// The socket-level links pinned under `links_dir`, by attach type.
+#[must_use]
+pub fn pinned_hooks(links_dir: &Path) -> Vec<PinnedHook> {
+    let mut out: Vec<PinnedHook> =
+        pins(links_dir).iter().filter_map(|p| p.file_name()?.to_str().and_then(parse_pin_name)).collect();
+    out.sort_by(|a, b| (&a.attach, a.cgroup_inode).cmp(&(&b.attach, b.cgroup_inode)));
+    out
+}
+
+fn parse_pin_name(name: &str) -> Option<PinnedHook> {
+    let mut parts = name.strip_prefix(PIN_PREFIX)?.split('-');
+    let (attach, ino, tag) = (parts.next()?, parts.next()?, parts.next()?);
+    (parts.next().is_none()).then_some(())?;
+    Some(PinnedHook { attach: attach.to_owned(), cgroup_inode: ino.parse().ok()?, tag: tag.to_owned() })
+}
+
 fn is_cgroup2(path: &Path) -> std::io::Result<bool> {
     Ok(crate::maps::filesystem_type(path)? == CGROUP2_SUPER_MAGIC)
 }
@@ -244,5 +271,11 @@ mod tests {
     #[test]
     fn pin_names_carry_the_attach_type_cgroup_and_tag() {
         assert_eq!(pin_name("connect4", 1234, 0xab), "sock-connect4-1234-00000000000000ab");
+        assert_eq!(
+            parse_pin_name(&pin_name("recvmsg4", 99, 0xcd)),
+            Some(PinnedHook { attach: "recvmsg4".into(), cgroup_inode: 99, tag: "00000000000000cd".into() })
+        );
+        assert_eq!(parse_pin_name("sock-connect4-x-00"), None);
+        assert_eq!(parse_pin_name("pod-3-veth0-00"), None);
     }
 }

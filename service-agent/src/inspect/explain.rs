@@ -4,6 +4,9 @@
 //! pod-side twins of the node's NodePorts, LoadBalancer IPs and
 //! externalIPs); a packet from outside meets the external program and the
 //! external frontends, with their source ranges, traffic policy and SNAT.
+//! A socket of the node itself (`--from host`) meets the socket-level
+//! programs at connect()/sendmsg() instead, and the same internal
+//! frontends.
 
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
@@ -29,7 +32,13 @@ pub enum Entry {
     Pod,
     /// An external interface (the external program).
     External,
+    /// A socket of the node itself (the socket-level programs).
+    Host,
 }
+
+/// `lo` is interface 1 in every network namespace: the route to one of the
+/// node's own addresses leaves through it.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// `SRC_IP[:PORT]` and `DST_IP:PORT/PROTO`.
 fn parse_flow(src: &str, dst: &str) -> Result<(Ipv4Addr, Option<u16>, Ipv4Addr, u16, u8), InspectError> {
@@ -55,6 +64,7 @@ fn parse_flow(src: &str, dst: &str) -> Result<(Ipv4Addr, Option<u16>, Ipv4Addr, 
 /// Which side a packet from `src` enters on, and the sentence saying why.
 fn resolve_entry(entry: Entry, src: Ipv4Addr, attached: &[AttachedProgram]) -> (Entry, String) {
     match entry {
+        Entry::Host => (Entry::Host, "a socket of the node itself (--from host): the socket-level programs".into()),
         Entry::Pod => (Entry::Pod, "entering from a local pod (--from pod): the pod program".into()),
         Entry::External => {
             (Entry::External, "entering from outside the node (--from external): the external program".into())
@@ -62,7 +72,14 @@ fn resolve_entry(entry: Entry, src: Ipv4Addr, attached: &[AttachedProgram]) -> (
         Entry::Auto => {
             let oif = attach::netlink::route_oif(src).ok().flatten();
             let on = |program: &str| attached.iter().find(|a| Some(a.ifindex) == oif && a.program == program);
-            if let Some(a) = on("pod") {
+            if oif == Some(LOOPBACK_IFINDEX) {
+                (
+                    Entry::Host,
+                    format!(
+                        "{src} is an address of this node (routed via lo): a socket of the node itself, the socket-level programs"
+                    ),
+                )
+            } else if let Some(a) = on("pod") {
                 (
                     Entry::Pod,
                     format!("{src} is a local pod (routed via {}, which carries the pod program)", a.interface),
@@ -102,6 +119,145 @@ fn range_of(state: &MapState, owner: u32, proto: u8, addr: Ipv4Addr) -> Option<S
         .map(|(_, cidr)| cidr)
 }
 
+/// The frontend row's summary line.
+fn frontend_line(key0: &ServiceKey, svc: &service_common::ServiceValue, out: &mut String) {
+    let _ = writeln!(
+        out,
+        "frontend {}: rev_nat {}, {} slots (version {}), flags [{}], affinity {} s",
+        frontend(key0),
+        svc.rev_nat_id,
+        svc.count,
+        svc.version,
+        flag_names(svc.flags).join(","),
+        svc.affinity_timeout_s
+    );
+}
+
+/// The `--socket-lb` mode and hooks a node socket meets; false when they
+/// translate nothing.
+fn host_hooks(mode: u32, root: &Path, dst_ip: Ipv4Addr, dst_port: u16, out: &mut String) -> bool {
+    let hooks = attach::socket::pinned_hooks(&root.join("links"));
+    if mode == service_common::socket_lb::OFF || hooks.is_empty() {
+        let _ = writeln!(
+            out,
+            "{}: the node's sockets are not translated, and their packets cross no pod or external interface of this node on the way out, so {dst_ip}:{dst_port} is not served to them (start the agent with --socket-lb host).",
+            if mode == service_common::socket_lb::OFF { "--socket-lb off" } else { "no socket-level hooks are pinned" }
+        );
+        return false;
+    }
+    let attaches: Vec<&str> = hooks.iter().map(|h| h.attach.as_str()).collect();
+    let cgroups: std::collections::BTreeSet<u64> = hooks.iter().map(|h| h.cgroup_inode).collect();
+    let _ = writeln!(
+        out,
+        "--socket-lb {}: {} attached to cgroup inode {:?}; only sockets of processes under it are translated.",
+        crate::rows::render::socket_lb_name(mode),
+        attaches.join(", "),
+        cgroups
+    );
+    true
+}
+
+/// `explain --from host`: what connect() or sendmsg() of a node socket to
+/// `dst_ip:dst_port/proto` gets from the socket-level programs.
+fn explain_host(
+    pins: &Pins,
+    root: &Path,
+    dst_ip: Ipv4Addr,
+    dst_port: u16,
+    proto: u8,
+    out: &mut String,
+) -> Result<(), InspectError> {
+    let state = &pins.programmed;
+    let config = pins.readers.socket_lb()?;
+    if !host_hooks(config.mode, root, dst_ip, dst_port, out) {
+        return Ok(());
+    }
+    if proto == service_common::PROTO_SCTP {
+        let _ = writeln!(out, "SCTP sockets are not translated by the socket-level programs (TCP and UDP only).");
+        return Ok(());
+    }
+    let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4(dst_ip.octets()), port_be(dst_port), proto, SCOPE_INTERNAL);
+    let Some(svc) = state.services.get(&key0) else {
+        let why = if range_of(state, service_ips::OWNER, service_ips::CLUSTER_IP, dst_ip).is_some() {
+            format!(
+                "connect() fails with ECONNREFUSED: {dst_ip} is a ClusterIP that does not serve {dst_port}/{} (the packet path rejects it)",
+                proto_name(proto)
+            )
+        } else if let Some(range) = range_of(state, service_ips::OWNER, service_ips::RANGE, dst_ip) {
+            format!(
+                "connect() fails with ENETUNREACH: {dst_ip} is in the service IP range {range} but no Service has it (the packet path drops it)"
+            )
+        } else {
+            format!("{dst_ip}:{dst_port}/{} is not a Service frontend: the socket is left alone", proto_name(proto))
+        };
+        let _ = writeln!(out, "{why}.");
+        return Ok(());
+    };
+    frontend_line(&key0, svc, out);
+    if svc.count == 0 {
+        let _ = writeln!(
+            out,
+            "connect() and sendmsg() fail with ECONNREFUSED at once: {}.",
+            if svc.flags & service_flags::DROP != 0 {
+                "no endpoint this node may use (the packet path drops such flows; a socket is told at once)"
+            } else {
+                "the Service has no usable endpoint"
+            }
+        );
+        return Ok(());
+    }
+    let describe = |id: u32| {
+        state.backends.get(&id).map_or_else(
+            || format!("backend {id} (gone)"),
+            |b| {
+                let r = backend_row(id, b);
+                format!("backend {id} {}:{}/{}{}", r.address, r.port, r.protocol, if r.local { " local" } else { "" })
+            },
+        )
+    };
+    if svc.flags & service_flags::AFFINITY != 0 {
+        // A socket's affinity client is its network namespace (cookie in
+        // bytes 8..16), the node's for a host socket.
+        let mut client = [0u8; 16];
+        client[8..].copy_from_slice(&config.host_netns_cookie.to_ne_bytes());
+        let aff = pins.readers.affinity()?;
+        match aff.iter().find(|(k, _)| k.client == client && k.scope == svc.affinity_scope() && k.proto == proto) {
+            Some((_, v)) => {
+                let idle = maps::monotonic_ns().saturating_sub(v.last_used_ns) / 1_000_000_000;
+                let _ = writeln!(
+                    out,
+                    "affinity: the node's sockets → {} (idle {idle} s of {} s)",
+                    describe(v.backend_id),
+                    svc.affinity_timeout_s
+                );
+            }
+            None => {
+                let _ = writeln!(out, "affinity: no entry for the node's sockets yet: the next one is remembered.");
+            }
+        }
+    }
+    let _ = writeln!(out, "a new socket gets a random slot of the table (it has no source port yet); the table:");
+    let row = services(state).into_iter().find(|r| r.frontend == frontend(&key0));
+    for (b, n) in row.map(|r| r.backends).unwrap_or_default() {
+        let _ = writeln!(out, "  {n:>5} of {} slots → {}", svc.count, describe(b.id));
+    }
+    let mut sockets: std::collections::BTreeMap<u32, usize> = std::collections::BTreeMap::new();
+    for v in pins.readers.sock_rev_nat()?.values().filter(|v| v.rev_nat_id == svc.rev_nat_id) {
+        *sockets.entry(v.backend_id).or_default() += 1;
+    }
+    for (id, n) in &sockets {
+        let _ = writeln!(
+            out,
+            "translated sockets: {n} to {} (shown the Service address by getpeername/recvmsg)",
+            describe(*id)
+        );
+    }
+    if let Some(c) = pins.readers.sock_counters()?.get(&svc.rev_nat_id) {
+        let _ = writeln!(out, "translated so far: {} connect() and {} sendmsg() calls.", c.connects, c.sendmsgs);
+    }
+    Ok(())
+}
+
 /// `explain`: what a flow from `src` (`IP` or `IP:PORT`) to `dst`
 /// (`IP:PORT/PROTO`) gets, and why, from the live maps, for a packet
 /// entering as `entry` says.
@@ -117,6 +273,16 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
     let attached = attach::attached_programs(&root.join("links"));
     let (side, why) = resolve_entry(entry, src_ip, &attached);
     let _ = writeln!(out, "{why}.");
+    if side == Entry::Host {
+        explain_host(&pins, root, dst_ip, dst_port, proto, &mut out)?;
+        return Ok(out);
+    }
+    if side == Entry::Pod && pins.readers.socket_lb()?.mode == service_common::socket_lb::ALL {
+        let _ = writeln!(
+            out,
+            "--socket-lb all: a TCP or UDP socket of a pod under the cgroup root is translated at connect()/sendmsg() instead (explain --from host shows how); the packet path below serves the rest (raw sockets, pods outside the cgroup)."
+        );
+    }
     let scope = if side == Entry::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4(dst_ip.octets()), port_be(dst_port), proto, scope);
     let Some(svc) = state.services.get(&key0) else {
@@ -155,16 +321,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         );
         return Ok(out);
     };
-    let _ = writeln!(
-        out,
-        "frontend {}: rev_nat {}, {} slots (version {}), flags [{}], affinity {} s",
-        frontend(&key0),
-        svc.rev_nat_id,
-        svc.count,
-        svc.version,
-        flag_names(svc.flags).join(","),
-        svc.affinity_timeout_s
-    );
+    frontend_line(&key0, svc, &mut out);
     if svc.flags & service_flags::SOURCE_RANGES != 0 {
         if let Some(cidr) = range_of(state, svc.rev_nat_id, key0.proto, src_ip) {
             let _ = writeln!(out, "loadBalancerSourceRanges: {src_ip} is inside {cidr}: allowed.");

@@ -41,6 +41,9 @@ pub enum View {
     /// Which programs are attached to which interfaces (run it in the
     /// node's network namespace).
     Interfaces,
+    /// The socket path: `--socket-lb`, its cgroup hooks, the calls it
+    /// translated per frontend, and the sockets it translated.
+    Sockets,
 }
 
 /// The pinned maps of one node, opened once, and the rows the agent
@@ -150,6 +153,44 @@ impl Pins {
             .collect())
     }
 
+    /// The socket path: its mode, the hooks pinned under `links`, the
+    /// translated calls per frontend, and the translated sockets.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn sockets(&self, links_dir: &Path) -> Result<render::SocketsView, InspectError> {
+        let config = self.readers.socket_lb()?;
+        // The socket path translates through the internal-scope frontends
+        // (an external one shares its rev-NAT id).
+        let label = |id: u32| {
+            self.programmed
+                .services
+                .iter()
+                .find(|(k, v)| k.slot == 0 && k.scope == service_common::SCOPE_INTERNAL && v.rev_nat_id == id)
+                .map(|(k, _)| render::frontend(k))
+                .or_else(|| self.programmed.rev_nat.get(&id).map(|r| endpoint(r.family, &r.addr, r.port)))
+                .unwrap_or_else(|| format!("rev_nat {id} (gone)"))
+        };
+        Ok(render::SocketsView {
+            mode: render::socket_lb_name(config.mode),
+            host_netns_cookie: config.host_netns_cookie,
+            hooks: attach::socket::pinned_hooks(links_dir),
+            frontends: self
+                .readers
+                .sock_counters()?
+                .into_iter()
+                .filter(|(_, c)| c.connects + c.sendmsgs > 0)
+                .map(|(id, c)| render::SocketFrontendRow {
+                    frontend: label(id),
+                    rev_nat_id: id,
+                    connects: c.connects,
+                    sendmsgs: c.sendmsgs,
+                })
+                .collect(),
+            sockets: self.readers.sock_rev_nat()?.iter().map(|(k, v)| render::socket_row(k, v)).collect(),
+        })
+    }
+
     /// The verdict and drop counters, summed over CPUs.
     ///
     /// # Errors
@@ -207,5 +248,7 @@ pub fn show(view: View, root: &Path, as_json: bool) -> Result<String, InspectErr
         View::Stats => Ok(render::stats_table(pins.stats()?)),
         View::Interfaces if as_json => json(&attach::attached_programs(&root.join("links"))),
         View::Interfaces => Ok(render::interfaces_table(attach::attached_programs(&root.join("links")))),
+        View::Sockets if as_json => json(&pins.sockets(&root.join("links"))?),
+        View::Sockets => Ok(render::sockets_text(&pins.sockets(&root.join("links"))?)),
     }
 }

@@ -30,5 +30,5 @@ pub use self::{
     load::{DEFAULT_BPFFS_ROOT, LoadError, MapSizes, load, load_migrating, prepare_bpffs_root, remove_pins},
     pinned::PinnedMaps,
     readers::{Readers, read_affinity, read_conntrack, read_conntrack_new, read_counters, read_stats},
-    upkeep::{flush_udp_conntrack, write_snat_addrs, write_socket_lb},
+    upkeep::{flush_udp_conntrack, take_udp_sockets_of_removed_backends, write_snat_addrs, write_socket_lb},
 };

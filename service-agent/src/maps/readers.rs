@@ -6,9 +6,10 @@
 
 use std::{collections::BTreeMap, path::Path};
 
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use service_common::{
-    AffinityKey, AffinityValue, Counters, CtKey, CtValue, InterfaceCounterKey, SockCounters, map_names, stats,
+    AffinityKey, AffinityValue, Counters, CtKey, CtValue, InterfaceCounterKey, SockCounters, SockRevNatKey,
+    SockRevNatValue, SocketLbConfig, map_names, stats,
 };
 
 use super::{
@@ -27,6 +28,8 @@ pub struct Readers {
     service_counters: CounterMap,
     backend_counters: CounterMap,
     sock_counters: PerCpuHashMap<MapData, u32, SockCounters>,
+    sock_rev_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    socket_lb: Array<MapData, SocketLbConfig>,
     stats: PerCpuArray<MapData, u64>,
     interface_stats: PerCpuHashMap<MapData, InterfaceCounterKey, u64>,
 }
@@ -44,6 +47,11 @@ impl Readers {
             service_counters: open_counters(root, map_names::SERVICE_COUNTERS)?,
             backend_counters: open_counters(root, map_names::BACKEND_COUNTERS)?,
             sock_counters: open_per_cpu_hash(root, map_names::SOCK_COUNTERS)?,
+            sock_rev_nat: open_hash(root, map_names::SOCK_REV_NAT)?,
+            socket_lb: {
+                let name = map_names::SOCKET_LB;
+                Array::try_from(open_pinned(root, name)?).map_err(|source| LoadError::Map { name, source })?
+            },
             stats: open_stats(root)?,
             interface_stats: open_per_cpu_hash(root, map_names::INTERFACE_STATS)?,
         })
@@ -63,6 +71,24 @@ impl Readers {
     /// When the map cannot be read.
     pub fn conntrack_new(&self) -> Result<BTreeMap<CtKey, CtValue>, LoadError> {
         dump(&self.conntrack_new, map_names::CONNTRACK_NEW)
+    }
+
+    /// The sockets the socket path translated (`sock_rev_nat`): socket
+    /// cookie and backend → the Service address shown to the application.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn sock_rev_nat(&self) -> Result<BTreeMap<SockRevNatKey, SockRevNatValue>, LoadError> {
+        dump(&self.sock_rev_nat, map_names::SOCK_REV_NAT)
+    }
+
+    /// The `socket_lb` row (`--socket-lb` and the node's network namespace
+    /// cookie); all zero (off) before an agent wrote it.
+    ///
+    /// # Errors
+    /// When the map cannot be read.
+    pub fn socket_lb(&self) -> Result<SocketLbConfig, LoadError> {
+        self.socket_lb.get(&0, 0).map_err(|source| LoadError::Map { name: map_names::SOCKET_LB, source })
     }
 
     /// The ClientIP affinity entries.

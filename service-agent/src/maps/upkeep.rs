@@ -1,11 +1,18 @@
 //! What the agent writes into the programs' maps besides the reconciler's
 //! rows: the node address SNAT uses per interface, and the flush of UDP
-//! conntrack entries whose backend left (kube-proxy's conntrack cleanup).
+//! conntrack entries whose backend left (kube-proxy's conntrack cleanup),
+//! with its counterpart on the socket path (the `sock_rev_nat` rows of
+//! UDP sockets translated to such a backend, whose sockets the agent then
+//! closes).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
 
 use aya::maps::{HashMap, MapData};
-use service_common::{CtKey, CtValue, map_names};
+use service_common::{CtKey, CtValue, SockRevNatKey, SockRevNatValue, map_names};
 
 use super::{
     LoadError,
@@ -103,4 +110,39 @@ pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Resu
         }
     }
     Ok(removed)
+}
+
+/// Takes the UDP rows of `sock_rev_nat` whose (rev-NAT id, backend id)
+/// pair is no longer live — sockets the socket path translated to a
+/// backend that has since left — out of the map, and returns their
+/// sockets (cookie, backend address) for the agent to close the connected
+/// ones among them.
+///
+/// # Errors
+/// When the pin is missing or unreadable.
+pub fn take_udp_sockets_of_removed_backends(
+    root: &Path,
+    live: impl Fn(u32, u32) -> bool,
+) -> Result<Vec<(u64, SocketAddrV4)>, LoadError> {
+    let name = map_names::SOCK_REV_NAT;
+    let mut map: HashMap<MapData, SockRevNatKey, SockRevNatValue> = open_hash(root, name)?;
+    let stale = |v: &SockRevNatValue| v.proto == service_common::PROTO_UDP && !live(v.rev_nat_id, v.backend_id);
+    let keys: Vec<SockRevNatKey> =
+        map.iter().filter_map(Result::ok).filter(|(_, v)| stale(v)).map(|(k, _)| k).collect();
+    let mut taken = Vec::new();
+    for key in keys {
+        // Read again: the socket may have been translated afresh since.
+        if !map.get(&key, 0).is_ok_and(|v| stale(&v)) {
+            continue;
+        }
+        match map.remove(&key) {
+            Ok(()) => {
+                let ip = Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]);
+                taken.push((key.cookie, SocketAddrV4::new(ip, u16::from_be_bytes(key.port))));
+            }
+            Err(e) if is_not_found(&e) => {}
+            Err(source) => return Err(LoadError::Map { name, source }),
+        }
+    }
+    Ok(taken)
 }

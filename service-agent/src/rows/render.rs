@@ -457,3 +457,93 @@ pub fn interfaces_table(rows: Vec<crate::attach::AttachedProgram>) -> String {
         .collect();
     table(&["INTERFACE", "IFINDEX", "PROGRAM", "VIA", "TAG"], &rows)
 }
+
+/// `inspect sockets`: the socket path as the maps and pins show it.
+#[derive(Debug, Serialize)]
+pub struct SocketsView {
+    /// `--socket-lb` as the agent wrote it: off, host or all.
+    pub mode: &'static str,
+    /// The node's network namespace cookie (`host` translates its sockets).
+    pub host_netns_cookie: u64,
+    /// The pinned socket-level links.
+    pub hooks: Vec<crate::attach::socket::PinnedHook>,
+    /// Per frontend: the connect() and sendmsg() calls translated.
+    pub frontends: Vec<SocketFrontendRow>,
+    /// The sockets translated, as `sock_rev_nat` remembers them.
+    pub sockets: Vec<SocketRow>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketFrontendRow {
+    pub frontend: String,
+    pub rev_nat_id: u32,
+    pub connects: u64,
+    pub sendmsgs: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SocketRow {
+    pub cookie: u64,
+    pub protocol: String,
+    /// The Service address the application named (and is shown).
+    pub service: String,
+    /// The backend the socket was translated to.
+    pub backend: String,
+    pub rev_nat_id: u32,
+    pub backend_id: u32,
+}
+
+/// The name of a `socket_lb` mode.
+#[must_use]
+pub fn socket_lb_name(mode: u32) -> &'static str {
+    match mode {
+        service_common::socket_lb::HOST => "host",
+        service_common::socket_lb::ALL => "all",
+        _ => "off",
+    }
+}
+
+/// A `sock_rev_nat` row as `inspect sockets` shows it.
+#[must_use]
+pub fn socket_row(k: &service_common::SockRevNatKey, v: &service_common::SockRevNatValue) -> SocketRow {
+    SocketRow {
+        cookie: k.cookie,
+        protocol: proto_name(v.proto),
+        service: endpoint(FAMILY_IPV4, &v.addr, v.port),
+        backend: endpoint(FAMILY_IPV4, &k.addr, k.port),
+        rev_nat_id: v.rev_nat_id,
+        backend_id: v.backend_id,
+    }
+}
+
+#[must_use]
+pub fn sockets_text(view: &SocketsView) -> String {
+    let mut out = format!(
+        "socket-level load balancing: {} ({})\n",
+        view.mode,
+        match view.mode {
+            "host" => format!("sockets of the node's network namespace, cookie {}", view.host_netns_cookie),
+            "all" => "every socket under the cgroup root, pods' too".to_owned(),
+            _ => "no socket is translated; the packet path does everything".to_owned(),
+        }
+    );
+    let hooks: Vec<Vec<String>> =
+        view.hooks.iter().map(|h| vec![h.attach.clone(), h.cgroup_inode.to_string(), h.tag.clone()]).collect();
+    out.push('\n');
+    out.push_str(&table(&["HOOK", "CGROUP INODE", "TAG"], &hooks));
+    out.push('\n');
+    let frontends: Vec<Vec<String>> = view
+        .frontends
+        .iter()
+        .map(|f| vec![f.frontend.clone(), f.rev_nat_id.to_string(), f.connects.to_string(), f.sendmsgs.to_string()])
+        .collect();
+    out.push_str(&table(&["FRONTEND", "REV_NAT", "CONNECTS", "SENDMSGS"], &frontends));
+    out.push('\n');
+    let sockets: Vec<Vec<String>> = view
+        .sockets
+        .iter()
+        .map(|s| vec![s.cookie.to_string(), s.protocol.clone(), s.service.clone(), s.backend.clone()])
+        .collect();
+    out.push_str(&table(&["SOCKET COOKIE", "PROTO", "SERVICE", "BACKEND"], &sockets));
+    out
+}

@@ -11,6 +11,12 @@
 //! - `tcp-many` / `udp-many` (COUNT times, a new socket each: `tcp` /
 //!   `udp` as above, every peer or reply source checked to be ADDR):
 //!   `backends NAME=N,...`, or the first failure.
+//! - `hold-tcp` / `hold-udp` (for COUNT seconds): one connection (a
+//!   connected UDP socket) exchanging `who` every 20 ms; `answer NAME` at
+//!   the first answer and whenever the backend's name changes, then
+//!   `exchanges N`. UDP: when a call fails (a socket closed under it),
+//!   `aborted after N: <error>`, then a new socket connected to ADDR and
+//!   `reconnected NAME` from its first answer.
 
 use std::{
     collections::BTreeMap,
@@ -62,6 +68,78 @@ fn many(
     Ok(())
 }
 
+const HOLD_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Prints `answer NAME` when `answer`'s name differs from `last`.
+fn note_answer(last: &mut String, answer: &str) {
+    let name = answer.split_whitespace().next().unwrap_or_default();
+    if name != last {
+        println!("answer {name}");
+        name.clone_into(last);
+    }
+}
+
+/// One TCP connection kept for `seconds`, exchanging all along.
+fn hold_tcp(addr: SocketAddr, seconds: usize) -> std::io::Result<()> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    println!("peer {}", stream.peer_addr()?);
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let until = std::time::Instant::now() + Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
+    let (mut n, mut last) = (0usize, String::new());
+    while std::time::Instant::now() < until {
+        writer.write_all(b"who\n").map_err(|e| std::io::Error::other(format!("after {n} exchanges: {e}")))?;
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(|e| std::io::Error::other(format!("after {n} exchanges: {e}")))? == 0 {
+            return Err(std::io::Error::other(format!("closed by the server after {n} exchanges")));
+        }
+        note_answer(&mut last, line.trim_end());
+        n += 1;
+        std::thread::sleep(HOLD_INTERVAL);
+    }
+    println!("exchanges {n}");
+    Ok(())
+}
+
+/// A connected UDP socket's exchange.
+fn udp_exchange(socket: &UdpSocket) -> std::io::Result<String> {
+    socket.send(b"who")?;
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
+}
+
+fn connected_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(TIMEOUT))?;
+    socket.connect(addr)?;
+    Ok(socket)
+}
+
+/// One connected UDP socket kept for `seconds`; a failed call is reported
+/// and followed by one exchange over a new socket.
+fn hold_udp(addr: SocketAddr, seconds: usize) -> std::io::Result<()> {
+    let socket = connected_udp(addr)?;
+    let until = std::time::Instant::now() + Duration::from_secs(u64::try_from(seconds).unwrap_or(1));
+    let (mut n, mut last) = (0usize, String::new());
+    while std::time::Instant::now() < until {
+        match udp_exchange(&socket) {
+            Ok(answer) => note_answer(&mut last, &answer),
+            Err(e) => {
+                println!("aborted after {n}: {e}");
+                let answer = udp_exchange(&connected_udp(addr)?)?;
+                println!("reconnected {}", answer.split_whitespace().next().unwrap_or_default());
+                break;
+            }
+        }
+        n += 1;
+        std::thread::sleep(HOLD_INTERVAL);
+    }
+    println!("exchanges {n}");
+    Ok(())
+}
+
 fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
     match mode {
         "tcp" => {
@@ -76,6 +154,8 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
         }
         "tcp-many" => many(count, addr, tcp_once)?,
         "udp-many" => many(count, addr, udp_once)?,
+        "hold-tcp" => hold_tcp(addr, count)?,
+        "hold-udp" => hold_udp(addr, count)?,
         "udp-connected" => {
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.set_read_timeout(Some(TIMEOUT))?;
@@ -88,7 +168,7 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
         }
         other => {
             return Err(std::io::Error::other(format!(
-                "unknown mode {other:?} (tcp, udp, udp-connected, tcp-many, udp-many)"
+                "unknown mode {other:?} (tcp, udp, udp-connected, tcp-many, udp-many, hold-tcp, hold-udp)"
             )));
         }
     }
@@ -98,7 +178,7 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(addr)) = (args.get(1), args.get(2).and_then(|a| a.parse::<SocketAddr>().ok())) else {
-        eprintln!("usage: sock-client tcp|udp|udp-connected|tcp-many|udp-many ADDR:PORT [COUNT]");
+        eprintln!("usage: sock-client tcp|udp|udp-connected|tcp-many|udp-many|hold-tcp|hold-udp ADDR:PORT [COUNT]");
         std::process::exit(2);
     };
     let count = args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1);
