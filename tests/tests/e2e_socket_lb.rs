@@ -11,7 +11,7 @@ use service_tests::{
     cgroup::TestCgroup,
     cluster::node_ip,
     fixture,
-    netns::{Agent, binary},
+    netns::{Agent, Netns, binary},
     north_south::{A1, B2, NorthSouth, Svc, WEB, agent_cli},
 };
 
@@ -44,6 +44,44 @@ fn backend(lines: &[String]) -> String {
         .and_then(|a| a.split_whitespace().next())
         .unwrap_or_else(|| panic!("no answer in {lines:?}"))
         .to_owned()
+}
+
+/// `inspect sockets` and `explain --from host` on node 1 after the first
+/// test's traffic: the hooks on the test's cgroup, the calls translated per
+/// frontend, the translated sockets, and what a host socket's connect()
+/// gets.
+fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup) {
+    let node = &ns.cluster.node(1).node;
+    let root1 = ns.root(1);
+    let sockets: serde_json::Value =
+        serde_json::from_str(&agent_cli(node, &root1, "inspect", &["sockets", "-o", "json"])).expect("json");
+    assert_eq!(sockets["mode"], "host", "{sockets}");
+    let hooks: BTreeSet<&str> =
+        sockets["hooks"].as_array().expect("hooks").iter().filter_map(|h| h["attach"].as_str()).collect();
+    assert_eq!(hooks, ["connect4", "getpeername4", "recvmsg4", "sendmsg4"].into_iter().collect(), "{sockets}");
+    let cgroup_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup.path()).expect("cgroup"));
+    assert!(sockets["hooks"].as_array().expect("hooks").iter().all(|h| h["cgroup_inode"] == cgroup_inode), "{sockets}");
+    let frontend = sockets["frontends"]
+        .as_array()
+        .expect("frontends")
+        .iter()
+        .find(|f| f["frontend"] == "10.96.0.10:80/TCP internal")
+        .unwrap_or_else(|| panic!("{sockets}"));
+    assert!(frontend["connects"].as_u64() >= Some(16), "{sockets}");
+    let translated = sockets["sockets"].as_array().expect("sockets");
+    assert!(translated.iter().any(|s| s["service"] == "10.96.0.10:53" && s["protocol"] == "UDP"), "{sockets}");
+    let text = agent_cli(node, &root1, "inspect", &["sockets"]);
+    assert!(text.contains("socket-level load balancing: host") && text.contains("connect4"), "{text}");
+    let node_addr = node_ip(1).to_string();
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.10:80/TCP"]);
+    assert!(why.contains("a socket of the node itself") && why.contains("random slot"), "{why}");
+    assert!(why.contains(&format!("{}:8080/TCP", A1.2)) && why.contains(&format!("{}:8080/TCP", B2.2)), "{why}");
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.30:80/TCP", "--from", "host"]);
+    assert!(why.contains("ECONNREFUSED"), "{why}");
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.99:80/TCP", "--from", "host"]);
+    assert!(why.contains("ENETUNREACH"), "{why}");
+    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.40:80/TCP", "--from", "host"]);
+    assert!(why.contains("affinity: the node's sockets → backend"), "{why}");
 }
 
 #[test]
@@ -126,40 +164,7 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     };
     assert!(value("service_dataplane_service_socket_connects_total", "10.96.0.10:80") >= 16.0, "{metrics}");
     assert!(value("service_dataplane_service_socket_sendmsgs_total", "10.96.0.10:53") >= 16.0, "{metrics}");
-    // inspect and explain show the socket path: the hooks on the test's
-    // cgroup, the calls translated per frontend, the translated sockets,
-    // and what a host socket's connect() gets.
-    let node = &ns.cluster.node(1).node;
-    let root1 = ns.root(1);
-    let sockets: serde_json::Value =
-        serde_json::from_str(&agent_cli(node, &root1, "inspect", &["sockets", "-o", "json"])).expect("json");
-    assert_eq!(sockets["mode"], "host", "{sockets}");
-    let hooks: BTreeSet<&str> =
-        sockets["hooks"].as_array().expect("hooks").iter().filter_map(|h| h["attach"].as_str()).collect();
-    assert_eq!(hooks, ["connect4", "getpeername4", "recvmsg4", "sendmsg4"].into_iter().collect(), "{sockets}");
-    let cgroup_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup.path()).expect("cgroup"));
-    assert!(sockets["hooks"].as_array().expect("hooks").iter().all(|h| h["cgroup_inode"] == cgroup_inode), "{sockets}");
-    let frontend = sockets["frontends"]
-        .as_array()
-        .expect("frontends")
-        .iter()
-        .find(|f| f["frontend"] == "10.96.0.10:80/TCP internal")
-        .unwrap_or_else(|| panic!("{sockets}"));
-    assert!(frontend["connects"].as_u64() >= Some(16), "{sockets}");
-    let translated = sockets["sockets"].as_array().expect("sockets");
-    assert!(translated.iter().any(|s| s["service"] == "10.96.0.10:53" && s["protocol"] == "UDP"), "{sockets}");
-    let text = agent_cli(node, &root1, "inspect", &["sockets"]);
-    assert!(text.contains("socket-level load balancing: host") && text.contains("connect4"), "{text}");
-    let node_addr = node_ip(1).to_string();
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.10:80/TCP"]);
-    assert!(why.contains("a socket of the node itself") && why.contains("random slot"), "{why}");
-    assert!(why.contains(&format!("{}:8080/TCP", A1.2)) && why.contains(&format!("{}:8080/TCP", B2.2)), "{why}");
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.30:80/TCP", "--from", "host"]);
-    assert!(why.contains("ECONNREFUSED"), "{why}");
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.99:80/TCP", "--from", "host"]);
-    assert!(why.contains("ENETUNREACH"), "{why}");
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.40:80/TCP", "--from", "host"]);
-    assert!(why.contains("affinity: the node's sockets → backend"), "{why}");
+    inspect_and_explain_show_the_socket_path(&ns, &cgroup);
     // Only sockets under --cgroup-root: the same client outside it is not
     // translated (and the node has no route to the ClusterIP).
     let client = binary("sock-client", "SOCK_CLIENT_BIN").display().to_string();
@@ -245,12 +250,30 @@ fn line_starting(lines: &mut impl Iterator<Item = std::io::Result<String>>, pref
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn a_backend_removed_mid_flow_keeps_tcp_going_and_closes_the_udp_sockets_connected_to_it() {
+    removed_mid_flow("host", |ns| &ns.cluster.node(1).node);
+}
+
+/// The same from a pod with `--socket-lb all`: the pod's sockets are
+/// translated by the hooks, and the agent finds its UDP socket in the
+/// pod's network namespace to close it.
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn with_socket_lb_all_a_pods_udp_socket_connected_to_a_removed_backend_is_closed_in_its_namespace() {
+    removed_mid_flow("all", |ns| &ns.cluster.node(1).pod("client").ns);
+}
+
+/// A connected UDP socket and a TCP connection to one backend, from the
+/// namespace `client` picks, through `--socket-lb mode`; the backend then
+/// leaves its Service.
+fn removed_mid_flow(mode: &str, client: impl Fn(&NorthSouth) -> &Netns) {
     use std::io::BufRead as _;
     let cgroup = TestCgroup::new().expect("test cgroup");
     let root = cgroup.path().display().to_string();
-    let node1_flags = ["--external-interfaces", "eth0", "--socket-lb", "host", "--cgroup-root", root.as_str()];
+    let node1_flags = ["--external-interfaces", "eth0", "--socket-lb", mode, "--cgroup-root", root.as_str()];
     let mut ns = NorthSouth::start_with(&[WEB], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
-    let node = &ns.cluster.node(1).node;
+    // Declared after `ns`, so dropped (stopped) before its namespaces go.
+    let mut agents = std::mem::take(&mut ns.agents);
+    let node = client(&ns);
     let hold = |mode: &str, addr: &str| {
         let mut child = cgroup.spawn_sock_client(node, &[mode, addr, "10"]).expect("client");
         let out = child.0.stdout.take().expect("stdout");
@@ -274,7 +297,7 @@ fn a_backend_removed_mid_flow_keeps_tcp_going_and_closes_the_udp_sockets_connect
     // scaled down does while it drains).
     let kept = if removed == A1.0 { B2 } else { A1 };
     ns.manifests.write("web.yaml", &Svc { endpoints: &[kept], ..WEB }.yaml());
-    ns.agents[0]
+    agents[0]
         .wait_for_log("closed UDP sockets connected to removed backends", 1, Duration::from_secs(10))
         .expect("the UDP socket closed");
     // UDP: the connected socket was aborted and disconnected (its next
