@@ -454,3 +454,29 @@ spec: {{cidrs: [10.98.0.0/33, 10.99.0.0/16, not-a-cidr]}}
     let got: Vec<String> = d.unserved.keys().map(ToString::to_string).collect();
     assert_eq!(got, ["10.96.0.0/16", "10.97.0.0/24", "10.99.0.0/16", "10.100.0.0/24", "fd00:10:96::/108"]);
 }
+
+#[test]
+fn a_localhost_nodeport_is_a_frontend_for_the_node_itself_only() {
+    // `--localhost-nodeports` puts 127.0.0.1 among the NodePort addresses:
+    // the internal-scope row (what the socket path reads) is there, the
+    // external-scope one never (a packet to 127.0.0.1 from outside the
+    // node is CVE-2020-8558's martian).
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+";
+    let node =
+        NodeContext { nodeport_addresses: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([10, 0, 0, 11])], ..node() };
+    let d = desired(&objects(yaml), &node);
+    let loopback: Vec<Scope> =
+        d.frontends.keys().filter(|f| f.addr == IpAddr::from([127, 0, 0, 1])).map(|f| f.scope).collect();
+    assert_eq!(loopback, [Scope::Internal]);
+    let node_address: Vec<Scope> =
+        d.frontends.keys().filter(|f| f.addr == IpAddr::from([10, 0, 0, 11])).map(|f| f.scope).collect();
+    assert_eq!(node_address.len(), 2, "the node address serves both scopes");
+}
