@@ -1,5 +1,6 @@
-//! What the packet path does with the first packet of a flow, worked out
-//! from the desired frontends alone: which frontend it matches (by where it
+//! What the packet path does with the first packet of a flow (and the
+//! socket path with a connect() of the node's own), worked out from the
+//! desired frontends alone: which frontend it matches (by where it
 //! enters the node), whether its source may connect, the endpoints it may
 //! be sent to, and whether its source is masqueraded.
 //!
@@ -90,7 +91,8 @@ fn masqueraded(df: &DesiredFrontend, probe: &Probe, backend: &Backend) -> bool {
     df.masquerade || (probe.entry == Entry::Pod && backend.addr == IpAddr::V4(probe.source))
 }
 
-/// What the packet path does with `probe`.
+/// What the packet path does with `probe` (the socket path, for
+/// [`Entry::Host`]).
 #[must_use]
 pub fn trace(desired: &Desired, probe: &Probe) -> Outcome {
     let Some(df) = frontend(desired, probe) else {
