@@ -1,8 +1,9 @@
 //! `service-agent`: the node agent of the service dataplane.
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use service_agent::{
+    attach::socket::SocketLb,
     inspect,
     maps::{DEFAULT_BPFFS_ROOT, MapSizes},
     run,
@@ -156,7 +157,18 @@ struct RunArgs {
     /// packet path cannot see; `all` every socket under --cgroup-root,
     /// pods' too; `off` attaches nothing.
     #[arg(long, default_value = "host", value_name = "host|all|off")]
-    socket_lb: service_agent::attach::socket::SocketLb,
+    socket_lb: SocketLb,
+    /// NodePorts also answer on 127.0.0.1 for the node's own sockets
+    /// (kube-proxy's --iptables-localhost-nodeports), through the socket
+    /// path only: never for packets, so a neighbour's packet to 127.0.0.1
+    /// (CVE-2020-8558, which kube-proxy's iptables mode must open
+    /// route_localnet for) meets no NodePort, and a pod's 127.0.0.1 stays
+    /// its own. Off by default, as kube-proxy's nftables mode, which does
+    /// not offer it at all. Taken only when --nodeport-addresses is unset
+    /// or contains 127.0.0.1 (kube-proxy's rule); needs --socket-lb host
+    /// or all.
+    #[arg(long)]
+    localhost_nodeports: bool,
     /// The cgroup (v2) the socket-level programs are attached to; nothing
     /// outside it is touched. Default: the host's cgroup2 mount (one is
     /// mounted at /run/service-dataplane/cgroup2 when there is none).
@@ -237,6 +249,15 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => {
+            if args.localhost_nodeports && args.socket_lb == SocketLb::Off {
+                // Localhost NodePorts exist only on the socket path.
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        "--localhost-nodeports needs the socket path: it cannot be used with --socket-lb off",
+                    )
+                    .exit();
+            }
             run::run(run::RunConfig {
                 source: match args.manifests {
                     Some(dir) => run::SourceConfig::Manifests(dir),
@@ -251,6 +272,7 @@ async fn main() -> anyhow::Result<()> {
                 masquerade_all: args.masquerade_all,
                 service_cidrs: args.service_cluster_ip_range,
                 socket_lb: args.socket_lb,
+                localhost_nodeports: args.localhost_nodeports,
                 cgroup_root: args.cgroup_root,
                 bpffs_root: args.bpffs_root,
                 map_sizes: MapSizes {

@@ -119,6 +119,9 @@ pub struct RunConfig {
     pub service_cidrs: Vec<Cidr>,
     /// `--socket-lb`.
     pub socket_lb: SocketLb,
+    /// `--localhost-nodeports`: NodePorts answer on 127.0.0.1 too (on the
+    /// socket path only), as `addresses::select` decides.
+    pub localhost_nodeports: bool,
     /// `--cgroup-root`; `None`: the host's cgroup2 mount.
     pub cgroup_root: Option<PathBuf>,
     pub bpffs_root: PathBuf,
@@ -410,7 +413,7 @@ fn refresh_node(
 ) -> bool {
     let globs = external_globs(config);
     let all = addresses::ipv4_addresses();
-    let mut now = addresses::select(&all, &globs, &config.nodeport_addresses);
+    let mut now = addresses::select(&all, &globs, &config.nodeport_addresses, config.localhost_nodeports);
     ext_attach.set_globs(globs);
     // Overlay and tunnel devices: SNAT through one writes its address
     // (MASQUERADE's choice), so the reply comes back through it.

@@ -41,3 +41,14 @@ fn a_bad_flag_is_refused_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--metrics-bind-address"), "{err}");
 }
+
+#[test]
+fn localhost_nodeports_without_the_socket_path_is_refused_naming_both_flags() {
+    let out = agent()
+        .args(["run", "--manifests", "/tmp", "--node-name", "n", "--localhost-nodeports", "--socket-lb", "off"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "a usage error: {out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--localhost-nodeports") && err.contains("--socket-lb off"), "{err}");
+}

@@ -25,7 +25,7 @@ fn every_flow_table_agrees_with_the_model() {
         let desired = model::desired(&snapshot.objects, &table.node_context());
         for flow in &table.flows {
             match table.entry(flow) {
-                Ok(entry) => tally.record(&name, flow, &model::trace::trace(&desired, &flow.probe(entry)), ""),
+                Ok(entry) => tally.record(&name, flow, entry, &model::trace::trace(&desired, &flow.probe(entry)), ""),
                 Err(why) => tally.skip(&name, flow, &why),
             }
         }

@@ -17,7 +17,8 @@
 //!
 //! `--socket-lb` (the `socket_lb` row) says whose sockets: the node's own
 //! network namespace only (`host`), every namespace under the cgroup root
-//! (`all`), or none.
+//! (`all`), or none. A loopback address (a `--localhost-nodeports`
+//! NodePort) is only ever translated for the node's own namespace.
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -92,14 +93,17 @@ fn set_user_addr(ctx: &SockAddrContext, addr: &Addr, port: Port) {
     }
 }
 
-/// Whether this socket is one `--socket-lb` translates.
+/// Whether this socket is one `--socket-lb` translates towards `addr`: a
+/// loopback address (`--localhost-nodeports`) only for the node's own
+/// sockets, under `all` too, as a pod's 127.0.0.1 is its own.
 #[inline(always)]
-fn enabled(ctx: &SockAddrContext) -> bool {
+fn enabled(ctx: &SockAddrContext, addr: &Addr) -> bool {
     let Some(config) = SOCKET_LB.get(0) else { return false };
+    // SAFETY: a helper the kernel offers sock_addr programs.
+    let host = || (unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) == config.host_netns_cookie;
     match config.mode {
-        socket_lb::ALL => true,
-        // SAFETY: a helper the kernel offers sock_addr programs.
-        socket_lb::HOST => (unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) == config.host_netns_cookie,
+        socket_lb::ALL => addr[0] != 127 || host(),
+        socket_lb::HOST => host(),
         _ => false,
     }
 }
@@ -127,10 +131,10 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
         17 => PROTO_UDP,
         _ => return ALLOW,
     };
-    if !enabled(ctx) {
+    let (addr, port) = user_addr(ctx);
+    if !enabled(ctx, &addr) {
         return ALLOW;
     }
-    let (addr, port) = user_addr(ctx);
     let key = ServiceKey::frontend(FAMILY_IPV4, addr, port, proto, SCOPE_INTERNAL);
     // SAFETY: plain data written whole by the agent.
     let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else { return unserved(&addr) };

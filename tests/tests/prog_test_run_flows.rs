@@ -15,12 +15,23 @@
 //!   run until every expected endpoint has been chosen (or a bound is
 //!   reached), so the set of endpoints is the set the program can pick.
 //!
+//!
+//! A flow from the node itself (a node address or 127.0.0.1 as its source)
+//! never meets those programs: it is run with real sockets through the
+//! socket-level programs (`service_sock_*4`, from the same object and maps)
+//! attached to a test cgroup. `sock-client probe-tcp|probe-udp` connects new
+//! sockets from that cgroup, in the table's node namespace, until every
+//! expected endpoint has been the real peer of one (or a bound is reached):
+//! ECONNREFUSED is REJECT, ENETUNREACH is DROP, the destination itself as
+//! the peer is untouched, anything else is an endpoint it was sent to.
+//!
 //! The expectation is kube-proxy's, or the flow's `ours:` where this
 //! project deliberately differs: the same as the model runner
 //! (`service-agent/tests/kube_proxy_flows.rs`) checks without root. Each
 //! table runs in a namespace of its own, with the node's addresses on a
 //! veth and a default route into it, so the programs' FIB lookups find an
-//! egress; BPF_PROG_TEST_RUN only returns the packet, nothing is sent.
+//! egress; BPF_PROG_TEST_RUN only returns the packet, nothing is sent (the
+//! probes' SYNs leave by the default route and meet nobody).
 
 #[path = "../../service-agent/tests/support/flows.rs"]
 mod flows;
@@ -33,7 +44,7 @@ use std::{
     path::Path,
 };
 
-use aya::programs::SchedClassifier;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SchedClassifier};
 use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
     model::{
@@ -44,6 +55,7 @@ use service_agent::{
     source::manifest,
 };
 use service_tests::{
+    cgroup::TestCgroup,
     fixture::TEST_RUN_IFINDEX,
     netns::{BpffsMount, Netns, unique_suffix},
     packet,
@@ -125,12 +137,14 @@ fn seen(sent: &[u8], retval: u32, out: &[u8]) -> Seen {
     Seen::Forward { endpoint: SocketAddr::new(IpAddr::V4(got.dst), got.dport), masquerade: got.src != sent.src }
 }
 
-/// Both classifiers, loaded once, with the maps they share pinned under a
-/// private bpffs.
+/// Both classifiers, loaded once, and the socket-level programs attached
+/// to a test cgroup, with the maps they share pinned under a private bpffs.
 struct Programs {
     ebpf: aya::Ebpf,
     root: std::path::PathBuf,
     _bpffs: BpffsMount,
+    /// Last: removed after the programs (dropped with `ebpf`) left it.
+    cgroup: TestCgroup,
 }
 
 impl Programs {
@@ -142,13 +156,23 @@ impl Programs {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program").try_into().expect("classifier");
             prog.load().expect("verifier accepts the program");
         }
-        Self { ebpf, root, _bpffs: bpffs }
+        // Attached as the agent attaches them (attach/socket.rs), to a
+        // cgroup only this test's probes run in.
+        let cgroup = TestCgroup::new().expect("test cgroup");
+        let dir = std::fs::File::open(cgroup.path()).expect("open the test cgroup");
+        for (_, name) in service_common::PROGS_SOCK {
+            let prog: &mut CgroupSockAddr = ebpf.program_mut(name).expect("program").try_into().expect("sock_addr");
+            prog.load().expect("verifier accepts the program");
+            prog.attach(&dir, CgroupAttachMode::Single).expect("attach to the test cgroup");
+        }
+        Self { ebpf, root, _bpffs: bpffs, cgroup }
     }
 
     fn fd(&self, entry: Entry) -> BorrowedFd<'_> {
         let name = match entry {
             Entry::Pod => service_common::PROG_POD_INGRESS,
             Entry::External => service_common::PROG_EXTERNAL_INGRESS,
+            Entry::Host => unreachable!("host flows run through sockets, not a classifier"),
         };
         let prog: &SchedClassifier = self.ebpf.program(name).expect("program").try_into().expect("classifier");
         prog.fd().expect("fd").as_fd()
@@ -226,6 +250,62 @@ fn run_flow(
     (outcome, Programs::moved(&before, &stats()))
 }
 
+/// Sockets a host flow connects at most while collecting its endpoints,
+/// in batches of [`PROBE_BATCH`] until every expected one was a peer. Each
+/// socket gets a random slot of the Maglev table (at least 31 slots, every
+/// backend within one slot of an equal share, so at least 1/n - 1/31 of
+/// them): with 4 endpoints, missing one in 128 sockets has a probability
+/// below 4 × (1 - (1/4 - 1/31))^128 ≈ 1e-13.
+const MAX_SOCKETS: usize = 128;
+const PROBE_BATCH: usize = 16;
+
+/// Runs the node's own `flow` through the socket-level programs: sockets
+/// connected from the test cgroup in `ns` (with `sock-client probe-*`),
+/// their real peers summed up as an outcome.
+fn run_host_flow(programs: &Programs, ns: &Netns, flow: &flows::Flow, expected: &Outcome) -> (Outcome, String) {
+    let mode = match flow.protocol() {
+        Protocol::Tcp => "probe-tcp",
+        Protocol::Udp => "probe-udp",
+        Protocol::Sctp => panic!("flow {:?}: SCTP from the node (the socket path has no SCTP)", flow.name),
+    };
+    let stats = || maps::read_stats(&programs.root).expect("stats");
+    let before = stats();
+    let destination = flow.destination.to_string();
+    let batch = PROBE_BATCH.to_string();
+    let mut peers = BTreeSet::new();
+    let mut failure = None;
+    for _ in 0..MAX_SOCKETS / PROBE_BATCH {
+        let lines = programs.cgroup.sock_client_with(ns, &[mode, &destination, &batch]).expect("sock-client");
+        for line in &lines {
+            match line.strip_prefix("peer ").map(str::parse::<SocketAddr>) {
+                Some(Ok(peer)) => {
+                    peers.insert(peer);
+                }
+                _ => failure = Some(line.clone()),
+            }
+        }
+        let all_seen = matches!(expected, Outcome::Forward { endpoints, .. } if endpoints.is_subset(&peers));
+        if failure.is_some() || peers.contains(&flow.destination) || all_seen {
+            break;
+        }
+    }
+    let errno = |n: i32| failure.as_deref().is_some_and(|l| l.contains(&format!("(os error {n})")));
+    let outcome = if errno(libc::ECONNREFUSED) && peers.is_empty() {
+        Outcome::Reject
+    } else if errno(libc::ENETUNREACH) && peers.is_empty() {
+        Outcome::Drop
+    } else if failure.is_none() && peers == BTreeSet::from([flow.destination]) {
+        Outcome::Untouched
+    } else if failure.is_none() && !peers.contains(&flow.destination) {
+        Outcome::Forward { endpoints: peers, masquerade: false }
+    } else {
+        // A failure of another kind, or a mix: never an expectation.
+        Outcome::Forward { endpoints: BTreeSet::new(), masquerade: false }
+    };
+    let detail = failure.map(|f| format!(" [{f}]")).unwrap_or_default();
+    (outcome, format!("{}{detail}", Programs::moved(&before, &stats())))
+}
+
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn every_flow_table_agrees_with_the_programs() {
@@ -250,12 +330,20 @@ fn every_flow_table_agrees_with_the_programs() {
         maps::write_snat_addrs(&programs.root, &snat).expect("snat rows");
         let ns = node_namespace(&table.node.addresses);
         let programs = &programs;
+        let ns = &ns;
         ns.run_in(|| {
+            // The node's own sockets are those of this namespace, as the
+            // agent's are (`--socket-lb host`): the cookie is read here.
+            maps::write_socket_lb(&programs.root, service_common::socket_lb::HOST).expect("socket_lb row");
             for flow in &table.flows {
                 match table.entry(flow) {
                     Ok(entry) => {
-                        let (got, moved) = run_flow(programs, entry, flow, &flow.expected(), &mut next_port);
-                        tally.record(&name, flow, &got, &format!(" (counters:{moved})"));
+                        let (got, moved) = if entry == Entry::Host {
+                            run_host_flow(programs, ns, flow, &flow.expected())
+                        } else {
+                            run_flow(programs, entry, flow, &flow.expected(), &mut next_port)
+                        };
+                        tally.record(&name, flow, entry, &got, &format!(" (counters:{moved})"));
                     }
                     Err(why) => tally.skip(&name, flow, &why),
                 }

@@ -525,7 +525,7 @@ fn service_frontends(
                 Err(m) => out.errors.push(err(format!("spec.loadBalancerSourceRanges[{i}]"), m)),
             }
         }
-        if ranges.iter().any(|r| node.nodeport_addresses.iter().any(|a| r.contains(*a))) {
+        if ranges.iter().any(|r| node.nodeport_addresses.iter().any(|a| !a.is_loopback() && r.contains(*a))) {
             // As kube-proxy: when the ranges let this node in, the ingress
             // IPs are let in too. A VIP-style load balancer's address is
             // often local to the nodes, so a node's request to it loops
@@ -689,6 +689,10 @@ fn service_frontends(
             .map(|(f, kind, _, masquerade)| (Frontend { scope: Scope::Internal, ..*f }, *kind, false, *masquerade))
             .collect();
         frontends.extend(from_pods);
+        // 127.0.0.1 (`--localhost-nodeports`) is a NodePort address for the
+        // node's own sockets only: a packet to it from outside the node is
+        // a martian that must never be translated (CVE-2020-8558).
+        frontends.retain(|(f, ..)| f.scope == Scope::Internal || !f.addr.is_loopback());
         for (frontend, kind, is_local, masquerade) in frontends {
             if let Some(existing) = out.frontends.get(&frontend) {
                 out.errors.push(err(

@@ -454,3 +454,92 @@ spec: {{cidrs: [10.98.0.0/33, 10.99.0.0/16, not-a-cidr]}}
     let got: Vec<String> = d.unserved.keys().map(ToString::to_string).collect();
     assert_eq!(got, ["10.96.0.0/16", "10.97.0.0/24", "10.99.0.0/16", "10.100.0.0/24", "fd00:10:96::/108"]);
 }
+
+#[test]
+fn a_localhost_nodeport_is_a_frontend_for_the_node_itself_only() {
+    // `--localhost-nodeports` puts 127.0.0.1 among the NodePort addresses:
+    // the internal-scope row (what the socket path reads) is there, the
+    // external-scope one never (a packet to 127.0.0.1 from outside the
+    // node is CVE-2020-8558's martian).
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.20
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+";
+    let node =
+        NodeContext { nodeport_addresses: vec![IpAddr::from([127, 0, 0, 1]), IpAddr::from([10, 0, 0, 11])], ..node() };
+    let d = desired(&objects(yaml), &node);
+    let loopback: Vec<Scope> =
+        d.frontends.keys().filter(|f| f.addr == IpAddr::from([127, 0, 0, 1])).map(|f| f.scope).collect();
+    assert_eq!(loopback, [Scope::Internal]);
+    let node_address: Vec<Scope> =
+        d.frontends.keys().filter(|f| f.addr == IpAddr::from([10, 0, 0, 11])).map(|f| f.scope).collect();
+    assert_eq!(node_address.len(), 2, "the node address serves both scopes");
+}
+
+#[test]
+fn the_nodes_own_sockets_get_what_the_socket_path_gives_them() {
+    // A pod and the node itself (Entry::Host) dial the same frontends: an
+    // internal Local policy with no endpoint on this node drops the pod's
+    // packet but fails the node's connect() with ECONNREFUSED; source
+    // ranges that leave both out drop the pod, not the node's socket; the
+    // node's socket is never masqueraded (its source is the node's).
+    use std::net::{Ipv4Addr, SocketAddr};
+
+    use trace::{Entry, Outcome, Probe};
+    let yaml = r"
+apiVersion: v1
+kind: Service
+metadata: {name: local, namespace: shop}
+spec:
+  clusterIP: 10.96.0.30
+  internalTrafficPolicy: Local
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: local-1, namespace: shop, labels: {kubernetes.io/service-name: local}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.5], nodeName: node-b}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.31
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30031}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.31}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: shop, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [10.244.2.6], nodeName: node-b}]
+";
+    let node = NodeContext { nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };
+    let d = desired(&objects(yaml), &node);
+    let probe = |source: [u8; 4], destination: &str, entry: Entry| Probe {
+        source: Ipv4Addr::from(source),
+        destination: destination.parse().unwrap(),
+        protocol: Protocol::Tcp,
+        entry,
+    };
+    let pod = [10, 244, 1, 5];
+    let host = [10, 0, 0, 11];
+    assert_eq!(trace::trace(&d, &probe(pod, "10.96.0.30:80", Entry::Pod)), Outcome::Drop);
+    assert_eq!(trace::trace(&d, &probe(host, "10.96.0.30:80", Entry::Host)), Outcome::Reject);
+    assert_eq!(trace::trace(&d, &probe(pod, "198.51.100.31:80", Entry::Pod)), Outcome::Drop);
+    let to_lb = Outcome::Forward { endpoints: [SocketAddr::from(([10, 244, 2, 6], 8080))].into(), masquerade: false };
+    assert_eq!(trace::trace(&d, &probe(host, "198.51.100.31:80", Entry::Host)), to_lb);
+    assert_eq!(trace::trace(&d, &probe([127, 0, 0, 1], "10.0.0.11:30031", Entry::Host)), to_lb);
+    // The service IP rows decide an unserved port for both.
+    assert_eq!(trace::trace(&d, &probe(host, "10.96.0.31:81", Entry::Host)), Outcome::Reject);
+}

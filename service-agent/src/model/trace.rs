@@ -1,12 +1,14 @@
-//! What the packet path does with the first packet of a flow, worked out
-//! from the desired frontends alone: which frontend it matches (by where it
+//! What the packet path does with the first packet of a flow (and the
+//! socket path with a connect() of the node's own), worked out from the
+//! desired frontends alone: which frontend it matches (by where it
 //! enters the node), whether its source may connect, the endpoints it may
 //! be sent to, and whether its source is masqueraded.
 //!
 //! This is the specification the eBPF programs implement, stated without
 //! maps: the flow tables of `tests/flows` (kube-proxy's own packet-flow
 //! cases among them) are checked against it without root, and against the
-//! live programs with real packets.
+//! live programs with real packets (and, for the node's own sockets, real
+//! sockets under the socket-level programs).
 
 use std::{
     collections::BTreeSet,
@@ -23,6 +25,11 @@ pub enum Entry {
     Pod,
     /// From outside the node, through an external interface.
     External,
+    /// From a socket of the node itself (a node address or 127.0.0.1 as
+    /// its source): translated at connect()/sendmsg() by the socket-level
+    /// programs (`service-ebpf/src/socket.rs`), never seen by the packet
+    /// path.
+    Host,
 }
 
 /// The first packet of a flow.
@@ -45,7 +52,8 @@ pub enum Outcome {
     /// policy with no endpoint on this node).
     Drop,
     /// Sent to one of `endpoints` (address:port); `masquerade` when its
-    /// source is rewritten to this node's address for at least one of them.
+    /// source is rewritten to this node's address for at least one of them
+    /// (never for [`Entry::Host`]: a socket's source is the node's already).
     Forward { endpoints: BTreeSet<SocketAddr>, masquerade: bool },
 }
 
@@ -67,7 +75,9 @@ impl fmt::Display for Outcome {
 #[must_use]
 pub fn frontend<'a>(desired: &'a Desired, probe: &Probe) -> Option<&'a DesiredFrontend> {
     let scope = match probe.entry {
-        Entry::Pod => Scope::Internal,
+        // The node's own sockets get what kube-proxy gives traffic from
+        // the node: the internal-scope frontends, as pods do.
+        Entry::Pod | Entry::Host => Scope::Internal,
         Entry::External => Scope::External,
     };
     let key =
@@ -81,7 +91,8 @@ fn masqueraded(df: &DesiredFrontend, probe: &Probe, backend: &Backend) -> bool {
     df.masquerade || (probe.entry == Entry::Pod && backend.addr == IpAddr::V4(probe.source))
 }
 
-/// What the packet path does with `probe`.
+/// What the packet path does with `probe` (the socket path, for
+/// [`Entry::Host`]).
 #[must_use]
 pub fn trace(desired: &Desired, probe: &Probe) -> Outcome {
     let Some(df) = frontend(desired, probe) else {
@@ -94,6 +105,9 @@ pub fn trace(desired: &Desired, probe: &Probe) -> Outcome {
             None => Outcome::Untouched,
         };
     };
+    if probe.entry == Entry::Host {
+        return socket(df);
+    }
     if !df.source_ranges.is_empty() && !df.source_ranges.iter().any(|r| r.contains(IpAddr::V4(probe.source))) {
         return Outcome::Drop;
     }
@@ -106,5 +120,22 @@ pub fn trace(desired: &Desired, probe: &Probe) -> Outcome {
     Outcome::Forward {
         endpoints: df.backends.iter().map(|b| SocketAddr::new(b.addr, b.port)).collect(),
         masquerade: df.backends.iter().any(|b| masqueraded(df, probe, b)),
+    }
+}
+
+/// What the socket path does with a connect() or sendmsg() of the node's
+/// own to `df`'s address: no source check (`loadBalancerSourceRanges`
+/// filter what comes from outside); without an endpoint this node may use
+/// the call fails with ECONNREFUSED, whether the packet path would reject
+/// or drop (an application is told at once rather than left to time out);
+/// else one of the endpoints. Nothing rewrites the socket's source: the
+/// kernel picks the node's address for the route to the backend.
+fn socket(df: &DesiredFrontend) -> Outcome {
+    if df.backends.is_empty() {
+        return Outcome::Reject;
+    }
+    Outcome::Forward {
+        endpoints: df.backends.iter().map(|b| SocketAddr::new(b.addr, b.port)).collect(),
+        masquerade: false,
     }
 }

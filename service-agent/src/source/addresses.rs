@@ -86,8 +86,20 @@ pub struct NodeAddresses {
 /// node address inside one of them (on any interface); without, every
 /// address of the external interfaces. SNAT uses each external interface's
 /// first address; hairpin traffic the first external interface's.
+///
+/// `localhost_nodeports` (`--localhost-nodeports`, kube-proxy's
+/// `--iptables-localhost-nodeports`) adds 127.0.0.1 when
+/// `nodeport_cidrs` is empty or one of them contains it, kube-proxy's rule
+/// (its `ContainsIPv4Loopback`): CIDRs that leave loopback out turn the
+/// flag off, and without the flag a CIDR containing 127.0.0.1 does not
+/// turn it on (kube-proxy's iptables mode skips loopback node IPs then).
 #[must_use]
-pub fn select(all: &[InterfaceAddr], external: &Globs, nodeport_cidrs: &[Cidr]) -> NodeAddresses {
+pub fn select(
+    all: &[InterfaceAddr],
+    external: &Globs,
+    nodeport_cidrs: &[Cidr],
+    localhost_nodeports: bool,
+) -> NodeAddresses {
     let on_external = |a: &&InterfaceAddr| external.matches(&a.interface);
     let mut nodeport: Vec<IpAddr> = if nodeport_cidrs.is_empty() {
         all.iter().filter(on_external).map(|a| IpAddr::V4(a.addr)).collect()
@@ -98,6 +110,10 @@ pub fn select(all: &[InterfaceAddr], external: &Globs, nodeport_cidrs: &[Cidr]) 
             .map(|a| IpAddr::V4(a.addr))
             .collect()
     };
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    if localhost_nodeports && (nodeport_cidrs.is_empty() || nodeport_cidrs.iter().any(|c| c.contains(localhost))) {
+        nodeport.push(localhost);
+    }
     nodeport.sort();
     nodeport.dedup();
     let mut snat = BTreeMap::new();
@@ -138,7 +154,7 @@ mod tests {
             addr(2, "eth0", [192, 168, 100, 21]),
             addr(3, "eth1", [10, 0, 0, 1]),
         ];
-        let got = select(&all, &Globs::parse("eth0"), &[]);
+        let got = select(&all, &Globs::parse("eth0"), &[], false);
         assert_eq!(got.nodeport, vec![IpAddr::from([192, 168, 100, 11]), IpAddr::from([192, 168, 100, 21])]);
         // The interface's first address; hairpin (0) too.
         assert_eq!(
@@ -151,13 +167,38 @@ mod tests {
     fn cidrs_select_node_addresses_on_any_interface() {
         let all = [addr(1, "lo", [127, 0, 0, 1]), addr(2, "eth0", [192, 168, 100, 11]), addr(3, "eth1", [10, 0, 0, 1])];
         let cidrs: Vec<Cidr> = vec!["10.0.0.0/8".parse().unwrap(), "127.0.0.0/8".parse().unwrap()];
-        let got = select(&all, &Globs::parse("eth0"), &cidrs);
+        let got = select(&all, &Globs::parse("eth0"), &cidrs, false);
         assert_eq!(got.nodeport, vec![IpAddr::from([10, 0, 0, 1])]);
+    }
+
+    /// kube-proxy's TestNodePorts (iptables): localhost NodePorts only with
+    /// the flag, and only when `--nodeport-addresses` is unset or lets
+    /// 127.0.0.1 in.
+    #[test]
+    fn localhost_nodeports_add_127_0_0_1_when_the_cidrs_allow_it() {
+        let all = [addr(1, "lo", [127, 0, 0, 1]), addr(2, "eth0", [192, 168, 0, 2]), addr(2, "eth0", [192, 168, 1, 2])];
+        let eth0 = Globs::parse("eth0");
+        let localhost = IpAddr::from([127, 0, 0, 1]);
+        let cidrs = |list: &[&str]| -> Vec<Cidr> { list.iter().map(|c| c.parse().unwrap()).collect() };
+        // Unset: every external address, and 127.0.0.1 with the flag only.
+        let on = select(&all, &eth0, &[], true).nodeport;
+        assert_eq!(on, vec![localhost, IpAddr::from([192, 168, 0, 2]), IpAddr::from([192, 168, 1, 2])]);
+        assert!(!select(&all, &eth0, &[], false).nodeport.contains(&localhost));
+        // A CIDR containing 127.0.0.1: on with the flag ("localhost in
+        // nodeport-addresses"), off without it ("localhost-nodeports
+        // disabled, localhost in nodeport-addresses").
+        let with_lo = cidrs(&["192.168.0.0/24", "127.0.0.1/32"]);
+        assert_eq!(select(&all, &eth0, &with_lo, true).nodeport, vec![localhost, IpAddr::from([192, 168, 0, 2])]);
+        assert_eq!(select(&all, &eth0, &with_lo, false).nodeport, vec![IpAddr::from([192, 168, 0, 2])]);
+        assert_eq!(select(&all, &eth0, &cidrs(&["127.0.0.0/8"]), true).nodeport, vec![localhost]);
+        // CIDRs that leave loopback out turn the flag off.
+        let without_lo = select(&all, &eth0, &cidrs(&["192.168.0.0/16"]), true).nodeport;
+        assert_eq!(without_lo, vec![IpAddr::from([192, 168, 0, 2]), IpAddr::from([192, 168, 1, 2])]);
     }
 
     #[test]
     fn an_external_interface_without_addresses_gets_no_snat_row() {
-        let got = select(&[addr(1, "lo", [127, 0, 0, 1])], &Globs::parse("eth0"), &[]);
+        let got = select(&[addr(1, "lo", [127, 0, 0, 1])], &Globs::parse("eth0"), &[], false);
         assert!(got.nodeport.is_empty());
         assert!(got.snat.is_empty());
     }
@@ -165,7 +206,7 @@ mod tests {
     #[test]
     fn tunnel_interfaces_get_snat_rows_but_no_nodeports() {
         let all = [addr(2, "eth0", [192, 168, 100, 11]), addr(5, "flannel.1", [10, 244, 1, 0])];
-        let mut got = select(&all, &Globs::parse("eth0"), &[]);
+        let mut got = select(&all, &Globs::parse("eth0"), &[], false);
         add_snat_interfaces(&all, &std::collections::BTreeSet::from(["flannel.1".to_owned()]), &mut got);
         assert_eq!(got.nodeport, vec![IpAddr::from([192, 168, 100, 11])]);
         assert_eq!(got.snat.get(&5), Some(&Ipv4Addr::new(10, 244, 1, 0)));

@@ -17,6 +17,9 @@
 //!   `exchanges N`. UDP: when a call fails (a socket closed under it),
 //!   `aborted after N: <error>`, then a new socket connected to ADDR and
 //!   `reconnected NAME` from its first answer.
+//! - `probe-tcp` / `probe-udp` (COUNT new sockets): where connect() really
+//!   connected each, without an exchange: `peer ADDR:PORT` once per
+//!   distinct peer, or the first failure (see [`probe`]).
 
 use std::{
     collections::BTreeMap,
@@ -142,6 +145,8 @@ fn hold_udp(addr: SocketAddr, seconds: usize) -> std::io::Result<()> {
 
 fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
     match mode {
+        "probe-tcp" => probe(addr, count, true)?,
+        "probe-udp" => probe(addr, count, false)?,
         "tcp" => {
             let (peer, answer) = tcp_once(addr)?;
             println!("peer {peer}");
@@ -168,7 +173,7 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
         }
         other => {
             return Err(std::io::Error::other(format!(
-                "unknown mode {other:?} (tcp, udp, udp-connected, tcp-many, udp-many, hold-tcp, hold-udp)"
+                "unknown mode {other:?} (tcp, udp, udp-connected, tcp-many, udp-many, hold-tcp, hold-udp, probe-tcp, probe-udp)"
             )));
         }
     }
@@ -178,7 +183,9 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(addr)) = (args.get(1), args.get(2).and_then(|a| a.parse::<SocketAddr>().ok())) else {
-        eprintln!("usage: sock-client tcp|udp|udp-connected|tcp-many|udp-many|hold-tcp|hold-udp ADDR:PORT [COUNT]");
+        eprintln!(
+            "usage: sock-client tcp|udp|udp-connected|tcp-many|udp-many|hold-tcp|hold-udp|probe-tcp|probe-udp ADDR:PORT [COUNT]"
+        );
         std::process::exit(2);
     };
     let count = args.get(3).and_then(|c| c.parse().ok()).unwrap_or(1);
@@ -186,4 +193,84 @@ fn main() {
         println!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// `probe-tcp` / `probe-udp`: `count` new sockets, each connected to `addr`
+/// without reaching anyone, and the peer each really got, printed once per
+/// distinct peer (`peer ADDR:PORT`); a failed connect() is the error (the
+/// socket path's refusals: ECONNREFUSED, ENETUNREACH). The peer is read
+/// from `/proc/self/net/tcp` or `udp` by the socket's inode: getpeername()
+/// shows what the getpeername4 hook restores, the Service address.
+///
+/// TCP connects without blocking: connect4 has run by the time connect()
+/// returns EINPROGRESS, and the SYN leaves by the namespace's default route
+/// to nowhere. A destination that is the node's own address would answer
+/// the SYN with a RST and close the socket before its peer is read, so a
+/// listener is bound there first when it can be (an untranslated socket
+/// then stays connected to it). UDP's connect() sends nothing at all.
+fn probe(addr: SocketAddr, count: usize, tcp: bool) -> std::io::Result<()> {
+    let SocketAddr::V4(addr) = addr else { return Err(std::io::Error::other("probe: IPv4 only")) };
+    let _listener = if tcp { std::net::TcpListener::bind(addr).ok() } else { None };
+    let mut peers = std::collections::BTreeSet::new();
+    for _ in 0..count {
+        peers.insert(probe_once(addr, tcp)?);
+    }
+    for peer in peers {
+        println!("peer {peer}");
+    }
+    Ok(())
+}
+
+/// One socket connected to `addr`: its real peer.
+fn probe_once(addr: std::net::SocketAddrV4, tcp: bool) -> std::io::Result<std::net::SocketAddrV4> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    let socket = if tcp {
+        // SAFETY: socket(2) with constant arguments; the descriptor is
+        // owned at once below.
+        let fd =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor nothing else owns.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(addr.ip().octets()) },
+            sin_zero: [0; 8],
+        };
+        let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in>()).expect("sockaddr_in fits");
+        // SAFETY: `sin` is a complete sockaddr_in of `len` bytes, alive for
+        // the call.
+        let rc = unsafe { libc::connect(socket.as_raw_fd(), (&raw const sin).cast(), len) };
+        let error = std::io::Error::last_os_error();
+        if rc != 0 && error.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(error);
+        }
+        socket
+    } else {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(addr)?;
+        OwnedFd::from(socket)
+    };
+    let inode =
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/proc/self/fd/{}", socket.as_raw_fd()))?);
+    let table = std::fs::read_to_string(if tcp { "/proc/self/net/tcp" } else { "/proc/self/net/udp" })?;
+    real_peer(&table, inode).ok_or_else(|| std::io::Error::other(format!("socket inode {inode} not in the table")))
+}
+
+/// The remote address of the socket with `inode` in a `/proc/net/tcp` or
+/// `udp` table: `ADDR:PORT` in hex, the address as the kernel's
+/// network-order word printed in host order, the port in host order.
+fn real_peer(table: &str, inode: u64) -> Option<std::net::SocketAddrV4> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(9)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        let (ip, port) = fields.get(2)?.split_once(':')?;
+        let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
+        Some(std::net::SocketAddrV4::new(ip, u16::from_str_radix(port, 16).ok()?))
+    })
 }
