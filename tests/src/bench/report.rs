@@ -11,6 +11,7 @@ use super::{
     Plan, Stats,
     control_plane::ControlPlane,
     packet_cost::{CASES, CaseResult},
+    socket_lb::{Path as SocketPath, SocketLbResult},
     traffic::{TrafficResult, Variant},
 };
 
@@ -42,6 +43,7 @@ pub struct Results {
     pub repeat_check: Option<(u32, f64, f64)>,
     pub traffic: Vec<TrafficResult>,
     pub control: Option<ControlPlane>,
+    pub socket: Vec<SocketLbResult>,
 }
 
 /// The Markdown report.
@@ -203,7 +205,77 @@ pub fn markdown(r: &Results) -> String {
         );
         let _ = writeln!(md, "![control plane](bench-control-plane.png)\n");
     }
+    if !r.socket.is_empty() {
+        socket_lb(&mut md, r);
+    }
     md
+}
+
+/// Section 4: the socket path for pods against the packet path and the
+/// pod dialled directly.
+fn socket_lb(md: &mut String, r: &Results) {
+    let _ = writeln!(md, "## 4. Socket-level load balancing for pods (`--socket-lb all`)\n");
+    let _ = writeln!(
+        md,
+        "The topology of section 2 with 1 Service: a client pod, a ClusterIP with 3 backend pods on the same \
+         node. The client is one process (`sock-client`) in the client pod's network namespace and in a \
+         cgroup the bench creates under its own; with `--socket-lb all` that cgroup is the agent's \
+         `--cgroup-root`, so connect() is translated to a backend by the cgroup hook and the flow's packets \
+         carry the backend's address (the TC program on the pod interface passes them untranslated); with \
+         `--socket-lb off` the packet path translates them (DNAT of the first packet, conntrack, reverse NAT \
+         of the replies); directly: the client dials the pod IPs, no agent running. *New connections*: as in \
+         section 2 ({} worker threads, {:.0} s per run). *Established flow*: {} connection(s) opened before \
+         the clock starts, then `who` and the backend's one-line answer back and forth for {:.0} s; a round \
+         trip is one data packet each way through the node. Time ratios above 1 are slower.\n",
+        r.plan.workers, r.plan.traffic_seconds, r.plan.round_trip_connections, r.plan.traffic_seconds
+    );
+    let get = |p: SocketPath| r.socket.iter().find(|s| s.path == p);
+    let conn = |p: SocketPath| get(p).map_or(0.0, |s| s.connections.connections_per_s.median);
+    let _ = writeln!(
+        md,
+        "| path | conn/s (median) | spread | ratio to direct | ratio to packet path | p50 ms | p99 ms | errors |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for s in &r.socket {
+        let c = &s.connections;
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.3} | {:.3} | {} |",
+            s.path.label(),
+            c.connections_per_s.median,
+            c.connections_per_s.min,
+            c.connections_per_s.max,
+            ratio(c.connections_per_s.median, conn(SocketPath::Direct)),
+            ratio(c.connections_per_s.median, conn(SocketPath::PacketPath)),
+            c.p50_ms.median,
+            c.p99_ms.median,
+            c.errors
+        );
+    }
+    let us = |p: SocketPath| get(p).map_or(0.0, |s| s.round_trips.p50_ms.median * 1e3);
+    let _ = writeln!(
+        md,
+        "\n| path | µs per round trip (p50) | p99 µs | above direct (µs) | time ratio to direct | time ratio to packet path | round trips/s (median) | spread | errors |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for s in &r.socket {
+        let t = &s.round_trips;
+        let p50 = t.p50_ms.median * 1e3;
+        let _ = writeln!(
+            md,
+            "| {} | {p50:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0}–{:.0} | {} |",
+            s.path.label(),
+            t.p99_ms.median * 1e3,
+            p50 - us(SocketPath::Direct),
+            ratio(p50, us(SocketPath::Direct)),
+            ratio(p50, us(SocketPath::PacketPath)),
+            t.connections_per_s.median,
+            t.connections_per_s.min,
+            t.connections_per_s.max,
+            t.errors
+        );
+    }
+    let _ = writeln!(md);
 }
 
 /// Registers DejaVu Sans for the charts' text.

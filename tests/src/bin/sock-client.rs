@@ -76,6 +76,7 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
         }
         "tcp-many" => many(count, addr, tcp_once)?,
         "udp-many" => many(count, addr, udp_once)?,
+        "tcp-rate" | "tcp-rr" => load(mode, addr, count)?,
         "udp-connected" => {
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.set_read_timeout(Some(TIMEOUT))?;
@@ -106,4 +107,32 @@ fn main() {
         println!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// `tcp-rate|tcp-rr ADDR WORKERS SECONDS [ADDR...]`: the benchmark's loads
+/// (`service_tests::bench::traffic`) from this process, so from its cgroup
+/// and network namespace: new connections (`tcp-rate`), or round trips on
+/// one established connection per worker (`tcp-rr`), for SECONDS (at most
+/// a minute), the workers taking ADDR and the further addresses in turn.
+/// Prints the figures as one `rate … p50_ms … p99_ms … errors …` line.
+fn load(mode: &str, addr: SocketAddr, workers: usize) -> std::io::Result<()> {
+    use service_tests::bench::traffic;
+    let args: Vec<String> = std::env::args().skip(4).collect();
+    let seconds = args
+        .first()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| (0.0..=60.0).contains(s))
+        .ok_or_else(|| std::io::Error::other("SECONDS: 0 to 60"))?;
+    let mut targets = vec![addr];
+    for a in args.iter().skip(1) {
+        targets.push(a.parse().map_err(|e| std::io::Error::other(format!("{a}: {e}")))?);
+    }
+    let duration = Duration::from_secs_f64(seconds);
+    let result = if mode == "tcp-rate" {
+        traffic::new_connections(&targets, workers, duration)
+    } else {
+        traffic::round_trips(&targets, workers, duration)
+    };
+    println!("{}", result.to_line());
+    Ok(())
 }
