@@ -211,6 +211,15 @@ pub fn markdown(r: &Results) -> String {
     md
 }
 
+/// A Markdown table: the first column left-aligned, the figures right.
+fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(header.len() - 1));
+    for row in rows {
+        let _ = writeln!(md, "| {} |", row.join(" | "));
+    }
+}
+
 /// Section 4: the socket path for pods against the packet path and the
 /// pod dialled directly.
 fn socket_lb(md: &mut String, r: &Results) {
@@ -224,57 +233,66 @@ fn socket_lb(md: &mut String, r: &Results) {
          carry the backend's address (the TC program on the pod interface passes them untranslated); with \
          `--socket-lb off` the packet path translates them (DNAT of the first packet, conntrack, reverse NAT \
          of the replies); directly: the client dials the pod IPs, no agent running. *New connections*: as in \
-         section 2 ({} worker threads, {:.0} s per run). *Established flow*: {} connection(s) opened before \
-         the clock starts, then `who` and the backend's one-line answer back and forth for {:.0} s; a round \
+         section 2 ({} worker threads, {} s per run). *Established flow*: {} connection(s) opened before \
+         the clock starts, then `who` and the backend's one-line answer back and forth for {} s; a round \
          trip is one data packet each way through the node. Time ratios above 1 are slower.\n",
         r.plan.workers, r.plan.traffic_seconds, r.plan.round_trip_connections, r.plan.traffic_seconds
     );
     let get = |p: SocketPath| r.socket.iter().find(|s| s.path == p);
     let conn = |p: SocketPath| get(p).map_or(0.0, |s| s.connections.connections_per_s.median);
-    let _ = writeln!(
-        md,
-        "| path | conn/s (median) | spread | ratio to direct | ratio to packet path | p50 ms | p99 ms | errors |"
-    );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for s in &r.socket {
-        let c = &s.connections;
-        let _ = writeln!(
-            md,
-            "| {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.3} | {:.3} | {} |",
-            s.path.label(),
-            c.connections_per_s.median,
-            c.connections_per_s.min,
-            c.connections_per_s.max,
-            ratio(c.connections_per_s.median, conn(SocketPath::Direct)),
-            ratio(c.connections_per_s.median, conn(SocketPath::PacketPath)),
-            c.p50_ms.median,
-            c.p99_ms.median,
-            c.errors
-        );
-    }
+    let rows: Vec<Vec<String>> = r
+        .socket
+        .iter()
+        .map(|s| {
+            let c = &s.connections;
+            vec![
+                s.path.label().to_owned(),
+                format!("{:.0}", c.connections_per_s.median),
+                format!("{:.0}–{:.0}", c.connections_per_s.min, c.connections_per_s.max),
+                ratio(c.connections_per_s.median, conn(SocketPath::Direct)),
+                ratio(c.connections_per_s.median, conn(SocketPath::PacketPath)),
+                format!("{:.3}", c.p50_ms.median),
+                format!("{:.3}", c.p99_ms.median),
+                c.errors.to_string(),
+            ]
+        })
+        .collect();
+    let header =
+        ["path", "conn/s (median)", "spread", "ratio to direct", "ratio to packet path", "p50 ms", "p99 ms", "errors"];
+    table(md, &header, &rows);
     let us = |p: SocketPath| get(p).map_or(0.0, |s| s.round_trips.p50_ms.median * 1e3);
-    let _ = writeln!(
-        md,
-        "\n| path | µs per round trip (p50) | p99 µs | above direct (µs) | time ratio to direct | time ratio to packet path | round trips/s (median) | spread | errors |"
-    );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for s in &r.socket {
-        let t = &s.round_trips;
-        let p50 = t.p50_ms.median * 1e3;
-        let _ = writeln!(
-            md,
-            "| {} | {p50:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.0}–{:.0} | {} |",
-            s.path.label(),
-            t.p99_ms.median * 1e3,
-            p50 - us(SocketPath::Direct),
-            ratio(p50, us(SocketPath::Direct)),
-            ratio(p50, us(SocketPath::PacketPath)),
-            t.connections_per_s.median,
-            t.connections_per_s.min,
-            t.connections_per_s.max,
-            t.errors
-        );
-    }
+    let rows: Vec<Vec<String>> = r
+        .socket
+        .iter()
+        .map(|s| {
+            let t = &s.round_trips;
+            let p50 = t.p50_ms.median * 1e3;
+            vec![
+                s.path.label().to_owned(),
+                format!("{p50:.1}"),
+                format!("{:.1}", t.p99_ms.median * 1e3),
+                format!("{:.1}", p50 - us(SocketPath::Direct)),
+                ratio(p50, us(SocketPath::Direct)),
+                ratio(p50, us(SocketPath::PacketPath)),
+                format!("{:.0}", t.connections_per_s.median),
+                format!("{:.0}–{:.0}", t.connections_per_s.min, t.connections_per_s.max),
+                t.errors.to_string(),
+            ]
+        })
+        .collect();
+    let _ = writeln!(md);
+    let header = [
+        "path",
+        "µs per round trip (p50)",
+        "p99 µs",
+        "above direct (µs)",
+        "time ratio to direct",
+        "time ratio to packet path",
+        "round trips/s (median)",
+        "spread",
+        "errors",
+    ];
+    table(md, &header, &rows);
     let _ = writeln!(md);
 }
 
