@@ -83,6 +83,9 @@ pub struct Plan {
     pub workers: usize,
     /// Established connections of the round-trip load ([`socket_lb`]).
     pub round_trip_connections: usize,
+    /// The slices each of [`socket_lb`]'s runs is cut into (the paths
+    /// take turns slice by slice).
+    pub socket_slices: usize,
     pub control_services: usize,
     pub control_endpoints_per_service: usize,
     pub control_changes: usize,
@@ -102,6 +105,7 @@ impl Plan {
                 traffic_sizes: &[1, 1_000, 10_000],
                 workers: 4,
                 round_trip_connections: 1,
+                socket_slices: 2,
                 // nft -f of 100,000 endpoint chains alone takes minutes on
                 // nft 1.0.6: the quick run uses a fifth of the full size.
                 control_services: 2_000,
@@ -119,6 +123,7 @@ impl Plan {
                 traffic_sizes: &[1, 1_000, 10_000],
                 workers: 4,
                 round_trip_connections: 1,
+                socket_slices: 8,
                 control_services: 10_000,
                 control_endpoints_per_service: 10,
                 control_changes: 200,

@@ -223,6 +223,8 @@ fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
 /// Section 4: the socket path for pods against the packet path and the
 /// pod dialled directly.
 fn socket_lb(md: &mut String, r: &Results) {
+    #[expect(clippy::cast_precision_loss, reason = "a few slices")]
+    let slices = r.plan.socket_slices as f64;
     let _ = writeln!(md, "## 4. Socket-level load balancing for pods (`--socket-lb all`)\n");
     let _ = writeln!(
         md,
@@ -233,10 +235,17 @@ fn socket_lb(md: &mut String, r: &Results) {
          carry the backend's address (the TC program on the pod interface passes them untranslated); with \
          `--socket-lb off` the packet path translates them (DNAT of the first packet, conntrack, reverse NAT \
          of the replies); directly: the client dials the pod IPs, no agent running. *New connections*: as in \
-         section 2 ({} worker threads, {} s per run). *Established flow*: {} connection(s) opened before \
-         the clock starts, then `who` and the backend's one-line answer back and forth for {} s; a round \
-         trip is one data packet each way through the node. Time ratios above 1 are slower.\n",
-        r.plan.workers, r.plan.traffic_seconds, r.plan.round_trip_connections, r.plan.traffic_seconds
+         section 2, {} worker threads. *Established flow*: {} connection(s) opened before the clock starts, \
+         then `who` and the backend's one-line answer back and forth; a round trip is one data packet each \
+         way through the node. Each figure is the median over {} rounds × {} slices of {} s: in each round \
+         the three paths are set up side by side on fresh topologies and take turns slice by slice, so a \
+         change of the machine's load lands on all three alike (spread = min–max of the slices). Time \
+         ratios above 1 are slower.\n",
+        r.plan.workers,
+        r.plan.round_trip_connections,
+        r.plan.traffic_repeats,
+        r.plan.socket_slices,
+        r.plan.traffic_seconds / slices
     );
     let get = |p: SocketPath| r.socket.iter().find(|s| s.path == p);
     let conn = |p: SocketPath| get(p).map_or(0.0, |s| s.connections.connections_per_s.median);

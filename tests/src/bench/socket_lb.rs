@@ -9,7 +9,8 @@
 //! client's connect() is translated by the cgroup hook and its packets
 //! carry the backend's address (the TC program passes them untouched). The
 //! other two paths run the same client in a cgroup of their own, so the
-//! three differ only in what translates. Two loads: new connections
+//! three differ only in what translates. They run side by side, taking
+//! turns in short slices ([`round`]). Two loads: new connections
 //! ([`traffic::new_connections`], as in section 2) and round trips on
 //! established connections ([`traffic::round_trips`]), which price the
 //! per-packet work of a flow that is already set up.
@@ -99,19 +100,37 @@ fn client(s: &Setup, mode: &str, targets: &[SocketAddr], workers: usize, duratio
     lines.iter().find_map(|l| RunResult::parse(l)).with_context(|| format!("sock-client {mode}: {lines:?}"))
 }
 
-/// One measurement of `path` on a fresh topology: a warm-up (ARP, first
-/// flows), `connections` established connections doing round trips for
-/// `duration`, then new connections from `workers` for `duration`.
+/// One round: the three paths set up side by side on fresh topologies
+/// (each warmed up: ARP, first flows), then `slices` slices of `slice`
+/// each of both loads, the paths taking turns slice by slice, so that a
+/// change of the machine's load (other work on a small machine) lands on
+/// all three alike. A slice of the round-trip load keeps `connections`
+/// established connections, one of new connections runs `workers`
+/// workers. The runs of each path, in [`Path::ALL`]'s order.
 ///
 /// # Errors
-/// When the topology, the agent or the client fails.
-pub fn run_once(path: Path, workers: usize, connections: usize, duration: Duration) -> Result<Run> {
-    let s = setup(path).with_context(|| path.label())?;
-    let targets = path.targets();
-    client(&s, "tcp-rate", &targets, workers, Duration::from_millis(300))?;
-    let round_trips = client(&s, "tcp-rr", &targets, connections, duration)?;
-    let connections = client(&s, "tcp-rate", &targets, workers, duration)?;
-    Ok(Run { connections, round_trips })
+/// When a topology, an agent or the client fails.
+pub fn round(workers: usize, connections: usize, slices: usize, slice: Duration) -> Result<Vec<Vec<Run>>> {
+    let setups = Path::ALL
+        .iter()
+        .map(|p| {
+            let s = setup(*p).with_context(|| p.label())?;
+            client(&s, "tcp-rate", &p.targets(), workers, Duration::from_millis(300))?;
+            Ok((*p, s))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut runs = vec![Vec::new(); setups.len()];
+    for _ in 0..slices {
+        let mut round_trips = Vec::new();
+        for (p, s) in &setups {
+            round_trips.push(client(s, "tcp-rr", &p.targets(), connections, slice)?);
+        }
+        for (i, ((p, s), round_trips)) in setups.iter().zip(round_trips).enumerate() {
+            let connections = client(s, "tcp-rate", &p.targets(), workers, slice)?;
+            runs[i].push(Run { connections, round_trips });
+        }
+    }
+    Ok(runs)
 }
 
 /// The runs of one path, summarized.

@@ -158,12 +158,14 @@ fn socket_section(plan: &Plan, results: &mut Results) -> Result<()> {
         socket_lb::check(p).with_context(|| format!("checking {}", p.label()))?;
     }
     println!("   checked: the socket path translates at connect(), the packet path at the first packet");
-    let duration = Duration::from_secs_f64(plan.traffic_seconds);
+    #[expect(clippy::cast_precision_loss, reason = "a few slices")]
+    let slice = Duration::from_secs_f64(plan.traffic_seconds / plan.socket_slices as f64);
     let mut runs: Vec<Vec<socket_lb::Run>> = vec![Vec::new(); socket_lb::Path::ALL.len()];
     for round in 1..=plan.traffic_repeats {
         println!("   round {round} of {}", plan.traffic_repeats);
-        for (i, p) in socket_lb::Path::ALL.iter().enumerate() {
-            runs[i].push(socket_lb::run_once(*p, plan.workers, plan.round_trip_connections, duration)?);
+        let round = socket_lb::round(plan.workers, plan.round_trip_connections, plan.socket_slices, slice)?;
+        for (all, more) in runs.iter_mut().zip(round) {
+            all.extend(more);
         }
     }
     for (p, runs) in socket_lb::Path::ALL.iter().zip(&runs) {
