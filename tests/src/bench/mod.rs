@@ -12,7 +12,8 @@
 //!   against `iptables-restore` / `nft -f` of the same Services;
 //! - [`socket_lb`]: a pod's new connections and round trips on an
 //!   established connection through a ClusterIP with `--socket-lb all`,
-//!   against the packet path and against dialling the pod directly;
+//!   against the packet path and against dialling the pod directly, and
+//!   the pod program's share of such a round trip on each;
 //! - [`report`]: the environment line, the tables (printed and written to
 //!   `benchmarks.md`) and the PNG charts.
 

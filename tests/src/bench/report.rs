@@ -11,7 +11,7 @@ use super::{
     Plan, Stats,
     control_plane::ControlPlane,
     packet_cost::{CASES, CaseResult},
-    socket_lb::{Path as SocketPath, SocketLbResult},
+    socket_lb::{Path as SocketPath, ProgramCost, SocketLbResult},
     traffic::{TrafficResult, Variant},
 };
 
@@ -44,6 +44,8 @@ pub struct Results {
     pub traffic: Vec<TrafficResult>,
     pub control: Option<ControlPlane>,
     pub socket: Vec<SocketLbResult>,
+    /// The pod program's share of a round trip per path (section 4).
+    pub socket_programs: Vec<ProgramCost>,
 }
 
 /// The Markdown report.
@@ -220,6 +222,39 @@ fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// Section 4's third table: the pod program's share of a round trip.
+fn socket_lb_programs(md: &mut String, r: &Results) {
+    if r.socket_programs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nThe programs' share of a round trip, measured as section 1 does (BPF_PROG_TEST_RUN, {} samples \
+         per case, {} Services in the maps): on the packet path the pod program translates the client's \
+         packet (established flow) and the backend's answer (reverse NAT); on the socket path both carry \
+         pod addresses and the program finds no Service for either (section 1's *not a Service* case, \
+         for the answer too: the same lookups, missing); dialled directly, no program runs.\n",
+        r.plan.packet_runs, r.plan.packet_sizes[0]
+    );
+    let packet_path =
+        r.socket_programs.iter().find(|c| c.path == SocketPath::PacketPath).map_or(0.0, |c| c.request_ns + c.reply_ns);
+    let rows: Vec<Vec<String>> = r
+        .socket_programs
+        .iter()
+        .map(|c| {
+            vec![
+                c.path.label().to_owned(),
+                format!("{:.0}", c.request_ns),
+                format!("{:.0}", c.reply_ns),
+                format!("{:.0}", c.request_ns + c.reply_ns),
+                ratio(c.request_ns + c.reply_ns, packet_path),
+            ]
+        })
+        .collect();
+    let header = ["path", "client's packet ns", "answer ns", "ns per round trip", "ratio to packet path"];
+    table(md, &header, &rows);
+}
+
 /// Section 4: the socket path for pods against the packet path and the
 /// pod dialled directly.
 fn socket_lb(md: &mut String, r: &Results) {
@@ -302,6 +337,7 @@ fn socket_lb(md: &mut String, r: &Results) {
         "errors",
     ];
     table(md, &header, &rows);
+    socket_lb_programs(md, r);
     let _ = writeln!(md);
 }
 

@@ -19,7 +19,10 @@ use std::{net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use super::traffic::{self, Bench, RunResult, TrafficResult, Variant};
+use super::{
+    packet_cost::{self, CASES},
+    traffic::{self, Bench, RunResult, TrafficResult, Variant},
+};
 use crate::{cgroup::TestCgroup, fixture};
 
 /// What takes the client's connections to a backend.
@@ -68,6 +71,38 @@ pub struct SocketLbResult {
     pub path: Path,
     pub connections: TrafficResult,
     pub round_trips: TrafficResult,
+}
+
+/// What the pod program costs a round trip on `path`, in ns per packet
+/// (BPF_PROG_TEST_RUN medians, as in section 1).
+#[derive(Clone, Debug)]
+pub struct ProgramCost {
+    pub path: Path,
+    /// The client's packet, on the client pod's interface.
+    pub request_ns: f64,
+    /// The backend's answer, on the backend pod's interface.
+    pub reply_ns: f64,
+}
+
+/// The programs' share of a round trip, measured as section 1 does
+/// ([`packet_cost::measure`] at `services` Services, `runs` samples): on the
+/// packet path an established flow's packet (DNAT) and the backend's reply
+/// (reverse NAT); on the socket path both carry pod addresses, so the
+/// program finds no Service for either (the "not a Service" case: the
+/// client pod's packet to a backend pod; the reply takes the same lookups
+/// and misses); dialled directly, no program runs.
+///
+/// # Errors
+/// When the object cannot be loaded or a run fails.
+pub fn program_cost(services: usize, runs: usize) -> Result<Vec<ProgramCost>> {
+    let cases = packet_cost::measure(services, runs)?;
+    let ns = |case: &str| cases.iter().find(|c| c.case == case).map_or(0.0, |c| c.ns.median);
+    let (not_a_service, established, reply) = (ns(CASES[1]), ns(CASES[3]), ns(CASES[4]));
+    Ok(vec![
+        ProgramCost { path: Path::SocketLb, request_ns: not_a_service, reply_ns: not_a_service },
+        ProgramCost { path: Path::PacketPath, request_ns: established, reply_ns: reply },
+        ProgramCost { path: Path::Direct, request_ns: 0.0, reply_ns: 0.0 },
+    ])
 }
 
 /// The topology, the agent as `path` wants it, and the client's cgroup.

@@ -49,6 +49,7 @@ fn main() -> Result<()> {
         traffic: Vec::new(),
         control: None,
         socket: Vec::new(),
+        socket_programs: Vec::new(),
     };
     println!("== environment: {}", results.env);
 
@@ -167,6 +168,11 @@ fn socket_section(plan: &Plan, results: &mut Results) -> Result<()> {
         for (all, more) in runs.iter_mut().zip(round) {
             all.extend(more);
         }
+    }
+    let services = plan.packet_sizes[0];
+    results.socket_programs = socket_lb::program_cost(services, plan.packet_runs)?;
+    for c in &results.socket_programs {
+        println!("   {:<44} programs {:.0} + {:.0} ns per round trip", c.path.label(), c.request_ns, c.reply_ns);
     }
     for (p, runs) in socket_lb::Path::ALL.iter().zip(&runs) {
         let r = socket_lb::combine(*p, runs);
