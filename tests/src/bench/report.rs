@@ -273,7 +273,8 @@ fn socket_lb(md: &mut String, r: &Results) {
          section 2, {} worker threads. *Established flow*: {} connection(s) opened before the clock starts, \
          then `who` and the backend's one-line answer back and forth; a round trip is one data packet each \
          way through the node. Each figure is the median over {} rounds × {} slices of {} s: in each round \
-         the three paths are set up side by side on fresh topologies and take turns slice by slice, so a \
+         the three paths are set up side by side on fresh topologies and take turns slice by slice (each \
+         slice led by the next path), so a \
          change of the machine's load lands on all three alike (spread = min–max of the slices). Time \
          ratios above 1 are slower.\n",
         r.plan.workers,

@@ -137,9 +137,9 @@ fn client(s: &Setup, mode: &str, targets: &[SocketAddr], workers: usize, duratio
 
 /// One round: the three paths set up side by side on fresh topologies
 /// (each warmed up: ARP, first flows), then `slices` slices of `slice`
-/// each of both loads, the paths taking turns slice by slice, so that a
-/// change of the machine's load (other work on a small machine) lands on
-/// all three alike. A slice of the round-trip load keeps `connections`
+/// each of both loads, the paths taking turns slice by slice (each slice
+/// led by the next path), so that a change of the machine's load (other
+/// work on a small machine) lands on all three alike. A slice of the round-trip load keeps `connections`
 /// established connections, one of new connections runs `workers`
 /// workers. The runs of each path, in [`Path::ALL`]'s order.
 ///
@@ -155,13 +155,20 @@ pub fn round(workers: usize, connections: usize, slices: usize, slice: Duration)
         })
         .collect::<Result<Vec<_>>>()?;
     let mut runs = vec![Vec::new(); setups.len()];
-    for _ in 0..slices {
-        let mut round_trips = Vec::new();
-        for (p, s) in &setups {
-            round_trips.push(client(s, "tcp-rr", &p.targets(), connections, slice)?);
+    for k in 0..slices {
+        // Each slice starts with another path: what a slice leaves behind
+        // (the packet path's agent collecting the conntrack entries of
+        // thousands of closed flows) lands on each path in turn.
+        let order: Vec<usize> = (0..setups.len()).map(|i| (i + k) % setups.len()).collect();
+        let mut round_trips = vec![None; setups.len()];
+        for &i in &order {
+            let (p, s) = &setups[i];
+            round_trips[i] = Some(client(s, "tcp-rr", &p.targets(), connections, slice)?);
         }
-        for (i, ((p, s), round_trips)) in setups.iter().zip(round_trips).enumerate() {
+        for &i in &order {
+            let (p, s) = &setups[i];
             let connections = client(s, "tcp-rate", &p.targets(), workers, slice)?;
+            let round_trips = round_trips[i].take().context("measured above")?;
             runs[i].push(Run { connections, round_trips });
         }
     }
