@@ -254,11 +254,7 @@ fn load(topo: &Topology, program: &str, args: &[&str], rules: &str) -> Result<()
 }
 
 /// One connection: connect, `who`, one line back, RST close.
-///
-/// # Errors
-/// When the connection or the exchange fails, or the answer is no
-/// backend's.
-pub fn one(target: SocketAddr) -> Result<()> {
+fn one(target: SocketAddr) -> Result<()> {
     let mut conn = connect(target)?;
     ask(&mut conn)?;
     linger_zero(conn.get_ref())?;
@@ -284,10 +280,7 @@ fn ask(conn: &mut BufReader<TcpStream>) -> Result<()> {
 }
 
 /// `SO_LINGER {on, 0}`: `close` sends an RST and leaves no TIME_WAIT.
-///
-/// # Errors
-/// When setsockopt fails.
-pub fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
+fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
     let linger = libc::linger { l_onoff: 1, l_linger: 0 };
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap_or(8);
@@ -311,7 +304,7 @@ fn drive(bench: &Bench, variant: Variant, workers: usize, duration: Duration) ->
 /// `workers` threads, each repeating its operation (from `make`, given the
 /// worker's index) for `duration`; the latency of every operation that
 /// succeeded is recorded, the failures counted.
-pub fn timed_loop<F>(workers: usize, duration: Duration, make: impl Fn(usize) -> F) -> RunResult
+fn timed_loop<F>(workers: usize, duration: Duration, make: impl Fn(usize) -> F) -> RunResult
 where
     F: FnMut() -> Result<()> + Send + 'static,
 {
