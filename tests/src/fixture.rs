@@ -26,6 +26,28 @@ pub fn interface_stat(root: &Path, ifindex: u32, counter: Counter) -> u64 {
     map.get(&InterfaceCounterKey { ifindex, counter: counter.id() }, 0).map_or(0, |values| values.iter().sum())
 }
 
+/// The verdict counter `name` (`service_common::stats`) of the dataplane
+/// pinned under `root`, all CPUs summed, as `service-agent inspect stats`
+/// reads it.
+///
+/// # Errors
+/// When inspect fails or has no such counter.
+pub fn counter(root: &Path, name: &str) -> Result<u64> {
+    let out = std::process::Command::new(binary("service-agent", "SERVICE_AGENT_BIN"))
+        .args(["inspect", "stats", "-o", "json", "--bpffs-root"])
+        .arg(root)
+        .output()
+        .context("service-agent inspect")?;
+    if !out.status.success() {
+        bail!("service-agent inspect stats: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    rows.as_array()
+        .and_then(|rows| rows.iter().find(|r| r["counter"] == name))
+        .and_then(|r| r["packets"].as_u64())
+        .with_context(|| format!("no counter {name}"))
+}
+
 /// The interface BPF_PROG_TEST_RUN runs a TC program's packets as
 /// entering on: the loopback device of the calling thread's network
 /// namespace.

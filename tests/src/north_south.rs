@@ -141,19 +141,7 @@ impl NorthSouth {
 
     /// A counter of node `node`'s dataplane.
     pub fn counter(&self, node: u8, name: &str) -> u64 {
-        let out = std::process::Command::new(binary("service-agent", "SERVICE_AGENT_BIN"))
-            .args(["inspect", "stats", "-o", "json", "--bpffs-root"])
-            .arg(self.root(node))
-            .output()
-            .expect("service-agent inspect");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-        rows.as_array()
-            .expect("rows")
-            .iter()
-            .find(|r| r["counter"] == name)
-            .and_then(|r| r["packets"].as_u64())
-            .unwrap_or_else(|| panic!("no counter {name}"))
+        fixture::counter(&self.root(node), name).expect("counter")
     }
 
     pub fn pod(&self, ep: Ep) -> &Netns {

@@ -48,6 +48,10 @@ enum Cmd {
         /// instead of docs/.
         #[arg(long)]
         quick: bool,
+        /// One section only (also written to target/bench/, never over
+        /// the full report in docs/).
+        #[arg(long, value_parser = ["packet", "traffic", "control", "socket"])]
+        only: Option<String>,
     },
     /// The long soak (root): every path at once, at least 50,000
     /// connections each and at least `--minutes`, through endpoint churn,
@@ -354,8 +358,11 @@ fn test_executables(package: &str) -> Result<Vec<PathBuf>> {
     Ok(exes)
 }
 
+/// A binary `cargo build --release` left in the target directory (cargo's
+/// `CARGO_TARGET_DIR` when set, as the builds above use it too).
 fn release_bin(name: &str) -> PathBuf {
-    root_dir().join("target/release").join(name)
+    // A relative one is relative to the workspace (join keeps an absolute one).
+    root_dir().join(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into())).join("release").join(name)
 }
 
 /// Builds the binaries, then sweeps what killed runs left.
@@ -414,13 +421,13 @@ fn demo() -> Result<()> {
     )
 }
 
-fn bench(quick: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>) -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask bench` builds network namespaces and loads BPF programs: run it as root");
     }
     setup()?;
     build_bins()?;
-    let out = if quick { root_dir().join("target/bench") } else { root_dir().join("docs") };
+    let out = if quick || only.is_some() { root_dir().join("target/bench") } else { root_dir().join("docs") };
     std::fs::create_dir_all(&out)?;
     let commit = Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
@@ -444,6 +451,9 @@ fn bench(quick: bool) -> Result<()> {
         .env("BENCH_COMMIT", if dirty { format!("{commit} (with uncommitted changes)") } else { commit });
     if quick {
         cmd.arg("--quick");
+    }
+    if let Some(section) = only {
+        cmd.args(["--only", section]);
     }
     status(&mut cmd)
 }
@@ -498,7 +508,7 @@ fn main() -> Result<()> {
     match command {
         Cmd::Soak { minutes, connections } => soak(minutes, connections),
         Cmd::Fuzz { frames } => fuzz(frames),
-        Cmd::Bench { quick } => bench(quick),
+        Cmd::Bench { quick, only } => bench(quick, only.as_deref()),
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => {
             setup()?;

@@ -10,12 +10,17 @@
 //!   rulesets and against no translation;
 //! - [`control_plane`]: programming time, one-change latency, memory,
 //!   against `iptables-restore` / `nft -f` of the same Services;
+//! - [`socket_lb`]: a pod's new connections and round trips on an
+//!   established connection through a ClusterIP with `--socket-lb all`,
+//!   against the packet path and against dialling the pod directly, and
+//!   the pod program's share of such a round trip on each;
 //! - [`report`]: the environment line, the tables (printed and written to
 //!   `benchmarks.md`) and the PNG charts.
 
 pub mod control_plane;
 pub mod packet_cost;
 pub mod report;
+pub mod socket_lb;
 pub mod traffic;
 
 /// A distribution summary.
@@ -77,6 +82,11 @@ pub struct Plan {
     pub traffic_seconds: f64,
     pub traffic_sizes: &'static [usize],
     pub workers: usize,
+    /// Established connections of the round-trip load ([`socket_lb`]).
+    pub round_trip_connections: usize,
+    /// The slices each of [`socket_lb`]'s runs is cut into (the paths
+    /// take turns slice by slice).
+    pub socket_slices: usize,
     pub control_services: usize,
     pub control_endpoints_per_service: usize,
     pub control_changes: usize,
@@ -95,6 +105,8 @@ impl Plan {
                 traffic_seconds: 1.5,
                 traffic_sizes: &[1, 1_000, 10_000],
                 workers: 4,
+                round_trip_connections: 1,
+                socket_slices: 2,
                 // nft -f of 100,000 endpoint chains alone takes minutes on
                 // nft 1.0.6: the quick run uses a fifth of the full size.
                 control_services: 2_000,
@@ -111,6 +123,8 @@ impl Plan {
                 traffic_seconds: 8.0,
                 traffic_sizes: &[1, 1_000, 10_000],
                 workers: 4,
+                round_trip_connections: 1,
+                socket_slices: 8,
                 control_services: 10_000,
                 control_endpoints_per_service: 10,
                 control_changes: 200,

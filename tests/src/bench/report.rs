@@ -11,6 +11,7 @@ use super::{
     Plan, Stats,
     control_plane::ControlPlane,
     packet_cost::{CASES, CaseResult},
+    socket_lb::{Path as SocketPath, ProgramCost, SocketLbResult},
     traffic::{TrafficResult, Variant},
 };
 
@@ -42,6 +43,9 @@ pub struct Results {
     pub repeat_check: Option<(u32, f64, f64)>,
     pub traffic: Vec<TrafficResult>,
     pub control: Option<ControlPlane>,
+    pub socket: Vec<SocketLbResult>,
+    /// The pod program's share of a round trip per path (section 4).
+    pub socket_programs: Vec<ProgramCost>,
 }
 
 /// The Markdown report.
@@ -203,7 +207,139 @@ pub fn markdown(r: &Results) -> String {
         );
         let _ = writeln!(md, "![control plane](bench-control-plane.png)\n");
     }
+    if !r.socket.is_empty() {
+        socket_lb(&mut md, r);
+    }
     md
+}
+
+/// A Markdown table: the first column left-aligned, the figures right.
+fn table(md: &mut String, header: &[&str], rows: &[Vec<String>]) {
+    let _ = writeln!(md, "| {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(header.len() - 1));
+    for row in rows {
+        let _ = writeln!(md, "| {} |", row.join(" | "));
+    }
+}
+
+/// Section 4's third table: the pod program's share of a round trip.
+fn socket_lb_programs(md: &mut String, r: &Results) {
+    if r.socket_programs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "\nThe programs' share of a round trip, measured as section 1 does (BPF_PROG_TEST_RUN, {} samples \
+         per case, {} Services in the maps): on the packet path the pod program translates the client's \
+         packet (established flow) and the backend's answer (reverse NAT); on the socket path both carry \
+         pod addresses and the program finds no Service for either (section 1's *not a Service* case, \
+         for the answer too: the same lookups, missing); dialled directly, no program runs.\n",
+        r.plan.packet_runs, r.plan.packet_sizes[0]
+    );
+    let packet_path =
+        r.socket_programs.iter().find(|c| c.path == SocketPath::PacketPath).map_or(0.0, |c| c.request_ns + c.reply_ns);
+    let rows: Vec<Vec<String>> = r
+        .socket_programs
+        .iter()
+        .map(|c| {
+            vec![
+                c.path.label().to_owned(),
+                format!("{:.0}", c.request_ns),
+                format!("{:.0}", c.reply_ns),
+                format!("{:.0}", c.request_ns + c.reply_ns),
+                ratio(c.request_ns + c.reply_ns, packet_path),
+            ]
+        })
+        .collect();
+    let header = ["path", "client's packet ns", "answer ns", "ns per round trip", "ratio to packet path"];
+    table(md, &header, &rows);
+}
+
+/// Section 4: the socket path for pods against the packet path and the
+/// pod dialled directly.
+fn socket_lb(md: &mut String, r: &Results) {
+    #[expect(clippy::cast_precision_loss, reason = "a few slices")]
+    let slices = r.plan.socket_slices as f64;
+    let _ = writeln!(md, "## 4. Socket-level load balancing for pods (`--socket-lb all`)\n");
+    let _ = writeln!(
+        md,
+        "The topology of section 2 with 1 Service: a client pod, a ClusterIP with 3 backend pods on the same \
+         node. The client is one process (`sock-client`) in the client pod's network namespace and in a \
+         cgroup the bench creates under its own; with `--socket-lb all` that cgroup is the agent's \
+         `--cgroup-root`, so connect() is translated to a backend by the cgroup hook and the flow's packets \
+         carry the backend's address (the TC program on the pod interface passes them untranslated); with \
+         `--socket-lb off` the packet path translates them (DNAT of the first packet, conntrack, reverse NAT \
+         of the replies); directly: the client dials the pod IPs, no agent running. *New connections*: as in \
+         section 2, {} worker threads. *Established flow*: {} connection(s) opened before the clock starts, \
+         then `who` and the backend's one-line answer back and forth; a round trip is one data packet each \
+         way through the node. Each figure is the median over {} rounds × {} slices of {} s: in each round \
+         the three paths are set up side by side on fresh topologies and take turns slice by slice (each \
+         slice led by the next path), so a \
+         change of the machine's load lands on all three alike (spread = min–max of the slices). Time \
+         ratios above 1 are slower.\n",
+        r.plan.workers,
+        r.plan.round_trip_connections,
+        r.plan.traffic_repeats,
+        r.plan.socket_slices,
+        r.plan.traffic_seconds / slices
+    );
+    let get = |p: SocketPath| r.socket.iter().find(|s| s.path == p);
+    let conn = |p: SocketPath| get(p).map_or(0.0, |s| s.connections.connections_per_s.median);
+    let rows: Vec<Vec<String>> = r
+        .socket
+        .iter()
+        .map(|s| {
+            let c = &s.connections;
+            vec![
+                s.path.label().to_owned(),
+                format!("{:.0}", c.connections_per_s.median),
+                format!("{:.0}–{:.0}", c.connections_per_s.min, c.connections_per_s.max),
+                ratio(c.connections_per_s.median, conn(SocketPath::Direct)),
+                ratio(c.connections_per_s.median, conn(SocketPath::PacketPath)),
+                format!("{:.3}", c.p50_ms.median),
+                format!("{:.3}", c.p99_ms.median),
+                c.errors.to_string(),
+            ]
+        })
+        .collect();
+    let header =
+        ["path", "conn/s (median)", "spread", "ratio to direct", "ratio to packet path", "p50 ms", "p99 ms", "errors"];
+    table(md, &header, &rows);
+    let us = |p: SocketPath| get(p).map_or(0.0, |s| s.round_trips.p50_ms.median * 1e3);
+    let rows: Vec<Vec<String>> = r
+        .socket
+        .iter()
+        .map(|s| {
+            let t = &s.round_trips;
+            let p50 = t.p50_ms.median * 1e3;
+            vec![
+                s.path.label().to_owned(),
+                format!("{p50:.1}"),
+                format!("{:.1}", t.p99_ms.median * 1e3),
+                format!("{:.1}", p50 - us(SocketPath::Direct)),
+                ratio(p50, us(SocketPath::Direct)),
+                ratio(p50, us(SocketPath::PacketPath)),
+                format!("{:.0}", t.connections_per_s.median),
+                format!("{:.0}–{:.0}", t.connections_per_s.min, t.connections_per_s.max),
+                t.errors.to_string(),
+            ]
+        })
+        .collect();
+    let _ = writeln!(md);
+    let header = [
+        "path",
+        "µs per round trip (p50)",
+        "p99 µs",
+        "above direct (µs)",
+        "time ratio to direct",
+        "time ratio to packet path",
+        "round trips/s (median)",
+        "spread",
+        "errors",
+    ];
+    table(md, &header, &rows);
+    socket_lb_programs(md, r);
+    let _ = writeln!(md);
 }
 
 /// Registers DejaVu Sans for the charts' text.

@@ -79,6 +79,29 @@ pub struct RunResult {
     pub errors: usize,
 }
 
+impl RunResult {
+    /// The one line `sock-client tcp-rate|tcp-rr` prints.
+    #[must_use]
+    pub fn to_line(&self) -> String {
+        format!("rate {} p50_ms {} p99_ms {} errors {}", self.connections_per_s, self.p50_ms, self.p99_ms, self.errors)
+    }
+
+    /// Reads [`Self::to_line`]'s line back.
+    #[must_use]
+    pub fn parse(line: &str) -> Option<Self> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["rate", rate, "p50_ms", p50, "p99_ms", p99, "errors", errors] => Some(Self {
+                connections_per_s: rate.parse().ok()?,
+                p50_ms: p50.parse().ok()?,
+                p99_ms: p99.parse().ok()?,
+                errors: errors.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// A variant at a Service count, over the repeats.
 #[derive(Clone, Debug)]
 pub struct TrafficResult {
@@ -147,15 +170,43 @@ fn manifests(services: &[RuleService]) -> String {
 }
 
 /// The node, its pods and servers, and whatever translates.
-struct Bench {
+pub(crate) struct Bench {
     _agent: Option<Agent>,
     _servers: Vec<ChildGuard>,
-    topo: Topology,
-    _bpffs: Option<BpffsMount>,
+    pub(crate) topo: Topology,
+    bpffs: Option<BpffsMount>,
     _manifests: Option<ManifestDir>,
 }
 
+impl Bench {
+    /// The agent's `--bpffs-root` ([`Variant::Ours`] only).
+    pub(crate) fn agent_root(&self) -> Option<std::path::PathBuf> {
+        self.bpffs.as_ref().map(|b| b.path().join("node"))
+    }
+
+    /// The client pod's network namespace.
+    pub(crate) fn client(&self) -> &crate::netns::Netns {
+        &self.topo.pod("client").ns
+    }
+}
+
+/// The ClusterIP the client dials.
+pub(crate) fn cluster_ip() -> SocketAddr {
+    SocketAddr::from((VIP, 80))
+}
+
+/// The backend pods' addresses, for dialling them directly.
+pub(crate) fn backends() -> Vec<SocketAddr> {
+    BACKENDS.iter().map(|(_, ip)| SocketAddr::from((*ip, 7000))).collect()
+}
+
 fn setup(variant: Variant, services: usize) -> Result<Bench> {
+    setup_with(variant, services, &[])
+}
+
+/// [`setup`] with `agent_flags` appended to the agent's command line
+/// ([`Variant::Ours`]).
+pub(crate) fn setup_with(variant: Variant, services: usize, agent_flags: &[&str]) -> Result<Bench> {
     let mut topo = Topology::new()?;
     topo.add_pod("client", CLIENT)?;
     topo.pod("client").ns.sysctl("net.ipv4.ip_local_port_range=1024 65535")?;
@@ -171,7 +222,7 @@ fn setup(variant: Variant, services: usize) -> Result<Bench> {
             let m = ManifestDir::new();
             m.write("bench.yaml", &manifests(&rules));
             let b = BpffsMount::new()?;
-            let mut a = Agent::start(&topo.node, m.path(), "bench-node", &b.path().join("node"), &[])?;
+            let mut a = Agent::start(&topo.node, m.path(), "bench-node", &b.path().join("node"), agent_flags)?;
             a.wait_for_log("synced", 1, Duration::from_mins(2))?;
             a.wait_for_log("attached pod ingress program", 4, Duration::from_secs(10))?;
             (agent, bpffs, dir) = (Some(a), Some(b), Some(m));
@@ -186,7 +237,7 @@ fn setup(variant: Variant, services: usize) -> Result<Bench> {
             load(&topo, "iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules))?;
         }
     }
-    Ok(Bench { _agent: agent, _servers: servers, topo, _bpffs: bpffs, _manifests: dir })
+    Ok(Bench { _agent: agent, _servers: servers, topo, bpffs, _manifests: dir })
 }
 
 fn load(topo: &Topology, program: &str, args: &[&str], rules: &str) -> Result<()> {
@@ -204,14 +255,27 @@ fn load(topo: &Topology, program: &str, args: &[&str], rules: &str) -> Result<()
 
 /// One connection: connect, `who`, one line back, RST close.
 fn one(target: SocketAddr) -> Result<()> {
-    let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+    let mut conn = connect(target)?;
+    ask(&mut conn)?;
+    linger_zero(conn.get_ref())?;
+    Ok(())
+}
+
+/// A connection to `target` (2 s timeouts, no Nagle delay), read line by
+/// line.
+fn connect(target: SocketAddr) -> Result<BufReader<TcpStream>> {
+    let s = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_nodelay(true)?;
-    s.write_all(b"who\n")?;
+    Ok(BufReader::new(s))
+}
+
+/// One round trip: `who`, and the backend's one-line answer.
+fn ask(conn: &mut BufReader<TcpStream>) -> Result<()> {
+    conn.get_mut().write_all(b"who\n")?;
     let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line)?;
+    conn.read_line(&mut line)?;
     anyhow::ensure!(line.starts_with("backend-"), "unexpected answer {line:?}");
-    linger_zero(&s)?;
     Ok(())
 }
 
@@ -232,47 +296,84 @@ fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
 
 /// Runs the load from the client pod for `duration` with `workers`.
 fn drive(bench: &Bench, variant: Variant, workers: usize, duration: Duration) -> RunResult {
-    let direct = matches!(variant, Variant::Floor | Variant::FloorConntrack);
-    bench.topo.pod("client").ns.run_in(move || {
-        let stop = Arc::new(AtomicBool::new(false));
-        let next = Arc::new(AtomicUsize::new(0));
-        let errors = Arc::new(AtomicUsize::new(0));
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                let (stop, next, errors) = (stop.clone(), next.clone(), errors.clone());
-                std::thread::spawn(move || {
-                    let mut lat = Vec::new();
-                    while !stop.load(Ordering::Relaxed) {
-                        let target = if direct {
-                            SocketAddr::from((BACKENDS[next.fetch_add(1, Ordering::Relaxed) % 3].1, 7000))
-                        } else {
-                            SocketAddr::from((VIP, 80))
-                        };
-                        let started = Instant::now();
-                        match one(target) {
-                            Ok(()) => lat.push(started.elapsed().as_secs_f64() * 1e3),
-                            Err(_) => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
+    let targets =
+        if matches!(variant, Variant::Floor | Variant::FloorConntrack) { backends() } else { vec![cluster_ip()] };
+    bench.client().run_in(move || new_connections(&targets, workers, duration))
+}
+
+/// `workers` threads, each repeating its operation (from `make`, given the
+/// worker's index) for `duration`; the latency of every operation that
+/// succeeded is recorded, the failures counted.
+fn timed_loop<F>(workers: usize, duration: Duration, make: impl Fn(usize) -> F) -> RunResult
+where
+    F: FnMut() -> Result<()> + Send + 'static,
+{
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicUsize::new(0));
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let (stop, errors, mut op) = (stop.clone(), errors.clone(), make(w));
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    match op() {
+                        Ok(()) => lat.push(started.elapsed().as_secs_f64() * 1e3),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    lat
-                })
+                }
+                lat
             })
-            .collect();
-        let started = Instant::now();
-        std::thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-        let mut all: Vec<f64> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
-        let elapsed = started.elapsed().as_secs_f64();
-        all.sort_by(f64::total_cmp);
-        #[expect(clippy::cast_precision_loss, reason = "connection counts")]
-        let rate = all.len() as f64 / elapsed;
-        RunResult {
-            connections_per_s: rate,
-            p50_ms: percentile(&all, 50.0),
-            p99_ms: percentile(&all, 99.0),
-            errors: errors.load(Ordering::Relaxed),
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all: Vec<f64> = handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    #[expect(clippy::cast_precision_loss, reason = "operation counts")]
+    let rate = all.len() as f64 / elapsed;
+    RunResult {
+        connections_per_s: rate,
+        p50_ms: percentile(&all, 50.0),
+        p99_ms: percentile(&all, 99.0),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+/// New connections ([`one`]) from this thread's network namespace for
+/// `duration`, `workers` at a time, each worker taking the targets in turn.
+#[must_use]
+pub fn new_connections(targets: &[SocketAddr], workers: usize, duration: Duration) -> RunResult {
+    timed_loop(workers, duration, |w| {
+        let (targets, mut next) = (targets.to_vec(), w);
+        move || {
+            next += 1;
+            one(targets[next % targets.len()])
+        }
+    })
+}
+
+/// Round trips ([`ask`]) on one established connection per worker (worker
+/// `w` connected to `targets[w % len]` before the clock starts) for
+/// `duration`. A connection that failed is opened again by the next round
+/// trip (its time counted in that one).
+#[must_use]
+pub fn round_trips(targets: &[SocketAddr], workers: usize, duration: Duration) -> RunResult {
+    timed_loop(workers, duration, |w| {
+        let target = targets[w % targets.len()];
+        let mut held = connect(target).ok();
+        move || {
+            let mut conn = match held.take() {
+                Some(conn) => conn,
+                None => connect(target)?,
+            };
+            ask(&mut conn)?;
+            held = Some(conn);
+            Ok(())
         }
     })
 }

@@ -9,6 +9,7 @@ use service_tests::{
     bench::{
         Plan, control_plane, packet_cost,
         report::{self, Results},
+        socket_lb,
         traffic::{self, Variant},
     },
     netns::{clean_up_on_signal, is_root, sweep_leftovers},
@@ -32,7 +33,7 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&out)?;
-    // `--only packet|traffic|control`: one section (for development; the
+    // `--only packet|traffic|control|socket`: one section (for development; the
     // report then lacks the others).
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wants = |section: &str| only.as_deref().is_none_or(|o| o == section);
@@ -47,6 +48,8 @@ fn main() -> Result<()> {
         repeat_check: None,
         traffic: Vec::new(),
         control: None,
+        socket: Vec::new(),
+        socket_programs: Vec::new(),
     };
     println!("== environment: {}", results.env);
 
@@ -58,6 +61,9 @@ fn main() -> Result<()> {
     }
     if wants("control") {
         control_section(&plan, &mut results)?;
+    }
+    if wants("socket") {
+        socket_section(&plan, &mut results)?;
     }
     let md = report::markdown(&results);
     std::fs::write(out.join("benchmarks.md"), &md)?;
@@ -144,5 +150,42 @@ fn control_section(plan: &Plan, results: &mut Results) -> Result<()> {
         c.nft_load.median
     );
     results.control = Some(c);
+    Ok(())
+}
+
+fn socket_section(plan: &Plan, results: &mut Results) -> Result<()> {
+    println!("== 4. socket-level load balancing for pods (--socket-lb all)");
+    for p in socket_lb::Path::ALL {
+        socket_lb::check(p).with_context(|| format!("checking {}", p.label()))?;
+    }
+    println!("   checked: the socket path translates at connect(), the packet path at the first packet");
+    #[expect(clippy::cast_precision_loss, reason = "a few slices")]
+    let slice = Duration::from_secs_f64(plan.traffic_seconds / plan.socket_slices as f64);
+    let mut runs: Vec<Vec<socket_lb::Run>> = vec![Vec::new(); socket_lb::Path::ALL.len()];
+    for round in 1..=plan.traffic_repeats {
+        println!("   round {round} of {}", plan.traffic_repeats);
+        let round = socket_lb::round(plan.workers, plan.round_trip_connections, plan.socket_slices, slice)?;
+        for (all, more) in runs.iter_mut().zip(round) {
+            all.extend(more);
+        }
+    }
+    let services = plan.packet_sizes[0];
+    results.socket_programs = socket_lb::program_cost(services, plan.packet_runs)?;
+    for c in &results.socket_programs {
+        println!("   {:<44} programs {:.0} + {:.0} ns per round trip", c.path.label(), c.request_ns, c.reply_ns);
+    }
+    for (p, runs) in socket_lb::Path::ALL.iter().zip(&runs) {
+        let r = socket_lb::combine(*p, runs);
+        println!(
+            "   {:<44} {:>7.0} conn/s ({:.0}-{:.0})  round trip p50 {:.1} us  errors {}",
+            p.label(),
+            r.connections.connections_per_s.median,
+            r.connections.connections_per_s.min,
+            r.connections.connections_per_s.max,
+            r.round_trips.p50_ms.median * 1e3,
+            r.connections.errors + r.round_trips.errors
+        );
+        results.socket.push(r);
+    }
     Ok(())
 }

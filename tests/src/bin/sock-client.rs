@@ -161,6 +161,7 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
         "udp-many" => many(count, addr, udp_once)?,
         "hold-tcp" => hold_tcp(addr, count)?,
         "hold-udp" => hold_udp(addr, count)?,
+        "tcp-rate" | "tcp-rr" => load(mode, addr, count)?,
         "udp-connected" => {
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.set_read_timeout(Some(TIMEOUT))?;
@@ -173,7 +174,7 @@ fn run(mode: &str, addr: SocketAddr, count: usize) -> std::io::Result<()> {
         }
         other => {
             return Err(std::io::Error::other(format!(
-                "unknown mode {other:?} (tcp, udp, udp-connected, tcp-many, udp-many, hold-tcp, hold-udp, probe-tcp, probe-udp)"
+                "unknown mode {other:?} (tcp, udp, udp-connected, tcp-many, udp-many, hold-tcp, hold-udp, probe-tcp, probe-udp, tcp-rate, tcp-rr)"
             )));
         }
     }
@@ -184,7 +185,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mode), Some(addr)) = (args.get(1), args.get(2).and_then(|a| a.parse::<SocketAddr>().ok())) else {
         eprintln!(
-            "usage: sock-client tcp|udp|udp-connected|tcp-many|udp-many|hold-tcp|hold-udp|probe-tcp|probe-udp ADDR:PORT [COUNT]"
+            "usage: sock-client tcp|udp|udp-connected|tcp-many|udp-many|hold-tcp|hold-udp|probe-tcp|probe-udp|tcp-rate|tcp-rr ADDR:PORT [COUNT]"
         );
         std::process::exit(2);
     };
@@ -273,4 +274,32 @@ fn real_peer(table: &str, inode: u64) -> Option<std::net::SocketAddrV4> {
         let ip = std::net::Ipv4Addr::from(u32::from_str_radix(ip, 16).ok()?.to_ne_bytes());
         Some(std::net::SocketAddrV4::new(ip, u16::from_str_radix(port, 16).ok()?))
     })
+}
+
+/// `tcp-rate|tcp-rr ADDR WORKERS SECONDS [ADDR...]`: the benchmark's loads
+/// (`service_tests::bench::traffic`) from this process, so from its cgroup
+/// and network namespace: new connections (`tcp-rate`), or round trips on
+/// one established connection per worker (`tcp-rr`), for SECONDS (at most
+/// a minute), the workers taking ADDR and the further addresses in turn.
+/// Prints the figures as one `rate … p50_ms … p99_ms … errors …` line.
+fn load(mode: &str, addr: SocketAddr, workers: usize) -> std::io::Result<()> {
+    use service_tests::bench::traffic;
+    let args: Vec<String> = std::env::args().skip(4).collect();
+    let seconds = args
+        .first()
+        .and_then(|s| s.parse::<f64>().ok())
+        .filter(|s| (0.0..=60.0).contains(s))
+        .ok_or_else(|| std::io::Error::other("SECONDS: 0 to 60"))?;
+    let mut targets = vec![addr];
+    for a in args.iter().skip(1) {
+        targets.push(a.parse().map_err(|e| std::io::Error::other(format!("{a}: {e}")))?);
+    }
+    let duration = Duration::from_secs_f64(seconds);
+    let result = if mode == "tcp-rate" {
+        traffic::new_connections(&targets, workers, duration)
+    } else {
+        traffic::round_trips(&targets, workers, duration)
+    };
+    println!("{}", result.to_line());
+    Ok(())
 }
