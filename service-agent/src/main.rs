@@ -155,7 +155,14 @@ struct RunArgs {
     /// getpeername hooks): `host` translates the sockets of the node's own
     /// network namespace (host processes, hostNetwork pods), which the
     /// packet path cannot see; `all` every socket under --cgroup-root,
-    /// pods' too; `off` attaches nothing.
+    /// pods' too; `off` attaches nothing. `host` is the default because it
+    /// adds only what kube-proxy gives (the node's own traffic) and leaves
+    /// pods' packets as they are: with `all` a pod's connect() to a
+    /// ClusterIP is rewritten inside the pod, so a sidecar proxy or
+    /// in-pod redirect that routes by Service address (Istio-style, the
+    /// reason for Cilium's socketLB.hostNamespaceOnly) sees the backend
+    /// instead, whatever the CNI. `all` is the opt-in that spares pods'
+    /// established packets the translation (docs/benchmarks.md, 4).
     #[arg(long, default_value = "host", value_name = "host|all|off")]
     socket_lb: SocketLb,
     /// NodePorts also answer on 127.0.0.1 for the node's own sockets
