@@ -282,6 +282,9 @@ pub const PROG_SOCK_CONNECT4: &str = "service_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "service_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "service_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "service_sock_getpeername4";
+/// The cgroup sock program on `sock_release` (attached beside
+/// [`PROGS_SOCK`]): a closing socket's `sock_rev_nat` row goes with it.
+pub const PROG_SOCK_RELEASE: (&str, &str) = ("sock_release", "service_sock_release");
 
 /// Name of the classifier that only returns its pass verdict: the floor of
 /// `cargo xtask bench`'s per-packet measurements (never attached).

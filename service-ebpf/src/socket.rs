@@ -14,6 +14,10 @@
 //!   shown as the Service address again (a UDP reply's source, a connected
 //!   socket's peer), from `sock_rev_nat` keyed by socket cookie and
 //!   backend.
+//! - `sock_release` (a cgroup sock program): a connected socket's row goes
+//!   when the socket is closed, so `sock_rev_nat` holds live sockets, not
+//!   the history of every connection (an unconnected UDP socket's rows,
+//!   one per backend it sent to, are left to LRU eviction).
 //!
 //! `--socket-lb` (the `socket_lb` row) says whose sockets: the node's own
 //! network namespace only (`host`), every namespace under the cgroup root
@@ -23,8 +27,8 @@
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
@@ -68,6 +72,35 @@ pub fn service_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 pub fn service_sock_getpeername4(ctx: SockAddrContext) -> i32 {
     restore(&ctx);
     ALLOW
+}
+
+#[cgroup_sock(sock_release)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_release(ctx: SockContext) -> i32 {
+    forget(&ctx);
+    ALLOW
+}
+
+/// sock_release: the row of a closing socket connected to a backend.
+#[inline(always)]
+fn forget(ctx: &SockContext) {
+    // SAFETY: single field reads the verifier allows in sock_release
+    // programs (dst_ip4 and dst_port: network byte order).
+    let (family, protocol, ip, port) =
+        unsafe { ((*ctx.sock).family, (*ctx.sock).protocol, (*ctx.sock).dst_ip4, (*ctx.sock).dst_port) };
+    if family != 2 || (protocol != 6 && protocol != 17) || ip == 0 {
+        return;
+    }
+    // SAFETY: a helper the kernel offers cgroup sock programs (5.10+).
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = SockRevNatKey {
+        cookie,
+        addr: service_common::addr_v4(ip.to_ne_bytes()),
+        port: port.to_ne_bytes(),
+        _pad: [0; 6],
+    };
+    // Not found: a socket this path never translated.
+    let _ = SOCK_REV_NAT.remove(&key);
 }
 
 /// The address and port the call names (`user_ip4`, `user_port`: both in

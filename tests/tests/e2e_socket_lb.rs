@@ -58,7 +58,11 @@ fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup
     assert_eq!(sockets["mode"], "host", "{sockets}");
     let hooks: BTreeSet<&str> =
         sockets["hooks"].as_array().expect("hooks").iter().filter_map(|h| h["attach"].as_str()).collect();
-    assert_eq!(hooks, ["connect4", "getpeername4", "recvmsg4", "sendmsg4"].into_iter().collect(), "{sockets}");
+    assert_eq!(
+        hooks,
+        ["connect4", "getpeername4", "recvmsg4", "sendmsg4", "sock_release"].into_iter().collect(),
+        "{sockets}"
+    );
     let cgroup_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup.path()).expect("cgroup"));
     assert!(sockets["hooks"].as_array().expect("hooks").iter().all(|h| h["cgroup_inode"] == cgroup_inode), "{sockets}");
     let frontend = sockets["frontends"]
@@ -69,6 +73,9 @@ fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup
         .unwrap_or_else(|| panic!("{sockets}"));
     assert!(frontend["connects"].as_u64() >= Some(16), "{sockets}");
     let translated = sockets["sockets"].as_array().expect("sockets");
+    // Every TCP client has closed its socket: sock_release took their rows
+    // (only the unconnected UDP sockets' rows wait for LRU eviction).
+    assert!(translated.iter().all(|s| s["protocol"] == "UDP"), "rows of closed TCP sockets left: {sockets}");
     assert!(translated.iter().any(|s| s["service"] == "10.96.0.10:53" && s["protocol"] == "UDP"), "{sockets}");
     let text = agent_cli(node, &root1, "inspect", &["sockets"]);
     assert!(text.contains("socket-level load balancing: host") && text.contains("connect4"), "{text}");
@@ -228,7 +235,7 @@ fn host_sockets_keep_working_through_thousands_of_connections_and_an_agent_kille
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with("sock-"))
         .collect();
-    assert_eq!(pins.len(), 4, "{pins:?}");
+    assert_eq!(pins.len(), 5, "{pins:?}");
     spread(&many(&ns, "tcp-many", "300"), 300);
     drop(agent);
     drop(killed);

@@ -1,5 +1,6 @@
 //! The socket-level programs (`service_common::PROGS_SOCK`: connect4,
-//! sendmsg4, recvmsg4, getpeername4) on the cgroup `--cgroup-root`:
+//! sendmsg4, recvmsg4, getpeername4; and `PROG_SOCK_RELEASE`, which
+//! forgets a closing socket) on the cgroup `--cgroup-root`:
 //! attached as links pinned under `<bpffs-root>/links/` (named by attach
 //! type, the cgroup's inode and the program's tag), so they survive the
 //! agent being killed; a restarted agent adopts links of the same program
@@ -16,7 +17,7 @@ use std::{
 use aya::{
     Ebpf,
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program,
         links::{FdLink, PinnedLink},
     },
 };
@@ -96,6 +97,41 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn pin_name(attach: &str, cgroup_ino: u64, tag: u64) -> String {
     format!("{PIN_PREFIX}{attach}-{cgroup_ino}-{tag:016x}")
+}
+
+/// A socket-level program of either kind: the sock_addr hooks, and the
+/// sock hook on `sock_release`.
+enum SockProgram<'a> {
+    Addr(&'a mut CgroupSockAddr),
+    Sock(&'a mut CgroupSock),
+}
+
+impl SockProgram<'_> {
+    /// Loads it; its tag.
+    fn load(&mut self) -> Result<u64, String> {
+        let refused = |e: &aya::programs::ProgramError| format!("the verifier refused it: {}", chain(e));
+        let info = match self {
+            Self::Addr(p) => p.load().map_err(|e| refused(&e)).and_then(|()| p.info().map_err(|e| e.to_string())),
+            Self::Sock(p) => p.load().map_err(|e| refused(&e)).and_then(|()| p.info().map_err(|e| e.to_string())),
+        }?;
+        Ok(info.tag())
+    }
+
+    /// Attaches it to `cgroup` as a link, which the caller pins.
+    fn attach(&mut self, cgroup: &std::fs::File) -> Result<FdLink, String> {
+        let link =
+            |r: Result<FdLink, aya::programs::links::LinkError>| r.map_err(|e| format!("a link without an fd: {e}"));
+        match self {
+            Self::Addr(p) => {
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
+                link(FdLink::try_from(p.take_link(id).map_err(|e| e.to_string())?))
+            }
+            Self::Sock(p) => {
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| chain(&e))?;
+                link(FdLink::try_from(p.take_link(id).map_err(|e| e.to_string())?))
+            }
+        }
+    }
 }
 
 /// One socket-level link pinned under `links/`: `inspect sockets`.
@@ -184,15 +220,16 @@ impl SocketHooks {
         let ino = cgroup.metadata().map_err(|e| root_error(e.to_string()))?.ino();
         std::fs::create_dir_all(links_dir).map_err(|e| root_error(format!("creating {}: {e}", links_dir.display())))?;
         let mut hooks = Self::default();
-        for (attach, program) in service_common::PROGS_SOCK {
+        let programs = service_common::PROGS_SOCK.into_iter().chain([service_common::PROG_SOCK_RELEASE]);
+        for (attach, program) in programs {
             let fail = |message: String| SocketHookError::Program { program, message };
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(program)
-                .ok_or_else(|| fail("missing from the eBPF object".into()))?
-                .try_into()
-                .map_err(|e| fail(format!("{e}")))?;
-            prog.load().map_err(|e| fail(format!("the verifier refused it: {}", chain(&e))))?;
-            let tag = prog.info().map_err(|e| fail(e.to_string()))?.tag();
+            let mut prog = match ebpf.program_mut(program) {
+                Some(Program::CgroupSockAddr(p)) => SockProgram::Addr(p),
+                Some(Program::CgroupSock(p)) => SockProgram::Sock(p),
+                Some(_) => return Err(fail("not a cgroup sock or sock_addr program".into())),
+                None => return Err(fail("missing from the eBPF object".into())),
+            };
+            let tag = prog.load().map_err(fail)?;
             let pin = links_dir.join(pin_name(attach, ino, tag));
             if let Ok(adopted) = PinnedLink::from_pin(&pin) {
                 hooks.links.push((pin, adopted.into()));
@@ -200,9 +237,7 @@ impl SocketHooks {
             }
             // A link (kernels 5.7+) always shares the hook with other
             // programs; the kernel refuses any attach flag with it.
-            let id = prog.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| fail(chain(&e)))?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(|e| fail(e.to_string()))?)
-                .map_err(|e| fail(format!("a link without an fd: {e}")))?;
+            let link = prog.attach(&cgroup).map_err(fail)?;
             let pinned = link.pin(&pin).map_err(|e| fail(format!("pinning {}: {e}", pin.display())))?;
             hooks.links.push((pin, pinned.into()));
         }
