@@ -15,7 +15,13 @@
 //! reconciler writes again exactly the frontends it could not program. The
 //! loop bumps a heartbeat on every turn, idle ticks included, for `/livez`.
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use aya::programs::SchedClassifier;
@@ -423,7 +429,12 @@ fn refresh_node(
     if now == *current {
         return false;
     }
-    if let Err(e) = maps::write_snat_addrs(&config.bpffs_root, &now.snat) {
+    let snat_rows = now
+        .snat
+        .iter()
+        .map(|(i, a)| (service_common::SnatAddrKey::new(*i, service_common::FAMILY_IPV4), IpAddr::V4(*a)))
+        .collect();
+    if let Err(e) = maps::write_snat_addrs(&config.bpffs_root, &snat_rows) {
         tracing::error!(error = %e, "writing the SNAT addresses");
     }
     let nodeport: Vec<String> = now.nodeport.iter().map(ToString::to_string).collect();

@@ -115,7 +115,8 @@ pub mod layout {
         REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
     };
 
-    /// Layout 2 of `sock_rev_nat`: the value names the socket's protocol
+    /// Layout 2 of `snat_addrs`: keyed by [`super::SnatAddrKey`] (interface
+    /// and family). Layout 2 of `sock_rev_nat`: the value names the socket's protocol
     /// and backend id (for the removed-backend UDP socket flush). Layout 3
     /// of `services`: slot 0 carries the affinity scope in `backend_id`. Layout 2 of `services`: 32-bit slots and member rows; of
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
@@ -131,7 +132,7 @@ pub mod layout {
         (AFFINITY, 1),
         (SERVICE_COUNTERS, 1),
         (BACKEND_COUNTERS, 1),
-        (SNAT_ADDRS, 1),
+        (SNAT_ADDRS, 2),
         (CONNTRACK_NEW, 1),
         (FRAGMENTS, 1),
         (AGENT_STATE, 1),
@@ -250,10 +251,31 @@ pub mod snat_ports {
     pub const REMAP_MIN: u16 = 1_024;
 }
 
-/// Key of the `snat_addrs` row holding the hairpin address: the node
+/// `SnatAddrKey::ifindex` of the row holding the hairpin address: the node
 /// address a pod's own traffic is SNATed to when its Service sends it back
 /// to itself. Other rows are keyed by the external interface's ifindex.
 pub const SNAT_HAIRPIN: u32 = 0;
+
+/// Key of the `snat_addrs` map: an interface (or [`SNAT_HAIRPIN`]) and an
+/// address family. An interface has a row per family it has an address of;
+/// IPv6 masquerade writes the interface's IPv6 row (as ip6tables'
+/// MASQUERADE picks an address of the outgoing interface of that family).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SnatAddrKey {
+    pub ifindex: u32,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+const _: () = assert!(size_of::<SnatAddrKey>() == 8);
+
+impl SnatAddrKey {
+    #[must_use]
+    pub const fn new(ifindex: u32, family: u8) -> Self {
+        Self { ifindex, family, _pad: [0; 3] }
+    }
+}
 
 /// Name of the TC classifier that translates traffic entering the node from
 /// a pod interface (host side of the pod's veth).
@@ -701,6 +723,7 @@ mod user {
     unsafe impl aya::Pod for super::SockRevNatKey {}
     unsafe impl aya::Pod for super::SockRevNatValue {}
     unsafe impl aya::Pod for super::SockCounters {}
+    unsafe impl aya::Pod for super::SnatAddrKey {}
 }
 
 #[cfg(test)]

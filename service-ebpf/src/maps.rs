@@ -12,7 +12,7 @@ use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, InterfaceCounterKey,
-    RevNatValue, ServiceKey, ServiceValue, SockCounters, SockRevNatKey, SockRevNatValue, SocketLbConfig,
+    RevNatValue, ServiceKey, ServiceValue, SnatAddrKey, SockCounters, SockRevNatKey, SockRevNatValue, SocketLbConfig,
     SourceRangeKey, agent_state, capacity,
     stats::{self, Counter},
 };
@@ -53,10 +53,10 @@ pub static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::BACKENDS a
 #[btf_map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
 /// The node address SNAT writes as the source: per external interface
-/// (keyed by ifindex), and the hairpin address under
+/// and family (keyed by ifindex and family), and the hairpin address under
 /// `service_common::SNAT_HAIRPIN`.
 #[btf_map(name = "snat_addrs")]
-pub static SNAT_ADDRS: HashMap<u32, Addr, { capacity::SNAT_ADDRS as usize }> = HashMap::new();
+pub static SNAT_ADDRS: HashMap<SnatAddrKey, Addr, { capacity::SNAT_ADDRS as usize }> = HashMap::new();
 
 /// The agent's bookkeeping (layout versions, next ids); never read here,
 /// kept in the object so it is created and pinned with the others.

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SourceRangeKey, conntrack::next_state,
-    ct_flags, hash, service_flags, service_ips, snat_ports, stats::Counter,
+    SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SnatAddrKey, SourceRangeKey,
+    conntrack::next_state, ct_flags, hash, service_flags, service_ips, snat_ports, stats::Counter,
 };
 
 use crate::{
@@ -215,10 +215,13 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     let sctp = flow.proto == PROTO_SCTP;
     let mut remapped = false;
     if let Some(row) = snat_row {
-        let ingress = ifindex(ctx);
+        let family = key.family;
         // SAFETY: plain data written whole by the agent.
         let snat_addr = *unsafe {
-            SNAT_ADDRS.get(&row).or_else(|| SNAT_ADDRS.get(&ingress)).or_else(|| SNAT_ADDRS.get(&SNAT_HAIRPIN))
+            SNAT_ADDRS
+                .get(&SnatAddrKey::new(row, family))
+                .or_else(|| SNAT_ADDRS.get(&SnatAddrKey::new(ifindex(ctx), family)))
+                .or_else(|| SNAT_ADDRS.get(&SnatAddrKey::new(SNAT_HAIRPIN, family)))
         }
         .ok_or(Counter::DropSnatNoAddress)?;
         scratch.reply.flags |= ct_flags::SNAT;

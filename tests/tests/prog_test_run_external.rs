@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd as _, BorrowedFd},
     path::Path,
 };
@@ -22,7 +22,7 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{CtKey, CtValue, addr_v4, port_be, snat_ports, stats::Counter};
+use service_common::{CtKey, CtValue, FAMILY_IPV4, SnatAddrKey, addr_v4, port_be, snat_ports, stats::Counter};
 use service_tests::{
     fixture::{ManifestDir, TEST_RUN_IFINDEX, interface_stat},
     netns::{BpffsMount, Netns, unique_suffix},
@@ -79,7 +79,8 @@ fn with_program(ns: &Netns, check: impl FnOnce(BorrowedFd<'_>, &Path) + Send) {
         let mut reconciler =
             Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, MapSizes::default()).expect("maps")).expect("dump");
         assert!(reconciler.reconcile(&model::desired(&snapshot.objects, &node)).errors.is_empty());
-        maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE)])).expect("snat row");
+        maps::write_snat_addrs(&root, &BTreeMap::from([(SnatAddrKey::new(1, FAMILY_IPV4), IpAddr::V4(NODE))]))
+            .expect("snat row");
         let prog: &mut SchedClassifier =
             ebpf.program_mut(service_common::PROG_EXTERNAL_INGRESS).expect("program").try_into().expect("classifier");
         prog.load().expect("verifier accepts the program");

@@ -54,6 +54,7 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
+use service_common::{FAMILY_IPV4, SnatAddrKey};
 use service_tests::{
     cgroup::TestCgroup,
     fixture::TEST_RUN_IFINDEX,
@@ -326,7 +327,10 @@ fn every_flow_table_agrees_with_the_programs() {
         let report = reconciler.reconcile(&model::desired(&snapshot.objects, &table.node_context()));
         assert!(report.errors.is_empty(), "{name}: {:?}", report.errors);
         let node = *table.node.addresses.first().expect("a node address");
-        let snat = BTreeMap::from([(service_common::SNAT_HAIRPIN, node), (TEST_RUN_IFINDEX, node)]);
+        let snat = BTreeMap::from([
+            (SnatAddrKey::new(service_common::SNAT_HAIRPIN, FAMILY_IPV4), IpAddr::V4(node)),
+            (SnatAddrKey::new(TEST_RUN_IFINDEX, FAMILY_IPV4), IpAddr::V4(node)),
+        ]);
         maps::write_snat_addrs(&programs.root, &snat).expect("snat rows");
         let ns = node_namespace(&table.node.addresses);
         let programs = &programs;

@@ -43,7 +43,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd as _, BorrowedFd},
     path::Path,
     time::Instant,
@@ -56,7 +56,7 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{CtKey, CtValue, map_names, stats::Counter};
+use service_common::{CtKey, CtValue, FAMILY_IPV4, SnatAddrKey, map_names, stats::Counter};
 use service_tests::{
     fixture::ManifestDir,
     fuzz::{self, Counted, Rng, StatsReader, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, VerdictKind, Violation, hex},
@@ -903,8 +903,14 @@ fn with_fixture<T: Send>(f: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>, &Path) -
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         // BPF_PROG_TEST_RUN's packets come from loopback (ifindex 1); the
         // hairpin address is the node's too.
-        maps::write_snat_addrs(&root, &BTreeMap::from([(1, NODE), (service_common::SNAT_HAIRPIN, NODE)]))
-            .expect("snat rows");
+        maps::write_snat_addrs(
+            &root,
+            &BTreeMap::from([
+                (SnatAddrKey::new(1, FAMILY_IPV4), IpAddr::V4(NODE)),
+                (SnatAddrKey::new(service_common::SNAT_HAIRPIN, FAMILY_IPV4), IpAddr::V4(NODE)),
+            ]),
+        )
+        .expect("snat rows");
         for prog in [Prog::Pod, Prog::External] {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(prog.name()).expect("program").try_into().expect("classifier");

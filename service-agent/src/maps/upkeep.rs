@@ -7,32 +7,39 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::Path,
 };
 
 use aya::maps::{HashMap, MapData};
-use service_common::{CtKey, CtValue, SockRevNatKey, SockRevNatValue, map_names};
+use service_common::{CtKey, CtValue, SnatAddrKey, SockRevNatKey, SockRevNatValue, map_names};
 
 use super::{
     LoadError,
     access::{is_not_found, open_hash},
 };
 
-/// Makes the pinned `snat_addrs` map hold exactly `rows` (ifindex, or
-/// `service_common::SNAT_HAIRPIN`, → the IPv4 address SNAT writes).
+/// Makes the pinned `snat_addrs` map hold exactly `rows` ((ifindex, or
+/// `service_common::SNAT_HAIRPIN`, and family) → the address SNAT writes;
+/// a row whose address is not of its key's family is refused).
 ///
 /// # Errors
 /// When the pin is missing or a row cannot be written.
-pub fn write_snat_addrs(root: &Path, rows: &BTreeMap<u32, Ipv4Addr>) -> Result<(), LoadError> {
+pub fn write_snat_addrs(root: &Path, rows: &BTreeMap<SnatAddrKey, IpAddr>) -> Result<(), LoadError> {
     let name = map_names::SNAT_ADDRS;
-    let mut map: HashMap<MapData, u32, service_common::Addr> = open_hash(root, name)?;
-    let stale: Vec<u32> = map.keys().filter_map(Result::ok).filter(|k| !rows.contains_key(k)).collect();
+    if let Some((key, addr)) = rows.iter().find(|(k, a)| k.family != crate::rows::family(**a)) {
+        return Err(LoadError::Object(format!(
+            "snat_addrs: {addr} is not of family {} (interface {})",
+            key.family, key.ifindex
+        )));
+    }
+    let mut map: HashMap<MapData, SnatAddrKey, service_common::Addr> = open_hash(root, name)?;
+    let stale: Vec<SnatAddrKey> = map.keys().filter_map(Result::ok).filter(|k| !rows.contains_key(k)).collect();
     for key in stale {
         map.remove(&key).map_err(|source| LoadError::Map { name, source })?;
     }
     for (key, addr) in rows {
-        let value = service_common::addr_v4(addr.octets());
+        let value = crate::rows::addr_bytes(*addr);
         if map.get(key, 0).ok() != Some(value) {
             map.insert(key, value, 0).map_err(|source| LoadError::Map { name, source })?;
         }
