@@ -201,7 +201,7 @@ impl Flow {
     }
 
     pub fn probe(&self, entry: Entry) -> Probe {
-        Probe { source: self.source, destination: self.destination, protocol: self.protocol(), entry }
+        Probe { source: IpAddr::V4(self.source), destination: self.destination, protocol: self.protocol(), entry }
     }
 
     /// kube-proxy's expectation, or this project's where it deliberately
