@@ -15,13 +15,7 @@
 //! reconciler writes again exactly the frontends it could not program. The
 //! loop bumps a heartbeat on every turn, idle ticks included, for `/livez`.
 
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::SchedClassifier;

@@ -232,7 +232,7 @@ fn contradictory_family_fields_are_reported_and_the_consistent_rest_served() {
     };
     let yaml = [
         svc("first", r#"{clusterIP: 10.96.1.1, clusterIPs: [10.96.1.2, "fd00::1:2"], ports: [{port: 80}]}"#),
-        svc("twice", r#"{clusterIP: 10.96.1.3, clusterIPs: [10.96.1.3, 10.96.1.4], ports: [{port: 80}]}"#),
+        svc("twice", r"{clusterIP: 10.96.1.3, clusterIPs: [10.96.1.3, 10.96.1.4], ports: [{port: 80}]}"),
         svc(
             "require",
             "{ipFamilyPolicy: RequireDualStack, ipFamilies: [IPv6, IPv4], clusterIP: \"fd00::1:5\", \

@@ -879,7 +879,6 @@ fn service_frontends(
 /// endpoints of that family's slices. Adds the ready local endpoints to
 /// `local_ready`; says whether an external frontend (other than the
 /// ClusterIP's twin) was added.
-#[expect(clippy::too_many_lines, reason = "the frontends of one port and family, then their rows, in one place")]
 fn family_frontends(
     s: &ServiceView<'_>,
     port: &PortView,
