@@ -40,6 +40,19 @@ fn addresses(d: &Desired, service: &str) -> BTreeSet<String> {
 
 use std::collections::BTreeSet;
 
+/// An EndpointSlice of `service` in namespace `shop`, as YAML: `family`
+/// its addressType, `port` its one unnamed port, each endpoint
+/// `(address, nodeName)`.
+fn slice(name: &str, service: &str, family: &str, port: u16, endpoints: &[(&str, &str)]) -> String {
+    let endpoints: Vec<String> =
+        endpoints.iter().map(|(addr, node)| format!("{{addresses: [\"{addr}\"], nodeName: {node}}}")).collect();
+    format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: shop, labels: \
+         {{kubernetes.io/service-name: {service}}}}}\naddressType: {family}\nports: [{{port: {port}}}]\nendpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
 const DUAL: &str = r#"
 apiVersion: v1
 kind: Service
@@ -151,19 +164,15 @@ fn source_ranges_apply_per_family_and_let_in_the_ingress_ips_of_a_family_whose_r
 
 #[test]
 fn ipv6_slices_never_feed_an_ipv4_only_service_and_ipv4_slices_never_an_ipv6_only_one() {
-    let yaml = r#"
+    let yaml = [
+        r"
 apiVersion: v1
 kind: Service
 metadata: {name: v4, namespace: shop}
 spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: v4-1, namespace: shop, labels: {kubernetes.io/service-name: v4}}
-addressType: IPv6
-ports: [{port: 80}]
-endpoints: [{addresses: ["fd00:10:244::20"]}]
----
+",
+        &slice("v4-1", "v4", "IPv6", 80, &[("fd00:10:244::20", "node-b")]),
+        r#"---
 apiVersion: v1
 kind: Service
 metadata: {name: v6, namespace: shop}
@@ -174,22 +183,12 @@ spec:
   clusterIP: "fd00:10:96::21"
   clusterIPs: ["fd00:10:96::21"]
   ports: [{port: 80, nodePort: 30021}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: v6-1, namespace: shop, labels: {kubernetes.io/service-name: v6}}
-addressType: IPv4
-ports: [{port: 80}]
-endpoints: [{addresses: [10.244.0.21]}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: v6-2, namespace: shop, labels: {kubernetes.io/service-name: v6}}
-addressType: IPv6
-ports: [{port: 80}]
-endpoints: [{addresses: ["fd00:10:244::21"], nodeName: node-a}]
-"#;
-    let d = desired(&objects(yaml), &node());
+"#,
+        &slice("v6-1", "v6", "IPv4", 80, &[("10.244.0.21", "node-b")]),
+        &slice("v6-2", "v6", "IPv6", 80, &[("fd00:10:244::21", "node-a")]),
+    ]
+    .concat();
+    let d = desired(&objects(&yaml), &node());
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     let v4 = &d.frontends[&fe("10.96.0.20", 80, Scope::Internal)];
     assert!(v4.backends.is_empty());
@@ -333,22 +332,11 @@ spec:
   healthCheckNodePort: 32000
   ports: [{port: 80, nodePort: 30900}]
 status: {loadBalancer: {ingress: [{ip: "2001:db8:1b::9"}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-4, namespace: shop, labels: {kubernetes.io/service-name: lb}}
-addressType: IPv4
-ports: [{port: 8080}]
-endpoints: [{addresses: [10.244.0.1], nodeName: node-a}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-6, namespace: shop, labels: {kubernetes.io/service-name: lb}}
-addressType: IPv6
-ports: [{port: 8080}]
-endpoints: [{addresses: ["fd00:10:244::1"], nodeName: node-a}]
-"#;
-    let d = desired(&objects(yaml), &node());
+"#
+    .to_owned()
+        + &slice("lb-4", "lb", "IPv4", 8080, &[("10.244.0.1", "node-a")])
+        + &slice("lb-6", "lb", "IPv6", 8080, &[("fd00:10:244::1", "node-a")]);
+    let d = desired(&objects(&yaml), &node());
     assert!(d.errors.is_empty(), "{:?}", d.errors);
     let lb = ObjectRef { namespace: "shop".into(), name: "lb".into() };
     assert_eq!(d.health_checks[&lb], HealthCheck { port: 32000, local_endpoints: 1 });
