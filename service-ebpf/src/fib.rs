@@ -147,6 +147,33 @@ fn rewritten(ctx: &TcContext, flow: &Flow) -> Result<(Addr, Addr, u16), Counter>
     Ok((addr_v4(saddr), addr_v4(daddr), u16::from_be_bytes(tot_len)))
 }
 
+/// Answers the packet with the ICMP or ICMPv6 error `packed` (one BPF
+/// function per family, called from here: one calling the other would not
+/// fit the verifier's 512-byte call chain).
+#[inline(always)]
+fn answer(ctx: &TcContext, flow: &Flow, packed: u32) -> Result<Sent, Counter> {
+    if flow.is_ipv6() {
+        reject::icmp6_error_to_sender(ctx, flow, packed)
+    } else {
+        reject::icmp_error_to_sender(ctx, flow, packed)
+    }
+}
+
+/// The FIB lookup for the (already rewritten) packet: its addresses and
+/// length (each segment's for a GSO packet of `gso_size`), the helper's
+/// code returned (the egress interface and MTU are left in `scratch.fib`).
+/// A BPF function of its own: the 16-byte addresses stay off `forward`'s
+/// frame, which sits under the ICMP answers' in one call chain.
+#[inline(never)]
+fn route(ctx: &TcContext, flow: &Flow, gso_size: u32) -> Result<u32, Counter> {
+    let (saddr, daddr, tot_len) = rewritten(ctx, flow)?;
+    let tot_len = if gso_size == 0 { tot_len } else { gso_segment_len(ctx, flow, gso_size) };
+    let (rc, _, _) = lookup(ctx, flow.family, &saddr, &daddr, tot_len)?;
+    // The codes are small non-negative numbers (BPF_FIB_LKUP_RET_*); a
+    // negative one is an argument error, never returned for these.
+    u32::try_from(rc).map_err(|_| Counter::DropNoRoute)
+}
+
 /// Redirects the (already rewritten) packet towards its destination, to
 /// be counted as `counter`; a packet too big or out of TTL (hop limit) is
 /// answered instead (counted as `drop_frag_needed` / `drop_ttl_exceeded`;
@@ -155,7 +182,6 @@ fn rewritten(ctx: &TcContext, flow: &Flow) -> Result<(Addr, Addr, u16), Counter>
 #[inline(never)]
 pub fn forward(ctx: &TcContext, flow: &Flow, counter: Counter) -> Result<Sent, Counter> {
     let ip = flow.ip_off;
-    let (saddr, daddr, tot_len) = rewritten(ctx, flow)?;
     // RFC 1122 3.2.2 and RFC 4443 2.4 (e) (as the kernel's icmp_send and
     // icmp6_send): no ICMP error about an ICMP error (the only ICMP this
     // path carries) or a later fragment.
@@ -166,8 +192,10 @@ pub fn forward(ctx: &TcContext, flow: &Flow, counter: Counter) -> Result<Sent, C
     // the stack's forwarding checks it (skb_gso_validate_network_len).
     // SAFETY: reading a field of the context the kernel handed us.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    let tot_len = if gso_size == 0 { tot_len } else { gso_segment_len(ctx, flow, gso_size) };
-    let (rc, ifindex, mtu) = lookup(ctx, flow.family, &saddr, &daddr, tot_len)?;
+    let rc = i64::from(route(ctx, flow, gso_size)?);
+    let params = &scratch()?.fib;
+    // SAFETY: the helper filled mtu_result (a union with tot_len).
+    let (ifindex, mtu) = (params.ifindex, unsafe { params.__bindgen_anon_1.mtu_result });
     if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) {
         // Without DF the stack would fragment it, which a redirect cannot
         // do: dropped, counted, not answered (the answer says "DF set").
@@ -175,7 +203,7 @@ pub fn forward(ctx: &TcContext, flow: &Flow, counter: Counter) -> Result<Sent, C
         if !flow.dont_fragment || !may_answer {
             return Err(Counter::DropFragNeeded);
         }
-        return reject::icmp_error_to_sender(ctx, flow, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu));
+        return answer(ctx, flow, reject::pack_icmp(ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu));
     }
     // Blackhole, unreachable, prohibited, not forwarded (a local
     // destination), forwarding disabled, unsupported encapsulation: the
@@ -187,7 +215,7 @@ pub fn forward(ctx: &TcContext, flow: &Flow, counter: Counter) -> Result<Sent, C
         if !may_answer {
             return Err(Counter::DropTtlExceeded);
         }
-        return reject::icmp_error_to_sender(ctx, flow, reject::pack_icmp(ICMP_TIME_EXCEEDED, 0, 0));
+        return answer(ctx, flow, reject::pack_icmp(ICMP_TIME_EXCEEDED, 0, 0));
     }
     if flow.is_ipv6() {
         // No header checksum to follow the hop limit.

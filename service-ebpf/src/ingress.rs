@@ -72,7 +72,8 @@ fn pipeline<const L2: usize>(ctx: &TcContext, side: Side) -> Result<(Verdict, &'
 fn try_run(ctx: &TcContext, packet: &Packet, side: Side) -> Outcome {
     let flow = &packet.flow;
     if flow.is_icmp() {
-        return icmp::translate_error(ctx, flow);
+        // Two BPF functions, dispatched here: see `translate_error_v6`.
+        return if flow.is_ipv6() { icmp::translate_error_v6(ctx, flow) } else { icmp::translate_error(ctx, flow) };
     }
     if flow.first_fragment {
         remember_first_fragment(flow);

@@ -245,9 +245,6 @@ fn answer_counter(answer: u32) -> Counter {
 /// stack.
 #[inline(never)]
 pub fn icmp_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result<Sent, Counter> {
-    if flow.is_ipv6() {
-        return icmp6_error_to_sender(ctx, flow, answer);
-    }
     let s = crate::scratch::scratch()?;
     let buf = &mut s.answer;
     // [0, 20): IP header; [20, 28): ICMP header; [28, 56): the quote.
@@ -464,8 +461,11 @@ fn load_into<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> 
 /// exceeded (hop limit, 3.3) for time exceeded, quoting the packet as its
 /// sender sent it (addresses, and the ports and UDP checksum when no
 /// extension header sits between them and the IPv6 header).
+///
+/// Called by `fib::forward` itself, not from [`icmp_error_to_sender`]:
+/// the two frames in one call chain would not fit 512 bytes.
 #[inline(never)]
-fn icmp6_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result<Sent, Counter> {
+pub fn icmp6_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result<Sent, Counter> {
     const Q6: usize = IP6_HLEN + ICMP_HLEN;
     let s = crate::scratch::scratch()?;
     let buf = &mut s.answer6;

@@ -163,6 +163,7 @@ pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 36] = [
     (Counter::PassFragment, VerdictKind::Pass),
     (Counter::PassMalformed, VerdictKind::Pass),
     (Counter::PassNoService, VerdictKind::Pass),
+    (Counter::PassExtensionHeaders, VerdictKind::Pass),
     (Counter::DnatNew, VerdictKind::Translated),
     (Counter::DnatEstablished, VerdictKind::Translated),
     (Counter::RevNat, VerdictKind::Translated),
