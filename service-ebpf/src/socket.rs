@@ -211,7 +211,7 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
 /// any other address is left alone.
 #[inline(always)]
 fn unserved(addr: &Addr) -> i32 {
-    let errno = match service_ip(addr) {
+    let errno = match service_ip(addr, service_common::FAMILY_IPV4) {
         ServiceIp::None => return ALLOW,
         ServiceIp::ClusterIp => ECONNREFUSED,
         ServiceIp::Unallocated => ENETUNREACH,
