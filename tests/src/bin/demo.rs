@@ -135,7 +135,7 @@ fn main() -> Result<()> {
 
     for (name, ip) in &ipv6_endpoints {
         let pod = pods.iter().find(|(_, (n, _))| n == name);
-        if !pod.is_some_and(|(v4, _)| ipv6_twin(*v4).to_string() == *ip) {
+        if pod.is_none_or(|(v4, _)| ipv6_twin(*v4).to_string() != *ip) {
             println!("   manifest problem: IPv6 endpoint {ip} ({name}) is no pod's address in this topology");
         }
     }

@@ -141,9 +141,9 @@ fn serve_udp(name: String, udp: UdpSocket) {
     });
 }
 
-fn accept_tcp(name: String, listener: TcpListener) {
+fn accept_tcp(name: &str, listener: &TcpListener) {
     for stream in listener.incoming().flatten() {
-        let name = name.clone();
+        let name = name.to_owned();
         std::thread::spawn(move || {
             let _ = serve_tcp(&name, stream);
         });
@@ -170,8 +170,8 @@ fn main() -> std::io::Result<()> {
         deepen(&udp6);
         serve_udp(name.clone(), udp6);
         let name6 = name.clone();
-        std::thread::spawn(move || accept_tcp(name6, listener6));
+        std::thread::spawn(move || accept_tcp(&name6, &listener6));
     }
-    accept_tcp(name, listener);
+    accept_tcp(&name, &listener);
     Ok(())
 }
