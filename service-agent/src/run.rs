@@ -236,7 +236,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 |k| reconciler.members(k).collect::<Vec<_>>(),
                 maps::monotonic_ns(),
             ))));
-            health_checks.sync(&outcome.health_checks, &outcome.failed_services).await;
+            health_checks.sync(&outcome.health_checks, &outcome.failed_services);
         }
     }
     collector.abort();

@@ -98,17 +98,7 @@ fn resolve_entry(entry: Entry, src: IpAddr, attached: &[AttachedProgram]) -> (En
             (Entry::External, "entering from outside the node (--from external): the external program".into())
         }
         Entry::Auto => {
-            let IpAddr::V4(src4) = src else {
-                // The route lookup (`attach::netlink::route_oif`) asks for
-                // IPv4 destinations only so far.
-                return (
-                    Entry::External,
-                    format!(
-                        "{src}: the node's routes are not asked for an IPv6 client yet, so it is taken as outside the node (give --from pod or --from host to say otherwise): the external program"
-                    ),
-                );
-            };
-            let oif = attach::netlink::route_oif(src4).ok().flatten();
+            let oif = attach::netlink::route_oif(src).ok().flatten();
             let on = |program: &str| attached.iter().find(|a| Some(a.ifindex) == oif && a.program == program);
             if oif == Some(LOOPBACK_IFINDEX) {
                 (
