@@ -19,8 +19,8 @@ use std::{
 use service_tests::{
     fixture::{self, ManifestDir},
     in_both_families,
-    netns::{Agent, BpffsMount, ChildGuard, Family, Topology, http_url, ipv6_twin, wait_until},
-    north_south::parse_answer,
+    netns::{Agent, BpffsMount, ChildGuard, Family, Topology, http_url, wait_until},
+    north_south::{dual_stack, parse_answer},
     traffic::any_port_for,
 };
 
@@ -40,50 +40,13 @@ impl Manifests {
     /// way a user writes it, atomically (rename) so the agent never reads a
     /// half-written file. For an IPv6 test the Service is dual-stack, and
     /// the backends' IPv6 twins are in an `addressType: IPv6` slice of
-    /// their own, as the EndpointSlice controller writes them.
+    /// their own, as the EndpointSlice controller writes them
+    /// ([`dual_stack`]).
     fn write_web(&self, family: Family, backends: &[Ipv4Addr]) {
-        let endpoints = |addr: &dyn Fn(Ipv4Addr) -> IpAddr| {
-            let mut endpoints = String::new();
-            for ip in backends {
-                let _ = write!(
-                    endpoints,
-                    "- addresses: [\"{}\"]\n  conditions:\n    ready: true\n  nodeName: node-1\n",
-                    addr(*ip)
-                );
-            }
-            endpoints
-        };
-        let (cluster_ips, v6_slice) = match family {
-            Family::V4 => (format!("clusterIPs: [{VIP}]"), String::new()),
-            Family::V6 => (
-                format!(
-                    "clusterIPs: [{VIP}, {}]\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]",
-                    ipv6_twin(VIP)
-                ),
-                format!(
-                    r"---
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: web-v6q9z
-  namespace: default
-  labels:
-    kubernetes.io/service-name: web
-addressType: IPv6
-ports:
-- name: http
-  port: 8080
-  protocol: TCP
-- name: dns
-  port: 5353
-  protocol: UDP
-endpoints:
-{}",
-                    endpoints(&|ip| IpAddr::V6(ipv6_twin(ip)))
-                ),
-            ),
-        };
-        let endpoints = endpoints(&|ip| IpAddr::V4(ip));
+        let mut endpoints = String::new();
+        for ip in backends {
+            let _ = write!(endpoints, "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n  nodeName: node-1\n");
+        }
         let yaml = format!(
             r"apiVersion: v1
 kind: Service
@@ -93,7 +56,7 @@ metadata:
 spec:
   type: ClusterIP
   clusterIP: {VIP}
-  {cluster_ips}
+  clusterIPs: [{VIP}]
   selector:
     app: web
   ports:
@@ -122,9 +85,12 @@ ports:
   port: 5353
   protocol: UDP
 endpoints:
-{endpoints}{v6_slice}"
+{endpoints}"
         );
-        self.write("web.yaml", &yaml);
+        match family {
+            Family::V4 => self.write("web.yaml", &yaml),
+            Family::V6 => self.write("web.yaml", &dual_stack(&yaml)),
+        }
     }
 
     fn write(&self, name: &str, text: &str) {
