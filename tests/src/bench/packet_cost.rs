@@ -1,4 +1,5 @@
-//! Benchmark 1: the per-packet cost of the programs, with BPF_PROG_TEST_RUN.
+//! Benchmark 1: the per-packet cost of the programs, with BPF_PROG_TEST_RUN,
+//! over IPv4 and IPv6.
 //!
 //! The maps are filled through the agent's own reconciler with `n` ClusterIP
 //! Services (the measured one, 10.96.0.10:80 with three backends, plus
@@ -15,7 +16,11 @@
 //! floor and the non-service packet, which are not rewritten, are also
 //! measured the classic way (one call, `repeat = 1e6`) as a cross-check.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, os::fd::AsFd as _};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
+};
 
 use anyhow::{Context as _, Result};
 use aya::programs::SchedClassifier;
@@ -29,7 +34,7 @@ use service_agent::{
 use super::{Stats, summarize};
 use crate::{
     netns::{BpffsMount, Netns, unique_suffix},
-    packet,
+    packet, packet6,
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
@@ -45,20 +50,39 @@ pub struct CaseResult {
     pub ns: Stats,
 }
 
-/// The cases, in report order.
-pub const CASES: [&str; 5] =
-    ["floor (pass only)", "not a Service", "new flow (SYN)", "established flow", "reply (reverse NAT)"];
+/// The cases, in report order: IPv4's, then the same over IPv6 (an IPv6
+/// ClusterIP with three backends beside the IPv4 ones).
+pub const CASES: [&str; 9] = [
+    "floor (pass only)",
+    "not a Service",
+    "new flow (SYN)",
+    "established flow",
+    "reply (reverse NAT)",
+    "IPv6: not a Service",
+    "IPv6: new flow (SYN)",
+    "IPv6: established flow",
+    "IPv6: reply (reverse NAT)",
+];
+
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x10);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+const BACKENDS6: [Ipv6Addr; 3] = [
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x11),
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x12),
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 1, 0, 0, 0, 0x13),
+];
 
 /// `n` ClusterIP frontends: the measured one and `n - 1` others with two
-/// backends each, as the model would produce them.
+/// backends each, as the model would produce them; and the measured IPv6
+/// ClusterIP (the IPv6 twin of a dual-stack Service).
 #[must_use]
 pub fn synthetic(n: usize) -> Desired {
     let mut desired = Desired::default();
-    let mut add = |i: usize, vip: Ipv4Addr, backends: Vec<Ipv4Addr>| {
-        let frontend = Frontend { addr: vip.into(), port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
+    let mut add = |i: usize, vip: IpAddr, backends: Vec<IpAddr>| {
+        let frontend = Frontend { addr: vip, port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
         let mut backends: Vec<Backend> = backends
             .into_iter()
-            .map(|b| Backend { addr: b.into(), port: 8080, protocol: Protocol::Tcp, local: true, ready: true })
+            .map(|b| Backend { addr: b, port: 8080, protocol: Protocol::Tcp, local: true, ready: true })
             .collect();
         backends.sort();
         desired.frontends.insert(
@@ -77,13 +101,14 @@ pub fn synthetic(n: usize) -> Desired {
             },
         );
     };
-    add(0, VIP, BACKENDS.to_vec());
+    add(0, VIP.into(), BACKENDS.iter().map(|b| IpAddr::V4(*b)).collect());
+    add(0, VIP6.into(), BACKENDS6.iter().map(|b| IpAddr::V6(*b)).collect());
     for i in 1..n {
         let i32_ = u32::try_from(i).unwrap_or(u32::MAX);
         // 10.97.0.0/16 and up for the others; backends in 10.250.0.0/15.
         let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i32_);
         let b = u32::from(Ipv4Addr::new(10, 250, 0, 0)) + 2 * i32_;
-        add(i, vip, vec![Ipv4Addr::from(b), Ipv4Addr::from(b + 1)]);
+        add(i, vip.into(), vec![Ipv4Addr::from(b).into(), Ipv4Addr::from(b + 1).into()]);
     }
     desired
 }
@@ -158,7 +183,29 @@ pub fn measure(n: usize, runs: usize) -> Result<Vec<CaseResult>> {
             est_ns.push(sample(&pod, &data)?);
             rev_ns.push(sample(&pod, &reply)?);
         }
-        for (case, samples) in CASES.iter().zip([floor_ns, other_ns, new_ns, est_ns, rev_ns]) {
+        // The same four cases over IPv6.
+        let non_service6 = packet6::tcp(CLIENT6, 40000, BACKENDS6[0], 8080, 0x10, b"");
+        let mut v6_other_ns = Vec::with_capacity(runs);
+        let mut v6_new_ns = Vec::with_capacity(runs);
+        for i in 0..runs {
+            v6_other_ns.push(sample(&pod, &non_service6)?);
+            let group = u16::try_from(i / 50_000).unwrap_or(u16::MAX);
+            let client = Ipv6Addr::new(0xfd00, 0x10, 0x248, 0, 0, 0, group, 1);
+            let sport = 10_000 + u16::try_from(i % 50_000).unwrap_or(0);
+            v6_new_ns.push(sample(&pod, &packet6::tcp(client, sport, VIP6, 80, 0x02, b""))?);
+        }
+        let syn6 = packet::prog_test_run(pod.as_fd(), &packet6::tcp(CLIENT6, 40000, VIP6, 80, 0x02, b""), 1)?;
+        let backend6 = packet6::parse(&syn6.data_out).context("parse")?.dst;
+        let data6 = packet6::tcp(CLIENT6, 40000, VIP6, 80, 0x10, b"GET / HTTP/1.1\r\n\r\n");
+        let reply6 = packet6::tcp(backend6, 8080, CLIENT6, 40000, 0x10, b"HTTP/1.1 200 OK\r\n\r\n");
+        let mut v6_est_ns = Vec::with_capacity(runs);
+        let mut v6_rev_ns = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            v6_est_ns.push(sample(&pod, &data6)?);
+            v6_rev_ns.push(sample(&pod, &reply6)?);
+        }
+        let all = [floor_ns, other_ns, new_ns, est_ns, rev_ns, v6_other_ns, v6_new_ns, v6_est_ns, v6_rev_ns];
+        for (case, samples) in CASES.iter().zip(all) {
             out.push(CaseResult { services: n, case, ns: summarize(samples) });
         }
         Ok(out)
