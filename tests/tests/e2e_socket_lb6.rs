@@ -13,7 +13,7 @@
 //! _backends` and `sock_diag::destroy_udp`, as its sync loop calls them.
 //!
 //! The topology, made here (IPv6 ULA addresses): a node namespace with its
-//! own address fd00:100::11 (and 192.168.100.11) on a dummy interface that
+//! own address fd00:100::11 (and 192.168.100.11) on a veth to nowhere that
 //! holds its default routes (so an untranslated connect() to an address no
 //! one has goes out and waits rather than failing), and two pods on it
 //! (fd00:244:1::11 and ::12, /128 each, routed by the node through their
@@ -27,6 +27,7 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use service_agent::{
@@ -38,7 +39,7 @@ use service_agent::{
 };
 use service_tests::{
     cgroup::TestCgroup,
-    netns::{BpffsMount, ChildGuard, Netns, Topology, binary},
+    netns::{BpffsMount, ChildGuard, Netns, Topology, binary, wait_until},
     north_south::agent_cli,
 };
 
@@ -115,8 +116,11 @@ fn topology() -> Topology {
     let mut topo = Topology::new().expect("node");
     let node = &topo.node;
     node.sysctl("net.ipv6.conf.all.forwarding=1").expect("forwarding");
-    node.ip(&["link", "add", "dum0", "type", "dummy"]).expect("dummy");
-    node.ip(&["link", "set", "dum0", "up"]).expect("dummy up");
+    // A veth pair whose far end nobody answers on (no dummy devices on
+    // every kernel): what leaves by the default route meets no one.
+    node.ip(&["link", "add", "dum0", "type", "veth", "peer", "name", "dum1"]).expect("veth");
+    node.ip(&["link", "set", "dum0", "up"]).expect("dum0 up");
+    node.ip(&["link", "set", "dum1", "up"]).expect("dum1 up");
     node.ip(&["-6", "addr", "add", &format!("{NODE6}/64"), "dev", "dum0", "nodad"]).expect("node address");
     node.ip(&["addr", "add", &format!("{NODE4}/24"), "dev", "dum0"]).expect("node address");
     node.ip(&["-6", "route", "add", "default", "dev", "dum0"]).expect("default route");
@@ -130,6 +134,16 @@ fn topology() -> Topology {
         ns.ip(&["-6", "neigh", "add", "fe80::1", "lladdr", &mac, "dev", "eth0", "nud", "permanent"]).expect("gw");
         ns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]).expect("pod route");
         topo.node.ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", &pod.host_if]).expect("route to pod");
+    }
+    // The link-local addresses the veths got are tentative until duplicate
+    // address detection ends (about a second): neighbour discovery between
+    // node and pod waits for them, so traffic does too.
+    for ns in std::iter::once(&topo.node).chain(topo.pods.iter().map(|p| &p.ns)) {
+        let settled = || {
+            let out = ns.ip(&["-6", "addr", "show", "tentative"]).ok()?;
+            out.stdout.iter().all(u8::is_ascii_whitespace).then_some(())
+        };
+        wait_until(Duration::from_secs(10), Duration::from_millis(50), settled).expect("DAD done");
     }
     topo
 }
@@ -245,9 +259,10 @@ fn host_sockets_reach_ipv6_and_v4_mapped_service_addresses_through_the_socket_ho
     // from an IPv6 socket: TCP reaches both backends and getpeername()
     // shows the Service address; unconnected UDP's replies come from the
     // Service address; connected UDP's peer is the Service address; the
-    // backends see the node's own address of that family.
+    // backends see the node's own address of that family (the servers'
+    // sockets are IPv6 ones: an IPv4 peer shows v4-mapped).
     let mapped = format!("[::ffff:{WEB4}]");
-    for (service, node_addr) in [(format!("[{WEB6}]"), format!("[{NODE6}]:")), (mapped.clone(), format!("{NODE4}:"))] {
+    for (service, node_addr) in [(format!("[{WEB6}]"), format!("[{NODE6}]:")), (mapped.clone(), format!("[::ffff:{NODE4}]:"))] {
         let (tcp, udp) = (format!("{service}:80"), format!("{service}:53"));
         let mut seen = BTreeSet::new();
         for _ in 0..16 {
