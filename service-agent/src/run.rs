@@ -15,13 +15,7 @@
 //! reconciler writes again exactly the frontends it could not program. The
 //! loop bumps a heartbeat on every turn, idle ticks included, for `/livez`.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
-    path::PathBuf,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use aya::programs::SchedClassifier;
@@ -242,7 +236,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
                 |k| reconciler.members(k).collect::<Vec<_>>(),
                 maps::monotonic_ns(),
             ))));
-            health_checks.sync(&outcome.health_checks, &outcome.failed_services).await;
+            health_checks.sync(&outcome.health_checks, &outcome.failed_services);
         }
     }
     collector.abort();
@@ -418,7 +412,7 @@ fn refresh_node(
     node: &mut NodeContext,
 ) -> bool {
     let globs = external_globs(config);
-    let all = addresses::ipv4_addresses();
+    let all = addresses::node_addresses();
     let mut now = addresses::select(&all, &globs, &config.nodeport_addresses, config.localhost_nodeports);
     ext_attach.set_globs(globs);
     // Overlay and tunnel devices: SNAT through one writes its address
@@ -429,16 +423,11 @@ fn refresh_node(
     if now == *current {
         return false;
     }
-    let snat_rows = now
-        .snat
-        .iter()
-        .map(|(i, a)| (service_common::SnatAddrKey::new(*i, service_common::FAMILY_IPV4), IpAddr::V4(*a)))
-        .collect();
-    if let Err(e) = maps::write_snat_addrs(&config.bpffs_root, &snat_rows) {
+    if let Err(e) = maps::write_snat_addrs(&config.bpffs_root, &now.snat) {
         tracing::error!(error = %e, "writing the SNAT addresses");
     }
     let nodeport: Vec<String> = now.nodeport.iter().map(ToString::to_string).collect();
-    let snat: Vec<String> = now.snat.iter().map(|(i, a)| format!("{i}={a}")).collect();
+    let snat: Vec<String> = now.snat.iter().map(|(k, a)| format!("{}={a}", k.ifindex)).collect();
     tracing::info!(nodeport_addresses = ?nodeport, snat_addresses = ?snat, "node addresses");
     node.nodeport_addresses.clone_from(&now.nodeport);
     let changed = current.nodeport != now.nodeport;

@@ -61,7 +61,8 @@ pub const MIRRORING_CONTROLLER: &str = "endpointslicemirroring-controller.k8s.io
 /// The EndpointSlice label naming the controller that manages a slice.
 pub const LABEL_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 
-/// An IPv4 or IPv6 prefix (`loadBalancerSourceRanges`).
+/// An IPv4 or IPv6 prefix (`loadBalancerSourceRanges`, service CIDRs,
+/// `--nodeport-addresses`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Cidr {
     pub addr: IpAddr,
@@ -75,6 +76,12 @@ impl fmt::Display for Cidr {
 }
 
 impl Cidr {
+    /// The prefix of `addr` alone (/32, /128).
+    #[must_use]
+    pub const fn host(addr: IpAddr) -> Self {
+        Self { addr, prefix_len: if addr.is_ipv4() { 32 } else { 128 } }
+    }
+
     /// Whether `addr` lies inside the prefix (never across families).
     #[must_use]
     pub fn contains(&self, addr: IpAddr) -> bool {

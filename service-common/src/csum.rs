@@ -39,6 +39,16 @@ pub fn pseudo_header_v4(saddr: [u8; 4], daddr: [u8; 4], proto: u8, l4_len: u16) 
     sum(0, &p)
 }
 
+/// The sum of an IPv6 pseudo-header (RFC 8200 8.1: both addresses, the
+/// upper-layer length as 32 bits, three zero bytes, the next header).
+#[inline(always)]
+#[must_use]
+pub fn pseudo_header_v6(saddr: &[u8; 16], daddr: &[u8; 16], proto: u8, l4_len: u16) -> u32 {
+    let mut s = sum(0, saddr);
+    s = sum(s, daddr);
+    s + u32::from(l4_len) + u32::from(proto)
+}
+
 /// The new value of a checksum field after one 16-bit word of the data it
 /// covers changed from `old` to `new` (RFC 1624, eqn. 3: `HC' = ~(~HC +
 /// ~m + m')`). Words are in network order, as read from the packet.
@@ -55,16 +65,29 @@ pub fn update16(check: [u8; 2], old: [u8; 2], new: [u8; 2]) -> [u8; 2] {
 #[inline(always)]
 #[must_use]
 pub fn update32(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
-    let c = update16(check, [old[0], old[1]], [new[0], new[1]]);
-    update16(c, [old[2], old[3]], [new[2], new[3]])
+    update(check, &old, &new)
 }
 
-/// The addresses and ports of an IPv4 TCP/UDP packet, as they sit in its
-/// headers (network order).
+/// [`update16`] for a field of `N` bytes (`N` even: an IPv4 or IPv6
+/// address), word by word.
+#[inline(always)]
+#[must_use]
+pub fn update<const N: usize>(check: [u8; 2], old: &[u8; N], new: &[u8; N]) -> [u8; 2] {
+    let mut c = check;
+    let mut i = 0;
+    while i + 1 < N {
+        c = update16(c, [old[i], old[i + 1]], [new[i], new[i + 1]]);
+        i += 2;
+    }
+    c
+}
+
+/// The addresses and ports of a TCP/UDP packet, as they sit in its
+/// headers (network order): `N` is 4 for IPv4, 16 for IPv6.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Endpoints {
-    pub saddr: [u8; 4],
-    pub daddr: [u8; 4],
+pub struct Endpoints<const N: usize = 4> {
+    pub saddr: [u8; N],
+    pub daddr: [u8; N],
     pub sport: [u8; 2],
     pub dport: [u8; 2],
 }
@@ -75,9 +98,9 @@ pub struct Endpoints {
 /// caller leaves a UDP checksum of 0 alone in the first place.
 #[inline(always)]
 #[must_use]
-pub fn update_endpoints(check: [u8; 2], udp: bool, old: &Endpoints, new: &Endpoints) -> [u8; 2] {
-    let mut c = update32(check, old.saddr, new.saddr);
-    c = update32(c, old.daddr, new.daddr);
+pub fn update_endpoints<const N: usize>(check: [u8; 2], udp: bool, old: &Endpoints<N>, new: &Endpoints<N>) -> [u8; 2] {
+    let mut c = update(check, &old.saddr, &new.saddr);
+    c = update(c, &old.daddr, &new.daddr);
     c = update16(c, old.sport, new.sport);
     c = update16(c, old.dport, new.dport);
     if udp && c == [0, 0] { [0xff, 0xff] } else { c }
@@ -152,5 +175,39 @@ mod tests {
     fn pseudo_header_sum() {
         // 10.0.0.1 → 10.0.0.2, TCP, 20 bytes: 0x0a00+0x0001+0x0a00+0x0002+6+20.
         assert_eq!(pseudo_header_v4([10, 0, 0, 1], [10, 0, 0, 2], 6, 20), 0x0a00 + 1 + 0x0a00 + 2 + 6 + 20);
+    }
+
+    /// The checksum of a UDP segment over its IPv6 pseudo-header.
+    fn udp6_check(e: &Endpoints<16>, payload: [u8; 4]) -> [u8; 2] {
+        let mut seg = [0u8; 12];
+        seg[0..2].copy_from_slice(&e.sport);
+        seg[2..4].copy_from_slice(&e.dport);
+        seg[4..6].copy_from_slice(&12u16.to_be_bytes());
+        seg[8..12].copy_from_slice(&payload);
+        finish(sum(pseudo_header_v6(&e.saddr, &e.daddr, 17, 12), &seg)).to_be_bytes()
+    }
+
+    #[test]
+    fn ipv6_endpoint_updates_match_a_full_recompute() {
+        let a = |last: u8, mid: u8| {
+            let mut x = [0u8; 16];
+            x[0] = 0xfd;
+            x[7] = mid;
+            x[15] = last;
+            x
+        };
+        let old = Endpoints { saddr: a(10, 0x44), daddr: a(10, 0x96), sport: [0x9c, 0x40], dport: [0, 53] };
+        let new = Endpoints { saddr: a(11, 0x68), daddr: a(13, 0x44), sport: [0xee, 0x48], dport: [0x14, 0xe9] };
+        let payload = [1, 2, 3, 4];
+        assert_eq!(update_endpoints(udp6_check(&old, payload), true, &old, &new), udp6_check(&new, payload));
+    }
+
+    #[test]
+    fn ipv6_pseudo_header_sum() {
+        // ::1 → ::2, UDP, 12 bytes: 1 + 2 + 12 + 17 (RFC 8200 8.1).
+        let (mut s, mut d) = ([0u8; 16], [0u8; 16]);
+        s[15] = 1;
+        d[15] = 2;
+        assert_eq!(pseudo_header_v6(&s, &d, 17, 12), 1 + 2 + 12 + 17);
     }
 }

@@ -115,7 +115,9 @@ pub mod layout {
         REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
     };
 
-    /// Layout 2 of `snat_addrs`: keyed by [`super::SnatAddrKey`] (interface
+    /// Layout 3 of `stats`: id 0 counts packets that are neither IPv4 nor
+    /// IPv6 (`pass_not_ip`; IPv6 was counted there before the programs
+    /// served it). Layout 2 of `snat_addrs`: keyed by [`super::SnatAddrKey`] (interface
     /// and family). Layout 2 of `sock_rev_nat`: the value names the socket's protocol
     /// and backend id (for the removed-backend UDP socket flush); layout 3: key and value
     /// carry the address family (IPv6 sockets, v4-mapped addresses). Layout 3
@@ -128,7 +130,7 @@ pub mod layout {
         (BACKENDS, 1),
         (REV_NAT, 1),
         (CONNTRACK, 1),
-        (STATS, 2),
+        (STATS, 3),
         (SOURCE_RANGES, 2),
         (AFFINITY, 1),
         (SERVICE_COUNTERS, 1),
@@ -335,6 +337,7 @@ pub const FAMILY_IPV6: u8 = 6;
 
 /// IP protocol numbers.
 pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;

@@ -101,9 +101,11 @@ pub const fn per_interface(id: u32) -> bool {
 }
 
 counters! {
-    /// Not IPv4 (ARP, IPv6, ...): passed untouched.
-    PassNotIpv4 = 0, "pass_not_ipv4", fast;
-    /// IPv4 but neither TCP nor UDP: passed untouched.
+    /// Neither IPv4 nor IPv6 (ARP, ...): passed untouched.
+    PassNotIp = 0, "pass_not_ip", fast;
+    /// IP but neither TCP, UDP, SCTP nor an ICMP/ICMPv6 error (ICMPv6
+    /// neighbour discovery and router advertisements among them): passed
+    /// untouched.
     PassOtherProto = 1, "pass_other_proto", fast;
     /// A later IP fragment whose first fragment did not pass here (not a
     /// Service flow, or it overtook its first fragment): passed untouched.
@@ -252,6 +254,10 @@ counters! {
     /// socket counters have no interface, so none has an
     /// `interface_stats` row.)
     SockRefused = 45, "sock_refused", fast;
+    /// IPv6 whose extension headers the parse does not walk to the end
+    /// (more than `flow::MAX_EXTENSION_HEADERS`, or ESP, whose payload is
+    /// encrypted): passed untouched.
+    PassExtensionHeaders = 46, "pass_ipv6_extension_headers", fast;
 }
 
 #[cfg(test)]
@@ -291,8 +297,8 @@ mod tests {
                 assert!(c.is_drop(), "{}", c.name());
             }
         }
-        let fast: [Counter; 12] = [
-            Counter::PassNotIpv4,
+        let fast: [Counter; 13] = [
+            Counter::PassNotIp,
             Counter::PassOtherProto,
             Counter::PassFragment,
             Counter::PassMalformed,
@@ -305,6 +311,7 @@ mod tests {
             Counter::SockSendmsg,
             Counter::SockRevNat,
             Counter::SockRefused,
+            Counter::PassExtensionHeaders,
         ];
         for c in Counter::ALL {
             assert_eq!(c.per_interface(), !fast.contains(&c), "{}", c.name());

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    PROTO_ICMP, PROTO_TCP,
+    PROTO_TCP,
     conntrack::{is_closing, is_expired, is_syn},
     ct_flags,
     stats::Counter,
@@ -71,8 +71,9 @@ fn pipeline<const L2: usize>(ctx: &TcContext, side: Side) -> Result<(Verdict, &'
 #[inline(never)]
 fn try_run(ctx: &TcContext, packet: &Packet, side: Side) -> Outcome {
     let flow = &packet.flow;
-    if flow.proto == PROTO_ICMP {
-        return icmp::translate_error(ctx, flow);
+    if flow.is_icmp() {
+        // Two BPF functions, dispatched here: see `translate_error_v6`.
+        return if flow.is_ipv6() { icmp::translate_error_v6(ctx, flow) } else { icmp::translate_error(ctx, flow) };
     }
     if flow.first_fragment {
         remember_first_fragment(flow);

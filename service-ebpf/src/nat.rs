@@ -9,10 +9,11 @@
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST},
     btf_maps::lpm_trie::Key,
+    helpers::bpf_csum_diff,
     programs::TcContext,
 };
 use service_common::{
-    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV4, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
+    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV6, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
     SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SnatAddrKey, SourceRangeKey,
     conntrack::next_state, ct_flags, hash, service_flags, service_ips, snat_ports, stats::Counter,
 };
@@ -20,7 +21,7 @@ use service_common::{
 use crate::{
     conntrack::{self, Found, claim_port, claim_reply},
     fib::egress_ifindex,
-    flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, ktime_ns},
+    flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, ktime_ns},
     maps::{AFFINITY, BACKENDS, CONNTRACK_NEW, SERVICES, SNAT_ADDRS, SOURCE_RANGES, count, count_flow, ifindex},
     scratch::{Scratch, scratch},
     verdict::{Outcome, Verdict, forward, pass},
@@ -57,11 +58,6 @@ pub enum Side {
     External,
 }
 
-#[inline(always)]
-fn v4(addr: &Addr) -> [u8; 4] {
-    [addr[0], addr[1], addr[2], addr[3]]
-}
-
 /// A packet of a known flow: track it, then translate it the way its entry
 /// says.
 ///
@@ -89,22 +85,21 @@ pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> 
     let snat = flags & ct_flags::SNAT != 0;
     let counter = if flow.later_fragment { Counter::FragmentTranslated } else { Counter::DnatEstablished };
     if flags & ct_flags::DNAT != 0 {
-        rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&ct.nat_addr), 2, flow.dport, ct.nat_port)?;
+        rewrite(ctx, flow, End::Destination, &flow.daddr, &ct.nat_addr, flow.dport, ct.nat_port)?;
         count_flow(ctx, ct.rev_nat_id, ct.backend_id);
         if snat {
-            let snat_addr = v4(&ct.snat_addr);
-            rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, snat_addr, 0, flow.sport, ct.snat_port)?;
+            rewrite(ctx, flow, End::Source, &flow.saddr, &ct.snat_addr, flow.sport, ct.snat_port)?;
             // A remapped source port keeps the client's own address: no
             // node address to route around.
-            if snat_addr != flow.saddr {
+            if ct.snat_addr != flow.saddr {
                 return forward(counter);
             }
         }
         pass(counter)
     } else if flags & ct_flags::REV_NAT != 0 {
-        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, v4(&ct.nat_addr), 0, flow.sport, ct.nat_port)?;
+        rewrite(ctx, flow, End::Source, &flow.saddr, &ct.nat_addr, flow.sport, ct.nat_port)?;
         if snat {
-            rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&ct.snat_addr), 2, flow.dport, ct.snat_port)?;
+            rewrite(ctx, flow, End::Destination, &flow.daddr, &ct.snat_addr, flow.dport, ct.snat_port)?;
         }
         count_flow(ctx, ct.rev_nat_id, ct.backend_id);
         let counter = if flow.later_fragment { Counter::FragmentTranslated } else { Counter::RevNat };
@@ -129,7 +124,7 @@ pub fn established(ctx: &TcContext, flow: &Flow, key: &CtKey, found: &Found) -> 
 pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result<NewFlow, Counter> {
     let scope = if side == Side::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
     let scratch = scratch()?;
-    scratch.frontend = ServiceKey::frontend(FAMILY_IPV4, key.daddr, flow.dport, flow.proto, scope);
+    scratch.frontend = ServiceKey::frontend(key.family, key.daddr, flow.dport, flow.proto, scope);
     // SAFETY: service values are plain data written whole by the agent.
     let Some(service) = (unsafe { SERVICES.get(&scratch.frontend) }) else {
         if flow.later_fragment {
@@ -145,10 +140,10 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     let service = &scratch.service;
     if service.flags & service_flags::SOURCE_RANGES != 0 {
         // The trie key: the frontend (id, protocol, family: matched
-        // whole), then the IPv4 source (32 bits).
+        // whole), then the source (32 or 128 bits).
         let range_key = Key::new(
-            SOURCE_RANGE_FRONTEND_BITS + 32,
-            SourceRangeKey::new(service.rev_nat_id, flow.proto, FAMILY_IPV4, key.saddr),
+            SOURCE_RANGE_FRONTEND_BITS + address_bits(key.family),
+            SourceRangeKey::new(service.rev_nat_id, flow.proto, key.family, key.saddr),
         );
         if SOURCE_RANGES.get(&range_key).is_none() {
             return Err(Counter::DropSourceRange);
@@ -165,7 +160,11 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     }
     let now = ktime_ns();
     choose_backend(scratch, key, flow, now)?;
-    let (backend_id, backend, affinity_hit) = (scratch.backend_id, scratch.backend, scratch.affinity_hit != 0);
+    // The backend stays in scratch memory and is read from there: a copy
+    // (and a 16-byte address handed on by reference) would sit on this
+    // frame, the deepest of the new-flow path.
+    let (backend_id, affinity_hit) = (scratch.backend_id, scratch.affinity_hit != 0);
+    let backend = &scratch.backend;
     if flow.proto == PROTO_SCTP && backend.port != flow.dport {
         return Err(Counter::DropSctpPortTranslation);
     }
@@ -180,7 +179,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
         // The address of the interface the packet leaves by towards the
         // backend (MASQUERADE's choice); failing that the entry
         // interface's, then the node's first external address.
-        Some(match egress_ifindex(ctx, v4(&backend.addr))? {
+        Some(match egress_ifindex(ctx, &backend.addr, key.family)? {
             0 => ifindex(ctx),
             egress => egress,
         })
@@ -217,7 +216,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
     if let Some(row) = snat_row {
         let family = key.family;
         // SAFETY: plain data written whole by the agent.
-        let snat_addr = *unsafe {
+        scratch.original.snat_addr = *unsafe {
             SNAT_ADDRS
                 .get(&SnatAddrKey::new(row, family))
                 .or_else(|| SNAT_ADDRS.get(&SnatAddrKey::new(ifindex(ctx), family)))
@@ -227,7 +226,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
         scratch.reply.flags |= ct_flags::SNAT;
         scratch.reply.snat_addr = key.saddr;
         scratch.reply.snat_port = flow.sport;
-        scratch.reply_key.daddr = snat_addr;
+        scratch.reply_key.daddr = scratch.original.snat_addr;
         let port = if sctp {
             // No port translation for SCTP (its CRC32c covers the ports):
             // the client's own port, if free.
@@ -240,7 +239,6 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
             claim_port(snat_ports::MIN, snat_ports::MAX, h, now)?
         };
         scratch.original.flags |= ct_flags::SNAT;
-        scratch.original.snat_addr = snat_addr;
         scratch.original.snat_port = port;
     } else if !claim_reply(now)? {
         // The reply tuple (backend → client) is another live flow's: the
@@ -270,15 +268,15 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
         }
         return Err(Counter::DropCtInsert);
     }
-    let (snat, snat_addr, snat_port) =
-        (scratch.original.flags & ct_flags::SNAT != 0, scratch.original.snat_addr, scratch.original.snat_port);
-    rewrite(ctx, flow, IP_DST_OFF, flow.daddr, v4(&backend.addr), 2, flow.dport, backend.port)?;
+    let snat = scratch.original.flags & ct_flags::SNAT != 0;
+    rewrite(ctx, flow, End::Destination, &flow.daddr, &scratch.backend.addr, flow.dport, scratch.backend.port)?;
     if affinity_hit {
         count(ifindex(ctx), Counter::AffinityHit);
     }
     count_flow(ctx, rev_nat_id, backend_id);
     if snat {
-        rewrite(ctx, flow, IP_SRC_OFF, flow.saddr, v4(&snat_addr), 0, flow.sport, snat_port)?;
+        let original = &scratch.original;
+        rewrite(ctx, flow, End::Source, &flow.saddr, &original.snat_addr, flow.sport, original.snat_port)?;
         if remapped {
             count(ifindex(ctx), Counter::NatClashRemapped);
             return Ok(NewFlow::Verdict(Verdict::Pass(Counter::DnatNew)));
@@ -297,7 +295,7 @@ pub fn new_flow(ctx: &TcContext, flow: &Flow, key: &CtKey, side: Side) -> Result
 /// Service pays one trie lookup there).
 #[inline(always)]
 fn unserved(key: &CtKey) -> Result<NewFlow, Counter> {
-    match service_ip(&key.daddr) {
+    match service_ip(&key.daddr, key.family) {
         ServiceIp::None => Ok(NewFlow::Verdict(Verdict::Pass(Counter::PassNoService))),
         ServiceIp::ClusterIp => Ok(NewFlow::Verdict(Verdict::Reject)),
         ServiceIp::Unallocated => Err(Counter::DropUnallocatedServiceIp),
@@ -305,7 +303,7 @@ fn unserved(key: &CtKey) -> Result<NewFlow, Counter> {
 }
 
 /// What the service IP rows (`source_ranges`, owner
-/// [`service_ips::OWNER`]) say of an IPv4 address no frontend serves.
+/// [`service_ips::OWNER`]) say of an address no frontend serves.
 pub enum ServiceIp {
     /// No Service address: not the dataplane's business.
     None,
@@ -319,13 +317,13 @@ pub enum ServiceIp {
 /// socket path both decide an unserved address by. Not inlined: its trie
 /// keys stay out of the callers' frames.
 #[inline(never)]
-pub fn service_ip(addr: &Addr) -> ServiceIp {
-    let bits = SOURCE_RANGE_FRONTEND_BITS + 32;
-    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV4, *addr));
+pub fn service_ip(addr: &Addr, family: u8) -> ServiceIp {
+    let bits = SOURCE_RANGE_FRONTEND_BITS + address_bits(family);
+    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, family, *addr));
     if SOURCE_RANGES.get(&range).is_none() {
         return ServiceIp::None;
     }
-    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV4, *addr));
+    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, family, *addr));
     if SOURCE_RANGES.get(&host).is_some() { ServiceIp::ClusterIp } else { ServiceIp::Unallocated }
 }
 
@@ -404,25 +402,54 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
     Ok(())
 }
 
-/// Rewrites one address (at `addr_off` from the IP header, which starts at
-/// `flow.ip_off`: 0 on an L3 device) and the port at `l4_off +
-/// port_off`, fixing the IP checksum and the L4 checksum (pseudo-header
-/// included). The kernel helpers handle CHECKSUM_PARTIAL packets (only the
+/// The length of an address of `family` in bits: a whole-address match in
+/// the `source_ranges` trie.
+#[inline(always)]
+fn address_bits(family: u8) -> u32 {
+    if family == FAMILY_IPV6 { 128 } else { 32 }
+}
+
+/// Which end of a packet a rewrite changes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Source,
+    Destination,
+}
+
+/// Rewrites one end's address (in the IP header, which starts at
+/// `flow.ip_off`: 0 on an L3 device) and port, fixing the L4 checksum
+/// (pseudo-header included) and, for IPv4, the header checksum (IPv6 has
+/// none). The kernel helpers handle CHECKSUM_PARTIAL packets (only the
 /// pseudo-header sum is updated) as well as complete checksums; a UDP
-/// checksum of 0 ("none") stays 0 (BPF_F_MARK_MANGLED_0). A failed helper
-/// is counted as its stage: `drop_l4_csum`, `drop_l3_csum`, `drop_store`.
-#[expect(clippy::too_many_arguments, reason = "one call site per direction; a struct would only rename them")]
+/// checksum of 0 ("none", IPv4 only: the parse passes an IPv6 one
+/// untouched) stays 0 and a result of 0 is written as 0xffff
+/// (BPF_F_MARK_MANGLED_0). A failed helper is counted as its stage:
+/// `drop_l4_csum`, `drop_l3_csum`, `drop_store`.
 #[inline(always)]
 fn rewrite(
     ctx: &TcContext,
     flow: &Flow,
-    addr_off: usize,
-    old_addr: [u8; 4],
-    new_addr: [u8; 4],
-    port_off: usize,
+    end: End,
+    old_addr: &Addr,
+    new_addr: &Addr,
     old_port: Port,
     new_port: Port,
 ) -> Result<(), Counter> {
+    let ports = (u64::from(end == End::Source) << 32)
+        | (u64::from(u16::from_ne_bytes(old_port)) << 16)
+        | u64::from(u16::from_ne_bytes(new_port));
+    rewrite_end(ctx, flow, old_addr, new_addr, ports)
+}
+
+/// [`rewrite`]'s body, a BPF function of its own (so its locals never
+/// sit in `new_flow`'s or `established`'s frame): the end (bit 32: the
+/// source) and both ports (raw network-order values) share one argument,
+/// a BPF function taking five.
+#[inline(never)]
+fn rewrite_end(ctx: &TcContext, flow: &Flow, old_addr: &Addr, new_addr: &Addr, ports: u64) -> Result<(), Counter> {
+    let end = if ports >> 32 != 0 { End::Source } else { End::Destination };
+    #[expect(clippy::cast_possible_truncation, reason = "unpacking the 16-bit ports")]
+    let (old_port, new_port) = (((ports >> 16) as u16).to_ne_bytes(), (ports as u16).to_ne_bytes());
     let (csum_off, mangled_0) = if flow.proto == PROTO_TCP {
         (flow.l4_off + TCP_CSUM_OFF, 0)
     } else {
@@ -434,21 +461,76 @@ fn rewrite(
     // first fragment's checksum update covered the whole datagram).
     let sctp = flow.proto == PROTO_SCTP || flow.later_fragment;
     if old_addr != new_addr {
-        // The helpers take the raw (network-order) field values.
-        let from = u64::from(u32::from_ne_bytes(old_addr));
-        let to = u64::from(u32::from_ne_bytes(new_addr));
-        if !sctp {
-            ctx.l4_csum_replace(csum_off, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4)
-                .map_err(|_| Counter::DropL4Csum)?;
+        if flow.family == FAMILY_IPV6 {
+            let addr_off = if end == End::Source { IP6_SRC_OFF } else { IP6_DST_OFF };
+            let l4_flags = if sctp { NO_L4_CHECKSUM } else { mangled_0 };
+            #[expect(clippy::cast_possible_truncation, reason = "both offsets are below 14 + 40 + 6 * 2048 + 16")]
+            let offsets = (((flow.ip_off + addr_off) as u32) << 16) | csum_off as u32;
+            rewrite_addr_v6(ctx, old_addr, new_addr, offsets, l4_flags)?;
+        } else {
+            let addr_off = if end == End::Source { IP_SRC_OFF } else { IP_DST_OFF };
+            let (old4, new4) = (v4(old_addr), v4(new_addr));
+            // The helpers take the raw (network-order) field values.
+            let from = u64::from(u32::from_ne_bytes(old4));
+            let to = u64::from(u32::from_ne_bytes(new4));
+            if !sctp {
+                ctx.l4_csum_replace(csum_off, from, to, u64::from(BPF_F_PSEUDO_HDR) | mangled_0 | 4)
+                    .map_err(|_| Counter::DropL4Csum)?;
+            }
+            ctx.l3_csum_replace(flow.ip_off + IP_CSUM_OFF, from, to, 4).map_err(|_| Counter::DropL3Csum)?;
+            ctx.store(flow.ip_off + addr_off, &new4, 0).map_err(|_| Counter::DropStore)?;
         }
-        ctx.l3_csum_replace(flow.ip_off + IP_CSUM_OFF, from, to, 4).map_err(|_| Counter::DropL3Csum)?;
-        ctx.store(flow.ip_off + addr_off, &new_addr, 0).map_err(|_| Counter::DropStore)?;
     }
     if old_port != new_port && !sctp {
+        let port_off = if end == End::Source { 0 } else { 2 };
         let from = u64::from(u16::from_ne_bytes(old_port));
         let to = u64::from(u16::from_ne_bytes(new_port));
         ctx.l4_csum_replace(csum_off, from, to, mangled_0 | 2).map_err(|_| Counter::DropL4Csum)?;
         ctx.store(flow.l4_off + port_off, &new_port, 0).map_err(|_| Counter::DropStore)?;
     }
     Ok(())
+}
+
+#[inline(always)]
+fn v4(addr: &Addr) -> [u8; 4] {
+    [addr[0], addr[1], addr[2], addr[3]]
+}
+
+/// `rewrite_addr_v6`'s flags when no L4 checksum covers the addresses
+/// (SCTP, a later fragment): a bit no `bpf_l4_csum_replace` flag uses.
+const NO_L4_CHECKSUM: u64 = 1 << 63;
+
+/// An IPv6 address rewrite: the 128-bit change enters the L4 checksum
+/// through its pseudo-header as one difference (`bpf_csum_diff`, then
+/// `bpf_l4_csum_replace` with size 0: "add this difference"). `offsets`
+/// holds where the address is (high 16 bits) and where the L4 checksum is
+/// (low 16 bits), `l4_flags` the checksum helper's flags or
+/// [`NO_L4_CHECKSUM`]: a BPF function takes five arguments. Not inlined:
+/// used by both directions of every translation.
+#[inline(never)]
+fn rewrite_addr_v6(
+    ctx: &TcContext,
+    old_addr: &Addr,
+    new_addr: &Addr,
+    offsets: u32,
+    l4_flags: u64,
+) -> Result<(), Counter> {
+    let at = (offsets >> 16) as usize;
+    let csum_off = (offsets & 0xffff) as usize;
+    if l4_flags & NO_L4_CHECKSUM == 0 {
+        // SAFETY: both pointers are to 16 readable bytes (map values or
+        // this program's stack), as the helper's sizes say; it only reads
+        // them.
+        let diff = unsafe {
+            bpf_csum_diff(old_addr.as_ptr().cast_mut().cast(), 16, new_addr.as_ptr().cast_mut().cast(), 16, 0)
+        };
+        if diff < 0 {
+            return Err(Counter::DropL4Csum);
+        }
+        #[expect(clippy::cast_sign_loss, reason = "checked non-negative: a 32-bit checksum difference")]
+        let diff = diff as u64;
+        ctx.l4_csum_replace(csum_off, 0, diff, u64::from(BPF_F_PSEUDO_HDR) | l4_flags)
+            .map_err(|_| Counter::DropL4Csum)?;
+    }
+    ctx.store(at, new_addr, 0).map_err(|_| Counter::DropStore)
 }

@@ -8,8 +8,14 @@
 //! (the IP header at offset 0) there are none, and `bpf_redirect` to it
 //! takes the kernel's no-MAC path (`__bpf_redirect_no_mac`).
 
-use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect, programs::TcContext};
-use service_common::{PROTO_TCP, csum, stats::Counter};
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::TC_ACT_REDIRECT,
+    helpers::{bpf_redirect, bpf_skb_load_bytes},
+    programs::TcContext,
+};
+use service_common::{PROTO_ICMPV6, PROTO_TCP, csum, stats::Counter};
 
 use crate::{flow::Flow, verdict::Sent};
 
@@ -78,7 +84,12 @@ pub fn pack(ip_off: usize, l4_off: usize, tcp_flags: u8) -> u32 {
 /// `reject_tcp_rst` / `reject_icmp_unreachable`.
 #[inline(always)]
 pub fn refuse(ctx: &TcContext, flow: &Flow) -> Result<Sent, Counter> {
-    let (saddr, daddr) = (u32::from_ne_bytes(flow.saddr), u32::from_ne_bytes(flow.daddr));
+    if flow.is_ipv6() {
+        return if flow.proto == PROTO_TCP { tcp_rst_v6(ctx, flow) } else { icmp6_port_unreachable(ctx, flow) };
+    }
+    let s = &flow.saddr;
+    let d = &flow.daddr;
+    let (saddr, daddr) = (u32::from_ne_bytes([s[0], s[1], s[2], s[3]]), u32::from_ne_bytes([d[0], d[1], d[2], d[3]]));
     if flow.proto == PROTO_TCP {
         tcp_rst(ctx, saddr, daddr, pack(flow.ip_off, flow.l4_off, flow.tcp_flags))
     } else {
@@ -251,7 +262,13 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result
         sport: [quote[20], quote[21]],
         dport: [quote[22], quote[23]],
     };
-    let sent = csum::Endpoints { saddr: flow.saddr, daddr: flow.daddr, sport: flow.sport, dport: flow.dport };
+    let (fs, fd) = (&flow.saddr, &flow.daddr);
+    let sent = csum::Endpoints {
+        saddr: [fs[0], fs[1], fs[2], fs[3]],
+        daddr: [fd[0], fd[1], fd[2], fd[3]],
+        sport: flow.sport,
+        dport: flow.dport,
+    };
     let udp_check = [quote[26], quote[27]];
     buf[Q + 12..Q + 16].copy_from_slice(&sent.saddr);
     buf[Q + 16..Q + 20].copy_from_slice(&sent.daddr);
@@ -284,7 +301,7 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result
     let c = csum::finish(csum::sum(0, &icmp));
     buf[IP_HLEN + 2..IP_HLEN + 4].copy_from_slice(&c.to_be_bytes());
     #[expect(clippy::cast_possible_truncation, reason = "56 bytes")]
-    let ip_hdr = ipv4_header(flow.daddr, flow.saddr, PROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
+    let ip_hdr = ipv4_header(sent.daddr, sent.saddr, PROTO_ICMP, (IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u16);
     buf[..IP_HLEN].copy_from_slice(&ip_hdr);
     #[expect(clippy::cast_possible_truncation, reason = "70 bytes at most")]
     change_tail(ctx, (ip_off + IP_HLEN + ICMP_HLEN + QUOTE_LEN) as u32)?;
@@ -292,3 +309,200 @@ pub fn icmp_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result
     ctx.store(ip_off, &s.answer, 0).map_err(|_| Counter::DropStore)?;
     send_back(ctx, answer_counter(answer))
 }
+
+// IPv6 (RFC 8200, RFC 4443): the same answers, built in scratch memory
+// (`Scratch::answer6`: the IPv6 header alone is 40 bytes).
+
+const IP6_HLEN: usize = 40;
+/// The quote of an ICMPv6 answer: the offending packet's IPv6 header and
+/// the 8 bytes after it (RFC 4443 asks for as much as fits in the minimum
+/// MTU; the same 8 bytes as IPv4's quote carry the ports).
+const QUOTE6_LEN: usize = IP6_HLEN + 8;
+const ICMP6_LEN: usize = ICMP_HLEN + QUOTE6_LEN;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+const ICMPV6_PKT_TOOBIG: u8 = 2;
+const ICMPV6_TIME_EXCEED: u8 = 3;
+
+/// A fresh IPv6 header (traffic class and flow label 0, hop limit 64).
+#[inline(always)]
+fn ipv6_header(out: &mut [u8], saddr: &[u8; 16], daddr: &[u8; 16], next: u8, payload_len: u16) {
+    out[0] = 0x60;
+    out[1] = 0;
+    out[2] = 0;
+    out[3] = 0;
+    out[4..6].copy_from_slice(&payload_len.to_be_bytes());
+    out[6] = next;
+    out[7] = DEFAULT_TTL;
+    out[8..24].copy_from_slice(saddr);
+    out[24..40].copy_from_slice(daddr);
+}
+
+/// The ICMPv6 checksum of the message in `s.answer6[IP6_HLEN..]`, sent
+/// from `saddr` to `daddr` (the pseudo-header is part of it).
+#[inline(always)]
+fn icmp6_checksum(msg: &[u8; ICMP6_LEN], saddr: &[u8; 16], daddr: &[u8; 16]) -> [u8; 2] {
+    #[expect(clippy::cast_possible_truncation, reason = "56 bytes")]
+    let len = ICMP6_LEN as u16;
+    csum::finish(csum::sum(csum::pseudo_header_v6(saddr, daddr, PROTO_ICMPV6, len), msg)).to_be_bytes()
+}
+
+/// [`tcp_rst`] for IPv6: the RST comes from the address the segment was
+/// sent to, without the segment's extension headers.
+#[inline(never)]
+fn tcp_rst_v6(ctx: &TcContext, flow: &Flow) -> Result<Sent, Counter> {
+    if flow.tcp_flags & TCP_RST != 0 {
+        return Err(Counter::DropRejectUnanswered);
+    }
+    let tcp: [u8; TCP_HLEN] = ctx.load(flow.l4_off).map_err(|_| Counter::DropLoad)?;
+    let payload_len: [u8; 2] = ctx.load(flow.ip_off + 4).map_err(|_| Counter::DropLoad)?;
+    // The segment's length: the IPv6 payload minus the extension headers
+    // and the TCP header.
+    #[expect(clippy::cast_possible_truncation, reason = "extension headers are walked a bounded number of times")]
+    let ext = (flow.l4_off - flow.ip_off - IP6_HLEN) as u32;
+    let doff = u32::from(tcp[12] >> 4) * 4;
+    let payload = u32::from(u16::from_be_bytes(payload_len)).saturating_sub(ext + doff);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let s = crate::scratch::scratch()?;
+    let buf = &mut s.answer6;
+    let (hdr, rst) = buf.split_at_mut(IP6_HLEN);
+    let rst = &mut rst[..TCP_HLEN];
+    rst.fill(0);
+    rst[0..2].copy_from_slice(&tcp[2..4]);
+    rst[2..4].copy_from_slice(&tcp[0..2]);
+    if flow.tcp_flags & TCP_ACK != 0 {
+        // <SEQ=SEG.ACK><CTL=RST>
+        rst[4..8].copy_from_slice(&tcp[8..12]);
+        rst[13] = TCP_RST;
+    } else {
+        // <SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>
+        let len = payload + u32::from(flow.tcp_flags & TCP_SYN != 0) + u32::from(flow.tcp_flags & TCP_FIN != 0);
+        rst[8..12].copy_from_slice(&seq.wrapping_add(len).to_be_bytes());
+        rst[13] = TCP_RST | TCP_ACK;
+    }
+    rst[12] = 5 << 4;
+    #[expect(clippy::cast_possible_truncation, reason = "20-byte header")]
+    let tcp_len = TCP_HLEN as u16;
+    let c = csum::finish(csum::sum(
+        csum::pseudo_header_v6(&flow.daddr, &flow.saddr, PROTO_TCP, tcp_len),
+        array::<TCP_HLEN>(rst)?,
+    ));
+    rst[16..18].copy_from_slice(&c.to_be_bytes());
+    ipv6_header(hdr, &flow.daddr, &flow.saddr, PROTO_TCP, tcp_len);
+    let ip_off = flow.ip_off;
+    #[expect(clippy::cast_possible_truncation, reason = "74 bytes at most")]
+    change_tail(ctx, (ip_off + IP6_HLEN + TCP_HLEN) as u32)?;
+    swap_macs(ctx, ip_off)?;
+    ctx.store(ip_off, array::<{ IP6_HLEN + TCP_HLEN }>(&buf[..IP6_HLEN + TCP_HLEN])?, 0)
+        .map_err(|_| Counter::DropStore)?;
+    send_back(ctx, Counter::RejectTcpRst)
+}
+
+/// [`icmp_port_unreachable`] for IPv6: ICMPv6 destination unreachable,
+/// port unreachable (RFC 4443 3.1), from the Service address, quoting the
+/// datagram's first 48 bytes.
+#[inline(never)]
+fn icmp6_port_unreachable(ctx: &TcContext, flow: &Flow) -> Result<Sent, Counter> {
+    let s = crate::scratch::scratch()?;
+    let buf = &mut s.answer6;
+    {
+        let quote: &mut [u8; QUOTE6_LEN] =
+            (&mut buf[IP6_HLEN + ICMP_HLEN..]).try_into().map_err(|_| Counter::DropRejectUnanswered)?;
+        load_into(ctx, flow.ip_off, quote)?;
+    }
+    buf[IP6_HLEN..IP6_HLEN + ICMP_HLEN].fill(0);
+    buf[IP6_HLEN] = ICMPV6_DEST_UNREACH;
+    buf[IP6_HLEN + 1] = ICMPV6_PORT_UNREACH;
+    send_icmp6(ctx, flow, Counter::RejectIcmpUnreachable)
+}
+
+/// Finishes the ICMPv6 message in `s.answer6[IP6_HLEN..]` (its checksum,
+/// the IPv6 header from the flow's destination back to its source) and
+/// sends it back, counted as `counter`.
+#[inline(always)]
+fn send_icmp6(ctx: &TcContext, flow: &Flow, counter: Counter) -> Result<Sent, Counter> {
+    let s = crate::scratch::scratch()?;
+    let buf = &mut s.answer6;
+    buf[IP6_HLEN + 2] = 0;
+    buf[IP6_HLEN + 3] = 0;
+    let c = icmp6_checksum(array(&buf[IP6_HLEN..])?, &flow.daddr, &flow.saddr);
+    buf[IP6_HLEN + 2..IP6_HLEN + 4].copy_from_slice(&c);
+    #[expect(clippy::cast_possible_truncation, reason = "56 bytes")]
+    ipv6_header(&mut buf[..IP6_HLEN], &flow.daddr, &flow.saddr, PROTO_ICMPV6, ICMP6_LEN as u16);
+    let ip_off = flow.ip_off;
+    // Size the packet first (it may grow), then write every byte.
+    #[expect(clippy::cast_possible_truncation, reason = "110 bytes at most")]
+    change_tail(ctx, (ip_off + IP6_HLEN + ICMP6_LEN) as u32)?;
+    swap_macs(ctx, ip_off)?;
+    ctx.store(ip_off, &s.answer6, 0).map_err(|_| Counter::DropStore)?;
+    send_back(ctx, counter)
+}
+
+/// A fixed-size view of `bytes` (no copy): what the checksum helpers take.
+#[inline(always)]
+fn array<const N: usize>(bytes: &[u8]) -> Result<&[u8; N], Counter> {
+    bytes.try_into().map_err(|_| Counter::DropIcmpAnswer)
+}
+
+/// Copies `N` packet bytes at `off` into `dst` (scratch memory), not
+/// through the stack.
+#[inline(always)]
+fn load_into<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> Result<(), Counter> {
+    let off = u32::try_from(off).map_err(|_| Counter::DropLoad)?;
+    #[expect(clippy::cast_possible_truncation, reason = "a small constant")]
+    // SAFETY: `dst` is N writable bytes; the helper checks the packet
+    // bounds itself.
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off, dst.as_mut_ptr().cast(), N as u32) };
+    if rc == 0 { Ok(()) } else { Err(Counter::DropLoad) }
+}
+
+/// [`icmp_error_to_sender`] for IPv6: packet too big (RFC 4443 3.2, the
+/// MTU in 32 bits) for an answer packed as fragmentation needed, time
+/// exceeded (hop limit, 3.3) for time exceeded, quoting the packet as its
+/// sender sent it (addresses, and the ports and UDP checksum when no
+/// extension header sits between them and the IPv6 header).
+///
+/// Called by `fib::forward` itself, not from [`icmp_error_to_sender`]:
+/// the two frames in one call chain would not fit 512 bytes.
+#[inline(never)]
+pub fn icmp6_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Result<Sent, Counter> {
+    const Q6: usize = IP6_HLEN + ICMP_HLEN;
+    let s = crate::scratch::scratch()?;
+    let buf = &mut s.answer6;
+    {
+        let quote: &mut [u8; QUOTE6_LEN] = (&mut buf[Q6..]).try_into().map_err(|_| Counter::DropIcmpAnswer)?;
+        load_into(ctx, flow.ip_off, quote)?;
+    }
+    let ports_quoted = flow.l4_off == flow.ip_off + IP6_HLEN && !flow.later_fragment;
+    if ports_quoted && (flow.proto == PROTO_TCP || flow.proto == service_common::PROTO_UDP) {
+        // UDP's checksum lies in the quoted 8 bytes (TCP's does not): it
+        // follows the endpoints back, computed before they are restored.
+        let udp_check = [buf[Q6 + 46], buf[Q6 + 47]];
+        if flow.proto == service_common::PROTO_UDP && udp_check != [0, 0] {
+            let mut c = csum::update(udp_check, array::<16>(&buf[Q6 + 8..Q6 + 24])?, &flow.saddr);
+            c = csum::update(c, array::<16>(&buf[Q6 + 24..Q6 + 40])?, &flow.daddr);
+            c = csum::update16(c, [buf[Q6 + 40], buf[Q6 + 41]], flow.sport);
+            c = csum::update16(c, [buf[Q6 + 42], buf[Q6 + 43]], flow.dport);
+            if c == [0, 0] {
+                c = [0xff, 0xff];
+            }
+            buf[Q6 + 46..Q6 + 48].copy_from_slice(&c);
+        }
+        buf[Q6 + 40..Q6 + 42].copy_from_slice(&flow.sport);
+        buf[Q6 + 42..Q6 + 44].copy_from_slice(&flow.dport);
+    }
+    buf[Q6 + 8..Q6 + 24].copy_from_slice(&flow.saddr);
+    buf[Q6 + 24..Q6 + 40].copy_from_slice(&flow.daddr);
+    let too_big = answer >> 24 != u32::from(ICMP_TIME_EXCEEDED_V4);
+    buf[IP6_HLEN] = if too_big { ICMPV6_PKT_TOOBIG } else { ICMPV6_TIME_EXCEED };
+    buf[IP6_HLEN + 1] = 0;
+    // Packet too big's MTU is 32 bits; time exceeded's word is unused.
+    #[expect(clippy::cast_possible_truncation, reason = "unpacking pack_icmp")]
+    let mtu = if too_big { u32::from(answer as u16) } else { 0 };
+    buf[IP6_HLEN + 4..IP6_HLEN + 8].copy_from_slice(&mtu.to_be_bytes());
+    send_icmp6(ctx, flow, answer_counter(answer))
+}
+
+/// ICMP (v4) time exceeded: what `fib` packs for an exhausted TTL or hop
+/// limit.
+const ICMP_TIME_EXCEEDED_V4: u8 = 11;

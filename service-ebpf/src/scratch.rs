@@ -55,6 +55,9 @@ pub struct Scratch {
     pub slot_key: ServiceKey,
     /// An ICMP error being built: IP header, ICMP header, quote.
     pub answer: [u8; 56],
+    /// The same for IPv6 (IPv6 header, ICMPv6 header, a 48-byte quote), or
+    /// a TCP RST over IPv6.
+    pub answer6: [u8; 96],
 }
 
 #[btf_map(name = "scratch")]

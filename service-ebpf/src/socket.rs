@@ -33,7 +33,6 @@
 use aya_ebpf::{
     EbpfContext as _,
     bindings::bpf_sock_addr,
-    btf_maps::lpm_trie::Key,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
@@ -46,7 +45,7 @@ use service_common::{
 
 use crate::{
     flow::ktime_ns,
-    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, count},
+    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, count},
     nat::{ServiceIp, service_ip},
 };
 
@@ -338,10 +337,10 @@ fn translate<const IP6: bool>(ctx: &SockAddrContext, counter: Counter) -> i32 {
 /// another address of a service CIDR with ENETUNREACH (kube-proxy drops
 /// it: the application would wait for a timeout, and its packets would
 /// otherwise leave by the default route); any other address is left alone.
+/// The rows of the address's family ([`service_ip`]).
 #[inline(always)]
 fn unserved(family: u8, addr: &Addr) -> i32 {
-    let found = if family == FAMILY_IPV4 { service_ip(addr) } else { service_ip6(addr) };
-    let errno = match found {
+    let errno = match service_ip(addr, family) {
         ServiceIp::None => return ALLOW,
         ServiceIp::ClusterIp => ECONNREFUSED,
         ServiceIp::Unallocated => ENETUNREACH,
@@ -350,20 +349,6 @@ fn unserved(family: u8, addr: &Addr) -> i32 {
     unsafe { bpf_set_retval(-errno) };
     count(0, Counter::SockRefused);
     DENY
-}
-
-/// [`service_ip`] for an IPv6 address: the same service IP rows, of family
-/// IPv6 (service CIDRs and /128 ClusterIPs). Not inlined: its trie keys
-/// stay out of the callers' frames.
-#[inline(never)]
-fn service_ip6(addr: &Addr) -> ServiceIp {
-    let bits = SOURCE_RANGE_FRONTEND_BITS + 128;
-    let range = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::RANGE, FAMILY_IPV6, *addr));
-    if SOURCE_RANGES.get(&range).is_none() {
-        return ServiceIp::None;
-    }
-    let host = Key::new(bits, SourceRangeKey::new(service_ips::OWNER, service_ips::CLUSTER_IP, FAMILY_IPV6, *addr));
-    if SOURCE_RANGES.get(&host).is_some() { ServiceIp::ClusterIp } else { ServiceIp::Unallocated }
 }
 
 /// The backend for a new socket: its affinity entry's when the Service

@@ -4,17 +4,50 @@
 //! pods on 10.244.N.0/24 and routes to the other nodes' pod CIDRs, and an
 //! external client on the fabric (192.168.100.100). Nothing connects to the
 //! root namespace; everything is removed on drop.
+//!
+//! Dual-stack: every host also has the [`ipv6_twin`] of its IPv4 address
+//! (nodes fd00:192:168:100::1N/64, the client fd00:192:168:100::100/64,
+//! pods fd00:10:244:N::P/128 in node N's fd00:10:244:N::/64), with the
+//! same routes in IPv6.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 
-use crate::netns::{Netns, Topology, run, unique_suffix};
+use crate::netns::{Family, Netns, Topology, ipv6_twin, run, unique_suffix};
 
 /// The fabric's /24.
 pub const FABRIC_PREFIX: u8 = 24;
+/// The fabric's IPv6 prefix length (fd00:192:168:100::/64).
+pub const FABRIC_PREFIX6: u8 = 64;
+/// The prefix length of a node's IPv6 pod CIDR (fd00:10:244:N::/64).
+pub const POD_CIDR_PREFIX6: u8 = 64;
 /// The external client's address on the fabric.
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 100);
+
+/// The external client's IPv6 address on the fabric.
+#[must_use]
+pub fn external_ip6() -> Ipv6Addr {
+    ipv6_twin(EXTERNAL_IP)
+}
+
+/// The external client's address in `family`.
+#[must_use]
+pub fn external_addr(family: Family) -> IpAddr {
+    family.addr(EXTERNAL_IP)
+}
+
+/// Node `n`'s (1-based) address on the fabric in `family`.
+#[must_use]
+pub fn node_addr(family: Family, n: u8) -> IpAddr {
+    family.addr(node_ip(n))
+}
+
+/// Pod `p` on node `n` in `family`: 10.244.N.P or fd00:10:244:N::P.
+#[must_use]
+pub fn pod_addr(family: Family, n: u8, p: u8) -> IpAddr {
+    family.addr(pod_ip(n, p))
+}
 
 /// Node `n`'s (1-based) address on the fabric.
 #[must_use]
@@ -51,7 +84,10 @@ impl Cluster {
     pub fn new(count: u8) -> Result<Self> {
         let suffix = unique_suffix();
         let fabric = Netns::new(&format!("sd-fabric-{suffix}"))?;
-        fabric.ip(&["link", "add", "br0", "type", "bridge"])?;
+        // No multicast snooping: neighbour solicitations (to solicited-node
+        // multicast groups) are flooded like ARP broadcasts, whatever MLD
+        // reports the bridge has or has not seen yet.
+        fabric.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
         fabric.ip(&["link", "set", "br0", "up"])?;
         let mut nodes = Vec::new();
         for n in 1..=count {
@@ -77,6 +113,8 @@ impl Cluster {
             fabric.ip(&["link", "set", &up, "master", "br0"])?;
             fabric.ip(&["link", "set", &up, "up"])?;
             node.node.ip(&["addr", "add", &format!("{}/{FABRIC_PREFIX}", node_ip(n)), "dev", "eth0"])?;
+            let addr6 = format!("{}/{FABRIC_PREFIX6}", ipv6_twin(node_ip(n)));
+            node.node.ip(&["-6", "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
             node.node.ip(&["link", "set", "eth0", "up"])?;
             nodes.push(node);
         }
@@ -86,6 +124,8 @@ impl Cluster {
                 if usize::from(other) != i + 1 {
                     let cidr = format!("{}/24", pod_cidr(other));
                     node.node.ip(&["route", "add", &cidr, "via", &node_ip(other).to_string()])?;
+                    let cidr6 = format!("{}/{POD_CIDR_PREFIX6}", ipv6_twin(pod_cidr(other)));
+                    node.node.ip(&["-6", "route", "add", &cidr6, "via", &ipv6_twin(node_ip(other)).to_string()])?;
                 }
             }
         }
@@ -111,6 +151,7 @@ impl Cluster {
         fabric.ip(&["link", "set", &ex, "master", "br0"])?;
         fabric.ip(&["link", "set", &ex, "up"])?;
         external.ip(&["addr", "add", &format!("{EXTERNAL_IP}/{FABRIC_PREFIX}"), "dev", "eth0"])?;
+        external.ip(&["-6", "addr", "add", &format!("{}/{FABRIC_PREFIX6}", external_ip6()), "dev", "eth0", "nodad"])?;
         external.ip(&["link", "set", "eth0", "up"])?;
         Ok(Self { nodes, external, fabric, suffix })
     }
@@ -122,6 +163,19 @@ impl Cluster {
     #[must_use]
     pub fn node(&self, n: u8) -> &Topology {
         &self.nodes[usize::from(n) - 1]
+    }
+
+    /// Routes `addr` (one host: /32 or /128) on the external client via
+    /// node `n`'s address of the same family, as a load balancer or a BGP
+    /// announcement of a Service address would.
+    ///
+    /// # Errors
+    /// When the route cannot be added.
+    pub fn route_from_external(&self, addr: IpAddr, n: u8) -> Result<()> {
+        let family = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
+        let dst = format!("{addr}/{}", family.host_prefix());
+        self.external.ip(&["route", "add", &dst, "via", &node_addr(family, n).to_string()])?;
+        Ok(())
     }
 
     /// Node `n` (1-based), to add pods.

@@ -158,11 +158,12 @@ pub enum VerdictKind {
 /// Every per-packet verdict counter: the entry point (`ingress::run`)
 /// counts exactly one of these for each packet, in one place.
 pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 36] = [
-    (Counter::PassNotIpv4, VerdictKind::Pass),
+    (Counter::PassNotIp, VerdictKind::Pass),
     (Counter::PassOtherProto, VerdictKind::Pass),
     (Counter::PassFragment, VerdictKind::Pass),
     (Counter::PassMalformed, VerdictKind::Pass),
     (Counter::PassNoService, VerdictKind::Pass),
+    (Counter::PassExtensionHeaders, VerdictKind::Pass),
     (Counter::DnatNew, VerdictKind::Translated),
     (Counter::DnatEstablished, VerdictKind::Translated),
     (Counter::RevNat, VerdictKind::Translated),

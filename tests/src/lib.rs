@@ -9,4 +9,5 @@ pub mod netns;
 pub mod north_south;
 pub mod overlay;
 pub mod packet;
+pub mod packet6;
 pub mod traffic;

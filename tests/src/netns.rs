@@ -18,7 +18,7 @@
 use std::{
     fs::File,
     io::Read as _,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsRawFd as _, FromRawFd as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -344,7 +344,27 @@ impl Netns {
         run("ip", &["netns", "add", name])?;
         let ns = Self { name: name.to_owned() };
         ns.ip(&["link", "set", "lo", "up"])?;
+        ns.no_dad()?;
         Ok(ns)
+    }
+
+    /// Turns IPv6 duplicate address detection off for every interface made
+    /// here from now on (`default`) and those already here (`all`): an
+    /// address is usable the moment it is added, link-local ones included,
+    /// instead of "tentative" for a second or more (the harness's names and
+    /// addresses are unique by construction; there is nothing to detect).
+    /// Written through /proc/sys from a thread inside the namespace (each
+    /// namespace has its own `net` sysctls), without a process per key.
+    fn no_dad(&self) -> Result<()> {
+        self.run_in(|| {
+            for conf in ["all", "default"] {
+                for (key, value) in [("accept_dad", "0"), ("dad_transmits", "0")] {
+                    let path = format!("/proc/sys/net/ipv6/conf/{conf}/{key}");
+                    std::fs::write(&path, value).with_context(|| format!("writing {path}"))?;
+                }
+            }
+            Ok(())
+        })
     }
 
     #[must_use]
@@ -489,13 +509,101 @@ impl Drop for BpffsMount {
 /// The gateway address pods route through (as Calico does); the node
 /// answers for it through a static neighbour entry in each pod.
 pub const POD_GATEWAY: &str = "169.254.1.1";
+/// The IPv6 gateway of pods: a link-local address on `eth0` (an IPv6
+/// gateway must be on-link), answered the same way (Calico's IPv6 pods
+/// route through a link-local gateway too).
+pub const POD_GATEWAY6: &str = "fe80::1";
 
-/// A pod: its namespace, address and the host-side interface in the node.
+/// The IPv6 twin of an IPv4 address of the test topology:
+/// `a.b.c.d` → `fd00:a:b:c::d`, each decimal octet written as the hex
+/// group that reads the same (10.244.1.11 → fd00:10:244:1::11,
+/// 192.168.100.12 → fd00:192:168:100::12, 10.96.0.10 → fd00:10:96::10), in
+/// the ULA range. Every pod, node and client gets the twin of its IPv4
+/// address, so a test names one plan and gets both families, and an
+/// address read in either family says which host it is.
+#[must_use]
+pub fn ipv6_twin(v4: Ipv4Addr) -> Ipv6Addr {
+    // A decimal octet (0..=255) read as hex is at most 0x255: fits a group.
+    let group = |octet: u8| u16::from_str_radix(&octet.to_string(), 16).unwrap_or(0);
+    let [a, b, c, d] = v4.octets();
+    Ipv6Addr::new(0xfd00, group(a), group(b), group(c), 0, 0, 0, group(d))
+}
+
+/// An address family of the dual-stack topology, to run one test body in
+/// both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        })
+    }
+}
+
+impl Family {
+    /// Both families, IPv4 first.
+    pub const BOTH: [Self; 2] = [Self::V4, Self::V6];
+
+    /// The address of the host whose IPv4 address is `v4`, in this family
+    /// (its [`ipv6_twin`] in IPv6).
+    #[must_use]
+    pub fn addr(self, v4: Ipv4Addr) -> IpAddr {
+        match self {
+            Self::V4 => IpAddr::V4(v4),
+            Self::V6 => IpAddr::V6(ipv6_twin(v4)),
+        }
+    }
+
+    /// The unspecified address of this family (to bind a client socket).
+    #[must_use]
+    pub fn unspecified(self) -> IpAddr {
+        match self {
+            Self::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Self::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        }
+    }
+
+    /// The prefix length of a single host: /32 or /128.
+    #[must_use]
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Self::V4 => 32,
+            Self::V6 => 128,
+        }
+    }
+}
+
+/// `http://ADDR:PORT/`, the IPv6 address in brackets.
+#[must_use]
+pub fn http_url(addr: IpAddr, port: u16) -> String {
+    format!("http://{}/", std::net::SocketAddr::new(addr, port))
+}
+
+/// A pod: its namespace, addresses (IPv4 and its [`ipv6_twin`]) and the
+/// host-side interface in the node.
 pub struct Pod {
     pub name: String,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub host_if: String,
     pub ns: Netns,
+}
+
+impl Pod {
+    /// The pod's address in `family`.
+    #[must_use]
+    pub fn addr(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::V4(self.ip),
+            Family::V6 => IpAddr::V6(self.ip6),
+        }
+    }
 }
 
 /// One node namespace and its pods.
@@ -507,23 +615,31 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// A node namespace that forwards between its pods.
+    /// A node namespace that forwards between its pods, in both families.
     ///
     /// # Errors
     /// When a namespace or sysctl fails.
     pub fn new() -> Result<Self> {
         let suffix = unique_suffix();
         let node = Netns::new(&format!("sd-node-{suffix}"))?;
-        for kv in ["net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0"] {
+        for kv in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+            "net.ipv6.conf.all.forwarding=1",
+        ] {
             node.sysctl(kv)?;
         }
         Ok(Self { suffix, pods: Vec::new(), node, next_if: 0 })
     }
 
-    /// Adds a pod with `ip`: a namespace with `eth0` (/32 address, default
-    /// route via [`POD_GATEWAY`]), its peer `veth<n>` in the node with a /32
-    /// route to the pod (made in the node's namespace, so unique there is
-    /// unique enough, and short whatever the suffix).
+    /// Adds a pod with `ip` and its [`ipv6_twin`]: a namespace with `eth0`
+    /// (/32 and /128 addresses, default routes via [`POD_GATEWAY`] and
+    /// [`POD_GATEWAY6`], both answered by the host side's MAC through static
+    /// neighbour entries), its peer `veth<n>` in the node with a /32 and a
+    /// /128 route to the pod (made in the node's namespace, so unique there
+    /// is unique enough, and short whatever the suffix). The node finds the
+    /// pod's MAC by ARP and neighbour discovery, as with a CNI.
     ///
     /// # Errors
     /// When an `ip` command fails.
@@ -565,7 +681,13 @@ impl Topology {
             .context("host interface MAC")?;
         ns.ip(&["neigh", "add", POD_GATEWAY, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
         self.node.ip(&["route", "add", &addr, "dev", &host_if])?;
-        self.pods.push(Pod { name: name.to_owned(), ip, host_if, ns });
+        let ip6 = ipv6_twin(ip);
+        let addr6 = format!("{ip6}/128");
+        ns.ip(&["-6", "addr", "add", &addr6, "dev", "eth0", "nodad"])?;
+        ns.ip(&["-6", "neigh", "add", POD_GATEWAY6, "lladdr", &mac, "dev", "eth0", "nud", "permanent"])?;
+        ns.ip(&["-6", "route", "add", "default", "via", POD_GATEWAY6, "dev", "eth0"])?;
+        self.node.ip(&["-6", "route", "add", &addr6, "dev", &host_if])?;
+        self.pods.push(Pod { name: name.to_owned(), ip, ip6, host_if, ns });
         Ok(self.pods.last().expect("just pushed"))
     }
 
@@ -722,4 +844,27 @@ impl Drop for Agent {
             let _ = std::fs::remove_file(&self.log);
         }
     }
+}
+
+/// Two privileged tests running the test body `$body(family: Family)`, one
+/// per family of the dual-stack topology: `$body::ipv4` and `$body::ipv6`
+/// (a module of the body's name beside it: modules and functions do not
+/// share a namespace), so one body states what a test checks in both.
+#[macro_export]
+macro_rules! in_both_families {
+    ($($body:ident),+ $(,)?) => {$(
+        mod $body {
+            #[test]
+            #[ignore = "needs root: run by `cargo xtask test`"]
+            fn ipv4() {
+                super::$body($crate::netns::Family::V4);
+            }
+
+            #[test]
+            #[ignore = "needs root: run by `cargo xtask test`"]
+            fn ipv6() {
+                super::$body($crate::netns::Family::V6);
+            }
+        }
+    )+};
 }

@@ -2,19 +2,26 @@
 //! namespace, a client pod and backend pods wired like a CNI wires them,
 //! `pod-echo` servers, and the agent running on the node from a manifest
 //! directory. Every test builds its own topology and tears it down.
+//!
+//! The traffic tests run in both families (`::ipv4`, `::ipv6`): in IPv6 the
+//! Service is dual-stack (both clusterIPs, one EndpointSlice per family)
+//! and the client pod dials its IPv6 ClusterIP.
 
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
     time::{Duration, Instant},
 };
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, ChildGuard, Topology, wait_until},
+    in_both_families,
+    netns::{Agent, BpffsMount, ChildGuard, Family, Topology, http_url, wait_until},
+    north_south::{dual_stack, parse_answer},
+    traffic::any_port_for,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -31,8 +38,11 @@ impl Manifests {
 
     /// Writes the `web` Service with `backends` as its ready endpoints, the
     /// way a user writes it, atomically (rename) so the agent never reads a
-    /// half-written file.
-    fn write_web(&self, backends: &[Ipv4Addr]) {
+    /// half-written file. For an IPv6 test the Service is dual-stack, and
+    /// the backends' IPv6 twins are in an `addressType: IPv6` slice of
+    /// their own, as the EndpointSlice controller writes them
+    /// ([`dual_stack`]).
+    fn write_web(&self, family: Family, backends: &[Ipv4Addr]) {
         let mut endpoints = String::new();
         for ip in backends {
             let _ = write!(endpoints, "- addresses: [\"{ip}\"]\n  conditions:\n    ready: true\n  nodeName: node-1\n");
@@ -77,7 +87,10 @@ ports:
 endpoints:
 {endpoints}"
         );
-        self.write("web.yaml", &yaml);
+        match family {
+            Family::V4 => self.write("web.yaml", &yaml),
+            Family::V6 => self.write("web.yaml", &dual_stack(&yaml)),
+        }
     }
 
     fn write(&self, name: &str, text: &str) {
@@ -89,6 +102,7 @@ endpoints:
 /// agent stops first (detaching and unpinning), then servers, namespaces,
 /// the bpffs mount and the manifests.
 struct Cluster {
+    family: Family,
     agent: Agent,
     servers: Vec<ChildGuard>,
     topo: Topology,
@@ -108,6 +122,12 @@ fn start_echo(topo: &Topology, pod: &str) -> ChildGuard {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_in(Family::V4)
+    }
+
+    /// The node, its pods and the agent, the Service written for a test
+    /// in `family`.
+    fn start_in(family: Family) -> Self {
         let mut topo = Topology::new().expect("node");
         topo.add_pod("client", CLIENT_IP).expect("client pod");
         let mut servers = Vec::new();
@@ -116,24 +136,35 @@ impl Cluster {
             servers.push(start_echo(&topo, name));
         }
         let manifests = Manifests::new();
-        manifests.write_web(&BACKENDS.map(|(_, ip)| ip));
+        manifests.write_web(family, &BACKENDS.map(|(_, ip)| ip));
         let bpffs = BpffsMount::new().expect("bpffs");
         let mut agent =
             Agent::start(&topo.node, manifests.0.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
         agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
         agent.wait_for_log("attached pod ingress program", 4, Duration::from_secs(5)).expect("attached to 4 pods");
-        Self { agent, servers, topo, bpffs, manifests }
+        Self { family, agent, servers, topo, bpffs, manifests }
+    }
+
+    /// The ClusterIP in the test's family.
+    fn vip(&self) -> IpAddr {
+        self.family.addr(VIP)
+    }
+
+    /// Rewrites the Service with `backends`.
+    fn write_web(&self, backends: &[Ipv4Addr]) {
+        self.manifests.write_web(self.family, backends);
     }
 
     /// An HTTP GET to the ClusterIP with curl in the client pod: the body.
     fn curl(&self) -> anyhow::Result<String> {
-        fixture::curl(&self.topo.pod("client").ns, &format!("http://{VIP}:80/"))
+        fixture::curl(&self.topo.pod("client").ns, &http_url(self.vip(), 80))
     }
 
     /// A TCP connection from the client pod, opened in its namespace.
     fn connect(&self) -> std::io::Result<TcpStream> {
+        let vip = self.vip();
         self.topo.pod("client").ns.run_in(|| {
-            let s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), TIMEOUT)?;
+            let s = TcpStream::connect_timeout(&SocketAddr::new(vip, 80), TIMEOUT)?;
             s.set_read_timeout(Some(TIMEOUT))?;
             Ok(s)
         })
@@ -148,54 +179,55 @@ fn who(stream: &mut TcpStream) -> String {
     line.split_whitespace().next().unwrap_or_default().to_owned()
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn sixty_new_tcp_connections_to_the_cluster_ip_reach_all_three_backends() {
-    let cluster = Cluster::start();
+in_both_families!(
+    sixty_new_tcp_connections_to_the_cluster_ip_reach_all_three_backends,
+    udp_request_and_response_through_the_cluster_ip,
+    an_established_connection_keeps_working_while_the_other_backends_are_removed,
+    a_backend_added_to_the_manifests_receives_new_connections_within_one_second,
+);
+
+fn sixty_new_tcp_connections_to_the_cluster_ip_reach_all_three_backends(family: Family) {
+    let cluster = Cluster::start_in(family);
     let mut per_backend: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..60 {
         let body = cluster.curl().unwrap_or_else(|e| panic!("connection {i} failed: {e}\n{}", cluster.agent.log()));
         // "backend-x 10.244.1.10:port": the backend saw the client's own
         // address (no SNAT for pod-to-ClusterIP traffic).
-        let mut words = body.split_whitespace();
-        let backend = words.next().unwrap_or_default().to_owned();
-        let seen = words.next().unwrap_or_default();
-        assert!(seen.starts_with(&format!("{CLIENT_IP}:")), "{body}");
+        let (backend, seen) = parse_answer(&body);
+        assert_eq!(seen.ip(), family.addr(CLIENT_IP), "{body}");
         *per_backend.entry(backend).or_default() += 1;
     }
     assert_eq!(per_backend.keys().collect::<Vec<_>>(), ["backend-a", "backend-b", "backend-c"], "{per_backend:?}");
     // The client's socket talks to the ClusterIP: replies were reverse-NATed.
     let stream = cluster.connect().expect("connect");
-    assert_eq!(stream.peer_addr().expect("peer"), SocketAddr::from((VIP, 80)));
+    assert_eq!(stream.peer_addr().expect("peer"), SocketAddr::new(cluster.vip(), 80));
     eprintln!("60 connections: {per_backend:?}");
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn udp_request_and_response_through_the_cluster_ip() {
-    let cluster = Cluster::start();
+fn udp_request_and_response_through_the_cluster_ip(family: Family) {
+    let cluster = Cluster::start_in(family);
+    let vip = SocketAddr::new(cluster.vip(), 53);
     let (from, answer) = cluster.topo.pod("client").ns.run_in(|| {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
+        let socket = std::net::UdpSocket::bind(any_port_for(vip)).expect("bind");
         socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
-        socket.send_to(b"hello", (VIP, 53)).expect("send");
+        socket.send_to(b"hello", vip).expect("send");
         let mut buf = [0u8; 512];
         let (n, from) = socket.recv_from(&mut buf).expect("an answer through the ClusterIP");
         (from, String::from_utf8_lossy(&buf[..n]).into_owned())
     });
-    assert_eq!(from, SocketAddr::from((VIP, 53)), "the reply must come from the ClusterIP");
-    assert!(answer.starts_with("backend-"), "{answer}");
-    assert!(answer.contains(&format!("{CLIENT_IP}:")), "{answer}");
+    assert_eq!(from, vip, "the reply must come from the ClusterIP");
+    let (backend, seen) = parse_answer(&answer);
+    assert!(backend.starts_with("backend-"), "{answer}");
+    assert_eq!(seen.ip(), family.addr(CLIENT_IP), "{answer}");
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn an_established_connection_keeps_working_while_the_other_backends_are_removed() {
-    let cluster = Cluster::start();
+fn an_established_connection_keeps_working_while_the_other_backends_are_removed(family: Family) {
+    let cluster = Cluster::start_in(family);
     let mut held = cluster.connect().expect("connect");
     let serving = who(&mut held);
     let keep = BACKENDS.iter().find(|(n, _)| *n == serving).expect("a known backend").1;
 
-    cluster.manifests.write_web(&[keep]);
+    cluster.write_web(&[keep]);
     // Once the change is programmed, every new connection lands on `keep`.
     wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
         (0..6).all(|_| cluster.curl().is_ok_and(|b| b.starts_with(&serving))).then_some(())
@@ -205,10 +237,8 @@ fn an_established_connection_keeps_working_while_the_other_backends_are_removed(
     assert_eq!(who(&mut held), serving);
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second() {
-    let mut cluster = Cluster::start();
+fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second(family: Family) {
+    let mut cluster = Cluster::start_in(family);
     let new_ip = Ipv4Addr::new(10, 244, 1, 14);
     cluster.topo.add_pod("backend-d", new_ip).expect("pod");
     cluster.servers.push(start_echo(&cluster.topo, "backend-d"));
@@ -221,7 +251,7 @@ fn a_backend_added_to_the_manifests_receives_new_connections_within_one_second()
     let written = Instant::now();
     let mut all: Vec<Ipv4Addr> = BACKENDS.map(|(_, ip)| ip).to_vec();
     all.push(new_ip);
-    cluster.manifests.write_web(&all);
+    cluster.write_web(&all);
     let reached = wait_until(Duration::from_secs(1), Duration::from_millis(10), || {
         cluster.curl().ok().filter(|b| b.starts_with("backend-d")).map(|_| written.elapsed())
     });

@@ -4,6 +4,10 @@
 //! backend, datagrams larger than the MTU, a flood of new flows beside an
 //! assured one, and a route MTU smaller than the client's packets. Each of
 //! these broke before connection tracking followed netfilter's rules.
+//!
+//! The tests that hold in IPv6 as they are run in both families (`::ipv4`,
+//! `::ipv6`, dual-stack Services in IPv6); the narrow route, the public NIC
+//! and the hairpin past the port range stay IPv4 tests.
 
 use std::{
     io::{Read as _, Write as _},
@@ -13,9 +17,19 @@ use std::{
 
 use service_tests::{
     cluster::{node_ip, pod_cidr},
+    in_both_families,
+    netns::Family,
     north_south::{A1, B2, CLIENT_POD, NorthSouth, Svc, TIMEOUT, parse_answer},
-    traffic::{tcp_from_port, tcp_who, udp_ask, who},
+    traffic::{any_port_for, tcp_from_port, tcp_who, udp_ask, who},
 };
+
+in_both_families!(
+    nodeport_to_a_remote_backend_keeps_working_past_the_snat_port_range,
+    one_client_port_to_two_services_with_the_same_backend_keeps_both_connections,
+    datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back,
+    an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_size,
+    a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated,
+);
 
 const NODEPORT_ONLY_REMOTE: Svc = Svc {
     name: "remote",
@@ -33,12 +47,13 @@ const PAST_THE_RANGE: usize = 6_000;
 /// A client namespace that opens connections as fast as a busy client: the
 /// whole port range, TIME_WAIT ports reused for new connections.
 fn busy_client(ns: &service_tests::netns::Netns) {
+    // (IPv6 sockets take their ports and TIME_WAIT reuse from these too.)
     ns.sysctl("net.ipv4.ip_local_port_range=1024 65535").expect("port range");
     ns.sysctl("net.ipv4.tcp_tw_reuse=1").expect("tw_reuse");
 }
 
 /// `count` connections in a row to `addr`; the failures, with their index.
-fn connections(count: usize, addr: SocketAddrV4) -> (Vec<String>, Vec<(usize, String)>) {
+fn connections(count: usize, addr: SocketAddr) -> (Vec<String>, Vec<(usize, String)>) {
     let mut answers = Vec::new();
     let mut failures = Vec::new();
     for i in 0..count {
@@ -53,19 +68,17 @@ fn connections(count: usize, addr: SocketAddrV4) -> (Vec<String>, Vec<(usize, St
     (answers, failures)
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn nodeport_to_a_remote_backend_keeps_working_past_the_snat_port_range() {
-    let ns = NorthSouth::start(&[NODEPORT_ONLY_REMOTE]);
+fn nodeport_to_a_remote_backend_keeps_working_past_the_snat_port_range(family: Family) {
+    let ns = NorthSouth::start_in(family, &[NODEPORT_ONLY_REMOTE]);
     busy_client(&ns.cluster.external);
     let started = Instant::now();
-    let addr = SocketAddrV4::new(node_ip(1), 30080);
+    let addr = SocketAddr::new(ns.node_addr(1), 30080);
     let (answers, failures) = ns.cluster.external.run_in(move || connections(PAST_THE_RANGE, addr));
     assert!(failures.is_empty(), "failed connections after {} good ones: {failures:?}", answers.len());
     assert_eq!(answers.len(), PAST_THE_RANGE);
     for a in &answers {
         let (name, peer) = parse_answer(a);
-        assert_eq!((name.as_str(), peer.ip()), ("b2", std::net::IpAddr::V4(node_ip(1))), "SNAT to node 1");
+        assert_eq!((name.as_str(), peer.ip()), ("b2", ns.node_addr(1)), "SNAT to node 1");
     }
     println!("{PAST_THE_RANGE} NodePort connections through SNAT in {:?}", started.elapsed());
     assert_eq!(ns.counter(1, "drop_snat_no_port"), 0);
@@ -87,15 +100,13 @@ fn a_pod_reaching_itself_keeps_working_past_the_snat_port_range() {
     let ns = NorthSouth::start(&[own]);
     let pod = ns.pod(A1);
     busy_client(pod);
-    let addr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 30), 80);
+    let addr = SocketAddr::from((Ipv4Addr::new(10, 96, 0, 30), 80));
     let (answers, failures) = pod.run_in(move || connections(PAST_THE_RANGE, addr));
     assert!(failures.is_empty(), "failed hairpin connections after {} good ones: {failures:?}", answers.len());
     assert_eq!(ns.counter(1, "drop_snat_no_port"), 0);
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections() {
+fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections(family: Family) {
     let svc = |name, cluster_ip| Svc {
         name,
         cluster_ip,
@@ -105,11 +116,11 @@ fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections(
         status: "",
         endpoints: &[A1],
     };
-    let ns = NorthSouth::start(&[svc("first", "10.96.0.41"), svc("second", "10.96.0.42")]);
+    let ns = NorthSouth::start_in(family, &[svc("first", "10.96.0.41"), svc("second", "10.96.0.42")]);
     let client = &ns.cluster.node(1).pod("client").ns;
+    let first_addr = SocketAddr::new(ns.addr(Ipv4Addr::new(10, 96, 0, 41)), 80);
+    let second_addr = SocketAddr::new(ns.addr(Ipv4Addr::new(10, 96, 0, 42)), 80);
     let seen = client.run_in(|| {
-        let first_addr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 41), 80);
-        let second_addr = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 42), 80);
         let mut first = tcp_from_port(40_000, first_addr, TIMEOUT).expect("first connection");
         let mut second = tcp_from_port(40_000, second_addr, TIMEOUT).expect("second connection, same source port");
         let mut seen = Vec::new();
@@ -122,16 +133,14 @@ fn one_client_port_to_two_services_with_the_same_backend_keeps_both_connections(
     });
     for ((name_a, peer_a), (name_b, peer_b)) in &seen {
         assert_eq!((name_a.as_str(), name_b.as_str()), ("a1", "a1"));
-        assert_eq!(peer_a.ip(), std::net::IpAddr::V4(CLIENT_POD));
-        assert_eq!(peer_b.ip(), std::net::IpAddr::V4(CLIENT_POD), "the client keeps its address");
+        assert_eq!(peer_a.ip(), ns.addr(CLIENT_POD));
+        assert_eq!(peer_b.ip(), ns.addr(CLIENT_POD), "the client keeps its address");
         assert_ne!(peer_a.port(), peer_b.port(), "the backend tells the two connections apart");
     }
     assert_eq!(ns.counter(1, "nat_clash_remapped"), 1);
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
+fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back(family: Family) {
     let dns = Svc {
         name: "dns",
         cluster_ip: "10.96.0.53",
@@ -141,10 +150,10 @@ fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
         status: "",
         endpoints: &[A1, B2],
     };
-    let ns = NorthSouth::start(&[dns]);
+    let ns = NorthSouth::start_in(family, &[dns]);
     let mut payload = b"echo:".to_vec();
     payload.resize(3_000, b'x');
-    let ask = |payload: Vec<u8>, addr: SocketAddrV4| {
+    let ask = |payload: Vec<u8>, addr: SocketAddr| {
         move || {
             (0..20)
                 .map(|i| {
@@ -160,9 +169,9 @@ fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
     // A pod to the ClusterIP: a local and a remote backend; fragments both
     // ways, on the pod program and on the uplink.
     let client = &ns.cluster.node(1).pod("client").ns;
-    let from_pod = client.run_in(ask(payload.clone(), SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53)));
+    let from_pod = client.run_in(ask(payload.clone(), SocketAddr::new(ns.addr(Ipv4Addr::new(10, 96, 0, 53)), 53)));
     // The external client to the NodePort: SNAT for the remote backend.
-    let from_outside = ns.cluster.external.run_in(ask(payload, SocketAddrV4::new(node_ip(1), 30053)));
+    let from_outside = ns.cluster.external.run_in(ask(payload, SocketAddr::new(ns.node_addr(1), 30053)));
     let names =
         |answers: &[String]| answers.iter().map(|a| parse_answer(a).0).collect::<std::collections::BTreeSet<_>>();
     assert_eq!(names(&from_pod).len(), 2, "both backends answered the pod: {from_pod:?}");
@@ -171,9 +180,7 @@ fn datagrams_larger_than_the_mtu_reach_services_and_their_answers_come_back() {
     assert_eq!(ns.counter(1, "pass_fragment"), 0, "no fragment of a Service flow went untranslated");
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_size() {
+fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_size(family: Family) {
     let sink = Svc {
         name: "sink",
         cluster_ip: "10.96.0.60",
@@ -185,20 +192,21 @@ fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_siz
         endpoints: &[B2],
     };
     let flags: &[&str] = &["--external-interfaces", "eth0", "--map-size-conntrack-new", "256"];
-    let ns = NorthSouth::start_with(&[NODEPORT_ONLY_REMOTE, sink], |_| {}, &[flags, flags]);
+    let ns = NorthSouth::start_with_in(family, &[NODEPORT_ONLY_REMOTE, sink], |_| {}, &[flags, flags]);
     busy_client(&ns.cluster.external);
-    let node1 = node_ip(1);
+    let node1 = ns.node_addr(1);
     let before = ns.counter(1, "dnat_new_flow");
     let (held, flooded) = ns.cluster.external.run_in(move || {
-        let mut held = TcpStream::connect_timeout(&SocketAddr::from((node1, 30080)), TIMEOUT).expect("held");
+        let mut held = TcpStream::connect_timeout(&SocketAddr::new(node1, 30080), TIMEOUT).expect("held");
         held.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         who(&mut held).expect("the held connection answers before the flood");
         // 4,000 unanswered flows (16 times the new-flow table), each from
         // its own source port.
         let mut ports = std::collections::BTreeSet::new();
         for _ in 0..4_000 {
-            let s = UdpSocket::bind("0.0.0.0:0").expect("bind");
-            s.send_to(b"flood", (node1, 30099)).expect("send");
+            let sink = SocketAddr::new(node1, 30099);
+            let s = UdpSocket::bind(any_port_for(sink)).expect("bind");
+            s.send_to(b"flood", sink).expect("send");
             ports.insert(s.local_addr().expect("local address").port());
         }
         let flooded = ports.len() as u64;
@@ -211,7 +219,7 @@ fn an_assured_flow_through_snat_survives_a_flood_of_new_flows_past_the_table_siz
     assert!(flooded > 3_000, "{flooded} flows, more than ten times the new-flow table");
     assert!(ns.counter(1, "dnat_new_flow") - before >= flooded, "every flooded source port was a new flow");
     // And new connections still work.
-    let fresh = ns.cluster.external.run_in(move || tcp_who(SocketAddrV4::new(node1, 30080), TIMEOUT));
+    let fresh = ns.cluster.external.run_in(move || tcp_who(SocketAddr::new(node1, 30080), TIMEOUT));
     assert_eq!(parse_answer(&fresh.expect("a new connection after the flood")).0, "b2");
 }
 
@@ -247,9 +255,7 @@ fn a_packet_too_big_for_the_route_towards_the_backend_gets_fragmentation_needed(
     assert!(ns.counter(1, "drop_frag_needed") >= 1);
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated() {
+fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated(family: Family) {
     let dns = Svc {
         name: "dns",
         cluster_ip: "10.96.0.53",
@@ -259,13 +265,14 @@ fn a_new_pods_very_first_datagram_to_a_cluster_ip_is_translated() {
         status: "",
         endpoints: &[A1],
     };
-    let mut ns = NorthSouth::start(&[dns]);
+    let mut ns = NorthSouth::start_in(family, &[dns]);
+    let vip = SocketAddr::new(ns.addr(Ipv4Addr::new(10, 96, 0, 53)), 53);
     // Pods wired the way a CNI does it while the agent runs, each sending
     // one datagram (no retry) the moment its interface is ready.
     for i in 0..10u8 {
         let name = format!("new{i}");
         let pod = ns.cluster.node_mut(1).add_pod(&name, Ipv4Addr::new(10, 244, 1, 50 + i)).expect("new pod");
-        let answer = pod.ns.run_in(|| udp_ask(SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53), b"first", TIMEOUT));
+        let answer = pod.ns.run_in(|| udp_ask(vip, b"first", TIMEOUT));
         let answer = answer.unwrap_or_else(|e| panic!("pod {name}'s first datagram: {e}"));
         assert_eq!(parse_answer(&String::from_utf8_lossy(&answer)).0, "a1");
     }

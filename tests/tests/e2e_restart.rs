@@ -1,7 +1,9 @@
 //! Tier 3: operating the agent like kube-proxy: SIGKILL it while a client
 //! keeps opening connections and holds one open — nothing fails, the held
 //! connection survives, the next agent adopts the pinned links and maps —
-//! and `service-agent cleanup` leaves nothing behind.
+//! and `service-agent cleanup` leaves nothing behind. In both families
+//! (`::ipv4`, `::ipv6`: the Service dual-stack, the client on its IPv6
+//! ClusterIP).
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
@@ -12,10 +14,12 @@ use std::{
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, Topology, binary},
+    in_both_families,
+    netns::{Agent, BpffsMount, Family, Topology, binary},
+    north_south::dual_stack,
 };
 
-const VIP: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)), 80);
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 const MANIFESTS: &str = r#"
 apiVersion: v1
@@ -48,8 +52,8 @@ fn who(stream: &mut TcpStream) -> std::io::Result<String> {
     Ok(line.split_whitespace().next().unwrap_or_default().to_owned())
 }
 
-fn fresh_request() -> std::io::Result<String> {
-    let mut s = TcpStream::connect_timeout(&VIP, Duration::from_secs(2))?;
+fn fresh_request(vip: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     who(&mut s)
 }
@@ -59,9 +63,10 @@ fn link_pins(root: &std::path::Path) -> usize {
     std::fs::read_dir(root.join("links")).map_or(0, Iterator::count)
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
+in_both_families!(sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing);
+
+fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing(family: Family) {
+    let vip = SocketAddr::new(family.addr(VIP), 80);
     let mut topo = Topology::new().expect("node");
     topo.add_pod("client", Ipv4Addr::new(10, 244, 1, 10)).expect("client");
     let mut servers = Vec::new();
@@ -72,7 +77,13 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
         servers.push(fixture::start_echo(&topo.pod(name).ns, name, &[]).expect("echo"));
     }
     let manifests = ManifestDir::new();
-    manifests.write("web.yaml", MANIFESTS);
+    manifests.write(
+        "web.yaml",
+        &match family {
+            Family::V4 => MANIFESTS.to_owned(),
+            Family::V6 => dual_stack(MANIFESTS),
+        },
+    );
     let bpffs = BpffsMount::new().expect("bpffs");
     let root = bpffs.path().join("node-1");
     let mut first = Agent::start(&topo.node, manifests.path(), "node-1", &root, &[]).expect("agent");
@@ -80,18 +91,18 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     first.wait_for_log("attached pod ingress program", 4, Duration::from_secs(5)).expect("attach");
 
     let mut held = topo.pod("client").ns.run_in(|| {
-        let s = TcpStream::connect_timeout(&VIP, Duration::from_secs(2)).expect("connect");
+        let s = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
         s
     });
     let serving = who(&mut held).expect("held connection");
 
     // A client opening connections all along (bounded: 3 s at most).
-    let load = topo.pod("client").ns.spawn_in(|| {
+    let load = topo.pod("client").ns.spawn_in(move || {
         let (mut ok, mut failed) = (0, Vec::new());
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
-            match fresh_request() {
+            match fresh_request(vip) {
                 Ok(_) => ok += 1,
                 Err(e) => failed.push(e.to_string()),
             }
@@ -129,7 +140,7 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     let status = second.stop().expect("exit on SIGTERM");
     assert!(status.success(), "{status}");
     assert_eq!(link_pins(&root), 4, "links stay for the next agent");
-    assert!(topo.pod("client").ns.run_in(fresh_request).is_ok(), "traffic flows with no agent running");
+    assert!(topo.pod("client").ns.run_in(|| fresh_request(vip)).is_ok(), "traffic flows with no agent running");
     let out = Command::new("nsenter")
         .arg(format!("--net={}", topo.node.path().display()))
         .arg(binary("service-agent", "SERVICE_AGENT_BIN"))
@@ -141,5 +152,5 @@ fn sigkill_and_restart_lose_no_connection_and_cleanup_leaves_nothing() {
     assert!(!root.exists(), "pins left under {}", root.display());
     let tc = topo.node.exec("tc", &["filter", "show", "dev", &topo.pod("client").host_if, "ingress"]).expect("tc");
     assert!(String::from_utf8_lossy(&tc.stdout).trim().is_empty(), "tc filters left");
-    assert!(topo.pod("client").ns.run_in(fresh_request).is_err(), "the ClusterIP is not served anymore");
+    assert!(topo.pod("client").ns.run_in(|| fresh_request(vip)).is_err(), "the ClusterIP is not served anymore");
 }

@@ -6,17 +6,24 @@
 //!
 //! (SCTP is shown on crafted packets in prog_test_run.rs: this kernel has
 //! no SCTP stack for real SCTP sockets.)
+//!
+//! Each test runs in both families (`::ipv4`, `::ipv6`); in IPv6 the
+//! manifests are made dual-stack (`north_south::dual_stack`) and the client
+//! dials the IPv6 ClusterIPs.
 
 use std::{
     collections::BTreeMap,
     io::ErrorKind,
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
     time::Duration,
 };
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, ChildGuard, Topology},
+    in_both_families,
+    netns::{Agent, BpffsMount, ChildGuard, Family, Topology, http_url},
+    north_south::dual_stack,
+    traffic::udp_connected,
 };
 
 const NODE: &str = "node-1";
@@ -148,6 +155,7 @@ endpoints:
 "#;
 
 struct Cluster {
+    family: Family,
     agent: Agent,
     _servers: Vec<ChildGuard>,
     topo: Topology,
@@ -156,7 +164,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn start() -> Self {
+    fn start(family: Family) -> Self {
         let mut topo = Topology::new().expect("node");
         topo.add_pod("client", CLIENT_IP).expect("client");
         let mut servers = Vec::new();
@@ -173,16 +181,23 @@ impl Cluster {
             servers.push(fixture::start_echo(&topo.pod(pod).ns, name, args).expect("pod-echo"));
         }
         let manifests = ManifestDir::new();
-        manifests.write("services.yaml", MANIFESTS);
+        let text = match family {
+            Family::V4 => MANIFESTS.to_owned(),
+            Family::V6 => dual_stack(MANIFESTS),
+        };
+        manifests.write("services.yaml", &text);
         let bpffs = BpffsMount::new().expect("bpffs");
         let mut agent = Agent::start(&topo.node, manifests.path(), NODE, &bpffs.path().join(NODE), &[]).expect("agent");
         agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("first sync");
         agent.wait_for_log("attached pod ingress program", 5, Duration::from_secs(5)).expect("attached");
-        Self { agent, _servers: servers, topo, _bpffs: bpffs, _manifests: manifests }
+        Self { family, agent, _servers: servers, topo, _bpffs: bpffs, _manifests: manifests }
     }
 
-    /// The backends that answered `n` new connections to `url`.
-    fn spread(&self, url: &str, n: usize) -> BTreeMap<String, usize> {
+    /// The backends that answered `n` new connections to the ClusterIP
+    /// whose IPv4 form is `v4` (in the test's family), on `port`.
+    fn spread(&self, v4: [u8; 4], port: u16, n: usize) -> BTreeMap<String, usize> {
+        let url = http_url(self.family.addr(Ipv4Addr::from(v4)), port);
+        let url = url.as_str();
         let mut seen = BTreeMap::new();
         for i in 0..n {
             let body = fixture::curl(&self.topo.pod("client").ns, url)
@@ -193,15 +208,20 @@ impl Cluster {
     }
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
-    let cluster = Cluster::start();
+in_both_families!(
+    a_service_without_endpoints_refuses_tcp_and_udp_at_once,
+    internal_traffic_policy_local_only_reaches_this_nodes_endpoints,
+    client_ip_affinity_keeps_a_client_on_one_backend_across_20_connections,
+    without_ready_endpoints_the_serving_terminating_ones_are_used,
+    named_target_ports_resolve_per_pod_on_a_multi_port_service,
+);
+
+fn a_service_without_endpoints_refuses_tcp_and_udp_at_once(family: Family) {
+    let cluster = Cluster::start(family);
+    let vip = family.addr(Ipv4Addr::new(10, 96, 1, 1));
     let (tcp, udp) = cluster.topo.pod("client").ns.run_in(|| {
-        let tcp = TcpStream::connect_timeout(&SocketAddr::from(([10, 96, 1, 1], 80)), Duration::from_secs(2));
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind");
-        socket.connect(SocketAddr::from(([10, 96, 1, 1], 53))).expect("connect");
-        socket.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let tcp = TcpStream::connect_timeout(&SocketAddr::new(vip, 80), Duration::from_secs(2));
+        let socket = udp_connected((vip, 53), Duration::from_secs(2)).expect("socket");
         socket.send(b"query").expect("send");
         let mut buf = [0u8; 64];
         (tcp.map(|_| ()), socket.recv(&mut buf).map(|_| ()))
@@ -213,37 +233,29 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() {
     assert_eq!(udp.expect_err("UDP must be refused").kind(), ErrorKind::ConnectionRefused);
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn internal_traffic_policy_local_only_reaches_this_nodes_endpoints() {
-    let cluster = Cluster::start();
-    let seen = cluster.spread("http://10.96.1.2:80/", 20);
+fn internal_traffic_policy_local_only_reaches_this_nodes_endpoints(family: Family) {
+    let cluster = Cluster::start(family);
+    let seen = cluster.spread([10, 96, 1, 2], 80, 20);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["backend-a"], "{seen:?}");
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn client_ip_affinity_keeps_a_client_on_one_backend_across_20_connections() {
-    let cluster = Cluster::start();
-    let seen = cluster.spread("http://10.96.1.3:80/", 20);
+fn client_ip_affinity_keeps_a_client_on_one_backend_across_20_connections(family: Family) {
+    let cluster = Cluster::start(family);
+    let seen = cluster.spread([10, 96, 1, 3], 80, 20);
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(seen.values().sum::<usize>(), 20);
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn without_ready_endpoints_the_serving_terminating_ones_are_used() {
-    let cluster = Cluster::start();
-    let seen = cluster.spread("http://10.96.1.4:80/", 12);
+fn without_ready_endpoints_the_serving_terminating_ones_are_used(family: Family) {
+    let cluster = Cluster::start(family);
+    let seen = cluster.spread([10, 96, 1, 4], 80, 12);
     assert_eq!(seen.keys().collect::<Vec<_>>(), ["backend-c"], "{seen:?}");
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
-fn named_target_ports_resolve_per_pod_on_a_multi_port_service() {
-    let cluster = Cluster::start();
-    let http = cluster.spread("http://10.96.1.5:80/", 30);
+fn named_target_ports_resolve_per_pod_on_a_multi_port_service(family: Family) {
+    let cluster = Cluster::start(family);
+    let http = cluster.spread([10, 96, 1, 5], 80, 30);
     assert_eq!(http.keys().collect::<Vec<_>>(), ["backend-a", "backend-d"], "{http:?}");
-    let admin = cluster.spread("http://10.96.1.5:9000/", 5);
+    let admin = cluster.spread([10, 96, 1, 5], 9000, 5);
     assert_eq!(admin.keys().collect::<Vec<_>>(), ["backend-a-admin"], "{admin:?}");
 }

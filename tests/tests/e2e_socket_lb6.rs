@@ -12,14 +12,12 @@
 //! removed backend are closed by the agent's `take_udp_sockets_of_removed
 //! _backends` and `sock_diag::destroy_udp`, as its sync loop calls them.
 //!
-//! The topology, made here (IPv6 ULA addresses): a node namespace with its
-//! own address fd00:100::11 (and 192.168.100.11) on a veth to nowhere that
-//! holds its default routes (so an untranslated connect() to an address no
-//! one has goes out and waits rather than failing), and two pods on it
-//! (fd00:244:1::11 and ::12, /128 each, routed by the node through their
-//! veths, default route via a link-local gateway the node answers for, as
-//! Calico wires IPv6 pods), each serving TCP and UDP on [::]:8080 (both
-//! families). Clients run in the test cgroup in the node's namespace, as
+//! The topology: a node namespace (the harness's, dual-stack) with its own
+//! addresses 192.168.100.11 and fd00:192:168:100::11, given here on a veth
+//! to nowhere that holds its default routes (so an untranslated connect()
+//! to an address no one has goes out and waits rather than failing), and
+//! two pods on it (the harness's: IPv4 and IPv6 twin addresses, /32 and
+//! /128 routes), each serving TCP and UDP on [::]:8080 (both families). Clients run in the test cgroup in the node's namespace, as
 //! host processes do (`--socket-lb host`).
 
 use std::{
@@ -27,7 +25,6 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use service_agent::{
@@ -39,21 +36,22 @@ use service_agent::{
 };
 use service_tests::{
     cgroup::TestCgroup,
-    netns::{BpffsMount, ChildGuard, Netns, Topology, binary, wait_until},
+    netns::{BpffsMount, ChildGuard, Netns, Topology, binary},
     north_south::agent_cli,
 };
 
-const NODE6: &str = "fd00:100::11";
+const NODE6: &str = "fd00:192:168:100::11";
 const NODE4: &str = "192.168.100.11";
-/// The pods: name, IPv4 (the harness's), IPv6 (given here).
+/// The node's addresses (the IPv6 one the harness's twin of the IPv4 one).
+/// The pods: name, IPv4, and the IPv6 twin the harness gives them.
 const PODS: [(&str, &str, &str); 2] =
-    [("a1", "10.244.1.11", "fd00:244:1::11"), ("a2", "10.244.1.12", "fd00:244:1::12")];
+    [("a1", "10.244.1.11", "fd00:10:244:1::11"), ("a2", "10.244.1.12", "fd00:10:244:1::12")];
 /// The IPv6 service CIDR and its ClusterIPs.
-const SERVICE_CIDR6: &str = "fd00:96::/112";
-const WEB6: &str = "fd00:96::10";
-const EMPTY6: &str = "fd00:96::30";
+const SERVICE_CIDR6: &str = "fd00:10:96::/112";
+const WEB6: &str = "fd00:10:96::10";
+const EMPTY6: &str = "fd00:10:96::30";
 /// An address of the service CIDR no Service has.
-const UNALLOCATED6: &str = "fd00:96::99";
+const UNALLOCATED6: &str = "fd00:10:96::99";
 /// The IPv4 Service dialled through v4-mapped addresses.
 const SERVICE_CIDR4: &str = "10.96.0.0/16";
 const WEB4: &str = "10.96.0.10";
@@ -115,7 +113,6 @@ fn desired(v6: &[IpAddr], v4: &[IpAddr]) -> Desired {
 fn topology() -> Topology {
     let mut topo = Topology::new().expect("node");
     let node = &topo.node;
-    node.sysctl("net.ipv6.conf.all.forwarding=1").expect("forwarding");
     // A veth pair whose far end nobody answers on (no dummy devices on
     // every kernel): what leaves by the default route meets no one.
     node.ip(&["link", "add", "dum0", "type", "veth", "peer", "name", "dum1"]).expect("veth");
@@ -126,32 +123,10 @@ fn topology() -> Topology {
     node.ip(&["-6", "route", "add", "default", "dev", "dum0"]).expect("default route");
     node.ip(&["route", "add", "default", "dev", "dum0"]).expect("default route");
     for (name, v4, v6) in PODS {
-        topo.add_pod(name, v4.parse().expect("pod address")).expect("pod");
-        let pod = topo.pod(name);
-        let mac = topo_mac(&topo.node, &pod.host_if);
-        let ns = &pod.ns;
-        ns.ip(&["-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"]).expect("pod address");
-        ns.ip(&["-6", "neigh", "add", "fe80::1", "lladdr", &mac, "dev", "eth0", "nud", "permanent"]).expect("gw");
-        ns.ip(&["-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]).expect("pod route");
-        topo.node.ip(&["-6", "route", "add", &format!("{v6}/128"), "dev", &pod.host_if]).expect("route to pod");
-    }
-    // The link-local addresses the veths got are tentative until duplicate
-    // address detection ends (about a second): neighbour discovery between
-    // node and pod waits for them, so traffic does too.
-    for ns in std::iter::once(&topo.node).chain(topo.pods.iter().map(|p| &p.ns)) {
-        let settled = || {
-            let out = ns.ip(&["-6", "addr", "show", "tentative"]).ok()?;
-            out.stdout.iter().all(u8::is_ascii_whitespace).then_some(())
-        };
-        wait_until(Duration::from_secs(10), Duration::from_millis(50), settled).expect("DAD done");
+        let pod = topo.add_pod(name, v4.parse().expect("pod address")).expect("pod");
+        assert_eq!(pod.ip6.to_string(), v6, "the harness's IPv6 twin of {v4}");
     }
     topo
-}
-
-/// The MAC address of `interface` in `node`.
-fn topo_mac(node: &Netns, interface: &str) -> String {
-    let out = node.ip(&["-br", "link", "show", interface]).expect("link");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(2).expect("MAC").to_owned()
 }
 
 /// `sock-client serve [::]:8080 NAME` in the pod: TCP and UDP, both
@@ -262,7 +237,9 @@ fn host_sockets_reach_ipv6_and_v4_mapped_service_addresses_through_the_socket_ho
     // backends see the node's own address of that family (the servers'
     // sockets are IPv6 ones: an IPv4 peer shows v4-mapped).
     let mapped = format!("[::ffff:{WEB4}]");
-    for (service, node_addr) in [(format!("[{WEB6}]"), format!("[{NODE6}]:")), (mapped.clone(), format!("[::ffff:{NODE4}]:"))] {
+    for (service, node_addr) in
+        [(format!("[{WEB6}]"), format!("[{NODE6}]:")), (mapped.clone(), format!("[::ffff:{NODE4}]:"))]
+    {
         let (tcp, udp) = (format!("{service}:80"), format!("{service}:53"));
         let mut seen = BTreeSet::new();
         for _ in 0..16 {
@@ -286,8 +263,9 @@ fn host_sockets_reach_ipv6_and_v4_mapped_service_addresses_through_the_socket_ho
     }
     // Where the sockets really are connected: the backends' addresses, of
     // the Service's family (v4-mapped for the IPv4 Service).
-    for (service, ipv6) in [(format!("[{WEB6}]:80"), true), (format!("{mapped}:80"), false)] {
-        for mode in ["probe-tcp", "probe-udp"] {
+    for (service, ipv6) in [(format!("[{WEB6}]"), true), (mapped.clone(), false)] {
+        for (mode, port) in [("probe-tcp", 80), ("probe-udp", 53)] {
+            let service = format!("{service}:{port}");
             let lines = run(&[mode, &service, "64"]);
             let want: BTreeSet<String> = PODS
                 .iter()
@@ -335,7 +313,7 @@ fn host_sockets_reach_ipv6_and_v4_mapped_service_addresses_through_the_socket_ho
                 && s["backend"].as_str().is_some_and(|v| v.starts_with(backend))
         })
     };
-    assert!(shows(WEB6, "fd00:244:1::1"), "{sockets}");
+    assert!(shows(WEB6, "fd00:10:244:1::1"), "{sockets}");
     assert!(shows(WEB4, "10.244.1.1"), "{sockets}");
 
     // A backend leaves the Services: the connected UDP sockets to it (an

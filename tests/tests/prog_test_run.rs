@@ -353,7 +353,7 @@ fn packets_not_for_a_service_come_out_byte_identical() {
             packet::tcp_v4(CLIENT, 40000, Ipv4Addr::new(192, 0, 2, 77), 81, SYN, b""),
             Counter::PassNoService,
         ),
-        ("ARP", packet::arp_request(CLIENT, VIP), Counter::PassNotIpv4),
+        ("ARP", packet::arp_request(CLIENT, VIP), Counter::PassNotIp),
         (
             "non-first fragment to the VIP",
             packet::ipv4_fragment(CLIENT, VIP, 185, b"middle of a datagram"),

@@ -234,12 +234,22 @@ const RTMSG_LEN: usize = 12;
 ///
 /// # Errors
 /// When the rtnetlink request fails for another reason.
-pub fn route_oif(dst: std::net::Ipv4Addr) -> io::Result<Option<u32>> {
-    // struct rtmsg: AF_INET, a /32 destination, everything else zero.
+pub fn route_oif(dst: std::net::IpAddr) -> io::Result<Option<u32>> {
+    // struct rtmsg: the family, a host-length destination, everything
+    // else zero.
     let mut body = vec![0u8; RTMSG_LEN];
-    body[0] = u8::try_from(libc::AF_INET).unwrap_or_default();
-    body[1] = 32;
-    push_attr(&mut body, RTA_DST, &dst.octets());
+    match dst {
+        std::net::IpAddr::V4(a) => {
+            body[0] = u8::try_from(libc::AF_INET).unwrap_or_default();
+            body[1] = 32;
+            push_attr(&mut body, RTA_DST, &a.octets());
+        }
+        std::net::IpAddr::V6(a) => {
+            body[0] = u8::try_from(libc::AF_INET6).unwrap_or_default();
+            body[1] = 128;
+            push_attr(&mut body, RTA_DST, &a.octets());
+        }
+    }
     let parts = match request(RTM_GETROUTE, NLM_F_ACK, &body) {
         Ok(parts) => parts,
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EINVAL)) => {

@@ -279,14 +279,9 @@ pub struct SnatGroup {
 impl std::fmt::Display for SnatGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use crate::rows::render as dump;
-        write!(
-            f,
-            "{} → {}:{}/{}",
-            dump::ip(self.family, &self.snat_addr),
-            dump::ip(self.family, &self.backend_addr),
-            u16::from_be_bytes(self.backend_port),
-            dump::proto_name(self.proto)
-        )
+        let backend =
+            std::net::SocketAddr::new(dump::ip(self.family, &self.backend_addr), u16::from_be_bytes(self.backend_port));
+        write!(f, "{} → {backend}/{}", dump::ip(self.family, &self.snat_addr), dump::proto_name(self.proto))
     }
 }
 

@@ -138,7 +138,7 @@ impl HealthCheckServers {
     /// logged with the Service and field, and retried at the next sync),
     /// gone ones stopped, counts and failures (`failed`: the Services whose
     /// own frontends are not programmed, and why) updated in place.
-    pub async fn sync(&mut self, wanted: &BTreeMap<ObjectRef, HealthCheck>, failed: &BTreeMap<ObjectRef, String>) {
+    pub fn sync(&mut self, wanted: &BTreeMap<ObjectRef, HealthCheck>, failed: &BTreeMap<ObjectRef, String>) {
         let by_port: BTreeMap<u16, (&ObjectRef, &HealthCheck)> =
             wanted.iter().map(|(svc, hc)| (hc.port, (svc, hc))).collect();
         let gone: Vec<u16> = self
@@ -160,8 +160,7 @@ impl HealthCheckServers {
                 *served.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = failure;
                 continue;
             }
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            let listener = match tokio::net::TcpListener::bind(addr).await {
+            let listener = match bind_any(port) {
                 Ok(l) => l,
                 Err(e) => {
                     tracing::error!(service = %svc, field = "spec.healthCheckNodePort", port, error = %e, "cannot serve the health check node port");
@@ -193,6 +192,40 @@ impl Drop for HealthCheckServers {
             task.abort();
         }
     }
+}
+
+/// A listener on `port` of every address of both families (`[::]` with
+/// IPV6_V6ONLY off, as kube-proxy's health check servers listen on a
+/// dual-stack node), or of IPv4's alone where IPv6 is disabled.
+fn bind_any(port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let dual = tokio::net::TcpSocket::new_v6().and_then(|socket| {
+        set_v6only(&socket, false)?;
+        socket.set_reuseaddr(true)?;
+        socket.bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))?;
+        socket.listen(1024)
+    });
+    match dual {
+        Ok(listener) => Ok(listener),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) || e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseaddr(true)?;
+            socket.bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?;
+            socket.listen(1024)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn set_v6only(socket: &tokio::net::TcpSocket, on: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let value = libc::c_int::from(on);
+    #[expect(clippy::cast_possible_truncation, reason = "4 bytes")]
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket descriptor and an int option of its size.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&raw const value).cast(), len)
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 #[cfg(test)]
@@ -321,7 +354,7 @@ mod tests {
         health.sync_failed(vec!["map services is full".into()]);
         health.backdate_pending(Duration::from_mins(5));
         assert!(!health.is_healthy());
-        servers.sync(&wanted, &failed).await;
+        servers.sync(&wanted, &failed);
         let (code, body) = get(fits).await;
         assert_eq!(code, 200, "another Service's failed rows do not fail this one: {body}");
         assert_eq!(body["localEndpoints"], 2);
@@ -331,7 +364,7 @@ mod tests {
         assert_eq!(body["reason"], "map services is full");
         assert_eq!(body["localEndpoints"], 2);
         // A retry wrote its rows: it answers by its endpoints again.
-        servers.sync(&wanted, &BTreeMap::new()).await;
+        servers.sync(&wanted, &BTreeMap::new());
         assert_eq!(get(too_big).await.0, 200);
     }
 }

@@ -8,18 +8,28 @@
 //! programs at connect()/sendmsg() instead, and the same internal
 //! frontends.
 
-use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+};
 
 use service_common::{
-    CtKey, CtValue, FAMILY_IPV4, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, addr_v4,
-    ct_flags, hash, port_be, service_flags, service_ips,
+    CtKey, CtValue, SCOPE_EXTERNAL, SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ct_flags, hash, port_be,
+    service_flags, service_ips,
 };
 
 use super::{InspectError, Pins};
 use crate::{
     attach::{self, AttachedProgram},
     maps::{self, MapState},
-    rows::render::{backend_row, expires_in_seconds, flag_names, frontend, proto_name, services, state_names},
+    rows::{
+        encode::{addr_bytes, family},
+        render::{
+            backend_row, expires_in_seconds, flag_names, frontend, host_port, ip, proto_name, services, state_names,
+        },
+    },
+    vocabulary::Cidr,
 };
 
 /// Where the explained packet enters the node.
@@ -40,14 +50,26 @@ pub enum Entry {
 /// node's own addresses leaves through it.
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// `SRC_IP[:PORT]` and `DST_IP:PORT/PROTO`.
-fn parse_flow(src: &str, dst: &str) -> Result<(Ipv4Addr, Option<u16>, Ipv4Addr, u16, u8), InspectError> {
-    let usage = |m: &str| InspectError::Usage(format!("{m} (expected SRC_IP[:PORT] DST_IP:PORT/PROTO)"));
-    let (src_ip, src_port) = match src.split_once(':') {
-        Some((ip, port)) => (ip, Some(port.parse::<u16>().map_err(|_| usage("bad source port"))?)),
-        None => (src, None),
+/// `SRC_IP[:PORT]` and `DST_IP:PORT/PROTO`, either family: an IPv6 address
+/// with a port in brackets (`[2001:db8::1]:80/TCP`), as `SocketAddr` reads
+/// it; an IPv6 source without a port bare (`2001:db8::1`) or bracketed.
+fn parse_flow(src: &str, dst: &str) -> Result<(IpAddr, Option<u16>, IpAddr, u16, u8), InspectError> {
+    let usage = |m: &str| {
+        InspectError::Usage(format!(
+            "{m} (expected SRC_IP[:PORT] DST_IP:PORT/PROTO; IPv6 as [2001:db8::1]:80 or a bare source 2001:db8::1)"
+        ))
     };
-    let src_ip: Ipv4Addr = src_ip.parse().map_err(|_| usage("bad source address"))?;
+    let (src_ip, src_port) = if let Ok(sa) = src.parse::<SocketAddr>() {
+        (sa.ip(), Some(sa.port()))
+    } else {
+        let bare = src.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(src);
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => (ip, None),
+            // `IP:PORT` with a port that is no u16.
+            Err(_) if bare.matches(':').count() == 1 || bare.contains("]:") => return Err(usage("bad source port")),
+            Err(_) => return Err(usage("bad source address")),
+        }
+    };
     let (dst, proto) = dst.split_once('/').ok_or_else(|| usage("missing /PROTO"))?;
     let proto = match proto.to_ascii_uppercase().as_str() {
         "TCP" => service_common::PROTO_TCP,
@@ -55,14 +77,20 @@ fn parse_flow(src: &str, dst: &str) -> Result<(Ipv4Addr, Option<u16>, Ipv4Addr, 
         "SCTP" => service_common::PROTO_SCTP,
         _ => return Err(usage("PROTO must be TCP, UDP or SCTP")),
     };
-    let (dst_ip, dst_port) = dst.split_once(':').ok_or_else(|| usage("missing :PORT"))?;
-    let dst_ip: Ipv4Addr = dst_ip.parse().map_err(|_| usage("bad destination address"))?;
-    let dst_port: u16 = dst_port.parse().map_err(|_| usage("bad destination port"))?;
-    Ok((src_ip, src_port, dst_ip, dst_port, proto))
+    let dst = dst.parse::<SocketAddr>().map_err(|_| {
+        if dst.parse::<IpAddr>().is_ok() || !dst.contains(':') {
+            usage("missing :PORT")
+        } else if dst.rsplit_once(':').is_some_and(|(ip, _)| ip.trim_matches(['[', ']']).parse::<IpAddr>().is_ok()) {
+            usage("bad destination port")
+        } else {
+            usage("bad destination address")
+        }
+    })?;
+    Ok((src_ip, src_port, dst.ip(), dst.port(), proto))
 }
 
 /// Which side a packet from `src` enters on, and the sentence saying why.
-fn resolve_entry(entry: Entry, src: Ipv4Addr, attached: &[AttachedProgram]) -> (Entry, String) {
+fn resolve_entry(entry: Entry, src: IpAddr, attached: &[AttachedProgram]) -> (Entry, String) {
     match entry {
         Entry::Host => (Entry::Host, "a socket of the node itself (--from host): the socket-level programs".into()),
         Entry::Pod => (Entry::Pod, "entering from a local pod (--from pod): the pod program".into()),
@@ -102,21 +130,19 @@ fn resolve_entry(entry: Entry, src: Ipv4Addr, attached: &[AttachedProgram]) -> (
 /// any (the longest match, as the LPM trie answers): a frontend's
 /// `loadBalancerSourceRanges` (owner: its rev-NAT id), or a service IP row
 /// (owner [`service_ips::OWNER`], proto its kind).
-fn range_of(state: &MapState, owner: u32, proto: u8, addr: Ipv4Addr) -> Option<String> {
-    let src = u32::from(addr);
+fn range_of(state: &MapState, owner: u32, proto: u8, addr: IpAddr) -> Option<String> {
     state
         .source_ranges
         .iter()
-        .filter(|(_, k)| u32::from_be_bytes(k.rev_nat_id) == owner && k.proto == proto)
-        .filter(|(_, k)| k.family == FAMILY_IPV4)
+        .filter(|(_, k)| u32::from_be_bytes(k.rev_nat_id) == owner && k.proto == proto && k.family == family(addr))
         .filter_map(|(len, k)| {
-            let bits = len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS).min(32);
-            let net = u32::from_be_bytes([k.addr[0], k.addr[1], k.addr[2], k.addr[3]]);
-            let mask = if bits == 0 { 0 } else { u32::MAX << (32 - bits) };
-            (src & mask == net & mask).then(|| (bits, format!("{}/{bits}", Ipv4Addr::from(net))))
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            let prefix_len = u8::try_from(len.saturating_sub(SOURCE_RANGE_FRONTEND_BITS).min(max)).ok()?;
+            let cidr = Cidr { addr: ip(k.family, &k.addr), prefix_len };
+            cidr.contains(addr).then_some(cidr)
         })
-        .max_by_key(|(bits, _)| *bits)
-        .map(|(_, cidr)| cidr)
+        .max_by_key(|cidr| cidr.prefix_len)
+        .map(|cidr| cidr.to_string())
 }
 
 /// The frontend row's summary line.
@@ -135,12 +161,12 @@ fn frontend_line(key0: &ServiceKey, svc: &service_common::ServiceValue, out: &mu
 
 /// The `--socket-lb` mode and hooks a node socket meets; false when they
 /// translate nothing.
-fn host_hooks(mode: u32, root: &Path, dst_ip: Ipv4Addr, dst_port: u16, out: &mut String) -> bool {
+fn host_hooks(mode: u32, root: &Path, dst: SocketAddr, out: &mut String) -> bool {
     let hooks = attach::socket::pinned_hooks(&root.join("links"));
     if mode == service_common::socket_lb::OFF || hooks.is_empty() {
         let _ = writeln!(
             out,
-            "{}: the node's sockets are not translated, and their packets cross no pod or external interface of this node on the way out, so {dst_ip}:{dst_port} is not served to them (start the agent with --socket-lb host).",
+            "{}: the node's sockets are not translated, and their packets cross no pod or external interface of this node on the way out, so {dst} is not served to them (start the agent with --socket-lb host).",
             if mode == service_common::socket_lb::OFF { "--socket-lb off" } else { "no socket-level hooks are pinned" }
         );
         return false;
@@ -162,21 +188,22 @@ fn host_hooks(mode: u32, root: &Path, dst_ip: Ipv4Addr, dst_port: u16, out: &mut
 fn explain_host(
     pins: &Pins,
     root: &Path,
-    dst_ip: Ipv4Addr,
+    dst_ip: IpAddr,
     dst_port: u16,
     proto: u8,
     out: &mut String,
 ) -> Result<(), InspectError> {
     let state = &pins.programmed;
     let config = pins.readers.socket_lb()?;
-    if !host_hooks(config.mode, root, dst_ip, dst_port, out) {
+    let dst = SocketAddr::new(dst_ip, dst_port);
+    if !host_hooks(config.mode, root, dst, out) {
         return Ok(());
     }
     if proto == service_common::PROTO_SCTP {
         let _ = writeln!(out, "SCTP sockets are not translated by the socket-level programs (TCP and UDP only).");
         return Ok(());
     }
-    let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4(dst_ip.octets()), port_be(dst_port), proto, SCOPE_INTERNAL);
+    let key0 = ServiceKey::frontend(family(dst_ip), addr_bytes(dst_ip), port_be(dst_port), proto, SCOPE_INTERNAL);
     let Some(svc) = state.services.get(&key0) else {
         let why = if range_of(state, service_ips::OWNER, service_ips::CLUSTER_IP, dst_ip).is_some() {
             format!(
@@ -188,7 +215,7 @@ fn explain_host(
                 "connect() fails with ENETUNREACH: {dst_ip} is in the service IP range {range} but no Service has it (the packet path drops it)"
             )
         } else {
-            format!("{dst_ip}:{dst_port}/{} is not a Service frontend: the socket is left alone", proto_name(proto))
+            format!("{dst}/{} is not a Service frontend: the socket is left alone", proto_name(proto))
         };
         let _ = writeln!(out, "{why}.");
         return Ok(());
@@ -211,7 +238,8 @@ fn explain_host(
             || format!("backend {id} (gone)"),
             |b| {
                 let r = backend_row(id, b);
-                format!("backend {id} {}:{}/{}{}", r.address, r.port, r.protocol, if r.local { " local" } else { "" })
+                let local = if r.local { " local" } else { "" };
+                format!("backend {id} {}/{}{local}", host_port(&r.address, r.port), r.protocol)
             },
         )
     };
@@ -284,7 +312,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         );
     }
     let scope = if side == Entry::External { SCOPE_EXTERNAL } else { SCOPE_INTERNAL };
-    let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4(dst_ip.octets()), port_be(dst_port), proto, scope);
+    let key0 = ServiceKey::frontend(family(dst_ip), addr_bytes(dst_ip), port_be(dst_port), proto, scope);
     let Some(svc) = state.services.get(&key0) else {
         // What the programs do with a flow no frontend serves: the service
         // IP rows decide (a ClusterIP rejects, the rest of a range drops).
@@ -306,7 +334,8 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         let elsewhere = state.services.contains_key(&ServiceKey { scope: other, ..key0 });
         let _ = writeln!(
             out,
-            "{dst_ip}:{dst_port}/{} is not a Service frontend {}: the packet passes untouched{}.",
+            "{}/{} is not a Service frontend {}: the packet passes untouched{}.",
+            SocketAddr::new(dst_ip, dst_port),
             proto_name(proto),
             if side == Entry::External { "for traffic from outside" } else { "for pods" },
             if elsewhere {
@@ -338,7 +367,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
     let translation = |id: u32| -> &'static str {
         let Some(b) = state.backends.get(&id) else { return "" };
         match side {
-            Entry::Pod if b.addr == addr_v4(src_ip.octets()) => {
+            Entry::Pod if b.addr == addr_bytes(src_ip) && b.family == family(src_ip) => {
                 "; the client itself (hairpin): SNATed to the hairpin address so the reply comes back through here"
             }
             Entry::External if masquerade => {
@@ -357,9 +386,8 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
             |b| {
                 let r = backend_row(id, b);
                 format!(
-                    "backend {id} {}:{}/{}{}{}",
-                    r.address,
-                    r.port,
+                    "backend {id} {}/{}{}{}",
+                    host_port(&r.address, r.port),
                     r.protocol,
                     if r.local { " local" } else { "" },
                     if r.state == "terminating" { " terminating" } else { "" }
@@ -386,7 +414,8 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         .filter(|(_, k, v)| {
             v.flags & ct_flags::DNAT != 0
                 && (v.flags & ct_flags::EXTERNAL != 0) == (side == Entry::External)
-                && k.saddr == addr_v4(src_ip.octets())
+                && k.family == key0.family
+                && k.saddr == addr_bytes(src_ip)
                 && k.daddr == key0.addr
                 && k.dport == key0.port
                 && k.proto == proto
@@ -409,7 +438,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         let aff = pins.readers.affinity()?;
         let entry = aff
             .iter()
-            .find(|(k, _)| k.client == addr_v4(src_ip.octets()) && k.scope == svc.affinity_scope() && k.proto == proto);
+            .find(|(k, _)| k.client == addr_bytes(src_ip) && k.scope == svc.affinity_scope() && k.proto == proto);
         match entry {
             Some((_, v)) => {
                 let idle = now.saturating_sub(v.last_used_ns) / 1_000_000_000;
@@ -429,12 +458,13 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         }
     }
     if let Some(port) = src_port {
-        let h = hash::flow_hash(&addr_v4(src_ip.octets()), &key0.addr, port_be(port), key0.port, proto);
+        let h = hash::flow_hash(&addr_bytes(src_ip), &key0.addr, port_be(port), key0.port, proto);
         let slot = hash::slot_for(h, svc.count);
         let row = state.services.get(&key0.with_slot(svc.version, slot));
         let _ = writeln!(
             out,
-            "a new flow from {src_ip}:{port} hashes to slot {slot} of {}: {}{}",
+            "a new flow from {} hashes to slot {slot} of {}: {}{}",
+            SocketAddr::new(src_ip, port),
             svc.count,
             row.map_or_else(|| "(missing slot row)".into(), |r| describe(r.backend_id)),
             row.map_or("", |r| translation(r.backend_id))
@@ -453,4 +483,37 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         let _ = writeln!(out, "no conntrack entry for this flow yet.");
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(src: &str, dst: &str) -> Result<(IpAddr, Option<u16>, IpAddr, u16, u8), String> {
+        parse_flow(src, dst).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn flows_of_both_families_are_parsed() {
+        let v4 = parsed("10.244.1.10:40000", "10.96.0.10:80/tcp").unwrap();
+        assert_eq!(v4, ("10.244.1.10".parse().unwrap(), Some(40000), "10.96.0.10".parse().unwrap(), 80, 6));
+        let v6 = parsed("[fd00:10:244::10]:40000", "[fd00:10:96::10]:53/UDP").unwrap();
+        assert_eq!(v6, ("fd00:10:244::10".parse().unwrap(), Some(40000), "fd00:10:96::10".parse().unwrap(), 53, 17));
+        for bare in ["2001:db8::1", "[2001:db8::1]"] {
+            let (src, port, ..) = parsed(bare, "[2001:db8::11]:30080/TCP").unwrap();
+            assert_eq!((src, port), ("2001:db8::1".parse().unwrap(), None));
+        }
+    }
+
+    #[test]
+    fn bad_flows_say_what_is_wrong() {
+        let err = |src: &str, dst: &str| parsed(src, dst).unwrap_err();
+        assert!(err("10.0.0.1:99999", "10.96.0.10:80/TCP").contains("bad source port"));
+        assert!(err("[2001:db8::1]:x", "10.96.0.10:80/TCP").contains("bad source port"));
+        assert!(err("nope", "10.96.0.10:80/TCP").contains("bad source address"));
+        assert!(err("10.0.0.1", "10.96.0.10:80").contains("missing /PROTO"));
+        assert!(err("10.0.0.1", "2001:db8::1/TCP").contains("missing :PORT"));
+        assert!(err("10.0.0.1", "[2001:db8::1]:http/TCP").contains("bad destination port"));
+        assert!(err("10.0.0.1", "10.96.0.300:80/TCP").contains("bad destination address"));
+    }
 }

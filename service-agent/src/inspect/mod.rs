@@ -136,7 +136,9 @@ impl Pins {
             .affinity()?
             .into_iter()
             .map(|(k, v)| AffinityRow {
-                client: ip(FAMILY_IPV4, &k.client).to_string(),
+                // The key has no family: the client's is the Service
+                // port's, that of its scope's rev-NAT row.
+                client: ip(state.rev_nat.get(&k.scope).map_or(FAMILY_IPV4, |r| r.family), &k.client).to_string(),
                 scope: k.scope,
                 service_port: state
                     .rev_nat

@@ -410,13 +410,15 @@ impl Metrics {
                 namespace: df.service.namespace.clone(),
                 name: df.service.name.clone(),
                 port: df.port_name.clone(),
-                frontend: format!("{}:{}", df.frontend.addr, df.frontend.port),
+                // `[addr]:port` for IPv6, as a socket address is written.
+                frontend: std::net::SocketAddr::new(df.frontend.addr, df.frontend.port).to_string(),
             });
         }
         for (id, b) in &applied.backends {
             let addr = rows::render::ip(b.family, &b.addr);
             let proto = rows::render::proto_name(b.proto);
-            labels.backends.insert(*id, format!("{addr}:{}/{proto}", u16::from_be_bytes(b.port)));
+            let endpoint = std::net::SocketAddr::new(addr, u16::from_be_bytes(b.port));
+            labels.backends.insert(*id, format!("{endpoint}/{proto}"));
         }
         *self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = labels;
     }

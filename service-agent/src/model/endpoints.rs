@@ -17,14 +17,11 @@
 //! The same address twice (across slices): a non-terminating one replaces
 //! a terminating one.
 
-use std::{
-    collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
-use super::{Backend, ModelError, NodeContext, Protocol};
+use super::{Backend, IpFamily, ModelError, NodeContext, Protocol};
 use crate::vocabulary::ObjectRef;
 
 /// One endpoint address:port with what the selection needs to know.
@@ -50,22 +47,24 @@ fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
     (ready, serving, terminating)
 }
 
-/// Every IPv4 endpoint of `slices` on the slice port named `port_name`
-/// with `protocol`, duplicates (same address and port) removed, the first
-/// slice (by name) winning.
+/// Every endpoint of `slices` of `family` (`addressType`) on the slice port
+/// named `port_name` with `protocol`, duplicates (same address and port)
+/// removed, the first slice (by name) winning. Slices of the other family
+/// never feed this family's frontends (kube-proxy's proxier of each family
+/// reads only its own); FQDN slices feed none.
 #[must_use]
 pub fn candidates(
     namespace: &str,
     port_name: &str,
     protocol: Protocol,
+    family: IpFamily,
     slices: &[&EndpointSlice],
     node: &NodeContext,
     errors: &mut Vec<ModelError>,
 ) -> Vec<Candidate> {
-    let mut out: BTreeMap<(Ipv4Addr, u16), Candidate> = BTreeMap::new();
+    let mut out: BTreeMap<(IpAddr, u16), Candidate> = BTreeMap::new();
     for slice in slices {
-        // IPv6 and FQDN slices are not for this (IPv4) dataplane.
-        if slice.address_type != "IPv4" {
+        if slice.address_type != family.name() {
             continue;
         }
         let slice_ref =
@@ -102,19 +101,21 @@ pub fn candidates(
             // All addresses of an endpoint are fungible; Kubernetes and
             // kube-proxy use the first.
             let Some(addr) = endpoint.addresses.first() else { continue };
-            let ip = match addr.parse::<Ipv4Addr>() {
+            let field = || format!("endpoints[{ei}].addresses[0]");
+            let ip = match addr.parse::<IpAddr>() {
+                Ok(ip) if IpFamily::of(ip) != family => {
+                    errors.push(slice_err(field(), format!("{addr:?} is not an {family} address (addressType)")));
+                    continue;
+                }
                 Ok(ip) => {
-                    if let Some(why) = super::special_ipv4(ip) {
-                        errors.push(slice_err(format!("endpoints[{ei}].addresses[0]"), format!("{addr:?} {why}")));
+                    if let Some(why) = super::special_ip(ip) {
+                        errors.push(slice_err(field(), format!("{addr:?} {why}")));
                         continue;
                     }
                     ip
                 }
                 Err(e) => {
-                    errors.push(slice_err(
-                        format!("endpoints[{ei}].addresses[0]"),
-                        format!("{addr:?} is not an IPv4 address: {e}"),
-                    ));
+                    errors.push(slice_err(field(), format!("{addr:?} is not an {family} address: {e}")));
                     continue;
                 }
             };
@@ -122,7 +123,7 @@ pub fn candidates(
             let hints = endpoint.hints.as_ref();
             let candidate = Candidate {
                 backend: Backend {
-                    addr: IpAddr::V4(ip),
+                    addr: ip,
                     port,
                     protocol,
                     local: endpoint.node_name.as_deref() == Some(node.node_name.as_str()),

@@ -74,7 +74,7 @@ impl Rng {
     /// Usually a plausible address from a small pool (so frontends and
     /// backends collide), sometimes something invalid or special.
     pub fn ip(&mut self) -> String {
-        const POOL: [&str; 16] = [
+        const POOL: [&str; 22] = [
             "10.96.0.1",
             "10.96.0.2",
             "10.244.1.5",
@@ -86,6 +86,12 @@ impl Rng {
             "224.0.0.1",
             "255.255.255.255",
             "fd00::1",
+            "fd00:10:96::1",
+            "fd00:10:244::5",
+            "2001:db8::10",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:10.96.0.1",
             "::",
             "10.96.0.300",
             "",
@@ -173,6 +179,8 @@ pub fn service(rng: &mut Rng) -> (ObjectRef, Service) {
             })
         }),
         traffic_distribution: rng.maybe(|r| one_of(r, &["PreferClose", "PreferSameZone", "PreferSameNode"])),
+        ip_families: rng.maybe(|r| r.list(3, |r| one_of(r, &["IPv4", "IPv6"]))),
+        ip_family_policy: rng.maybe(|r| one_of(r, &["SingleStack", "PreferDualStack", "RequireDualStack"])),
         ..ServiceSpec::default()
     });
     if rng.one_in(3) {
@@ -239,9 +247,22 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
     let (key, mut svc) = service(rng);
     let ports: Vec<(String, &str)> =
         (0..=rng.below(2)).map(|i| (format!("p{i}"), *rng.pick(&["TCP", "UDP", "SCTP"]))).collect();
+    // IPv4, IPv6 or dual-stack (either family first), with slices of the
+    // Service's families.
+    let v4 = format!("10.96.{}.{}", rng.below(4), 1 + rng.below(4));
+    let v6 = format!("fd00:10:96::{}", 1 + rng.below(4));
+    let families: Vec<&str> = rng.pick(&[&["IPv4"][..], &["IPv6"], &["IPv4", "IPv6"], &["IPv6", "IPv4"]]).to_vec();
+    let ips: Vec<String> = families.iter().map(|f| if *f == "IPv4" { v4.clone() } else { v6.clone() }).collect();
+    let slice_family = *rng.pick(&families);
     svc.spec = Some(ServiceSpec {
         type_: Some((*rng.pick(&["ClusterIP", "NodePort", "LoadBalancer"])).to_owned()),
-        cluster_ip: Some(format!("10.96.{}.{}", rng.below(4), 1 + rng.below(4))),
+        cluster_ip: Some(ips[0].clone()),
+        cluster_ips: Some(ips),
+        ip_families: Some(families.iter().map(|f| (*f).to_owned()).collect()),
+        ip_family_policy: Some(
+            (if families.len() == 2 { *rng.pick(&["PreferDualStack", "RequireDualStack"]) } else { "SingleStack" })
+                .to_owned(),
+        ),
         ports: Some(
             ports
                 .iter()
@@ -259,7 +280,7 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
         ..svc.spec.take().unwrap_or_default()
     });
     let (_, mut slice) = endpoint_slice(rng, 8);
-    slice.address_type = "IPv4".into();
+    slice_family.clone_into(&mut slice.address_type);
     slice.metadata.name = Some(format!("{}-{}", key.name, rng.below(3)));
     slice.metadata.namespace = Some(key.namespace.clone());
     slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), key.name.clone())].into());
@@ -275,15 +296,22 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
             .collect(),
     );
     for ep in slice.endpoints.get_or_insert_with(Vec::new) {
-        ep.addresses = vec![format!("10.244.{}.{}", rng.below(3), 1 + rng.below(20))];
+        ep.addresses = vec![if slice_family == "IPv4" {
+            format!("10.244.{}.{}", rng.below(3), 1 + rng.below(20))
+        } else {
+            format!("fd00:10:244:{}::{}", rng.below(3), 1 + rng.below(20))
+        }];
     }
     for _ in 0..=rng.below(2) {
         let (_, other_svc) = service(rng);
         let (_, other_slice) = endpoint_slice(rng, 2);
         // One field of the random ones over the valid.
         let (spec, other) = (svc.spec.get_or_insert_default(), other_svc.spec.unwrap_or_default());
-        match rng.below(8) {
+        match rng.below(11) {
             0 => spec.cluster_ip = other.cluster_ip,
+            8 => spec.cluster_ips = other.cluster_ips,
+            9 => spec.ip_families = other.ip_families,
+            10 => spec.ip_family_policy = other.ip_family_policy,
             1 => spec.ports = other.ports,
             2 => spec.type_ = other.type_,
             3 => spec.external_ips = other.external_ips,
@@ -356,10 +384,25 @@ pub fn check_invariants(objects: &Objects, d: &super::Desired) {
         assert!(f.backends.windows(2).all(|w| w[0] < w[1]), "{}: backends sorted, no duplicates", f.frontend);
         assert!(f.frontend.port != 0 && f.backends.iter().all(|b| b.port != 0), "{}: a port 0", f.frontend);
         // NodePorts answer on the addresses the operator gave; every other
-        // frontend address comes from an object and must be a usable IPv4.
+        // frontend address comes from an object and must be usable.
         if f.kind != super::FrontendKind::NodePort {
-            let IpAddr::V4(a) = f.frontend.addr else { panic!("{}: IPv6 frontend", f.frontend) };
-            assert!(super::special_ipv4(a).is_none(), "{}", f.frontend);
+            assert!(super::special_ip(f.frontend.addr).is_none(), "{}", f.frontend);
+        }
+        // Each family's frontends get that family's endpoints only, and
+        // share affinity with that family's ClusterIP.
+        let family = super::IpFamily::of(f.frontend.addr);
+        assert!(
+            f.backends.iter().all(|b| super::IpFamily::of(b.addr) == family),
+            "{}: a backend of another family",
+            f.frontend
+        );
+        assert!(
+            f.source_ranges.iter().all(|r| super::IpFamily::of(r.addr) == family),
+            "{}: a range of another family",
+            f.frontend
+        );
+        if let Some(scope) = f.affinity_scope {
+            assert_eq!(super::IpFamily::of(scope.addr), family, "{}: affinity scope {scope}", f.frontend);
         }
     }
     assert!(d.errors.windows(2).all(|w| w[0] < w[1]), "errors sorted, no duplicates");

@@ -3,12 +3,19 @@
 //! All Service API semantics live here; there is no I/O, so it is tested
 //! with plain unit and golden tests.
 //!
-//! - Types: ClusterIP (every IPv4 address of `spec.clusterIPs`), NodePort
-//!   (each port's `nodePort` on every node address, plus the ClusterIP),
-//!   LoadBalancer (NodePort plus each `status.loadBalancer.ingress[].ip`,
-//!   except `ipMode: Proxy` ones, whose traffic must go through the load
-//!   balancer), `spec.externalIPs`; headless, ExternalName and Services
-//!   labelled `service.kubernetes.io/service-proxy-name` get nothing.
+//! - Types: ClusterIP (`spec.clusterIPs`, one per family),
+//!   NodePort (each port's `nodePort` on every node address of the
+//!   ClusterIP's family, plus the ClusterIP), LoadBalancer (NodePort plus
+//!   each `status.loadBalancer.ingress[].ip`, except `ipMode: Proxy` ones,
+//!   whose traffic must go through the load balancer), `spec.externalIPs`;
+//!   headless, ExternalName and Services labelled
+//!   `service.kubernetes.io/service-proxy-name` get nothing.
+//! - Families, as kube-proxy's one proxier per family: a Service is served
+//!   in each family it has a ClusterIP of (`spec.clusterIPs`, checked
+//!   against `clusterIP`, `ipFamilies` and `ipFamilyPolicy`), each family's
+//!   frontends (its ClusterIP, NodePorts on the node's addresses of it, its
+//!   LoadBalancer and external IPs, its `loadBalancerSourceRanges`) with
+//!   the endpoints of that family's EndpointSlices only.
 //! - Ports: ServicePorts matched to EndpointSlice ports by name, per slice
 //!   (named targetPorts may resolve differently per pod); TCP, UDP, SCTP.
 //! - Endpoints, traffic policies and topology: see [`endpoints`].
@@ -31,8 +38,7 @@
 //! as a [`ModelError`] naming the object and the field; the rest of the
 //! object is served where that is safe (a bad port skips that port, a bad
 //! address that address, a bad policy or affinity timeout falls back to
-//! the default), and every other object is unaffected. Only IPv4 is served
-//! so far; IPv6 addresses are reported, not served.
+//! the default), and every other object is unaffected.
 
 pub mod endpoints;
 pub mod trace;
@@ -40,7 +46,7 @@ pub mod trace;
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use k8s_openapi::{
@@ -150,7 +156,7 @@ impl fmt::Display for Frontend {
             Scope::External => "external",
             Scope::Internal => "internal",
         };
-        write!(f, "{}:{}/{} {scope}", self.addr, self.port, self.protocol)
+        write!(f, "{}/{} {scope}", SocketAddr::new(self.addr, self.port), self.protocol)
     }
 }
 
@@ -190,7 +196,7 @@ pub struct Backend {
 
 impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.addr, self.port, self.protocol)
+        write!(f, "{}/{}", SocketAddr::new(self.addr, self.port), self.protocol)
     }
 }
 
@@ -288,8 +294,7 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
     }
     let cluster_ips = out.frontends.values().filter(|df| df.kind == FrontendKind::ClusterIp);
     for df in cluster_ips.filter(|df| df.frontend.scope == Scope::Internal) {
-        let host = Cidr { addr: df.frontend.addr, prefix_len: if df.frontend.addr.is_ipv4() { 32 } else { 128 } };
-        out.unserved.insert(host, WhenEmpty::Reject);
+        out.unserved.insert(Cidr::host(df.frontend.addr), WhenEmpty::Reject);
     }
     out.errors.sort();
     out.errors.dedup();
@@ -299,11 +304,9 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
 /// The ranges of every ServiceCIDR object (`spec.cidrs`), used as
 /// `--service-cluster-ip-range` is. One being deleted still counts: the API
 /// server keeps it while addresses of it are allocated, and kube-proxy uses
-/// it until it is gone. An IPv6 range is kept, as the flag's: the rows are
-/// written per family and the IPv4-only programs get none for it, so a
-/// dual-stack cluster's ServiceCIDRs are not reported (its IPv6 Services
-/// are, each on its own). A range that does not parse is reported and the
-/// others apply.
+/// it until it is gone. Ranges of both families apply (the rows are keyed
+/// per family). A range that does not parse is reported and the others
+/// apply.
 fn service_cidr_objects(objects: &Objects, errors: &mut Vec<ModelError>) -> Vec<Cidr> {
     let mut cidrs = Vec::new();
     for (name, object) in &objects.service_cidrs {
@@ -336,6 +339,51 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlic
     by_service
 }
 
+/// An address family: `spec.ipFamilies`, an EndpointSlice's `addressType`.
+/// kube-proxy runs one proxier per family; the model serves each family a
+/// Service has a ClusterIP of, each from that family's slices only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    Ipv4,
+    Ipv6,
+}
+
+impl IpFamily {
+    #[must_use]
+    pub const fn of(addr: IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Self::Ipv4,
+            IpAddr::V6(_) => Self::Ipv6,
+        }
+    }
+
+    /// The Kubernetes name (`ipFamilies`, `addressType`).
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        [Self::Ipv4, Self::Ipv6].into_iter().find(|f| f.name() == name)
+    }
+
+    const fn other(self) -> Self {
+        match self {
+            Self::Ipv4 => Self::Ipv6,
+            Self::Ipv6 => Self::Ipv4,
+        }
+    }
+}
+
+impl fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Why `ip` may not be a Service or endpoint address, as the API server's
 /// `ValidateNonSpecialIP`/`ValidateEndpointIP` say it (a frontend there
 /// would capture the node's own or link-local traffic).
@@ -354,55 +402,184 @@ pub fn special_ipv4(ip: Ipv4Addr) -> Option<&'static str> {
     }
 }
 
-/// Parses the IPv4 addresses of an address list field; IPv6 ones are
-/// reported (not handled yet), unparsable and special ones too.
-fn ipv4_list<'a>(
+/// [`special_ipv4`]'s IPv6 counterpart: the API server's checks (Go's
+/// `IsLinkLocalMulticast` takes every ff02::/16 whatever the flag bits),
+/// and IPv4-mapped addresses, which the API server refuses since 1.33
+/// (strict IP validation) and which would be a second spelling of an IPv4
+/// address here.
+#[must_use]
+pub fn special_ipv6(ip: Ipv6Addr) -> Option<&'static str> {
+    let first = ip.segments()[0];
+    if ip.is_unspecified() {
+        Some("may not be unspecified (::)")
+    } else if ip.is_loopback() {
+        Some("may not be the loopback address (::1)")
+    } else if first & 0xffc0 == 0xfe80 {
+        Some("may not be in the link-local range (fe80::/10)")
+    } else if first & 0xff0f == 0xff02 {
+        Some("may not be in the link-local multicast range (ff02::/16)")
+    } else if ip.to_ipv4_mapped().is_some() {
+        Some("may not be an IPv4-mapped IPv6 address (::ffff:0:0/96)")
+    } else {
+        None
+    }
+}
+
+/// [`special_ipv4`] or [`special_ipv6`], by the address's family.
+#[must_use]
+pub fn special_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(a) => special_ipv4(a),
+        IpAddr::V6(a) => special_ipv6(a),
+    }
+}
+
+/// A Service or endpoint address: an IP address of either family that is
+/// not special; else why not.
+fn usable_ip(text: &str) -> Result<IpAddr, String> {
+    let ip = text.parse::<IpAddr>().map_err(|e| format!("{text:?} is not an IP address: {e}"))?;
+    special_ip(ip).map_or(Ok(ip), |why| Err(format!("{text:?} {why}")))
+}
+
+/// Parses the addresses of an address list field (`spec.externalIPs`, the
+/// LoadBalancer ingress IPs), keeping those of the `families` the Service
+/// has a ClusterIP of. Unparsable and special ones are reported, and so is
+/// an address of another family: kube-proxy's proxier of that family
+/// skips a Service without a ClusterIP of it, so nothing serves it.
+fn ip_list<'a>(
     field: &str,
     values: impl Iterator<Item = (String, &'a str)>,
+    families: &[IpFamily],
     svc_ref: &ObjectRef,
     errors: &mut Vec<ModelError>,
-) -> Vec<Ipv4Addr> {
-    let mut v4 = Vec::new();
-    for (suffix, ip) in values {
+) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (suffix, text) in values {
         let err = |message: String| ModelError {
             kind: "Service",
             object: svc_ref.clone(),
             field: format!("{field}{suffix}"),
             message,
         };
-        match ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => match special_ipv4(a) {
-                None => v4.push(a),
-                Some(why) => errors.push(err(format!("{ip:?} {why}"))),
-            },
-            Ok(IpAddr::V6(_)) => {
-                errors.push(err(format!("{ip}: IPv6 is not handled by this dataplane yet: this address gets no rows")));
-            }
-            Err(e) => errors.push(err(format!("{ip:?} is not an IP address: {e}"))),
+        match usable_ip(text) {
+            Ok(ip) if families.contains(&IpFamily::of(ip)) => out.push(ip),
+            Ok(ip) => errors.push(err(format!(
+                "{ip} is {}, and the Service has no {} ClusterIP (spec.clusterIPs): it is not served",
+                IpFamily::of(ip),
+                IpFamily::of(ip)
+            ))),
+            Err(message) => errors.push(err(message)),
         }
     }
-    v4
+    out
 }
 
-/// The ClusterIPs: `spec.clusterIPs`, or `spec.clusterIP` when the list is
-/// absent. `None`/empty means headless.
-fn cluster_ips(spec: &ServiceSpec, svc_ref: &ObjectRef, errors: &mut Vec<ModelError>) -> Option<Vec<Ipv4Addr>> {
+/// The ClusterIPs the Service is served on, at most one per family, the
+/// primary (`spec.clusterIPs[0]`) first; `None` when headless. Each
+/// ClusterIP is served in its own address's family. What contradicts
+/// itself is reported and the consistent rest served: `clusterIP` other
+/// than `clusterIPs[0]` (the list is used), a second ClusterIP of one
+/// family (the first is used), `ipFamilies` that do not match the
+/// addresses or name a family twice or an unknown one, more than one
+/// family under `ipFamilyPolicy: SingleStack` (the primary is used), a
+/// family without its ClusterIP under `RequireDualStack`. (Under
+/// `PreferDualStack` one family is a valid outcome: the API server
+/// allocates what the cluster has.)
+fn cluster_ips(spec: &ServiceSpec, svc_ref: &ObjectRef, errors: &mut Vec<ModelError>) -> Option<Vec<IpAddr>> {
+    let err = |field: String, message: String| ModelError { kind: "Service", object: svc_ref.clone(), field, message };
+    let from_list = spec.cluster_ips.as_ref().is_some_and(|l| !l.is_empty());
     let list: Vec<&str> = match (&spec.cluster_ips, &spec.cluster_ip) {
-        (Some(list), _) if !list.is_empty() => list.iter().map(String::as_str).collect(),
+        (Some(list), _) if from_list => list.iter().map(String::as_str).collect(),
         (_, Some(one)) => vec![one.as_str()],
         _ => return None,
     };
     if list.iter().all(|ip| ip.is_empty() || *ip == "None") {
         return None;
     }
-    let from_list = spec.cluster_ips.as_ref().is_some_and(|l| !l.is_empty());
-    let field = if from_list { "spec.clusterIPs" } else { "spec.clusterIP" };
-    Some(ipv4_list(
-        field,
-        list.into_iter().enumerate().map(|(i, ip)| (if from_list { format!("[{i}]") } else { String::new() }, ip)),
-        svc_ref,
-        errors,
-    ))
+    let field = |i: usize| if from_list { format!("spec.clusterIPs[{i}]") } else { "spec.clusterIP".into() };
+    if let Some(one) = spec.cluster_ip.as_deref().filter(|one| from_list && !one.is_empty() && *one != list[0]) {
+        errors.push(err(
+            "spec.clusterIP".into(),
+            format!("{one:?} is not spec.clusterIPs[0] ({:?}); spec.clusterIPs is served", list[0]),
+        ));
+    }
+    // (index in the list, address), one per family.
+    let mut served: Vec<(usize, IpAddr)> = Vec::new();
+    for (i, text) in list.iter().enumerate() {
+        match usable_ip(text) {
+            Err(message) => errors.push(err(field(i), message)),
+            Ok(ip) => match served.iter().find(|(_, s)| IpFamily::of(*s) == IpFamily::of(ip)) {
+                Some((first, _)) => errors.push(err(
+                    field(i),
+                    format!(
+                        "{ip} is a second {} ClusterIP (a Service has one per family); only spec.clusterIPs[{first}] \
+                         is served",
+                        IpFamily::of(ip)
+                    ),
+                )),
+                None => served.push((i, ip)),
+            },
+        }
+    }
+    let mut named: Vec<IpFamily> = Vec::new();
+    for (k, name) in spec.ip_families.iter().flatten().enumerate() {
+        let field = format!("spec.ipFamilies[{k}]");
+        let Some(family) = IpFamily::parse(name) else {
+            errors.push(err(field, format!("{name:?} is not an IP family (IPv4, IPv6)")));
+            continue;
+        };
+        if named.contains(&family) {
+            errors.push(err(field, format!("{family} is listed twice")));
+            continue;
+        }
+        named.push(family);
+        if let Some((i, ip)) = served.iter().find(|(i, _)| *i == k).filter(|(_, ip)| IpFamily::of(*ip) != family) {
+            errors.push(err(
+                field,
+                format!(
+                    "{family}, but spec.clusterIPs[{i}] ({ip}) is {}: each ClusterIP is served in its own family",
+                    IpFamily::of(*ip)
+                ),
+            ));
+        }
+    }
+    let policy = spec.ip_family_policy.as_deref();
+    match policy {
+        None | Some("SingleStack" | "PreferDualStack" | "RequireDualStack") => {}
+        Some(other) => errors.push(err(
+            "spec.ipFamilyPolicy".into(),
+            format!(
+                "{other:?} is not an IP family policy (SingleStack, PreferDualStack, RequireDualStack); it is ignored"
+            ),
+        )),
+    }
+    let primary = served.first().map(|(_, ip)| IpFamily::of(*ip));
+    if policy == Some("SingleStack") && (list.len() > 1 || named.len() > 1) {
+        errors.push(err(
+            "spec.ipFamilyPolicy".into(),
+            format!(
+                "SingleStack, but the Service lists two families (spec.clusterIPs, spec.ipFamilies); only its primary \
+                 ClusterIP{} is served",
+                served.first().map(|(_, ip)| format!(" ({ip})")).unwrap_or_default()
+            ),
+        ));
+        served.truncate(1);
+    }
+    if let (Some("RequireDualStack"), Some(primary), 1) = (policy, primary, served.len()) {
+        let missing = primary.other();
+        let field = named
+            .iter()
+            .position(|f| *f == missing)
+            .map_or_else(|| "spec.ipFamilyPolicy".to_owned(), |k| format!("spec.ipFamilies[{k}]"));
+        errors.push(err(
+            field,
+            format!(
+                "{missing} has no ClusterIP (spec.clusterIPs) under ipFamilyPolicy RequireDualStack; only {primary} is \
+                 served"
+            ),
+        ));
+    }
+    Some(served.into_iter().map(|(_, ip)| ip).collect())
 }
 
 fn service_port(port: &ServicePort) -> Result<(u16, Protocol), (&'static str, String)> {
@@ -461,6 +638,36 @@ fn is_local_policy(
     }
 }
 
+/// What a Service's spec says once for all its ports and families.
+struct ServiceView<'a> {
+    svc_ref: &'a ObjectRef,
+    slices: &'a [&'a EndpointSlice],
+    node: &'a NodeContext,
+    external_ips: Vec<IpAddr>,
+    lb_ingress: Vec<IpAddr>,
+    /// `loadBalancerSourceRanges` of both families, plus the ingress IPs
+    /// of each family whose ranges let this node in.
+    source_ranges: Vec<Cidr>,
+    affinity_timeout_s: Option<u32>,
+    internal_local: bool,
+    external_local: bool,
+}
+
+impl ServiceView<'_> {
+    fn err(&self, field: String, message: String) -> ModelError {
+        ModelError { kind: "Service", object: self.svc_ref.clone(), field, message }
+    }
+}
+
+/// One ServicePort, checked.
+struct PortView {
+    index: usize,
+    name: String,
+    number: u16,
+    protocol: Protocol,
+    node_port: Option<u16>,
+}
+
 #[expect(clippy::too_many_lines, reason = "one pass over a Service's spec, in the order the API documents it")]
 fn service_frontends(
     svc_ref: &ObjectRef,
@@ -488,20 +695,22 @@ fn service_frontends(
     }
     let Some(cluster_ips) = cluster_ips(spec, svc_ref, &mut out.errors) else { return };
     if cluster_ips.is_empty() {
-        // Only IPv6 or broken addresses: reported above.
+        // Only broken addresses: reported above.
         return;
     }
+    let families: Vec<IpFamily> = cluster_ips.iter().map(|ip| IpFamily::of(*ip)).collect();
     let is_node_port = matches!(type_, "NodePort" | "LoadBalancer");
     let is_lb = type_ == "LoadBalancer";
-    let external_ips = ipv4_list(
+    let external_ips = ip_list(
         "spec.externalIPs",
         spec.external_ips.iter().flatten().enumerate().map(|(i, ip)| (format!("[{i}]"), ip.as_str())),
+        &families,
         svc_ref,
         &mut out.errors,
     );
-    let lb_ingress: Vec<Ipv4Addr> = if is_lb {
+    let lb_ingress: Vec<IpAddr> = if is_lb {
         let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
-        ipv4_list(
+        ip_list(
             "status.loadBalancer.ingress",
             ingress
                 .into_iter()
@@ -511,6 +720,7 @@ fn service_frontends(
                 // it must reach the LB, not be short-circuited here.
                 .filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy"))
                 .filter_map(|(n, i)| i.ip.as_deref().map(|ip| (format!("[{n}].ip"), ip))),
+            &families,
             svc_ref,
             &mut out.errors,
         )
@@ -525,13 +735,20 @@ fn service_frontends(
                 Err(m) => out.errors.push(err(format!("spec.loadBalancerSourceRanges[{i}]"), m)),
             }
         }
-        if ranges.iter().any(|r| node.nodeport_addresses.iter().any(|a| !a.is_loopback() && r.contains(*a))) {
-            // As kube-proxy: when the ranges let this node in, the ingress
-            // IPs are let in too. A VIP-style load balancer's address is
-            // often local to the nodes, so a node's request to it loops
-            // back with the VIP as its source.
-            ranges.extend(lb_ingress.iter().map(|ip| Cidr { addr: IpAddr::V4(*ip), prefix_len: 32 }));
-        }
+        // As kube-proxy (per family, as each of its proxiers sees its own
+        // node addresses): when the ranges let this node in, the ingress
+        // IPs are let in too. A VIP-style load balancer's address is often
+        // local to the nodes, so a node's request to it loops back with
+        // the VIP as its source.
+        let node_in = |addr: &IpAddr| {
+            ranges.iter().any(|r| {
+                node.nodeport_addresses
+                    .iter()
+                    .any(|a| IpFamily::of(*a) == IpFamily::of(*addr) && !a.is_loopback() && r.contains(*a))
+            })
+        };
+        let ingress: Vec<Cidr> = lb_ingress.iter().filter(|ip| node_in(ip)).map(|ip| Cidr::host(*ip)).collect();
+        ranges.extend(ingress);
         ranges.sort();
         ranges.dedup();
         ranges
@@ -577,6 +794,17 @@ fn service_frontends(
     };
     let internal_local = policy(spec.internal_traffic_policy.as_deref(), "spec.internalTrafficPolicy");
     let external_local = policy(spec.external_traffic_policy.as_deref(), "spec.externalTrafficPolicy");
+    let view = ServiceView {
+        svc_ref,
+        slices,
+        node,
+        external_ips,
+        lb_ingress,
+        source_ranges,
+        affinity_timeout_s,
+        internal_local,
+        external_local,
+    };
     // kube-proxy's health check counts the distinct ready local endpoint
     // addresses over all ports; terminating ones do not count, so a node
     // whose endpoints are all terminating answers 503 and is drained.
@@ -586,165 +814,42 @@ fn service_frontends(
     let mut seen_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
 
     for (i, port) in spec.ports.iter().flatten().enumerate() {
-        let (port_number, protocol) = match service_port(port) {
+        let (number, protocol) = match service_port(port) {
             Ok(v) => v,
             Err((field, message)) => {
                 out.errors.push(err(format!("spec.ports[{i}].{field}"), message));
                 continue;
             }
         };
-        if let Some(first) = seen_ports.insert((port_number, protocol), i) {
+        if let Some(first) = seen_ports.insert((number, protocol), i) {
             // The API server refuses this (Duplicate value); serving the
             // first keeps the Service's other ports working.
-            seen_ports.insert((port_number, protocol), first);
+            seen_ports.insert((number, protocol), first);
             out.errors.push(err(
                 format!("spec.ports[{i}]"),
-                format!("{port_number}/{protocol} is a duplicate of spec.ports[{first}]; only that one is served"),
+                format!("{number}/{protocol} is a duplicate of spec.ports[{first}]; only that one is served"),
             ));
             continue;
         }
-        let port_name = port.name.clone().unwrap_or_default();
-        let candidates = endpoints::candidates(&svc_ref.namespace, &port_name, protocol, slices, node, &mut out.errors);
-        let any = endpoints::any_usable(&candidates);
-        let cluster = endpoints::cluster(&candidates, node);
-        let local = endpoints::local(&candidates);
-        local_ready.extend(candidates.iter().filter(|c| c.backend.local && c.ready).map(|c| c.backend.addr));
-        let pick = |is_local: bool| {
-            let backends = if is_local { local.clone() } else { cluster.clone() };
-            let when_empty = if any { WhenEmpty::Drop } else { WhenEmpty::Reject };
-            (backends, when_empty)
-        };
-
-        let affinity_scope = affinity_timeout_s.and(cluster_ips.first()).map(|addr| Frontend {
-            addr: IpAddr::V4(*addr),
-            port: port_number,
-            protocol,
-            scope: Scope::Internal,
-        });
-        // (frontend, kind, Local policy, masquerade)
-        let mut frontends: Vec<(Frontend, FrontendKind, bool, bool)> = Vec::new();
-        for addr in &cluster_ips {
-            frontends.push((
-                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::Internal },
-                FrontendKind::ClusterIp,
-                internal_local,
-                node.masquerade_all,
-            ));
-            // Traffic from outside the node to a ClusterIP (a service CIDR
-            // routed to the nodes): translated under the internal policy
-            // and masqueraded, as kube-proxy does.
-            frontends.push((
-                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
-                FrontendKind::ClusterIp,
-                internal_local,
-                true,
-            ));
-        }
-        if is_node_port {
-            match port.node_port.map(u16::try_from) {
-                Some(Ok(np)) if np != 0 => {
-                    for addr in &node.nodeport_addresses {
-                        frontends.push((
-                            Frontend { addr: *addr, port: np, protocol, scope: Scope::External },
-                            FrontendKind::NodePort,
-                            external_local,
-                            !external_local,
-                        ));
-                    }
-                }
-                // Unset: not allocated yet (or allocateLoadBalancerNodePorts
-                // false); nothing to serve on the nodes.
-                None => {}
-                Some(_) => out.errors.push(err(
+        let node_port = match port.node_port.map(u16::try_from) {
+            Some(Ok(np)) if np != 0 && is_node_port => Some(np),
+            // Unset: not allocated yet (or allocateLoadBalancerNodePorts
+            // false); nothing to serve on the nodes.
+            None => None,
+            _ if !is_node_port => None,
+            Some(_) => {
+                out.errors.push(err(
                     format!("spec.ports[{i}].nodePort"),
                     format!("{} is not a valid port (1-65535)", port.node_port.unwrap_or_default()),
-                )),
-            }
-        }
-        for addr in &lb_ingress {
-            frontends.push((
-                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
-                FrontendKind::LoadBalancer,
-                external_local,
-                !external_local,
-            ));
-        }
-        for addr in &external_ips {
-            frontends.push((
-                Frontend { addr: IpAddr::V4(*addr), port: port_number, protocol, scope: Scope::External },
-                FrontendKind::ExternalIp,
-                external_local,
-                !external_local,
-            ));
-        }
-        // Pods reach the external frontends too: a pod dialling this node's
-        // address:NodePort, a LoadBalancer ingress IP or an external IP is
-        // translated on its own node, as kube-proxy's "short-circuit" does,
-        // to the cluster-wide endpoints whatever either policy says (pod
-        // traffic is not external traffic), masqueraded unless the
-        // external policy is `Local`, as kube-proxy marks it.
-        let from_pods: Vec<_> = frontends
-            .iter()
-            .filter(|(f, kind, _, _)| f.scope == Scope::External && *kind != FrontendKind::ClusterIp)
-            .map(|(f, kind, _, masquerade)| (Frontend { scope: Scope::Internal, ..*f }, *kind, false, *masquerade))
-            .collect();
-        frontends.extend(from_pods);
-        // 127.0.0.1 (`--localhost-nodeports`) is a NodePort address for the
-        // node's own sockets only: a packet to it from outside the node is
-        // a martian that must never be translated (CVE-2020-8558).
-        frontends.retain(|(f, ..)| f.scope == Scope::Internal || !f.addr.is_loopback());
-        for (frontend, kind, is_local, masquerade) in frontends {
-            if let Some(existing) = out.frontends.get(&frontend) {
-                out.errors.push(err(
-                    format!("spec.ports[{i}]"),
-                    format!(
-                        "{frontend} is already served by Service {} port {:?}",
-                        existing.service, existing.port_name
-                    ),
                 ));
-                continue;
+                None
             }
-            has_external_frontend |= frontend.scope == Scope::External && kind != FrontendKind::ClusterIp;
-            let (mut backends, mut when_empty) = pick(is_local);
-            if protocol == Protocol::Sctp {
-                // SCTP's CRC32c covers the ports and cannot be updated in
-                // place like the Internet checksum, so the dataplane only
-                // translates the address: endpoints on another port are left
-                // out and reported.
-                let before = backends.len();
-                backends.retain(|b| b.port == frontend.port);
-                if backends.len() < before {
-                    if backends.is_empty() {
-                        when_empty = WhenEmpty::Reject;
-                    }
-                    out.errors.push(err(
-                        format!("spec.ports[{i}]"),
-                        format!(
-                            "{kind} {frontend}: SCTP endpoints on another port than {} are not supported (no port translation for SCTP)",
-                            frontend.port
-                        ),
-                    ));
-                }
-            }
-            // kube-proxy filters only traffic to the load balancer's
-            // addresses (its KUBE-FW chain / firewall-ips set); NodePorts
-            // and external IPs stay open.
-            let ranges = if kind == FrontendKind::LoadBalancer { source_ranges.clone() } else { Vec::new() };
-            out.frontends.insert(
-                frontend,
-                DesiredFrontend {
-                    service: svc_ref.clone(),
-                    port_name: port_name.clone(),
-                    frontend,
-                    kind,
-                    backends,
-                    when_empty,
-                    affinity_timeout_s,
-                    affinity_scope,
-                    source_ranges: ranges,
-                    masquerade,
-                },
-            );
+        };
+        let port = PortView { index: i, name: port.name.clone().unwrap_or_default(), number, protocol, node_port };
+        // One set of frontends per family, as kube-proxy's proxier of each
+        // family builds its own, from that family's slices only.
+        for cluster_ip in &cluster_ips {
+            has_external_frontend |= family_frontends(&view, &port, *cluster_ip, &mut local_ready, out);
         }
     }
     // kube-proxy serves healthCheckNodePort for LoadBalancer Services with
@@ -752,7 +857,12 @@ fn service_frontends(
     if external_local && is_lb && has_external_frontend {
         match spec.health_check_node_port.map(u16::try_from) {
             Some(Ok(port)) if port != 0 => {
-                out.health_checks.insert(svc_ref.clone(), HealthCheck { port, local_endpoints: local_ready.len() });
+                // Each of kube-proxy's proxiers counts its own family's
+                // endpoints; one server here answers for both, with the
+                // larger count (a dual-stack pod is one endpoint of each).
+                let count = |f: IpFamily| local_ready.iter().filter(|a| IpFamily::of(**a) == f).count();
+                let local_endpoints = count(IpFamily::Ipv4).max(count(IpFamily::Ipv6));
+                out.health_checks.insert(svc_ref.clone(), HealthCheck { port, local_endpoints });
             }
             None => {}
             Some(_) => out.errors.push(err(
@@ -763,6 +873,133 @@ fn service_frontends(
     }
 }
 
+/// The frontends of one Service port in the family of `cluster_ip`: the
+/// ClusterIP (both scopes), NodePorts on this node's addresses, the
+/// LoadBalancer ingress IPs and external IPs of that family, each with the
+/// endpoints of that family's slices. Adds the ready local endpoints to
+/// `local_ready`; says whether an external frontend (other than the
+/// ClusterIP's twin) was added.
+fn family_frontends(
+    s: &ServiceView<'_>,
+    port: &PortView,
+    cluster_ip: IpAddr,
+    local_ready: &mut std::collections::BTreeSet<IpAddr>,
+    out: &mut Desired,
+) -> bool {
+    let family = IpFamily::of(cluster_ip);
+    let of_family = |addr: &&IpAddr| IpFamily::of(**addr) == family;
+    let (i, protocol) = (port.index, port.protocol);
+    let candidates =
+        endpoints::candidates(&s.svc_ref.namespace, &port.name, protocol, family, s.slices, s.node, &mut out.errors);
+    let any = endpoints::any_usable(&candidates);
+    let cluster = endpoints::cluster(&candidates, s.node);
+    let local = endpoints::local(&candidates);
+    local_ready.extend(candidates.iter().filter(|c| c.backend.local && c.ready).map(|c| c.backend.addr));
+    let pick = |is_local: bool| {
+        let backends = if is_local { local.clone() } else { cluster.clone() };
+        let when_empty = if any { WhenEmpty::Drop } else { WhenEmpty::Reject };
+        (backends, when_empty)
+    };
+    let frontend = |addr: IpAddr, scope: Scope| Frontend { addr, port: port.number, protocol, scope };
+    let affinity_scope = s.affinity_timeout_s.map(|_| frontend(cluster_ip, Scope::Internal));
+    // (frontend, kind, Local policy, masquerade)
+    let mut frontends: Vec<(Frontend, FrontendKind, bool, bool)> = vec![
+        (frontend(cluster_ip, Scope::Internal), FrontendKind::ClusterIp, s.internal_local, s.node.masquerade_all),
+        // Traffic from outside the node to a ClusterIP (a service CIDR
+        // routed to the nodes): translated under the internal policy and
+        // masqueraded, as kube-proxy does.
+        (frontend(cluster_ip, Scope::External), FrontendKind::ClusterIp, s.internal_local, true),
+    ];
+    let external = |addr: IpAddr, kind: FrontendKind| {
+        let np = if kind == FrontendKind::NodePort { port.node_port } else { Some(port.number) };
+        np.map(|np| {
+            let f = Frontend { addr, port: np, protocol, scope: Scope::External };
+            (f, kind, s.external_local, !s.external_local)
+        })
+    };
+    let node_ports = s.node.nodeport_addresses.iter().filter(of_family);
+    frontends.extend(node_ports.filter_map(|a| external(*a, FrontendKind::NodePort)));
+    frontends.extend(s.lb_ingress.iter().filter(of_family).filter_map(|a| external(*a, FrontendKind::LoadBalancer)));
+    frontends.extend(s.external_ips.iter().filter(of_family).filter_map(|a| external(*a, FrontendKind::ExternalIp)));
+    // Pods reach the external frontends too: a pod dialling this node's
+    // address:NodePort, a LoadBalancer ingress IP or an external IP is
+    // translated on its own node, as kube-proxy's "short-circuit" does,
+    // to the cluster-wide endpoints whatever either policy says (pod
+    // traffic is not external traffic), masqueraded unless the external
+    // policy is `Local`, as kube-proxy marks it.
+    let from_pods: Vec<_> = frontends
+        .iter()
+        .filter(|(f, kind, _, _)| f.scope == Scope::External && *kind != FrontendKind::ClusterIp)
+        .map(|(f, kind, _, masquerade)| (Frontend { scope: Scope::Internal, ..*f }, *kind, false, *masquerade))
+        .collect();
+    frontends.extend(from_pods);
+    // 127.0.0.1 (`--localhost-nodeports`) is a NodePort address for the
+    // node's own sockets only: a packet to it from outside the node is a
+    // martian that must never be translated (CVE-2020-8558).
+    frontends.retain(|(f, ..)| f.scope == Scope::Internal || !f.addr.is_loopback());
+    let mut has_external_frontend = false;
+    for (frontend, kind, is_local, masquerade) in frontends {
+        if let Some(existing) = out.frontends.get(&frontend) {
+            out.errors.push(s.err(
+                format!("spec.ports[{i}]"),
+                format!("{frontend} is already served by Service {} port {:?}", existing.service, existing.port_name),
+            ));
+            continue;
+        }
+        has_external_frontend |= frontend.scope == Scope::External && kind != FrontendKind::ClusterIp;
+        let (mut backends, mut when_empty) = pick(is_local);
+        if protocol == Protocol::Sctp {
+            // SCTP's CRC32c covers the ports and cannot be updated in place
+            // like the Internet checksum, so the dataplane only translates
+            // the address: endpoints on another port are left out and
+            // reported.
+            let before = backends.len();
+            backends.retain(|b| b.port == frontend.port);
+            if backends.len() < before {
+                if backends.is_empty() {
+                    when_empty = WhenEmpty::Reject;
+                }
+                out.errors.push(s.err(
+                    format!("spec.ports[{i}]"),
+                    format!(
+                        "{kind} {frontend}: SCTP endpoints on another port than {} are not supported (no port \
+                         translation for SCTP)",
+                        frontend.port
+                    ),
+                ));
+            }
+        }
+        // kube-proxy filters only traffic to the load balancer's addresses
+        // (its KUBE-FW chain / firewall-ips set), with the ranges of the
+        // frontend's family (a Service whose ranges are all of the other
+        // family is not restricted in this one); NodePorts and external
+        // IPs stay open.
+        let ranges = if kind == FrontendKind::LoadBalancer {
+            s.source_ranges.iter().filter(|r| IpFamily::of(r.addr) == family).copied().collect()
+        } else {
+            Vec::new()
+        };
+        out.frontends.insert(
+            frontend,
+            DesiredFrontend {
+                service: s.svc_ref.clone(),
+                port_name: port.name.clone(),
+                frontend,
+                kind,
+                backends,
+                when_empty,
+                affinity_timeout_s: s.affinity_timeout_s,
+                affinity_scope,
+                source_ranges: ranges,
+                masquerade,
+            },
+        );
+    }
+    has_external_frontend
+}
+
+#[cfg(test)]
+mod family_tests;
 #[cfg(test)]
 pub(crate) mod fuzz;
 #[cfg(test)]

@@ -1,7 +1,7 @@
 use super::*;
 
 /// Parses multi-document YAML as a user writes it into the store.
-fn objects(yaml: &str) -> Objects {
+pub(super) fn objects(yaml: &str) -> Objects {
     let mut objects = Objects::default();
     for doc in serde_norway::Deserializer::from_str(yaml) {
         let value: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
@@ -488,7 +488,7 @@ fn the_nodes_own_sockets_get_what_the_socket_path_gives_them() {
     // packet but fails the node's connect() with ECONNREFUSED; source
     // ranges that leave both out drop the pod, not the node's socket; the
     // node's socket is never masqueraded (its source is the node's).
-    use std::net::{Ipv4Addr, SocketAddr};
+    use std::net::SocketAddr;
 
     use trace::{Entry, Outcome, Probe};
     let yaml = r"
@@ -527,7 +527,7 @@ endpoints: [{addresses: [10.244.2.6], nodeName: node-b}]
     let node = NodeContext { nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };
     let d = desired(&objects(yaml), &node);
     let probe = |source: [u8; 4], destination: &str, entry: Entry| Probe {
-        source: Ipv4Addr::from(source),
+        source: IpAddr::from(source),
         destination: destination.parse().unwrap(),
         protocol: Protocol::Tcp,
         entry,

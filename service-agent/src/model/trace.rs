@@ -13,7 +13,7 @@
 use std::{
     collections::BTreeSet,
     fmt,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
 };
 
 use super::{Backend, Desired, DesiredFrontend, Frontend, Protocol, Scope, WhenEmpty};
@@ -35,7 +35,7 @@ pub enum Entry {
 /// The first packet of a flow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Probe {
-    pub source: Ipv4Addr,
+    pub source: IpAddr,
     pub destination: SocketAddr,
     pub protocol: Protocol,
     pub entry: Entry,
@@ -88,7 +88,7 @@ pub fn frontend<'a>(desired: &'a Desired, probe: &Probe) -> Option<&'a DesiredFr
 /// Whether the flow to `backend` has its source rewritten: the frontend
 /// masquerades, or a pod lands on itself (hairpin).
 fn masqueraded(df: &DesiredFrontend, probe: &Probe, backend: &Backend) -> bool {
-    df.masquerade || (probe.entry == Entry::Pod && backend.addr == IpAddr::V4(probe.source))
+    df.masquerade || (probe.entry == Entry::Pod && backend.addr == probe.source)
 }
 
 /// What the packet path does with `probe` (the socket path, for
@@ -108,7 +108,7 @@ pub fn trace(desired: &Desired, probe: &Probe) -> Outcome {
     if probe.entry == Entry::Host {
         return socket(df);
     }
-    if !df.source_ranges.is_empty() && !df.source_ranges.iter().any(|r| r.contains(IpAddr::V4(probe.source))) {
+    if !df.source_ranges.is_empty() && !df.source_ranges.iter().any(|r| r.contains(probe.source)) {
         return Outcome::Drop;
     }
     if df.backends.is_empty() {

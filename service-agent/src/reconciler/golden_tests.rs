@@ -28,11 +28,14 @@ fn golden_dir() -> PathBuf {
 
 fn node() -> NodeContext {
     // The node every golden case is computed for: node-a in zone-a,
-    // NodePorts on 10.0.0.11.
+    // NodePorts on 10.0.0.11 and 2001:db8::11.
     NodeContext {
         node_name: "node-a".into(),
         zone: Some("zone-a".into()),
-        nodeport_addresses: vec![std::net::IpAddr::from([10, 0, 0, 11])],
+        nodeport_addresses: vec![
+            std::net::IpAddr::from([10, 0, 0, 11]),
+            std::net::IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x11]),
+        ],
         ..NodeContext::default()
     }
 }

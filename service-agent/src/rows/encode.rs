@@ -142,16 +142,13 @@ pub fn source_range_rows(
 
 /// The rows of the addresses Services may have (`service_ips`): every
 /// service CIDR and every ClusterIP outside them as a `RANGE`, every
-/// ClusterIP as a `CLUSTER_IP` too (IPv4 only, as the programs).
+/// ClusterIP as a `CLUSTER_IP` too, each in its own family.
 fn service_ip_rows(desired: &Desired) -> BTreeSet<(u32, SourceRangeKey)> {
     let mut rows = BTreeSet::new();
     let cidrs: Vec<&Cidr> = desired.unserved.iter().filter(|(_, w)| **w == WhenEmpty::Drop).map(|(c, _)| c).collect();
     for (cidr, when) in &desired.unserved {
-        if !cidr.addr.is_ipv4() {
-            continue;
-        }
         let row = |kind: u8| {
-            let key = SourceRangeKey::new(service_ips::OWNER, kind, FAMILY_IPV4, addr_bytes(cidr.addr));
+            let key = SourceRangeKey::new(service_ips::OWNER, kind, family(cidr.addr), addr_bytes(cidr.addr));
             (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key)
         };
         match when {

@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
 use serde::Serialize;
@@ -44,7 +44,14 @@ fn port(p: Port) -> u16 {
 #[must_use]
 pub fn frontend(k: &ServiceKey) -> String {
     let scope = if k.scope == service_common::SCOPE_INTERNAL { "internal" } else { "external" };
-    format!("{}:{}/{} {scope}", ip(k.family, &k.addr), port(k.port), proto_name(k.proto))
+    format!("{}/{} {scope}", SocketAddr::new(ip(k.family, &k.addr), port(k.port)), proto_name(k.proto))
+}
+
+/// `address:port` of an address as `inspect`'s rows hold it (text), an
+/// IPv6 one in brackets (`[2001:db8::1]:80`), as `SocketAddr` shows it.
+#[must_use]
+pub fn host_port(address: &str, port: u16) -> String {
+    if address.contains(':') { format!("[{address}]:{port}") } else { format!("{address}:{port}") }
 }
 
 fn service_flag_names(flags: u16) -> String {
@@ -55,7 +62,7 @@ fn service_flag_names(flags: u16) -> String {
 /// `addr:port` of a row's address and port.
 #[must_use]
 pub fn endpoint(family: u8, addr: &Addr, port: Port) -> String {
-    format!("{}:{}", ip(family, addr), u16::from_be_bytes(port))
+    SocketAddr::new(ip(family, addr), u16::from_be_bytes(port)).to_string()
 }
 
 /// Renders `state` canonically.
@@ -113,12 +120,16 @@ pub fn render(state: &MapState) -> String {
     for (id, b) in &state.backends {
         let local = if b.flags & backend_flags::LOCAL != 0 { " local" } else { "" };
         let state = if b.state == backend_state::TERMINATING { " terminating" } else { "" };
-        let _ =
-            writeln!(out, "  {id} {}:{}/{}{local}{state}", ip(b.family, &b.addr), port(b.port), proto_name(b.proto));
+        let _ = writeln!(
+            out,
+            "  {id} {}/{}{local}{state}",
+            SocketAddr::new(ip(b.family, &b.addr), port(b.port)),
+            proto_name(b.proto)
+        );
     }
     out.push_str("rev_nat:\n");
     for (id, r) in &state.rev_nat {
-        let _ = writeln!(out, "  {id} {}:{}", ip(r.family, &r.addr), port(r.port));
+        let _ = writeln!(out, "  {id} {}", SocketAddr::new(ip(r.family, &r.addr), port(r.port)));
     }
     if !state.source_ranges.is_empty() {
         out.push_str("source_ranges:\n");
@@ -316,7 +327,7 @@ pub fn services_table(rows: Vec<ServiceRow>) -> String {
                 .iter()
                 .map(|(b, n)| {
                     let terminating = if b.state == "terminating" { " terminating" } else { "" };
-                    format!("{}:{} ({n}/{}){terminating}", b.address, b.port, s.slots)
+                    format!("{} ({n}/{}){terminating}", host_port(&b.address, b.port), s.slots)
                 })
                 .collect();
             vec![
@@ -339,7 +350,7 @@ pub fn backends_table(rows: Vec<BackendRow>) -> String {
         .map(|b| {
             vec![
                 b.id.to_string(),
-                format!("{}:{}/{}", b.address, b.port, b.protocol),
+                format!("{}/{}", host_port(&b.address, b.port), b.protocol),
                 if b.local { "local".into() } else { "remote".into() },
                 b.state.into(),
                 b.packets.to_string(),

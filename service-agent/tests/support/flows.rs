@@ -33,7 +33,8 @@ pub struct Table {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Node {
     pub name: String,
-    pub addresses: Vec<Ipv4Addr>,
+    /// Both families: IPv6 ones as YAML strings (`"2001:db8::1"`).
+    pub addresses: Vec<IpAddr>,
     #[serde(default)]
     pub zone: Option<String>,
     #[serde(default, rename = "clusterCIDR")]
@@ -46,7 +47,7 @@ pub struct Node {
 #[serde(deny_unknown_fields)]
 pub struct Flow {
     pub name: String,
-    pub source: Ipv4Addr,
+    pub source: IpAddr,
     pub destination: SocketAddr,
     #[serde(default)]
     pub protocol: Option<String>,
@@ -137,7 +138,7 @@ impl Table {
         let cidrs: Vec<Cidr> = flag(&self.flags, "--nodeport-addresses")
             .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect())
             .unwrap_or_default();
-        let interfaces: Vec<InterfaceAddr> = std::iter::once(Ipv4Addr::LOCALHOST)
+        let interfaces: Vec<InterfaceAddr> = std::iter::once(IpAddr::V4(Ipv4Addr::LOCALHOST))
             .map(|addr| InterfaceAddr { ifindex: 1, interface: "lo".into(), addr })
             .chain(self.node.addresses.iter().map(|a| InterfaceAddr { ifindex: 2, interface: "eth0".into(), addr: *a }))
             .collect();
@@ -172,7 +173,7 @@ impl Table {
             .cluster_cidr
             .as_deref()
             .map(|c| c.parse().unwrap_or_else(|e| panic!("{}: cluster CIDR {c:?}: {e}", self.reference)));
-        Ok(if pods.is_some_and(|c| c.contains(IpAddr::V4(flow.source))) { Entry::Pod } else { Entry::External })
+        Ok(if pods.is_some_and(|c| c.contains(flow.source)) { Entry::Pod } else { Entry::External })
     }
 }
 

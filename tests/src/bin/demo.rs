@@ -6,6 +6,12 @@
 //! ClusterIP from the client pod and through every NodePort on both nodes
 //! from the external client, and an account of what happened. Everything
 //! is removed at the end, also on failure.
+//!
+//! The topology is dual-stack (every pod, node and the client has the IPv6
+//! twin of its IPv4 address, see `netns::ipv6_twin`), and so is the
+//! example `web` Service: its IPv4 and IPv6 ClusterIPs and NodePorts are
+//! each dialled in their own family, and the account ends with how each
+//! dual-stack Service answered over each family.
 
 use std::{
     collections::BTreeMap,
@@ -23,8 +29,12 @@ use service_agent::{
     source::manifest,
 };
 use service_tests::{
-    cluster::{Cluster, EXTERNAL_IP, node_ip},
-    netns::{Agent, BpffsMount, ChildGuard, Netns, binary, clean_up_on_signal, is_root, sweep_leftovers},
+    cluster::{Cluster, EXTERNAL_IP, external_ip6, node_ip},
+    netns::{
+        Agent, BpffsMount, ChildGuard, Family, Netns, binary, clean_up_on_signal, http_url, ipv6_twin, is_root,
+        sweep_leftovers,
+    },
+    traffic::any_port_for,
 };
 
 const NODES: u8 = 2;
@@ -56,17 +66,24 @@ fn main() -> Result<()> {
         &snapshot.objects,
         &NodeContext {
             node_name: node_name(1),
-            nodeport_addresses: vec![IpAddr::V4(node_ip(1))],
+            nodeport_addresses: Family::BOTH.iter().map(|f| f.addr(node_ip(1))).collect(),
             ..NodeContext::default()
         },
     );
 
-    // One pod per endpoint address, named after its targetRef, on its node.
+    // One pod per IPv4 endpoint address, named after its targetRef, on its
+    // node; it gets the IPv6 twin of that address too, which is what the
+    // IPv6 slices must name (checked below).
     let mut pods: BTreeMap<Ipv4Addr, (String, u8)> = BTreeMap::new();
+    let mut ipv6_endpoints: Vec<(String, String)> = Vec::new();
     for slice in snapshot.objects.endpoint_slices.values() {
         for ep in slice.endpoints.iter().flatten() {
+            let target = ep.target_ref.as_ref().and_then(|r| r.name.clone());
+            if let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<std::net::Ipv6Addr>()) {
+                ipv6_endpoints.push((target.clone().unwrap_or_else(|| format!("pod-{ip}")), ip.to_string()));
+            }
             if let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>()) {
-                let name = ep.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_else(|| format!("pod-{ip}"));
+                let name = target.unwrap_or_else(|| format!("pod-{ip}"));
                 let node = ep
                     .node_name
                     .as_deref()
@@ -79,30 +96,49 @@ fn main() -> Result<()> {
         }
     }
 
-    println!("== topology (network namespaces, nothing connected to the host)");
+    println!("== topology (network namespaces, nothing connected to the host; dual-stack: IPv4 and IPv6 everywhere)");
     let mut cluster = Cluster::new(NODES)?;
-    println!("   fabric  bridge br0             netns {}", cluster.fabric.name());
-    println!("   client  external {EXTERNAL_IP:<15} netns {}", cluster.external.name());
+    println!("   fabric  bridge br0                netns {}", cluster.fabric.name());
+    println!(
+        "   client  external {EXTERNAL_IP:<15} {:<22} netns {}",
+        external_ip6().to_string(),
+        cluster.external.name()
+    );
     for n in 1..=NODES {
         println!(
-            "   node    {:<8} {:<15} netns {}, pods 10.244.{n}.0/24",
+            "   node    {:<8} {:<15} {:<22} netns {}, pods 10.244.{n}.0/24 and {}/64",
             node_name(n),
             node_ip(n),
-            cluster.node(n).node.name()
+            ipv6_twin(node_ip(n)).to_string(),
+            cluster.node(n).node.name(),
+            ipv6_twin(Ipv4Addr::new(10, 244, n, 0)),
         );
     }
     cluster.node_mut(1).add_pod("client", CLIENT_IP)?;
-    println!("   pod     {:<8} {CLIENT_IP:<15} on node-1 (curl, UDP client)", "client");
+    println!(
+        "   pod     {:<8} {CLIENT_IP:<15} {:<22} on node-1 (curl, UDP client)",
+        "client",
+        ipv6_twin(CLIENT_IP).to_string()
+    );
     let mut servers: Vec<ChildGuard> = Vec::new();
     for (ip, (name, node)) in &pods {
         let pod = cluster.node_mut(*node).add_pod(name, *ip)?;
-        println!("   pod     {name:<8} {ip:<15} on node-{node}, pod-echo on :8080/TCP and :5353/UDP");
+        println!(
+            "   pod     {name:<8} {ip:<15} {:<22} on node-{node}, pod-echo on :8080/TCP and :5353/UDP",
+            pod.ip6.to_string()
+        );
         let mut server = pod.ns.spawn(&binary("pod-echo", "POD_ECHO_BIN"), &["--name", name])?;
         let mut ready = String::new();
         BufReader::new(server.0.stdout.as_mut().context("stdout")?).read_line(&mut ready)?;
         servers.push(server);
     }
 
+    for (name, ip) in &ipv6_endpoints {
+        let pod = pods.iter().find(|(_, (n, _))| n == name);
+        if pod.is_none_or(|(v4, _)| ipv6_twin(*v4).to_string() != *ip) {
+            println!("   manifest problem: IPv6 endpoint {ip} ({name}) is no pod's address in this topology");
+        }
+    }
     for e in &snapshot.errors {
         println!("   manifest problem: {e}");
     }
@@ -131,16 +167,28 @@ fn main() -> Result<()> {
         println!("   {line}");
     }
 
-    let mut failures = 0;
-    println!("\n== ClusterIP traffic from the client pod on node-1");
+    let mut tally = Tally::new();
+    println!("\n== ClusterIP traffic from the client pod on node-1 (each ClusterIP in its own family)");
     let client_pod = &cluster.node(1).pod("client").ns;
-    failures += traffic(&desired, Scope::Internal, client_pod, &[None]);
-    println!("\n== NodePort traffic from the external client {EXTERNAL_IP}, to both nodes");
+    traffic(&desired, Scope::Internal, client_pod, &[None], &mut tally);
+    println!("\n== NodePort traffic from the external client {EXTERNAL_IP} / {}, to both nodes", external_ip6());
     println!(
         "   (every backend sees the node the client hit: externalTrafficPolicy Cluster masquerades, as kube-proxy)"
     );
-    let node_addrs: Vec<Option<Ipv4Addr>> = (1..=NODES).map(|n| Some(node_ip(n))).collect();
-    failures += traffic(&desired, Scope::External, &cluster.external, &node_addrs);
+    let nodes: Vec<Option<u8>> = (1..=NODES).map(Some).collect();
+    traffic(&desired, Scope::External, &cluster.external, &nodes, &mut tally);
+
+    println!("\n== each Service over each family (dual-stack Services are reached over both)");
+    for ((service, family), (ok, tried)) in &tally {
+        let families = desired
+            .frontends
+            .values()
+            .filter(|df| df.service.to_string() == *service)
+            .fold((false, false), |(v4, v6), df| (v4 || df.frontend.addr.is_ipv4(), v6 || df.frontend.addr.is_ipv6()));
+        let stack = if families == (true, true) { "dual-stack" } else { "single-stack" };
+        println!("   Service {service} ({stack}) over {family}: {ok}/{tried} requests answered");
+    }
+    let failures: usize = tally.values().map(|(ok, tried)| tried - ok).sum();
 
     println!("\n== dataplane counters (per-CPU, summed)");
     for (_, root) in &agents {
@@ -168,18 +216,22 @@ fn main() -> Result<()> {
     if failures > 0 {
         bail!("{failures} requests failed");
     }
-    println!("\nall requests answered through the ClusterIPs and the NodePorts");
+    println!("\nall requests answered through the ClusterIPs and the NodePorts, in both families");
     Ok(())
 }
 
+/// Requests answered and sent, per Service and family.
+type Tally = BTreeMap<(String, Family), (usize, usize)>;
+
 /// Sends TCP connections and UDP requests from `ns` to every TCP/UDP
-/// frontend of `scope` (NodePorts to each address of `targets`, others to
-/// their own address) and prints which backend answered and which source
-/// it saw. Returns the number of failed requests.
-fn traffic(desired: &Desired, scope: Scope, ns: &Netns, targets: &[Option<Ipv4Addr>]) -> usize {
-    let mut failures = 0;
+/// frontend of `scope` (NodePorts to the address of each node of `nodes`
+/// in the frontend's family, others to their own address) and prints which
+/// backend answered and which source it saw. Counts the requests answered
+/// and sent per Service and family in `tally`.
+fn traffic(desired: &Desired, scope: Scope, ns: &Netns, nodes: &[Option<u8>], tally: &mut Tally) {
     for df in desired.frontends.values() {
-        let IpAddr::V4(addr) = df.frontend.addr else { continue };
+        let addr = df.frontend.addr;
+        let family = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
         if df.frontend.protocol == Protocol::Sctp || df.frontend.scope != scope {
             continue; // the demo's clients speak TCP and UDP
         }
@@ -187,26 +239,32 @@ fn traffic(desired: &Desired, scope: Scope, ns: &Netns, targets: &[Option<Ipv4Ad
             continue; // the external client has no route to the service CIDR
         }
         let port = df.frontend.port;
-        for target in targets {
-            let addr = if df.kind == FrontendKind::NodePort { target.unwrap_or(addr) } else { addr };
+        for node in nodes {
+            let addr = match node {
+                Some(n) if df.kind == FrontendKind::NodePort => family.addr(node_ip(*n)),
+                _ => addr,
+            };
             let attempts = if df.frontend.protocol == Protocol::Tcp { TCP_CONNECTIONS } else { UDP_REQUESTS };
             let mut per_backend: BTreeMap<(String, String), usize> = BTreeMap::new();
+            let counts = tally.entry((df.service.to_string(), family)).or_default();
             for _ in 0..attempts {
                 let answer = match df.frontend.protocol {
                     Protocol::Tcp => curl(ns, addr, port),
                     _ => udp(ns, addr, port),
                 };
+                counts.1 += 1;
                 match answer {
                     Ok(a) => {
+                        counts.0 += 1;
                         let mut words = a.split_whitespace();
                         let backend = words.next().unwrap_or("?").to_owned();
-                        let seen = words.next().and_then(|p| p.rsplit_once(':')).map_or("?", |(ip, _)| ip).to_owned();
+                        let seen = words
+                            .next()
+                            .and_then(|p| p.parse::<SocketAddr>().ok())
+                            .map_or_else(|| "?".to_owned(), |p| p.ip().to_string());
                         *per_backend.entry((backend, seen)).or_default() += 1;
                     }
-                    Err(e) => {
-                        failures += 1;
-                        eprintln!("   request failed: {e}");
-                    }
+                    Err(e) => eprintln!("   request failed: {e}"),
                 }
             }
             let what = match df.frontend.protocol {
@@ -214,39 +272,43 @@ fn traffic(desired: &Desired, scope: Scope, ns: &Netns, targets: &[Option<Ipv4Ad
                 _ => "UDP requests",
             };
             println!(
-                "   Service {} port {:?} ({}): {attempts} {what} to {addr}:{port}",
-                df.service, df.port_name, df.kind
+                "   Service {} port {:?} ({}): {attempts} {what} to {}",
+                df.service,
+                df.port_name,
+                df.kind,
+                SocketAddr::new(addr, port)
             );
             for ((backend, seen), n) in &per_backend {
                 #[expect(clippy::cast_precision_loss, reason = "small counts")]
                 let share = *n as f64 * 100.0 / attempts as f64;
-                println!("      {backend:<8} {n:>4}  {share:>5.1}%  saw {seen:<15} {}", "#".repeat(*n * 40 / attempts));
+                println!("      {backend:<8} {n:>4}  {share:>5.1}%  saw {seen:<20} {}", "#".repeat(*n * 40 / attempts));
             }
             if df.kind != FrontendKind::NodePort {
                 break;
             }
         }
     }
-    failures
 }
 
-fn curl(ns: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
-    let out = ns.exec("curl", &["-sS", "--max-time", "2", &format!("http://{addr}:{port}/")])?;
+fn curl(ns: &Netns, addr: IpAddr, port: u16) -> Result<String> {
+    let url = http_url(addr, port);
+    let out = ns.exec("curl", &["-sS", "--max-time", "2", &url])?;
     if !out.status.success() {
-        bail!("curl {addr}:{port}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!("curl {url}: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn udp(ns: &Netns, addr: Ipv4Addr, port: u16) -> Result<String> {
+fn udp(ns: &Netns, addr: IpAddr, port: u16) -> Result<String> {
+    let to = SocketAddr::new(addr, port);
     ns.run_in(|| {
-        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        let socket = UdpSocket::bind(any_port_for(to))?;
         socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-        socket.send_to(b"hello", (addr, port))?;
+        socket.send_to(b"hello", to)?;
         let mut buf = [0u8; 512];
         let (n, from) = socket.recv_from(&mut buf)?;
-        if from != SocketAddr::from((addr, port)) {
-            bail!("answer came from {from}, not {addr}:{port}");
+        if from != to {
+            bail!("answer came from {from}, not {to}");
         }
         Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
     })

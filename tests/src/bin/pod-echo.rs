@@ -10,11 +10,17 @@
 //!   with `echo:` gets the line followed by the whole datagram back, so a
 //!   test can send (and receive) datagrams larger than the MTU.
 //!
-//! Prints `ready` once both sockets are bound.
+//! Both families: an IPv4 socket and an IPv6-only one (`IPV6_V6ONLY`) per
+//! protocol, so an IPv4 client is reported as `10.244.1.10:port`, never as
+//! an IPv4-mapped IPv6 address, and an IPv6 one as `[fd00:…]:port`. A
+//! namespace without IPv6 gets the IPv4 sockets only.
+//!
+//! Prints `ready` once the sockets are bound.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
 };
 
 fn arg(args: &[String], flag: &str) -> Option<String> {
@@ -65,6 +71,85 @@ fn serve_tcp(name: &str, stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
+/// `setsockopt(fd, level, option, value)` for a c_int option.
+fn set_int(fd: &impl std::os::fd::AsRawFd, level: libc::c_int, option: libc::c_int, value: libc::c_int) -> bool {
+    // SAFETY: a valid socket and a c_int option of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            option,
+            (&raw const value).cast(),
+            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
+        ) == 0
+    }
+}
+
+/// An IPv6-only socket of `kind` bound to `[::]:port` (listening when a
+/// stream): std binds `[::]` dual-stack, which would clash with the IPv4
+/// socket on the same port and report IPv4 peers as `::ffff:a.b.c.d`.
+fn bind_v6_only(kind: libc::c_int, port: u16) -> std::io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned
+    // by the OwnedFd at once.
+    let raw = unsafe { libc::socket(libc::AF_INET6, kind | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if !set_int(&fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1) || !set_int(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    let sockaddr = libc::sockaddr_in6 {
+        sin6_family: libc::sa_family_t::try_from(libc::AF_INET6).unwrap_or(10),
+        sin6_port: addr.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr { s6_addr: addr.ip().octets() },
+        sin6_scope_id: 0,
+    };
+    let len = libc::socklen_t::try_from(size_of::<libc::sockaddr_in6>()).unwrap_or(28);
+    // SAFETY: a valid socket and a sockaddr_in6 of `len` bytes.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const sockaddr).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: listen(2) on a bound stream socket.
+    if kind == libc::SOCK_STREAM && unsafe { libc::listen(fd.as_raw_fd(), 1024) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// A deep receive queue (SO_RCVBUFFORCE: the tests run as root) so a busy
+/// soak does not lose datagrams at this socket while its one thread is off
+/// the CPU; without the privilege the default stays.
+fn deepen(udp: &UdpSocket) {
+    let _ = set_int(udp, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+}
+
+fn serve_udp(name: String, udp: UdpSocket) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let mut reply = answer(&name, peer).into_bytes();
+            if buf[..n].starts_with(b"echo:") {
+                reply.extend_from_slice(&buf[..n]);
+            }
+            let _ = udp.send_to(&reply, peer);
+        }
+    });
+}
+
+fn accept_tcp(name: &str, listener: &TcpListener) {
+    for stream in listener.incoming().flatten() {
+        let name = name.to_owned();
+        std::thread::spawn(move || {
+            let _ = serve_tcp(&name, stream);
+        });
+    }
+}
+
 fn main() -> std::io::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let name = arg(&args, "--name").unwrap_or_else(|| "pod-echo".into());
@@ -72,39 +157,21 @@ fn main() -> std::io::Result<()> {
     let udp_port: u16 = arg(&args, "--udp-port").and_then(|p| p.parse().ok()).unwrap_or(5353);
     let listener = TcpListener::bind(("0.0.0.0", tcp_port))?;
     let udp = UdpSocket::bind(("0.0.0.0", udp_port))?;
-    // A deep receive queue (SO_RCVBUFFORCE: the tests run as root) so a
-    // busy soak does not lose datagrams at this socket while its one
-    // thread is off the CPU; without the privilege the default stays.
-    let bytes: libc::c_int = 8 << 20;
-    // SAFETY: a valid socket and a c_int option of the right size.
-    unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&udp),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&raw const bytes).cast(),
-            libc::socklen_t::try_from(size_of::<libc::c_int>()).unwrap_or(4),
-        );
-    }
+    deepen(&udp);
+    // IPv6 where the namespace has it (EAFNOSUPPORT or EADDRNOTAVAIL
+    // otherwise: then IPv4 alone, as before).
+    let v6 = bind_v6_only(libc::SOCK_STREAM, tcp_port)
+        .and_then(|tcp| Ok((TcpListener::from(tcp), UdpSocket::from(bind_v6_only(libc::SOCK_DGRAM, udp_port)?))));
     println!("ready");
     std::io::stdout().flush()?;
 
-    let udp_name = name.clone();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
-            let mut reply = answer(&udp_name, peer).into_bytes();
-            if buf[..n].starts_with(b"echo:") {
-                reply.extend_from_slice(&buf[..n]);
-            }
-            let _ = udp.send_to(&reply, peer);
-        }
-    });
-    for stream in listener.incoming().flatten() {
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let _ = serve_tcp(&name, stream);
-        });
+    serve_udp(name.clone(), udp);
+    if let Ok((listener6, udp6)) = v6 {
+        deepen(&udp6);
+        serve_udp(name.clone(), udp6);
+        let name6 = name.clone();
+        std::thread::spawn(move || accept_tcp(&name6, &listener6));
     }
+    accept_tcp(&name, &listener);
     Ok(())
 }
