@@ -157,7 +157,7 @@ pub enum VerdictKind {
 
 /// Every per-packet verdict counter: the entry point (`ingress::run`)
 /// counts exactly one of these for each packet, in one place.
-pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 36] = [
+pub const VERDICT_COUNTERS: [(Counter, VerdictKind); 37] = [
     (Counter::PassNotIp, VerdictKind::Pass),
     (Counter::PassOtherProto, VerdictKind::Pass),
     (Counter::PassFragment, VerdictKind::Pass),

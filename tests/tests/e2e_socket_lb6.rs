@@ -23,7 +23,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader},
-    net::{IpAddr, SocketAddr},
+    net::IpAddr,
     path::{Path, PathBuf},
 };
 
@@ -40,9 +40,9 @@ use service_tests::{
     north_south::agent_cli,
 };
 
+/// The node's addresses (the IPv6 one the harness's twin of the IPv4 one).
 const NODE6: &str = "fd00:192:168:100::11";
 const NODE4: &str = "192.168.100.11";
-/// The node's addresses (the IPv6 one the harness's twin of the IPv4 one).
 /// The pods: name, IPv4, and the IPv6 twin the harness gives them.
 const PODS: [(&str, &str, &str); 2] =
     [("a1", "10.244.1.11", "fd00:10:244:1::11"), ("a2", "10.244.1.12", "fd00:10:244:1::12")];
@@ -313,8 +313,8 @@ fn host_sockets_reach_ipv6_and_v4_mapped_service_addresses_through_the_socket_ho
                 && s["backend"].as_str().is_some_and(|v| v.starts_with(backend))
         })
     };
-    assert!(shows(WEB6, "fd00:10:244:1::1"), "{sockets}");
-    assert!(shows(WEB4, "10.244.1.1"), "{sockets}");
+    assert!(shows(&format!("[{WEB6}]:53"), "[fd00:10:244:1::1"), "{sockets}");
+    assert!(shows(&format!("{WEB4}:53"), "10.244.1.1"), "{sockets}");
 
     // A backend leaves the Services: the connected UDP sockets to it (an
     // IPv6 one, and a v4-mapped one) are closed, a new socket reaches the
