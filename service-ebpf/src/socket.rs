@@ -39,8 +39,7 @@ use aya_ebpf::{
 };
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, FAMILY_IPV6, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
-    SCOPE_INTERNAL, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SockRevNatKey, SockRevNatValue, SourceRangeKey, hash,
-    service_flags, service_ips, socket_lb, stats::Counter,
+    SCOPE_INTERNAL, ServiceKey, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb, stats::Counter,
 };
 
 use crate::{
