@@ -119,7 +119,8 @@ pub mod layout {
     /// IPv6 (`pass_not_ip`; IPv6 was counted there before the programs
     /// served it). Layout 2 of `snat_addrs`: keyed by [`super::SnatAddrKey`] (interface
     /// and family). Layout 2 of `sock_rev_nat`: the value names the socket's protocol
-    /// and backend id (for the removed-backend UDP socket flush). Layout 3
+    /// and backend id (for the removed-backend UDP socket flush); layout 3: key and value
+    /// carry the address family (IPv6 sockets, v4-mapped addresses). Layout 3
     /// of `services`: slot 0 carries the affinity scope in `backend_id`. Layout 2 of `services`: 32-bit slots and member rows; of
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
     /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
@@ -139,7 +140,7 @@ pub mod layout {
         (FRAGMENTS, 1),
         (AGENT_STATE, 1),
         (INTERFACE_STATS, 1),
-        (SOCK_REV_NAT, 2),
+        (SOCK_REV_NAT, 3),
         (SOCKET_LB, 1),
         (SOCK_COUNTERS, 1),
     ];
@@ -200,14 +201,18 @@ pub struct SocketLbConfig {
 const _: () = assert!(size_of::<SocketLbConfig>() == 16);
 
 /// Key of the `sock_rev_nat` map: a socket (its cookie) and the backend a
-/// Service address was translated to for it.
+/// Service address was translated to for it, with the backend's family (an
+/// IPv6 socket may reach IPv4 backends through v4-mapped addresses, and an
+/// IPv4 address is not told from an IPv6 one by its 16 bytes alone).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SockRevNatKey {
     pub cookie: u64,
     pub addr: Addr,
     pub port: Port,
-    pub _pad: [u8; 6],
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`] (of `addr`, not of the socket).
+    pub family: u8,
+    pub _pad: [u8; 5],
 }
 const _: () = assert!(size_of::<SockRevNatKey>() == 32);
 
@@ -223,7 +228,9 @@ pub struct SockRevNatValue {
     pub port: Port,
     /// `PROTO_TCP` or `PROTO_UDP`.
     pub proto: u8,
-    pub _pad: u8,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`] (of `addr`: the Service
+    /// address's, always the backend's too).
+    pub family: u8,
     pub rev_nat_id: u32,
     pub backend_id: u32,
 }
@@ -295,17 +302,27 @@ pub const PROG_EXTERNAL_INGRESS_L3: &str = "service_external_ingress_l3";
 /// The socket-level programs (cgroup sock_addr hooks), attached to
 /// `--cgroup-root`: a Service address given to connect() or sendmsg() is
 /// replaced by a backend's; recvmsg() and getpeername() show the Service
-/// address again. By attach type, as the agent attaches and pins them.
-pub const PROGS_SOCK: [(&str, &str); 4] = [
+/// address again. By attach type, as the agent attaches and pins them: the
+/// IPv4 hooks, then the IPv6 ones (which also translate v4-mapped
+/// addresses, `::ffff:a.b.c.d`, with the IPv4 frontends).
+pub const PROGS_SOCK: [(&str, &str); 8] = [
     ("connect4", PROG_SOCK_CONNECT4),
     ("sendmsg4", PROG_SOCK_SENDMSG4),
     ("recvmsg4", PROG_SOCK_RECVMSG4),
     ("getpeername4", PROG_SOCK_GETPEERNAME4),
+    ("connect6", PROG_SOCK_CONNECT6),
+    ("sendmsg6", PROG_SOCK_SENDMSG6),
+    ("recvmsg6", PROG_SOCK_RECVMSG6),
+    ("getpeername6", PROG_SOCK_GETPEERNAME6),
 ];
 pub const PROG_SOCK_CONNECT4: &str = "service_sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "service_sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "service_sock_recvmsg4";
 pub const PROG_SOCK_GETPEERNAME4: &str = "service_sock_getpeername4";
+pub const PROG_SOCK_CONNECT6: &str = "service_sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "service_sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "service_sock_recvmsg6";
+pub const PROG_SOCK_GETPEERNAME6: &str = "service_sock_getpeername6";
 /// The cgroup sock program on `sock_release` (attached beside
 /// [`PROGS_SOCK`]): a closing socket's `sock_rev_nat` row goes with it.
 pub const PROG_SOCK_RELEASE: (&str, &str) = ("sock_release", "service_sock_release");

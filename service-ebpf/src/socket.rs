@@ -1,6 +1,7 @@
 //! Socket-level load balancing: cgroup sock_addr hooks on `--cgroup-root`.
 //!
-//! - `connect4` (TCP and connected UDP) and `sendmsg4` (unconnected UDP):
+//! - `connect4` (TCP and connected UDP) and `sendmsg4` (unconnected UDP),
+//!   and their IPv6 twins `connect6` and `sendmsg6`:
 //!   a Service address is replaced by a backend's before the socket ever
 //!   sends a packet, chosen from the same frontend rows as the packet path
 //!   (the Maglev table of the internal-scope frontend, which is what
@@ -10,10 +11,15 @@
 //!   affinity. The socket's packets then carry the backend's address and
 //!   need no translation at all. A Service without endpoints fails the
 //!   call with ECONNREFUSED at once.
-//! - `recvmsg4` and `getpeername4`: what the socket was translated to is
+//! - `recvmsg4` and `getpeername4` (and `recvmsg6`, `getpeername6`): what
+//!   the socket was translated to is
 //!   shown as the Service address again (a UDP reply's source, a connected
 //!   socket's peer), from `sock_rev_nat` keyed by socket cookie and
 //!   backend.
+//! - An IPv6 socket may name an IPv4 address as a v4-mapped one
+//!   (`::ffff:a.b.c.d`: dual-stack applications such as Java do): the
+//!   `*6` hooks translate it with the IPv4 frontends and write the IPv4
+//!   backend back v4-mapped, as Cilium's sock6 hooks do.
 //! - `sock_release` (a cgroup sock program): a connected socket's row goes
 //!   when the socket is closed, so `sock_rev_nat` holds live sockets, not
 //!   the history of every connection (an unconnected UDP socket's rows,
@@ -26,12 +32,13 @@
 
 use aya_ebpf::{
     EbpfContext as _,
+    bindings::bpf_sock_addr,
     helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use service_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
+    Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, FAMILY_IPV6, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
     SCOPE_INTERNAL, ServiceKey, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb, stats::Counter,
 };
 
@@ -48,29 +55,66 @@ const DENY: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 const ENETUNREACH: i32 = 101;
 
+/// Which sock_addr hooks a program is: the IPv4 ones (`connect4`, …) may
+/// only touch `user_ip4`, the IPv6 ones only `user_ip6`
+/// (`sock_addr_is_valid_access`), so every access is picked at compile
+/// time by this const generic.
+const V4: bool = false;
+const V6: bool = true;
+
+/// `::ffff:0:0/96`'s third word (`00 00 ff ff`, as the network-order word
+/// reads in memory).
+const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
 #[cgroup_sock_addr(connect4)]
 #[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
 pub fn service_sock_connect4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Counter::SockConnect)
+    translate::<V4>(&ctx, Counter::SockConnect)
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
 pub fn service_sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    translate(&ctx, Counter::SockSendmsg)
+    translate::<V4>(&ctx, Counter::SockSendmsg)
 }
 
 #[cgroup_sock_addr(recvmsg4)]
 #[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
 pub fn service_sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore(&ctx);
+    restore::<V4>(&ctx);
     ALLOW
 }
 
 #[cgroup_sock_addr(getpeername4)]
 #[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
 pub fn service_sock_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore(&ctx);
+    restore::<V4>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_connect6(ctx: SockAddrContext) -> i32 {
+    translate::<V6>(&ctx, Counter::SockConnect)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    translate::<V6>(&ctx, Counter::SockSendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore::<V6>(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+#[expect(clippy::needless_pass_by_value, reason = "the macro fixes the signature")]
+pub fn service_sock_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore::<V6>(&ctx);
     ALLOW
 }
 
@@ -81,70 +125,149 @@ pub fn service_sock_release(ctx: SockContext) -> i32 {
     ALLOW
 }
 
+/// An address as the maps hold it, from four network-order words (an IPv6
+/// address, `user_ip6` or `dst_ip6`): a v4-mapped one becomes the IPv4
+/// address it maps.
+#[inline(always)]
+fn from_words(w: [u32; 4]) -> (u8, Addr) {
+    if w[0] == 0 && w[1] == 0 && w[2] == V4_MAPPED_WORD {
+        return (FAMILY_IPV4, service_common::addr_v4(w[3].to_ne_bytes()));
+    }
+    let mut addr = [0u8; 16];
+    addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+    addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+    addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+    addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    (FAMILY_IPV6, addr)
+}
+
+/// The four network-order words of an IPv6 socket's view of `addr`: an
+/// IPv4 address v4-mapped.
+#[inline(always)]
+fn to_words(family: u8, addr: &Addr) -> [u32; 4] {
+    let word = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    if family == FAMILY_IPV4 { [0, 0, V4_MAPPED_WORD, word(0)] } else { [word(0), word(4), word(8), word(12)] }
+}
+
 /// sock_release: the row of a closing socket connected to a backend.
 #[inline(always)]
 fn forget(ctx: &SockContext) {
     // SAFETY: single field reads the verifier allows in sock_release
-    // programs (dst_ip4 and dst_port: network byte order).
-    let (family, protocol, ip, port) =
-        unsafe { ((*ctx.sock).family, (*ctx.sock).protocol, (*ctx.sock).dst_ip4, (*ctx.sock).dst_port) };
-    if family != 2 || (protocol != 6 && protocol != 17) || ip == 0 {
+    // programs (network byte order).
+    let (family, protocol, port) = unsafe { ((*ctx.sock).family, (*ctx.sock).protocol, (*ctx.sock).dst_port) };
+    if protocol != 6 && protocol != 17 {
+        return;
+    }
+    let (family, addr) = match family {
+        // SAFETY: as above.
+        2 => (FAMILY_IPV4, service_common::addr_v4(unsafe { (*ctx.sock).dst_ip4 }.to_ne_bytes())),
+        10 => {
+            let ip6 = unsafe { core::ptr::addr_of!((*ctx.sock).dst_ip6) }.cast::<u32>();
+            // SAFETY: four 32-bit reads of dst_ip6, the access width the
+            // verifier allows (bpf_sock_is_valid_access); volatile so no
+            // two are merged into a wider load.
+            from_words(unsafe {
+                [
+                    ip6.read_volatile(),
+                    ip6.add(1).read_volatile(),
+                    ip6.add(2).read_volatile(),
+                    ip6.add(3).read_volatile(),
+                ]
+            })
+        }
+        _ => return,
+    };
+    if addr == [0; 16] {
         return;
     }
     // SAFETY: a helper the kernel offers cgroup sock programs (5.10+).
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey {
-        cookie,
-        addr: service_common::addr_v4(ip.to_ne_bytes()),
-        port: port.to_ne_bytes(),
-        _pad: [0; 6],
-    };
+    let key = SockRevNatKey { cookie, addr, port: port.to_ne_bytes(), family, _pad: [0; 5] };
     // Not found: a socket this path never translated.
     let _ = SOCK_REV_NAT.remove(&key);
 }
 
-/// The address and port the call names (`user_ip4`, `user_port`: both in
-/// network byte order, the port in the low 16 bits).
+/// The `user_ip6` words of the call.
 #[inline(always)]
-fn user_addr(ctx: &SockAddrContext) -> (Addr, Port) {
-    // SAFETY: single field reads of the context the kernel handed us; the
-    // verifier allows both in every sock_addr program.
-    let (ip, port) = unsafe { ((*ctx.sock_addr).user_ip4, (*ctx.sock_addr).user_port) };
-    let ip = ip.to_ne_bytes();
-    #[expect(clippy::cast_possible_truncation, reason = "the port is the low 16 bits")]
-    let port = (port as u16).to_ne_bytes();
-    (service_common::addr_v4(ip), port)
+fn user_ip6(sa: *mut bpf_sock_addr) -> *mut u32 {
+    // SAFETY: only the field's address is taken.
+    unsafe { core::ptr::addr_of_mut!((*sa).user_ip6) }.cast::<u32>()
 }
 
+/// The address (with its family) and port the call names (`user_ip4` or
+/// `user_ip6`, `user_port`: network byte order, the port in the low 16
+/// bits). A v4-mapped address on an IPv6 socket is an IPv4 one.
 #[inline(always)]
-fn set_user_addr(ctx: &SockAddrContext, addr: &Addr, port: Port) {
-    // SAFETY: single field writes the verifier allows in connect4,
-    // sendmsg4, recvmsg4 and getpeername4.
-    unsafe {
-        (*ctx.sock_addr).user_ip4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]);
-        (*ctx.sock_addr).user_port = u32::from(u16::from_ne_bytes(port));
+fn user_addr<const IP6: bool>(ctx: &SockAddrContext) -> (u8, Addr, Port) {
+    let sa = ctx.sock_addr;
+    // SAFETY: single field read of the context the kernel handed us; the
+    // verifier allows it in every sock_addr program.
+    let port = unsafe { (*sa).user_port };
+    #[expect(clippy::cast_possible_truncation, reason = "the port is the low 16 bits")]
+    let port = (port as u16).to_ne_bytes();
+    if IP6 {
+        let ip6 = user_ip6(sa);
+        // SAFETY: four 32-bit reads of user_ip6, allowed in the *6 hooks;
+        // volatile, so none is merged into a 64-bit load.
+        let words = unsafe {
+            [ip6.read_volatile(), ip6.add(1).read_volatile(), ip6.add(2).read_volatile(), ip6.add(3).read_volatile()]
+        };
+        let (family, addr) = from_words(words);
+        (family, addr, port)
+    } else {
+        // SAFETY: a single field read, allowed in the *4 hooks.
+        let ip = unsafe { (*sa).user_ip4 };
+        (FAMILY_IPV4, service_common::addr_v4(ip.to_ne_bytes()), port)
     }
 }
 
-/// Whether this socket is one `--socket-lb` translates towards `addr`: a
-/// loopback address (`--localhost-nodeports`) only for the node's own
-/// sockets, under `all` too, as a pod's 127.0.0.1 is its own.
+/// Writes `addr` (of `family`) and `port` as the call's address: an IPv4
+/// address v4-mapped for an IPv6 socket.
 #[inline(always)]
-fn enabled(ctx: &SockAddrContext, addr: &Addr) -> bool {
+fn set_user_addr<const IP6: bool>(ctx: &SockAddrContext, family: u8, addr: &Addr, port: Port) {
+    let sa = ctx.sock_addr;
+    if IP6 {
+        let words = to_words(family, addr);
+        let ip6 = user_ip6(sa);
+        // SAFETY: four 32-bit writes of user_ip6: the only width the
+        // verifier allows for it (connect6, sendmsg6, recvmsg6,
+        // getpeername6); volatile, so none is merged into a 64-bit store.
+        unsafe {
+            ip6.write_volatile(words[0]);
+            ip6.add(1).write_volatile(words[1]);
+            ip6.add(2).write_volatile(words[2]);
+            ip6.add(3).write_volatile(words[3]);
+        }
+    } else {
+        // SAFETY: a single field write the verifier allows in connect4,
+        // sendmsg4, recvmsg4 and getpeername4.
+        unsafe { (*sa).user_ip4 = u32::from_ne_bytes([addr[0], addr[1], addr[2], addr[3]]) };
+    }
+    // SAFETY: a single field write allowed in every hook above.
+    unsafe { (*sa).user_port = u32::from(u16::from_ne_bytes(port)) };
+}
+
+/// Whether this socket is one `--socket-lb` translates towards `addr`: an
+/// IPv4 loopback address (`--localhost-nodeports`, IPv4 only as in
+/// kube-proxy; v4-mapped too) only for the node's own sockets, under `all`
+/// too, as a pod's 127.0.0.1 is its own.
+#[inline(always)]
+fn enabled(ctx: &SockAddrContext, family: u8, addr: &Addr) -> bool {
     let Some(config) = SOCKET_LB.get(0) else { return false };
     // SAFETY: a helper the kernel offers sock_addr programs.
     let host = || (unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }) == config.host_netns_cookie;
     match config.mode {
-        socket_lb::ALL => addr[0] != 127 || host(),
+        socket_lb::ALL => family != FAMILY_IPV4 || addr[0] != 127 || host(),
         socket_lb::HOST => host(),
         _ => false,
     }
 }
 
 /// The affinity "client" of a socket: its network namespace (its cookie
-/// in bytes 8..16, which no IPv4 client address has set), so every socket
-/// of the node (or of a pod) shares one entry per Service port, as every
-/// connection from one source address does in the packet path.
+/// in bytes 8..16, which no IPv4 client address has set, nor an IPv6 one
+/// outside `::/64`), so every socket of the node (or of a pod) shares one
+/// entry per Service port, as every connection from one source address
+/// does in the packet path.
 #[inline(always)]
 fn socket_client(ctx: &SockAddrContext) -> Addr {
     // SAFETY: a helper the kernel offers sock_addr programs.
@@ -154,9 +277,9 @@ fn socket_client(ctx: &SockAddrContext) -> Addr {
     client
 }
 
-/// connect4 / sendmsg4: a Service address becomes a backend's.
+/// connect4/6 / sendmsg4/6: a Service address becomes a backend's.
 #[inline(always)]
-fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
+fn translate<const IP6: bool>(ctx: &SockAddrContext, counter: Counter) -> i32 {
     // SAFETY: a single field read.
     let protocol = unsafe { (*ctx.sock_addr).protocol };
     let proto = match protocol {
@@ -164,13 +287,13 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
         17 => PROTO_UDP,
         _ => return ALLOW,
     };
-    let (addr, port) = user_addr(ctx);
-    if !enabled(ctx, &addr) {
+    let (family, addr, port) = user_addr::<IP6>(ctx);
+    if !enabled(ctx, family, &addr) {
         return ALLOW;
     }
-    let key = ServiceKey::frontend(FAMILY_IPV4, addr, port, proto, SCOPE_INTERNAL);
+    let key = ServiceKey::frontend(family, addr, port, proto, SCOPE_INTERNAL);
     // SAFETY: plain data written whole by the agent.
-    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else { return unserved(&addr) };
+    let Some(service) = (unsafe { SERVICES.get(&key) }).copied() else { return unserved(family, &addr) };
     if service.count == 0 {
         // No endpoint (REJECT), or none this node may use (DROP): fail at
         // once rather than let the application wait for a timeout.
@@ -180,14 +303,19 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
         return DENY;
     }
     let Some((backend_id, backend)) = choose(ctx, &key, &service, proto) else { return ALLOW };
+    // A backend of the other family (the model serves each family from
+    // its own endpoints, so none is written) cannot be reached this way.
+    if backend.family != family {
+        return ALLOW;
+    }
     // SAFETY: a helper the kernel offers sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let rev = SockRevNatKey { cookie, addr: backend.addr, port: backend.port, _pad: [0; 6] };
-    let shown = SockRevNatValue { addr, port, proto, _pad: 0, rev_nat_id: service.rev_nat_id, backend_id };
+    let rev = SockRevNatKey { cookie, addr: backend.addr, port: backend.port, family, _pad: [0; 5] };
+    let shown = SockRevNatValue { addr, port, proto, family, rev_nat_id: service.rev_nat_id, backend_id };
     // Losing the row (a full map) only shows the backend's address to
     // recvmsg/getpeername: the connection itself works.
     let _ = SOCK_REV_NAT.insert(&rev, &shown, 0);
-    set_user_addr(ctx, &backend.addr, backend.port);
+    set_user_addr::<IP6>(ctx, family, &backend.addr, backend.port);
     count(0, counter);
     if let Some(c) = SOCK_COUNTERS.get_ptr_mut(&service.rev_nat_id) {
         // SAFETY: a per-CPU value: only this CPU writes it.
@@ -203,15 +331,15 @@ fn translate(ctx: &SockAddrContext, counter: Counter) -> i32 {
 }
 
 /// No frontend for this address, port and protocol: from the service IP
-/// rows ([`service_ip`], as the packet path decides). A ClusterIP's
-/// unserved port or protocol fails with ECONNREFUSED, as kube-proxy's
-/// reject makes it fail; another address of a service CIDR with
-/// ENETUNREACH (kube-proxy drops it: the application would wait for a
-/// timeout, and its packets would otherwise leave by the default route);
-/// any other address is left alone.
+/// rows (as the packet path decides). A ClusterIP's unserved port or
+/// protocol fails with ECONNREFUSED, as kube-proxy's reject makes it fail;
+/// another address of a service CIDR with ENETUNREACH (kube-proxy drops
+/// it: the application would wait for a timeout, and its packets would
+/// otherwise leave by the default route); any other address is left alone.
+/// The rows of the address's family ([`service_ip`]).
 #[inline(always)]
-fn unserved(addr: &Addr) -> i32 {
-    let errno = match service_ip(addr, service_common::FAMILY_IPV4) {
+fn unserved(family: u8, addr: &Addr) -> i32 {
+    let errno = match service_ip(addr, family) {
         ServiceIp::None => return ALLOW,
         ServiceIp::ClusterIp => ECONNREFUSED,
         ServiceIp::Unallocated => ENETUNREACH,
@@ -266,17 +394,17 @@ fn choose(
     Some((backend_id, backend))
 }
 
-/// recvmsg4 / getpeername4: a backend this socket was translated to is
-/// shown as the Service address it asked for.
+/// recvmsg4/6 / getpeername4/6: a backend this socket was translated to
+/// is shown as the Service address it asked for.
 #[inline(always)]
-fn restore(ctx: &SockAddrContext) {
-    let (addr, port) = user_addr(ctx);
+fn restore<const IP6: bool>(ctx: &SockAddrContext) {
+    let (family, addr, port) = user_addr::<IP6>(ctx);
     // SAFETY: a helper the kernel offers sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevNatKey { cookie, addr, port, _pad: [0; 6] };
-    // SAFETY: plain data written whole by connect4/sendmsg4.
+    let key = SockRevNatKey { cookie, addr, port, family, _pad: [0; 5] };
+    // SAFETY: plain data written whole by connect/sendmsg.
     if let Some(shown) = unsafe { SOCK_REV_NAT.get(&key) }.copied() {
-        set_user_addr(ctx, &shown.addr, shown.port);
+        set_user_addr::<IP6>(ctx, shown.family, &shown.addr, shown.port);
         count(0, Counter::SockRevNat);
     }
 }

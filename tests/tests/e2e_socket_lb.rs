@@ -58,11 +58,8 @@ fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup
     assert_eq!(sockets["mode"], "host", "{sockets}");
     let hooks: BTreeSet<&str> =
         sockets["hooks"].as_array().expect("hooks").iter().filter_map(|h| h["attach"].as_str()).collect();
-    assert_eq!(
-        hooks,
-        ["connect4", "getpeername4", "recvmsg4", "sendmsg4", "sock_release"].into_iter().collect(),
-        "{sockets}"
-    );
+    let want = ["connect4", "getpeername4", "recvmsg4", "sendmsg4", "connect6", "getpeername6", "recvmsg6"];
+    assert_eq!(hooks, want.into_iter().chain(["sendmsg6", "sock_release"]).collect(), "{sockets}");
     let cgroup_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(cgroup.path()).expect("cgroup"));
     assert!(sockets["hooks"].as_array().expect("hooks").iter().all(|h| h["cgroup_inode"] == cgroup_inode), "{sockets}");
     let frontend = sockets["frontends"]
@@ -138,6 +135,20 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     let lines = run(&ns, "udp-connected", "10.96.0.10:53");
     assert_eq!(lines.first().map(String::as_str), Some("peer 10.96.0.10:53"), "{lines:?}");
     backend(&lines);
+    // An IPv6 socket dialling the ClusterIP v4-mapped, as dual-stack
+    // applications (Java) do: connect6/sendmsg6 translate it with the IPv4
+    // frontend, and getpeername6/recvmsg6 show it v4-mapped again.
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        let lines = run(&ns, "tcp", "[::ffff:10.96.0.10]:80");
+        assert_eq!(lines.first().map(String::as_str), Some("peer [::ffff:10.96.0.10]:80"), "{lines:?}");
+        seen.insert(backend(&lines));
+    }
+    assert_eq!(seen, both, "v4-mapped TCP");
+    let lines = run(&ns, "udp", "[::ffff:10.96.0.10]:53");
+    assert_eq!(lines.first().map(String::as_str), Some("from [::ffff:10.96.0.10]:53"), "{lines:?}");
+    let lines = run(&ns, "tcp", "[::ffff:10.96.0.30]:80");
+    assert!(lines.iter().any(|l| l.contains("os error 111")), "{lines:?}");
     // No endpoints: connect() fails with ECONNREFUSED at once.
     let lines = run(&ns, "tcp", "10.96.0.30:80");
     assert!(lines.iter().any(|l| l.contains("os error 111")), "{lines:?}");
@@ -235,8 +246,14 @@ fn host_sockets_keep_working_through_thousands_of_connections_and_an_agent_kille
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with("sock-"))
         .collect();
-    assert_eq!(pins.len(), 5, "{pins:?}");
+    assert_eq!(pins.len(), 9, "{pins:?}");
     spread(&many(&ns, "tcp-many", "300"), 300);
+    // The IPv6 hooks were adopted too: a v4-mapped ClusterIP from IPv6
+    // sockets.
+    let lines = cgroup
+        .sock_client_with(&ns.cluster.node(1).node, &["tcp-many", "[::ffff:10.96.0.10]:80", "100"])
+        .expect("client");
+    spread(&tally(&lines), 100);
     drop(agent);
     drop(killed);
 }

@@ -65,7 +65,7 @@ use service_tests::{
 const TC_ACT_SHOT: u32 = 2;
 /// Whether the socket-level programs translate IPv6 (connect6 and the
 /// rest) yet.
-const HOST_IPV6: bool = false;
+const HOST_IPV6: bool = true;
 /// New flows tried per flow at most while collecting its endpoints: with
 /// the largest table's 4 endpoints, missing one of them by chance in 200
 /// flows has a probability below 1e-24 (and the hash is deterministic, so

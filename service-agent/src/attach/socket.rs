@@ -1,6 +1,7 @@
 //! The socket-level programs (`service_common::PROGS_SOCK`: connect4,
-//! sendmsg4, recvmsg4, getpeername4; and `PROG_SOCK_RELEASE`, which
-//! forgets a closing socket) on the cgroup `--cgroup-root`:
+//! sendmsg4, recvmsg4, getpeername4 and their IPv6 twins connect6,
+//! sendmsg6, recvmsg6, getpeername6; and `PROG_SOCK_RELEASE`, which
+//! forgets a closing socket of either family) on the cgroup `--cgroup-root`:
 //! attached as links pinned under `<bpffs-root>/links/` (named by attach
 //! type, the cgroup's inode and the program's tag), so they survive the
 //! agent being killed; a restarted agent adopts links of the same program
@@ -137,7 +138,8 @@ impl SockProgram<'_> {
 /// One socket-level link pinned under `links/`: `inspect sockets`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct PinnedHook {
-    /// The attach type (connect4, sendmsg4, recvmsg4, getpeername4).
+    /// The attach type (connect4, sendmsg4, recvmsg4, getpeername4, their
+    /// `6` twins, sock_release).
     pub attach: String,
     /// The inode of the cgroup directory it is attached to.
     pub cgroup_inode: u64,
@@ -309,6 +311,10 @@ mod tests {
         assert_eq!(
             parse_pin_name(&pin_name("recvmsg4", 99, 0xcd)),
             Some(PinnedHook { attach: "recvmsg4".into(), cgroup_inode: 99, tag: "00000000000000cd".into() })
+        );
+        assert_eq!(
+            parse_pin_name(&pin_name("getpeername6", 7, 0xef)),
+            Some(PinnedHook { attach: "getpeername6".into(), cgroup_inode: 7, tag: "00000000000000ef".into() })
         );
         assert_eq!(parse_pin_name("sock-connect4-x-00"), None);
         assert_eq!(parse_pin_name("pod-3-veth0-00"), None);

@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
@@ -122,7 +122,7 @@ pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Resu
 /// Takes the UDP rows of `sock_rev_nat` whose (rev-NAT id, backend id)
 /// pair is no longer live — sockets the socket path translated to a
 /// backend that has since left — out of the map, and returns their
-/// sockets (cookie, backend address) for the agent to close the connected
+/// sockets (cookie, backend address: IPv4 or IPv6) for the agent to close the connected
 /// ones among them.
 ///
 /// # Errors
@@ -130,7 +130,7 @@ pub fn flush_udp_conntrack(root: &Path, live: impl Fn(u32, u32) -> bool) -> Resu
 pub fn take_udp_sockets_of_removed_backends(
     root: &Path,
     live: impl Fn(u32, u32) -> bool,
-) -> Result<Vec<(u64, SocketAddrV4)>, LoadError> {
+) -> Result<Vec<(u64, SocketAddr)>, LoadError> {
     let name = map_names::SOCK_REV_NAT;
     let mut map: HashMap<MapData, SockRevNatKey, SockRevNatValue> = open_hash(root, name)?;
     let stale = |v: &SockRevNatValue| v.proto == service_common::PROTO_UDP && !live(v.rev_nat_id, v.backend_id);
@@ -144,8 +144,8 @@ pub fn take_udp_sockets_of_removed_backends(
         }
         match map.remove(&key) {
             Ok(()) => {
-                let ip = Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]);
-                taken.push((key.cookie, SocketAddrV4::new(ip, u16::from_be_bytes(key.port))));
+                let ip = crate::rows::render::ip(key.family, &key.addr);
+                taken.push((key.cookie, SocketAddr::new(ip, u16::from_be_bytes(key.port))));
             }
             Err(e) if is_not_found(&e) => {}
             Err(source) => return Err(LoadError::Map { name, source }),

@@ -520,8 +520,8 @@ pub fn socket_row(k: &service_common::SockRevNatKey, v: &service_common::SockRev
     SocketRow {
         cookie: k.cookie,
         protocol: proto_name(v.proto),
-        service: endpoint(FAMILY_IPV4, &v.addr, v.port),
-        backend: endpoint(FAMILY_IPV4, &k.addr, k.port),
+        service: endpoint(v.family, &v.addr, v.port),
+        backend: endpoint(k.family, &k.addr, k.port),
         rev_nat_id: v.rev_nat_id,
         backend_id: v.backend_id,
     }
