@@ -90,6 +90,17 @@ fn ipv4_frame(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, segment: &[u8], frag: u16
 /// exact checksums.
 #[must_use]
 pub fn tcp_v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut seg = tcp_segment_without_checksum(sport, dport, flags, payload);
+    let c = l4_checksum(src, dst, 6, &seg);
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src, dst, 6, &seg, IP_DF)
+}
+
+/// A TCP segment of either family (20-byte header: sequence 1000000, the
+/// acknowledgement 2000000 when ACK is set, window 64240), its checksum
+/// field still 0.
+#[must_use]
+pub fn tcp_segment_without_checksum(sport: u16, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
     let mut seg = vec![0u8; 20];
     seg[0..2].copy_from_slice(&sport.to_be_bytes());
     seg[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -99,9 +110,7 @@ pub fn tcp_v4(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, flags: u8, p
     seg[13] = flags;
     seg[14..16].copy_from_slice(&64240u16.to_be_bytes());
     seg.extend_from_slice(payload);
-    let c = l4_checksum(src, dst, 6, &seg);
-    seg[16..18].copy_from_slice(&c.to_be_bytes());
-    ipv4_frame(src, dst, 6, &seg, IP_DF)
+    seg
 }
 
 fn udp_segment(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: &[u8], with_checksum: bool) -> Vec<u8> {

@@ -122,18 +122,11 @@ pub fn frame(src: Ipv6Addr, dst: Ipv6Addr, exts: &[Ext], next: u8, upper: &[u8])
     f
 }
 
-/// A TCP segment (20-byte header, window 64240) with its checksum.
+/// A TCP segment (the same header as IPv4's crafted ones) with its
+/// checksum over the IPv6 pseudo-header.
 #[must_use]
 pub fn tcp_segment(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
-    let mut seg = vec![0u8; 20];
-    seg[0..2].copy_from_slice(&sport.to_be_bytes());
-    seg[2..4].copy_from_slice(&dport.to_be_bytes());
-    seg[4..8].copy_from_slice(&1_000_000u32.to_be_bytes());
-    seg[8..12].copy_from_slice(&(if flags & 0x10 != 0 { 2_000_000u32 } else { 0 }).to_be_bytes());
-    seg[12] = 5 << 4;
-    seg[13] = flags;
-    seg[14..16].copy_from_slice(&64240u16.to_be_bytes());
-    seg.extend_from_slice(payload);
+    let mut seg = crate::packet::tcp_segment_without_checksum(sport, dport, flags, payload);
     let c = l4_checksum(src, dst, PROTO_TCP, &seg);
     seg[16..18].copy_from_slice(&c.to_be_bytes());
     seg
