@@ -84,6 +84,23 @@ impl TestCgroup {
     }
 }
 
+/// Reads lines of a held client ([`TestCgroup::spawn_sock_client`]) until
+/// one starting with `prefix`.
+///
+/// # Panics
+/// When the output ends first, or cannot be read.
+pub fn line_starting(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.expect("client output");
+        if line.starts_with(prefix) {
+            return line;
+        }
+        seen.push(line);
+    }
+    panic!("no {prefix:?} line in {seen:?}");
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         // Its processes have exited (each client is waited for); a cgroup

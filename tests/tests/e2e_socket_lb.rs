@@ -8,7 +8,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use service_tests::{
-    cgroup::TestCgroup,
+    cgroup::{TestCgroup, line_starting},
     cluster::node_ip,
     fixture,
     netns::{Agent, Netns, binary},
@@ -256,19 +256,6 @@ fn host_sockets_keep_working_through_thousands_of_connections_and_an_agent_kille
     spread(&tally(&lines), 100);
     drop(agent);
     drop(killed);
-}
-
-/// Reads lines of a held client until one starting with `prefix`.
-fn line_starting(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.expect("client output");
-        if line.starts_with(prefix) {
-            return line;
-        }
-        seen.push(line);
-    }
-    panic!("no {prefix:?} line in {seen:?}");
 }
 
 #[test]

@@ -35,7 +35,7 @@ use service_agent::{
     vocabulary::{Cidr, ObjectRef},
 };
 use service_tests::{
-    cgroup::TestCgroup,
+    cgroup::{TestCgroup, line_starting},
     netns::{BpffsMount, ChildGuard, Netns, Topology, binary},
     north_south::agent_cli,
 };
@@ -190,19 +190,6 @@ fn pins(root: &Path) -> BTreeSet<String> {
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|n| n.starts_with("sock-"))
         .collect()
-}
-
-/// Reads lines of a held client until one starting with `prefix`.
-fn line_starting(lines: &mut impl Iterator<Item = std::io::Result<String>>, prefix: &str) -> String {
-    let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.expect("client output");
-        if line.starts_with(prefix) {
-            return line;
-        }
-        seen.push(line);
-    }
-    panic!("no {prefix:?} line in {seen:?}");
 }
 
 #[test]
