@@ -248,7 +248,39 @@ pub fn translate_error_v6(ctx: &TcContext, flow: &Flow) -> Outcome {
     if l4_off + 8 > outer_end {
         return pass(Counter::PassMalformed);
     }
+    // The outer header, as for IPv4; its addresses are in the ICMPv6
+    // checksum's pseudo-header.
+    let outer_destination = if flow.daddr == old.saddr { new.saddr } else { flow.daddr };
+    let outer_source = if flow.saddr == old.daddr { new.daddr } else { flow.saddr };
+    let outer = Endpoints::<16> { saddr: outer_source, daddr: outer_destination, sport: [0; 2], dport: [0; 2] };
+    rewrite_quoted_v6(ctx, flow, outer_end, proto, &old, &new, &outer)?;
+    let ip = flow.ip_off;
+    ctx.store(ip + IP6_SRC_OFF, &outer.saddr, STORE).map_err(|_| Counter::DropStore)?;
+    ctx.store(ip + IP6_DST_OFF, &outer.daddr, STORE).map_err(|_| Counter::DropStore)?;
+    if s.entry.flags & (ct_flags::EXTERNAL | ct_flags::SNAT) != 0 {
+        return forward(Counter::IcmpErrorTranslated);
+    }
+    pass(Counter::IcmpErrorTranslated)
+}
+
+/// [`rewrite_quoted`] for IPv6: the quoted addresses and ports, the quoted
+/// TCP/UDP checksum, and the ICMPv6 checksum over all of them and over the
+/// outer addresses' change (`outer`: the new outer source and destination,
+/// which its pseudo-header covers); any helper failing here is
+/// `drop_icmp_quote`.
+#[inline(always)]
+fn rewrite_quoted_v6(
+    ctx: &TcContext,
+    flow: &Flow,
+    outer_end: usize,
+    proto: u8,
+    old: &Endpoints<16>,
+    new: &Endpoints<16>,
+    outer: &Endpoints<16>,
+) -> Result<(), Counter> {
     let icmp_off = flow.l4_off;
+    let ip_off = icmp_off + ICMP_HLEN;
+    let l4_off = ip_off + IP6_HLEN;
     let mut icmp_check: [u8; 2] = ctx.load(icmp_off + ICMP_CSUM_OFF).map_err(|_| Counter::DropIcmpQuote)?;
     icmp_check = csum::update(icmp_check, &old.saddr, &new.saddr);
     icmp_check = csum::update(icmp_check, &old.daddr, &new.daddr);
@@ -259,7 +291,7 @@ pub fn translate_error_v6(ctx: &TcContext, flow: &Flow) -> Outcome {
         && let Ok(old_l4_check) = ctx.load::<[u8; 2]>(l4_check_off)
         && !(proto == PROTO_UDP && old_l4_check == [0, 0])
     {
-        let l4_check = csum::update_endpoints(old_l4_check, proto == PROTO_UDP, &old, &new);
+        let l4_check = csum::update_endpoints(old_l4_check, proto == PROTO_UDP, old, new);
         icmp_check = csum::update16(icmp_check, old_l4_check, l4_check);
         ctx.store(l4_check_off, &l4_check, STORE).map_err(|_| Counter::DropIcmpQuote)?;
     }
@@ -267,18 +299,7 @@ pub fn translate_error_v6(ctx: &TcContext, flow: &Flow) -> Outcome {
     ctx.store(ip_off + IP6_DST_OFF, &new.daddr, STORE).map_err(|_| Counter::DropIcmpQuote)?;
     ctx.store(l4_off, &new.sport, STORE).map_err(|_| Counter::DropIcmpQuote)?;
     ctx.store(l4_off + 2, &new.dport, STORE).map_err(|_| Counter::DropIcmpQuote)?;
-    // The outer header, as for IPv4; its addresses are in the ICMPv6
-    // checksum's pseudo-header.
-    let outer_destination = if flow.daddr == old.saddr { new.saddr } else { flow.daddr };
-    let outer_source = if flow.saddr == old.daddr { new.daddr } else { flow.saddr };
-    icmp_check = csum::update(icmp_check, &flow.saddr, &outer_source);
-    icmp_check = csum::update(icmp_check, &flow.daddr, &outer_destination);
-    ctx.store(icmp_off + ICMP_CSUM_OFF, &icmp_check, STORE).map_err(|_| Counter::DropIcmpQuote)?;
-    let ip = flow.ip_off;
-    ctx.store(ip + IP6_SRC_OFF, &outer_source, STORE).map_err(|_| Counter::DropStore)?;
-    ctx.store(ip + IP6_DST_OFF, &outer_destination, STORE).map_err(|_| Counter::DropStore)?;
-    if s.entry.flags & (ct_flags::EXTERNAL | ct_flags::SNAT) != 0 {
-        return forward(Counter::IcmpErrorTranslated);
-    }
-    pass(Counter::IcmpErrorTranslated)
+    icmp_check = csum::update(icmp_check, &flow.saddr, &outer.saddr);
+    icmp_check = csum::update(icmp_check, &flow.daddr, &outer.daddr);
+    ctx.store(icmp_off + ICMP_CSUM_OFF, &icmp_check, STORE).map_err(|_| Counter::DropIcmpQuote)
 }

@@ -448,11 +448,10 @@ fn array<const N: usize>(bytes: &[u8]) -> Result<&[u8; N], Counter> {
 /// through the stack.
 #[inline(always)]
 fn load_into<const N: usize>(ctx: &TcContext, off: usize, dst: &mut [u8; N]) -> Result<(), Counter> {
-    let off = u32::try_from(off).map_err(|_| Counter::DropLoad)?;
-    #[expect(clippy::cast_possible_truncation, reason = "a small constant")]
+    #[expect(clippy::cast_possible_truncation, reason = "a header offset and a small constant")]
     // SAFETY: `dst` is N writable bytes; the helper checks the packet
     // bounds itself.
-    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off, dst.as_mut_ptr().cast(), N as u32) };
+    let rc = unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const c_void, off as u32, dst.as_mut_ptr().cast(), N as u32) };
     if rc == 0 { Ok(()) } else { Err(Counter::DropLoad) }
 }
 

@@ -67,9 +67,12 @@ struct Helper {
 
 const HELPERS: &[Helper] = &[
     Helper { calls: &["l3_csum_replace("], reasons: &["DropL3Csum"] },
-    Helper { calls: &["l4_csum_replace("], reasons: &["DropL4Csum"] },
+    Helper { calls: &["l4_csum_replace(", "bpf_csum_diff("], reasons: &["DropL4Csum"] },
     Helper { calls: &[".store("], reasons: &["DropStore", "DropIcmpQuote"] },
-    Helper { calls: &[".load(", ".load::<"], reasons: &["DropLoad", "DropIcmpQuote", "PassMalformed"] },
+    Helper {
+        calls: &[".load(", ".load::<", "bpf_skb_load_bytes("],
+        reasons: &["DropLoad", "DropIcmpQuote", "PassMalformed"],
+    },
     Helper { calls: &["bpf_skb_change_tail(", "bpf_skb_change_head("], reasons: &["DropResize"] },
     Helper { calls: &["bpf_redirect(", "bpf_redirect_neigh("], reasons: &["DropRedirectRefused"] },
     Helper { calls: &[".insert("], reasons: &["DropCtInsert"] },
@@ -133,7 +136,12 @@ fn every_helper_failure_is_counted_as_its_own_stage() {
         );
         let calls = calls(&code);
         let counters = counters(&code);
-        let quote = if file == "icmp.rs" { Some(function(&code, "rewrite_quoted")) } else { None };
+        // The quote's rewrite of each family.
+        let quote: Vec<std::ops::Range<usize>> = if file == "icmp.rs" {
+            vec![function(&code, "rewrite_quoted"), function(&code, "rewrite_quoted_v6")]
+        } else {
+            Vec::new()
+        };
         // Forward: the first counter after a call, with no other call in
         // between, is one its helper's failure may be counted as.
         for (i, &(at, h)) in calls.iter().enumerate() {
@@ -143,7 +151,7 @@ fn every_helper_failure_is_counted_as_its_own_stage() {
             {
                 let line = code[..c_at].lines().count();
                 assert!(HELPERS[h].reasons.contains(&name), "{file}:{line}: {} counted as {name}", HELPERS[h].calls[0]);
-                let in_quote = quote.as_ref().is_some_and(|q| q.contains(&at));
+                let in_quote = quote.iter().any(|q| q.contains(&at));
                 assert_eq!(
                     name == "DropIcmpQuote",
                     in_quote,
