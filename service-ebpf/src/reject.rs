@@ -229,10 +229,18 @@ pub fn pack_icmp(icmp_type: u8, code: u8, mtu: u16) -> u32 {
     (u32::from(icmp_type) << 24) | (u32::from(code) << 16) | u32::from(mtu)
 }
 
+/// Whether a packed answer is time exceeded (ICMP type 11, what `fib`
+/// packs for an exhausted TTL or hop limit) rather than fragmentation
+/// needed.
+#[inline(always)]
+fn is_time_exceeded(answer: u32) -> bool {
+    answer >> 24 == 11
+}
+
 /// The counter for an answer built by [`icmp_error_to_sender`].
 #[inline(always)]
 fn answer_counter(answer: u32) -> Counter {
-    if answer >> 24 == 11 { Counter::DropTtlExceeded } else { Counter::DropFragNeeded }
+    if is_time_exceeded(answer) { Counter::DropTtlExceeded } else { Counter::DropFragNeeded }
 }
 
 /// Answers a packet that cannot be forwarded (too big for the egress MTU,
@@ -492,7 +500,7 @@ pub fn icmp6_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Resul
     }
     buf[Q6 + 8..Q6 + 24].copy_from_slice(&flow.saddr);
     buf[Q6 + 24..Q6 + 40].copy_from_slice(&flow.daddr);
-    let too_big = answer >> 24 != u32::from(ICMP_TIME_EXCEEDED_V4);
+    let too_big = !is_time_exceeded(answer);
     buf[IP6_HLEN] = if too_big { ICMPV6_PKT_TOOBIG } else { ICMPV6_TIME_EXCEED };
     buf[IP6_HLEN + 1] = 0;
     // Packet too big's MTU is 32 bits; time exceeded's word is unused.
@@ -501,7 +509,3 @@ pub fn icmp6_error_to_sender(ctx: &TcContext, flow: &Flow, answer: u32) -> Resul
     buf[IP6_HLEN + 4..IP6_HLEN + 8].copy_from_slice(&mtu.to_be_bytes());
     send_icmp6(ctx, flow, answer_counter(answer))
 }
-
-/// ICMP (v4) time exceeded: what `fib` packs for an exhausted TTL or hop
-/// limit.
-const ICMP_TIME_EXCEEDED_V4: u8 = 11;

@@ -26,7 +26,7 @@ use service_common::{FAMILY_IPV4, FAMILY_IPV6, SnatAddrKey, snat_ports, stats::C
 use service_tests::{
     netns::{BpffsMount, Netns, unique_suffix},
     packet::{self, TestRunOutput},
-    packet6::{self, Ext, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP},
+    packet6::{self, Ext, PROTO_TCP, PROTO_UDP},
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -441,7 +441,6 @@ fn icmpv6_errors_about_a_translated_flow_are_translated_and_nd_is_never_touched(
         let echo = packet6::icmp6(CLIENT, VIP, 128, 0, 1, b"ping");
         let about_echo = packet6::icmp6_error(ROUTER, CLIENT, 3, 0, 0, &echo);
         assert_eq!(run(fd, &about_echo).data_out, about_echo);
-        let _ = PROTO_ICMPV6;
     });
 }
 
