@@ -14,10 +14,18 @@
 //!   chain per service port picking an endpoint with `numgen random mod N`,
 //!   one chain per endpoint (hairpin mark, then `dnat to`).
 //!
+//! Both rulesets are written for the family of the Services' ClusterIPs,
+//! the way kube-proxy runs one proxier per family: for IPv6 the iptables
+//! text is `ip6tables-restore` input (`/128` host matches, `[addr]:port`
+//! DNAT targets) and the nftables one an `ip6 kube-proxy` table
+//! (`ipv6_addr` map keys, `ip6 saddr`/`ip6 daddr`). The caller loads it with
+//! the family's tool ([`iptables_restore_tool`]).
+//!
 //! Chain names have kube-proxy's shape: the iptables ones carry 16
 //! characters of base32(SHA-256(`namespace/name:port` + protocol)) as
 //! kube-proxy computes them; the nftables ones 8 characters of the same
-//! hash and the readable `namespace/name/protocol/port` part (unquoted, as
+//! hash and the readable `namespace/name/protocol/port` part, an IPv6
+//! endpoint's colons written as dots as kube-proxy does (unquoted, as
 //! knftables writes them: nft's identifiers may hold `/`, `.`, `-`; nft
 //! 1.0.6 rejects a double-quoted chain name with a syntax error). Services
 //! without endpoints are left out (kube-proxy only adds REJECT rules in the
@@ -29,7 +37,12 @@
 //! masquerade-all / cluster-CIDR marking of the service chains, and
 //! session affinity.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, SocketAddr},
+};
+
+use crate::netns::Family;
 
 /// One ClusterIP Service port.
 #[derive(Clone, Debug)]
@@ -37,16 +50,60 @@ pub struct RuleService {
     pub namespace: String,
     pub name: String,
     pub port_name: String,
-    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip: IpAddr,
     pub port: u16,
     /// `tcp` or `udp`.
     pub protocol: &'static str,
-    pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// Of the ClusterIP's family.
+    pub endpoints: Vec<(IpAddr, u16)>,
 }
 
 impl RuleService {
     fn port_name_full(&self) -> String {
         format!("{}/{}:{}", self.namespace, self.name, self.port_name)
+    }
+}
+
+/// The family of `addr`.
+const fn family_of(addr: IpAddr) -> Family {
+    match addr {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+/// The family of `services`' ClusterIPs (IPv4 when there are none).
+///
+/// # Panics
+/// When the Services mix families: kube-proxy keeps one ruleset per family,
+/// and so must the caller.
+#[must_use]
+pub fn family(services: &[RuleService]) -> Family {
+    let family = services.first().map_or(Family::V4, |s| family_of(s.cluster_ip));
+    assert!(
+        services
+            .iter()
+            .all(|s| family_of(s.cluster_ip) == family && s.endpoints.iter().all(|e| family_of(e.0) == family)),
+        "one ruleset holds one address family"
+    );
+    family
+}
+
+/// The tool that loads [`iptables_restore`]'s text in `family`.
+#[must_use]
+pub const fn iptables_restore_tool(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables-restore",
+        Family::V6 => "ip6tables-restore",
+    }
+}
+
+/// nftables' name of `family` (the table's family, the address matches'
+/// prefix) and its address type.
+const fn nft_family(family: Family) -> (&'static str, &'static str) {
+    match family {
+        Family::V4 => ("ip", "ipv4_addr"),
+        Family::V6 => ("ip6", "ipv6_addr"),
     }
 }
 
@@ -198,15 +255,20 @@ pub fn svc_chain(s: &RuleService) -> String {
 }
 
 /// `KUBE-SEP-…` of an endpoint (kube-proxy: servicePortEndpointChainName).
+/// The endpoint part is Go's `net.JoinHostPort`: `[addr]:port` for IPv6.
 #[must_use]
-pub fn sep_chain(s: &RuleService, ep: (Ipv4Addr, u16)) -> String {
-    format!("KUBE-SEP-{}", hash(&format!("{}{}{}:{}", s.port_name_full(), s.protocol, ep.0, ep.1), 16))
+pub fn sep_chain(s: &RuleService, ep: (IpAddr, u16)) -> String {
+    format!("KUBE-SEP-{}", hash(&format!("{}{}{}", s.port_name_full(), s.protocol, SocketAddr::from(ep)), 16))
 }
 
 /// kube-proxy's iptables-mode `nat` table for `services`, as
-/// `iptables-restore` input.
+/// `iptables-restore` (IPv4) or `ip6tables-restore` (IPv6) input.
+///
+/// # Panics
+/// When the Services mix families ([`family`]).
 #[must_use]
 pub fn iptables_restore(services: &[RuleService]) -> String {
+    let host = family(services).host_prefix();
     let live: Vec<&RuleService> = services.iter().filter(|s| !s.endpoints.is_empty()).collect();
     let mut out = String::from("*nat\n");
     for builtin in ["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"] {
@@ -234,7 +296,7 @@ pub fn iptables_restore(services: &[RuleService]) -> String {
         let p = s.protocol;
         let _ = writeln!(
             out,
-            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/32 --dport {} -j {}",
+            "-A KUBE-SERVICES -m comment --comment \"{} cluster IP\" -m {p} -p {p} -d {}/{host} --dport {} -j {}",
             s.port_name_full(),
             s.cluster_ip,
             s.port,
@@ -248,7 +310,7 @@ pub fn iptables_restore(services: &[RuleService]) -> String {
         let svc = svc_chain(s);
         let n = s.endpoints.len();
         for (i, ep) in s.endpoints.iter().enumerate() {
-            let comment = format!("-m comment --comment \"{} -> {}:{}\"", s.port_name_full(), ep.0, ep.1);
+            let comment = format!("-m comment --comment \"{} -> {}\"", s.port_name_full(), SocketAddr::from(*ep));
             if i + 1 < n {
                 #[expect(clippy::cast_precision_loss, reason = "endpoint counts")]
                 let probability = 1.0 / (n - i) as f64;
@@ -266,16 +328,15 @@ pub fn iptables_restore(services: &[RuleService]) -> String {
             let p = s.protocol;
             let _ = writeln!(
                 out,
-                "-A {sep} -m comment --comment \"{}\" -s {}/32 -j KUBE-MARK-MASQ",
+                "-A {sep} -m comment --comment \"{}\" -s {}/{host} -j KUBE-MARK-MASQ",
                 s.port_name_full(),
                 ep.0
             );
             let _ = writeln!(
                 out,
-                "-A {sep} -m comment --comment \"{}\" -m {p} -p {p} -j DNAT --to-destination {}:{}",
+                "-A {sep} -m comment --comment \"{}\" -m {p} -p {p} -j DNAT --to-destination {}",
                 s.port_name_full(),
-                ep.0,
-                ep.1
+                SocketAddr::from(*ep)
             );
         }
     }
@@ -295,18 +356,25 @@ pub fn nft_service_chain(s: &RuleService) -> String {
     format!("service-{}-{base}", hash(&base, 8))
 }
 
-/// `endpoint-XXXXXXXX-ns/name/proto/port__ip/port`.
+/// `endpoint-XXXXXXXX-ns/name/proto/port__ip/port`, an IPv6 address's
+/// colons written as dots (nft chain names may not hold `:`).
 #[must_use]
-pub fn nft_endpoint_chain(s: &RuleService, ep: (Ipv4Addr, u16)) -> String {
-    let base = format!("{}__{}/{}", nft_base(s), ep.0, ep.1);
+pub fn nft_endpoint_chain(s: &RuleService, ep: (IpAddr, u16)) -> String {
+    let ip = ep.0.to_string().replace(':', ".");
+    let base = format!("{}__{ip}/{}", nft_base(s), ep.1);
     format!("endpoint-{}-{base}", hash(&base, 8))
 }
 
-/// kube-proxy's nftables-mode table for `services`, as `nft -f` input.
+/// kube-proxy's nftables-mode table for `services`, as `nft -f` input:
+/// `ip kube-proxy` for IPv4 Services, `ip6 kube-proxy` for IPv6 ones.
+///
+/// # Panics
+/// When the Services mix families ([`family`]).
 #[must_use]
 pub fn nftables(services: &[RuleService]) -> String {
+    let (ipx, addr_type) = nft_family(family(services));
     let live: Vec<&RuleService> = services.iter().filter(|s| !s.endpoints.is_empty()).collect();
-    let mut out = String::from("table ip kube-proxy {\n");
+    let mut out = format!("table {ipx} kube-proxy {{\n");
     out.push_str("\tchain mark-for-masquerade {\n\t\tmeta mark set meta mark | 0x4000\n\t}\n");
     out.push_str("\tchain masquerading {\n\t\tmeta mark & 0x4000 == 0 return\n\t\tmeta mark set meta mark ^ 0x4000\n\t\tmasquerade fully-random\n\t}\n");
     for s in &live {
@@ -322,12 +390,12 @@ pub fn nftables(services: &[RuleService]) -> String {
         out.push_str("\t}\n");
         for ep in &s.endpoints {
             let _ = writeln!(out, "\tchain {} {{", nft_endpoint_chain(s, *ep));
-            let _ = writeln!(out, "\t\tip saddr {} jump mark-for-masquerade", ep.0);
-            let _ = writeln!(out, "\t\tmeta l4proto {} dnat to {}:{}", s.protocol, ep.0, ep.1);
+            let _ = writeln!(out, "\t\t{ipx} saddr {} jump mark-for-masquerade", ep.0);
+            let _ = writeln!(out, "\t\tmeta l4proto {} dnat to {}", s.protocol, SocketAddr::from(*ep));
             out.push_str("\t}\n");
         }
     }
-    out.push_str("\tmap service-ips {\n\t\ttype ipv4_addr . inet_proto . inet_service : verdict\n");
+    let _ = writeln!(out, "\tmap service-ips {{\n\t\ttype {addr_type} . inet_proto . inet_service : verdict");
     if !live.is_empty() {
         let elements: Vec<String> = live
             .iter()
@@ -336,7 +404,7 @@ pub fn nftables(services: &[RuleService]) -> String {
         let _ = writeln!(out, "\t\telements = {{ {} }}", elements.join(",\n\t\t\t"));
     }
     out.push_str("\t}\n");
-    out.push_str("\tchain services {\n\t\tip daddr . meta l4proto . th dport vmap @service-ips\n\t}\n");
+    let _ = writeln!(out, "\tchain services {{\n\t\t{ipx} daddr . meta l4proto . th dport vmap @service-ips\n\t}}");
     out.push_str("\tchain nat-prerouting {\n\t\ttype nat hook prerouting priority dstnat; policy accept;\n\t\tjump services\n\t}\n");
     // `dstnat` is -100; nft before 1.0.7 takes the keyword only on the
     // prerouting hook.
@@ -350,6 +418,8 @@ pub fn nftables(services: &[RuleService]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
     use super::*;
 
     fn svc(name: &str, endpoints: usize) -> RuleService {
@@ -357,12 +427,24 @@ mod tests {
             namespace: "ns1".into(),
             name: name.into(),
             port_name: "p80".into(),
-            cluster_ip: Ipv4Addr::new(172, 30, 0, 41),
+            cluster_ip: Ipv4Addr::new(172, 30, 0, 41).into(),
             port: 80,
             protocol: "tcp",
             endpoints: (0..endpoints)
-                .map(|i| (Ipv4Addr::new(10, 180, 0, u8::try_from(i + 1).unwrap_or(0)), 80))
+                .map(|i| (Ipv4Addr::new(10, 180, 0, u8::try_from(i + 1).unwrap_or(0)).into(), 80))
                 .collect(),
+        }
+    }
+
+    /// `svc` in IPv6, with the addresses of kube-proxy's IPv6 test cases
+    /// (ClusterIP fd00:172:30::41, endpoints fd00:10:180::1, ::2, …).
+    fn svc6(name: &str, endpoints: usize) -> RuleService {
+        RuleService {
+            cluster_ip: "fd00:172:30::41".parse::<Ipv6Addr>().unwrap().into(),
+            endpoints: (0..endpoints)
+                .map(|i| (Ipv6Addr::new(0xfd00, 0x10, 0x180, 0, 0, 0, 0, u16::try_from(i + 1).unwrap_or(0)).into(), 80))
+                .collect(),
+            ..svc(name, 0)
         }
     }
 
@@ -460,5 +542,53 @@ mod tests {
         for name in [svc_chain(&a), sep_chain(&a, a.endpoints[0])] {
             assert_eq!(name.len(), "KUBE-SVC-".len() + 16);
         }
+    }
+
+    #[test]
+    fn ipv6_endpoint_chain_names_are_kube_proxys() {
+        // kube-proxy's nftables proxier_test.go (ipv6 dump of TestNodePorts):
+        // ns1/svc1:p80 tcp, endpoints fd00:10:180::1 and fd00:10:180::2:1.
+        let mut s = svc6("svc1", 1);
+        assert_eq!(nft_service_chain(&s), "service-ULMVA6XW-ns1/svc1/tcp/p80");
+        assert_eq!(nft_endpoint_chain(&s, s.endpoints[0]), "endpoint-ZVRFLKHO-ns1/svc1/tcp/p80__fd00.10.180..1/80");
+        s.endpoints = vec![("fd00:10:180::2:1".parse::<Ipv6Addr>().unwrap().into(), 80)];
+        assert_eq!(nft_endpoint_chain(&s, s.endpoints[0]), "endpoint-2CRNCTTE-ns1/svc1/tcp/p80__fd00.10.180..2.1/80");
+        // The KUBE-SEP hash covers Go's JoinHostPort form `[addr]:port`:
+        // the IPv6 chain differs from one hashed over `addr:port`.
+        let ep = s.endpoints[0];
+        let unbracketed = format!("KUBE-SEP-{}", hash(&format!("ns1/svc1:p80tcp{}:{}", ep.0, ep.1), 16));
+        let bracketed = format!("KUBE-SEP-{}", hash("ns1/svc1:p80tcp[fd00:10:180::2:1]:80", 16));
+        assert_eq!(sep_chain(&s, ep), bracketed);
+        assert_ne!(sep_chain(&s, ep), unbracketed);
+    }
+
+    #[test]
+    fn ipv6_iptables_ruleset_is_ip6tables_restore_input() {
+        let s = svc6("a", 2);
+        let rules = iptables_restore(std::slice::from_ref(&s));
+        assert_eq!(iptables_restore_tool(family(std::slice::from_ref(&s))), "ip6tables-restore");
+        assert!(rules.contains("-m tcp -p tcp -d fd00:172:30::41/128 --dport 80 -j KUBE-SVC-"), "{rules}");
+        assert!(rules.contains("-s fd00:10:180::1/128 -j KUBE-MARK-MASQ"));
+        assert!(rules.contains("-m tcp -p tcp -j DNAT --to-destination [fd00:10:180::2]:80"));
+        assert!(!rules.contains("/32"));
+    }
+
+    #[test]
+    fn ipv6_nftables_ruleset_is_an_ip6_table() {
+        let rules = nftables(&[svc6("a", 2), svc6("empty", 0)]);
+        assert!(rules.starts_with("table ip6 kube-proxy {\n"));
+        assert!(rules.contains("type ipv6_addr . inet_proto . inet_service : verdict"));
+        assert!(rules.contains("ip6 daddr . meta l4proto . th dport vmap @service-ips"));
+        assert!(rules.contains("fd00:172:30::41 . tcp . 80 : goto service-"));
+        assert!(rules.contains(
+            "ip6 saddr fd00:10:180::1 jump mark-for-masquerade\n\t\tmeta l4proto tcp dnat to [fd00:10:180::1]:80"
+        ));
+        assert!(!rules.contains("ip saddr") && !rules.contains("ipv4_addr"));
+    }
+
+    #[test]
+    #[should_panic(expected = "one ruleset holds one address family")]
+    fn a_ruleset_never_mixes_families() {
+        let _ = nftables(&[svc("a", 1), svc6("b", 1)]);
     }
 }

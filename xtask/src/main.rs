@@ -48,9 +48,10 @@ enum Cmd {
         /// instead of docs/.
         #[arg(long)]
         quick: bool,
-        /// One section only (also written to target/bench/, never over
-        /// the full report in docs/).
-        #[arg(long, value_parser = ["packet", "traffic", "control", "socket"])]
+        /// Some sections only, comma-separated, of packet, traffic,
+        /// control, socket (also written to target/bench/, never over the
+        /// full report in docs/).
+        #[arg(long, value_parser = parse_sections)]
         only: Option<String>,
     },
     /// The long soak (root): every path at once, at least 50,000
@@ -419,6 +420,15 @@ fn demo() -> Result<()> {
             .env("POD_ECHO_BIN", release_bin("pod-echo"))
             .env("DEMO_MANIFESTS", root_dir().join("examples/manifests")),
     )
+}
+
+/// `--only`'s value: benchmark sections, comma-separated.
+fn parse_sections(value: &str) -> std::result::Result<String, String> {
+    const SECTIONS: [&str; 4] = ["packet", "traffic", "control", "socket"];
+    match value.split(',').find(|s| !SECTIONS.contains(s)) {
+        Some(bad) => Err(format!("unknown section {bad:?}: expected some of {}, comma-separated", SECTIONS.join(", "))),
+        None => Ok(value.to_owned()),
+    }
 }
 
 fn bench(quick: bool, only: Option<&str>) -> Result<()> {

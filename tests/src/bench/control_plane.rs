@@ -133,10 +133,10 @@ pub fn rule_services(services: usize, per: usize) -> Vec<RuleService> {
             namespace: "bench".into(),
             name: format!("svc-{i}"),
             port_name: "http".into(),
-            cluster_ip: vip(i),
+            cluster_ip: vip(i).into(),
             port: 80,
             protocol: "tcp",
-            endpoints: (0..per).map(|j| (pod_ip(i * per + j), 8080)).collect(),
+            endpoints: (0..per).map(|j| (pod_ip(i * per + j).into(), 8080)).collect(),
         })
         .collect()
 }

@@ -156,54 +156,20 @@ pub fn measure(n: usize, runs: usize) -> Result<Vec<CaseResult>> {
             Ok(f64::from(packet::prog_test_run(fd.as_fd(), frame, 1)?.duration_ns))
         };
         let mut out = Vec::new();
-        let non_service = packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, 0x10, b"");
         let mut floor_ns = Vec::with_capacity(runs);
-        let mut other_ns = Vec::with_capacity(runs);
+        let floor_frame = packet::tcp_v4(CLIENT, 40000, BACKENDS[0], 8080, 0x10, b"");
         for _ in 0..runs {
-            floor_ns.push(sample(&floor, &non_service)?);
-            other_ns.push(sample(&pod, &non_service)?);
+            floor_ns.push(sample(&floor, &floor_frame)?);
         }
-        // New flows: a distinct (client, port) per sample.
-        let mut new_ns = Vec::with_capacity(runs);
-        for i in 0..runs {
-            let i = u32::try_from(i).unwrap_or(u32::MAX);
-            let client = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + i / 50_000);
-            let sport = 10_000 + u16::try_from(i % 50_000).unwrap_or(0);
-            new_ns.push(sample(&pod, &packet::tcp_v4(client, sport, VIP, 80, 0x02, b""))?);
-        }
-        // One established flow: its SYN first, then data packets and
-        // replies from the backend conntrack chose.
-        let syn = packet::prog_test_run(pod.as_fd(), &packet::tcp_v4(CLIENT, 40000, VIP, 80, 0x02, b""), 1)?;
-        let backend = packet::parse(&syn.data_out).context("parse")?.ip_dst;
-        let data = packet::tcp_v4(CLIENT, 40000, VIP, 80, 0x10, b"GET / HTTP/1.1\r\n\r\n");
-        let reply = packet::tcp_v4(backend, 8080, CLIENT, 40000, 0x10, b"HTTP/1.1 200 OK\r\n\r\n");
-        let mut est_ns = Vec::with_capacity(runs);
-        let mut rev_ns = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            est_ns.push(sample(&pod, &data)?);
-            rev_ns.push(sample(&pod, &reply)?);
-        }
-        // The same four cases over IPv6.
-        let non_service6 = packet6::tcp(CLIENT6, 40000, BACKENDS6[0], 8080, 0x10, b"");
-        let mut v6_other_ns = Vec::with_capacity(runs);
-        let mut v6_new_ns = Vec::with_capacity(runs);
-        for i in 0..runs {
-            v6_other_ns.push(sample(&pod, &non_service6)?);
-            let group = u16::try_from(i / 50_000).unwrap_or(u16::MAX);
-            let client = Ipv6Addr::new(0xfd00, 0x10, 0x248, 0, 0, 0, group, 1);
-            let sport = 10_000 + u16::try_from(i % 50_000).unwrap_or(0);
-            v6_new_ns.push(sample(&pod, &packet6::tcp(client, sport, VIP6, 80, 0x02, b""))?);
-        }
-        let syn6 = packet::prog_test_run(pod.as_fd(), &packet6::tcp(CLIENT6, 40000, VIP6, 80, 0x02, b""), 1)?;
-        let backend6 = packet6::parse(&syn6.data_out).context("parse")?.dst;
-        let data6 = packet6::tcp(CLIENT6, 40000, VIP6, 80, 0x10, b"GET / HTTP/1.1\r\n\r\n");
-        let reply6 = packet6::tcp(backend6, 8080, CLIENT6, 40000, 0x10, b"HTTP/1.1 200 OK\r\n\r\n");
-        let mut v6_est_ns = Vec::with_capacity(runs);
-        let mut v6_rev_ns = Vec::with_capacity(runs);
-        for _ in 0..runs {
-            v6_est_ns.push(sample(&pod, &data6)?);
-            v6_rev_ns.push(sample(&pod, &reply6)?);
-        }
+        let pod_sample = |frame: &[u8]| sample(&pod, frame);
+        let [other_ns, new_ns, est_ns, rev_ns] =
+            family_cases(&pod_sample, &pod, runs, CLIENT.into(), VIP.into(), BACKENDS[0].into(), |i| {
+                Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 248, 0, 0)) + u32::try_from(i / 50_000).unwrap_or(0)).into()
+            })?;
+        let [v6_other_ns, v6_new_ns, v6_est_ns, v6_rev_ns] =
+            family_cases(&pod_sample, &pod, runs, CLIENT6.into(), VIP6.into(), BACKENDS6[0].into(), |i| {
+                Ipv6Addr::new(0xfd00, 0x10, 0x248, 0, 0, 0, u16::try_from(i / 50_000).unwrap_or(u16::MAX), 1).into()
+            })?;
         let all = [floor_ns, other_ns, new_ns, est_ns, rev_ns, v6_other_ns, v6_new_ns, v6_est_ns, v6_rev_ns];
         for (case, samples) in CASES.iter().zip(all) {
             out.push(CaseResult { services: n, case, ns: summarize(samples) });
@@ -213,6 +179,57 @@ pub fn measure(n: usize, runs: usize) -> Result<Vec<CaseResult>> {
     drop(ebpf);
     drop(reconciler);
     Ok(results)
+}
+
+/// A TCP frame `src:sport → dst:dport` of the addresses' family.
+fn tcp(src: IpAddr, sport: u16, dst: IpAddr, dport: u16, flags: u8, payload: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => packet::tcp_v4(s, sport, d, dport, flags, payload),
+        (IpAddr::V6(s), IpAddr::V6(d)) => packet6::tcp(s, sport, d, dport, flags, payload),
+        _ => unreachable!("a frame's addresses share a family"),
+    }
+}
+
+/// The destination address of a frame of either family.
+fn destination(frame: &[u8]) -> Option<IpAddr> {
+    match u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]) {
+        0x0800 => packet::parse(frame).map(|p| IpAddr::V4(p.ip_dst)),
+        0x86dd => packet6::parse(frame).map(|p| IpAddr::V6(p.dst)),
+        _ => None,
+    }
+}
+
+/// One family's four cases through `pod` (`sample` times one run of a
+/// frame), `runs` samples each: a packet to no Service (to `outside`),
+/// new flows to `vip` (a distinct `new_client(i)` and port per sample),
+/// then one established flow of `client` (its SYN first) and the replies
+/// of the backend conntrack chose for it.
+fn family_cases(
+    sample: &dyn Fn(&[u8]) -> Result<f64>,
+    pod: &std::os::fd::OwnedFd,
+    runs: usize,
+    client: IpAddr,
+    vip: IpAddr,
+    outside: IpAddr,
+    new_client: impl Fn(usize) -> IpAddr,
+) -> Result<[Vec<f64>; 4]> {
+    let non_service = tcp(client, 40000, outside, 8080, 0x10, b"");
+    let (mut other_ns, mut new_ns) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for i in 0..runs {
+        other_ns.push(sample(&non_service)?);
+        let sport = 10_000 + u16::try_from(i % 50_000).unwrap_or(0);
+        new_ns.push(sample(&tcp(new_client(i), sport, vip, 80, 0x02, b""))?);
+    }
+    let syn = packet::prog_test_run(pod.as_fd(), &tcp(client, 40000, vip, 80, 0x02, b""), 1)?;
+    let backend = destination(&syn.data_out).context("parse the SYN's rewrite")?;
+    let data = tcp(client, 40000, vip, 80, 0x10, b"GET / HTTP/1.1\r\n\r\n");
+    let reply = tcp(backend, 8080, client, 40000, 0x10, b"HTTP/1.1 200 OK\r\n\r\n");
+    let (mut est_ns, mut rev_ns) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for _ in 0..runs {
+        est_ns.push(sample(&data)?);
+        rev_ns.push(sample(&reply)?);
+    }
+    Ok([other_ns, new_ns, est_ns, rev_ns])
 }
 
 /// The classic measurement for the frames that are not rewritten: one

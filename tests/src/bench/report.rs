@@ -14,6 +14,7 @@ use super::{
     socket_lb::{Path as SocketPath, ProgramCost, SocketLbResult},
     traffic::{TrafficResult, Variant},
 };
+use crate::netns::Family;
 
 /// Kernel, CPU model and cores of this machine.
 #[must_use]
@@ -114,26 +115,34 @@ pub fn markdown(r: &Results) -> String {
          1024–65535, so no 4-tuple is reused while an earlier one lingers in TIME_WAIT or conntrack (the \
          SYN-retransmit trap). The floors dial the pod IPs directly; one without any netfilter rule, one \
          with netfilter conntrack active in the node (as it is under either kube-proxy ruleset): compare \
-         the kube-proxy rows with the second, ours with the first.\n",
+         the kube-proxy rows with the second, ours with the first. Each family is measured on its own: \
+         the IPv6 rows use single-stack IPv6 Services (the same plan, every address its IPv6 twin) and \
+         kube-proxy's IPv6 rulesets (`ip6tables-restore`, an `ip6 kube-proxy` table), and their ratios are \
+         to the IPv6 floors.\n",
         r.plan.workers, r.plan.traffic_seconds
     );
-    let floor = r.traffic.iter().find(|t| t.variant == Variant::Floor).map_or(0.0, |t| t.connections_per_s.median);
-    let floor_ct =
-        r.traffic.iter().find(|t| t.variant == Variant::FloorConntrack).map_or(0.0, |t| t.connections_per_s.median);
+    let conn = |v: Variant, n: Option<usize>, family: Family| {
+        r.traffic
+            .iter()
+            .find(|t| t.variant == v && t.family == family && n.is_none_or(|n| t.services == n))
+            .map_or(0.0, |t| t.connections_per_s.median)
+    };
     let _ = writeln!(
         md,
-        "| Services | dataplane | conn/s (median) | spread | ratio to floor | ratio to floor with conntrack | p50 ms | p99 ms | errors |"
+        "| family | Services | dataplane | conn/s (median) | spread | ratio to floor | ratio to floor with conntrack | p50 ms | p99 ms | errors |"
     );
-    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for t in &r.traffic {
         let services = if matches!(t.variant, Variant::Floor | Variant::FloorConntrack) {
             "-".to_owned()
         } else {
             t.services.to_string()
         };
+        let (floor, floor_ct) = (conn(Variant::Floor, None, t.family), conn(Variant::FloorConntrack, None, t.family));
         let _ = writeln!(
             md,
-            "| {services} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.3} | {:.3} | {} |",
+            "| {} | {services} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {:.3} | {:.3} | {} |",
+            t.family,
             t.variant.label(),
             t.connections_per_s.median,
             t.connections_per_s.min,
@@ -145,19 +154,37 @@ pub fn markdown(r: &Results) -> String {
             t.errors
         );
     }
-    let _ = writeln!(md, "\nRatios between the dataplanes at the same Service count:\n");
-    let _ = writeln!(md, "| Services | ours / iptables | ours / nftables |");
-    let _ = writeln!(md, "|---:|---:|---:|");
-    for n in r.plan.traffic_sizes {
-        let get = |v: Variant| {
-            r.traffic.iter().find(|t| t.variant == v && t.services == *n).map_or(0.0, |t| t.connections_per_s.median)
-        };
-        let _ = writeln!(
-            md,
-            "| {n} | {} | {} |",
-            ratio(get(Variant::Ours), get(Variant::Iptables)),
-            ratio(get(Variant::Ours), get(Variant::Nftables))
-        );
+    let _ = writeln!(
+        md,
+        "\nRatios between the dataplanes at the same Service count and family, and of each dataplane's IPv6 \
+         rate to its IPv4 rate:\n"
+    );
+    let _ = writeln!(md, "| family | Services | ours / iptables | ours / nftables |");
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for family in traffic_families(r) {
+        for n in r.plan.traffic_sizes {
+            let get = |v: Variant| conn(v, Some(*n), family);
+            let _ = writeln!(
+                md,
+                "| {family} | {n} | {} | {} |",
+                ratio(get(Variant::Ours), get(Variant::Iptables)),
+                ratio(get(Variant::Ours), get(Variant::Nftables))
+            );
+        }
+    }
+    if traffic_families(r).len() == 2 {
+        let _ = writeln!(md, "\n| Services | ours IPv6 / IPv4 | iptables IPv6 / IPv4 | nftables IPv6 / IPv4 |");
+        let _ = writeln!(md, "|---:|---:|---:|---:|");
+        for n in r.plan.traffic_sizes {
+            let six_to_four = |v: Variant| ratio(conn(v, Some(*n), Family::V6), conn(v, Some(*n), Family::V4));
+            let _ = writeln!(
+                md,
+                "| {n} | {} | {} | {} |",
+                six_to_four(Variant::Ours),
+                six_to_four(Variant::Iptables),
+                six_to_four(Variant::Nftables)
+            );
+        }
     }
     let _ = writeln!(md, "\n![connections per second](bench-connections.png)\n");
 
@@ -486,21 +513,25 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
         &series,
     )?;
 
-    let groups: Vec<String> = r.plan.traffic_sizes.iter().map(|n| format!("{n} Services")).collect();
+    let families = traffic_families(r);
+    let groups: Vec<String> = families
+        .iter()
+        .flat_map(|family| r.plan.traffic_sizes.iter().map(move |n| format!("{n} Services {family}")))
+        .collect();
     let series: Vec<(String, Vec<f64>)> =
         [Variant::Ours, Variant::Iptables, Variant::Nftables, Variant::Floor, Variant::FloorConntrack]
             .iter()
             .map(|v| {
-                let vals = r
-                    .plan
-                    .traffic_sizes
+                let vals = families
                     .iter()
-                    .map(|n| {
+                    .flat_map(|family| r.plan.traffic_sizes.iter().map(move |n| (*family, *n)))
+                    .map(|(family, n)| {
                         r.traffic
                             .iter()
                             .find(|t| {
                                 t.variant == *v
-                                    && (t.services == *n || matches!(v, Variant::Floor | Variant::FloorConntrack))
+                                    && t.family == family
+                                    && (t.services == n || matches!(v, Variant::Floor | Variant::FloorConntrack))
                             })
                             .map_or(0.0, |t| t.connections_per_s.median)
                     })
@@ -535,4 +566,12 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// The families the traffic section measured, IPv4 first.
+fn traffic_families(r: &Results) -> Vec<Family> {
+    let mut families: Vec<Family> = r.traffic.iter().map(|t| t.family).collect();
+    families.sort();
+    families.dedup();
+    families
 }

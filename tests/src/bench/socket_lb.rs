@@ -23,7 +23,7 @@ use super::{
     packet_cost::{self, CASES},
     traffic::{self, Bench, RunResult, TrafficResult, Variant},
 };
-use crate::{cgroup::TestCgroup, fixture};
+use crate::{cgroup::TestCgroup, fixture, netns::Family};
 
 /// What takes the client's connections to a backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,8 +51,8 @@ impl Path {
     /// The addresses the client dials (the workers take them in turn).
     fn targets(self) -> Vec<SocketAddr> {
         match self {
-            Self::SocketLb | Self::PacketPath => vec![traffic::cluster_ip()],
-            Self::Direct => traffic::backends(),
+            Self::SocketLb | Self::PacketPath => vec![traffic::cluster_ip(Family::V4)],
+            Self::Direct => traffic::backends(Family::V4),
         }
     }
 }
@@ -117,9 +117,11 @@ fn setup(path: Path) -> Result<Setup> {
     let cgroup = TestCgroup::new()?;
     let root = cgroup.path().display().to_string();
     let bench = match path {
-        Path::SocketLb => traffic::setup_with(Variant::Ours, 1, &["--socket-lb", "all", "--cgroup-root", &root])?,
-        Path::PacketPath => traffic::setup_with(Variant::Ours, 1, &[])?,
-        Path::Direct => traffic::setup_with(Variant::Floor, 1, &[])?,
+        Path::SocketLb => {
+            traffic::setup_with(Variant::Ours, 1, Family::V4, &["--socket-lb", "all", "--cgroup-root", &root])?
+        }
+        Path::PacketPath => traffic::setup_with(Variant::Ours, 1, Family::V4, &[])?,
+        Path::Direct => traffic::setup_with(Variant::Floor, 1, Family::V4, &[])?,
     };
     Ok(Setup { bench, cgroup })
 }
@@ -179,7 +181,9 @@ pub fn round(workers: usize, connections: usize, slices: usize, slice: Duration)
 #[must_use]
 pub fn combine(path: Path, runs: &[Run]) -> SocketLbResult {
     let variant = if path == Path::Direct { Variant::Floor } else { Variant::Ours };
-    let of = |pick: fn(&Run) -> RunResult| traffic::combine(variant, 1, &runs.iter().map(pick).collect::<Vec<_>>());
+    let of = |pick: fn(&Run) -> RunResult| {
+        traffic::combine(variant, 1, Family::V4, &runs.iter().map(pick).collect::<Vec<_>>())
+    };
     SocketLbResult { path, connections: of(|r| r.connections.clone()), round_trips: of(|r| r.round_trips.clone()) }
 }
 
@@ -202,7 +206,7 @@ pub fn check(path: Path) -> Result<()> {
         Ok((fixture::counter(&root, "sock_connect")?, fixture::counter(&root, "dnat_new_flow")?))
     };
     let before = counters()?;
-    let vip = traffic::cluster_ip().to_string();
+    let vip = traffic::cluster_ip(Family::V4).to_string();
     let lines = s.cgroup.sock_client_with(s.bench.client(), &["tcp-many", &vip, "60"])?;
     let after = counters()?;
     let reached = lines.iter().find_map(|l| l.strip_prefix("backends ")).map(|b| b.split(',').count());

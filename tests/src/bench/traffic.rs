@@ -3,7 +3,11 @@
 //! 1, 1,000 and 10,000 Services present, for our dataplane, kube-proxy's
 //! iptables and nftables rulesets for the same Services, and no
 //! translation at all (the client dials the pod IPs itself), the last
-//! without and with netfilter conntrack active in the node.
+//! without and with netfilter conntrack active in the node. Each case runs
+//! in either family: in IPv6 the Services are single-stack IPv6 (every
+//! address the [`ipv6_twin`](crate::netns::ipv6_twin) of its IPv4 one),
+//! and kube-proxy's rulesets are its IPv6 ones (`ip6tables-restore`, an
+//! `ip6 kube-proxy` table).
 //!
 //! The load client is this program: `workers` threads in the client pod,
 //! each in a loop for the run's duration: connect, send `who`, read the
@@ -16,7 +20,7 @@
 use std::{
     fmt::Write as _,
     io::{BufRead as _, BufReader, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -30,7 +34,7 @@ use super::{Stats, percentile, summarize};
 use crate::{
     fixture::{self, ManifestDir},
     kube_proxy_rules::{self, RuleService},
-    netns::{Agent, BpffsMount, ChildGuard, Topology},
+    netns::{Agent, BpffsMount, ChildGuard, Family, Topology},
 };
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
@@ -102,22 +106,23 @@ impl RunResult {
     }
 }
 
-/// A variant at a Service count, over the repeats.
+/// A variant at a Service count in a family, over the repeats.
 #[derive(Clone, Debug)]
 pub struct TrafficResult {
     pub variant: Variant,
     pub services: usize,
+    pub family: Family,
     pub connections_per_s: Stats,
     pub p50_ms: Stats,
     pub p99_ms: Stats,
     pub errors: usize,
 }
 
-/// The measured Service plus `n - 1` others, for the rule generators. The
-/// measured one sits in the middle of the list: iptables matches
-/// `KUBE-SERVICES` rule by rule, so its position decides how many rules a
-/// new connection passes; the middle is kube-proxy's average case.
-fn rule_services(n: usize) -> Vec<RuleService> {
+/// The measured Service plus `n - 1` others in `family`, for the rule
+/// generators. The measured one sits in the middle of the list: iptables
+/// matches `KUBE-SERVICES` rule by rule, so its position decides how many
+/// rules a new connection passes; the middle is kube-proxy's average case.
+fn rule_services(n: usize, family: Family) -> Vec<RuleService> {
     let mut out: Vec<RuleService> = (1..n)
         .map(|i| {
             let i32_ = u32::try_from(i).unwrap_or(0);
@@ -126,10 +131,10 @@ fn rule_services(n: usize) -> Vec<RuleService> {
                 namespace: "bench".into(),
                 name: format!("svc-{i}"),
                 port_name: "http".into(),
-                cluster_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i32_),
+                cluster_ip: family.addr(Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 97, 0, 0)) + i32_)),
                 port: 80,
                 protocol: "tcp",
-                endpoints: (0..3).map(|k| (Ipv4Addr::from(b + k), 8080)).collect(),
+                endpoints: (0..3).map(|k| (family.addr(Ipv4Addr::from(b + k)), 8080)).collect(),
             }
         })
         .collect();
@@ -139,22 +144,24 @@ fn rule_services(n: usize) -> Vec<RuleService> {
             namespace: "bench".into(),
             name: "web".into(),
             port_name: "who".into(),
-            cluster_ip: VIP,
+            cluster_ip: family.addr(VIP),
             port: 80,
             protocol: "tcp",
-            endpoints: BACKENDS.iter().map(|(_, ip)| (*ip, 7000)).collect(),
+            endpoints: BACKENDS.iter().map(|(_, ip)| (family.addr(*ip), 7000)).collect(),
         },
     );
     out
 }
 
-/// The same Services as manifests for the agent.
+/// The same Services as manifests for the agent: single-stack Services of
+/// their ClusterIP's family, with an EndpointSlice of that `addressType`.
 fn manifests(services: &[RuleService]) -> String {
     let mut out = String::new();
     for s in services {
+        let family = if s.cluster_ip.is_ipv4() { "IPv4" } else { "IPv6" };
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\nspec:\n  clusterIP: {ip}\n  ports:\n  - {{name: {pn}, port: {p}, targetPort: {tp}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-x\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {n}}}\naddressType: IPv4\nports:\n- {{name: {pn}, port: {tp}}}\nendpoints:\n",
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {n}, namespace: {ns}}}\nspec:\n  clusterIP: \"{ip}\"\n  ipFamilies: [{family}]\n  ports:\n  - {{name: {pn}, port: {p}, targetPort: {tp}}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-x\n  namespace: {ns}\n  labels: {{kubernetes.io/service-name: {n}}}\naddressType: {family}\nports:\n- {{name: {pn}, port: {tp}}}\nendpoints:\n",
             n = s.name,
             ns = s.namespace,
             ip = s.cluster_ip,
@@ -190,23 +197,24 @@ impl Bench {
     }
 }
 
-/// The ClusterIP the client dials.
-pub(crate) fn cluster_ip() -> SocketAddr {
-    SocketAddr::from((VIP, 80))
+/// The ClusterIP the client dials in `family`.
+pub(crate) fn cluster_ip(family: Family) -> SocketAddr {
+    SocketAddr::new(family.addr(VIP), 80)
 }
 
-/// The backend pods' addresses, for dialling them directly.
-pub(crate) fn backends() -> Vec<SocketAddr> {
-    BACKENDS.iter().map(|(_, ip)| SocketAddr::from((*ip, 7000))).collect()
+/// The backend pods' addresses in `family`, for dialling them directly.
+pub(crate) fn backends(family: Family) -> Vec<SocketAddr> {
+    BACKENDS.iter().map(|(_, ip)| SocketAddr::new(family.addr(*ip), 7000)).collect()
 }
 
-fn setup(variant: Variant, services: usize) -> Result<Bench> {
-    setup_with(variant, services, &[])
+fn setup(variant: Variant, services: usize, family: Family) -> Result<Bench> {
+    setup_with(variant, services, family, &[])
 }
 
 /// [`setup`] with `agent_flags` appended to the agent's command line
-/// ([`Variant::Ours`]).
-pub(crate) fn setup_with(variant: Variant, services: usize, agent_flags: &[&str]) -> Result<Bench> {
+/// ([`Variant::Ours`]). The topology is dual-stack whatever `family`; the
+/// Services and rulesets are of `family` only.
+pub(crate) fn setup_with(variant: Variant, services: usize, family: Family, agent_flags: &[&str]) -> Result<Bench> {
     let mut topo = Topology::new()?;
     topo.add_pod("client", CLIENT)?;
     topo.pod("client").ns.sysctl("net.ipv4.ip_local_port_range=1024 65535")?;
@@ -215,7 +223,8 @@ pub(crate) fn setup_with(variant: Variant, services: usize, agent_flags: &[&str]
         topo.add_pod(name, ip)?;
         servers.push(fixture::start_echo(&topo.pod(name).ns, name, &["--tcp-port", "7000"])?);
     }
-    let rules = rule_services(services);
+    let rules = rule_services(services, family);
+    let iptables_restore = kube_proxy_rules::iptables_restore_tool(family);
     let (mut agent, mut bpffs, mut dir) = (None, None, None);
     match variant {
         Variant::Ours => {
@@ -227,14 +236,17 @@ pub(crate) fn setup_with(variant: Variant, services: usize, agent_flags: &[&str]
             a.wait_for_log("attached pod ingress program", 4, Duration::from_secs(10))?;
             (agent, bpffs, dir) = (Some(a), Some(b), Some(m));
         }
-        Variant::Iptables => load(&topo, "iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules))?,
+        Variant::Iptables => load(&topo, iptables_restore, &[], &kube_proxy_rules::iptables_restore(&rules))?,
         Variant::Nftables => load(&topo, "nft", &["-f"], &kube_proxy_rules::nftables(&rules))?,
         Variant::Floor => {}
         Variant::FloorConntrack => {
-            // Any nat table turns conntrack on for the namespace; this one
-            // translates nothing the client sends.
-            let rules = vec![RuleService { cluster_ip: Ipv4Addr::new(10, 96, 255, 1), ..rule_services(1).remove(0) }];
-            load(&topo, "iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules))?;
+            // Any nat table of the family turns conntrack on for it in the
+            // namespace; this one translates nothing the client sends.
+            let rules = vec![RuleService {
+                cluster_ip: family.addr(Ipv4Addr::new(10, 96, 255, 1)),
+                ..rule_services(1, family).remove(0)
+            }];
+            load(&topo, iptables_restore, &[], &kube_proxy_rules::iptables_restore(&rules))?;
         }
     }
     Ok(Bench { _agent: agent, _servers: servers, topo, bpffs, _manifests: dir })
@@ -295,9 +307,12 @@ fn linger_zero(s: &TcpStream) -> std::io::Result<()> {
 }
 
 /// Runs the load from the client pod for `duration` with `workers`.
-fn drive(bench: &Bench, variant: Variant, workers: usize, duration: Duration) -> RunResult {
-    let targets =
-        if matches!(variant, Variant::Floor | Variant::FloorConntrack) { backends() } else { vec![cluster_ip()] };
+fn drive(bench: &Bench, variant: Variant, family: Family, workers: usize, duration: Duration) -> RunResult {
+    let targets = if matches!(variant, Variant::Floor | Variant::FloorConntrack) {
+        backends(family)
+    } else {
+        vec![cluster_ip(family)]
+    };
     bench.client().run_in(move || new_connections(&targets, workers, duration))
 }
 
@@ -378,25 +393,38 @@ pub fn round_trips(targets: &[SocketAddr], workers: usize, duration: Duration) -
     })
 }
 
-/// One measurement of `variant` at `services` Services on a fresh
-/// topology: set up, warm up (ARP, first flows), then `duration` of load.
+/// One measurement of `variant` at `services` Services of `family` on a
+/// fresh topology: set up, warm up (ARP or neighbour discovery, first
+/// flows), then `duration` of load.
 ///
 /// # Errors
 /// When the topology or the translation cannot be set up.
-pub fn run_once(variant: Variant, services: usize, workers: usize, duration: Duration) -> Result<RunResult> {
+pub fn run_once(
+    variant: Variant,
+    services: usize,
+    family: Family,
+    workers: usize,
+    duration: Duration,
+) -> Result<RunResult> {
     let started = Instant::now();
-    let bench = setup(variant, services).with_context(|| format!("{} at {services} Services", variant.label()))?;
-    eprintln!("      (set-up of {} at {services} Services: {:.1} s)", variant.label(), started.elapsed().as_secs_f64());
-    let _ = drive(&bench, variant, workers, Duration::from_millis(300));
-    Ok(drive(&bench, variant, workers, duration))
+    let bench = setup(variant, services, family)
+        .with_context(|| format!("{} at {services} {family} Services", variant.label()))?;
+    eprintln!(
+        "      (set-up of {} at {services} {family} Services: {:.1} s)",
+        variant.label(),
+        started.elapsed().as_secs_f64()
+    );
+    let _ = drive(&bench, variant, family, workers, Duration::from_millis(300));
+    Ok(drive(&bench, variant, family, workers, duration))
 }
 
-/// The runs of one variant at one Service count, summarized.
+/// The runs of one variant at one Service count in one family, summarized.
 #[must_use]
-pub fn combine(variant: Variant, services: usize, runs: &[RunResult]) -> TrafficResult {
+pub fn combine(variant: Variant, services: usize, family: Family, runs: &[RunResult]) -> TrafficResult {
     TrafficResult {
         variant,
         services,
+        family,
         connections_per_s: summarize(runs.iter().map(|r| r.connections_per_s).collect()),
         p50_ms: summarize(runs.iter().map(|r| r.p50_ms).collect()),
         p99_ms: summarize(runs.iter().map(|r| r.p99_ms).collect()),
@@ -404,25 +432,34 @@ pub fn combine(variant: Variant, services: usize, runs: &[RunResult]) -> Traffic
     }
 }
 
-/// Checks that traffic really flows through a variant's translation: every
-/// backend answers through the ClusterIP.
+/// Checks that traffic really flows through a variant's translation in
+/// `family`: every backend answers through the ClusterIP, and each saw the
+/// client's own address of that family (DNAT only, the client not
+/// masqueraded).
 ///
 /// # Errors
-/// When a connection fails or a backend never answers.
-pub fn check_flows(variant: Variant, services: usize) -> Result<()> {
-    let bench = setup(variant, services)?;
+/// When a connection fails, a backend never answers or an answer names
+/// another peer.
+pub fn check_flows(variant: Variant, services: usize, family: Family) -> Result<()> {
+    let bench = setup(variant, services, family)?;
+    let vip = cluster_ip(family);
+    let client: IpAddr = family.addr(CLIENT);
     let seen = bench.topo.pod("client").ns.run_in(|| -> Result<std::collections::BTreeSet<String>> {
         let mut seen = std::collections::BTreeSet::new();
         for _ in 0..60 {
-            let mut s = TcpStream::connect_timeout(&SocketAddr::from((VIP, 80)), Duration::from_secs(2))?;
+            let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             s.write_all(b"who\n")?;
             let mut line = String::new();
             BufReader::new(&s).read_line(&mut line)?;
-            seen.insert(line.split_whitespace().next().unwrap_or_default().to_owned());
+            let mut words = line.split_whitespace();
+            let backend = words.next().unwrap_or_default().to_owned();
+            let peer: Option<SocketAddr> = words.next().and_then(|w| w.parse().ok());
+            anyhow::ensure!(peer.map(|p| p.ip()) == Some(client), "{family} answer {line:?}: peer is not {client}");
+            seen.insert(backend);
         }
         Ok(seen)
     })?;
-    anyhow::ensure!(seen.len() == 3, "{}: backends reached {seen:?}", variant.label());
+    anyhow::ensure!(seen.len() == 3, "{} in {family}: backends reached {seen:?}", variant.label());
     Ok(())
 }

@@ -12,7 +12,7 @@ use service_tests::{
         socket_lb,
         traffic::{self, Variant},
     },
-    netns::{clean_up_on_signal, is_root, sweep_leftovers},
+    netns::{Family, clean_up_on_signal, is_root, sweep_leftovers},
 };
 
 fn main() -> Result<()> {
@@ -33,10 +33,11 @@ fn main() -> Result<()> {
         .and_then(|i| args.get(i + 1))
         .map_or_else(|| PathBuf::from("target/bench"), PathBuf::from);
     std::fs::create_dir_all(&out)?;
-    // `--only packet|traffic|control|socket`: one section (for development; the
-    // report then lacks the others).
+    // `--only packet|traffic|control|socket` (or several, comma-separated):
+    // those sections only (for development; the report then lacks the
+    // others).
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
-    let wants = |section: &str| only.as_deref().is_none_or(|o| o == section);
+    let wants = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s == section));
     let plan = Plan::new(quick);
     let started = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
     let mut results = Results {
@@ -91,30 +92,36 @@ fn packet_section(plan: &Plan, results: &mut Results) -> Result<()> {
 
 fn traffic_section(plan: &Plan, results: &mut Results) -> Result<()> {
     println!("== 2. connections through a ClusterIP");
-    for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
-        traffic::check_flows(v, 3).with_context(|| format!("checking that traffic flows through {}", v.label()))?;
-        println!("   checked: {} reaches all 3 backends through the ClusterIP", v.label());
+    for family in Family::BOTH {
+        for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
+            traffic::check_flows(v, 3, family)
+                .with_context(|| format!("checking that traffic flows through {} in {family}", v.label()))?;
+            println!("   checked: {} reaches all 3 backends through the {family} ClusterIP", v.label());
+        }
     }
     let duration = Duration::from_secs_f64(plan.traffic_seconds);
     // Every case once per round, rounds repeated: slow drift of the
     // machine spreads over all cases instead of landing on one.
-    let mut cases = vec![(Variant::Floor, 1), (Variant::FloorConntrack, 1)];
-    for n in plan.traffic_sizes {
-        for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
-            cases.push((v, *n));
+    let mut cases = Vec::new();
+    for family in Family::BOTH {
+        cases.extend([(Variant::Floor, 1, family), (Variant::FloorConntrack, 1, family)]);
+        for n in plan.traffic_sizes {
+            for v in [Variant::Ours, Variant::Iptables, Variant::Nftables] {
+                cases.push((v, *n, family));
+            }
         }
     }
     let mut runs: Vec<Vec<traffic::RunResult>> = vec![Vec::new(); cases.len()];
     for round in 1..=plan.traffic_repeats {
         println!("   round {round} of {}", plan.traffic_repeats);
-        for (i, (v, n)) in cases.iter().enumerate() {
-            runs[i].push(traffic::run_once(*v, *n, plan.workers, duration)?);
+        for (i, (v, n, family)) in cases.iter().enumerate() {
+            runs[i].push(traffic::run_once(*v, *n, *family, plan.workers, duration)?);
         }
     }
-    for ((v, n), runs) in cases.iter().zip(&runs) {
-        let t = traffic::combine(*v, *n, runs);
+    for ((v, n, family), runs) in cases.iter().zip(&runs) {
+        let t = traffic::combine(*v, *n, *family, runs);
         println!(
-            "   {:>6} Services  {:<32} {:>7.0} conn/s ({:.0}-{:.0})  p50 {:.3} ms  p99 {:.3} ms  errors {}",
+            "   {family} {:>6} Services  {:<32} {:>7.0} conn/s ({:.0}-{:.0})  p50 {:.3} ms  p99 {:.3} ms  errors {}",
             n,
             v.label(),
             t.connections_per_s.median,
