@@ -1,13 +1,25 @@
 //! Tier 3: the agent's metrics and health endpoints, scraped from the node
 //! namespace with curl while real traffic flows (kube-proxy's names and
 //! ports: `/metrics` on 127.0.0.1:10249, `/healthz` and `/livez` on :10256).
+//!
+//! The live-node test runs twice (`::ipv4`, `::ipv6`): its traffic in one
+//! family, its Service dual-stack in IPv6 (the IPv6 frontend's labels,
+//! rows and flows written `[addr]:port`).
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use service_tests::{
     fixture::{self, ManifestDir},
-    netns::{Agent, BpffsMount, Topology, binary, wait_until},
+    in_both_families,
+    netns::{Agent, BpffsMount, Family, Topology, binary, http_url, wait_until},
+    north_south::dual_stack,
 };
+
+in_both_families!(metrics_health_inspect_and_explain_work_on_a_live_node);
 
 /// `service-agent ARGS... --bpffs-root ROOT`: its stdout.
 fn agent_cli(root: &std::path::Path, args: &[&str]) -> String {
@@ -65,23 +77,40 @@ fn samples(body: &str) -> BTreeMap<String, f64> {
         .collect()
 }
 
-#[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
+/// `web`'s ClusterIP, its endpoint, the client pod, and an address no
+/// Service has (IPv4 forms; the test's family picks the address).
+const WEB_CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const BACKEND: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+const NO_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
+
 #[expect(clippy::float_cmp, reason = "counts are small integers, exact in f64")]
 #[expect(clippy::too_many_lines, reason = "one live node, checked through every operator interface in turn")]
-fn metrics_health_inspect_and_explain_work_on_a_live_node() {
+fn metrics_health_inspect_and_explain_work_on_a_live_node(family: Family) {
     let mut topo = Topology::new().expect("node");
-    topo.add_pod("client", Ipv4Addr::new(10, 244, 1, 10)).expect("client");
-    topo.add_pod("backend", Ipv4Addr::new(10, 244, 1, 11)).expect("backend");
+    topo.add_pod("client", CLIENT).expect("client");
+    topo.add_pod("backend", BACKEND).expect("backend");
     let _server = fixture::start_echo(&topo.pod("backend").ns, "backend", &[]).expect("echo");
     let manifests = ManifestDir::new();
-    manifests.write("services.yaml", MANIFESTS);
+    manifests.write(
+        "services.yaml",
+        &match family {
+            Family::V4 => MANIFESTS.to_owned(),
+            Family::V6 => dual_stack(MANIFESTS),
+        },
+    );
+    // The addresses in the test's family, as explain, inspect and the
+    // metrics labels write them (`[addr]:port` in IPv6).
+    let cluster_ip = family.addr(WEB_CLUSTER_IP);
+    let frontend = SocketAddr::new(cluster_ip, 80).to_string();
+    let backend = SocketAddr::new(family.addr(BACKEND), 8080).to_string();
+    let client = family.addr(CLIENT).to_string();
     let bpffs = BpffsMount::new().expect("bpffs");
     let mut agent =
         Agent::start(&topo.node, manifests.path(), "node-1", &bpffs.path().join("node-1"), &[]).expect("agent");
     agent.wait_for_log("synced", 1, Duration::from_secs(20)).expect("sync");
     for _ in 0..5 {
-        fixture::curl(&topo.pod("client").ns, "http://10.96.0.10/").expect("traffic");
+        fixture::curl(&topo.pod("client").ns, &http_url(cluster_ip, 80)).expect("traffic");
     }
 
     let scrape = || fixture::curl(&topo.node, "http://127.0.0.1:10249/metrics").ok().map(|b| samples(&b));
@@ -91,7 +120,13 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     assert!(get("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 1.7e9);
     assert!(get("kubeproxy_network_programming_duration_seconds_count") >= 1.0, "trigger-time annotation observed");
     assert_eq!(get("service_dataplane_invalid_objects{kind=\"Service\"}"), 1.0, "the broken Service");
-    assert_eq!(get("service_dataplane_map_entries{map=\"rev_nat\"}"), 1.0);
+    // One reverse-NAT row per frontend: the ClusterIP, and its IPv6 twin
+    // when the Service is dual-stack.
+    let frontends: u8 = match family {
+        Family::V4 => 1,
+        Family::V6 => 2,
+    };
+    assert_eq!(get("service_dataplane_map_entries{map=\"rev_nat\"}"), f64::from(frontends));
     assert!(get("service_dataplane_map_capacity{map=\"services\"}") >= 1.0);
     assert_eq!(get("service_dataplane_packets_total{verdict=\"dnat_new_flow\",drop=\"false\"}"), 5.0);
     assert!(get("service_dataplane_packets_total{verdict=\"rev_nat_reply\",drop=\"false\"}") >= 5.0);
@@ -102,19 +137,19 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
         5.0
     );
     // Per-Service and per-backend traffic, both directions, named.
-    let svc_packets = get(
-        "service_dataplane_service_packets_total{namespace=\"default\",name=\"web\",port=\"\",frontend=\"10.96.0.10:80\"}",
-    );
-    let backend_packets = get("service_dataplane_backend_packets_total{backend=\"10.244.1.11:8080/TCP\"}");
+    let svc_packets = get(&format!(
+        "service_dataplane_service_packets_total{{namespace=\"default\",name=\"web\",port=\"\",frontend=\"{frontend}\"}}"
+    ));
+    let backend_packets = get(&format!("service_dataplane_backend_packets_total{{backend=\"{backend}/TCP\"}}"));
     let dnat_and_replies = get("service_dataplane_packets_total{verdict=\"dnat_new_flow\",drop=\"false\"}")
         + get("service_dataplane_packets_total{verdict=\"dnat_established\",drop=\"false\"}")
         + get("service_dataplane_packets_total{verdict=\"rev_nat_reply\",drop=\"false\"}");
     assert_eq!(svc_packets, dnat_and_replies, "every translated packet is counted for its Service");
     assert_eq!(backend_packets, svc_packets);
     assert!(
-        get(
-            "service_dataplane_service_bytes_total{namespace=\"default\",name=\"web\",port=\"\",frontend=\"10.96.0.10:80\"}"
-        ) > svc_packets * 40.0
+        get(&format!(
+            "service_dataplane_service_bytes_total{{namespace=\"default\",name=\"web\",port=\"\",frontend=\"{frontend}\"}}"
+        )) > svc_packets * 40.0
     );
     // The broken Service is reported once, not on every sync.
     assert_eq!(agent.log().matches("Service default/broken: spec.clusterIP").count(), 1, "{}", agent.log());
@@ -137,23 +172,37 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
     let root = bpffs.path().join("node-1");
     let text = agent_cli(&root, &["inspect", "services"]);
     assert!(text.starts_with("FRONTEND"), "{text}");
-    assert!(text.contains("10.96.0.10:80/TCP internal") && text.contains("10.244.1.11:8080 (31/31)"), "{text}");
+    assert!(
+        text.contains(&format!("{frontend}/TCP internal")) && text.contains(&format!("{backend} (31/31)")),
+        "{text}"
+    );
     let services: serde_json::Value =
         serde_json::from_str(&agent_cli(&root, &["inspect", "services", "-o", "json"])).expect("json");
-    assert_eq!(services[0]["address"], "10.96.0.10");
-    assert_eq!(services[0]["backends"][0][0]["address"], "10.244.1.11");
-    assert_eq!(services[0]["backends"][0][1], 31);
-    assert!(services[0]["packets"].as_u64().is_some_and(|p| p >= 5 * 6), "{services:#}");
-    assert_eq!(services[0]["backends"][0][0]["packets"], services[0]["packets"]);
+    // Two rows per ClusterIP (for pods, and for traffic from outside); the
+    // pods' one of the test's family is read.
+    let rows = services.as_array().expect("rows");
+    assert_eq!(rows.len(), 2 * usize::from(frontends), "{services:#}");
+    let service = rows
+        .iter()
+        .find(|r| r["address"] == cluster_ip.to_string() && r["scope"] == "internal")
+        .unwrap_or_else(|| panic!("{services:#}"));
+    assert_eq!(service["backends"][0][0]["address"], family.addr(BACKEND).to_string());
+    assert_eq!(service["backends"][0][1], 31);
+    assert!(service["packets"].as_u64().is_some_and(|p| p >= 5 * 6), "{services:#}");
+    assert_eq!(service["backends"][0][0]["packets"], service["packets"]);
     let backends: serde_json::Value =
         serde_json::from_str(&agent_cli(&root, &["inspect", "backends", "-o", "json"])).expect("json");
-    assert_eq!(backends[0]["port"], 8080);
+    let row = backends
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["address"] == family.addr(BACKEND).to_string()))
+        .unwrap_or_else(|| panic!("{backends:#}"));
+    assert_eq!(row["port"], 8080);
     let ct: serde_json::Value =
         serde_json::from_str(&agent_cli(&root, &["inspect", "conntrack", "-o", "json"])).expect("json");
     let dnat: Vec<&serde_json::Value> =
         ct.as_array().expect("rows").iter().filter(|r| r["direction"] == "dnat").collect();
     assert_eq!(dnat.len(), 5, "one entry per connection: {ct:#}");
-    assert!(dnat.iter().all(|r| r["destination"] == "10.96.0.10:80" && r["translated_to"] == "10.244.1.11:8080"));
+    assert!(dnat.iter().all(|r| r["destination"] == frontend && r["translated_to"] == backend), "{ct:#}");
     let stats: serde_json::Value =
         serde_json::from_str(&agent_cli(&root, &["inspect", "stats", "-o", "json"])).expect("json");
     let new_flows = stats.as_array().expect("rows").iter().find(|r| r["counter"] == "dnat_new_flow").expect("counter");
@@ -195,13 +244,14 @@ fn metrics_health_inspect_and_explain_work_on_a_live_node() {
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let why = explain(&["10.244.1.10", "10.96.0.10:80/TCP"]);
-    assert!(why.contains("10.244.1.10 is a local pod (routed via veth1"), "{why}");
-    assert!(why.contains("frontend 10.96.0.10:80/TCP internal"), "{why}");
+    let to = format!("{frontend}/TCP");
+    let why = explain(&[&client, &to]);
+    assert!(why.contains(&format!("{client} is a local pod (routed via veth1")), "{why}");
+    assert!(why.contains(&format!("frontend {to} internal")), "{why}");
     assert_eq!(why.matches("is pinned to backend").count(), 5, "{why}");
-    let why = explain(&["10.244.1.10:55555", "10.96.0.10:80/TCP"]);
-    assert!(why.contains("hashes to slot") && why.contains("10.244.1.11:8080/TCP"), "{why}");
-    let why = explain(&["10.244.1.10", "10.96.0.99:80/TCP"]);
+    let why = explain(&[&SocketAddr::new(family.addr(CLIENT), 55555).to_string(), &to]);
+    assert!(why.contains("hashes to slot") && why.contains(&format!("{backend}/TCP")), "{why}");
+    let why = explain(&[&client, &format!("{}/TCP", SocketAddr::new(family.addr(NO_SERVICE_IP), 80))]);
     assert!(why.contains("not a Service frontend"), "{why}");
 }
 

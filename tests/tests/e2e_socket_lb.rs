@@ -5,15 +5,26 @@
 //! node cannot reach a ClusterIP at all (no route: the packet path only
 //! sees pod and external interfaces).
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use service_tests::{
     cgroup::{TestCgroup, line_starting},
     cluster::node_ip,
     fixture,
-    netns::{Agent, Netns, binary},
+    netns::{Agent, Family, Netns, binary},
     north_south::{A1, B2, NorthSouth, Svc, WEB, agent_cli},
 };
+
+/// The ClusterIPs of `web`, `empty` and `sticky`, and an address of the
+/// service CIDR no Service has (IPv4 forms).
+const WEB_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const EMPTY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 30);
+const STICKY_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 40);
+const UNALLOCATED_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 99);
 
 const EMPTY: Svc = Svc {
     name: "empty",
@@ -46,13 +57,54 @@ fn backend(lines: &[String]) -> String {
         .to_owned()
 }
 
-/// `inspect sockets` and `explain --from host` on node 1 after the first
-/// test's traffic: the hooks on the test's cgroup, the calls translated per
-/// frontend, the translated sockets, and what a host socket's connect()
-/// gets.
+/// 16 sockets of `mode` (`tcp`, or unconnected `udp`) of the test's cgroup
+/// on node 1 to `addr`: each is shown the address it dialled
+/// (getpeername() for TCP, the reply's source for UDP), and the backends on
+/// both nodes answer.
+fn both_backends_answer(ns: &NorthSouth, cgroup: &TestCgroup, mode: &str, addr: &str) {
+    let shown = if mode == "tcp" { format!("peer {addr}") } else { format!("from {addr}") };
+    let mut seen = BTreeSet::new();
+    for _ in 0..16 {
+        let lines = cgroup.sock_client(&ns.cluster.node(1).node, mode, addr).expect("sock-client");
+        assert_eq!(lines.first(), Some(&shown), "{lines:?}");
+        seen.insert(backend(&lines));
+    }
+    assert_eq!(seen, BTreeSet::from([A1.0.to_owned(), B2.0.to_owned()]), "{mode} to {addr}");
+}
+
+/// The cluster of `web`, `empty` and `sticky` in `family`, node 1's agent
+/// with `--socket-lb host` on `cgroup` and `service_cidrs`
+/// (comma-separated) as its `--service-cluster-ip-range`.
+fn start_with_host_sockets(family: Family, cgroup: &TestCgroup, service_cidrs: &str) -> NorthSouth {
+    let root = cgroup.path().display().to_string();
+    let node1_flags = [
+        "--external-interfaces",
+        "eth0",
+        "--socket-lb",
+        "host",
+        "--cgroup-root",
+        root.as_str(),
+        "--service-cluster-ip-range",
+        service_cidrs,
+    ];
+    NorthSouth::start_with_in(
+        family,
+        &[WEB, EMPTY, STICKY],
+        |_| {},
+        &[&node1_flags, &["--external-interfaces", "eth0"]],
+    )
+}
+
+/// `inspect sockets` and `explain --from host` on node 1 after traffic in
+/// the cluster's family (at least 16 TCP connects to `web`'s ClusterIP, UDP
+/// sendmsg() calls to its port 53, and a connect to `sticky`): the hooks
+/// on the test's cgroup, the calls translated per frontend, the translated
+/// sockets, and what a host socket's connect() gets, asked about the
+/// frontends of the cluster's family.
 fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup) {
     let node = &ns.cluster.node(1).node;
     let root1 = ns.root(1);
+    let at = |v4: Ipv4Addr, port: u16| SocketAddr::new(ns.addr(v4), port);
     let sockets: serde_json::Value =
         serde_json::from_str(&agent_cli(node, &root1, "inspect", &["sockets", "-o", "json"])).expect("json");
     assert_eq!(sockets["mode"], "host", "{sockets}");
@@ -66,25 +118,32 @@ fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup
         .as_array()
         .expect("frontends")
         .iter()
-        .find(|f| f["frontend"] == "10.96.0.10:80/TCP internal")
+        .find(|f| f["frontend"] == format!("{}/TCP internal", at(WEB_IP, 80)))
         .unwrap_or_else(|| panic!("{sockets}"));
     assert!(frontend["connects"].as_u64() >= Some(16), "{sockets}");
     let translated = sockets["sockets"].as_array().expect("sockets");
     // Every TCP client has closed its socket: sock_release took their rows
     // (only the unconnected UDP sockets' rows wait for LRU eviction).
     assert!(translated.iter().all(|s| s["protocol"] == "UDP"), "rows of closed TCP sockets left: {sockets}");
-    assert!(translated.iter().any(|s| s["service"] == "10.96.0.10:53" && s["protocol"] == "UDP"), "{sockets}");
+    let dns = at(WEB_IP, 53).to_string();
+    assert!(translated.iter().any(|s| s["service"] == dns && s["protocol"] == "UDP"), "{sockets}");
     let text = agent_cli(node, &root1, "inspect", &["sockets"]);
     assert!(text.contains("socket-level load balancing: host") && text.contains("connect4"), "{text}");
-    let node_addr = node_ip(1).to_string();
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.10:80/TCP"]);
+    let node_addr = ns.node_addr(1).to_string();
+    let explain = |v4: Ipv4Addr, from: &[&str]| {
+        let dst = format!("{}/TCP", at(v4, 80));
+        agent_cli(node, &root1, "explain", &[&[node_addr.as_str(), &dst], from].concat())
+    };
+    let why = explain(WEB_IP, &[]);
     assert!(why.contains("a socket of the node itself") && why.contains("random slot"), "{why}");
-    assert!(why.contains(&format!("{}:8080/TCP", A1.2)) && why.contains(&format!("{}:8080/TCP", B2.2)), "{why}");
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.30:80/TCP", "--from", "host"]);
+    for ep in [A1, B2] {
+        assert!(why.contains(&format!("{}/TCP", SocketAddr::new(ep.addr(ns.family), 8080))), "{why}");
+    }
+    let why = explain(EMPTY_IP, &["--from", "host"]);
     assert!(why.contains("ECONNREFUSED"), "{why}");
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.99:80/TCP", "--from", "host"]);
+    let why = explain(UNALLOCATED_IP, &["--from", "host"]);
     assert!(why.contains("ENETUNREACH"), "{why}");
-    let why = agent_cli(node, &root1, "explain", &[&node_addr, "10.96.0.40:80/TCP", "--from", "host"]);
+    let why = explain(STICKY_IP, &["--from", "host"]);
     assert!(why.contains("affinity: the node's sockets → backend"), "{why}");
 }
 
@@ -92,59 +151,28 @@ fn inspect_and_explain_show_the_socket_path(ns: &NorthSouth, cgroup: &TestCgroup
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     let cgroup = TestCgroup::new().expect("test cgroup");
-    let root = cgroup.path().display().to_string();
-    let node1_flags = [
-        "--external-interfaces",
-        "eth0",
-        "--socket-lb",
-        "host",
-        "--cgroup-root",
-        root.as_str(),
-        "--service-cluster-ip-range",
-        "10.96.0.0/16",
-    ];
-    let mut ns =
-        NorthSouth::start_with(&[WEB, EMPTY, STICKY], |_| {}, &[&node1_flags, &["--external-interfaces", "eth0"]]);
+    let mut ns = start_with_host_sockets(Family::V4, &cgroup, "10.96.0.0/16");
     let run = |ns: &NorthSouth, mode: &str, addr: &str| {
         cgroup.sock_client(&ns.cluster.node(1).node, mode, addr).expect("sock-client")
     };
-    let both: BTreeSet<String> = [A1.0, B2.0].iter().map(|s| (*s).to_owned()).collect();
 
     // TCP to the ClusterIP, a NodePort on the node's own address, the
     // LoadBalancer IP and the external IP: backends on this node and on
     // the other one; getpeername() shows the address the client dialled.
     let node_port = format!("{}:30080", node_ip(1));
     for addr in ["10.96.0.10:80", node_port.as_str(), "198.51.100.10:80", "198.51.100.20:80"] {
-        let mut seen = BTreeSet::new();
-        for _ in 0..16 {
-            let lines = run(&ns, "tcp", addr);
-            assert_eq!(lines.first().map(String::as_str), Some(format!("peer {addr}").as_str()), "{lines:?}");
-            seen.insert(backend(&lines));
-        }
-        assert_eq!(seen, both, "TCP to {addr}");
+        both_backends_answer(&ns, &cgroup, "tcp", addr);
     }
     // UDP, unconnected (as DNS clients send): the reply comes from the
     // Service address; connected: getpeername() shows it.
-    let mut seen = BTreeSet::new();
-    for _ in 0..16 {
-        let lines = run(&ns, "udp", "10.96.0.10:53");
-        assert_eq!(lines.first().map(String::as_str), Some("from 10.96.0.10:53"), "{lines:?}");
-        seen.insert(backend(&lines));
-    }
-    assert_eq!(seen, both, "unconnected UDP");
+    both_backends_answer(&ns, &cgroup, "udp", "10.96.0.10:53");
     let lines = run(&ns, "udp-connected", "10.96.0.10:53");
     assert_eq!(lines.first().map(String::as_str), Some("peer 10.96.0.10:53"), "{lines:?}");
     backend(&lines);
     // An IPv6 socket dialling the ClusterIP v4-mapped, as dual-stack
     // applications (Java) do: connect6/sendmsg6 translate it with the IPv4
     // frontend, and getpeername6/recvmsg6 show it v4-mapped again.
-    let mut seen = BTreeSet::new();
-    for _ in 0..16 {
-        let lines = run(&ns, "tcp", "[::ffff:10.96.0.10]:80");
-        assert_eq!(lines.first().map(String::as_str), Some("peer [::ffff:10.96.0.10]:80"), "{lines:?}");
-        seen.insert(backend(&lines));
-    }
-    assert_eq!(seen, both, "v4-mapped TCP");
+    both_backends_answer(&ns, &cgroup, "tcp", "[::ffff:10.96.0.10]:80");
     let lines = run(&ns, "udp", "[::ffff:10.96.0.10]:53");
     assert_eq!(lines.first().map(String::as_str), Some("from [::ffff:10.96.0.10]:53"), "{lines:?}");
     let lines = run(&ns, "tcp", "[::ffff:10.96.0.30]:80");
@@ -194,6 +222,23 @@ fn host_sockets_reach_every_service_address_through_the_socket_hooks() {
     drop(agent);
     let lines = run(&ns, "tcp", "10.96.0.10:80");
     assert!(lines.first().is_some_and(|l| l.starts_with("error:")), "hooks still attached: {lines:?}");
+}
+
+/// The IPv6 side of the test above, on the same Services written
+/// dual-stack: IPv6 sockets of the node reach the IPv6 ClusterIPs through
+/// connect6/sendmsg6, and `inspect sockets` and `explain --from host` show
+/// the IPv6 frontends' socket path.
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn ipv6_host_sockets_are_translated_and_explained_through_the_socket_hooks() {
+    let cgroup = TestCgroup::new().expect("test cgroup");
+    let ns = start_with_host_sockets(Family::V6, &cgroup, "10.96.0.0/16,fd00:10:96::/112");
+    both_backends_answer(&ns, &cgroup, "tcp", &SocketAddr::new(ns.addr(WEB_IP), 80).to_string());
+    both_backends_answer(&ns, &cgroup, "udp", &SocketAddr::new(ns.addr(WEB_IP), 53).to_string());
+    // A first connection to `sticky` makes the node's affinity entry.
+    let sticky = SocketAddr::new(ns.addr(STICKY_IP), 80).to_string();
+    backend(&cgroup.sock_client(&ns.cluster.node(1).node, "tcp", &sticky).expect("sock-client"));
+    inspect_and_explain_show_the_socket_path(&ns, &cgroup);
 }
 
 /// `backends a1=N,b2=M` → the names and counts.
