@@ -24,7 +24,7 @@ use k8s_openapi::{
 use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
     model::{self, NodeContext},
-    reconciler::Reconciler,
+    reconciler::{Reconciler, maglev},
     vocabulary::{self, ObjectRef, Objects},
 };
 
@@ -191,6 +191,23 @@ fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Resul
     Ok(summarize(samples))
 }
 
+/// Map capacities for `services` Services of `per` endpoints each: every
+/// Service's ClusterIP is two frontends (from pods and from outside), each
+/// a slot-0 row, a Maglev table and a member row per backend in the
+/// services map; a quarter more for the new versions written during the
+/// changes while the old ones wait to be collected.
+#[must_use]
+pub fn sizes(services: usize, per: usize) -> MapSizes {
+    let per_frontend = 1 + maglev::table_size(per) as usize + per;
+    let rows = services * 2 * per_frontend;
+    let backends = services * per;
+    MapSizes {
+        services: u32::try_from(rows + rows / 4).unwrap_or(u32::MAX),
+        backends: u32::try_from(backends + backends / 4).unwrap_or(u32::MAX).max(262_144),
+        ..MapSizes::default()
+    }
+}
+
 /// Runs the control plane benchmark at `services` × `per` endpoints with
 /// `changes` single-slice changes and `repeats` repetitions of the loads.
 ///
@@ -198,7 +215,7 @@ fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Resul
 /// When a step fails.
 pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> Result<ControlPlane> {
     let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
-    let sizes = MapSizes { services: 2_097_152, backends: 262_144, ..MapSizes::default() };
+    let sizes = sizes(services, per);
     let mut program_all = Vec::new();
     let mut one_change = Vec::new();
     let mut one_change_model = Vec::new();

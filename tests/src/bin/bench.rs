@@ -54,17 +54,19 @@ fn main() -> Result<()> {
     };
     println!("== environment: {}", results.env);
 
-    if wants("packet") {
-        packet_section(&plan, &mut results)?;
-    }
-    if wants("traffic") {
-        traffic_section(&plan, &mut results)?;
-    }
-    if wants("control") {
-        control_section(&plan, &mut results)?;
-    }
-    if wants("socket") {
-        socket_section(&plan, &mut results)?;
+    // The report is written after every section, so a section that fails
+    // keeps the figures of those before it.
+    let sections: [(&str, Section); 4] = [
+        ("packet", packet_section),
+        ("traffic", traffic_section),
+        ("control", control_section),
+        ("socket", socket_section),
+    ];
+    for (name, section) in sections {
+        if wants(name) {
+            section(&plan, &mut results)?;
+            std::fs::write(out.join("benchmarks.md"), report::markdown(&results))?;
+        }
     }
     let md = report::markdown(&results);
     std::fs::write(out.join("benchmarks.md"), &md)?;
@@ -73,6 +75,9 @@ fn main() -> Result<()> {
     println!("written: {}", out.join("benchmarks.md").display());
     Ok(())
 }
+
+/// One section of the run: measures and adds its figures to the results.
+type Section = fn(&Plan, &mut Results) -> Result<()>;
 
 fn packet_section(plan: &Plan, results: &mut Results) -> Result<()> {
     println!("== 1. per-packet cost (BPF_PROG_TEST_RUN, {} samples per case)", plan.packet_runs);
