@@ -30,7 +30,7 @@ use crate::{
     healthcheck::{self, HealthCheckServers},
     maps::{self, MapSizes, PinnedMaps},
     metrics::{Health, Metrics},
-    model::{self, HealthCheck, NodeContext},
+    model::{HealthCheck, Model, NodeContext},
     reconciler::Reconciler,
     source::{
         addresses::{self, NodeAddresses},
@@ -169,6 +169,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut node_addrs = NodeAddresses::default();
     refresh_node(&config, &mut ext_attach, &mut node_addrs, &mut node);
     let mut snapshot: Option<Objects> = None;
+    // Kept across syncs: each recomputes only the Services whose objects
+    // changed (all of them when the node context did).
+    let mut model = Model::new();
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -180,7 +183,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tracing::info!("refilling the recreated maps before attaching the new programs");
         if snapshots.changed().await.is_ok() {
             let objects = snapshots.borrow_and_update().clone();
-            sync_once(&mut reconciler, &config, &objects, &node, &metrics, &mut reported);
+            sync_once(&mut reconciler, &mut model, &config, &objects, &node, &metrics, &mut reported);
             // The loop syncs again (writing nothing) for health and retries.
             snapshots.mark_changed();
         }
@@ -218,7 +221,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             _ = sigint.recv() => break,
         };
         if let (true, Some(objects)) = (resync, &snapshot) {
-            let outcome = sync_once(&mut reconciler, &config, objects, &node, &metrics, &mut reported);
+            let outcome = sync_once(&mut reconciler, &mut model, &config, objects, &node, &metrics, &mut reported);
             let ok = outcome.failures.is_empty();
             if let Some(delay) = retry.record(ok, std::time::Instant::now()) {
                 tracing::warn!(
@@ -494,11 +497,13 @@ struct SyncOutcome {
     failed_services: std::collections::BTreeMap<ObjectRef, String>,
 }
 
-/// One sync: model, reconcile, UDP conntrack flush (and the UDP sockets of
+/// One sync: model (the Services whose inputs changed), reconcile (the
+/// frontends that changed), UDP conntrack flush (and the UDP sockets of
 /// removed backends closed), metrics. Invalid fields are logged once each
 /// (`reported` remembers them while they stay invalid).
 fn sync_once(
     reconciler: &mut Reconciler<PinnedMaps>,
+    model: &mut Model,
     config: &RunConfig,
     objects: &Objects,
     node: &NodeContext,
@@ -507,21 +512,22 @@ fn sync_once(
 ) -> SyncOutcome {
     let _span = tracing::info_span!("sync").entered();
     let started = std::time::Instant::now();
-    let desired = model::desired(objects, node);
+    let changes = model.update(objects, node);
+    let desired = model.desired();
     let now: BTreeSet<String> = desired.errors.iter().map(ToString::to_string).collect();
     for e in now.difference(reported) {
         tracing::warn!(error = %e, "invalid object field (skipped)");
     }
     *reported = now;
-    let report = reconciler.reconcile(&desired);
+    let report = reconciler.reconcile_changes(desired, &changes);
     for e in &report.errors {
         tracing::error!(error = %e, "map update failed");
     }
-    metrics.observe_sync(started.elapsed(), objects, &desired, reconciler.programmed(), report.errors.len());
+    metrics.observe_sync(started.elapsed(), objects, desired, reconciler.programmed(), report.errors.len());
     let not_programmed = desired.frontends.values().filter(|df| !reconciler.is_programmed(df)).count();
     metrics.observe_not_programmed(not_programmed);
     let failed_services =
-        healthcheck::unprogrammed_services(&desired, |df| reconciler.is_programmed(df), &report.errors);
+        healthcheck::unprogrammed_services(desired, |df| reconciler.is_programmed(df), &report.errors);
     if report.changed() {
         flush_removed_backends(reconciler, config);
     }
@@ -537,15 +543,17 @@ fn sync_once(
         elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
         "synced"
     );
-    if report.changed() {
-        for df in desired.frontends.values() {
+    if report.changed() && tracing::enabled!(tracing::Level::DEBUG) {
+        let logged =
+            desired.frontends.values().filter(|df| changes.everything || changes.frontends.contains(&df.frontend));
+        for df in logged {
             let backends: Vec<String> = df.backends.iter().map(ToString::to_string).collect();
             tracing::debug!(service = %df.service, frontend = %df.frontend, backends = ?backends, "frontend");
         }
     }
     SyncOutcome {
         failures: report.errors.iter().map(ToString::to_string).collect(),
-        health_checks: desired.health_checks,
+        health_checks: desired.health_checks.clone(),
         failed_services,
     }
 }

@@ -4,7 +4,7 @@
 //! A leaf: it imports no other module of the agent, so sources, model and
 //! attach manager all use it without depending on each other.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -28,10 +28,17 @@ impl std::fmt::Display for ObjectRef {
 }
 
 /// Everything a source currently knows: the store the model reads.
+///
+/// Services and EndpointSlices are shared (`Arc`): a snapshot is cloned
+/// per change without copying the objects, and an object a source did not
+/// replace is the same allocation in the next snapshot, so the incremental
+/// model ([`crate::model::Model`]) tells what changed with
+/// [`Arc::ptr_eq`] rather than a deep comparison. (A new allocation of an
+/// equal object only costs its Service a recomputation.)
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
-    pub services: BTreeMap<ObjectRef, Service>,
-    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
+    pub services: BTreeMap<ObjectRef, Arc<Service>>,
+    pub endpoint_slices: BTreeMap<ObjectRef, Arc<EndpointSlice>>,
     /// This node's Node object, when the source knows it (its zone label
     /// drives topology-aware routing).
     pub node: Option<Node>,
@@ -41,6 +48,41 @@ pub struct Objects {
     /// some: the Kubernetes source publishes without them until they are
     /// listed, and before 1.33 or without RBAC for them never lists them.
     pub service_cidrs: BTreeMap<String, ServiceCIDR>,
+}
+
+impl Objects {
+    /// Takes over `previous`'s allocation of every Service and
+    /// EndpointSlice that is equal in both, so a source that rebuilds the
+    /// whole snapshot (the manifest directory) still hands the model the
+    /// same `Arc` for what did not change.
+    pub fn share_unchanged(&mut self, previous: &Self) {
+        share(&mut self.services, &previous.services);
+        share(&mut self.endpoint_slices, &previous.endpoint_slices);
+    }
+
+    /// Whether `other` holds the very same Service and EndpointSlice
+    /// allocations (compared by pointer, not by value) and equal Node and
+    /// ServiceCIDRs: a cheap "nothing changed" for sources that share
+    /// their objects.
+    #[must_use]
+    pub fn is_same(&self, other: &Self) -> bool {
+        same_arcs(&self.services, &other.services)
+            && same_arcs(&self.endpoint_slices, &other.endpoint_slices)
+            && self.node == other.node
+            && self.service_cidrs == other.service_cidrs
+    }
+}
+
+fn same_arcs<T>(a: &BTreeMap<ObjectRef, Arc<T>>, b: &BTreeMap<ObjectRef, Arc<T>>) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|((ka, va), (kb, vb))| Arc::ptr_eq(va, vb) && ka == kb)
+}
+
+fn share<T: PartialEq>(now: &mut BTreeMap<ObjectRef, Arc<T>>, previous: &BTreeMap<ObjectRef, Arc<T>>) {
+    for (key, object) in now.iter_mut() {
+        if let Some(old) = previous.get(key).filter(|old| !Arc::ptr_eq(old, object) && ***old == **object) {
+            object.clone_from(old);
+        }
+    }
 }
 
 /// Label linking an EndpointSlice to its Service.
@@ -146,5 +188,39 @@ fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
         (Some((b'?', rest)), Some((_, name_rest))) => glob_match(rest, name_rest),
         (Some((p, rest)), Some((n, name_rest))) if p == n => glob_match(rest, name_rest),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::ServiceSpec;
+
+    use super::*;
+
+    #[test]
+    fn share_unchanged_keeps_the_allocation_of_equal_objects_only() {
+        let key = |name: &str| ObjectRef { namespace: "default".into(), name: name.into() };
+        let service = |ip: &str| {
+            Arc::new(Service {
+                spec: Some(ServiceSpec { cluster_ip: Some(ip.into()), ..ServiceSpec::default() }),
+                ..Service::default()
+            })
+        };
+        let mut before = Objects::default();
+        before.services.insert(key("a"), service("10.96.0.1"));
+        before.services.insert(key("b"), service("10.96.0.2"));
+        let mut now = Objects::default();
+        now.services.insert(key("a"), service("10.96.0.1"));
+        now.services.insert(key("b"), service("10.96.0.3"));
+        now.services.insert(key("c"), service("10.96.0.4"));
+        now.share_unchanged(&before);
+        assert!(Arc::ptr_eq(&now.services[&key("a")], &before.services[&key("a")]));
+        assert!(!Arc::ptr_eq(&now.services[&key("b")], &before.services[&key("b")]));
+        assert!(!now.is_same(&before));
+        assert!(now.clone().is_same(&now), "a clone shares every object");
+        let mut copy = now.clone();
+        copy.services.insert(key("a"), service("10.96.0.1"));
+        assert!(!copy.is_same(&now), "an equal copy is another allocation");
+        assert_eq!(copy, now);
     }
 }

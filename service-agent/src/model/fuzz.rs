@@ -323,8 +323,8 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
     }
     let slice_key =
         ObjectRef { namespace: key.namespace.clone(), name: slice.metadata.name.clone().unwrap_or_default() };
-    objects.services.insert(key, svc);
-    objects.endpoint_slices.insert(slice_key, slice);
+    objects.services.insert(key, Arc::new(svc));
+    objects.endpoint_slices.insert(slice_key, Arc::new(slice));
 }
 
 /// A few Services and slices, and maybe the Node.
@@ -335,11 +335,11 @@ pub fn objects(rng: &mut Rng) -> Objects {
     }
     for _ in 0..rng.below(4) {
         let (k, s) = service(rng);
-        objects.services.insert(k, s);
+        objects.services.insert(k, Arc::new(s));
     }
     for _ in 0..rng.below(4) {
         let (k, s) = endpoint_slice(rng, 6);
-        objects.endpoint_slices.insert(k, s);
+        objects.endpoint_slices.insert(k, Arc::new(s));
     }
     if rng.one_in(4) {
         let mut node = Node::default();
@@ -373,6 +373,92 @@ pub fn node(rng: &mut Rng) -> NodeContext {
                 prefix_len: 24,
             })
         }),
+    }
+}
+
+/// A random key of `map` (`None` when it is empty).
+fn pick_key<V>(rng: &mut Rng, map: &std::collections::BTreeMap<ObjectRef, V>) -> Option<ObjectRef> {
+    (!map.is_empty()).then(|| map.keys().nth(rng.below(map.len())).cloned()).flatten()
+}
+
+/// One random change of the kinds a cluster sees, drawing new objects from
+/// the fuzz generators: a Service added, changed or deleted, a slice added,
+/// changed, moved to another Service or deleted, the node context or the
+/// Node's zone changed, the ServiceCIDRs changed, or an object replaced by
+/// an equal copy (a new allocation, as a relist gives).
+pub fn change(rng: &mut Rng, objects: &mut Objects, node: &mut NodeContext) -> &'static str {
+    let pool = self::objects(rng);
+    match rng.below(11) {
+        0 => {
+            let Some((k, s)) = pool.services.into_iter().next() else { return "nothing" };
+            objects.services.insert(k, s);
+            "service added"
+        }
+        1 => {
+            let (Some(k), Some((_, s))) = (pick_key(rng, &objects.services), pool.services.into_iter().next()) else {
+                return "nothing";
+            };
+            objects.services.insert(k, s);
+            "service changed"
+        }
+        2 => {
+            let Some(k) = pick_key(rng, &objects.services) else { return "nothing" };
+            objects.services.remove(&k);
+            "service deleted"
+        }
+        3 => {
+            let Some((k, s)) = pool.endpoint_slices.into_iter().next() else { return "nothing" };
+            objects.endpoint_slices.insert(k, s);
+            "slice added"
+        }
+        4 => {
+            let (Some(k), Some((_, s))) =
+                (pick_key(rng, &objects.endpoint_slices), pool.endpoint_slices.into_iter().next())
+            else {
+                return "nothing";
+            };
+            objects.endpoint_slices.insert(k, s);
+            "slice changed"
+        }
+        5 => {
+            let (Some(k), Some(to)) = (pick_key(rng, &objects.endpoint_slices), pick_key(rng, &objects.services))
+            else {
+                return "nothing";
+            };
+            let mut slice = (*objects.endpoint_slices[&k]).clone();
+            slice.metadata.labels.get_or_insert_default().insert(LABEL_SERVICE_NAME.to_owned(), to.name);
+            objects.endpoint_slices.insert(k, Arc::new(slice));
+            "slice moved"
+        }
+        6 => {
+            let Some(k) = pick_key(rng, &objects.endpoint_slices) else { return "nothing" };
+            objects.endpoint_slices.remove(&k);
+            "slice deleted"
+        }
+        7 => {
+            *node = self::node(rng);
+            "node context changed"
+        }
+        8 => {
+            let mut n = objects.node.take().unwrap_or_default();
+            let zone = self::node(rng).zone;
+            n.metadata.labels = zone.map(|z| [(LABEL_ZONE.to_owned(), z)].into());
+            objects.node = Some(n);
+            "node zone changed"
+        }
+        9 => {
+            objects.service_cidrs = pool.service_cidrs;
+            "service CIDRs changed"
+        }
+        _ => {
+            for s in objects.services.values_mut().filter(|_| rng.one_in(2)) {
+                *s = Arc::new((**s).clone());
+            }
+            for s in objects.endpoint_slices.values_mut().filter(|_| rng.one_in(2)) {
+                *s = Arc::new((**s).clone());
+            }
+            "equal copies"
+        }
     }
 }
 

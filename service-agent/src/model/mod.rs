@@ -41,7 +41,10 @@
 //! the default), and every other object is unaffected.
 
 pub mod endpoints;
+mod incremental;
 pub mod trace;
+
+pub use self::incremental::{Changes, Model};
 
 use std::{
     collections::BTreeMap,
@@ -53,6 +56,7 @@ use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort, ServiceSpec},
         discovery::v1::EndpointSlice,
+        networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
@@ -275,21 +279,42 @@ pub struct Desired {
     pub errors: Vec<ModelError>,
 }
 
-/// Computes the desired frontends from the objects.
+/// Computes the desired frontends from the objects, every Service from
+/// scratch. The agent keeps a [`Model`] instead, which recomputes only the
+/// Services whose inputs changed and always equals this.
+///
+/// Services are taken in [`ObjectRef`] order and each Service's frontends
+/// in the order it lists them: a frontend two of them ask for goes to the
+/// first, and the others are told (a [`ModelError`]).
 #[must_use]
 pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
-    let mut node = node.clone();
-    if let Some(zone) = objects.node.as_ref().and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_ZONE)) {
-        node.zone = Some(zone.clone());
-    }
+    let node = node_with_zone(objects, node);
     let mut out = Desired::default();
     let slices = slices_by_service(objects);
     for (svc_ref, svc) in &objects.services {
-        let no_slices = Vec::new();
-        let svc_slices = slices.get(svc_ref).unwrap_or(&no_slices);
-        service_frontends(svc_ref, svc, svc_slices, &node, &mut out);
+        let svc_slices = slices.get(svc_ref).map_or(&[][..], Vec::as_slice);
+        let output = service_frontends(svc_ref, svc, svc_slices, &node);
+        out.errors.extend(output.errors);
+        let mut has_external_frontend = false;
+        for c in output.claims {
+            if let Some(existing) = out.frontends.get(&c.df.frontend) {
+                out.errors.push(c.conflict(existing));
+                continue;
+            }
+            has_external_frontend |= c.is_external();
+            out.errors.extend(c.sctp_error);
+            out.frontends.insert(c.df.frontend, c.df);
+        }
+        match output.health {
+            Some(Ok(check)) if has_external_frontend => {
+                out.health_checks.insert(svc_ref.clone(), check);
+            }
+            Some(Err(e)) if has_external_frontend => out.errors.push(e),
+            _ => {}
+        }
     }
-    for cidr in node.service_cidrs.iter().copied().chain(service_cidr_objects(objects, &mut out.errors)) {
+    for cidr in node.service_cidrs.iter().copied().chain(service_cidr_objects(&objects.service_cidrs, &mut out.errors))
+    {
         out.unserved.insert(cidr, WhenEmpty::Drop);
     }
     let cluster_ips = out.frontends.values().filter(|df| df.kind == FrontendKind::ClusterIp);
@@ -301,15 +326,25 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
     out
 }
 
+/// `node` with the zone of the Node object's `topology.kubernetes.io/zone`
+/// label, when the source has the Node and it has one.
+fn node_with_zone(objects: &Objects, node: &NodeContext) -> NodeContext {
+    let mut node = node.clone();
+    if let Some(zone) = objects.node.as_ref().and_then(|n| n.metadata.labels.as_ref()).and_then(|l| l.get(LABEL_ZONE)) {
+        node.zone = Some(zone.clone());
+    }
+    node
+}
+
 /// The ranges of every ServiceCIDR object (`spec.cidrs`), used as
 /// `--service-cluster-ip-range` is. One being deleted still counts: the API
 /// server keeps it while addresses of it are allocated, and kube-proxy uses
 /// it until it is gone. Ranges of both families apply (the rows are keyed
 /// per family). A range that does not parse is reported and the others
 /// apply.
-fn service_cidr_objects(objects: &Objects, errors: &mut Vec<ModelError>) -> Vec<Cidr> {
+fn service_cidr_objects(service_cidrs: &BTreeMap<String, ServiceCIDR>, errors: &mut Vec<ModelError>) -> Vec<Cidr> {
     let mut cidrs = Vec::new();
-    for (name, object) in &objects.service_cidrs {
+    for (name, object) in service_cidrs {
         let listed = object.spec.as_ref().and_then(|spec| spec.cidrs.as_ref());
         for (i, text) in listed.into_iter().flatten().enumerate() {
             match text.parse::<Cidr>() {
@@ -330,13 +365,67 @@ fn service_cidr_objects(objects: &Objects, errors: &mut Vec<ModelError>) -> Vec<
 fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlice>> {
     let mut by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
     for (slice_ref, slice) in &objects.endpoint_slices {
-        let service_name = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME));
-        if let Some(name) = service_name {
-            let key = ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() };
-            by_service.entry(key).or_default().push(slice);
+        if let Some(key) = slice_service(slice_ref, slice) {
+            by_service.entry(key).or_default().push(slice.as_ref());
         }
     }
     by_service
+}
+
+/// The Service a slice belongs to: its `kubernetes.io/service-name` label,
+/// in its own namespace.
+fn slice_service(slice_ref: &ObjectRef, slice: &EndpointSlice) -> Option<ObjectRef> {
+    let name = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME))?;
+    Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() })
+}
+
+/// What one Service asks for on its own, before frontends are shared out
+/// between Services (a frontend two of them ask for goes to the first,
+/// which only the whole set of Services can tell).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ServiceOutput {
+    /// Every frontend the Service asks for, in the order it lists them;
+    /// of two asking for one frontend, the first gets it.
+    claims: Vec<FrontendClaim>,
+    /// What is wrong with the Service or its slices, whatever the other
+    /// Services ask for.
+    errors: Vec<ModelError>,
+    /// Its `healthCheckNodePort`, or why it is not served: applied when
+    /// one of its external frontends (other than the ClusterIP's twin) is
+    /// served.
+    health: Option<Result<HealthCheck, ModelError>>,
+}
+
+/// A frontend a Service asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FrontendClaim {
+    df: DesiredFrontend,
+    /// The index of its ServicePort in `spec.ports`.
+    port_index: usize,
+    /// Reported when it is served: SCTP endpoints left out for their port.
+    sctp_error: Option<ModelError>,
+}
+
+impl FrontendClaim {
+    /// Whether it is an external frontend other than the ClusterIP's twin
+    /// (one of those makes the health check node port served).
+    fn is_external(&self) -> bool {
+        self.df.frontend.scope == Scope::External && self.df.kind != FrontendKind::ClusterIp
+    }
+
+    /// The error telling its Service that `served` (an earlier claim)
+    /// has the frontend.
+    fn conflict(&self, served: &DesiredFrontend) -> ModelError {
+        ModelError {
+            kind: "Service",
+            object: self.df.service.clone(),
+            field: format!("spec.ports[{}]", self.port_index),
+            message: format!(
+                "{} is already served by Service {} port {:?}",
+                self.df.frontend, served.service, served.port_name
+            ),
+        }
+    }
 }
 
 /// An address family: `spec.ipFamilies`, an EndpointSlice's `addressType`.
@@ -668,13 +757,26 @@ struct PortView {
     node_port: Option<u16>,
 }
 
-#[expect(clippy::too_many_lines, reason = "one pass over a Service's spec, in the order the API documents it")]
+/// Everything Service `svc_ref` asks for, from its own object, its slices
+/// and the node alone.
 fn service_frontends(
     svc_ref: &ObjectRef,
     svc: &Service,
     slices: &[&EndpointSlice],
     node: &NodeContext,
-    out: &mut Desired,
+) -> ServiceOutput {
+    let mut out = ServiceOutput::default();
+    service_claims(svc_ref, svc, slices, node, &mut out);
+    out
+}
+
+#[expect(clippy::too_many_lines, reason = "one pass over a Service's spec, in the order the API documents it")]
+fn service_claims(
+    svc_ref: &ObjectRef,
+    svc: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeContext,
+    out: &mut ServiceOutput,
 ) {
     let err = |field: String, message: String| ModelError { kind: "Service", object: svc_ref.clone(), field, message };
     if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
@@ -809,7 +911,6 @@ fn service_frontends(
     // addresses over all ports; terminating ones do not count, so a node
     // whose endpoints are all terminating answers 503 and is drained.
     let mut local_ready: std::collections::BTreeSet<IpAddr> = std::collections::BTreeSet::new();
-    let mut has_external_frontend = false;
     // (port, protocol) -> index of the first ServicePort with it.
     let mut seen_ports: BTreeMap<(u16, Protocol), usize> = BTreeMap::new();
 
@@ -849,12 +950,13 @@ fn service_frontends(
         // One set of frontends per family, as kube-proxy's proxier of each
         // family builds its own, from that family's slices only.
         for cluster_ip in &cluster_ips {
-            has_external_frontend |= family_frontends(&view, &port, *cluster_ip, &mut local_ready, out);
+            family_frontends(&view, &port, *cluster_ip, &mut local_ready, out);
         }
     }
     // kube-proxy serves healthCheckNodePort for LoadBalancer Services with
-    // `externalTrafficPolicy: Local` (the API allocates it only for those).
-    if external_local && is_lb && has_external_frontend {
+    // `externalTrafficPolicy: Local` (the API allocates it only for those),
+    // once one of their external frontends is served.
+    if external_local && is_lb {
         match spec.health_check_node_port.map(u16::try_from) {
             Some(Ok(port)) if port != 0 => {
                 // Each of kube-proxy's proxiers counts its own family's
@@ -862,13 +964,15 @@ fn service_frontends(
                 // larger count (a dual-stack pod is one endpoint of each).
                 let count = |f: IpFamily| local_ready.iter().filter(|a| IpFamily::of(**a) == f).count();
                 let local_endpoints = count(IpFamily::Ipv4).max(count(IpFamily::Ipv6));
-                out.health_checks.insert(svc_ref.clone(), HealthCheck { port, local_endpoints });
+                out.health = Some(Ok(HealthCheck { port, local_endpoints }));
             }
             None => {}
-            Some(_) => out.errors.push(err(
-                "spec.healthCheckNodePort".into(),
-                format!("{} is not a valid port (1-65535)", spec.health_check_node_port.unwrap_or_default()),
-            )),
+            Some(_) => {
+                out.health = Some(Err(err(
+                    "spec.healthCheckNodePort".into(),
+                    format!("{} is not a valid port (1-65535)", spec.health_check_node_port.unwrap_or_default()),
+                )));
+            }
         }
     }
 }
@@ -876,16 +980,15 @@ fn service_frontends(
 /// The frontends of one Service port in the family of `cluster_ip`: the
 /// ClusterIP (both scopes), NodePorts on this node's addresses, the
 /// LoadBalancer ingress IPs and external IPs of that family, each with the
-/// endpoints of that family's slices. Adds the ready local endpoints to
-/// `local_ready`; says whether an external frontend (other than the
-/// ClusterIP's twin) was added.
+/// endpoints of that family's slices, as claims. Adds the ready local
+/// endpoints to `local_ready`.
 fn family_frontends(
     s: &ServiceView<'_>,
     port: &PortView,
     cluster_ip: IpAddr,
     local_ready: &mut std::collections::BTreeSet<IpAddr>,
-    out: &mut Desired,
-) -> bool {
+    out: &mut ServiceOutput,
+) {
     let family = IpFamily::of(cluster_ip);
     let of_family = |addr: &&IpAddr| IpFamily::of(**addr) == family;
     let (i, protocol) = (port.index, port.protocol);
@@ -937,17 +1040,9 @@ fn family_frontends(
     // node's own sockets only: a packet to it from outside the node is a
     // martian that must never be translated (CVE-2020-8558).
     frontends.retain(|(f, ..)| f.scope == Scope::Internal || !f.addr.is_loopback());
-    let mut has_external_frontend = false;
     for (frontend, kind, is_local, masquerade) in frontends {
-        if let Some(existing) = out.frontends.get(&frontend) {
-            out.errors.push(s.err(
-                format!("spec.ports[{i}]"),
-                format!("{frontend} is already served by Service {} port {:?}", existing.service, existing.port_name),
-            ));
-            continue;
-        }
-        has_external_frontend |= frontend.scope == Scope::External && kind != FrontendKind::ClusterIp;
         let (mut backends, mut when_empty) = pick(is_local);
+        let mut sctp_error = None;
         if protocol == Protocol::Sctp {
             // SCTP's CRC32c covers the ports and cannot be updated in place
             // like the Internet checksum, so the dataplane only translates
@@ -959,7 +1054,7 @@ fn family_frontends(
                 if backends.is_empty() {
                     when_empty = WhenEmpty::Reject;
                 }
-                out.errors.push(s.err(
+                sctp_error = Some(s.err(
                     format!("spec.ports[{i}]"),
                     format!(
                         "{kind} {frontend}: SCTP endpoints on another port than {} are not supported (no port \
@@ -979,23 +1074,20 @@ fn family_frontends(
         } else {
             Vec::new()
         };
-        out.frontends.insert(
+        let df = DesiredFrontend {
+            service: s.svc_ref.clone(),
+            port_name: port.name.clone(),
             frontend,
-            DesiredFrontend {
-                service: s.svc_ref.clone(),
-                port_name: port.name.clone(),
-                frontend,
-                kind,
-                backends,
-                when_empty,
-                affinity_timeout_s: s.affinity_timeout_s,
-                affinity_scope,
-                source_ranges: ranges,
-                masquerade,
-            },
-        );
+            kind,
+            backends,
+            when_empty,
+            affinity_timeout_s: s.affinity_timeout_s,
+            affinity_scope,
+            source_ranges: ranges,
+            masquerade,
+        };
+        out.claims.push(FrontendClaim { df, port_index: i, sctp_error });
     }
-    has_external_frontend
 }
 
 #[cfg(test)]

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use super::*;
 
 /// Parses multi-document YAML as a user writes it into the store.
@@ -12,10 +14,10 @@ pub(super) fn objects(yaml: &str) -> Objects {
         };
         match value["kind"].as_str() {
             Some("Service") => {
-                objects.services.insert(key, serde_json::from_value(value).expect("service"));
+                objects.services.insert(key, Arc::new(serde_json::from_value(value).expect("service")));
             }
             Some("EndpointSlice") => {
-                objects.endpoint_slices.insert(key, serde_json::from_value(value).expect("slice"));
+                objects.endpoint_slices.insert(key, Arc::new(serde_json::from_value(value).expect("slice")));
             }
             Some("ServiceCIDR") => {
                 objects.service_cidrs.insert(key.name, serde_json::from_value(value).expect("servicecidr"));
@@ -290,7 +292,7 @@ fn a_service_with_100_000_endpoints() {
         }),
         ..Service::default()
     };
-    objects.services.insert(svc_ref, svc);
+    objects.services.insert(svc_ref, Arc::new(svc));
     for s in 0..100u32 {
         let mut slice = EndpointSlice {
             address_type: "IPv4".into(),
@@ -312,7 +314,7 @@ fn a_service_with_100_000_endpoints() {
         let name = format!("big-{s:03}");
         slice.metadata.name = Some(name.clone());
         slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), "big".to_owned())].into());
-        objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, slice);
+        objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, Arc::new(slice));
     }
     let node =
         NodeContext { node_name: "node-0".into(), nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };

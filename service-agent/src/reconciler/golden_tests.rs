@@ -67,6 +67,9 @@ impl Drop for TempDir {
 struct Agent {
     reconciler: Reconciler<FakeMaps>,
     clock: ManualClock,
+    /// The agent's incremental model, and the snapshot it last read.
+    model: model::Model,
+    last: crate::vocabulary::Objects,
 }
 
 impl Agent {
@@ -74,7 +77,7 @@ impl Agent {
         let clock = ManualClock::default();
         let reconciler =
             Reconciler::new(FakeMaps::default()).expect("fake").with_clock(std::sync::Arc::new(clock.clone()));
-        Self { reconciler, clock }
+        Self { reconciler, clock, model: model::Model::new(), last: crate::vocabulary::Objects::default() }
     }
 
     fn programmed(&self) -> &MapState {
@@ -82,13 +85,19 @@ impl Agent {
     }
 }
 
-/// Source → model → reconciler on `dir`, then the grace period passes and
-/// the deferred deletions run; rendered: errors then the dump.
+/// Source → model → reconciler on `dir` as the agent runs them (the
+/// manifest source's snapshot sharing what did not change with the last,
+/// the incremental model, the reconciler given its changes), then the
+/// grace period passes and the deferred deletions run; rendered: errors
+/// then the dump.
 fn run_case(dir: &Path, agent: &mut Agent) -> String {
-    let snapshot = manifest::load_dir(dir).expect("manifest dir");
-    let desired = model::desired(&snapshot.objects, &node());
+    let mut snapshot = manifest::load_dir(dir).expect("manifest dir");
+    snapshot.objects.share_unchanged(&agent.last);
+    let changes = agent.model.update(&snapshot.objects, &node());
+    let desired = agent.model.desired();
+    assert_eq!(*desired, model::desired(&snapshot.objects, &node()), "the incremental model drifted");
     let reconciler = &mut agent.reconciler;
-    let report = reconciler.reconcile(&desired);
+    let report = reconciler.reconcile_changes(desired, &changes);
     assert!(report.errors.is_empty(), "map errors: {:?}", report.errors);
     agent.clock.advance(DELETION_GRACE);
     let report = reconciler.collect_deferred();
@@ -108,6 +117,7 @@ fn run_case(dir: &Path, agent: &mut Agent) -> String {
         let _ = writeln!(out, "  {svc} healthCheckNodePort={} localEndpoints={}", hc.port, hc.local_endpoints);
     }
     out.push_str(&dump::render(&reconciler.maps().state));
+    agent.last = snapshot.objects;
     out
 }
 

@@ -8,7 +8,7 @@
 //! can never disagree with [`MapState`] (a test checks them against a full
 //! recomputation after every step).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
 
@@ -77,16 +77,37 @@ impl<V: Copy + Eq + std::hash::Hash> IdIndex<V> {
     }
 }
 
-fn inc<K: Eq + std::hash::Hash>(counts: &mut HashMap<K, u32>, key: K) {
-    *counts.entry(key).or_insert(0) += 1;
+/// Counts one more `key`; says whether it is the first.
+fn inc<K: Eq + std::hash::Hash>(counts: &mut HashMap<K, u32>, key: K) -> bool {
+    let n = counts.entry(key).or_insert(0);
+    *n += 1;
+    *n == 1
 }
 
-fn dec<K: Eq + std::hash::Hash>(counts: &mut HashMap<K, u32>, key: K) {
+/// Counts one fewer `key`; says whether that was the last.
+fn dec<K: Eq + std::hash::Hash>(counts: &mut HashMap<K, u32>, key: K) -> bool {
     if let std::collections::hash_map::Entry::Occupied(mut e) = counts.entry(key) {
         *e.get_mut() -= 1;
         if *e.get() == 0 {
             e.remove();
+            return true;
         }
+    }
+    false
+}
+
+/// One more reference to row `id`: it leaves `unreferenced`.
+fn reference(refs: &mut HashMap<u32, u32>, unreferenced: &mut BTreeSet<u32>, id: u32) {
+    if inc(refs, id) {
+        unreferenced.remove(&id);
+    }
+}
+
+/// One fewer reference to row `id`: after its last, it joins
+/// `unreferenced` (when `rows` has it).
+fn unreference<V>(refs: &mut HashMap<u32, u32>, unreferenced: &mut BTreeSet<u32>, rows: &BTreeMap<u32, V>, id: u32) {
+    if dec(refs, id) && rows.contains_key(&id) {
+        unreferenced.insert(id);
     }
 }
 
@@ -102,6 +123,10 @@ pub(super) struct Mirror {
     rev_nat_refs: HashMap<u32, u32>,
     /// (rev-NAT id, backend id) → slots of live tables holding the pair.
     live_pairs: HashMap<(u32, u32), u32>,
+    /// Backend rows no slot row names, and rev-NAT rows no slot-0 row
+    /// names: what a reconcile may delete, without a pass over every row.
+    unreferenced_backends: BTreeSet<u32>,
+    unreferenced_rev_nats: BTreeSet<u32>,
     backend_ids: IdIndex<BackendValue>,
     rev_nat_ids: IdIndex<RevNatValue>,
 }
@@ -115,6 +140,9 @@ impl Mirror {
             backend_refs: HashMap::new(),
             rev_nat_refs: HashMap::new(),
             live_pairs: HashMap::new(),
+            // Until a row names them.
+            unreferenced_backends: state.backends.keys().copied().collect(),
+            unreferenced_rev_nats: state.rev_nat.keys().copied().collect(),
             backend_ids: IdIndex::new(&state.backends, state.next_ids.backend),
             rev_nat_ids: IdIndex::new(&state.rev_nat, state.next_ids.rev_nat),
             state,
@@ -160,8 +188,14 @@ impl Mirror {
         id
     }
 
-    pub(super) fn backend_referenced(&self, id: u32) -> bool {
-        self.backend_refs.contains_key(&id)
+    /// The backend rows no slot row names.
+    pub(super) fn unreferenced_backends(&self) -> impl Iterator<Item = u32> + '_ {
+        self.unreferenced_backends.iter().copied()
+    }
+
+    /// The rev-NAT rows no slot-0 row names.
+    pub(super) fn unreferenced_rev_nats(&self) -> impl Iterator<Item = u32> + '_ {
+        self.unreferenced_rev_nats.iter().copied()
     }
 
     pub(super) fn rev_nat_referenced(&self, id: u32) -> bool {
@@ -192,7 +226,11 @@ impl Mirror {
         for slot in 1..=value.count {
             if let Some(row) = self.state.services.get(&key0.with_slot(value.version, slot)) {
                 let pair = (value.rev_nat_id, row.backend_id);
-                if add { inc(&mut self.live_pairs, pair) } else { dec(&mut self.live_pairs, pair) }
+                if add {
+                    inc(&mut self.live_pairs, pair);
+                } else {
+                    dec(&mut self.live_pairs, pair);
+                }
             }
         }
     }
@@ -204,13 +242,18 @@ impl Mirror {
             let same_table = old
                 .is_some_and(|o| (o.version, o.count, o.rev_nat_id) == (value.version, value.count, value.rev_nat_id));
             if let Some(old) = old {
-                dec(&mut self.rev_nat_refs, old.rev_nat_id);
+                unreference(
+                    &mut self.rev_nat_refs,
+                    &mut self.unreferenced_rev_nats,
+                    &self.state.rev_nat,
+                    old.rev_nat_id,
+                );
                 if !same_table {
                     self.count_table(&key0, &old, false);
                 }
             }
             self.state.services.insert(key, value);
-            inc(&mut self.rev_nat_refs, value.rev_nat_id);
+            reference(&mut self.rev_nat_refs, &mut self.unreferenced_rev_nats, value.rev_nat_id);
             if !same_table {
                 self.count_table(&key0, &value, true);
             }
@@ -222,14 +265,21 @@ impl Mirror {
         let live = self.live_slot_rev_nat(&key);
         match self.state.services.insert(key, value) {
             Some(old) => {
-                dec(&mut self.backend_refs, old.backend_id);
+                unreference(
+                    &mut self.backend_refs,
+                    &mut self.unreferenced_backends,
+                    &self.state.backends,
+                    old.backend_id,
+                );
                 if let Some(rev_nat) = live {
                     dec(&mut self.live_pairs, (rev_nat, old.backend_id));
                 }
             }
-            None => inc(&mut self.rows_per_frontend, key0),
+            None => {
+                inc(&mut self.rows_per_frontend, key0);
+            }
         }
-        inc(&mut self.backend_refs, value.backend_id);
+        reference(&mut self.backend_refs, &mut self.unreferenced_backends, value.backend_id);
         if let Some(rev_nat) = live {
             inc(&mut self.live_pairs, (rev_nat, value.backend_id));
         }
@@ -241,9 +291,9 @@ impl Mirror {
         let Some(old) = self.state.services.get(key).copied() else { return };
         if key.slot == 0 {
             self.count_table(&key0, &old, false);
-            dec(&mut self.rev_nat_refs, old.rev_nat_id);
+            unreference(&mut self.rev_nat_refs, &mut self.unreferenced_rev_nats, &self.state.rev_nat, old.rev_nat_id);
         } else {
-            dec(&mut self.backend_refs, old.backend_id);
+            unreference(&mut self.backend_refs, &mut self.unreferenced_backends, &self.state.backends, old.backend_id);
             if let Some(rev_nat) = live {
                 dec(&mut self.live_pairs, (rev_nat, old.backend_id));
             }
@@ -254,18 +304,26 @@ impl Mirror {
 
     pub(super) fn insert_backend(&mut self, id: u32, value: BackendValue) {
         self.backend_ids.insert(&mut self.state.backends, id, value);
+        if !self.backend_refs.contains_key(&id) {
+            self.unreferenced_backends.insert(id);
+        }
     }
 
     pub(super) fn remove_backend(&mut self, id: u32) {
         self.backend_ids.remove(&mut self.state.backends, id);
+        self.unreferenced_backends.remove(&id);
     }
 
     pub(super) fn insert_rev_nat(&mut self, id: u32, value: RevNatValue) {
         self.rev_nat_ids.insert(&mut self.state.rev_nat, id, value);
+        if !self.rev_nat_refs.contains_key(&id) {
+            self.unreferenced_rev_nats.insert(id);
+        }
     }
 
     pub(super) fn remove_rev_nat(&mut self, id: u32) {
         self.rev_nat_ids.remove(&mut self.state.rev_nat, id);
+        self.unreferenced_rev_nats.remove(&id);
     }
 
     pub(super) fn source_ranges_mut(
@@ -282,6 +340,8 @@ impl Mirror {
         assert_eq!(self.backend_refs, fresh.backend_refs, "backend refs");
         assert_eq!(self.rev_nat_refs, fresh.rev_nat_refs, "rev-NAT refs");
         assert_eq!(self.live_pairs, fresh.live_pairs, "live pairs");
+        assert_eq!(self.unreferenced_backends, fresh.unreferenced_backends, "unreferenced backends");
+        assert_eq!(self.unreferenced_rev_nats, fresh.unreferenced_rev_nats, "unreferenced rev-NATs");
         let live: std::collections::BTreeSet<(u32, u32)> = self.live_pairs.keys().copied().collect();
         assert_eq!(live, self.state.live_pairs(), "live pairs against MapState::live_pairs");
         for (id, v) in &self.state.backends {

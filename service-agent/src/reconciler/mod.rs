@@ -46,8 +46,9 @@ pub use self::clock::{Clock, SystemClock};
 use self::mirror::Mirror;
 use crate::maps::{MapError, MapIo, MapState, NextIds};
 use crate::{
-    model::{Backend, Desired, DesiredFrontend, Frontend},
-    rows,
+    model::{Backend, Changes, Desired, DesiredFrontend, Frontend},
+    rows::{self, SourceRangeRow},
+    vocabulary::Cidr,
 };
 
 /// How long a row a packet may still be about to read (an old version's
@@ -181,6 +182,64 @@ pub struct Reconciler<M> {
     grace: Duration,
     /// The id counters as last recorded in the maps.
     recorded_next_ids: Option<NextIds>,
+    /// The `source_ranges` rows the last desired state needs.
+    ranges: RangeRows,
+    /// The next [`Self::reconcile_changes`] compares everything: nothing
+    /// was reconciled yet (the adopted rows are still to prune), or the
+    /// last reconcile failed somewhere (what failed is written again).
+    needs_full: bool,
+}
+
+/// The `source_ranges` rows each desired frontend and each `unserved`
+/// entry needs, and how many need each row: frontends share rows (a
+/// LoadBalancer IP's external and pod-side twins name one rev-NAT row),
+/// so a row goes only when the last one that needs it does.
+#[derive(Debug, Default)]
+struct RangeRows {
+    of_frontend: HashMap<Frontend, Vec<SourceRangeRow>>,
+    of_unserved: HashMap<Cidr, Vec<SourceRangeRow>>,
+    wanted: BTreeMap<SourceRangeRow, u32>,
+}
+
+impl RangeRows {
+    /// Replaces what `old` (taken out of one of the maps) needed by
+    /// `new`; the rows whose count changed go to `touched`.
+    fn replace(
+        wanted: &mut BTreeMap<SourceRangeRow, u32>,
+        old: Option<&[SourceRangeRow]>,
+        new: &[SourceRangeRow],
+        touched: &mut BTreeSet<SourceRangeRow>,
+    ) {
+        for row in old.into_iter().flatten() {
+            if let Some(n) = wanted.get_mut(row) {
+                *n -= 1;
+                if *n == 0 {
+                    wanted.remove(row);
+                }
+            }
+            touched.insert(*row);
+        }
+        for row in new {
+            *wanted.entry(*row).or_default() += 1;
+            touched.insert(*row);
+        }
+    }
+
+    fn set_frontend(&mut self, f: Frontend, rows: Vec<SourceRangeRow>, touched: &mut BTreeSet<SourceRangeRow>) {
+        let old = self.of_frontend.remove(&f);
+        Self::replace(&mut self.wanted, old.as_deref(), &rows, touched);
+        if !rows.is_empty() {
+            self.of_frontend.insert(f, rows);
+        }
+    }
+
+    fn set_unserved(&mut self, cidr: Cidr, rows: Vec<SourceRangeRow>, touched: &mut BTreeSet<SourceRangeRow>) {
+        let old = self.of_unserved.remove(&cidr);
+        Self::replace(&mut self.wanted, old.as_deref(), &rows, touched);
+        if !rows.is_empty() {
+            self.of_unserved.insert(cidr, rows);
+        }
+    }
 }
 
 struct WrittenFrontend {
@@ -213,6 +272,8 @@ impl<M: MapIo> Reconciler<M> {
             deferred: DeferredQueue::default(),
             clock: Arc::new(SystemClock),
             grace: DELETION_GRACE,
+            ranges: RangeRows::default(),
+            needs_full: true,
         })
     }
 
@@ -290,6 +351,11 @@ impl<M: MapIo> Reconciler<M> {
         &self.maps
     }
 
+    #[cfg(test)]
+    pub(crate) fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
     /// Whether a live backend table of a frontend with rev-NAT id `rev_nat`
     /// forwards to backend `backend` (the flows conntrack may keep), from
     /// the reconciler's index rather than a pass over every row.
@@ -307,29 +373,50 @@ impl<M: MapIo> Reconciler<M> {
         self.written.get(&df.frontend).is_some_and(|w| w.desired == *df)
     }
 
-    /// Brings the maps to `desired`.
+    /// Brings the maps to `desired`, comparing every frontend with what
+    /// was written, and every row with the maps' (the first reconcile
+    /// prunes what an earlier agent left).
     pub fn reconcile(&mut self, desired: &Desired) -> ReconcileReport {
+        self.reconcile_scoped(desired, None)
+    }
+
+    /// Brings the maps to `desired`, which differs from the state of the
+    /// previous reconcile only where `changes` says (what
+    /// [`crate::model::Model::update`] returns): only those frontends and
+    /// `unserved` entries are compared, so the cost follows the change,
+    /// not the number of Services. The first reconcile, and the one after
+    /// a reconcile that failed somewhere, compare everything, as
+    /// [`Self::reconcile`] does.
+    pub fn reconcile_changes(&mut self, desired: &Desired, changes: &Changes) -> ReconcileReport {
+        if changes.everything || self.needs_full {
+            return self.reconcile(desired);
+        }
+        self.reconcile_scoped(desired, Some(changes))
+    }
+
+    /// [`Self::reconcile`] (`scope` `None`) or [`Self::reconcile_changes`].
+    fn reconcile_scoped(&mut self, desired: &Desired, scope: Option<&Changes>) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         // Frontends whose desired state differs from what was last written
         // (every one after a restart).
-        let changed: Vec<&DesiredFrontend> = desired
-            .frontends
-            .values()
-            .filter(|df| self.written.get(&df.frontend).is_none_or(|w| w.desired != **df))
-            .collect();
+        let differs = |df: &&DesiredFrontend| self.written.get(&df.frontend).is_none_or(|w| w.desired != **df);
+        let changed: Vec<&DesiredFrontend> = match scope {
+            None => desired.frontends.values().filter(differs).collect(),
+            Some(c) => c.frontends.iter().filter_map(|f| desired.frontends.get(f)).filter(differs).collect(),
+        };
         let backend_ids = self.write_backends(&changed, &mut report);
         let rev_nat_ids = self.write_rev_nats(&changed, &mut report);
-        let ranges = rows::source_range_rows(desired, |f| {
-            rev_nat_ids.get(f).or_else(|| self.written.get(f).map(|w| &w.rev_nat_id)).copied()
-        });
-        for row in ranges.difference(&self.mirror.state().source_ranges.clone()) {
-            match self.maps.put_source_range(row.0, &row.1) {
-                Ok(()) => {
-                    self.mirror.source_ranges_mut().insert(*row);
-                    report.rows_written += 1;
-                }
-                Err(source) => {
-                    report.errors.push(ReconcileError::other("loadBalancerSourceRanges row", source));
+        let touched = self.want_range_rows(desired, scope, &rev_nat_ids);
+        for row in &touched {
+            if self.ranges.wanted.contains_key(row) && !self.mirror.state().source_ranges.contains(row) {
+                match self.maps.put_source_range(row.0, &row.1) {
+                    Ok(()) => {
+                        self.mirror.source_ranges_mut().insert(*row);
+                        report.rows_written += 1;
+                    }
+                    Err(source) => {
+                        report.errors.push(ReconcileError::other("loadBalancerSourceRanges row", source));
+                    }
                 }
             }
         }
@@ -347,23 +434,79 @@ impl<M: MapIo> Reconciler<M> {
                 }
             }
         }
-        self.delete_undesired(desired, &mut report);
-        self.written.retain(|f, _| desired.frontends.contains_key(f));
-        self.record_next_ids(&mut report);
-        self.collect_due(&mut report);
-        let stale: Vec<_> = self.mirror.state().source_ranges.difference(&ranges).copied().collect();
-        for row in stale {
-            match self.maps.del_source_range(row.0, &row.1) {
-                Ok(()) => {
-                    self.mirror.source_ranges_mut().remove(&row);
-                    report.rows_deleted += 1;
+        match scope {
+            None => {
+                self.delete_undesired(desired, &mut report);
+                self.written.retain(|f, _| desired.frontends.contains_key(f));
+            }
+            Some(c) => {
+                for f in c.frontends.iter().filter(|f| !desired.frontends.contains_key(f)) {
+                    self.delete_frontend(rows::frontend_key(f), &mut report);
+                    self.written.remove(f);
                 }
-                Err(source) => report.errors.push(ReconcileError::other("deleting a source range", source)),
             }
         }
+        self.record_next_ids(&mut report);
+        self.collect_due(&mut report);
+        for row in &touched {
+            if !self.ranges.wanted.contains_key(row) && self.mirror.state().source_ranges.contains(row) {
+                match self.maps.del_source_range(row.0, &row.1) {
+                    Ok(()) => {
+                        self.mirror.source_ranges_mut().remove(row);
+                        report.rows_deleted += 1;
+                    }
+                    Err(source) => report.errors.push(ReconcileError::other("deleting a source range", source)),
+                }
+            }
+        }
+        self.needs_full = !report.errors.is_empty();
         #[cfg(test)]
         self.mirror.check_indexes();
         report
+    }
+
+    /// Brings [`Self::ranges`] to `desired` (every frontend and `unserved`
+    /// entry, or those `scope` names) and returns the rows to compare
+    /// with the maps': those whose need changed, and with `scope` `None`
+    /// every row either side has.
+    fn want_range_rows(
+        &mut self,
+        desired: &Desired,
+        scope: Option<&Changes>,
+        rev_nat_ids: &HashMap<Frontend, u32>,
+    ) -> BTreeSet<SourceRangeRow> {
+        let mut touched = BTreeSet::new();
+        let (frontends, unserved): (Vec<Frontend>, Vec<Cidr>) = match scope {
+            None => {
+                touched.extend(self.mirror.state().source_ranges.iter().copied());
+                self.ranges = RangeRows::default();
+                (desired.frontends.keys().copied().collect(), desired.unserved.keys().copied().collect())
+            }
+            Some(c) => (c.frontends.iter().copied().collect(), c.unserved.iter().copied().collect()),
+        };
+        for f in frontends {
+            // A changed frontend's rev-NAT id is the one just written, an
+            // unchanged one's the one it was written with; without either
+            // (its rev-NAT row failed) it gets no rows yet.
+            let id = rev_nat_ids.get(&f).or_else(|| self.written.get(&f).map(|w| &w.rev_nat_id)).copied();
+            let rows = match (desired.frontends.get(&f), id) {
+                (Some(df), Some(id)) => rows::frontend_range_rows(df, id),
+                _ => Vec::new(),
+            };
+            self.ranges.set_frontend(f, rows, &mut touched);
+        }
+        if !unserved.is_empty() {
+            let service_cidrs = rows::service_cidrs(desired);
+            for cidr in unserved {
+                let rows = desired
+                    .unserved
+                    .get(&cidr)
+                    .map(|w| rows::unserved_rows(&cidr, *w, &service_cidrs))
+                    .unwrap_or_default();
+                self.ranges.set_unserved(cidr, rows, &mut touched);
+            }
+        }
+        touched
     }
 
     /// Gives every backend of the changed frontends a row id: the id of an
@@ -595,13 +738,19 @@ impl<M: MapIo> Reconciler<M> {
         // row are pruned too.
         let gone: BTreeSet<ServiceKey> = self.mirror.frontends().filter(|k| !wanted.contains(k)).copied().collect();
         for key0 in gone {
-            if self.mirror.state().services.contains_key(&key0) {
-                self.delete_service_row(&key0, report);
-                report.frontends_deleted += 1;
-            }
-            for k in frontend_rows(&self.mirror.state().services, &key0) {
-                self.defer(Deferred::Slot(k), report);
-            }
+            self.delete_frontend(key0, report);
+        }
+    }
+
+    /// Deletes the frontend of slot-0 key `key0` (when it has rows): its
+    /// slot-0 row at once, its other rows after the grace period.
+    fn delete_frontend(&mut self, key0: ServiceKey, report: &mut ReconcileReport) {
+        if self.mirror.state().services.contains_key(&key0) {
+            self.delete_service_row(&key0, report);
+            report.frontends_deleted += 1;
+        }
+        for k in frontend_rows(&self.mirror.state().services, &key0) {
+            self.defer(Deferred::Slot(k), report);
         }
     }
 
@@ -627,15 +776,20 @@ impl<M: MapIo> Reconciler<M> {
                 }
             }
         }
-        let rev_nats: Vec<(u32, bool)> =
-            self.mirror.state().rev_nat.keys().map(|id| (*id, self.mirror.rev_nat_referenced(*id))).collect();
-        for (id, referenced) in rev_nats {
-            if referenced {
-                // Referenced again (a frontend came back): its grace starts
-                // afresh when it is next unreferenced.
-                self.deferred.cancel(&Deferred::RevNat(id));
-                continue;
-            }
+        // A queued rev-NAT row referenced again (a frontend came back): its
+        // grace starts afresh when it is next unreferenced.
+        let referenced: Vec<Deferred> = self
+            .deferred
+            .pending
+            .keys()
+            .filter(|row| matches!(row, Deferred::RevNat(id) if self.mirror.rev_nat_referenced(*id)))
+            .copied()
+            .collect();
+        for row in &referenced {
+            self.deferred.cancel(row);
+        }
+        let unreferenced: Vec<u32> = self.mirror.unreferenced_rev_nats().collect();
+        for id in unreferenced {
             if !due_rev_nats.contains(&id) && !self.grace.is_zero() {
                 self.defer(Deferred::RevNat(id), report);
                 continue;
@@ -652,8 +806,7 @@ impl<M: MapIo> Reconciler<M> {
                 }
             }
         }
-        let unused: Vec<u32> =
-            self.mirror.state().backends.keys().copied().filter(|id| !self.mirror.backend_referenced(*id)).collect();
+        let unused: Vec<u32> = self.mirror.unreferenced_backends().collect();
         for id in unused {
             match self.maps.del_backend(id) {
                 Ok(()) => {

@@ -587,3 +587,55 @@ fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reach
     assert_eq!(table_ids(&r, &key0).len(), 17_000);
     assert_eq!(r.programmed().services[&key0].count, 32_749);
 }
+
+#[test]
+fn reconciling_the_model_s_changes_writes_what_reconciling_everything_writes() {
+    // Two reconcilers on their own maps follow the same random sequence of
+    // snapshots: one compares every frontend and row each time, the other
+    // only what the incremental model says changed. Their maps must stay
+    // identical (ids included: both write the same rows in the same order).
+    use crate::model::{Model, fuzz};
+    let plan = fuzz::Plan::from_env(fuzz::DEFAULT_CASES / 40);
+    let mut written = 0;
+    plan.run("reconciler::changes", |_, rng| {
+        let mut objects = fuzz::objects(rng);
+        let mut node = fuzz::node(rng);
+        let mut model = Model::new();
+        let mut full = reconciler().with_grace(Duration::ZERO);
+        let mut incremental = reconciler().with_grace(Duration::ZERO);
+        for step in 0..8 {
+            let changes = model.update(&objects, &node);
+            let a = full.reconcile(model.desired());
+            let b = incremental.reconcile_changes(model.desired(), &changes);
+            assert!(a.errors.is_empty() && b.errors.is_empty(), "step {step}: {:?} {:?}", a.errors, b.errors);
+            assert_eq!(full.maps().state, incremental.maps().state, "step {step}");
+            assert_eq!(incremental.maps().state, *incremental.programmed(), "step {step}");
+            assert_eq!((a.rows_written, a.rows_deleted), (b.rows_written, b.rows_deleted), "step {step}");
+            written += b.rows_written;
+            fuzz::change(rng, &mut objects, &mut node);
+        }
+    });
+    assert!(plan.only.is_some() || written > 0);
+}
+
+#[test]
+fn after_a_failed_reconcile_the_next_reconcile_of_changes_writes_again_what_failed() {
+    // Room for one frontend's 31 slots, 3 member rows and slot 0, not two.
+    let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump");
+    let d = desired(&[(80, &[1, 2, 3]), (81, &[4, 5, 6])]);
+    let everything = Changes { everything: true, ..Changes::default() };
+    assert_eq!(r.reconcile_changes(&d, &everything).errors.len(), 1);
+    r.maps_mut().services_capacity = None;
+    // Nothing changed since, and yet port 81 is written: the reconcile
+    // after a failure compares everything.
+    let report = r.reconcile_changes(&d, &Changes::default());
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.frontends_written, 1);
+    assert!(r.programmed().services.contains_key(&frontend_key(&frontend(81))));
+    // From then on only what the changes name is compared.
+    let d = desired(&[(80, &[1, 2]), (81, &[4, 5, 6])]);
+    assert_eq!(r.reconcile_changes(&d, &Changes::default()).rows_written, 0);
+    let named = Changes { frontends: [frontend(80)].into(), ..Changes::default() };
+    assert_eq!(r.reconcile_changes(&d, &named).frontends_written, 1);
+    assert_eq!(r.maps().state, *r.programmed());
+}

@@ -3,7 +3,7 @@
 //! families, flags). The reconciler decides which rows to write and when;
 //! this decides what they hold.
 
-use std::{collections::BTreeSet, net::IpAddr};
+use std::net::IpAddr;
 
 use service_common::{
     BackendValue, FAMILY_IPV4, FAMILY_IPV6, RevNatValue, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, ServiceValue,
@@ -117,51 +117,45 @@ pub fn frontend_ranges(df: &DesiredFrontend) -> impl Iterator<Item = &crate::voc
     df.source_ranges.iter().filter(move |c| c.addr.is_ipv4() == v4)
 }
 
-/// The `source_ranges` rows the desired frontends need: keyed by the
-/// frontend's rev-NAT id, protocol and family.
-pub fn source_range_rows(
-    desired: &Desired,
-    rev_nat_id: impl Fn(&Frontend) -> Option<u32>,
-) -> BTreeSet<(u32, SourceRangeKey)> {
-    let mut rows = BTreeSet::new();
-    for df in desired.frontends.values() {
-        let mut ranges = frontend_ranges(df).peekable();
-        if ranges.peek().is_none() {
-            continue;
-        }
-        let Some(id) = rev_nat_id(&df.frontend) else { continue };
-        let (proto, fam) = (df.frontend.protocol.number(), family(df.frontend.addr));
-        for cidr in ranges {
-            let key = SourceRangeKey::new(id, proto, fam, addr_bytes(cidr.addr));
-            rows.insert((SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key));
-        }
-    }
-    rows.extend(service_ip_rows(desired));
-    rows
+/// A `source_ranges` row: the prefix length the LPM trie matches on, and
+/// the key.
+pub type SourceRangeRow = (u32, SourceRangeKey);
+
+/// The `source_ranges` rows desired frontend `df` needs, keyed by its
+/// rev-NAT id `rev_nat_id`, its protocol and family (none without ranges).
+/// Frontends that share a rev-NAT row and protocol (a LoadBalancer IP's
+/// external and pod-side twins) need the same rows.
+#[must_use]
+pub fn frontend_range_rows(df: &DesiredFrontend, rev_nat_id: u32) -> Vec<SourceRangeRow> {
+    let (proto, fam) = (df.frontend.protocol.number(), family(df.frontend.addr));
+    frontend_ranges(df)
+        .map(|cidr| {
+            let key = SourceRangeKey::new(rev_nat_id, proto, fam, addr_bytes(cidr.addr));
+            (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key)
+        })
+        .collect()
 }
 
-/// The rows of the addresses Services may have (`service_ips`): every
-/// service CIDR and every ClusterIP outside them as a `RANGE`, every
-/// ClusterIP as a `CLUSTER_IP` too, each in its own family.
-fn service_ip_rows(desired: &Desired) -> BTreeSet<(u32, SourceRangeKey)> {
-    let mut rows = BTreeSet::new();
-    let cidrs: Vec<&Cidr> = desired.unserved.iter().filter(|(_, w)| **w == WhenEmpty::Drop).map(|(c, _)| c).collect();
-    for (cidr, when) in &desired.unserved {
-        let row = |kind: u8| {
-            let key = SourceRangeKey::new(service_ips::OWNER, kind, family(cidr.addr), addr_bytes(cidr.addr));
-            (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key)
-        };
-        match when {
-            WhenEmpty::Drop => {
-                rows.insert(row(service_ips::RANGE));
-            }
-            WhenEmpty::Reject => {
-                rows.insert(row(service_ips::CLUSTER_IP));
-                if !cidrs.iter().any(|c| c.contains(cidr.addr)) {
-                    rows.insert(row(service_ips::RANGE));
-                }
-            }
-        }
+/// The service CIDRs of `desired` (its `unserved` drops), which
+/// [`unserved_rows`] needs.
+#[must_use]
+pub fn service_cidrs(desired: &Desired) -> Vec<Cidr> {
+    desired.unserved.iter().filter(|(_, w)| **w == WhenEmpty::Drop).map(|(c, _)| *c).collect()
+}
+
+/// The rows `unserved` entry `cidr` needs in `service_ips`: a service CIDR
+/// as a `RANGE`; a ClusterIP as a `CLUSTER_IP`, and as a `RANGE` too when
+/// it is outside every service CIDR (`service_cidrs`), each in its own
+/// family.
+#[must_use]
+pub fn unserved_rows(cidr: &Cidr, when: WhenEmpty, service_cidrs: &[Cidr]) -> Vec<SourceRangeRow> {
+    let row = |kind: u8| {
+        let key = SourceRangeKey::new(service_ips::OWNER, kind, family(cidr.addr), addr_bytes(cidr.addr));
+        (SOURCE_RANGE_FRONTEND_BITS + u32::from(cidr.prefix_len), key)
+    };
+    match when {
+        WhenEmpty::Drop => vec![row(service_ips::RANGE)],
+        WhenEmpty::Reject if service_cidrs.iter().any(|c| c.contains(cidr.addr)) => vec![row(service_ips::CLUSTER_IP)],
+        WhenEmpty::Reject => vec![row(service_ips::CLUSTER_IP), row(service_ips::RANGE)],
     }
-    rows
 }

@@ -9,6 +9,6 @@ pub mod encode;
 pub mod render;
 
 pub use self::encode::{
-    addr_bytes, backend_value, family, frontend_key, frontend_ranges, frontend_value, member_value, rev_nat_value,
-    slot_value, source_range_rows,
+    SourceRangeRow, addr_bytes, backend_value, family, frontend_key, frontend_range_rows, frontend_ranges,
+    frontend_value, member_value, rev_nat_value, service_cidrs, slot_value, unserved_rows,
 };

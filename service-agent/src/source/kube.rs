@@ -143,7 +143,10 @@ where
 /// What a failing watch of a kind the publication waits for means.
 const KEEPING: &str = "the last state is kept";
 
-fn keyed<K: Resource + Clone>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, K> {
+/// The store's objects by reference, shared with the store: an object the
+/// watch did not replace keeps its allocation from one publication to the
+/// next, which is how the model tells it has not changed.
+fn keyed<K: Resource>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, Arc<K>> {
     objects
         .into_iter()
         .map(|o| {
@@ -152,7 +155,7 @@ fn keyed<K: Resource + Clone>(objects: Vec<Arc<K>>) -> std::collections::BTreeMa
                 namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
                 name: meta.name.clone().unwrap_or_default(),
             };
-            (key, (*o).clone())
+            (key, o)
         })
         .collect()
 }
@@ -242,7 +245,7 @@ impl Stores {
                 .collect(),
         };
         tx.send_if_modified(|current| {
-            if *current == objects {
+            if current.is_same(&objects) {
                 false
             } else {
                 *current = objects;

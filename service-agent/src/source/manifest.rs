@@ -28,6 +28,7 @@ use std::{
     io::Read as _,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -357,8 +358,8 @@ impl Loader {
 
     fn finish(mut self) -> Snapshot {
         let mut objects = Objects {
-            services: self.services.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
-            endpoint_slices: self.slices.iter().map(|(k, (_, s))| (k.clone(), s.clone())).collect(),
+            services: self.services.iter().map(|(k, (_, s))| (k.clone(), Arc::new(s.clone()))).collect(),
+            endpoint_slices: self.slices.iter().map(|(k, (_, s))| (k.clone(), Arc::new(s.clone()))).collect(),
             node: None,
             service_cidrs: std::mem::take(&mut self.service_cidrs).into_iter().map(|(k, (_, c))| (k, c)).collect(),
         };
@@ -381,7 +382,7 @@ impl Loader {
                 });
             }) {
                 let name = slice.metadata.name.clone().unwrap_or_default();
-                objects.endpoint_slices.insert(ObjectRef { namespace: key.namespace.clone(), name }, slice);
+                objects.endpoint_slices.insert(ObjectRef { namespace: key.namespace.clone(), name }, Arc::new(slice));
             }
         }
         let nodes = self.nodes.into_iter().map(|(name, (_, node))| (name, node)).collect();
@@ -512,10 +513,13 @@ pub async fn watch(dir: PathBuf, interval: Duration, tx: tokio::sync::watch::Sen
         }
         last = Some(now);
         match load_dir(&dir) {
-            Ok(snapshot) => {
+            Ok(mut snapshot) => {
                 for e in &snapshot.errors {
                     tracing::warn!(error = %e, "invalid manifest (skipped)");
                 }
+                // What did not change stays the same allocation: the model
+                // recomputes only the Services of what did.
+                snapshot.objects.share_unchanged(&tx.borrow().objects);
                 tx.send_replace(snapshot);
             }
             Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "cannot read the manifest directory"),

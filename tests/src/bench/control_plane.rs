@@ -10,6 +10,7 @@ use std::{
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -23,7 +24,7 @@ use k8s_openapi::{
 };
 use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
-    model::{self, NodeContext},
+    model::{self, Model, NodeContext},
     reconciler::{Reconciler, maglev},
     vocabulary::{self, ObjectRef, Objects},
 };
@@ -89,10 +90,10 @@ pub fn objects(services: usize, per: usize) -> Objects {
             }),
             status: None,
         };
-        objects.services.insert(r.clone(), svc);
+        objects.services.insert(r.clone(), Arc::new(svc));
         objects
             .endpoint_slices
-            .insert(ObjectRef { namespace: "bench".into(), name: format!("{name}-x") }, slice(i, per, 0));
+            .insert(ObjectRef { namespace: "bench".into(), name: format!("{name}-x") }, Arc::new(slice(i, per, 0)));
     }
     objects
 }
@@ -228,21 +229,27 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
         let root = bpffs.path().join("bench");
         let mut ebpf = maps::load(&root, sizes)?;
         let mut reconciler = Reconciler::new(PinnedMaps::from_ebpf(&mut ebpf, sizes)?)?;
+        // As the agent's sync loop: the incremental model over each
+        // snapshot, the reconciler given what it says changed.
+        let mut model = Model::new();
         let started = Instant::now();
-        let report = reconciler.reconcile(&model::desired(&objects, &node));
+        let delta = model.update(&objects, &node);
+        let report = reconciler.reconcile_changes(model.desired(), &delta);
         program_all.push(started.elapsed().as_secs_f64() * 1e3);
         anyhow::ensure!(report.errors.is_empty(), "programming: {:?}", report.errors.first());
         for c in 0..changes {
             let i = (c * 7919) % services;
             let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x") };
-            objects.endpoint_slices.insert(r, slice(i, per, c + 1));
+            objects.endpoint_slices.insert(r, Arc::new(slice(i, per, c + 1)));
             let started = Instant::now();
-            let desired = model::desired(&objects, &node);
+            let delta = model.update(&objects, &node);
             one_change_model.push(started.elapsed().as_secs_f64() * 1e3);
-            let report = reconciler.reconcile(&desired);
+            let report = reconciler.reconcile_changes(model.desired(), &delta);
             one_change.push(started.elapsed().as_secs_f64() * 1e3);
             anyhow::ensure!(report.changed() && report.errors.is_empty(), "change {c} wrote nothing");
         }
+        // Outside the clock: the incremental result is the full one.
+        anyhow::ensure!(*model.desired() == model::desired(&objects, &node), "the incremental model drifted");
         map_memory_bytes =
             service_common::map_names::ALL.iter().map(|n| memlock(&root.join(n))).sum::<Result<u64>>()?;
         drop(reconciler);

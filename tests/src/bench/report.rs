@@ -194,9 +194,10 @@ pub fn markdown(r: &Results) -> String {
             md,
             "{} Services with {} endpoints in all. *Program all*: model + reconcile + every map write into an \
              empty dataplane, in process. *One change*: one EndpointSlice changed, until the maps are updated \
-             (the agent recomputes the model from the whole snapshot and writes only the difference), over {} \
-             changes. kube-proxy's way: `iptables-restore` / `nft -f` of the full ruleset for the same Services \
-             into an empty namespace (a full sync).\n",
+             (as the agent does it: the incremental model recomputes the one Service whose slice changed, the \
+             reconciler compares and writes only the frontends that changed), over {} changes. kube-proxy's \
+             way: `iptables-restore` / `nft -f` of the full ruleset for the same Services into an empty namespace \
+             (a full sync).\n",
             c.services, c.endpoints, r.plan.control_changes
         );
         let _ = writeln!(md, "| what | median ms | p99 ms | min–max ms | ratio to ours |");
@@ -216,7 +217,12 @@ pub fn markdown(r: &Results) -> String {
         row(&mut md, "iptables-restore, full ruleset", &c.iptables_restore, c.program_all.median);
         row(&mut md, "nft -f, full ruleset", &c.nft_load, c.program_all.median);
         row(&mut md, "ours: one EndpointSlice change", &c.one_change, c.one_change.median);
-        row(&mut md, "of which the model (objects → desired rows)", &c.one_change_model, c.one_change.median);
+        row(
+            &mut md,
+            "of which the model (snapshot diff, that Service recomputed)",
+            &c.one_change_model,
+            c.one_change.median,
+        );
         #[expect(clippy::cast_precision_loss, reason = "byte counts shown in MiB")]
         let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
         let _ = writeln!(

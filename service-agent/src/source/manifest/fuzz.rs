@@ -322,11 +322,11 @@ fn random_and_mutated_manifests_never_panic() {
                 let mut text = String::new();
                 for svc in objects.services.values() {
                     text.push_str("---\napiVersion: v1\nkind: Service\n");
-                    text.push_str(&serde_norway::to_string(svc).expect("to yaml"));
+                    text.push_str(&serde_norway::to_string(svc.as_ref()).expect("to yaml"));
                 }
                 for slice in objects.endpoint_slices.values() {
                     text.push_str("---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n");
-                    text.push_str(&serde_norway::to_string(slice).expect("to yaml"));
+                    text.push_str(&serde_norway::to_string(slice.as_ref()).expect("to yaml"));
                 }
                 for cidr in objects.service_cidrs.values() {
                     text.push_str("---\napiVersion: networking.k8s.io/v1\nkind: ServiceCIDR\n");
