@@ -524,10 +524,18 @@ fn sync_once(
         tracing::error!(error = %e, "map update failed");
     }
     metrics.observe_sync(started.elapsed(), objects, desired, reconciler.programmed(), report.errors.len());
-    let not_programmed = desired.frontends.values().filter(|df| !reconciler.is_programmed(df)).count();
+    // A reconcile without errors leaves every desired frontend programmed
+    // (the one after a failure compares them all): only after errors is
+    // each frontend checked, so a sync's cost still follows its change.
+    let (not_programmed, failed_services) = if report.errors.is_empty() {
+        (0, std::collections::BTreeMap::new())
+    } else {
+        (
+            desired.frontends.values().filter(|df| !reconciler.is_programmed(df)).count(),
+            healthcheck::unprogrammed_services(desired, |df| reconciler.is_programmed(df), &report.errors),
+        )
+    };
     metrics.observe_not_programmed(not_programmed);
-    let failed_services =
-        healthcheck::unprogrammed_services(desired, |df| reconciler.is_programmed(df), &report.errors);
     if report.changed() {
         flush_removed_backends(reconciler, config);
     }
