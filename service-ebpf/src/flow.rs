@@ -134,10 +134,11 @@ impl Flow {
         self.family == FAMILY_IPV6
     }
 
-    /// The ICMP of the flow's family: ICMP or ICMPv6.
+    /// The ICMP of the flow's family: ICMP over IPv4, ICMPv6 over IPv6
+    /// (the parse passes the other one as an unknown protocol).
     #[inline(always)]
     pub fn is_icmp(&self) -> bool {
-        self.proto == PROTO_ICMP || self.proto == PROTO_ICMPV6
+        self.proto == icmp_of(self.family)
     }
 }
 
@@ -245,11 +246,22 @@ pub fn parse_into<const L2: usize>(ctx: &TcContext, out: &mut Flow, key: &mut Ct
     Ok(())
 }
 
+/// The ICMP protocol number of `family`: an IPv4 packet saying ICMPv6 (or
+/// an IPv6 one saying ICMP) carries no ICMP message of ours to translate.
+#[inline(always)]
+fn icmp_of(family: u8) -> u8 {
+    if family == FAMILY_IPV6 { PROTO_ICMPV6 } else { PROTO_ICMP }
+}
+
 /// The ports (and TCP flags) of a first or only fragment whose upper-layer
 /// header starts at `l4_off`; `Err` for a protocol the programs leave
-/// alone. ICMP errors have no ports here (their quote does).
+/// alone (ICMP of the other family included). ICMP errors have no ports
+/// here (their quote does).
 #[inline(always)]
-fn ports(ctx: &TcContext, proto: u8, l4_off: usize) -> Result<([u8; 4], u8), Counter> {
+fn ports(ctx: &TcContext, family: u8, proto: u8, l4_off: usize) -> Result<([u8; 4], u8), Counter> {
+    if (proto == PROTO_ICMP || proto == PROTO_ICMPV6) && proto != icmp_of(family) {
+        return Err(Counter::PassOtherProto);
+    }
     if proto == PROTO_TCP {
         // The checksum lies beyond the flags: a TCP header this short is
         // malformed, and rewriting it would fail anyway.
@@ -379,7 +391,7 @@ fn finish_l4(ctx: &TcContext, out: &mut Flow) -> Result<(), Counter> {
         }
         (fragment_ports(out).ok_or(Counter::PassFragment)?, 0)
     } else {
-        let (ports, flags) = ports(ctx, proto, out.l4_off)?;
+        let (ports, flags) = ports(ctx, out.family, proto, out.l4_off)?;
         // A UDP checksum of 0 means "none" over IPv4 but is invalid over
         // IPv6 (RFC 8200 8.1): such a datagram is the receiver's to drop,
         // and an incremental update would give it a wrong checksum.

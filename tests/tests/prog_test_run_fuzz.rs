@@ -1014,6 +1014,23 @@ fn fuzz_findings_reproduce_on_well_formed_frames() {
         let mut error = packet::icmp_frag_needed_v4(backend, POD_CLIENT, 0, &syn[..14 + 28]);
         error.extend_from_slice(&[0u8; 16]);
         run("ICMP error with an 8-byte quote and a frame trailer", Prog::Pod, &error);
+        // 5. The same kind of ICMP error about the translated SYN, in an
+        //    IPv4 header whose protocol says ICMPv6 (58): no ICMP message
+        //    of IPv4, so it passes untouched in both programs (the parse
+        //    once took either family's ICMP number in either family, and
+        //    translated it).
+        let mut error = packet::icmp_frag_needed_v4(backend, POD_CLIENT, 1400, &syn);
+        error[14 + 9] = 58;
+        fuzz::fix_ip_checksum(&mut error);
+        let rewritten: Vec<String> = [Prog::Pod, Prog::External]
+            .into_iter()
+            .filter_map(|prog| {
+                let out = run("IPv4 saying ICMPv6, carrying an ICMP error", prog, &error);
+                (out != error)
+                    .then(|| format!("IPv4 saying ICMPv6 ({}): rewritten\n    out {}", prog.name(), hex(&out)))
+            })
+            .collect();
+        failures.extend(rewritten);
         failures
     });
     for f in &failures {
