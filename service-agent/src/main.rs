@@ -184,10 +184,21 @@ struct RunArgs {
     /// Where the maps are pinned (a directory on a BPF filesystem).
     #[arg(long, default_value = DEFAULT_BPFFS_ROOT, value_name = "PATH")]
     bpffs_root: PathBuf,
-    /// Capacity of the services map (frontends plus their backend slots).
+    /// Capacity of the services map: frontends (a Service port's ClusterIP,
+    /// each NodePort address, LoadBalancer IP and external IP, each from
+    /// pods and from outside).
     #[arg(long, default_value_t = service_common::capacity::SERVICES)]
     map_size_services: u32,
-    /// Capacity of the backends and rev_nat maps.
+    /// Capacity of the backend_slots map, in backend ids: every backend
+    /// table's Maglev slots and member list together (a table per distinct
+    /// backend set, shared by the frontends that have it; about 9 ids per
+    /// endpoint of each set, e.g. 137 for 10 endpoints), with room for the
+    /// tables written while old ones are still in use. Rounded up to a
+    /// multiple of 16.
+    #[arg(long, default_value_t = service_common::capacity::BACKEND_SLOT_BLOCKS * service_common::backend_slots::PER_BLOCK)]
+    map_size_backend_slots: u32,
+    /// Capacity of the backends and rev_nat maps, and of the packet and byte
+    /// counters kept per backend and per rev-NAT row.
     #[arg(long, default_value_t = service_common::capacity::BACKENDS)]
     map_size_backends: u32,
     /// Capacity of the conntrack map of assured (answered) flows (two
@@ -284,6 +295,7 @@ async fn main() -> anyhow::Result<()> {
                 bpffs_root: args.bpffs_root,
                 map_sizes: MapSizes {
                     services: args.map_size_services,
+                    backend_slots: args.map_size_backend_slots,
                     backends: args.map_size_backends,
                     conntrack: args.map_size_conntrack,
                     conntrack_new: args.map_size_conntrack_new,

@@ -55,8 +55,12 @@ pub mod map_names {
     /// Per frontend (rev-NAT id): the connect() and sendmsg() calls the
     /// socket-level programs translated (`SockCounters`, per CPU).
     pub const SOCK_COUNTERS: &str = "sock_counters";
-    pub const ALL: [&str; 17] = [
+    /// Every backend table, in one array of blocks
+    /// ([`super::backend_slots`]).
+    pub const BACKEND_SLOTS: &str = "backend_slots";
+    pub const ALL: [&str; 18] = [
         SERVICES,
+        BACKEND_SLOTS,
         BACKENDS,
         REV_NAT,
         CONNTRACK,
@@ -111,8 +115,9 @@ pub mod agent_state {
 /// flows in a recreated conntrack are picked up again as new flows).
 pub mod layout {
     use super::map_names::{
-        AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS, INTERFACE_STATS,
-        REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, SOURCE_RANGES, STATS,
+        AFFINITY, AGENT_STATE, BACKEND_COUNTERS, BACKEND_SLOTS, BACKENDS, CONNTRACK, CONNTRACK_NEW, FRAGMENTS,
+        INTERFACE_STATS, REV_NAT, SERVICE_COUNTERS, SERVICES, SNAT_ADDRS, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB,
+        SOURCE_RANGES, STATS,
     };
 
     /// Layout 3 of `stats`: id 0 counts packets that are neither IPv4 nor
@@ -120,13 +125,16 @@ pub mod layout {
     /// served it). Layout 2 of `snat_addrs`: keyed by [`super::SnatAddrKey`] (interface
     /// and family). Layout 2 of `sock_rev_nat`: the value names the socket's protocol
     /// and backend id (for the removed-backend UDP socket flush); layout 3: key and value
-    /// carry the address family (IPv6 sockets, v4-mapped addresses). Layout 3
+    /// carry the address family (IPv6 sockets, v4-mapped addresses). Layout 4
+    /// of `services`: one row per frontend, naming its table in `backend_slots`
+    /// (slot and member rows are gone). Layout 3
     /// of `services`: slot 0 carries the affinity scope in `backend_id`. Layout 2 of `services`: 32-bit slots and member rows; of
     /// `source_ranges`: keyed per frontend protocol and family; of `stats`:
     /// `drop_rewrite` split by stage (id 11 is `drop_l3_csum` now) and the
     /// rejects that were not answered counted as drops.
-    pub const VERSIONS: [(&str, u32); 17] = [
-        (SERVICES, 3),
+    pub const VERSIONS: [(&str, u32); 18] = [
+        (SERVICES, 4),
+        (BACKEND_SLOTS, 1),
         (BACKENDS, 1),
         (REV_NAT, 1),
         (CONNTRACK, 1),
@@ -155,7 +163,11 @@ pub mod layout {
 /// Default capacities compiled into the object; the agent can raise them
 /// at load time (`--map-size-*` flags) because aya rewrites `max_entries`.
 pub mod capacity {
-    pub const SERVICES: u32 = 262_144;
+    /// Frontends (one row each).
+    pub const SERVICES: u32 = 65_536;
+    /// Blocks of [`crate::backend_slots::PER_BLOCK`] backend ids: about a
+    /// million slots and member ids (4 MiB), every backend table together.
+    pub const BACKEND_SLOT_BLOCKS: u32 = 65_536;
     pub const BACKENDS: u32 = 65_536;
     pub const REV_NAT: u32 = 65_536;
     pub const CONNTRACK: u32 = 262_144;
@@ -369,19 +381,15 @@ pub const fn port_be(port: u16) -> Port {
     port.to_be_bytes()
 }
 
-/// Key of the `services` map.
+/// Key of the `services` map: one row per frontend (a Service port's
+/// address, port and protocol, as seen from pods or from outside).
 ///
-/// Slot 0 (with `version` 0) is the service itself: its value says how many
-/// slots the live backend table has and which `version` of the slot rows is
-/// live. Slots `1..=count` with that `version` each name a backend id. A
-/// changed backend set is written under a new version, then the slot-0 row is
-/// flipped in one update, then the old version is deleted, so a packet never
-/// sees a mix of old and new backends.
-///
-/// Member rows (`slot` [`MEMBER_SLOT`], `version` = a backend id) say that
-/// backend is in the frontend's current backend set: a ClientIP affinity
-/// entry is only followed to a member (an id a Service no longer uses, or
-/// another Service's, is never reached through a stale entry).
+/// Its value names the frontend's backend table in `backend_slots`
+/// ([`ServiceValue::table`]). A changed backend set is written as a new
+/// table in free blocks, then the frontend row is switched to it in one
+/// update, and the old table's blocks are only reused a grace period
+/// after the last frontend left them: a packet reads the old table or the
+/// new one, never a mix.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceKey {
@@ -391,39 +399,55 @@ pub struct ServiceKey {
     pub scope: u8,
     pub family: u8,
     pub _pad: [u8; 3],
-    pub slot: u32,
-    pub version: u32,
 }
-const _: () = assert!(size_of::<ServiceKey>() == 32);
-
-/// `ServiceKey::slot` of a member row (see [`ServiceKey`]).
-pub const MEMBER_SLOT: u32 = u32::MAX;
+const _: () = assert!(size_of::<ServiceKey>() == 24);
 
 impl ServiceKey {
-    /// The slot-0 key of a frontend.
+    /// The key of a frontend.
     #[must_use]
     pub const fn frontend(family: u8, addr: Addr, port: Port, proto: u8, scope: u8) -> Self {
-        Self { addr, port, proto, scope, family, _pad: [0; 3], slot: 0, version: 0 }
-    }
-
-    /// The key of slot `slot` (1-based) of `version` of this frontend.
-    #[must_use]
-    pub const fn with_slot(self, version: u32, slot: u32) -> Self {
-        Self { slot, version, ..self }
-    }
-
-    /// The member row of `backend_id` in this frontend's backend set.
-    #[must_use]
-    pub const fn member(self, backend_id: u32) -> Self {
-        Self { slot: MEMBER_SLOT, version: backend_id, ..self }
-    }
-
-    /// Whether this is a member row.
-    #[must_use]
-    pub const fn is_member(&self) -> bool {
-        self.slot == MEMBER_SLOT
+        Self { addr, port, proto, scope, family, _pad: [0; 3] }
     }
 }
+
+/// The `backend_slots` map: every backend table in one array, used as an
+/// arena of blocks of [`PER_BLOCK`] backend ids. A table starts at a block
+/// ([`ServiceValue::table`]) and holds, position after position, its
+/// `count` Maglev slots, then its `members` backend ids in ascending order
+/// (the backend set, which a ClientIP affinity entry is checked against by
+/// binary search). Tables are shared: every frontend with the same backend
+/// set (a Service port's ClusterIP, NodePorts, LoadBalancer IPs, external
+/// IPs and their pod-side twins) names one table. Block 0 is never used, so
+/// a `table` of 0 means none.
+pub mod backend_slots {
+    /// Backend ids per block (one array element of 64 bytes).
+    pub const PER_BLOCK: u32 = 16;
+    /// Enough halvings to search the largest member list (`524_287`
+    /// backends, under 2^20).
+    pub const SEARCH_STEPS: u32 = 20;
+
+    /// The block and lane of position `pos` of the table starting at
+    /// block `table`.
+    #[inline(always)]
+    #[must_use]
+    pub const fn locate(table: u32, pos: u32) -> (u32, usize) {
+        (table.wrapping_add(pos / PER_BLOCK), (pos % PER_BLOCK) as usize)
+    }
+
+    /// Blocks a table of `count` slots and `members` backend ids takes.
+    #[must_use]
+    pub const fn blocks(count: u32, members: u32) -> u32 {
+        (count + members).div_ceil(PER_BLOCK)
+    }
+}
+
+/// One element of the `backend_slots` array (see [`backend_slots`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
+pub struct SlotBlock {
+    pub ids: [u32; backend_slots::PER_BLOCK as usize],
+}
+const _: () = assert!(size_of::<SlotBlock>() == 64);
 
 /// `ServiceValue::flags`.
 pub mod service_flags {
@@ -459,36 +483,30 @@ pub mod service_flags {
     ];
 }
 
-/// Value of the `services` map. For slot 0: `count`, `version`,
-/// `rev_nat_id`, `flags`, `affinity_timeout_s` are set, and `backend_id`
-/// holds the affinity scope ([`ServiceValue::affinity_scope`]). For slot
-/// rows: only `backend_id` is set.
+/// Value of the `services` map: the frontend's backend table and how to
+/// treat its flows.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct ServiceValue {
-    pub backend_id: u32,
+    /// The first block of the frontend's table in `backend_slots` (0: no
+    /// table; `count` is 0 then).
+    pub table: u32,
+    /// Maglev slots of the table (0: no usable backend, see `flags`).
     pub count: u32,
-    pub version: u32,
+    /// Backend ids listed after the slots (the backend set), ascending.
+    pub members: u32,
     pub rev_nat_id: u32,
+    /// With [`service_flags::AFFINITY`]: the id naming the ClientIP
+    /// affinity entries ([`AffinityKey::scope`]) this frontend shares with
+    /// every other frontend of its Service port (ClusterIP, NodePorts,
+    /// LoadBalancer IPs, external IPs), as kube-proxy keeps affinity per
+    /// Service port: the rev-NAT id of the port's ClusterIP.
+    pub affinity_scope: u32,
     pub affinity_timeout_s: u32,
     pub flags: u16,
     pub _pad: u16,
 }
-const _: () = assert!(size_of::<ServiceValue>() == 24);
-
-impl ServiceValue {
-    /// Of a slot-0 row with [`service_flags::AFFINITY`]: the id naming the
-    /// ClientIP affinity entries ([`AffinityKey::scope`]) this frontend
-    /// shares with every other frontend of its Service port (ClusterIP,
-    /// NodePorts, LoadBalancer IPs, external IPs), as kube-proxy keeps
-    /// affinity per Service port: the rev-NAT id of the port's ClusterIP.
-    /// Stored in `backend_id`, which a slot-0 row has no other use for.
-    #[must_use]
-    #[inline]
-    pub const fn affinity_scope(&self) -> u32 {
-        self.backend_id
-    }
-}
+const _: () = assert!(size_of::<ServiceValue>() == 28);
 
 /// `BackendValue::flags`.
 pub mod backend_flags {
@@ -728,6 +746,7 @@ mod user {
     // padding, which is exactly what aya::Pod requires.
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceValue {}
+    unsafe impl aya::Pod for super::SlotBlock {}
     unsafe impl aya::Pod for super::BackendValue {}
     unsafe impl aya::Pod for super::RevNatValue {}
     unsafe impl aya::Pod for super::CtKey {}
@@ -764,24 +783,30 @@ mod tests {
     }
 
     #[test]
-    fn slot_keys_differ_from_the_frontend_key_only_in_slot_and_version() {
-        let f = ServiceKey::frontend(FAMILY_IPV4, addr_v4([10, 96, 0, 1]), port_be(80), PROTO_TCP, SCOPE_INTERNAL);
-        let s = f.with_slot(7, 3);
-        assert_eq!((s.slot, s.version), (3, 7));
-        assert_eq!(ServiceKey { slot: 0, version: 0, ..s }, f);
+    fn table_positions_fill_blocks_in_order() {
+        use backend_slots::{PER_BLOCK, blocks, locate};
+        assert_eq!(locate(5, 0), (5, 0));
+        assert_eq!(locate(5, 15), (5, 15));
+        assert_eq!(locate(5, 16), (6, 0));
+        assert_eq!(locate(5, 127 + 9), (13, 8));
+        // 127 slots and 10 members: 137 ids in 9 blocks.
+        assert_eq!(blocks(127, 10), 9);
+        assert_eq!(blocks(16, 0), 1);
+        assert_eq!(blocks(16, 1), 2);
+        // The largest table and member list fit the search and u32 math.
+        const { assert!(1u32 << backend_slots::SEARCH_STEPS > 524_287) };
+        assert_eq!(blocks(524_287, 524_287), (2 * 524_287u32).div_ceil(PER_BLOCK));
     }
 
     #[test]
     fn field_offsets_match_the_kernel_view() {
-        let k = ServiceKey::frontend(FAMILY_IPV4, addr_v4([1, 2, 3, 4]), port_be(0x0102), PROTO_UDP, SCOPE_EXTERNAL)
-            .with_slot(0x0a0b_0c0d, 0x0506);
+        let k = ServiceKey::frontend(FAMILY_IPV4, addr_v4([1, 2, 3, 4]), port_be(0x0102), PROTO_UDP, SCOPE_EXTERNAL);
         let b = bytemuck::bytes_of(&k);
         assert_eq!(&b[0..4], &[1, 2, 3, 4]);
         assert_eq!(&b[16..18], &[1, 2]);
         assert_eq!(b[18], PROTO_UDP);
+        assert_eq!(b[19], SCOPE_EXTERNAL);
         assert_eq!(b[20], FAMILY_IPV4);
         assert_eq!(&b[21..24], &[0, 0, 0]);
-        assert_eq!(u32::from_ne_bytes([b[24], b[25], b[26], b[27]]), 0x0506);
-        assert_eq!(u32::from_ne_bytes([b[28], b[29], b[30], b[31]]), 0x0a0b_0c0d);
     }
 }

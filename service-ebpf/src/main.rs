@@ -12,6 +12,8 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod backend_table;
+#[cfg(target_arch = "bpf")]
 mod bench_floor;
 #[cfg(target_arch = "bpf")]
 mod conntrack;

@@ -10,21 +10,38 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
+/// `BPF_F_NO_PREALLOC` for the maps only the agent adds rows to: their
+/// memory follows the rows written, not the capacity (a preallocated hash
+/// map holds every element of its `max_entries` from creation), and a
+/// deleted row is freed after an RCU grace period instead of being reused
+/// at once by the next insert while a packet may still read it.
+const NO_PREALLOC: usize = aya_ebpf::bindings::BPF_F_NO_PREALLOC as usize;
+
 use service_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, FragKey, FragValue, InterfaceCounterKey,
-    RevNatValue, ServiceKey, ServiceValue, SnatAddrKey, SockCounters, SockRevNatKey, SockRevNatValue, SocketLbConfig,
-    SourceRangeKey, agent_state, capacity,
+    RevNatValue, ServiceKey, ServiceValue, SlotBlock, SnatAddrKey, SockCounters, SockRevNatKey, SockRevNatValue,
+    SocketLbConfig, SourceRangeKey, agent_state, capacity,
     stats::{self, Counter},
 };
 
+/// One row per frontend: how to treat its flows and which table of
+/// `backend_slots` holds its backends.
 #[btf_map(name = "services")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }> = HashMap::new();
+pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as usize }, NO_PREALLOC> = HashMap::new();
+/// Every backend table (Maglev slots, then the sorted backend set), in
+/// blocks of 16 ids (`service_common::backend_slots`); read through
+/// [`crate::backend_table`]. A table is shared by the frontends with the
+/// same backend set and never rewritten in place (a new one is written
+/// into free blocks, then the frontend rows are switched to it), so an
+/// array (no per-slot keys, no hashing) is enough.
+#[btf_map(name = "backend_slots")]
+pub static BACKEND_SLOTS: Array<SlotBlock, { capacity::BACKEND_SLOT_BLOCKS as usize }> = Array::new();
 #[btf_map(name = "backends")]
-pub static BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }> = HashMap::new();
+pub static BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 /// Not read by the programs (conntrack stores the frontend itself); kept in
 /// the object so it is created and pinned for the agent and `inspect`.
 #[btf_map(name = "rev_nat")]
-pub static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }> = HashMap::new();
+pub static REV_NAT: HashMap<u32, RevNatValue, { capacity::REV_NAT as usize }, NO_PREALLOC> = HashMap::new();
 /// Assured flows (TCP: handshake completed; UDP: answered), both entries
 /// of each. Only other assured flows can evict them.
 #[btf_map(name = "conntrack")]
@@ -46,9 +63,11 @@ pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { capacity::SOURCE_RANGES 
 /// Packets and bytes per frontend (rev-NAT id) and per backend, both
 /// directions; per-CPU, so no CPU ever writes another's counters.
 #[btf_map(name = "service_counters")]
-pub static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::REV_NAT as usize }> = PerCpuHashMap::new();
+pub static SERVICE_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::REV_NAT as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 #[btf_map(name = "backend_counters")]
-pub static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::BACKENDS as usize }> = PerCpuHashMap::new();
+pub static BACKEND_COUNTERS: PerCpuHashMap<u32, Counters, { capacity::BACKENDS as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 /// ClientIP session affinity: (client, Service port, protocol) → backend.
 #[btf_map(name = "affinity")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { capacity::AFFINITY as usize }> = LruHashMap::new();
@@ -78,7 +97,8 @@ pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNatValue, { capacity::
 /// Per frontend (rev-NAT id): connect() and sendmsg() calls translated;
 /// rows created and deleted by the agent with the rev-NAT rows.
 #[btf_map(name = "sock_counters")]
-pub static SOCK_COUNTERS: PerCpuHashMap<u32, SockCounters, { capacity::REV_NAT as usize }> = PerCpuHashMap::new();
+pub static SOCK_COUNTERS: PerCpuHashMap<u32, SockCounters, { capacity::REV_NAT as usize }, NO_PREALLOC> =
+    PerCpuHashMap::new();
 /// Socket-level load balancing's one configuration row (`--socket-lb`).
 #[btf_map(name = "socket_lb")]
 pub static SOCKET_LB: Array<SocketLbConfig, 1> = Array::new();
@@ -132,7 +152,7 @@ fn count_interface(ifindex: u32, id: Counter) {
 /// that row: a packet of an old flow whose id is gone counts nowhere
 /// (never re-creating a row for an id the agent may hand out again).
 #[inline(always)]
-fn add_counter<const N: usize>(map: &PerCpuHashMap<u32, Counters, N>, id: u32, len: u64) {
+fn add_counter<const N: usize, const F: usize>(map: &PerCpuHashMap<u32, Counters, N, F>, id: u32, len: u64) {
     if let Some(c) = map.get_ptr_mut(&id) {
         // SAFETY: a per-CPU value: only this CPU writes it.
         unsafe {

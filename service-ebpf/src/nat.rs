@@ -13,12 +13,13 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use service_common::{
-    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV6, MEMBER_SLOT, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL,
-    SCOPE_INTERNAL, SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SnatAddrKey, SourceRangeKey,
-    conntrack::next_state, ct_flags, hash, service_flags, service_ips, snat_ports, stats::Counter,
+    Addr, AffinityKey, AffinityValue, CtKey, FAMILY_IPV6, PROTO_SCTP, PROTO_TCP, Port, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    SNAT_HAIRPIN, SOURCE_RANGE_FRONTEND_BITS, ServiceKey, SnatAddrKey, SourceRangeKey, conntrack::next_state, ct_flags,
+    hash, service_flags, service_ips, snat_ports, stats::Counter,
 };
 
 use crate::{
+    backend_table::{is_member, slot_backend},
     conntrack::{self, Found, claim_port, claim_reply},
     fib::egress_ifindex,
     flow::{Flow, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, IP6_DST_OFF, IP6_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, ktime_ns},
@@ -328,9 +329,12 @@ pub fn service_ip(addr: &Addr, family: u8) -> ServiceIp {
 }
 
 /// The backend for a new flow: the client's affinity entry when the
-/// Service has ClientIP affinity and the entry is fresh and its backend
-/// still exists, else the Maglev slot the flow hashes to (then remembered
-/// for affinity).
+/// Service has ClientIP affinity, the entry is fresh and its backend is
+/// still in the frontend's backend set and exists, else the Maglev slot
+/// the flow hashes to (then remembered for affinity). Both are read from
+/// the frontend's table in `backend_slots` ([`crate::backend_table`]),
+/// which the row in `scratch.service` names: the table it was switched
+/// to, whole.
 ///
 /// Not inlined (its keys stay out of `new_flow`'s frame); the result goes
 /// to `scratch.backend`, `backend_id`, `affinity_hit`.
@@ -342,33 +346,26 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
     // One entry per client and Service port, whichever of the port's
     // frontends (ClusterIP, NodePort, LoadBalancer IP, external IP) it used.
     s.affinity_key =
-        AffinityKey { client: key.saddr, scope: s.service.affinity_scope(), proto: flow.proto, _pad: [0; 3] };
+        AffinityKey { client: key.saddr, scope: s.service.affinity_scope, proto: flow.proto, _pad: [0; 3] };
     if sticky {
         // SAFETY: plain data; a racing update gives a stale but valid copy.
         if let Some(entry) = unsafe { AFFINITY.get(&s.affinity_key) } {
             s.affinity = *entry;
             let timeout_ns = u64::from(s.service.affinity_timeout_s) * 1_000_000_000;
-            if now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns {
-                // Only a backend still in this frontend's set (its member
-                // row): an entry naming a removed backend, or an id handed
-                // to another Service since, falls through to the table.
-                // Written field by field, in place: a whole-key temporary
-                // would sit on this frame's stack.
-                s.slot_key = s.frontend;
-                s.slot_key.slot = MEMBER_SLOT;
-                s.slot_key.version = s.affinity.backend_id;
-                // SAFETY: only whether the row exists is read, then plain
-                // data written whole by the agent.
-                if unsafe { SERVICES.get(&s.slot_key) }.is_some()
-                    && let Some(backend) = unsafe { BACKENDS.get(&s.affinity.backend_id) }
-                {
-                    s.backend = *backend;
-                    s.backend_id = s.affinity.backend_id;
-                    s.affinity_hit = 1;
-                    s.affinity.last_used_ns = now;
-                    let _ = AFFINITY.insert(&s.affinity_key, &s.affinity, 0);
-                    return Ok(());
-                }
+            // Only a backend still in this frontend's set (its member
+            // list): an entry naming a removed backend, or an id handed to
+            // another Service since, falls through to the table.
+            if now.saturating_sub(s.affinity.last_used_ns) <= timeout_ns
+                && is_member(&s.service, s.affinity.backend_id)
+                // SAFETY: plain data written whole by the agent.
+                && let Some(backend) = unsafe { BACKENDS.get(&s.affinity.backend_id) }
+            {
+                s.backend = *backend;
+                s.backend_id = s.affinity.backend_id;
+                s.affinity_hit = 1;
+                s.affinity.last_used_ns = now;
+                let _ = AFFINITY.insert(&s.affinity_key, &s.affinity, 0);
+                return Ok(());
             }
         }
     }
@@ -379,15 +376,8 @@ fn choose_backend(s: &mut Scratch, key: &CtKey, flow: &Flow, now: u64) -> Result
         return Err(Counter::DropNoBackend);
     }
     let h = hash::flow_hash(&key.saddr, &key.daddr, flow.sport, flow.dport, flow.proto);
-    s.slot_key = s.frontend;
-    s.slot_key.slot = hash::slot_for(h, count);
-    s.slot_key.version = s.service.version;
+    let backend_id = slot_backend(s.service.table, count, hash::slot_for(h, count)).ok_or(Counter::DropMissingRow)?;
     // SAFETY: plain data written whole by the agent.
-    let backend_id = match unsafe { SERVICES.get(&s.slot_key) } {
-        Some(row) => row.backend_id,
-        None => return Err(Counter::DropMissingRow),
-    };
-    // SAFETY: as above.
     match unsafe { BACKENDS.get(&backend_id) } {
         Some(b) => s.backend = *b,
         None => return Err(Counter::DropMissingRow),

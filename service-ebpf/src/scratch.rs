@@ -49,10 +49,9 @@ pub struct Scratch {
     pub backend_id: u32,
     /// Non-zero when the backend came from the client's affinity entry.
     pub affinity_hit: u32,
-    /// Backend choice: the affinity row and the slot row looked up.
+    /// Backend choice: the affinity row looked up, then written.
     pub affinity_key: AffinityKey,
     pub affinity: AffinityValue,
-    pub slot_key: ServiceKey,
     /// An ICMP error being built: IP header, ICMP header, quote.
     pub answer: [u8; 56],
     /// The same for IPv6 (IPv6 header, ICMPv6 header, a 48-byte quote), or

@@ -3,8 +3,8 @@
 //! - `connect4` (TCP and connected UDP) and `sendmsg4` (unconnected UDP),
 //!   and their IPv6 twins `connect6` and `sendmsg6`:
 //!   a Service address is replaced by a backend's before the socket ever
-//!   sends a packet, chosen from the same frontend rows as the packet path
-//!   (the Maglev table of the internal-scope frontend, which is what
+//!   sends a packet, chosen from the same frontend row and backend table
+//!   as the packet path (the internal-scope frontend's, which is what
 //!   kube-proxy applies to traffic from the node itself: ClusterIPs under
 //!   `internalTrafficPolicy`, NodePorts, LoadBalancer IPs and external IPs
 //!   short-circuited to the cluster-wide endpoints), with ClientIP
@@ -38,11 +38,13 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockContext},
 };
 use service_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, FAMILY_IPV6, MEMBER_SLOT, PROTO_TCP, PROTO_UDP, Port,
-    SCOPE_INTERNAL, ServiceKey, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb, stats::Counter,
+    Addr, AffinityKey, AffinityValue, BackendValue, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP, Port,
+    SCOPE_INTERNAL, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue, hash, service_flags, socket_lb,
+    stats::Counter,
 };
 
 use crate::{
+    backend_table::{is_member, slot_backend},
     flow::ktime_ns,
     maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, count},
     nat::{ServiceIp, service_ip},
@@ -302,7 +304,7 @@ fn translate<const IP6: bool>(ctx: &SockAddrContext, counter: Counter) -> i32 {
         count(0, Counter::SockRefused);
         return DENY;
     }
-    let Some((backend_id, backend)) = choose(ctx, &key, &service, proto) else { return ALLOW };
+    let Some((backend_id, backend)) = choose(ctx, &service, proto) else { return ALLOW };
     // A backend of the other family (the model serves each family from
     // its own endpoints, so none is written) cannot be reached this way.
     if backend.family != family {
@@ -351,40 +353,40 @@ fn unserved(family: u8, addr: &Addr) -> i32 {
 }
 
 /// The backend for a new socket: its affinity entry's when the Service
-/// has ClientIP affinity and the entry is fresh and still a member, else a
-/// random slot of the frontend's Maglev table (a socket has no port yet to
-/// hash; every slot is equally likely, as every flow hash is).
+/// has ClientIP affinity and the entry is fresh and still a member of the
+/// frontend's backend set, else a random slot of the frontend's Maglev
+/// table (a socket has no port yet to hash; every slot is equally likely,
+/// as every flow hash is). Both from the frontend's table in
+/// `backend_slots`, read as the packet path reads it
+/// ([`crate::backend_table`]).
 #[inline(always)]
-fn choose(
-    ctx: &SockAddrContext,
-    key: &ServiceKey,
-    service: &service_common::ServiceValue,
-    proto: u8,
-) -> Option<(u32, BackendValue)> {
+fn choose(ctx: &SockAddrContext, service: &ServiceValue, proto: u8) -> Option<(u32, BackendValue)> {
     let sticky = service.flags & service_flags::AFFINITY != 0;
-    let affinity_key = AffinityKey { client: socket_client(ctx), scope: service.affinity_scope(), proto, _pad: [0; 3] };
+    let affinity_key = AffinityKey { client: socket_client(ctx), scope: service.affinity_scope, proto, _pad: [0; 3] };
     let now = ktime_ns();
     if sticky
         // SAFETY: plain data; a racing update gives a stale but valid copy.
         && let Some(entry) = unsafe { AFFINITY.get(&affinity_key) }.copied()
         && now.saturating_sub(entry.last_used_ns) <= u64::from(service.affinity_timeout_s) * 1_000_000_000
-    {
-        let member = ServiceKey { slot: MEMBER_SLOT, version: entry.backend_id, ..*key };
+        && is_member(service, entry.backend_id)
         // SAFETY: plain data written whole by the agent.
-        if unsafe { SERVICES.get(&member) }.is_some()
-            && let Some(backend) = unsafe { BACKENDS.get(&entry.backend_id) }.copied()
-        {
-            let fresh = AffinityValue { last_used_ns: now, ..entry };
-            let _ = AFFINITY.insert(&affinity_key, &fresh, 0);
-            return Some((entry.backend_id, backend));
-        }
+        && let Some(backend) = unsafe { BACKENDS.get(&entry.backend_id) }.copied()
+    {
+        let fresh = AffinityValue { last_used_ns: now, ..entry };
+        let _ = AFFINITY.insert(&affinity_key, &fresh, 0);
+        return Some((entry.backend_id, backend));
+    }
+    // `translate` refused a frontend without slots already; checked again
+    // beside the modulo so it never needs a division-by-zero panic path
+    // (which the verifier would reject), however the calls are inlined.
+    let count = service.count;
+    if count == 0 {
+        return None;
     }
     // SAFETY: a helper without arguments.
     let random = unsafe { bpf_get_prandom_u32() };
-    let slot = ServiceKey { slot: hash::slot_for(random, service.count), version: service.version, ..*key };
+    let backend_id = slot_backend(service.table, count, hash::slot_for(random, count))?;
     // SAFETY: plain data written whole by the agent.
-    let backend_id = unsafe { SERVICES.get(&slot) }?.backend_id;
-    // SAFETY: as above.
     let backend = unsafe { BACKENDS.get(&backend_id) }.copied()?;
     if sticky {
         let entry = AffinityValue { backend_id, _pad: 0, last_used_ns: now };

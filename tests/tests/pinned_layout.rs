@@ -101,9 +101,25 @@ fn pins_of_an_older_layout_are_replaced_and_same_layout_rows_kept() {
     let bpffs = BpffsMount::new().expect("bpffs");
     let root = bpffs.path().join("node");
     std::fs::create_dir_all(&root).expect("mkdir");
-    // The layout before this version: 28-byte service keys, 40-byte
+    // Layouts before this version: 28-byte service keys (slot rows), 40-byte
     // conntrack values, 20-byte source-range keys (+4 prefix length).
     bpftool_create(&root.join(map_names::SERVICES), "type hash key 28 value 24 entries 1024 name services");
+    // Same layout, preallocated (before `BPF_F_NO_PREALLOC`): its rows
+    // survive the new flags.
+    bpftool_create(
+        &root.join(map_names::BACKENDS),
+        &format!("type hash key 4 value 24 entries {} name backends", capacity::BACKENDS),
+    );
+    let backend = service_common::BackendValue {
+        addr: addr_v4([10, 244, 1, 11]),
+        port: [0x1f, 0x90],
+        proto: 6,
+        family: service_common::FAMILY_IPV4,
+        flags: 0,
+        state: 0,
+        _pad: [0; 2],
+    };
+    hash_map::<u32, service_common::BackendValue>(&root.join(map_names::BACKENDS)).insert(5, backend, 0).expect("row");
     bpftool_create(&root.join(map_names::CONNTRACK), "type lru_hash key 40 value 40 entries 1024 name conntrack");
     bpftool_create(
         &root.join(map_names::SOURCE_RANGES),
@@ -122,9 +138,17 @@ fn pins_of_an_older_layout_are_replaced_and_same_layout_rows_kept() {
     }
     let affinity = migration(&migrations, map_names::AFFINITY);
     assert_eq!((affinity.change, affinity.rows_copied, affinity.rows_dropped), (Change::Resized, 1, 0));
+    let backends = migration(&migrations, map_names::BACKENDS);
+    assert_eq!((backends.change, backends.rows_copied, backends.rows_dropped), (Change::Resized, 1, 0));
+    assert_eq!(backends.to.map_flags, 1, "BPF_F_NO_PREALLOC");
     // The pins now hold the new maps; nothing is left aside.
     let info = |name: &str| MapInfo::from_pin(root.join(name)).expect("info");
-    assert_eq!(info(map_names::SERVICES).key_size(), 32);
+    assert_eq!(info(map_names::SERVICES).key_size(), 24);
+    assert_eq!(info(map_names::BACKENDS).map_flags(), 1, "BPF_F_NO_PREALLOC");
+    assert_eq!(
+        hash_map::<u32, service_common::BackendValue>(&root.join(map_names::BACKENDS)).get(&5, 0).expect("kept"),
+        backend
+    );
     assert_eq!(info(map_names::CONNTRACK).value_size(), 56);
     assert_eq!(info(map_names::SOURCE_RANGES).key_size(), 28);
     assert_eq!(info(map_names::AFFINITY).max_entries(), capacity::AFFINITY);

@@ -255,8 +255,8 @@ impl Fixture {
         let h =
             hash::flow_hash(&addr_v4(CLIENT.octets()), &addr_v4(VIP.octets()), port_be(sport), port_be(dport), proto);
         let slot = hash::slot_for(h, svc.count);
-        let row = self.applied.services[&key0.with_slot(svc.version, slot)];
-        let b = self.applied.backends[&row.backend_id];
+        let table = self.applied.table_of(&svc).expect("the frontend's table");
+        let b = self.applied.backends[&table.slots[slot as usize - 1]];
         Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3])
     }
 }

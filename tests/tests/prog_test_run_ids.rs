@@ -8,7 +8,8 @@
 //!   LoadBalancer IP for TCP and UDP keep their own ranges;
 //! - a ClientIP affinity entry is followed only to a backend still in the
 //!   frontend's set (not to one removed from it that another Service still
-//!   uses);
+//!   uses), and the set's member list is searched right wherever the id
+//!   sits in it (a set of 300 backends, whose list spans 19 blocks);
 //! - ClientIP affinity is kept per Service port, as kube-proxy keeps it: a
 //!   client that reached the ClusterIP keeps its endpoint through the
 //!   port's NodePort, LoadBalancer IP and external IP;
@@ -24,7 +25,7 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{map_names, stats::Counter};
+use service_common::{AffinityKey, AffinityValue, addr_v4, map_names, stats::Counter};
 use service_tests::{
     fixture::ManifestDir,
     netns::BpffsMount,
@@ -237,6 +238,62 @@ fn an_affinity_entry_is_not_followed_to_a_backend_that_left_the_frontends_set() 
     }
     // The stickiness is to the new backend now.
     assert!(f.stat(Counter::AffinityHit) >= 15);
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_member_search_finds_every_backend_of_a_large_set_and_no_other_id() {
+    // `sticky` has 300 endpoints: a table of 4093 slots, then 300 member
+    // ids in 19 blocks, searched by the program for each affinity entry.
+    let endpoints: Vec<String> =
+        (0..300u32).map(|i| format!("{{addresses: [10.245.{}.{}]}}", i / 250, i % 250 + 1)).collect();
+    let mut f = Fixture::new(&sticky_yaml(&format!("[{}]", endpoints.join(", "))));
+    let state = maps::MapIo::dump(&PinnedMaps::open(&f.root, MapSizes::default()).expect("maps")).expect("dump");
+    let frontend = state
+        .services
+        .iter()
+        .find(|(k, _)| k.addr[..4] == STICKY_VIP.octets() && k.scope == service_common::SCOPE_INTERNAL)
+        .map(|(_, v)| *v)
+        .expect("sticky's frontend");
+    let members = &state.table_of(&frontend).expect("its table").members;
+    assert_eq!((frontend.count, members.len()), (4093, 300));
+    // Ids around the set: `other`'s backends (ids of rows that exist), and
+    // ids no row has, below, between and above the members.
+    let others: Vec<u32> = state.backends.keys().copied().filter(|id| !members.contains(id)).collect();
+    assert_eq!(others.len(), 2);
+    let affinity_path = f.root.join(map_names::AFFINITY);
+    let mut affinity: aya::maps::HashMap<aya::maps::MapData, AffinityKey, AffinityValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(&affinity_path).expect("affinity pin"),
+        ))
+        .expect("affinity map");
+    let hits = f.stat(Counter::AffinityHit);
+    let mut sport = 50000;
+    let client =
+        |last: u32| Ipv4Addr::new(10, 246, u8::try_from(last / 250).unwrap(), 1 + u8::try_from(last % 250).unwrap());
+    let mut ask = |f: &mut Fixture, i: u32, backend_id: u32| -> (Ipv4Addr, u16) {
+        let c = client(i);
+        let key = AffinityKey { client: addr_v4(c.octets()), scope: frontend.affinity_scope, proto: 6, _pad: [0; 3] };
+        let fresh = AffinityValue { backend_id, _pad: 0, last_used_ns: maps::monotonic_ns() };
+        affinity.insert(key, fresh, 0).expect("affinity entry");
+        sport += 1;
+        dnat_target(&f.run(&packet::tcp_v4(c, sport, STICKY_VIP, 80, SYN, b"")))
+    };
+    for (i, id) in members.iter().enumerate() {
+        let b = state.backends[id];
+        let want = (Ipv4Addr::new(b.addr[0], b.addr[1], b.addr[2], b.addr[3]), 8080);
+        assert_eq!(ask(&mut f, u32::try_from(i).unwrap(), *id), want, "member #{i} (id {id}) not followed");
+    }
+    assert_eq!(f.stat(Counter::AffinityHit), hits + 300, "every member's entry followed");
+    let strangers = others.iter().copied().chain([1, members[0].saturating_sub(1), members[299] + 1, u32::MAX]);
+    for (i, id) in strangers.enumerate() {
+        if members.contains(&id) || id == 0 {
+            continue;
+        }
+        let (addr, _) = ask(&mut f, 300 + u32::try_from(i).unwrap(), id);
+        assert!(addr.octets()[1] == 245, "an entry naming id {id}, no member, was followed to {addr}");
+    }
+    assert_eq!(f.stat(Counter::AffinityHit), hits + 300, "no stranger's entry followed");
 }
 
 #[test]

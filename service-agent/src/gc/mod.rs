@@ -224,17 +224,17 @@ pub struct AffinityFrontends {
 }
 
 impl AffinityFrontends {
-    /// From the slot-0 rows (`ServiceKey::slot == 0`) of the services map,
-    /// and `members`, which gives a frontend's backend ids.
+    /// From the frontend rows of the services map, and `members`, which
+    /// gives a frontend's backend ids.
     pub fn from_rows<'a, M: IntoIterator<Item = u32>>(
         rows: impl IntoIterator<Item = (&'a ServiceKey, &'a ServiceValue)>,
         members: impl Fn(&ServiceKey) -> M,
         as_of_ns: u64,
     ) -> Self {
         let mut out = Self { as_of_ns, ..Self::default() };
-        for (k, v) in rows.into_iter().filter(|(k, _)| k.slot == 0) {
+        for (k, v) in rows {
             if v.flags & service_flags::AFFINITY != 0 {
-                let scope = (v.affinity_scope(), k.proto);
+                let scope = (v.affinity_scope, k.proto);
                 let t = out.timeouts.entry(scope).or_insert(0);
                 *t = (*t).max(v.affinity_timeout_s);
                 out.members.entry(scope).or_default().extend(members(k));
@@ -794,10 +794,11 @@ mod tests {
     fn affinity_goes_after_its_timeout_or_with_its_frontend() {
         let key0 = ServiceKey::frontend(FAMILY_IPV4, addr_v4([10, 96, 0, 1]), port_be(80), PROTO_TCP, SCOPE_INTERNAL);
         let sticky = ServiceValue {
-            // The affinity scope: the ClusterIP's own rev-NAT id.
-            backend_id: 7,
+            table: 1,
             count: 31,
-            version: 1,
+            members: 2,
+            // The affinity scope: the ClusterIP's own rev-NAT id.
+            affinity_scope: 7,
             rev_nat_id: 7,
             affinity_timeout_s: 600,
             flags: service_flags::AFFINITY,
@@ -805,13 +806,12 @@ mod tests {
         };
         let plain = ServiceValue { rev_nat_id: 8, affinity_timeout_s: 0, flags: 0, ..sticky };
         let key1 = ServiceKey { port: port_be(81), ..key0 };
-        let slot = ServiceValue { backend_id: 3, ..bytemuck::Zeroable::zeroed() };
         // A NodePort of the same Service port: its own rev-NAT id, the
         // ClusterIP's scope, a shorter timeout, a local endpoint only.
         let node_port_key =
             ServiceKey::frontend(FAMILY_IPV4, addr_v4([192, 168, 0, 2]), port_be(30080), PROTO_TCP, SCOPE_EXTERNAL);
         let node_port = ServiceValue { rev_nat_id: 9, affinity_timeout_s: 300, ..sticky };
-        let rows = [(key0, sticky), (key1, plain), (key0.with_slot(1, 1), slot), (node_port_key, node_port)];
+        let rows = [(key0, sticky), (key1, plain), (node_port_key, node_port)];
         let now = 10_000 * S;
         let members = |k: &ServiceKey| match k {
             k if *k == key0 => vec![3, 4],

@@ -299,8 +299,8 @@ mod tests {
         let mut d = Desired::default();
         frontend(&mut d, "fits", 10, &[1, 2]);
         frontend(&mut d, "too-big", 11, &[3, 4]);
-        // Room for one frontend (slot 0, 31 slots, 2 member rows), not two.
-        let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump").with_grace(Duration::ZERO);
+        // Room for one frontend row, not two.
+        let mut r = Reconciler::new(FakeMaps::with_services_capacity(1)).expect("dump").with_grace(Duration::ZERO);
         let report = r.reconcile(&d);
         assert_eq!(report.errors.len(), 1, "{report:?}");
         let failed = unprogrammed_services(&d, |df| r.is_programmed(df), &report.errors);

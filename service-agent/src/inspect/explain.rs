@@ -149,11 +149,11 @@ fn range_of(state: &MapState, owner: u32, proto: u8, addr: IpAddr) -> Option<Str
 fn frontend_line(key0: &ServiceKey, svc: &service_common::ServiceValue, out: &mut String) {
     let _ = writeln!(
         out,
-        "frontend {}: rev_nat {}, {} slots (version {}), flags [{}], affinity {} s",
+        "frontend {}: rev_nat {}, {} slots (table at block {}, shared by every frontend of the same backend set), flags [{}], affinity {} s",
         frontend(key0),
         svc.rev_nat_id,
         svc.count,
-        svc.version,
+        svc.table,
         flag_names(svc.flags).join(","),
         svc.affinity_timeout_s
     );
@@ -249,7 +249,7 @@ fn explain_host(
         let mut client = [0u8; 16];
         client[8..].copy_from_slice(&config.host_netns_cookie.to_ne_bytes());
         let aff = pins.readers.affinity()?;
-        match aff.iter().find(|(k, _)| k.client == client && k.scope == svc.affinity_scope() && k.proto == proto) {
+        match aff.iter().find(|(k, _)| k.client == client && k.scope == svc.affinity_scope && k.proto == proto) {
             Some((_, v)) => {
                 let idle = maps::monotonic_ns().saturating_sub(v.last_used_ns) / 1_000_000_000;
                 let _ = writeln!(
@@ -438,7 +438,7 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
         let aff = pins.readers.affinity()?;
         let entry = aff
             .iter()
-            .find(|(k, _)| k.client == addr_bytes(src_ip) && k.scope == svc.affinity_scope() && k.proto == proto);
+            .find(|(k, _)| k.client == addr_bytes(src_ip) && k.scope == svc.affinity_scope && k.proto == proto);
         match entry {
             Some((_, v)) => {
                 let idle = now.saturating_sub(v.last_used_ns) / 1_000_000_000;
@@ -460,14 +460,14 @@ pub fn explain(root: &Path, src: &str, dst: &str, entry: Entry) -> Result<String
     if let Some(port) = src_port {
         let h = hash::flow_hash(&addr_bytes(src_ip), &key0.addr, port_be(port), key0.port, proto);
         let slot = hash::slot_for(h, svc.count);
-        let row = state.services.get(&key0.with_slot(svc.version, slot));
+        let row = state.table_of(svc).and_then(|t| t.slots.get(usize::try_from(slot - 1).ok()?)).copied();
         let _ = writeln!(
             out,
             "a new flow from {} hashes to slot {slot} of {}: {}{}",
             SocketAddr::new(src_ip, port),
             svc.count,
-            row.map_or_else(|| "(missing slot row)".into(), |r| describe(r.backend_id)),
-            row.map_or("", |r| translation(r.backend_id))
+            row.map_or_else(|| "(missing table)".into(), describe),
+            row.map_or("", translation)
         );
     } else {
         let _ = writeln!(

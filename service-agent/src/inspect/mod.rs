@@ -168,7 +168,7 @@ impl Pins {
             self.programmed
                 .services
                 .iter()
-                .find(|(k, v)| k.slot == 0 && k.scope == service_common::SCOPE_INTERNAL && v.rev_nat_id == id)
+                .find(|(k, v)| k.scope == service_common::SCOPE_INTERNAL && v.rev_nat_id == id)
                 .map(|(k, _)| render::frontend(k))
                 .or_else(|| self.programmed.rev_nat.get(&id).map(|r| endpoint(r.family, &r.addr, r.port)))
                 .unwrap_or_else(|| format!("rev_nat {id} (gone)"))

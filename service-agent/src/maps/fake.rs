@@ -2,7 +2,9 @@
 //! the kernel maps would hold, the same capacity errors, and a log of every
 //! operation so tests can check the order of writes.
 
-use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SourceRangeKey};
+use std::collections::BTreeMap;
+
+use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, SlotBlock, SourceRangeKey};
 
 use super::{MapError, MapIo, MapState, NextIds};
 
@@ -11,6 +13,8 @@ use super::{MapError, MapIo, MapState, NextIds};
 pub enum Op {
     PutService(ServiceKey, ServiceValue),
     DelService(ServiceKey),
+    /// Blocks written from the first, how many.
+    PutSlotBlocks(u32, usize),
     PutBackend(u32),
     DelBackend(u32),
     PutRevNat(u32),
@@ -19,11 +23,20 @@ pub enum Op {
 
 #[derive(Debug, Default)]
 pub struct FakeMaps {
+    /// The rows; `state.tables` is read out of `blocks` after every write,
+    /// as a dump of the kernel maps would.
     pub state: MapState,
+    /// `backend_slots`, by block (absent: zeroed).
+    pub blocks: BTreeMap<u32, SlotBlock>,
+    /// Blocks in `backend_slots` (`None`: [`DEFAULT_SLOT_BLOCKS`]).
+    pub slot_blocks: Option<u32>,
     pub ops: Vec<Op>,
     /// Capacity of the services map (`None`: unlimited).
     pub services_capacity: Option<usize>,
 }
+
+/// The fake's `backend_slots` size unless a test sets one.
+pub const DEFAULT_SLOT_BLOCKS: u32 = 1 << 20;
 
 impl FakeMaps {
     #[must_use]
@@ -32,9 +45,42 @@ impl FakeMaps {
     }
 }
 
+impl FakeMaps {
+    /// Reads `state.tables` out of the blocks the frontend rows name (as
+    /// a dump would; tests call it after changing rows or the size).
+    pub fn refresh_tables(&mut self) {
+        let capacity = self.slot_block_capacity();
+        let blocks = &self.blocks;
+        self.state.tables = MapState::read_tables(&self.state.services, |b| {
+            (b < capacity).then(|| blocks.get(&b).copied().unwrap_or(SlotBlock { ids: [0; 16] }))
+        });
+    }
+}
+
 impl MapIo for FakeMaps {
     fn dump(&self) -> Result<MapState, MapError> {
         Ok(self.state.clone())
+    }
+
+    fn put_slot_blocks(&mut self, first: u32, blocks: &[SlotBlock]) -> Result<(), MapError> {
+        let end = u64::from(first) + blocks.len() as u64;
+        if end > u64::from(self.slot_block_capacity()) {
+            return Err(MapError::Io {
+                map: service_common::map_names::BACKEND_SLOTS,
+                op: "update",
+                source: std::io::Error::from_raw_os_error(libc::E2BIG),
+            });
+        }
+        self.ops.push(Op::PutSlotBlocks(first, blocks.len()));
+        for (b, block) in (first..).zip(blocks) {
+            self.blocks.insert(b, *block);
+        }
+        self.refresh_tables();
+        Ok(())
+    }
+
+    fn slot_block_capacity(&self) -> u32 {
+        self.slot_blocks.unwrap_or(DEFAULT_SLOT_BLOCKS)
     }
 
     fn put_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<(), MapError> {
@@ -50,12 +96,14 @@ impl MapIo for FakeMaps {
         }
         self.ops.push(Op::PutService(*key, *value));
         self.state.services.insert(*key, *value);
+        self.refresh_tables();
         Ok(())
     }
 
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         self.ops.push(Op::DelService(*key));
         self.state.services.remove(key);
+        self.refresh_tables();
         Ok(())
     }
 

@@ -40,6 +40,9 @@ pub struct Shape {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// `BPF_F_*` creation flags (e.g. `BPF_F_NO_PREALLOC`): another value
+    /// is a new map, its rows copied when the layout is the same.
+    pub map_flags: u32,
     /// `service_common::layout` version.
     pub version: u32,
 }
@@ -110,6 +113,7 @@ fn pinned_shape(pin: &Path, version: u32) -> io::Result<Shape> {
         key_size: info.key_size(),
         value_size: info.value_size(),
         max_entries: info.max_entries(),
+        map_flags: info.map_flags(),
         version,
     })
 }
@@ -131,6 +135,7 @@ pub fn wanted(object: &[u8], capacity: impl Fn(&str) -> Option<u32>) -> Result<V
                 key_size: map.key_size(),
                 value_size: map.value_size(),
                 max_entries: capacity(name).unwrap_or_else(|| map.max_entries()),
+                map_flags: map.map_flags(),
                 version: layout::version(name),
             },
         ));

@@ -25,7 +25,12 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Capacities of the maps (the `--map-size-*` flags).
 #[derive(Clone, Copy, Debug)]
 pub struct MapSizes {
+    /// Frontends (`services` rows).
     pub services: u32,
+    /// Backend slots and member ids of every table together
+    /// (`backend_slots`, in blocks of
+    /// [`service_common::backend_slots::PER_BLOCK`]).
+    pub backend_slots: u32,
     pub backends: u32,
     /// Assured flows (`conntrack`).
     pub conntrack: u32,
@@ -40,6 +45,7 @@ impl Default for MapSizes {
         use service_common::capacity;
         Self {
             services: capacity::SERVICES,
+            backend_slots: capacity::BACKEND_SLOT_BLOCKS * service_common::backend_slots::PER_BLOCK,
             backends: capacity::BACKENDS,
             conntrack: capacity::CONNTRACK,
             conntrack_new: capacity::CONNTRACK_NEW,
@@ -131,7 +137,13 @@ impl MapSizes {
     pub fn of(&self, name: &str) -> Option<u32> {
         match name {
             map_names::SERVICES => Some(self.services),
-            map_names::BACKENDS | map_names::REV_NAT => Some(self.backends),
+            map_names::BACKEND_SLOTS => Some(self.backend_slots.div_ceil(service_common::backend_slots::PER_BLOCK)),
+            // The counters have a row per backend and rev-NAT row.
+            map_names::BACKENDS
+            | map_names::REV_NAT
+            | map_names::BACKEND_COUNTERS
+            | map_names::SERVICE_COUNTERS
+            | map_names::SOCK_COUNTERS => Some(self.backends),
             map_names::CONNTRACK => Some(self.conntrack),
             map_names::CONNTRACK_NEW => Some(self.conntrack_new),
             map_names::FRAGMENTS => Some(self.fragments),

@@ -26,7 +26,7 @@ pub(crate) use self::{
 };
 pub use self::{
     access::{monotonic_ns, next_key},
-    io::{MapError, MapIo, MapState, NextIds},
+    io::{BackendTable, MapError, MapIo, MapState, NextIds},
     load::{DEFAULT_BPFFS_ROOT, LoadError, MapSizes, load, load_migrating, prepare_bpffs_root, remove_pins},
     pinned::PinnedMaps,
     readers::{Readers, read_affinity, read_conntrack, read_conntrack_new, read_counters, read_stats},

@@ -5,10 +5,11 @@ use std::{collections::BTreeSet, io, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey},
 };
 use service_common::{
-    BackendValue, Counters, RevNatValue, ServiceKey, ServiceValue, SockCounters, SourceRangeKey, agent_state, map_names,
+    BackendValue, Counters, RevNatValue, ServiceKey, ServiceValue, SlotBlock, SockCounters, SourceRangeKey,
+    agent_state, map_names,
 };
 
 use super::{
@@ -24,6 +25,7 @@ const BPF_NOEXIST: u64 = 1;
 /// and rev-NAT rows of the same id, and the id counters in `agent_state`.
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backend_slots: Array<MapData, SlotBlock>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -49,16 +51,18 @@ impl PinnedMaps {
         sizes: MapSizes,
     ) -> Result<Self, LoadError> {
         use map_names::{
-            AGENT_STATE, BACKEND_COUNTERS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOCK_COUNTERS, SOURCE_RANGES,
+            AGENT_STATE, BACKEND_COUNTERS, BACKEND_SLOTS, BACKENDS, REV_NAT, SERVICE_COUNTERS, SERVICES, SOCK_COUNTERS,
+            SOURCE_RANGES,
         };
         let err = |name| move |source| LoadError::Map { name, source };
         let (services, backends, rev_nat, source_ranges) =
             (get(SERVICES)?, get(BACKENDS)?, get(REV_NAT)?, get(SOURCE_RANGES)?);
         let (service_counters, backend_counters, agent_state) =
             (get(SERVICE_COUNTERS)?, get(BACKEND_COUNTERS)?, get(AGENT_STATE)?);
-        let sock_counters = get(SOCK_COUNTERS)?;
+        let (sock_counters, backend_slots) = (get(SOCK_COUNTERS)?, get(BACKEND_SLOTS)?);
         Ok(Self {
             services: HashMap::try_from(services).map_err(err(SERVICES))?,
+            backend_slots: Array::try_from(backend_slots).map_err(err(BACKEND_SLOTS))?,
             backends: HashMap::try_from(backends).map_err(err(BACKENDS))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(err(REV_NAT))?,
             source_ranges: LpmTrie::try_from(source_ranges).map_err(err(SOURCE_RANGES))?,
@@ -195,8 +199,10 @@ fn delete_row<K: aya::Pod, V: aya::Pod>(
 
 impl MapIo for PinnedMaps {
     fn dump(&self) -> Result<MapState, MapError> {
+        let services = dump_map(&self.services, map_names::SERVICES)?;
         Ok(MapState {
-            services: dump_map(&self.services, map_names::SERVICES)?,
+            tables: MapState::read_tables(&services, |b| self.backend_slots.get(&b, 0).ok()),
+            services,
             backends: dump_map(&self.backends, map_names::BACKENDS)?,
             rev_nat: dump_map(&self.rev_nat, map_names::REV_NAT)?,
             source_ranges: {
@@ -259,6 +265,19 @@ impl MapIo for PinnedMaps {
 
     fn del_service(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         delete_row(&mut self.services, map_names::SERVICES, key)
+    }
+
+    fn put_slot_blocks(&mut self, first: u32, blocks: &[SlotBlock]) -> Result<(), MapError> {
+        for (index, block) in (first..).zip(blocks) {
+            self.backend_slots.set(index, block, 0).map_err(|e| {
+                classify(map_names::BACKEND_SLOTS, "update", self.slot_block_capacity(), "--map-size-backend-slots", e)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn slot_block_capacity(&self) -> u32 {
+        self.backend_slots.len()
     }
 
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {

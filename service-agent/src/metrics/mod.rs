@@ -283,6 +283,7 @@ impl Metrics {
         registry.register("service_dataplane_map_capacity", "Capacity of each map", map_capacity.clone());
         for (map, cap) in [
             (service_common::map_names::SERVICES, sizes.services),
+            (service_common::map_names::BACKEND_SLOTS, sizes.backend_slots),
             (service_common::map_names::BACKENDS, sizes.backends),
             (service_common::map_names::REV_NAT, sizes.backends),
             (service_common::map_names::CONNTRACK, sizes.conntrack),
@@ -394,6 +395,11 @@ impl Metrics {
     pub fn observe_maps(&self, applied: &MapState) {
         for (map, n) in [
             (service_common::map_names::SERVICES, applied.services.len()),
+            // Backend ids held, in slots and member lists.
+            (
+                service_common::map_names::BACKEND_SLOTS,
+                applied.tables.values().map(|t| t.slots.len() + t.members.len()).sum(),
+            ),
             (service_common::map_names::BACKENDS, applied.backends.len()),
             (service_common::map_names::REV_NAT, applied.rev_nat.len()),
         ] {

@@ -174,14 +174,8 @@ fn resolved(state: &MapState) -> BTreeMap<String, (u16, RevNatValue, Vec<Backend
     state
         .services
         .iter()
-        .filter(|(k, _)| k.slot == 0)
         .map(|(k, v)| {
-            let table = (1..=v.count)
-                .map(|s| {
-                    let slot = state.services[&k.with_slot(v.version, s)];
-                    state.backends[&slot.backend_id]
-                })
-                .collect();
+            let table = state.table_of(v).map_or(&[][..], |t| &t.slots).iter().map(|id| state.backends[id]).collect();
             (dump::frontend(k), (v.flags, state.rev_nat[&v.rev_nat_id], table))
         })
         .collect()

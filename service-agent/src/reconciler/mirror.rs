@@ -1,8 +1,8 @@
 //! The reconciler's mirror of the rows applied to the maps, with the indexes
 //! that let one reconcile cost the frontends that changed rather than a pass
-//! over every row: at 10,000 Services with 10 endpoints each the services
-//! map holds about 1.3 million slot rows, and a scan of them per
-//! EndpointSlice change would dominate the time to program it.
+//! over every row (at 10,000 Services with 10 endpoints each: 20,000
+//! frontends, 10,000 tables holding 1.4 million backend ids), and the
+//! allocator of `backend_slots`' blocks.
 //!
 //! Every change to the mirror goes through the methods here, so the indexes
 //! can never disagree with [`MapState`] (a test checks them against a full
@@ -10,9 +10,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue};
+use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, backend_slots};
 
-use crate::maps::MapState;
+use crate::maps::{BackendTable, MapState};
 
 /// Value → id for the backend and rev-NAT rows, and the next id to hand
 /// out.
@@ -111,32 +111,155 @@ fn unreference<V>(refs: &mut HashMap<u32, u32>, unreferenced: &mut BTreeSet<u32>
     }
 }
 
+/// The free blocks of `backend_slots`: extents kept by start and by size,
+/// so an allocation takes the smallest extent that fits (best fit) and a
+/// freed extent merges with its free neighbours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Arena {
+    capacity: u32,
+    by_start: BTreeMap<u32, u32>,
+    by_len: BTreeSet<(u32, u32)>,
+}
+
+impl Arena {
+    /// Every block free but block 0 (never used: a `table` of 0 is none)
+    /// and those of `used` (first block, blocks).
+    fn new(capacity: u32, used: impl IntoIterator<Item = (u32, u32)>) -> Self {
+        let mut arena = Self { capacity, by_start: BTreeMap::new(), by_len: BTreeSet::new() };
+        let mut at = 1;
+        let mut used: Vec<(u32, u32)> = used.into_iter().collect();
+        used.sort_unstable();
+        for (first, len) in used {
+            if first > at {
+                arena.insert(at, first - at);
+            }
+            at = at.max(first.saturating_add(len));
+        }
+        if capacity > at {
+            arena.insert(at, capacity - at);
+        }
+        arena
+    }
+
+    fn insert(&mut self, start: u32, len: u32) {
+        self.by_start.insert(start, len);
+        self.by_len.insert((len, start));
+    }
+
+    fn take(&mut self, start: u32, len: u32) {
+        self.by_start.remove(&start);
+        self.by_len.remove(&(len, start));
+    }
+
+    /// The first of `len` free blocks, taken (`None`: no free extent is
+    /// that long).
+    pub(super) fn alloc(&mut self, len: u32) -> Option<u32> {
+        let &(have, start) = self.by_len.range((len, 0)..).next()?;
+        self.take(start, have);
+        if have > len {
+            self.insert(start + len, have - len);
+        }
+        Some(start)
+    }
+
+    /// Gives `len` blocks from `start` back, merged with free neighbours.
+    pub(super) fn free(&mut self, start: u32, len: u32) {
+        let (mut start, mut len) = (start, len);
+        if let Some((&prev, &prev_len)) = self.by_start.range(..start).next_back()
+            && prev + prev_len == start
+        {
+            self.take(prev, prev_len);
+            start = prev;
+            len += prev_len;
+        }
+        if let Some(&next_len) = self.by_start.get(&(start + len)) {
+            self.take(start + len, next_len);
+            len += next_len;
+        }
+        self.insert(start, len);
+    }
+
+    /// Blocks in use (block 0 counted).
+    pub(super) fn used(&self) -> u32 {
+        self.capacity - self.by_start.values().sum::<u32>()
+    }
+
+    pub(super) fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+/// The blocks `table` takes.
+fn blocks_of(table: &BackendTable) -> u32 {
+    let (count, members) = (u32::try_from(table.slots.len()), u32::try_from(table.members.len()));
+    backend_slots::blocks(count.unwrap_or(u32::MAX), members.unwrap_or(u32::MAX))
+}
+
+/// Whether an adopted table is one this agent could have written: members
+/// ascending, none 0, every slot a member, inside the map.
+fn well_formed(first: u32, table: &BackendTable, capacity: u32) -> bool {
+    !table.members.is_empty()
+        && table.members.windows(2).all(|w| w[0] < w[1])
+        && table.members[0] != 0
+        && table.slots.iter().all(|s| table.members.binary_search(s).is_ok())
+        && first != 0
+        && u64::from(first) + u64::from(blocks_of(table)) <= u64::from(capacity)
+}
+
 /// [`MapState`] and its indexes.
 #[derive(Debug)]
 pub(super) struct Mirror {
+    /// What a dump of the maps would show: `tables` holds the tables a
+    /// frontend row names.
     state: MapState,
-    /// Slot-0 key → rows of that frontend (slot 0 and every version's slots).
-    rows_per_frontend: HashMap<ServiceKey, u32>,
-    /// Backend id → slot rows (live or not) that name it.
+    /// Tables no frontend row names, their blocks not yet free again (a
+    /// packet may still be reading them; a frontend may take one back).
+    pending: BTreeMap<u32, BackendTable>,
+    /// Table (first block) → frontend rows naming it.
+    table_refs: HashMap<u32, u32>,
+    /// Frontend row → the table it is counted in `table_refs` and
+    /// `live_pairs` for (a row naming a table that was not adopted is
+    /// counted for none, even once its blocks hold another table).
+    counted: HashMap<ServiceKey, u32>,
+    /// Member list → the table holding it: a frontend with the same
+    /// backend set shares it. Tables awaiting reuse of their blocks are
+    /// still here (a frontend may take one back).
+    by_members: HashMap<Vec<u32>, u32>,
+    /// Backend id → tables (named or awaiting reuse) listing it.
     backend_refs: HashMap<u32, u32>,
-    /// Rev-NAT id → slot-0 rows that name it.
+    /// Rev-NAT id → frontend rows that name it.
     rev_nat_refs: HashMap<u32, u32>,
-    /// (rev-NAT id, backend id) → slots of live tables holding the pair.
+    /// (rev-NAT id, backend id) → frontend rows whose table holds the pair.
     live_pairs: HashMap<(u32, u32), u32>,
-    /// Backend rows no slot row names, and rev-NAT rows no slot-0 row
+    /// Backend rows no table lists, and rev-NAT rows no frontend row
     /// names: what a reconcile may delete, without a pass over every row.
     unreferenced_backends: BTreeSet<u32>,
     unreferenced_rev_nats: BTreeSet<u32>,
     backend_ids: IdIndex<BackendValue>,
     rev_nat_ids: IdIndex<RevNatValue>,
+    arena: Arena,
 }
 
 impl Mirror {
-    /// Indexes `state` (one full pass, at start).
-    pub(super) fn new(mut state: MapState) -> Self {
+    /// Indexes `state` (one full pass, at start), in a `backend_slots` of
+    /// `slot_blocks` blocks. Adopted tables that are not well formed,
+    /// overlap another or list a backend without its row are dropped:
+    /// their frontends are written again.
+    pub(super) fn new(state: MapState, slot_blocks: u32) -> Self {
+        Self::with_pending(state, BTreeMap::new(), slot_blocks)
+    }
+
+    /// [`Self::new`], with tables no frontend names still holding their
+    /// blocks.
+    fn with_pending(mut state: MapState, pending: BTreeMap<u32, BackendTable>, slot_blocks: u32) -> Self {
         let services = std::mem::take(&mut state.services);
+        let mut tables = std::mem::take(&mut state.tables);
+        tables.extend(pending);
         let mut applied = Self {
-            rows_per_frontend: HashMap::new(),
+            pending: BTreeMap::new(),
+            table_refs: HashMap::new(),
+            counted: HashMap::new(),
+            by_members: HashMap::new(),
             backend_refs: HashMap::new(),
             rev_nat_refs: HashMap::new(),
             live_pairs: HashMap::new(),
@@ -145,10 +268,25 @@ impl Mirror {
             unreferenced_rev_nats: state.rev_nat.keys().copied().collect(),
             backend_ids: IdIndex::new(&state.backends, state.next_ids.backend),
             rev_nat_ids: IdIndex::new(&state.rev_nat, state.next_ids.rev_nat),
+            arena: Arena::new(slot_blocks, []),
             state,
         };
-        // Slot-0 rows sort before their frontend's slot rows, so each slot
-        // row finds its frontend's live version already there.
+        let mut end = 0;
+        let mut kept = Vec::new();
+        for (first, table) in tables {
+            // Every member with its backend row, too: a packet must never
+            // reach a slot naming none.
+            if first >= end
+                && well_formed(first, &table, slot_blocks)
+                && !applied.by_members.contains_key(&table.members)
+                && table.members.iter().all(|b| applied.state.backends.contains_key(b))
+            {
+                end = first + blocks_of(&table);
+                kept.push((first, blocks_of(&table)));
+                applied.add_table(first, table);
+            }
+        }
+        applied.arena = Arena::new(slot_blocks, kept);
         for (key, value) in services {
             applied.put_service(key, value);
         }
@@ -159,9 +297,73 @@ impl Mirror {
         &self.state
     }
 
-    /// The slot-0 keys of every frontend with rows.
+    /// The keys of every frontend row.
     pub(super) fn frontends(&self) -> impl Iterator<Item = &ServiceKey> {
-        self.rows_per_frontend.keys()
+        self.state.services.keys()
+    }
+
+    /// The table holding exactly `members` (ascending), when there is one.
+    pub(super) fn table_with(&self, members: &[u32]) -> Option<u32> {
+        self.by_members.get(members).copied()
+    }
+
+    /// Whether frontend row `key` is counted as naming table `first` (0:
+    /// as naming none).
+    pub(super) fn names(&self, key: &ServiceKey, first: u32) -> bool {
+        self.counted.get(key).copied().unwrap_or(0) == first
+    }
+
+    /// Table `first`, named or not.
+    pub(super) fn table(&self, first: u32) -> Option<&BackendTable> {
+        self.state.tables.get(&first).or_else(|| self.pending.get(&first))
+    }
+
+    /// The tables no frontend row names (their blocks not yet free).
+    #[cfg(test)]
+    pub(super) fn pending_tables(&self) -> impl Iterator<Item = u32> + '_ {
+        self.pending.keys().copied()
+    }
+
+    pub(super) fn is_pending(&self, first: u32) -> bool {
+        self.pending.contains_key(&first)
+    }
+
+    /// `len` free blocks of `backend_slots`, taken.
+    pub(super) fn alloc_blocks(&mut self, len: u32) -> Option<u32> {
+        self.arena.alloc(len)
+    }
+
+    /// Gives back blocks taken by [`Self::alloc_blocks`] that hold no table.
+    pub(super) fn free_blocks(&mut self, first: u32, len: u32) {
+        self.arena.free(first, len);
+    }
+
+    /// (blocks in use, blocks) of `backend_slots`.
+    pub(super) fn slot_blocks(&self) -> (u32, u32) {
+        (self.arena.used(), self.arena.capacity())
+    }
+
+    /// Records table `table`, written at block `first` (its blocks taken),
+    /// named by no frontend row yet.
+    pub(super) fn add_table(&mut self, first: u32, table: BackendTable) {
+        for b in &table.members {
+            reference(&mut self.backend_refs, &mut self.unreferenced_backends, *b);
+        }
+        self.by_members.insert(table.members.clone(), first);
+        self.pending.insert(first, table);
+    }
+
+    /// Forgets table `first`, which no frontend row names, and frees its
+    /// blocks; its backends lose a reference.
+    pub(super) fn remove_table(&mut self, first: u32) {
+        let Some(table) = self.pending.remove(&first) else { return };
+        if self.by_members.get(&table.members) == Some(&first) {
+            self.by_members.remove(&table.members);
+        }
+        for b in &table.members {
+            unreference(&mut self.backend_refs, &mut self.unreferenced_backends, &self.state.backends, *b);
+        }
+        self.arena.free(first, blocks_of(&table));
     }
 
     /// The id of an applied backend row holding `value`.
@@ -188,12 +390,12 @@ impl Mirror {
         id
     }
 
-    /// The backend rows no slot row names.
+    /// The backend rows no table lists.
     pub(super) fn unreferenced_backends(&self) -> impl Iterator<Item = u32> + '_ {
         self.unreferenced_backends.iter().copied()
     }
 
-    /// The rev-NAT rows no slot-0 row names.
+    /// The rev-NAT rows no frontend row names.
     pub(super) fn unreferenced_rev_nats(&self) -> impl Iterator<Item = u32> + '_ {
         self.unreferenced_rev_nats.iter().copied()
     }
@@ -208,98 +410,60 @@ impl Mirror {
         self.live_pairs.contains_key(&(rev_nat, backend))
     }
 
-    /// Whether slot row `key` is part of its frontend's live table.
-    pub(super) fn is_live_slot(&self, key: &ServiceKey) -> bool {
-        self.live_slot_rev_nat(key).is_some()
-    }
-
-    /// The rev-NAT id of slot row `key`'s frontend when the row is part of
-    /// its live table.
-    fn live_slot_rev_nat(&self, key: &ServiceKey) -> Option<u32> {
-        let frontend = self.state.services.get(&key.with_slot(0, 0))?;
-        (key.slot != 0 && frontend.version == key.version && key.slot <= frontend.count).then_some(frontend.rev_nat_id)
-    }
-
-    /// Adds (`add`) or removes the live pairs of the table slot-0 row
-    /// `value` of `key0` points at.
-    fn count_table(&mut self, key0: &ServiceKey, value: &ServiceValue, add: bool) {
-        for slot in 1..=value.count {
-            if let Some(row) = self.state.services.get(&key0.with_slot(value.version, slot)) {
-                let pair = (value.rev_nat_id, row.backend_id);
-                if add {
-                    inc(&mut self.live_pairs, pair);
-                } else {
-                    dec(&mut self.live_pairs, pair);
-                }
+    /// Adds (`add`) or removes the live pairs of table `first` for a
+    /// frontend of rev-NAT id `rev_nat`.
+    fn count_table(&mut self, rev_nat: u32, first: u32, add: bool) {
+        let Some(table) = self.table(first) else { return };
+        let pairs: Vec<(u32, u32)> = table.members.iter().map(|b| (rev_nat, *b)).collect();
+        for pair in pairs {
+            if add {
+                inc(&mut self.live_pairs, pair);
+            } else {
+                dec(&mut self.live_pairs, pair);
             }
         }
+    }
+
+    /// The table a frontend row names, for the reference counts (`None`:
+    /// no table, or one that was not adopted).
+    fn named_table(&self, value: &ServiceValue) -> Option<u32> {
+        (value.count > 0 && self.table(value.table).is_some()).then_some(value.table)
     }
 
     pub(super) fn put_service(&mut self, key: ServiceKey, value: ServiceValue) {
-        let key0 = key.with_slot(0, 0);
-        if key.slot == 0 {
-            let old = self.state.services.get(&key).copied();
-            let same_table = old
-                .is_some_and(|o| (o.version, o.count, o.rev_nat_id) == (value.version, value.count, value.rev_nat_id));
-            if let Some(old) = old {
-                unreference(
-                    &mut self.rev_nat_refs,
-                    &mut self.unreferenced_rev_nats,
-                    &self.state.rev_nat,
-                    old.rev_nat_id,
-                );
-                if !same_table {
-                    self.count_table(&key0, &old, false);
-                }
-            }
-            self.state.services.insert(key, value);
-            reference(&mut self.rev_nat_refs, &mut self.unreferenced_rev_nats, value.rev_nat_id);
-            if !same_table {
-                self.count_table(&key0, &value, true);
-            }
-            if old.is_none() {
-                inc(&mut self.rows_per_frontend, key0);
-            }
-            return;
+        // Named first, so a table both rows name never looks unnamed.
+        let named = self.named_table(&value);
+        if let Some(t) = named
+            && inc(&mut self.table_refs, t)
+            && let Some(table) = self.pending.remove(&t)
+        {
+            self.state.tables.insert(t, table);
         }
-        let live = self.live_slot_rev_nat(&key);
-        match self.state.services.insert(key, value) {
-            Some(old) => {
-                unreference(
-                    &mut self.backend_refs,
-                    &mut self.unreferenced_backends,
-                    &self.state.backends,
-                    old.backend_id,
-                );
-                if let Some(rev_nat) = live {
-                    dec(&mut self.live_pairs, (rev_nat, old.backend_id));
-                }
-            }
-            None => {
-                inc(&mut self.rows_per_frontend, key0);
-            }
+        if let Some(old) = self.state.services.insert(key, value) {
+            self.forget_service(&key, &old);
         }
-        reference(&mut self.backend_refs, &mut self.unreferenced_backends, value.backend_id);
-        if let Some(rev_nat) = live {
-            inc(&mut self.live_pairs, (rev_nat, value.backend_id));
+        reference(&mut self.rev_nat_refs, &mut self.unreferenced_rev_nats, value.rev_nat_id);
+        if let Some(t) = named {
+            self.counted.insert(key, t);
+            self.count_table(value.rev_nat_id, t, true);
+        }
+    }
+
+    /// Drops what frontend row `old` of `key` holds references to.
+    fn forget_service(&mut self, key: &ServiceKey, old: &ServiceValue) {
+        unreference(&mut self.rev_nat_refs, &mut self.unreferenced_rev_nats, &self.state.rev_nat, old.rev_nat_id);
+        let Some(t) = self.counted.remove(key) else { return };
+        self.count_table(old.rev_nat_id, t, false);
+        if dec(&mut self.table_refs, t)
+            && let Some(table) = self.state.tables.remove(&t)
+        {
+            self.pending.insert(t, table);
         }
     }
 
     pub(super) fn remove_service(&mut self, key: &ServiceKey) {
-        let key0 = key.with_slot(0, 0);
-        let live = self.live_slot_rev_nat(key);
-        let Some(old) = self.state.services.get(key).copied() else { return };
-        if key.slot == 0 {
-            self.count_table(&key0, &old, false);
-            unreference(&mut self.rev_nat_refs, &mut self.unreferenced_rev_nats, &self.state.rev_nat, old.rev_nat_id);
-        } else {
-            unreference(&mut self.backend_refs, &mut self.unreferenced_backends, &self.state.backends, old.backend_id);
-            if let Some(rev_nat) = live {
-                dec(&mut self.live_pairs, (rev_nat, old.backend_id));
-            }
-        }
-        self.state.services.remove(key);
-        dec(&mut self.rows_per_frontend, key0);
+        let Some(old) = self.state.services.remove(key) else { return };
+        self.forget_service(key, &old);
     }
 
     pub(super) fn insert_backend(&mut self, id: u32, value: BackendValue) {
@@ -335,13 +499,18 @@ impl Mirror {
     /// Panics unless every index equals its recomputation from the rows.
     #[cfg(test)]
     pub(super) fn check_indexes(&self) {
-        let fresh = Self::new(self.state.clone());
-        assert_eq!(self.rows_per_frontend, fresh.rows_per_frontend, "rows per frontend");
+        let fresh = Self::with_pending(self.state.clone(), self.pending.clone(), self.arena.capacity());
+        assert_eq!(self.pending, fresh.pending, "tables no frontend names");
+        assert_eq!(self.table_refs, fresh.table_refs, "table refs");
+        assert_eq!(self.counted, fresh.counted, "the table each row is counted for");
+        assert_eq!(self.by_members, fresh.by_members, "tables by members");
         assert_eq!(self.backend_refs, fresh.backend_refs, "backend refs");
         assert_eq!(self.rev_nat_refs, fresh.rev_nat_refs, "rev-NAT refs");
         assert_eq!(self.live_pairs, fresh.live_pairs, "live pairs");
         assert_eq!(self.unreferenced_backends, fresh.unreferenced_backends, "unreferenced backends");
         assert_eq!(self.unreferenced_rev_nats, fresh.unreferenced_rev_nats, "unreferenced rev-NATs");
+        assert_eq!(self.arena, fresh.arena, "free blocks");
+        assert_eq!(fresh.state.tables.len(), self.state.tables.len(), "every table well formed and apart");
         let live: std::collections::BTreeSet<(u32, u32)> = self.live_pairs.keys().copied().collect();
         assert_eq!(live, self.state.live_pairs(), "live pairs against MapState::live_pairs");
         for (id, v) in &self.state.backends {
@@ -356,5 +525,28 @@ impl Mirror {
             self.backend_ids.by_value.len(),
             self.state.backends.values().collect::<std::collections::HashSet<_>>().len()
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Arena;
+
+    #[test]
+    fn arena_takes_the_smallest_fitting_extent_and_merges_freed_neighbours() {
+        // Blocks 1..100 free but 10..20 and 40..45.
+        let mut a = Arena::new(100, [(10, 10), (40, 5)]);
+        assert_eq!(a.used(), 1 + 10 + 5);
+        // Free: 1..10 (9), 20..40 (20), 45..100 (55): 5 blocks go to 1..10.
+        assert_eq!(a.alloc(5), Some(1));
+        assert_eq!(a.alloc(15), Some(20));
+        assert_eq!(a.alloc(56), None);
+        assert_eq!(a.alloc(55), Some(45));
+        a.free(20, 15);
+        a.free(10, 10);
+        a.free(1, 5);
+        // 1..35 is one extent again (1..6, 6..10, 10..20, 20..35 merged).
+        assert_eq!(a.alloc(34), Some(1));
+        assert_eq!(a.used(), 100 - 5);
     }
 }

@@ -3,25 +3,26 @@
 //! a packet see a half-written Service:
 //!
 //! 1. new backend rows and rev-NAT rows;
-//! 2. per frontend whose backend set changed: the slot rows of a **new
-//!    version**, then the slot-0 row flipped to that version in one update,
-//!    then the old version's slot rows deleted;
-//! 3. deletes in reverse order: frontends that are gone (slot 0 first, then
-//!    their slots), then rev-NAT and backend rows no row refers to.
+//! 2. per frontend whose backend set changed: the set's **table** (its
+//!    Maglev slots and member list) written into free blocks of
+//!    `backend_slots` (unless a table of that set exists: frontends with the
+//!    same backend set share one), then the frontend row switched to it in
+//!    one update;
+//! 3. deletes in reverse order: frontends that are gone, then rev-NAT and
+//!    backend rows no row refers to.
 //!
-//! Deletions of rows a packet may still be about to read are **deferred**
-//! by a grace period ([`DELETION_GRACE`]): a packet that read a slot-0 row
-//! just before its flip (or its deletion) goes on to read a slot row of the
-//! old version, then its backend row; deleting those at once would drop it
-//! (`drop_missing_row`). So slot rows that left their frontend's live table
-//! and rev-NAT rows no slot-0 row refers to any more are queued and deleted
-//! by a later [`Reconciler::reconcile`] or [`Reconciler::collect_deferred`]
-//! once the grace has passed ([`Reconciler::next_deferred`] says when);
-//! backend rows go when the last (deferred) slot row naming them has gone.
-//! Rows awaiting deletion stay in the maps and in the mirror, so their ids
-//! (backend ids, rev-NAT ids, versions) are never handed out again before
-//! they are deleted. The clock is injectable ([`Clock`]) so tests do not
-//! sleep.
+//! A table is never written while a frontend names it, and its blocks are
+//! reused only a grace period ([`DELETION_GRACE`]) after the last frontend
+//! left it: a packet that read a frontend row just before its switch (or
+//! its deletion) goes on to read the old table, then a backend row, and
+//! must find them as they were. So tables no frontend names and rev-NAT
+//! rows no frontend row refers to are queued and released by a later
+//! [`Reconciler::reconcile`] or [`Reconciler::collect_deferred`] once the
+//! grace has passed ([`Reconciler::next_deferred`] says when); backend rows
+//! go when the last table listing them has gone. Rows and tables awaiting
+//! release stay in the maps and in the mirror, so their ids and blocks are
+//! never handed out again before. The clock is injectable ([`Clock`]) so
+//! tests do not sleep.
 //!
 //! It starts from a dump of the maps (adopting what an earlier agent left),
 //! so the first reconcile prunes every row that is not desired, and every
@@ -38,31 +39,32 @@ use std::{
     time::{Duration, Instant},
 };
 
-use service_common::{ServiceKey, ServiceValue};
+use service_common::{ServiceKey, ServiceValue, backend_slots};
 
 #[cfg(test)]
 pub use self::clock::ManualClock;
 pub use self::clock::{Clock, SystemClock};
 use self::mirror::Mirror;
-use crate::maps::{MapError, MapIo, MapState, NextIds};
+use crate::maps::{BackendTable, MapError, MapIo, MapState, NextIds};
 use crate::{
     model::{Backend, Changes, Desired, DesiredFrontend, Frontend},
     rows::{self, SourceRangeRow},
     vocabulary::Cidr,
 };
 
-/// How long a row a packet may still be about to read (an old version's
-/// slot rows, a deleted frontend's, an unreferenced rev-NAT row) stays
-/// before it is deleted: far longer than a packet takes through the
-/// program (microseconds), short enough that the services map's spare room
-/// for a version being replaced is soon back.
+/// How long what a packet may still be about to read (a table no frontend
+/// names any more, an unreferenced rev-NAT row) stays before it is
+/// released: far longer than a packet takes through the program
+/// (microseconds), short enough that `backend_slots`' spare room for a
+/// table being replaced is soon back.
 pub const DELETION_GRACE: Duration = Duration::from_secs(2);
 
 /// A row whose deletion waits for the grace period.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Deferred {
-    /// A slot row out of its frontend's live table.
-    Slot(ServiceKey),
+    /// A table no frontend row names (by first block): its blocks are
+    /// free again once the grace has passed.
+    Table(u32),
     /// A rev-NAT row no slot-0 row refers to.
     RevNat(u32),
 }
@@ -98,9 +100,9 @@ impl DeferredQueue {
     }
 
     /// Takes `row` off the queue.
-    fn cancel(&mut self, row: &Deferred) {
-        if let Some(at) = self.pending.remove(row) {
-            self.due.remove(&(at, *row));
+    fn cancel(&mut self, row: Deferred) {
+        if let Some(at) = self.pending.remove(&row) {
+            self.due.remove(&(at, row));
         }
     }
 
@@ -247,13 +249,6 @@ struct WrittenFrontend {
     rev_nat_id: u32,
 }
 
-/// All rows of `key0`'s frontend (slot 0 and every slot of every version).
-fn frontend_rows(services: &BTreeMap<ServiceKey, ServiceValue>, key0: &ServiceKey) -> Vec<ServiceKey> {
-    let lo = key0.with_slot(0, 0);
-    let hi = key0.with_slot(u32::MAX, u32::MAX);
-    services.range(lo..=hi).map(|(k, _)| *k).collect()
-}
-
 impl<M: MapIo> Reconciler<M> {
     /// Adopts whatever the maps hold now; the first [`Self::reconcile`]
     /// prunes what is not desired.
@@ -263,7 +258,7 @@ impl<M: MapIo> Reconciler<M> {
     pub fn new(maps: M) -> Result<Self, MapError> {
         let state = maps.dump()?;
         let recorded_next_ids = Some(state.next_ids);
-        let mirror = Mirror::new(state);
+        let mirror = Mirror::new(state, maps.slot_block_capacity());
         Ok(Self {
             recorded_next_ids,
             maps,
@@ -306,8 +301,8 @@ impl<M: MapIo> Reconciler<M> {
         self.deferred.pending.len()
     }
 
-    /// Runs the deferred deletions that are due: slot rows, then rev-NAT
-    /// rows, then the backend rows no row refers to any more.
+    /// Runs the deferred releases that are due: tables, then rev-NAT rows,
+    /// then the backend rows no table lists any more.
     pub fn collect_deferred(&mut self) -> ReconcileReport {
         let mut report = ReconcileReport::default();
         self.collect_due(&mut report);
@@ -316,28 +311,36 @@ impl<M: MapIo> Reconciler<M> {
         report
     }
 
-    /// Panics unless every slot row out of its frontend's live table is
-    /// queued for deletion (after a reconcile without errors) and no
-    /// queued row is part of a live table.
+    /// Panics unless every table no frontend names is queued for release
+    /// and no queued table is named.
     #[cfg(test)]
     pub(crate) fn check_deferred(&self) {
-        for key in self.mirror.state().services.keys().filter(|k| k.slot != 0 && !k.is_member()) {
-            let live = self.mirror.is_live_slot(key);
-            let queued = self.deferred.pending.contains_key(&Deferred::Slot(*key));
-            assert!(live != queued, "slot row {key:?}: live {live}, queued {queued}");
+        for first in self.mirror.pending_tables() {
+            assert!(self.deferred.pending.contains_key(&Deferred::Table(first)), "table at block {first} not queued");
+        }
+        for row in self.deferred.pending.keys() {
+            if let Deferred::Table(first) = row {
+                assert!(self.mirror.is_pending(*first), "table at block {first} queued while named");
+            }
         }
     }
 
-    /// The slot-0 rows (key, value) of every frontend.
+    /// The rows (key, value) of every frontend.
     pub fn frontends(&self) -> impl Iterator<Item = (&ServiceKey, &ServiceValue)> {
-        let services = &self.mirror.state().services;
-        self.mirror.frontends().filter_map(|k| services.get_key_value(k))
+        self.mirror.state().services.iter()
     }
 
-    /// The backend ids of the member rows of frontend `key0` (its current
-    /// backend set).
-    pub fn members(&self, key0: &ServiceKey) -> impl Iterator<Item = u32> + '_ {
-        self.mirror.state().services.range(key0.member(0)..=key0.member(u32::MAX)).map(|(k, _)| k.version)
+    /// The backend ids of frontend `key`'s table (its current backend
+    /// set), ascending.
+    pub fn members(&self, key: &ServiceKey) -> impl Iterator<Item = u32> + '_ {
+        let state = self.mirror.state();
+        state.services.get(key).and_then(|v| state.table_of(v)).into_iter().flat_map(|t| t.members.iter().copied())
+    }
+
+    /// Blocks of `backend_slots` in use (block 0 counted), and its size.
+    #[must_use]
+    pub fn slot_blocks(&self) -> (u32, u32) {
+        self.mirror.slot_blocks()
     }
 
     /// The rows the reconciler has programmed (its mirror of the maps).
@@ -588,8 +591,10 @@ impl<M: MapIo> Reconciler<M> {
         Ok(())
     }
 
-    /// Writes one frontend: new slot rows, then the slot-0 flip, then the old
-    /// version's rows deleted.
+    /// Writes one frontend: its backend set's table (a new one in free
+    /// blocks, unless one exists), then its row switched to it in one
+    /// update. The table it leaves, when no frontend names it any more, is
+    /// queued for release.
     fn write_frontend(
         &mut self,
         df: &DesiredFrontend,
@@ -597,7 +602,7 @@ impl<M: MapIo> Reconciler<M> {
         backend_ids: &[u32],
         report: &mut ReconcileReport,
     ) -> Result<(), MapError> {
-        let key0 = rows::frontend_key(&df.frontend);
+        let key = rows::frontend_key(&df.frontend);
         // More endpoints than a table holds: the first ones (in the
         // model's order, the same on every node) get slots; reported.
         let backend_ids = &backend_ids[..backend_ids.len().min(maglev::MAX_BACKENDS)];
@@ -607,105 +612,81 @@ impl<M: MapIo> Reconciler<M> {
                 MapError::TableFull { endpoints: df.backends.len(), max: maglev::MAX_BACKENDS },
             ));
         }
-        let table: Vec<u32> = if backend_ids.is_empty() {
-            Vec::new()
-        } else {
-            let names: Vec<String> = df.backends[..backend_ids.len()].iter().map(ToString::to_string).collect();
-            maglev::build(&names).into_iter().map(|i| backend_ids[i]).collect()
-        };
-        let current = self.mirror.state().services.get(&key0).copied();
-        let current_table = current.map(|v| self.slot_table(&key0, &v));
-        let rows = frontend_rows(&self.mirror.state().services, &key0);
+        let table = if backend_ids.is_empty() { None } else { Some(self.table_for(df, backend_ids, report)?) };
         // The Service port's ClusterIP has its rev-NAT row by now (rows are
         // shared by value, and the changed frontends' were written first);
         // without one (its write failed) the frontend keeps affinity alone.
         let scope =
             df.affinity_scope.and_then(|f| self.mirror.rev_nat_id_of(&rows::rev_nat_value(&f))).unwrap_or(rev_nat_id);
-        let mut value = rows::frontend_value(df, rev_nat_id, scope, table.len());
-        // Slot rows that are not part of the live table `version`/`count`.
-        let stray_rows = |version: u32, count: u32| {
-            rows.iter()
-                .filter(move |k| k.slot != 0 && !k.is_member() && (k.version != version || k.slot > count))
-                .copied()
-        };
-        // Member rows: every backend of the new set has one before the
-        // flip; those of backends that left go after it.
-        let members: BTreeSet<u32> = backend_ids.iter().copied().collect();
-        let old_members: Vec<ServiceKey> =
-            rows.iter().filter(|k| k.is_member() && !members.contains(&k.version)).copied().collect();
-        for id in &members {
-            let key = key0.member(*id);
-            if !self.mirror.state().services.contains_key(&key) {
-                let row = rows::member_value(*id);
-                self.put_service_row(key, row)?;
-                report.rows_written += 1;
-            }
+        let (first, slots, members) = table.unwrap_or((0, 0, 0));
+        let mut value = rows::frontend_value(df, rev_nat_id, scope, slots as usize);
+        value.table = first;
+        value.members = members;
+        let current = self.mirror.state().services.get(&key).copied();
+        // (An adopted row naming a table that was not adopted may name its
+        // blocks again, now holding the new table: written again all the
+        // same, so the row counts for it.)
+        if current == Some(value) && self.mirror.names(&key, first) {
+            return Ok(());
         }
-        if current_table.as_deref() == Some(table.as_slice()) {
-            value.version = current.map_or(0, |v| v.version);
-            if current != Some(value) {
-                self.put_service_row(key0, value)?;
-                report.rows_written += 1;
-                report.frontends_written += 1;
-            }
-            // Rows of versions an interrupted earlier run left behind.
-            for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
-                self.defer(Deferred::Slot(k), report);
-            }
-            return self.delete_members(&old_members, report);
+        if let Err(e) = self.put_service_row(key, value) {
+            self.release_if_unnamed(first, report);
+            return Err(e);
         }
-        if !table.is_empty() {
-            // A version no row of this frontend uses; never 0.
-            let used: BTreeSet<u32> = rows.iter().filter(|k| !k.is_member()).map(|k| k.version).collect();
-            let mut version = current.map_or(0, |v| v.version).wrapping_add(1).max(1);
-            while used.contains(&version) {
-                version = version.wrapping_add(1).max(1);
-            }
-            value.version = version;
-            for (slot, backend_id) in (1..).zip(&table) {
-                let row = rows::slot_value(*backend_id);
-                if let Err(e) = self.put_service_row(key0.with_slot(version, slot), row) {
-                    // Undo the partial version; the old one keeps serving.
-                    for s in 1..=slot {
-                        self.delete_service_row(&key0.with_slot(version, s), report);
-                    }
-                    return Err(e);
-                }
-                report.rows_written += 1;
-            }
-        }
-        self.put_service_row(key0, value)?;
         report.rows_written += 1;
         report.frontends_written += 1;
-        // The old version: a packet that read the slot-0 row just before the
-        // flip may still read it.
-        for k in stray_rows(value.version, value.count).collect::<Vec<_>>() {
-            self.defer(Deferred::Slot(k), report);
+        if let Some(old) = current {
+            self.release_if_unnamed(old.table, report);
         }
-        // No affinity entry is followed to a backend that left the set.
-        self.delete_members(&old_members, report)
+        Ok(())
     }
 
-    /// Deletes member rows; a failure fails the frontend's write, so the
-    /// next reconcile tries again.
-    fn delete_members(&mut self, keys: &[ServiceKey], report: &mut ReconcileReport) -> Result<(), MapError> {
-        let mut first_error = None;
-        for k in keys {
-            match self.maps.del_service(k) {
-                Ok(()) => {
-                    self.mirror.remove_service(k);
-                    report.rows_deleted += 1;
-                }
-                Err(e) => first_error = first_error.or(Some(e)),
-            }
+    /// The table of the backend set `backend_ids` (in the model's order):
+    /// the one that exists, or a new one written into free blocks. Returns
+    /// (first block, slots, members).
+    fn table_for(
+        &mut self,
+        df: &DesiredFrontend,
+        backend_ids: &[u32],
+        report: &mut ReconcileReport,
+    ) -> Result<(u32, u32, u32), MapError> {
+        let mut members = backend_ids.to_vec();
+        members.sort_unstable();
+        let n = u32::try_from(members.len()).unwrap_or(u32::MAX);
+        if let Some(first) = self.mirror.table_with(&members) {
+            // Named again: its release (if queued) is off.
+            self.deferred.cancel(Deferred::Table(first));
+            let slots = self.mirror.table(first).map_or(0, |t| t.slots.len());
+            return Ok((first, u32::try_from(slots).unwrap_or(u32::MAX), n));
         }
-        first_error.map_or(Ok(()), Err)
+        let names: Vec<String> = df.backends[..backend_ids.len()].iter().map(ToString::to_string).collect();
+        let slots: Vec<u32> = maglev::build(&names).into_iter().map(|i| backend_ids[i]).collect();
+        let count = u32::try_from(slots.len()).unwrap_or(u32::MAX);
+        let table = BackendTable { slots, members };
+        let blocks = table.blocks();
+        let len = u32::try_from(blocks.len()).unwrap_or(u32::MAX);
+        let Some(first) = self.mirror.alloc_blocks(len) else {
+            let (_, capacity) = self.mirror.slot_blocks();
+            return Err(MapError::Full {
+                map: service_common::map_names::BACKEND_SLOTS,
+                capacity: capacity.saturating_mul(backend_slots::PER_BLOCK),
+                flag: "--map-size-backend-slots",
+            });
+        };
+        if let Err(e) = self.maps.put_slot_blocks(first, &blocks) {
+            self.mirror.free_blocks(first, len);
+            return Err(e);
+        }
+        report.rows_written += blocks.len();
+        self.mirror.add_table(first, table);
+        Ok((first, count, n))
     }
 
-    /// The backend ids of the live version's slots, in slot order.
-    fn slot_table(&self, key0: &ServiceKey, value: &ServiceValue) -> Vec<u32> {
-        let services = &self.mirror.state().services;
-        (1..=value.count).map(|s| services.get(&key0.with_slot(value.version, s)).map_or(0, |v| v.backend_id)).collect()
+    /// Queues table `first` for release when no frontend row names it.
+    fn release_if_unnamed(&mut self, first: u32, report: &mut ReconcileReport) {
+        if self.mirror.is_pending(first) {
+            self.defer(Deferred::Table(first), report);
+        }
     }
 
     /// Deletes one services row; a failure is reported. Returns whether
@@ -733,42 +714,38 @@ impl<M: MapIo> Reconciler<M> {
 
     fn delete_undesired(&mut self, desired: &Desired, report: &mut ReconcileReport) {
         let wanted: HashSet<ServiceKey> = desired.frontends.keys().map(rows::frontend_key).collect();
-        // Frontends that are gone: slot 0 first (new flows stop), then, once
-        // the grace has passed, the slot rows. Slot rows without any slot-0
-        // row are pruned too.
+        // Frontends that are gone: their rows now (new flows stop), their
+        // tables once the grace has passed.
         let gone: BTreeSet<ServiceKey> = self.mirror.frontends().filter(|k| !wanted.contains(k)).copied().collect();
-        for key0 in gone {
-            self.delete_frontend(key0, report);
+        for key in gone {
+            self.delete_frontend(key, report);
         }
     }
 
-    /// Deletes the frontend of slot-0 key `key0` (when it has rows): its
-    /// slot-0 row at once, its other rows after the grace period.
-    fn delete_frontend(&mut self, key0: ServiceKey, report: &mut ReconcileReport) {
-        if self.mirror.state().services.contains_key(&key0) {
-            self.delete_service_row(&key0, report);
+    /// Deletes the row of frontend `key` (when it has one) at once; its
+    /// table, when no other frontend names it, after the grace period.
+    fn delete_frontend(&mut self, key: ServiceKey, report: &mut ReconcileReport) {
+        let Some(old) = self.mirror.state().services.get(&key).copied() else { return };
+        if self.delete_service_row(&key, report) {
             report.frontends_deleted += 1;
-        }
-        for k in frontend_rows(&self.mirror.state().services, &key0) {
-            self.defer(Deferred::Slot(k), report);
+            self.release_if_unnamed(old.table, report);
         }
     }
 
-    /// The deferred deletions that are due, then the rows nothing refers to:
+    /// The deferred releases that are due, then the rows nothing refers to:
     /// rev-NAT rows (deferred in turn when they were referenced a grace
-    /// ago), then backend rows (only deferred slot rows could still lead a
+    /// ago), then backend rows (only released tables could still lead a
     /// packet to them, and those have just gone).
     fn collect_due(&mut self, report: &mut ReconcileReport) {
         let now = self.clock.now();
         let mut due_rev_nats = BTreeSet::new();
         while let Some(row) = self.deferred.pop_due(now) {
             match row {
-                Deferred::Slot(key) => {
-                    // A row that is live again (never expected: versions of
-                    // queued rows are not reused) is kept.
-                    // A failed delete is tried again after another grace.
-                    if !self.mirror.is_live_slot(&key) && !self.delete_service_row(&key, report) {
-                        self.defer(Deferred::Slot(key), report);
+                Deferred::Table(first) => {
+                    // A table named again was taken off the queue; this
+                    // check only guards the blocks of a named table.
+                    if self.mirror.is_pending(first) {
+                        self.mirror.remove_table(first);
                     }
                 }
                 Deferred::RevNat(id) => {
@@ -785,7 +762,7 @@ impl<M: MapIo> Reconciler<M> {
             .filter(|row| matches!(row, Deferred::RevNat(id) if self.mirror.rev_nat_referenced(*id)))
             .copied()
             .collect();
-        for row in &referenced {
+        for row in referenced {
             self.deferred.cancel(row);
         }
         let unreferenced: Vec<u32> = self.mirror.unreferenced_rev_nats().collect();

@@ -61,53 +61,81 @@ fn settle(r: &mut Reconciler<FakeMaps>, clock: &ManualClock) -> ReconcileReport 
 }
 
 #[test]
-fn a_changed_backend_set_is_written_as_a_new_version_then_flipped_then_the_old_deleted() {
+fn a_changed_backend_set_is_written_as_a_new_table_then_switched_and_the_old_kept_for_the_grace() {
     let clock = ManualClock::default();
     let mut r = with_clock(FakeMaps::default(), &clock);
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
-    let key0 = frontend_key(&frontend(80));
-    let v1 = r.programmed().services[&key0];
-    assert_eq!((v1.version, v1.count), (1, 31));
+    let key = frontend_key(&frontend(80));
+    let v1 = r.programmed().services[&key];
+    assert_eq!((v1.count, v1.members), (31, 3));
+    assert_ne!(v1.table, 0, "block 0 is never a table");
+    let old_blocks = blocks_at(&r, v1.table, 3);
     r.maps.ops.clear();
 
     let report = r.reconcile(&desired(&[(80, &[1, 2])]));
     assert!(report.errors.is_empty());
-    // The old version's rows (and backend 3, which only they name) wait for
-    // the grace period.
-    assert_eq!(report.rows_deferred, 31);
-    // Only backend 3's member row goes at once (affinity must not follow
-    // it any more); nothing a packet may be about to read.
-    let deleted: Vec<&Op> =
-        r.maps().ops.iter().filter(|op| matches!(op, Op::DelService(_) | Op::DelBackend(_))).collect();
-    assert!(matches!(deleted.as_slice(), [Op::DelService(k)] if k.is_member()), "{deleted:?}");
-    assert_eq!(r.maps().state.services.len(), 1 + 31 + 31 + 2);
+    // The old table (and backend 3, which only it lists) waits for the
+    // grace period; nothing a packet may be about to read is deleted.
+    assert_eq!(report.rows_deferred, 1);
+    assert!(!r.maps().ops.iter().any(|op| matches!(op, Op::DelService(_) | Op::DelBackend(_))), "{:?}", r.maps().ops);
+    let v2 = r.programmed().services[&key];
+    assert_eq!((v2.count, v2.members), (31, 2));
+    assert_ne!(v2.table, v1.table);
+    // The new table is written whole, into other blocks, before the switch.
+    let ops = &r.maps().ops;
+    let switch = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key)).expect("switched");
+    assert_eq!(ops[..switch], [Op::PutSlotBlocks(v2.table, 3)]);
+    assert_eq!(blocks_at(&r, v1.table, 3), old_blocks);
     assert_eq!(r.next_deferred(), Some(clock.now() + DELETION_GRACE));
     clock.advance(DELETION_GRACE / 2);
     assert!(!r.collect_deferred().changed(), "not due yet");
     settle(&mut r, &clock);
-    let ops = &r.maps().ops;
-    let flip = ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).expect("slot 0 flipped");
-    let new_rows = ops.iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2 && k.slot != 0));
-    let deleted_old = ops.iter().positions_of(|op| matches!(op, Op::DelService(k) if k.version == 1 && !k.is_member()));
-    // Every new slot row precedes the flip; every old row is deleted after.
-    assert_eq!(new_rows.count(), 31);
-    assert!(ops[..flip].iter().filter(|op| matches!(op, Op::PutService(k, _) if k.version == 2)).count() == 31);
-    assert_eq!(deleted_old.len(), 31);
-    assert!(deleted_old.iter().all(|i| *i > flip));
-    // Backend 3 is no longer referenced: deleted last.
-    assert!(matches!(ops.last(), Some(Op::DelBackend(_))));
-    assert_eq!(r.programmed().services[&key0].version, 2);
+    // Backend 3 is no longer listed by any table: deleted last.
+    assert!(matches!(r.maps().ops.last(), Some(Op::DelBackend(_))));
+    assert_eq!(r.programmed().backends.len(), 2);
     assert_eq!(r.maps().state, *r.programmed());
+    // The old table's blocks are free again: the next table takes them.
+    assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[4])])).errors.is_empty());
+    assert_eq!(r.programmed().services[&frontend_key(&frontend(81))].table, v1.table);
 }
 
-trait Positions<T> {
-    fn positions_of(self, f: impl Fn(&T) -> bool) -> Vec<usize>;
+/// Blocks of `backend_slots` in a row, as the fake holds them (`None`:
+/// never written).
+type Blocks = Vec<Option<service_common::SlotBlock>>;
+
+/// The `n` blocks of `backend_slots` from `first` on.
+fn blocks_at(r: &Reconciler<FakeMaps>, first: u32, n: u32) -> Blocks {
+    (first..first + n).map(|b| r.maps().blocks.get(&b).copied()).collect()
 }
 
-impl<'a, T: 'a, I: Iterator<Item = &'a T>> Positions<T> for I {
-    fn positions_of(self, f: impl Fn(&T) -> bool) -> Vec<usize> {
-        self.enumerate().filter(|(_, x)| f(x)).map(|(i, _)| i).collect()
-    }
+#[test]
+fn frontends_with_the_same_backend_set_share_one_table() {
+    let clock = ManualClock::default();
+    let mut r = with_clock(FakeMaps::default(), &clock);
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[1, 2, 3]), (82, &[4])])).errors.is_empty());
+    let table = |r: &Reconciler<FakeMaps>, port| r.programmed().services[&frontend_key(&frontend(port))].table;
+    assert_eq!(table(&r, 80), table(&r, 81));
+    assert_ne!(table(&r, 80), table(&r, 82));
+    let writes =
+        |r: &Reconciler<FakeMaps>| r.maps().ops.iter().filter(|op| matches!(op, Op::PutSlotBlocks(..))).count();
+    assert_eq!(writes(&r), 2, "one table per backend set");
+    assert_eq!(r.programmed().tables.len(), 2);
+    let shared = table(&r, 80);
+    // One of them moves on: the other keeps the table, which stays named.
+    r.maps.ops.clear();
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[1, 2]), (82, &[4])])).errors.is_empty());
+    assert_eq!(table(&r, 80), shared);
+    assert_eq!(r.deferred_len(), 0);
+    // Port 82 takes port 80's set: no table is written for it.
+    r.maps.ops.clear();
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[1, 2]), (82, &[1, 2, 3])])).errors.is_empty());
+    assert_eq!(table(&r, 82), shared);
+    assert_eq!(writes(&r), 0);
+    // Port 82's old table is named by no one: released after the grace.
+    assert_eq!(r.deferred_len(), 1);
+    settle(&mut r, &clock);
+    assert_eq!(r.programmed().tables.len(), 2);
+    assert_eq!(r.maps().state, *r.programmed());
 }
 
 #[test]
@@ -132,48 +160,96 @@ fn a_frontend_without_backends_rejects_and_has_no_slot_rows() {
 #[test]
 fn rows_left_by_an_earlier_agent_are_adopted_and_pruned() {
     let clock = ManualClock::default();
-    let mut maps = FakeMaps::default();
-    {
-        let mut first = with_clock(std::mem::take(&mut maps), &clock);
+    let maps = {
+        let mut first = with_clock(FakeMaps::default(), &clock);
         first.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
-        // The agent stops while the old version of port 80 waits for its
+        // The agent stops while the old table of port 80 waits for its
         // grace period.
         first.reconcile(&desired(&[(80, &[1, 4]), (81, &[3])]));
         assert!(first.deferred_len() > 0);
-        maps = FakeMaps { state: first.programmed().clone(), ..FakeMaps::default() };
-    }
+        std::mem::take(&mut first.maps)
+    };
     let mut second = with_clock(maps, &clock);
     let report = second.reconcile(&desired(&[(80, &[1, 4])]));
-    // Port 80 is unchanged (adopted, not rewritten); port 81's slot 0 goes
-    // at once; its slot rows, the old version of port 80, their backends
-    // and port 81's rev-NAT row go after a grace period from the restart
-    // (how long ago the earlier agent queued them is unknown).
+    // Port 80 is unchanged (adopted, not rewritten); port 81's row goes at
+    // once, its table and rev-NAT row after a grace period from the
+    // restart. The table port 80 left before the restart is no frontend's:
+    // its blocks are free space to the new agent (a switch made before the
+    // agent stopped is longer ago than any packet takes), so backend 2,
+    // which only it listed, goes at once.
     assert_eq!(report.rows_written, 0, "{report:?}");
     assert_eq!(report.frontends_deleted, 1);
-    assert_eq!(second.programmed().services.keys().filter(|k| k.slot == 0).count(), 1);
-    assert_eq!(second.programmed().backends.len(), 4);
+    assert_eq!(second.programmed().services.len(), 1);
+    assert_eq!(second.programmed().backends.len(), 3);
     second.check_deferred();
     settle(&mut second, &clock);
-    // Slot 0, its 31 slots, a member row for each of its 2 backends.
-    assert_eq!(second.programmed().services.len(), 1 + 31 + 2);
+    assert_eq!(second.programmed().services.len(), 1);
+    assert_eq!(second.programmed().tables.len(), 1);
     assert_eq!(second.programmed().backends.len(), 2);
     assert_eq!(second.programmed().rev_nat.len(), 1);
     assert_eq!(second.maps().state, *second.programmed());
 }
 
 #[test]
+fn an_adopted_table_that_is_not_well_formed_is_written_again() {
+    let mut maps = {
+        let mut first = reconciler();
+        first.reconcile(&desired(&[(80, &[1, 2])]));
+        std::mem::take(&mut first.maps)
+    };
+    // Its member list out of order: not what an agent writes.
+    let key = frontend_key(&frontend(80));
+    let v = maps.state.services[&key];
+    let (block, lane) = service_common::backend_slots::locate(v.table, v.count);
+    maps.blocks.get_mut(&block).expect("block").ids[lane] = u32::MAX;
+    maps.refresh_tables();
+    let mut r = Reconciler::new(maps).expect("dump");
+    assert!(r.programmed().tables.is_empty(), "not adopted");
+    let report = r.reconcile(&desired(&[(80, &[1, 2])]));
+    assert!(report.errors.is_empty() && report.frontends_written == 1, "{report:?}");
+    let table = r.programmed().table_of(&r.programmed().services[&key]).expect("a table");
+    assert_eq!((table.slots.len(), table.members.len()), (31, 2));
+    assert_eq!(r.maps().state, *r.programmed());
+    r.check_deferred();
+}
+
+#[test]
 fn a_full_map_names_the_flag_and_leaves_other_frontends_programmed() {
-    // Room for one frontend's 31 slots, 3 member rows and slot 0, not two.
-    let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump");
+    // Room for one frontend row, not two.
+    let mut r = Reconciler::new(FakeMaps::with_services_capacity(1)).expect("dump");
     let report = r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[4, 5, 6])]));
     assert_eq!(report.errors.len(), 1);
     let msg = report.errors[0].to_string();
     assert!(msg.contains("10.96.0.10:81/TCP") && msg.contains("raise it with --map-size-services"), "{msg}");
     assert!(r.programmed().services.contains_key(&frontend_key(&frontend(80))));
     assert!(!r.programmed().services.contains_key(&frontend_key(&frontend(81))));
-    // The failed frontend's partial slot rows were undone (its member
-    // rows, written first, stay for the retry).
-    assert_eq!(r.maps().state.services.keys().filter(|k| !k.is_member()).count(), 32);
+    // The failed frontend's table and rev-NAT row are no one's: released
+    // after the grace.
+    r.check_deferred();
+    assert_eq!(r.deferred_len(), 2);
+    assert_eq!(r.maps().state, *r.programmed());
+}
+
+#[test]
+fn a_full_backend_slots_map_names_its_flag_and_leaves_other_frontends_programmed() {
+    // Block 0 and one table of 31 slots and 3 members (3 blocks).
+    let maps = FakeMaps { slot_blocks: Some(4), ..FakeMaps::default() };
+    let mut r = Reconciler::new(maps).expect("dump");
+    let report = r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[4, 5, 6]), (82, &[1, 2, 3])]));
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    let msg = report.errors[0].to_string();
+    assert!(
+        msg.contains("10.96.0.10:81/TCP")
+            && msg.contains("backend_slots is full (64 entries)")
+            && msg.contains("--map-size-backend-slots"),
+        "{msg}"
+    );
+    // Port 82 shares port 80's table: it needs no room.
+    for port in [80, 82] {
+        assert!(r.programmed().services.contains_key(&frontend_key(&frontend(port))));
+    }
+    assert!(!r.programmed().services.contains_key(&frontend_key(&frontend(81))));
+    assert_eq!(r.slot_blocks(), (4, 4));
     assert_eq!(r.maps().state, *r.programmed());
 }
 
@@ -183,10 +259,11 @@ fn deleting_everything_leaves_no_rows() {
     let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
     r.reconcile(&Desired::default());
-    // Slot 0 went at once: no new flow matches.
-    assert!(!r.maps().state.services.keys().any(|k| k.slot == 0));
+    // The frontend rows went at once: no new flow matches.
+    assert!(r.maps().state.services.is_empty());
     settle(&mut r, &clock);
     assert_eq!(r.maps().state, MapState { next_ids: r.maps().state.next_ids, ..MapState::default() });
+    assert_eq!(r.slot_blocks().0, 1, "every block free again but block 0");
 }
 
 #[test]
@@ -194,7 +271,7 @@ fn with_no_grace_deletions_run_in_the_same_reconcile() {
     let mut r = reconciler().with_grace(Duration::ZERO);
     r.reconcile(&desired(&[(80, &[1, 2, 3]), (81, &[3, 4])]));
     r.reconcile(&desired(&[(80, &[1, 2])]));
-    assert_eq!(r.programmed().services.len(), 1 + 31 + 2);
+    assert_eq!((r.programmed().services.len(), r.programmed().tables.len()), (1, 1));
     assert_eq!((r.programmed().backends.len(), r.programmed().rev_nat.len()), (2, 1));
     assert_eq!(r.next_deferred(), None);
     r.reconcile(&Desired::default());
@@ -202,31 +279,33 @@ fn with_no_grace_deletions_run_in_the_same_reconcile() {
 }
 
 #[test]
-fn the_old_version_survives_a_flip_until_the_grace_has_passed() {
+fn the_old_table_survives_a_switch_until_the_grace_has_passed() {
     let clock = ManualClock::default();
     let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2, 3])]));
-    let key0 = frontend_key(&frontend(80));
-    let old = r.programmed().services[&key0];
-    let old_rows: Vec<(ServiceKey, ServiceValue)> =
-        (1..=31).map(|s| key0.with_slot(old.version, s)).map(|k| (k, r.programmed().services[&k])).collect();
+    let key = frontend_key(&frontend(80));
+    let old = r.programmed().services[&key];
+    let old_table = r.programmed().tables[&old.table].clone();
+    let old_blocks = blocks_at(&r, old.table, 3);
     r.reconcile(&desired(&[(80, &[1, 2])]));
     r.check_deferred();
-    // Until the grace has passed, a packet that read the old slot-0 row
-    // finds every slot row of its version and the backend each names.
-    for step in 0..4 {
-        for (k, v) in &old_rows {
-            assert_eq!(r.maps().state.services.get(k), Some(v), "step {step}");
-            assert!(r.maps().state.backends.contains_key(&v.backend_id), "step {step}");
+    // Until the grace has passed, a packet that read the old frontend row
+    // finds the old table as it was and the backend each slot names, while
+    // other frontends' new tables are written meanwhile.
+    for step in 0..4u8 {
+        assert_eq!(blocks_at(&r, old.table, 3), old_blocks, "step {step}");
+        for id in &old_table.slots {
+            assert!(r.maps().state.backends.contains_key(id), "step {step}");
         }
         clock.advance((DELETION_GRACE / 4).saturating_sub(Duration::from_millis(1)));
         r.collect_deferred();
-        r.reconcile(&desired(&[(80, &[1, 2])]));
+        let other: &[u8] = &[10 + step, 20 + step, 30 + step];
+        assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, other)])).errors.is_empty());
     }
     clock.advance(Duration::from_millis(4));
     assert!(r.collect_deferred().rows_deleted > 0);
-    assert!(old_rows.iter().all(|(k, _)| !r.maps().state.services.contains_key(k)));
-    assert_eq!(r.maps().state.backends.len(), 2);
+    assert!(!r.programmed().tables.contains_key(&old.table));
+    r.check_deferred();
     assert_eq!(r.maps().state, *r.programmed());
 }
 
@@ -235,28 +314,40 @@ fn a_frontend_deleted_and_created_again_within_the_grace_gets_whole_rows() {
     let clock = ManualClock::default();
     let mut r = with_clock(FakeMaps::default(), &clock);
     r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3])]));
-    let key0 = frontend_key(&frontend(80));
-    let first = r.programmed().services[&key0];
+    let key = frontend_key(&frontend(80));
+    let first = r.programmed().services[&key];
     r.reconcile(&desired(&[(81, &[3])]));
-    assert!(!r.programmed().services.contains_key(&key0));
+    assert!(!r.programmed().services.contains_key(&key));
     clock.advance(DELETION_GRACE / 2);
-    // Back, with one backend more, before the old rows have gone.
+    // Back, with one backend more, before the old table has gone.
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 4]), (81, &[3])])).errors.is_empty());
     r.check_deferred();
-    let again = r.programmed().services[&key0];
-    assert_ne!(again.version, first.version, "a version awaiting deletion is not reused");
+    let again = r.programmed().services[&key];
+    assert_ne!(again.table, first.table, "blocks awaiting release are not reused");
     assert_eq!(again.rev_nat_id, first.rev_nat_id, "the rev-NAT row awaiting deletion is taken back");
     let live: BTreeSet<u32> =
         r.programmed().live_pairs().iter().filter(|(rn, _)| *rn == again.rev_nat_id).map(|p| p.1).collect();
     assert_eq!(live.len(), 3);
-    // The first life's rows go after their grace; the new ones stay whole.
+    // The first life's table goes after its grace; the new one stays whole.
     clock.advance(DELETION_GRACE / 2);
     r.collect_deferred();
-    assert_eq!(r.programmed().services.keys().filter(|k| k.with_slot(0, 0) == key0 && !k.is_member()).count(), 1 + 31);
+    let table = &r.programmed().tables[&again.table];
+    assert_eq!((table.slots.len(), table.members.len()), (31, 3));
     assert!(r.programmed().rev_nat.contains_key(&again.rev_nat_id));
     assert_eq!(r.programmed().backends.len(), 4);
     settle(&mut r, &clock);
     assert_eq!(r.maps().state, *r.programmed());
+    // Deleted and back with the same set within the grace: it takes its
+    // table back, whose release is called off.
+    let kept = r.programmed().services[&key];
+    r.reconcile(&desired(&[(81, &[3])]));
+    assert_eq!(r.deferred_len(), 2, "its table and rev-NAT row");
+    clock.advance(DELETION_GRACE / 2);
+    assert!(r.reconcile(&desired(&[(80, &[1, 2, 4]), (81, &[3])])).errors.is_empty());
+    assert_eq!(r.programmed().services[&key], kept);
+    r.check_deferred();
+    settle(&mut r, &clock);
+    assert_eq!(r.programmed().tables.len(), 2);
 }
 
 #[test]
@@ -308,7 +399,7 @@ fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
     let key81 = frontend_key(&frontend(81));
     assert!(
         r.maps.ops.iter().all(|op| match op {
-            Op::PutService(k, _) | Op::DelService(k) => k.with_slot(0, 0) == key81,
+            Op::PutService(k, _) | Op::DelService(k) => *k == key81,
             _ => true,
         }),
         "{:?}",
@@ -318,10 +409,10 @@ fn only_changed_frontends_are_written_and_a_removed_one_comes_back_whole() {
     assert!(r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5])])).errors.is_empty());
     settle(&mut r, &clock);
     let key82 = frontend_key(&frontend(82));
-    assert!(!r.programmed().services.keys().any(|k| k.with_slot(0, 0) == key82));
+    assert!(!r.programmed().services.contains_key(&key82));
     let report = r.reconcile(&desired(&[(80, &[1, 2]), (81, &[3, 5]), (82, &[4])]));
     assert_eq!(report.frontends_written, 1);
-    assert_eq!(r.programmed().services.keys().filter(|k| k.with_slot(0, 0) == key82).count(), 32 + 1);
+    assert_eq!(r.programmed().table_of(&r.programmed().services[&key82]).map(|t| t.slots.len()), Some(31));
 }
 
 /// A small deterministic generator (xorshift), so the sequence below is the
@@ -337,41 +428,79 @@ impl Rng {
     }
 }
 
-/// Slot rows out of their frontend's live table, with when they were first
-/// seen so; panics when one went before the grace period had passed.
+/// Tables named by a frontend row at some point, with their blocks as
+/// written and when they were first seen named by none; panics when such a
+/// table's blocks or backend rows changed before the grace had passed.
 #[derive(Default)]
-struct GraceWatch(BTreeMap<ServiceKey, Instant>);
+struct GraceWatch(BTreeMap<u32, (BackendTable, Blocks, Option<Instant>)>);
 
 impl GraceWatch {
-    fn observe(&mut self, state: &MapState, now: Instant, step: u64) {
-        let live = |k: &ServiceKey| {
-            state.services.get(&k.with_slot(0, 0)).is_some_and(|f| f.version == k.version && k.slot <= f.count)
+    /// Tables `r` counts as named (its mirror: a table it did not adopt is
+    /// not its own), their blocks and backends as the maps hold them.
+    fn observe(&mut self, r: &Reconciler<FakeMaps>, now: Instant, step: u64) {
+        let (maps, named) = (r.maps(), &r.programmed().tables);
+        let blocks = |first: u32, t: &BackendTable| -> Blocks {
+            let n = u32::try_from(t.blocks().len()).expect("blocks");
+            (first..first + n).map(|b| maps.blocks.get(&b).copied()).collect()
         };
-        self.0.retain(|k, since| {
-            let present = state.services.contains_key(k);
-            assert!(present || now >= *since + DELETION_GRACE, "step {step}: {k:?} deleted before its grace");
-            present
+        self.0.retain(|first, (table, written, unnamed_since)| {
+            if named.get(first) == Some(table) {
+                *unnamed_since = None;
+                return true;
+            }
+            let since = *unnamed_since.get_or_insert(now);
+            if now >= since + DELETION_GRACE {
+                return false;
+            }
+            // A packet that read a frontend row naming it finds the table
+            // as it was, and every backend it lists.
+            assert_eq!(blocks(*first, table), *written, "step {step}: table at {first} overwritten within its grace");
+            for id in &table.members {
+                assert!(maps.state.backends.contains_key(id), "step {step}: backend {id} gone within the grace");
+            }
+            true
         });
-        // Member rows are not read by a packet on its way to a slot: they
-        // go at once when their backend leaves the set.
-        for (k, v) in state.services.iter().filter(|(k, _)| k.slot != 0 && !k.is_member() && !live(k)) {
-            self.0.entry(*k).or_insert(now);
-            // A packet that read the old slot-0 row finds the backend row
-            // (version 77 is the test's own stray row).
-            assert!(k.version == 77 || state.backends.contains_key(&v.backend_id), "step {step}: {k:?}");
+        for (first, table) in named {
+            self.0.entry(*first).or_insert_with(|| (table.clone(), blocks(*first, table), None));
         }
     }
+
+    /// A restart: the new agent knows only the tables it adopted (named
+    /// by a frontend row, well formed and inside the map).
+    fn restart(&mut self, adopted: &MapState) {
+        self.0.retain(|first, (table, _, _)| adopted.tables.get(first) == Some(table));
+    }
+}
+
+/// Panics unless the maps hold what `r` says it programmed, naming the
+/// part that differs. Unless `clean` (the last reconcile had no error), a
+/// row may still name a table that was not adopted (its blocks read as
+/// whatever they hold), which the mirror leaves out.
+fn same_state(r: &Reconciler<FakeMaps>, step: u64, clean: bool) {
+    let (maps, mirror) = (&r.maps().state, r.programmed());
+    assert_eq!(maps.services, mirror.services, "step {step}: services");
+    if clean {
+        assert_eq!(maps.tables, mirror.tables, "step {step}: tables");
+    } else {
+        let adopted: BTreeMap<u32, BackendTable> =
+            maps.tables.iter().filter(|(f, _)| mirror.tables.contains_key(f)).map(|(f, t)| (*f, t.clone())).collect();
+        assert_eq!(adopted, mirror.tables, "step {step}: tables");
+    }
+    assert_eq!(maps.backends, mirror.backends, "step {step}: backends");
+    assert_eq!(maps.rev_nat, mirror.rev_nat, "step {step}: rev-NAT");
+    assert_eq!((&maps.source_ranges, maps.next_ids), (&mirror.source_ranges, mirror.next_ids), "step {step}");
 }
 
 #[test]
 fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_maps() {
-    // Every reconcile checks its indexes (rows per frontend, backend and
-    // rev-NAT references, live (rev-NAT, backend) pairs, ids by value)
-    // against a recomputation from the rows; here a long random sequence
-    // drives it through changes, deletions, restarts that adopt stray rows
-    // of an interrupted run, a map too small for everything, and a clock
-    // that moves by random steps around the grace period, so deferred
-    // deletions run at random points (by a reconcile or on their own).
+    // Every reconcile checks its indexes (table and backend references,
+    // tables by member list, rev-NAT references, live (rev-NAT, backend)
+    // pairs, ids by value, the free blocks) against a recomputation from
+    // the rows; here a long random sequence drives it through changes,
+    // deletions, restarts that adopt a table that is not well formed, maps
+    // too small for everything, and a clock that moves by random steps
+    // around the grace period, so deferred releases run at random points
+    // (by a reconcile or on their own).
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let clock = ManualClock::default();
     let mut watch = GraceWatch::default();
@@ -382,34 +511,47 @@ fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_ma
             if rng.below(4) == 0 {
                 continue;
             }
-            let backends: Vec<u8> = (1..12).filter(|_| rng.below(3) == 0).collect();
+            // Few backends, so frontends often share a set.
+            let backends: Vec<u8> = (1..6).filter(|_| rng.below(3) == 0).collect();
             entries.push((port, backends));
         }
         let borrowed: Vec<(u16, &[u8])> = entries.iter().map(|(p, b)| (*p, b.as_slice())).collect();
         let d = desired(&borrowed);
-        maps.services_capacity = (step % 7 == 3).then_some(100);
-        if step % 11 == 5 {
-            // An interrupted run left the rows of an unfinished version.
-            let key0 = frontend_key(&frontend(80));
-            let stray = ServiceValue { backend_id: 1, ..<ServiceValue as bytemuck::Zeroable>::zeroed() };
-            maps.state.services.insert(key0.with_slot(77, 1), stray);
+        maps.services_capacity = (step % 7 == 3).then_some(3);
+        maps.slot_blocks = (step % 5 == 2).then_some(8);
+        if let Some(cap) = maps.slot_blocks {
+            // A smaller map is a new one: the blocks beyond it are gone.
+            maps.blocks.retain(|b, _| *b < cap);
         }
+        if step % 11 == 5
+            && let Some(v) = maps.state.services.get_mut(&frontend_key(&frontend(80)))
+        {
+            // An earlier agent's row naming blocks of garbage.
+            v.table = 900;
+            v.count = 3;
+            v.members = 2;
+            maps.blocks.insert(900, service_common::SlotBlock { ids: [7; 16] });
+        }
+        maps.refresh_tables();
         let mut r = with_clock(std::mem::take(&mut maps), &clock);
-        watch.observe(r.programmed(), clock.now(), step);
+        watch.restart(r.programmed());
+        watch.observe(&r, clock.now(), step);
+        let mut clean = false;
         for _ in 0..=rng.below(3) {
             // Up to 1.5 grace periods.
             clock.advance(Duration::from_millis(rng.below(3_000)));
             if rng.below(3) == 0 {
                 r.collect_deferred();
-                assert_eq!(r.maps().state, *r.programmed(), "step {step}");
-                watch.observe(r.programmed(), clock.now(), step);
+                same_state(&r, step, clean);
+                watch.observe(&r, clock.now(), step);
                 assert!(r.next_deferred().is_none_or(|at| at > clock.now()), "step {step}");
             }
             let report = r.reconcile(&d);
-            assert_eq!(r.maps().state, *r.programmed(), "step {step}");
-            watch.observe(r.programmed(), clock.now(), step);
+            clean = report.errors.is_empty();
+            same_state(&r, step, clean);
+            watch.observe(&r, clock.now(), step);
+            r.check_deferred();
             if report.errors.is_empty() {
-                r.check_deferred();
                 for (port, backends) in &entries {
                     let v = r.programmed().services[&frontend_key(&frontend(*port))];
                     let live = r.programmed().live_pairs();
@@ -417,55 +559,56 @@ fn indexes_and_maps_agree_with_the_rows_over_random_changes_restarts_and_full_ma
                         live.iter().filter(|(rn, _)| *rn == v.rev_nat_id).map(|(_, b)| *b).collect();
                     assert_eq!(reached.len(), backends.len(), "step {step} port {port}");
                     assert!(reached.iter().all(|b| r.is_live_pair(v.rev_nat_id, *b)));
-                    // Every slot row of a live table names a backend row.
+                    // Every backend of a named table has its row.
                     assert!(reached.iter().all(|b| r.programmed().backends.contains_key(b)), "step {step}");
                 }
-                assert_eq!(r.programmed().services.keys().filter(|k| k.slot == 0).count(), entries.len());
+                assert_eq!(r.programmed().services.len(), entries.len());
             }
         }
-        maps = FakeMaps { state: r.programmed().clone(), ..FakeMaps::default() };
+        maps = std::mem::take(&mut r.maps);
     }
     // Everything queued goes once the grace has passed.
+    maps.services_capacity = None;
+    maps.slot_blocks = None;
     let mut r = with_clock(maps, &clock);
     r.reconcile(&Desired::default());
     settle(&mut r, &clock);
     assert_eq!(r.maps().state, MapState { next_ids: r.maps().state.next_ids, ..MapState::default() });
 }
 
-/// The member rows of `key0`'s frontend: the backend ids of its set.
-fn members(r: &Reconciler<FakeMaps>, key0: &ServiceKey) -> BTreeSet<u32> {
-    r.maps().state.services.range(key0.member(0)..=key0.member(u32::MAX)).map(|(k, _)| k.version).collect()
+/// The member list of `key`'s table: the backend ids of its set.
+fn members(r: &Reconciler<FakeMaps>, key: &ServiceKey) -> BTreeSet<u32> {
+    r.members(key).collect()
 }
 
-/// The backend ids of the live table of `key0`'s frontend.
-fn table_ids(r: &Reconciler<FakeMaps>, key0: &ServiceKey) -> BTreeSet<u32> {
-    let v = r.programmed().services[key0];
-    (1..=v.count).map(|s| r.programmed().services[&key0.with_slot(v.version, s)].backend_id).collect()
+/// The backend ids the slots of `key`'s table name.
+fn table_ids(r: &Reconciler<FakeMaps>, key: &ServiceKey) -> BTreeSet<u32> {
+    let state = r.programmed();
+    state.table_of(&state.services[key]).map(|t| t.slots.iter().copied().collect()).unwrap_or_default()
 }
 
 #[test]
-fn member_rows_follow_the_backend_set_and_leave_with_a_removed_backend() {
+fn the_member_list_is_the_backend_set_and_a_removed_backend_leaves_it_with_the_switch() {
     let clock = ManualClock::default();
     let mut r = with_clock(FakeMaps::default(), &clock);
-    let key0 = frontend_key(&frontend(80));
+    let key = frontend_key(&frontend(80));
     assert!(r.reconcile(&desired(&[(80, &[1, 2, 3])])).errors.is_empty());
-    assert_eq!(members(&r, &key0), table_ids(&r, &key0));
-    assert_eq!(members(&r, &key0).len(), 3);
+    assert_eq!(members(&r, &key), table_ids(&r, &key));
+    assert_eq!(members(&r, &key).len(), 3);
     let removed = r.programmed().backends.iter().find(|(_, b)| b.addr[3] == 3).map(|(id, _)| *id).unwrap();
-    r.maps.ops.clear();
     assert!(r.reconcile(&desired(&[(80, &[1, 2])])).errors.is_empty());
-    // The removed backend's member row goes at once, after the flip: an
-    // affinity entry naming it is no longer followed, while its old slot
-    // rows wait for the grace.
-    let flip = r.maps.ops.iter().position(|op| matches!(op, Op::PutService(k, _) if *k == key0)).unwrap();
-    let gone = r.maps.ops.iter().position(|op| *op == Op::DelService(key0.member(removed))).expect("member deleted");
-    assert!(flip < gone);
-    assert_eq!(members(&r, &key0), table_ids(&r, &key0));
+    // The switch to the new table takes the removed backend out of the
+    // member list an affinity entry is checked against, in the same update.
+    assert!(!members(&r, &key).contains(&removed));
+    assert_eq!(members(&r, &key), table_ids(&r, &key));
+    assert_eq!(r.programmed().services[&key].members, 2);
     settle(&mut r, &clock);
-    assert_eq!(members(&r, &key0), table_ids(&r, &key0));
-    // No backends: no members; the frontend gone: no rows at all.
+    assert_eq!(members(&r, &key), table_ids(&r, &key));
+    // No backends: no table; the frontend gone: no rows at all.
     assert!(r.reconcile(&desired(&[(80, &[])])).errors.is_empty());
-    assert!(members(&r, &key0).is_empty());
+    let v = r.programmed().services[&key];
+    assert_eq!((v.table, v.count, v.members), (0, 0, 0));
+    assert!(members(&r, &key).is_empty());
     assert!(r.reconcile(&desired(&[])).errors.is_empty());
     settle(&mut r, &clock);
     assert!(r.maps().state.services.is_empty());
@@ -620,8 +763,8 @@ fn reconciling_the_model_s_changes_writes_what_reconciling_everything_writes() {
 
 #[test]
 fn after_a_failed_reconcile_the_next_reconcile_of_changes_writes_again_what_failed() {
-    // Room for one frontend's 31 slots, 3 member rows and slot 0, not two.
-    let mut r = Reconciler::new(FakeMaps::with_services_capacity(40)).expect("dump");
+    // Room for one frontend row, not two.
+    let mut r = Reconciler::new(FakeMaps::with_services_capacity(1)).expect("dump");
     let d = desired(&[(80, &[1, 2, 3]), (81, &[4, 5, 6])]);
     let everything = Changes { everything: true, ..Changes::default() };
     assert_eq!(r.reconcile_changes(&d, &everything).errors.len(), 1);

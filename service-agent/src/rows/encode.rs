@@ -62,10 +62,10 @@ pub fn rev_nat_value(f: &Frontend) -> RevNatValue {
     RevNatValue { addr: addr_bytes(f.addr), port: service_common::port_be(f.port), family: family(f.addr), _pad: 0 }
 }
 
-/// The slot-0 row of a frontend whose table has `table_len` slots: what a
-/// new flow's packet reads first. `affinity_scope` is the rev-NAT id of
-/// `df.affinity_scope` (see [`ServiceValue::affinity_scope`]); `version`
-/// is set by the reconciler.
+/// The row of a frontend whose table has `table_len` slots: what a new
+/// flow's packet reads first. `affinity_scope` is the rev-NAT id of
+/// `df.affinity_scope` (see [`ServiceValue::affinity_scope`]); `table` and
+/// `members` are set by the reconciler.
 #[must_use]
 pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, affinity_scope: u32, table_len: usize) -> ServiceValue {
     let mut flags = match (table_len == 0, df.when_empty) {
@@ -86,27 +86,15 @@ pub fn frontend_value(df: &DesiredFrontend, rev_nat_id: u32, affinity_scope: u32
         flags |= service_flags::MASQUERADE;
     }
     ServiceValue {
-        backend_id: if df.affinity_timeout_s.is_some() { affinity_scope } else { 0 },
+        table: 0,
         count: u32::try_from(table_len).unwrap_or(u32::MAX),
-        version: 0,
+        members: 0,
+        affinity_scope: if df.affinity_timeout_s.is_some() { affinity_scope } else { 0 },
         rev_nat_id,
         affinity_timeout_s: df.affinity_timeout_s.unwrap_or(0),
         flags,
         _pad: 0,
     }
-}
-
-/// A slot row of a frontend's backend table: the backend that slot picks.
-#[must_use]
-pub fn slot_value(backend_id: u32) -> ServiceValue {
-    ServiceValue { backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() }
-}
-
-/// A member row (slot `MEMBER_SLOT`, version = backend id): the backend is
-/// in the frontend's current set, so an affinity entry may follow it.
-#[must_use]
-pub fn member_value(backend_id: u32) -> ServiceValue {
-    ServiceValue { backend_id, ..<ServiceValue as bytemuck::Zeroable>::zeroed() }
 }
 
 /// The `loadBalancerSourceRanges` of `df` that apply to it: those of its

@@ -10,5 +10,5 @@ pub mod render;
 
 pub use self::encode::{
     SourceRangeRow, addr_bytes, backend_value, family, frontend_key, frontend_range_rows, frontend_ranges,
-    frontend_value, member_value, rev_nat_value, service_cidrs, slot_value, unserved_rows,
+    frontend_value, rev_nat_value, service_cidrs, unserved_rows,
 };

@@ -69,52 +69,35 @@ pub fn endpoint(family: u8, addr: &Addr, port: Port) -> String {
 #[must_use]
 pub fn render(state: &MapState) -> String {
     let mut out = String::from("services:\n");
-    let mut live = std::collections::BTreeSet::new();
-    for (k, v) in state.services.iter().filter(|(k, _)| k.slot == 0) {
+    for (k, v) in &state.services {
         let _ = writeln!(
             out,
-            "  {} rev_nat={} version={} slots={} flags={} affinity={}s{}",
+            "  {} rev_nat={} table={} slots={} flags={} affinity={}s{}",
             frontend(k),
             v.rev_nat_id,
-            v.version,
+            v.table,
             v.count,
             service_flag_names(v.flags),
             v.affinity_timeout_s,
-            if v.flags & service_flags::AFFINITY == 0 {
-                String::new()
-            } else {
-                format!(" scope={}", v.affinity_scope())
-            }
+            if v.flags & service_flags::AFFINITY == 0 { String::new() } else { format!(" scope={}", v.affinity_scope) }
         );
-        live.insert(*k);
-        let mut table = Vec::new();
-        let mut in_table = std::collections::BTreeSet::new();
-        for s in 1..=v.count {
-            let key = k.with_slot(v.version, s);
-            live.insert(key);
-            let row = state.services.get(&key);
-            in_table.extend(row.map(|r| r.backend_id));
-            table.push(row.map_or_else(|| "MISSING".to_owned(), |r| r.backend_id.to_string()));
+        if v.count == 0 {
+            continue;
         }
-        if !table.is_empty() {
-            let _ = writeln!(out, "    table: {}", table.join(" "));
-        }
-        // Member rows are shown only when they disagree with the table.
-        let members: std::collections::BTreeSet<u32> = state
-            .services
-            .range(k.member(0)..=k.member(u32::MAX))
-            .map(|(m, _)| {
-                live.insert(*m);
-                m.version
-            })
-            .collect();
-        if members != in_table {
-            let ids: Vec<String> = members.iter().map(ToString::to_string).collect();
+        let Some(table) = state.tables.get(&v.table) else {
+            let _ = writeln!(out, "    TABLE MISSING");
+            continue;
+        };
+        let ids: Vec<String> = table.slots.iter().map(ToString::to_string).collect();
+        let _ = writeln!(out, "    table: {}", ids.join(" "));
+        // The member list is shown only when it disagrees with the slots
+        // or the row.
+        let in_table: std::collections::BTreeSet<u32> = table.slots.iter().copied().collect();
+        let members: std::collections::BTreeSet<u32> = table.members.iter().copied().collect();
+        if members != in_table || table.members.len() != v.members as usize || table.slots.len() != v.count as usize {
+            let ids: Vec<String> = table.members.iter().map(ToString::to_string).collect();
             let _ = writeln!(out, "    MEMBERS DIFFER FROM THE TABLE: {}", ids.join(" "));
         }
-    }
-    for (k, v) in state.services.iter().filter(|(k, _)| !live.contains(k)) {
-        let _ = writeln!(out, "  STRAY {} version={} slot={} backend={}", frontend(k), k.version, k.slot, v.backend_id);
     }
     out.push_str("backends:\n");
     for (id, b) in &state.backends {
@@ -261,14 +244,10 @@ pub fn services(state: &MapState) -> Vec<ServiceRow> {
     state
         .services
         .iter()
-        .filter(|(k, _)| k.slot == 0)
         .map(|(k, v)| {
             let mut per_backend: BTreeMap<u32, u32> = BTreeMap::new();
-            for s in 1..=v.count {
-                let slot = k.with_slot(v.version, s);
-                if let Some(row) = state.services.get(&slot) {
-                    *per_backend.entry(row.backend_id).or_default() += 1;
-                }
+            for id in state.table_of(v).map(|t| t.slots.as_slice()).unwrap_or_default() {
+                *per_backend.entry(*id).or_default() += 1;
             }
             ServiceRow {
                 frontend: frontend(k),

@@ -28,6 +28,7 @@ use service_agent::{
     reconciler::{Reconciler, maglev},
     vocabulary::{self, ObjectRef, Objects},
 };
+use service_common::map_names;
 
 use super::{Stats, summarize};
 use crate::{
@@ -57,6 +58,29 @@ pub struct ControlPlane {
     pub map_sizes: MapSizes,
     /// Kernel memory of the agent's maps at that size (fdinfo `memlock`).
     pub map_memory_bytes: u64,
+    /// The same, per map (in `map_names::ALL` order).
+    pub map_memory: Vec<(&'static str, u64)>,
+}
+
+/// The maps whose size follows the Services and endpoints (the rest hold
+/// flows, sized by their flags whatever the Services).
+pub const SERVICE_STATE_MAPS: [&str; 8] = [
+    map_names::SERVICES,
+    map_names::BACKEND_SLOTS,
+    map_names::BACKENDS,
+    map_names::REV_NAT,
+    map_names::SERVICE_COUNTERS,
+    map_names::BACKEND_COUNTERS,
+    map_names::SOCK_COUNTERS,
+    map_names::SOURCE_RANGES,
+];
+
+impl ControlPlane {
+    /// The memory of the maps of [`SERVICE_STATE_MAPS`].
+    #[must_use]
+    pub fn service_state_bytes(&self) -> u64 {
+        self.map_memory.iter().filter(|(n, _)| SERVICE_STATE_MAPS.contains(n)).map(|(_, b)| b).sum()
+    }
 }
 
 fn pod_ip(i: usize) -> Ipv4Addr {
@@ -192,19 +216,20 @@ fn time_load(program: &str, args: &[&str], input: &str, repeats: usize) -> Resul
     Ok(summarize(samples))
 }
 
-/// Map capacities for `services` Services of `per` endpoints each: every
-/// Service's ClusterIP is two frontends (from pods and from outside), each
-/// a slot-0 row, a Maglev table and a member row per backend in the
-/// services map; a quarter more for the new versions written during the
-/// changes while the old ones wait to be collected.
+/// Map capacities for `services` Services of `per` endpoints each, with
+/// room for twice that: every Service's ClusterIP is two frontends (from
+/// pods and from outside) sharing one backend table (its Maglev slots and
+/// member list, in whole blocks).
 #[must_use]
 pub fn sizes(services: usize, per: usize) -> MapSizes {
-    let per_frontend = 1 + maglev::table_size(per) as usize + per;
-    let rows = services * 2 * per_frontend;
-    let backends = services * per;
+    use service_common::backend_slots::{PER_BLOCK, blocks};
+    let per_u32 = u32::try_from(per).unwrap_or(u32::MAX);
+    let table = blocks(maglev::table_size(per), per_u32) * PER_BLOCK;
+    let room = |n: usize| u32::try_from(2 * n).unwrap_or(u32::MAX);
     MapSizes {
-        services: u32::try_from(rows + rows / 4).unwrap_or(u32::MAX),
-        backends: u32::try_from(backends + backends / 4).unwrap_or(u32::MAX).max(262_144),
+        services: room(services * 2),
+        backend_slots: room(services * table as usize),
+        backends: room(services * per),
         ..MapSizes::default()
     }
 }
@@ -221,6 +246,7 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
     let mut one_change = Vec::new();
     let mut one_change_model = Vec::new();
     let mut map_memory_bytes = 0;
+    let mut map_memory = Vec::new();
     for _ in 0..repeats {
         // Each repeat starts from the same objects (the changes below edit
         // them).
@@ -250,8 +276,8 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
         }
         // Outside the clock: the incremental result is the full one.
         anyhow::ensure!(*model.desired() == model::desired(&objects, &node), "the incremental model drifted");
-        map_memory_bytes =
-            service_common::map_names::ALL.iter().map(|n| memlock(&root.join(n))).sum::<Result<u64>>()?;
+        map_memory = map_names::ALL.iter().map(|n| Ok((*n, memlock(&root.join(n))?))).collect::<Result<Vec<_>>>()?;
+        map_memory_bytes = map_memory.iter().map(|(_, b)| b).sum();
         drop(reconciler);
         drop(ebpf);
         maps::remove_pins(&root)?;
@@ -272,6 +298,7 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
         agent_rss_bytes,
         map_sizes: sizes,
         map_memory_bytes,
+        map_memory,
     })
 }
 
@@ -285,6 +312,7 @@ fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64)>
     let bpffs = BpffsMount::new()?;
     let root = bpffs.path().join("bench");
     let (s, b, c) = (sizes.services.to_string(), sizes.backends.to_string(), sizes.conntrack.to_string());
+    let slots = sizes.backend_slots.to_string();
     let mut agent = Agent::start(
         &ns,
         dir.path(),
@@ -293,6 +321,8 @@ fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64)>
         &[
             "--map-size-services",
             &s,
+            "--map-size-backend-slots",
+            &slots,
             "--map-size-backends",
             &b,
             "--map-size-conntrack",

@@ -118,9 +118,10 @@ pub fn synthetic(n: usize) -> Desired {
 pub fn sizes(n: usize) -> MapSizes {
     let n = u32::try_from(n).unwrap_or(u32::MAX);
     MapSizes {
-        // Per frontend: slot 0, a 31-slot table and a member row per
-        // backend (34 rows), with room for a new version during an update.
-        services: (n * 68).max(service_common::capacity::SERVICES),
+        // A row per frontend and a table of 31 slots and 2 members (3
+        // blocks of 16 ids) per Service, with room for twice that.
+        services: (n * 2).max(service_common::capacity::SERVICES),
+        backend_slots: (n * 2 * 48).max(service_common::capacity::BACKEND_SLOT_BLOCKS * 16),
         backends: (n * 2 + 16).max(service_common::capacity::BACKENDS),
         conntrack: 4_194_304,
         conntrack_new: 4_194_304,

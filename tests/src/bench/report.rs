@@ -228,16 +228,26 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             md,
             "\nThe agent (the real binary, on these Services as a manifest directory): peak RSS {:.1} MiB \
-             while it parses the manifests and programs the maps, {:.1} MiB resident once synced. BPF map memory \
-             (kernel `memlock` of the pinned maps at `--map-size-services {}`, `--map-size-backends {}`, \
-             `--map-size-conntrack {}`; the services map holds one row per Maglev slot): {:.1} MiB.\n",
+             while it parses the manifests and programs the maps, {:.1} MiB resident once synced.\n\n\
+             BPF map memory (kernel `memlock` of the pinned maps, with room for twice these Services: \
+             `--map-size-services {}`, `--map-size-backend-slots {}`, `--map-size-backends {}`; the flow maps \
+             at their defaults, `--map-size-conntrack {}`): **{:.1} MiB for the Service state** (the maps whose \
+             size follows the Services: {}), {:.1} MiB in all.\n",
             mib(c.agent_peak_rss_bytes),
             mib(c.agent_rss_bytes),
             c.map_sizes.services,
+            c.map_sizes.backend_slots,
             c.map_sizes.backends,
             c.map_sizes.conntrack,
+            mib(c.service_state_bytes()),
+            crate::bench::control_plane::SERVICE_STATE_MAPS.join(", "),
             mib(c.map_memory_bytes)
         );
+        let _ = writeln!(md, "| map | MiB |\n|---|---:|");
+        for (name, bytes) in &c.map_memory {
+            let _ = writeln!(md, "| {name} | {:.2} |", mib(*bytes));
+        }
+        let _ = writeln!(md);
         let _ = writeln!(md, "![control plane](bench-control-plane.png)\n");
     }
     if !r.socket.is_empty() {
