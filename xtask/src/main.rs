@@ -53,6 +53,11 @@ enum Cmd {
         /// full report in docs/).
         #[arg(long, value_parser = parse_sections)]
         only: Option<String>,
+        /// Also the scale cases: new connections through a ClusterIP at
+        /// 30,000 Services, and the control plane at 50,000 Services /
+        /// 500,000 endpoints (ours only there), about an hour more.
+        #[arg(long)]
+        scale: bool,
     },
     /// The long soak (root): every path at once, at least 50,000
     /// connections each and at least `--minutes`, through endpoint churn,
@@ -431,7 +436,7 @@ fn parse_sections(value: &str) -> std::result::Result<String, String> {
     }
 }
 
-fn bench(quick: bool, only: Option<&str>) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>, scale: bool) -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask bench` builds network namespaces and loads BPF programs: run it as root");
     }
@@ -461,6 +466,9 @@ fn bench(quick: bool, only: Option<&str>) -> Result<()> {
         .env("BENCH_COMMIT", if dirty { format!("{commit} (with uncommitted changes)") } else { commit });
     if quick {
         cmd.arg("--quick");
+    }
+    if scale {
+        cmd.arg("--scale");
     }
     if let Some(section) = only {
         cmd.args(["--only", section]);
@@ -518,7 +526,7 @@ fn main() -> Result<()> {
     match command {
         Cmd::Soak { minutes, connections } => soak(minutes, connections),
         Cmd::Fuzz { frames } => fuzz(frames),
-        Cmd::Bench { quick, only } => bench(quick, only.as_deref()),
+        Cmd::Bench { quick, only, scale } => bench(quick, only.as_deref(), scale),
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => {
             setup()?;

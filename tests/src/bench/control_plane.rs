@@ -48,8 +48,9 @@ pub struct ControlPlane {
     pub one_change: Stats,
     /// Of which the model (objects → desired frontends).
     pub one_change_model: Stats,
-    pub iptables_restore: Stats,
-    pub nft_load: Stats,
+    /// kube-proxy's full loads (`None`: not run at this size).
+    pub iptables_restore: Option<Stats>,
+    pub nft_load: Option<Stats>,
     /// The agent's peak resident set, running on those manifests.
     pub agent_peak_rss_bytes: u64,
     /// Its resident set once synced (the parse of the manifests released).
@@ -235,11 +236,19 @@ pub fn sizes(services: usize, per: usize) -> MapSizes {
 }
 
 /// Runs the control plane benchmark at `services` × `per` endpoints with
-/// `changes` single-slice changes and `repeats` repetitions of the loads.
+/// `changes` single-slice changes and `repeats` repetitions of the loads,
+/// and kube-proxy's full loads of the same Services when
+/// `with_kube_proxy`.
 ///
 /// # Errors
 /// When a step fails.
-pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> Result<ControlPlane> {
+pub fn measure(
+    services: usize,
+    per: usize,
+    changes: usize,
+    repeats: usize,
+    with_kube_proxy: bool,
+) -> Result<ControlPlane> {
     let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
     let sizes = sizes(services, per);
     let mut program_all = Vec::new();
@@ -282,9 +291,15 @@ pub fn measure(services: usize, per: usize, changes: usize, repeats: usize) -> R
         drop(ebpf);
         maps::remove_pins(&root)?;
     }
-    let rules = rule_services(services, per);
-    let iptables_restore = time_load("iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules), repeats)?;
-    let nft_load = time_load("nft", &["-f"], &kube_proxy_rules::nftables(&rules), repeats)?;
+    let (iptables_restore, nft_load) = if with_kube_proxy {
+        let rules = rule_services(services, per);
+        (
+            Some(time_load("iptables-restore", &[], &kube_proxy_rules::iptables_restore(&rules), repeats)?),
+            Some(time_load("nft", &["-f"], &kube_proxy_rules::nftables(&rules), repeats)?),
+        )
+    } else {
+        (None, None)
+    };
     let (agent_peak_rss_bytes, agent_rss_bytes) = agent_rss(services, per, sizes)?;
     Ok(ControlPlane {
         services,

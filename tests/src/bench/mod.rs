@@ -88,12 +88,30 @@ pub struct Plan {
     /// take turns slice by slice).
     pub socket_slices: usize,
     pub control_services: usize,
+    /// `--scale`: the control plane section again at this many Services
+    /// (ours only: kube-proxy's full loads take minutes to hours there).
+    pub control_scale_services: Option<usize>,
     pub control_endpoints_per_service: usize,
     pub control_changes: usize,
     pub control_repeats: usize,
 }
 
 impl Plan {
+    /// The Services of the traffic section's `--scale` case.
+    pub const TRAFFIC_SCALE_SERVICES: usize = 30_000;
+    /// The Services of the control plane section's `--scale` case.
+    pub const CONTROL_SCALE_SERVICES: usize = 50_000;
+
+    /// [`Self::new`], with the `--scale` cases: the traffic section also
+    /// at 30,000 Services, the control plane section also at 50,000.
+    #[must_use]
+    pub const fn with_scale(quick: bool) -> Self {
+        let mut plan = Self::new(quick);
+        plan.traffic_sizes = &[1, 1_000, 10_000, Self::TRAFFIC_SCALE_SERVICES];
+        plan.control_scale_services = Some(Self::CONTROL_SCALE_SERVICES);
+        plan
+    }
+
     #[must_use]
     pub const fn new(quick: bool) -> Self {
         if quick {
@@ -110,6 +128,7 @@ impl Plan {
                 // nft -f of 100,000 endpoint chains alone takes minutes on
                 // nft 1.0.6: the quick run uses a fifth of the full size.
                 control_services: 2_000,
+                control_scale_services: None,
                 control_endpoints_per_service: 10,
                 control_changes: 50,
                 control_repeats: 1,
@@ -126,6 +145,7 @@ impl Plan {
                 round_trip_connections: 1,
                 socket_slices: 8,
                 control_services: 10_000,
+                control_scale_services: None,
                 control_endpoints_per_service: 10,
                 control_changes: 200,
                 control_repeats: 2,

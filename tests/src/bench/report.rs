@@ -43,7 +43,8 @@ pub struct Results {
     /// `(floor, not a Service)` ns from one call with `repeat`.
     pub repeat_check: Option<(u32, f64, f64)>,
     pub traffic: Vec<TrafficResult>,
-    pub control: Option<ControlPlane>,
+    /// At the plan's size, then (`--scale`) at the larger one.
+    pub control: Vec<ControlPlane>,
     pub socket: Vec<SocketLbResult>,
     /// The pod program's share of a round trip per path (section 4).
     pub socket_programs: Vec<ProgramCost>,
@@ -188,7 +189,7 @@ pub fn markdown(r: &Results) -> String {
     }
     let _ = writeln!(md, "\n![connections per second](bench-connections.png)\n");
 
-    if let Some(c) = &r.control {
+    if let Some(c) = r.control.first() {
         let _ = writeln!(md, "## 3. Control plane\n");
         let _ = writeln!(
             md,
@@ -214,8 +215,12 @@ pub fn markdown(r: &Results) -> String {
             );
         };
         row(&mut md, "ours: program all", &c.program_all, c.program_all.median);
-        row(&mut md, "iptables-restore, full ruleset", &c.iptables_restore, c.program_all.median);
-        row(&mut md, "nft -f, full ruleset", &c.nft_load, c.program_all.median);
+        if let Some(s) = &c.iptables_restore {
+            row(&mut md, "iptables-restore, full ruleset", s, c.program_all.median);
+        }
+        if let Some(s) = &c.nft_load {
+            row(&mut md, "nft -f, full ruleset", s, c.program_all.median);
+        }
         row(&mut md, "ours: one EndpointSlice change", &c.one_change, c.one_change.median);
         row(
             &mut md,
@@ -248,6 +253,9 @@ pub fn markdown(r: &Results) -> String {
             let _ = writeln!(md, "| {name} | {:.2} |", mib(*bytes));
         }
         let _ = writeln!(md);
+        if r.control.len() > 1 {
+            scale_table(&mut md, r);
+        }
         let _ = writeln!(md, "![control plane](bench-control-plane.png)\n");
     }
     if !r.socket.is_empty() {
@@ -564,12 +572,13 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
         &series,
     )?;
 
-    if let Some(c) = &r.control {
+    if let Some(c) = r.control.first() {
         let groups = vec![format!("{} Services, {} endpoints", c.services, c.endpoints)];
+        let median = |s: &Option<Stats>| vec![s.as_ref().map_or(0.0, |s| s.median)];
         let series = vec![
             ("ours: program all".to_owned(), vec![c.program_all.median]),
-            ("iptables-restore".to_owned(), vec![c.iptables_restore.median]),
-            ("nft -f".to_owned(), vec![c.nft_load.median]),
+            ("iptables-restore".to_owned(), median(&c.iptables_restore)),
+            ("nft -f".to_owned(), median(&c.nft_load)),
             ("ours: one change".to_owned(), vec![c.one_change.median]),
         ];
         bars(
@@ -582,6 +591,41 @@ pub fn charts(r: &Results, dir: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--scale`: the control plane at each size side by side, and the cost of
+/// one change at the largest relative to the first.
+fn scale_table(md: &mut String, r: &Results) {
+    #[expect(clippy::cast_precision_loss, reason = "byte counts shown in MiB")]
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let _ = writeln!(md, "### At scale (`cargo xtask bench --scale`)\n");
+    let head: Vec<String> = r.control.iter().map(|c| format!("{} / {}", c.services, c.endpoints)).collect();
+    let _ = writeln!(md, "| Services / endpoints | {} |", head.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---:|".repeat(r.control.len()));
+    let line = |md: &mut String, what: &str, f: &dyn Fn(&ControlPlane) -> String| {
+        let cells: Vec<String> = r.control.iter().map(f).collect();
+        let _ = writeln!(md, "| {what} | {} |", cells.join(" | "));
+    };
+    line(md, "program all, median ms", &|c| format!("{:.0}", c.program_all.median));
+    line(md, "one EndpointSlice change, p50 ms", &|c| format!("{:.2}", c.one_change.median));
+    line(md, "one EndpointSlice change, p99 ms", &|c| format!("{:.2}", c.one_change.p99));
+    line(md, "of which the model, p50 ms", &|c| format!("{:.2}", c.one_change_model.median));
+    line(md, "agent RSS once synced, MiB", &|c| format!("{:.1}", mib(c.agent_rss_bytes)));
+    line(md, "agent peak RSS, MiB", &|c| format!("{:.1}", mib(c.agent_peak_rss_bytes)));
+    line(md, "Service state maps, MiB", &|c| format!("{:.1}", mib(c.service_state_bytes())));
+    if let (Some(first), Some(last)) = (r.control.first(), r.control.last()) {
+        let _ = writeln!(
+            md,
+            "\nOne change at {} Services costs {} its cost at {} (p50), {} at p99: the cost follows the \
+             change, not the number of Services. kube-proxy's full loads are not run at the larger size \
+             (`nft -f` alone takes minutes at {}).\n",
+            last.services,
+            ratio(last.one_change.median, first.one_change.median),
+            first.services,
+            ratio(last.one_change.p99, first.one_change.p99),
+            first.services
+        );
+    }
 }
 
 /// The families the traffic section measured, IPv4 first.

@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{Context as _, Result, bail};
 use service_tests::{
     bench::{
-        Plan, control_plane, packet_cost,
+        Plan, Stats, control_plane, packet_cost,
         report::{self, Results},
         socket_lb,
         traffic::{self, Variant},
@@ -38,7 +38,9 @@ fn main() -> Result<()> {
     // others).
     let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
     let wants = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s == section));
-    let plan = Plan::new(quick);
+    // `--scale`: the traffic section also at 30,000 Services, the control
+    // plane section also at 50,000.
+    let plan = if args.iter().any(|a| a == "--scale") { Plan::with_scale(quick) } else { Plan::new(quick) };
     let started = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
     let mut results = Results {
         plan,
@@ -48,7 +50,7 @@ fn main() -> Result<()> {
         packet: Vec::new(),
         repeat_check: None,
         traffic: Vec::new(),
-        control: None,
+        control: Vec::new(),
         socket: Vec::new(),
         socket_programs: Vec::new(),
     };
@@ -74,6 +76,11 @@ fn main() -> Result<()> {
     println!("\n{md}");
     println!("written: {}", out.join("benchmarks.md").display());
     Ok(())
+}
+
+#[expect(clippy::cast_precision_loss, reason = "byte counts shown in MiB")]
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// One section of the run: measures and adds its figures to the results.
@@ -146,22 +153,33 @@ fn control_section(plan: &Plan, results: &mut Results) -> Result<()> {
         "== 3. control plane ({} Services x {} endpoints)",
         plan.control_services, plan.control_endpoints_per_service
     );
-    let c = control_plane::measure(
-        plan.control_services,
-        plan.control_endpoints_per_service,
-        plan.control_changes,
-        plan.control_repeats,
-    )?;
-    println!(
-        "   program all {:.1} ms, one change p50 {:.2} ms (model {:.2} ms) p99 {:.2} ms, iptables-restore {:.1} ms, nft -f {:.1} ms",
-        c.program_all.median,
-        c.one_change.median,
-        c.one_change_model.median,
-        c.one_change.p99,
-        c.iptables_restore.median,
-        c.nft_load.median
-    );
-    results.control = Some(c);
+    let sizes = [(plan.control_services, true)].into_iter().chain(plan.control_scale_services.map(|n| (n, false)));
+    for (services, with_kube_proxy) in sizes {
+        if !with_kube_proxy {
+            println!("   at {services} Services (ours only)");
+        }
+        let c = control_plane::measure(
+            services,
+            plan.control_endpoints_per_service,
+            plan.control_changes,
+            plan.control_repeats,
+            with_kube_proxy,
+        )?;
+        let ms = |s: Option<&Stats>| s.map_or_else(|| "not run".to_owned(), |s| format!("{:.1} ms", s.median));
+        println!(
+            "   program all {:.1} ms, one change p50 {:.2} ms (model {:.2} ms) p99 {:.2} ms, agent RSS {:.1} MiB, \
+             Service maps {:.1} MiB, iptables-restore {}, nft -f {}",
+            c.program_all.median,
+            c.one_change.median,
+            c.one_change_model.median,
+            c.one_change.p99,
+            mib(c.agent_rss_bytes),
+            mib(c.service_state_bytes()),
+            ms(c.iptables_restore.as_ref()),
+            ms(c.nft_load.as_ref())
+        );
+        results.control.push(c);
+    }
     Ok(())
 }
 
