@@ -10,6 +10,7 @@ pub mod gc;
 pub mod healthcheck;
 pub mod inspect;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod reconciler;

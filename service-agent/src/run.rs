@@ -523,7 +523,14 @@ fn sync_once(
     for e in &report.errors {
         tracing::error!(error = %e, "map update failed");
     }
-    metrics.observe_sync(started.elapsed(), objects, desired, reconciler.programmed(), report.errors.len());
+    metrics.observe_sync(
+        started.elapsed(),
+        objects,
+        desired,
+        reconciler.programmed(),
+        report.errors.len(),
+        report.changed(),
+    );
     // A reconcile without errors leaves every desired frontend programmed
     // (the one after a failure compares them all): only after errors is
     // each frontend checked, so a sync's cost still follows its change.
@@ -538,6 +545,9 @@ fn sync_once(
     metrics.observe_not_programmed(not_programmed);
     if report.changed() {
         flush_removed_backends(reconciler, config);
+    }
+    if report.rows_written + report.rows_deleted >= RELEASE_AFTER_ROWS {
+        crate::memory::release_freed();
     }
     tracing::info!(
         services = objects.services.len(),
@@ -565,6 +575,11 @@ fn sync_once(
         failed_services,
     }
 }
+
+/// A sync that wrote or deleted this many rows (the first one, a relist)
+/// built and dropped large temporaries: the memory they freed is handed
+/// back to the kernel afterwards.
+const RELEASE_AFTER_ROWS: usize = 10_000;
 
 /// kube-proxy's conntrack cleanup after a change: UDP flows of a removed
 /// backend are flushed (their next datagram picks a live one), and with

@@ -106,7 +106,11 @@ fn desired(v6: &[IpAddr], v4: &[IpAddr]) -> Desired {
         (cidr(SERVICE_CIDR4), WhenEmpty::Drop),
         (cidr(&format!("{WEB4}/32")), WhenEmpty::Reject),
     ]);
-    Desired { frontends: frontends.into_iter().map(|df| (df.frontend, df)).collect(), unserved, ..Desired::default() }
+    Desired {
+        frontends: frontends.into_iter().map(|df| (df.frontend, std::sync::Arc::new(df))).collect(),
+        unserved,
+        ..Desired::default()
+    }
 }
 
 /// The node and its pods, with IPv6 given to them here.

@@ -279,7 +279,7 @@ mod tests {
             .collect();
         d.frontends.insert(
             f,
-            DesiredFrontend {
+            Arc::new(DesiredFrontend {
                 service: svc(name),
                 port_name: String::new(),
                 frontend: f,
@@ -290,7 +290,7 @@ mod tests {
                 affinity_scope: None,
                 source_ranges: Vec::new(),
                 masquerade: false,
-            },
+            }),
         );
     }
 

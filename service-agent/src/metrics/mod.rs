@@ -42,7 +42,7 @@ use prometheus_client::{
 use crate::{
     gc::{GcMetrics, MapLabel},
     maps::{MapSizes, MapState, Readers},
-    model::Desired,
+    model::{Desired, DesiredFrontend},
     rows,
     vocabulary::Objects,
 };
@@ -92,10 +92,39 @@ struct BackendLabel {
 /// What the counter ids stand for, refreshed at every sync.
 #[derive(Debug, Default)]
 struct CounterLabels {
-    /// rev-NAT id → the frontends (Service, port name, address) using it.
-    frontends: BTreeMap<u32, Vec<FrontendLabel>>,
-    /// backend id → `addr:port/proto`.
-    backends: BTreeMap<u32, String>,
+    /// rev-NAT id → the first frontend (Service, port name, address) using
+    /// it: frontends sharing an address:port (TCP and UDP of one port)
+    /// share a counter, reported under the first. The model's own shared
+    /// copy; the label strings are written at scrape time only.
+    frontends: std::collections::HashMap<u32, Arc<DesiredFrontend>>,
+    /// backend id → its row (`addr:port/proto` at scrape time).
+    backends: std::collections::HashMap<u32, service_common::BackendValue>,
+}
+
+impl CounterLabels {
+    fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty()
+    }
+}
+
+impl FrontendLabel {
+    fn of(df: &DesiredFrontend) -> Self {
+        Self {
+            namespace: df.service.namespace.clone(),
+            name: df.service.name.clone(),
+            port: df.port_name.clone(),
+            // `[addr]:port` for IPv6, as a socket address is written.
+            frontend: std::net::SocketAddr::new(df.frontend.addr, df.frontend.port).to_string(),
+        }
+    }
+}
+
+impl BackendLabel {
+    fn of(b: &service_common::BackendValue) -> Self {
+        let addr = rows::render::ip(b.family, &b.addr);
+        let endpoint = std::net::SocketAddr::new(addr, u16::from_be_bytes(b.port));
+        Self { backend: format!("{endpoint}/{}", rows::render::proto_name(b.proto)) }
+    }
 }
 
 /// Reads the per-CPU counters at scrape time, through maps opened once (at
@@ -159,10 +188,8 @@ impl PacketCounters {
         for (metric, help, values) in per_frontend {
             let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
             for (id, value) in values {
-                // Frontends sharing an address:port (TCP and UDP of one
-                // port) share a counter; it is reported under the first.
-                if let Some(label) = labels.frontends.get(&id).and_then(|l| l.first()) {
-                    ConstCounter::new(value).encode(m.encode_family(label)?)?;
+                if let Some(df) = labels.frontends.get(&id) {
+                    ConstCounter::new(value).encode(m.encode_family(&FrontendLabel::of(df))?)?;
                 }
             }
         }
@@ -173,7 +200,7 @@ impl PacketCounters {
             let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
             for (id, c) in &backends {
                 if let Some(backend) = labels.backends.get(id) {
-                    let label = BackendLabel { backend: backend.clone() };
+                    let label = BackendLabel::of(backend);
                     ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(&label)?)?;
                 }
             }
@@ -350,6 +377,7 @@ impl Metrics {
         desired: &Desired,
         applied: &MapState,
         map_errors: usize,
+        rows_changed: bool,
     ) {
         self.sync_duration.observe(elapsed.as_secs_f64());
         if map_errors == 0 {
@@ -370,7 +398,10 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.observe_programming(objects);
-        self.label_counters(desired, applied);
+        // The rows the labels name only change when rows were written.
+        if rows_changed || self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty() {
+            self.label_counters(desired, applied);
+        }
     }
 
     /// How many desired frontends are not programmed as desired after a
@@ -412,20 +443,9 @@ impl Metrics {
         let mut labels = CounterLabels::default();
         for df in desired.frontends.values() {
             let Some(row) = applied.services.get(&rows::frontend_key(&df.frontend)) else { continue };
-            labels.frontends.entry(row.rev_nat_id).or_default().push(FrontendLabel {
-                namespace: df.service.namespace.clone(),
-                name: df.service.name.clone(),
-                port: df.port_name.clone(),
-                // `[addr]:port` for IPv6, as a socket address is written.
-                frontend: std::net::SocketAddr::new(df.frontend.addr, df.frontend.port).to_string(),
-            });
+            labels.frontends.entry(row.rev_nat_id).or_insert_with(|| Arc::clone(df));
         }
-        for (id, b) in &applied.backends {
-            let addr = rows::render::ip(b.family, &b.addr);
-            let proto = rows::render::proto_name(b.proto);
-            let endpoint = std::net::SocketAddr::new(addr, u16::from_be_bytes(b.port));
-            labels.backends.insert(*id, format!("{endpoint}/{proto}"));
-        }
+        labels.backends = applied.backends.iter().map(|(id, b)| (*id, *b)).collect();
         *self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = labels;
     }
 
@@ -699,10 +719,10 @@ mod tests {
         let objects = Objects::default();
         let desired = Desired::default();
         let applied = MapState::default();
-        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2);
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2, true);
         m.observe_not_programmed(3);
         m.record_retry();
-        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2);
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2, true);
         let text = m.encode();
         for want in [
             "service_dataplane_map_update_errors_total 4",
@@ -713,7 +733,7 @@ mod tests {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
         // A sync that writes everything: nothing pending any more.
-        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0);
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, true);
         m.observe_not_programmed(0);
         let text = m.encode();
         assert!(text.contains("service_dataplane_map_update_errors_pending 0"), "{text}");

@@ -50,6 +50,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
 };
 
 use k8s_openapi::{
@@ -270,7 +271,9 @@ pub struct ModelError {
 /// Everything the dataplane should serve.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, DesiredFrontend>,
+    /// Each shared with the model's per-Service output (an `Arc`: cloning
+    /// the desired state, or keeping what was written, copies no frontend).
+    pub frontends: BTreeMap<Frontend, Arc<DesiredFrontend>>,
     /// What a new flow to a Service address gets when no frontend serves
     /// its port and protocol: every ClusterIP rejects (a /32), the rest of
     /// each service CIDR drops, as kube-proxy's nftables mode does.
@@ -399,7 +402,9 @@ struct ServiceOutput {
 /// A frontend a Service asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FrontendClaim {
-    df: DesiredFrontend,
+    /// Shared with [`Desired::frontends`] and the reconciler's record of
+    /// what it wrote: one copy of each frontend however many hold it.
+    df: Arc<DesiredFrontend>,
     /// The index of its ServicePort in `spec.ports`.
     port_index: usize,
     /// Reported when it is served: SCTP endpoints left out for their port.
@@ -1086,7 +1091,7 @@ fn family_frontends(
             source_ranges: ranges,
             masquerade,
         };
-        out.claims.push(FrontendClaim { df, port_index: i, sctp_error });
+        out.claims.push(FrontendClaim { df: Arc::new(df), port_index: i, sctp_error });
     }
 }
 

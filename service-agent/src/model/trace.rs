@@ -82,7 +82,7 @@ pub fn frontend<'a>(desired: &'a Desired, probe: &Probe) -> Option<&'a DesiredFr
     };
     let key =
         Frontend { addr: probe.destination.ip(), port: probe.destination.port(), protocol: probe.protocol, scope };
-    desired.frontends.get(&key)
+    desired.frontends.get(&key).map(AsRef::as_ref)
 }
 
 /// Whether the flow to `backend` has its source rewritten: the frontend

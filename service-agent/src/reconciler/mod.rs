@@ -245,7 +245,8 @@ impl RangeRows {
 }
 
 struct WrittenFrontend {
-    desired: DesiredFrontend,
+    /// The model's own (shared) copy.
+    desired: Arc<DesiredFrontend>,
     rev_nat_id: u32,
 }
 
@@ -373,7 +374,7 @@ impl<M: MapIo> Reconciler<M> {
     /// Read by the health check node ports, which answer per Service.
     #[must_use]
     pub fn is_programmed(&self, df: &DesiredFrontend) -> bool {
-        self.written.get(&df.frontend).is_some_and(|w| w.desired == *df)
+        self.written.get(&df.frontend).is_some_and(|w| *w.desired == *df)
     }
 
     /// Brings the maps to `desired`, comparing every frontend with what
@@ -402,8 +403,11 @@ impl<M: MapIo> Reconciler<M> {
         let mut report = ReconcileReport::default();
         // Frontends whose desired state differs from what was last written
         // (every one after a restart).
-        let differs = |df: &&DesiredFrontend| self.written.get(&df.frontend).is_none_or(|w| w.desired != **df);
-        let changed: Vec<&DesiredFrontend> = match scope {
+        // (The same allocation is the same frontend: no deep comparison.)
+        let differs = |df: &&Arc<DesiredFrontend>| {
+            self.written.get(&df.frontend).is_none_or(|w| !Arc::ptr_eq(&w.desired, df) && *w.desired != ***df)
+        };
+        let changed: Vec<&Arc<DesiredFrontend>> = match scope {
             None => desired.frontends.values().filter(differs).collect(),
             Some(c) => c.frontends.iter().filter_map(|f| desired.frontends.get(f)).filter(differs).collect(),
         };
@@ -429,7 +433,7 @@ impl<M: MapIo> Reconciler<M> {
             let Some(ids) = ids else { continue }; // a backend row failed: keep the old rows
             match self.write_frontend(df, rev_nat_id, &ids, &mut report) {
                 Ok(()) => {
-                    self.written.insert(df.frontend, WrittenFrontend { desired: df.clone(), rev_nat_id });
+                    self.written.insert(df.frontend, WrittenFrontend { desired: Arc::clone(df), rev_nat_id });
                 }
                 Err(source) => {
                     self.written.remove(&df.frontend);
@@ -515,7 +519,11 @@ impl<M: MapIo> Reconciler<M> {
     /// Gives every backend of the changed frontends a row id: the id of an
     /// identical applied row, or a new one. A backend whose row could not be
     /// written gets no id, so nothing refers to it.
-    fn write_backends(&mut self, changed: &[&DesiredFrontend], report: &mut ReconcileReport) -> HashMap<Backend, u32> {
+    fn write_backends(
+        &mut self,
+        changed: &[&Arc<DesiredFrontend>],
+        report: &mut ReconcileReport,
+    ) -> HashMap<Backend, u32> {
         let mut out = HashMap::new();
         for b in changed.iter().flat_map(|f| &f.backends) {
             if out.contains_key(b) {
@@ -546,7 +554,11 @@ impl<M: MapIo> Reconciler<M> {
     /// The rev-NAT row ids of the changed frontends, as
     /// [`Self::write_backends`]. Frontends differing only in protocol or
     /// scope share the address to restore, and so one row.
-    fn write_rev_nats(&mut self, changed: &[&DesiredFrontend], report: &mut ReconcileReport) -> HashMap<Frontend, u32> {
+    fn write_rev_nats(
+        &mut self,
+        changed: &[&Arc<DesiredFrontend>],
+        report: &mut ReconcileReport,
+    ) -> HashMap<Frontend, u32> {
         let mut out = HashMap::new();
         for df in changed {
             let value = rows::rev_nat_value(&df.frontend);

@@ -24,7 +24,7 @@ fn desired(entries: &[(u16, &[u8])]) -> Desired {
         let f = frontend(*port);
         d.frontends.insert(
             f,
-            DesiredFrontend {
+            Arc::new(DesiredFrontend {
                 service: ObjectRef { namespace: "default".into(), name: "web".into() },
                 port_name: String::new(),
                 frontend: f,
@@ -35,7 +35,7 @@ fn desired(entries: &[(u16, &[u8])]) -> Desired {
                 masquerade: false,
                 backends: backends.iter().map(|b| backend(*b)).collect(),
                 when_empty: WhenEmpty::Reject,
-            },
+            }),
         );
     }
     d
@@ -651,7 +651,7 @@ fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignor
         let f = Frontend { addr: lb, port: 53, protocol, scope: Scope::External };
         d.frontends.insert(
             f,
-            DesiredFrontend {
+            Arc::new(DesiredFrontend {
                 service: ObjectRef { namespace: "default".into(), name: format!("{protocol:?}") },
                 port_name: String::new(),
                 frontend: f,
@@ -662,15 +662,15 @@ fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignor
                 masquerade: false,
                 backends: vec![backend(1)],
                 when_empty: WhenEmpty::Reject,
-            },
+            }),
         );
     }
     // Only IPv6 ranges: not restricted in IPv4 (as kube-proxy filters them).
     let open = Frontend { addr: lb, port: 80, protocol: Protocol::Tcp, scope: Scope::External };
-    let mut df = d.frontends.values().next().unwrap().clone();
+    let mut df = DesiredFrontend::clone(d.frontends.values().next().unwrap());
     df.frontend = open;
     df.source_ranges = vec!["::/0".parse::<Cidr>().unwrap()];
-    d.frontends.insert(open, df);
+    d.frontends.insert(open, Arc::new(df));
     let mut r = reconciler();
     assert!(r.reconcile(&d).errors.is_empty());
     let rows: Vec<(u32, SourceRangeKey)> = r.programmed().source_ranges.iter().copied().collect();
@@ -710,7 +710,7 @@ fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reach
     let mut d = desired(&[]);
     d.frontends.insert(
         f,
-        DesiredFrontend {
+        Arc::new(DesiredFrontend {
             service: ObjectRef { namespace: "default".into(), name: "big".into() },
             port_name: String::new(),
             frontend: f,
@@ -721,7 +721,7 @@ fn a_service_with_more_endpoints_than_the_usual_table_keeps_every_endpoint_reach
             masquerade: false,
             backends,
             when_empty: WhenEmpty::Reject,
-        },
+        }),
     );
     let mut r = reconciler();
     let report = r.reconcile(&d);

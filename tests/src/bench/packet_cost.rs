@@ -87,7 +87,7 @@ pub fn synthetic(n: usize) -> Desired {
         backends.sort();
         desired.frontends.insert(
             frontend,
-            DesiredFrontend {
+            std::sync::Arc::new(DesiredFrontend {
                 service: ObjectRef { namespace: "bench".into(), name: format!("svc-{i}") },
                 port_name: "http".into(),
                 frontend,
@@ -98,7 +98,7 @@ pub fn synthetic(n: usize) -> Desired {
                 affinity_scope: None,
                 source_ranges: Vec::new(),
                 masquerade: false,
-            },
+            }),
         );
     };
     add(0, VIP.into(), BACKENDS.iter().map(|b| IpAddr::V4(*b)).collect());
