@@ -10,6 +10,10 @@ use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::btf_maps::{Array, HashMap, LpmTrie, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::macros::btf_map;
 use aya_ebpf::programs::TcContext;
+/// `BPF_F_MMAPABLE`: the agent writes `backend_slots`' tables through a
+/// shared mapping of the array, not a syscall per block.
+const MMAPABLE: usize = aya_ebpf::bindings::BPF_F_MMAPABLE as usize;
+
 /// `BPF_F_NO_PREALLOC` for the maps only the agent adds rows to: their
 /// memory follows the rows written, not the capacity (a preallocated hash
 /// map holds every element of its `max_entries` from creation), and a
@@ -35,7 +39,7 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue, { capacity::SERVICES as u
 /// into free blocks, then the frontend rows are switched to it), so an
 /// array (no per-slot keys, no hashing) is enough.
 #[btf_map(name = "backend_slots")]
-pub static BACKEND_SLOTS: Array<SlotBlock, { capacity::BACKEND_SLOT_BLOCKS as usize }> = Array::new();
+pub static BACKEND_SLOTS: Array<SlotBlock, { capacity::BACKEND_SLOT_BLOCKS as usize }, MMAPABLE> = Array::new();
 #[btf_map(name = "backends")]
 pub static BACKENDS: HashMap<u32, BackendValue, { capacity::BACKENDS as usize }, NO_PREALLOC> = HashMap::new();
 /// Not read by the programs (conntrack stores the frontend itself); kept in

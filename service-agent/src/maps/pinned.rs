@@ -26,6 +26,11 @@ const BPF_NOEXIST: u64 = 1;
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backend_slots: Array<MapData, SlotBlock>,
+    /// `backend_slots` mapped into this process (the map is created with
+    /// `BPF_F_MMAPABLE`): tables are written and read with plain memory
+    /// accesses, not a syscall per block. `None` for a pin made without
+    /// the flag (then through `backend_slots`).
+    mapped_slots: Option<MappedSlots>,
     backends: HashMap<MapData, u32, BackendValue>,
     rev_nat: HashMap<MapData, u32, RevNatValue>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
@@ -60,9 +65,18 @@ impl PinnedMaps {
         let (service_counters, backend_counters, agent_state) =
             (get(SERVICE_COUNTERS)?, get(BACKEND_COUNTERS)?, get(AGENT_STATE)?);
         let (sock_counters, backend_slots) = (get(SOCK_COUNTERS)?, get(BACKEND_SLOTS)?);
+        let backend_slots: Array<MapData, SlotBlock> = Array::try_from(backend_slots).map_err(err(BACKEND_SLOTS))?;
+        let mapped_slots = match MappedSlots::new(aya::maps::IterableMap::map(&backend_slots), backend_slots.len()) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(error = %e, "backend_slots cannot be mapped: writing it a block per syscall");
+                None
+            }
+        };
         Ok(Self {
             services: HashMap::try_from(services).map_err(err(SERVICES))?,
-            backend_slots: Array::try_from(backend_slots).map_err(err(BACKEND_SLOTS))?,
+            backend_slots,
+            mapped_slots,
             backends: HashMap::try_from(backends).map_err(err(BACKENDS))?,
             rev_nat: HashMap::try_from(rev_nat).map_err(err(REV_NAT))?,
             source_ranges: LpmTrie::try_from(source_ranges).map_err(err(SOURCE_RANGES))?,
@@ -161,6 +175,81 @@ impl PinnedMaps {
     }
 }
 
+/// `backend_slots` mapped shared into the agent: the same pages the
+/// programs read.
+struct MappedSlots {
+    at: std::ptr::NonNull<SlotBlock>,
+    blocks: u32,
+    len: usize,
+}
+
+// SAFETY: the mapping belongs to this value alone and is only reached
+// through `&self` (reads) and `&mut self` (writes).
+unsafe impl Send for MappedSlots {}
+// SAFETY: as above; `&self` only reads.
+unsafe impl Sync for MappedSlots {}
+
+impl MappedSlots {
+    /// Maps the `blocks` blocks of array `map`; fails for a map created
+    /// without `BPF_F_MMAPABLE`.
+    fn new(map: &MapData, blocks: u32) -> io::Result<Self> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        // SAFETY: sysconf reads a constant of the system.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        let len = (blocks as usize * std::mem::size_of::<SlotBlock>()).div_ceil(page) * page;
+        // SAFETY: a fresh shared mapping of the map's fd, of no more than
+        // the map's own (page-rounded) size; nothing else is overlapped.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let at = std::ptr::NonNull::new(at.cast::<SlotBlock>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
+        Ok(Self { at, blocks, len })
+    }
+
+    /// Block `index` (`None` past the end).
+    fn read(&self, index: u32) -> Option<SlotBlock> {
+        // SAFETY: in bounds (checked); SlotBlock is plain data, and a block
+        // the programs only read cannot be torn by them.
+        (index < self.blocks).then(|| unsafe { self.at.as_ptr().add(index as usize).read_volatile() })
+    }
+
+    /// Writes `blocks` from block `first` on (`Err` past the end). The
+    /// blocks are free ones no frontend row names: no packet reads them
+    /// until the row naming them is written, by a syscall after this.
+    fn write(&mut self, first: u32, blocks: &[SlotBlock]) -> Result<(), ()> {
+        let end = u64::from(first) + blocks.len() as u64;
+        if end > u64::from(self.blocks) {
+            return Err(());
+        }
+        for (i, block) in blocks.iter().enumerate() {
+            // SAFETY: in bounds (checked above).
+            unsafe { self.at.as_ptr().add(first as usize + i).write_volatile(*block) };
+        }
+        // The table is whole before the frontend row naming it is written
+        // (a syscall, itself a full barrier on the architectures the
+        // programs run on).
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl Drop for MappedSlots {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, of that length, unmapped once.
+        unsafe { libc::munmap(self.at.as_ptr().cast(), self.len) };
+    }
+}
+
 /// The ids a dump of map `name` gave (keys gone meanwhile skipped).
 fn ids(keys: Vec<Result<u32, aya::maps::MapError>>, name: &'static str) -> Result<BTreeSet<u32>, MapError> {
     keys.into_iter()
@@ -201,7 +290,10 @@ impl MapIo for PinnedMaps {
     fn dump(&self) -> Result<MapState, MapError> {
         let services = dump_map(&self.services, map_names::SERVICES)?;
         Ok(MapState {
-            tables: MapState::read_tables(&services, |b| self.backend_slots.get(&b, 0).ok()),
+            tables: match &self.mapped_slots {
+                Some(m) => MapState::read_tables(&services, |b| m.read(b)),
+                None => MapState::read_tables(&services, |b| self.backend_slots.get(&b, 0).ok()),
+            },
             services,
             backends: dump_map(&self.backends, map_names::BACKENDS)?,
             rev_nat: dump_map(&self.rev_nat, map_names::REV_NAT)?,
@@ -268,6 +360,13 @@ impl MapIo for PinnedMaps {
     }
 
     fn put_slot_blocks(&mut self, first: u32, blocks: &[SlotBlock]) -> Result<(), MapError> {
+        if let Some(m) = &mut self.mapped_slots {
+            return m.write(first, blocks).map_err(|()| MapError::Full {
+                map: map_names::BACKEND_SLOTS,
+                capacity: m.blocks.saturating_mul(service_common::backend_slots::PER_BLOCK),
+                flag: "--map-size-backend-slots",
+            });
+        }
         for (index, block) in (first..).zip(blocks) {
             self.backend_slots.set(index, block, 0).map_err(|e| {
                 classify(map_names::BACKEND_SLOTS, "update", self.slot_block_capacity(), "--map-size-backend-slots", e)
