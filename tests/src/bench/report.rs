@@ -616,9 +616,9 @@ fn scale_table(md: &mut String, r: &Results) {
     if let (Some(first), Some(last)) = (r.control.first(), r.control.last()) {
         let _ = writeln!(
             md,
-            "\nOne change at {} Services costs {} its cost at {} (p50), {} at p99: the cost follows the \
-             change, not the number of Services. kube-proxy's full loads are not run at the larger size \
-             (`nft -f` alone takes minutes at {}).\n",
+            "\nOne change at {} Services costs {} its cost at {} (p50), {} at p99 (of which the model: \
+             its snapshot diff walks every object's key). kube-proxy's full loads are not run at the larger \
+             size (`nft -f` alone takes minutes at {}).\n",
             last.services,
             ratio(last.one_change.median, first.one_change.median),
             first.services,
