@@ -461,36 +461,24 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
     out
 }
 
-/// How recently a file must have changed for its contents, not only its
-/// metadata, to count in the fingerprint: a second write within the same
-/// timestamp tick can keep size, mtime and ctime ("racy" timestamps, as
-/// git calls them).
-const RACY_WINDOW: Duration = Duration::from_secs(2);
-
 /// A fingerprint of the directory: every manifest's name and a hash of its
-/// metadata (size, mtime, ctime, inode: a write always moves ctime, a
-/// ConfigMap's symlink swap the inode), and of its contents when it changed
-/// within [`RACY_WINDOW`] (so an edit that keeps size and times is still
-/// seen). A directory that stays the same is not read: at 10,000 Services
-/// reading and hashing it every poll cost 7 MB of reads five times a
-/// second.
+/// contents (so an edit that keeps size and mtime is still seen).
+///
+/// Reads every file at every poll. A fingerprint of metadata alone (with
+/// the contents of recently changed files) was tried and reverted: its
+/// value changed when a file aged out of the "recent" window, which made
+/// a new snapshot (and a sync) out of nothing.
 fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
-    use std::os::unix::fs::MetadataExt as _;
-    let now = std::time::SystemTime::now();
     let mut out = Vec::new();
     for file in manifest_files(dir)? {
         let mut h = DefaultHasher::new();
-        let Ok(m) = std::fs::metadata(&file) else {
-            // Gone since it was listed: the next poll sees it so.
-            continue;
-        };
-        (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec(), m.ino(), m.dev()).hash(&mut h);
-        let racy = m.modified().ok().and_then(|t| now.duration_since(t).ok()).is_none_or(|age| age < RACY_WINDOW);
-        if racy {
-            // An oversized file is not read: its error text stands for it.
-            match read_bounded(&file) {
-                Ok(text) => text.hash(&mut h),
-                Err(message) => message.hash(&mut h),
+        // An oversized file is not read (it would be, every poll): its
+        // error text, with its size, stands for it.
+        match read_bounded(&file) {
+            Ok(text) => text.hash(&mut h),
+            Err(message) => {
+                message.hash(&mut h);
+                std::fs::metadata(&file).ok().map(|m| (m.len(), m.modified().ok())).hash(&mut h);
             }
         }
         out.push((file, h.finish()));
