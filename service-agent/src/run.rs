@@ -529,7 +529,9 @@ fn sync_once(
         desired,
         reconciler.programmed(),
         report.errors.len(),
-        report.changed(),
+        // The labels follow the desired frontends (a port renamed writes
+        // no row) and the rows (ids).
+        changes.everything || !changes.frontends.is_empty() || report.changed(),
     );
     // A reconcile without errors leaves every desired frontend programmed
     // (the one after a failure compares them all): only after errors is

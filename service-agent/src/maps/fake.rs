@@ -52,7 +52,7 @@ impl FakeMaps {
         let capacity = self.slot_block_capacity();
         let blocks = &self.blocks;
         self.state.tables = MapState::read_tables(&self.state.services, |b| {
-            (b < capacity).then(|| blocks.get(&b).copied().unwrap_or(SlotBlock { ids: [0; 16] }))
+            (b < capacity).then(|| blocks.get(&b).copied().unwrap_or_else(bytemuck::Zeroable::zeroed))
         });
     }
 }

@@ -377,7 +377,7 @@ impl Metrics {
         desired: &Desired,
         applied: &MapState,
         map_errors: usize,
-        rows_changed: bool,
+        labels_changed: bool,
     ) {
         self.sync_duration.observe(elapsed.as_secs_f64());
         if map_errors == 0 {
@@ -398,8 +398,8 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.observe_programming(objects);
-        // The rows the labels name only change when rows were written.
-        if rows_changed || self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty() {
+        // Rebuilt only when a frontend or a row changed.
+        if labels_changed || self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty() {
             self.label_counters(desired, applied);
         }
     }
