@@ -29,7 +29,7 @@ use crate::{
     gc::{self, AffinityFrontends},
     healthcheck::{self, HealthCheckServers},
     maps::{self, MapSizes, PinnedMaps},
-    metrics::{Health, Metrics},
+    metrics::{Health, Metrics, Relabel},
     model::{HealthCheck, Model, NodeContext},
     reconciler::Reconciler,
     source::{
@@ -530,8 +530,9 @@ fn sync_once(
         reconciler.programmed(),
         report.errors.len(),
         // The labels follow the desired frontends (a port renamed writes
-        // no row) and the rows (ids).
-        changes.everything || !changes.frontends.is_empty() || report.changed(),
+        // no row) and the rows (ids): those of the changed frontends, or
+        // all after a reconcile that compared them all.
+        if changes.everything || report.full { Relabel::All } else { Relabel::Frontends(&changes.frontends) },
     );
     // A reconcile without errors leaves every desired frontend programmed
     // (the one after a failure compares them all): only after errors is

@@ -205,6 +205,51 @@ async fn a_burst_of_changes_is_published_as_a_few_updates() {
     assert!((1..=10).contains(&publications), "{publications} publications for 50 changes");
 }
 
+/// The keys that differ between two publications' Services and slices.
+fn diff(a: &Objects, b: &Objects) -> Vec<String> {
+    use imbl::ordmap::DiffItem;
+    fn key<K: ToString, V>(d: &DiffItem<'_, '_, K, V>) -> String {
+        match d {
+            DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } | DiffItem::Remove(k, _) => k.to_string(),
+        }
+    }
+    a.services
+        .diff(&b.services)
+        .map(|d| key(&d))
+        .chain(a.endpoint_slices.diff(&b.endpoint_slices).map(|d| key(&d)))
+        .collect()
+}
+
+#[tokio::test]
+async fn one_change_is_published_on_the_last_publication_sharing_every_other_object() {
+    let api = ApiServer::start().await;
+    for i in 0..200 {
+        api.apply(Kind::Service, service(&format!("svc-{i}"), &format!("10.96.1.{}", i % 250), &[]));
+        api.apply(Kind::EndpointSlice, slice(&format!("svc-{i}-x"), &format!("svc-{i}"), &["10.244.1.11"]));
+    }
+    let mut src = Running::start(&api);
+    let first =
+        src.until(PATIENCE, "all 400 objects", |o| o.services.len() == 200 && o.endpoint_slices.len() == 200).await;
+    api.apply(Kind::EndpointSlice, slice("svc-7-x", "svc-7", &["10.244.1.11", "10.244.1.12"]));
+    let second = src
+        .until(SECOND, "the changed slice", |o| {
+            o.endpoint_slices.values().any(|s| s.endpoints.as_ref().is_some_and(|e| e.len() == 2))
+        })
+        .await;
+    assert_eq!(diff(&first, &second), ["default/svc-7-x"]);
+    // Every other object is the same allocation, in the same map nodes
+    // (an O(1) clone), so the model's diff skips them.
+    let web = |o: &Objects| std::sync::Arc::clone(&o.services[&key("svc-3")]);
+    assert!(std::sync::Arc::ptr_eq(&web(&first), &web(&second)));
+    api.delete(Kind::Service, "default", "svc-9");
+    let third = src.until(SECOND, "the deleted Service", |o| o.services.len() == 199).await;
+    assert_eq!(diff(&second, &third), ["default/svc-9"]);
+}
+
+fn key(name: &str) -> service_agent::vocabulary::ObjectRef {
+    service_agent::vocabulary::ObjectRef { namespace: "default".into(), name: name.into() }
+}
+
 #[tokio::test]
 async fn servicecidrs_are_published_by_name_a_terminating_one_kept_and_a_deleted_one_removed() {
     let api = ApiServer::start().await;

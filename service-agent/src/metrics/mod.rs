@@ -32,6 +32,8 @@ use std::{
 };
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use imbl::ordmap::DiffItem;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -42,9 +44,9 @@ use prometheus_client::{
 use crate::{
     gc::{GcMetrics, MapLabel},
     maps::{MapSizes, MapState, Readers},
-    model::{Desired, DesiredFrontend},
+    model::{Desired, DesiredFrontend, Frontend, Protocol, Scope},
     rows,
-    vocabulary::Objects,
+    vocabulary::{ObjectMap, Objects},
 };
 
 /// A change not programmed within this long makes `/healthz` fail.
@@ -89,7 +91,10 @@ struct BackendLabel {
     backend: String,
 }
 
-/// What the counter ids stand for, refreshed at every sync.
+/// What the counter ids stand for, kept up to date by every sync: for
+/// the frontends it changed (all of them after a full reconcile). A label
+/// of an id whose rows are gone is never shown (its counter row went with
+/// them) and is pruned once such labels outnumber the live ones.
 #[derive(Debug, Default)]
 struct CounterLabels {
     /// rev-NAT id → the first frontend (Service, port name, address) using
@@ -101,9 +106,64 @@ struct CounterLabels {
     backends: std::collections::HashMap<u32, service_common::BackendValue>,
 }
 
+/// Which labels a sync refreshes.
+#[derive(Clone, Copy, Debug)]
+pub enum Relabel<'a> {
+    /// Every frontend's and backend's (the first sync, and any reconcile
+    /// that compared every frontend).
+    All,
+    /// Those of these frontends (the model's changes) and their backends.
+    Frontends(&'a BTreeSet<Frontend>),
+}
+
 impl CounterLabels {
-    fn is_empty(&self) -> bool {
-        self.frontends.is_empty() && self.backends.is_empty()
+    fn rebuild(&mut self, desired: &Desired, applied: &MapState) {
+        self.frontends.clear();
+        for df in desired.frontends.values() {
+            if let Some(row) = applied.services.get(&rows::frontend_key(&df.frontend)) {
+                self.frontends.entry(row.rev_nat_id).or_insert_with(|| Arc::clone(df));
+            }
+        }
+        self.backends = applied.backends.iter().map(|(id, b)| (*id, *b)).collect();
+    }
+
+    /// Labels again the rev-NAT ids of `addr:port` (the frontends sharing
+    /// it: its protocols and scopes, adjacent in the model's order) and
+    /// their backends' ids, as applied.
+    fn label_address(&mut self, addr: std::net::IpAddr, port: u16, desired: &Desired, applied: &MapState) {
+        let first = Frontend { addr, port, protocol: Protocol::Tcp, scope: Scope::External };
+        let mut labelled: Vec<u32> = Vec::new();
+        for (f, df) in desired.frontends.range(first..).take_while(|(f, _)| f.addr == addr && f.port == port) {
+            let Some(row) = applied.services.get(&rows::frontend_key(f)) else { continue };
+            // The first frontend in the model's order names the counter.
+            if !labelled.contains(&row.rev_nat_id) {
+                labelled.push(row.rev_nat_id);
+                self.frontends.insert(row.rev_nat_id, Arc::clone(df));
+            }
+            for id in applied.table_of(row).map_or(&[][..], |t| &t.members) {
+                if let Some(b) = applied.backends.get(id) {
+                    self.backends.insert(*id, *b);
+                }
+            }
+        }
+    }
+
+    fn update(&mut self, relabel: Relabel<'_>, desired: &Desired, applied: &MapState) {
+        // Labels of gone ids outnumber the live ones: start afresh (the
+        // cost of a full rebuild, once per as many changes).
+        let stale = self.frontends.len() > 2 * applied.rev_nat.len() + 64
+            || self.backends.len() > 2 * applied.backends.len() + 64;
+        match relabel {
+            Relabel::All => self.rebuild(desired, applied),
+            _ if stale || (self.frontends.is_empty() && self.backends.is_empty()) => self.rebuild(desired, applied),
+            Relabel::Frontends(changed) => {
+                let mut addresses: Vec<(std::net::IpAddr, u16)> = changed.iter().map(|f| (f.addr, f.port)).collect();
+                addresses.dedup();
+                for (addr, port) in addresses {
+                    self.label_address(addr, port, desired, applied);
+                }
+            }
+        }
     }
 }
 
@@ -260,8 +320,9 @@ pub struct Metrics {
     frontends_not_programmed: Gauge,
     sync_retries: prometheus_client::metrics::counter::Counter,
     gc: GcMetrics,
-    /// Trigger times already observed, per EndpointSlice.
-    seen_triggers: Mutex<BTreeMap<String, String>>,
+    /// The EndpointSlices of the last sync (their trigger times are
+    /// observed): an O(1) clone of the snapshot's map.
+    seen_slices: Mutex<ObjectMap<EndpointSlice>>,
     counter_labels: Arc<Mutex<CounterLabels>>,
 }
 
@@ -364,7 +425,7 @@ impl Metrics {
             frontends_not_programmed,
             sync_retries,
             gc,
-            seen_triggers: Mutex::new(BTreeMap::new()),
+            seen_slices: Mutex::new(ObjectMap::new()),
             counter_labels,
         }
     }
@@ -377,7 +438,7 @@ impl Metrics {
         desired: &Desired,
         applied: &MapState,
         map_errors: usize,
-        labels_changed: bool,
+        relabel: Relabel<'_>,
     ) {
         self.sync_duration.observe(elapsed.as_secs_f64());
         if map_errors == 0 {
@@ -398,10 +459,7 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.observe_programming(objects);
-        // Rebuilt only when a frontend or a row changed.
-        if labels_changed || self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).is_empty() {
-            self.label_counters(desired, applied);
-        }
+        self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner).update(relabel, desired, applied);
     }
 
     /// How many desired frontends are not programmed as desired after a
@@ -438,39 +496,32 @@ impl Metrics {
         }
     }
 
-    /// Maps counter ids to Service names for the per-Service metrics.
-    fn label_counters(&self, desired: &Desired, applied: &MapState) {
-        let mut labels = CounterLabels::default();
-        for df in desired.frontends.values() {
-            let Some(row) = applied.services.get(&rows::frontend_key(&df.frontend)) else { continue };
-            labels.frontends.entry(row.rev_nat_id).or_insert_with(|| Arc::clone(df));
-        }
-        labels.backends = applied.backends.iter().map(|(id, b)| (*id, *b)).collect();
-        *self.counter_labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = labels;
-    }
-
     /// kube-proxy's network programming latency: for every EndpointSlice
     /// whose trigger time is new since the last sync, now minus that time.
+    /// The slices are diffed with the last sync's (shared structure
+    /// skipped): a sync's cost follows its changes, not every slice.
     fn observe_programming(&self, objects: &Objects) {
         let now = k8s_openapi::jiff::Timestamp::now();
-        let mut seen = self.seen_triggers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut current = BTreeMap::new();
-        for (key, slice) in &objects.endpoint_slices {
-            let Some(trigger) = slice.metadata.annotations.as_ref().and_then(|a| a.get(TRIGGER_TIME_ANNOTATION)) else {
-                continue;
+        let trigger = |s: &EndpointSlice| s.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION).cloned();
+        let mut seen = self.seen_slices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for change in seen.diff(&objects.endpoint_slices) {
+            let (old, new) = match change {
+                DiffItem::Add(_, new) => (None, new),
+                DiffItem::Update { old: (_, old), new: (_, new) } => (Some(old), new),
+                DiffItem::Remove(..) => continue,
             };
-            let key = key.to_string();
-            if seen.get(&key) != Some(trigger)
-                && let Ok(at) = trigger.parse::<k8s_openapi::jiff::Timestamp>()
-            {
+            let Some(at) = trigger(new) else { continue };
+            if old.and_then(|o| trigger(o)).as_ref() == Some(&at) {
+                continue;
+            }
+            if let Ok(at) = at.parse::<k8s_openapi::jiff::Timestamp>() {
                 let latency = now.duration_since(at).as_secs_f64();
                 if latency >= 0.0 {
                     self.network_programming.observe(latency);
                 }
             }
-            current.insert(key, trigger.clone());
         }
-        *seen = current;
+        *seen = objects.endpoint_slices.clone();
     }
 
     /// The OpenMetrics text of every metric.
@@ -719,10 +770,10 @@ mod tests {
         let objects = Objects::default();
         let desired = Desired::default();
         let applied = MapState::default();
-        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2, true);
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2, Relabel::All);
         m.observe_not_programmed(3);
         m.record_retry();
-        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2, true);
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 2, Relabel::All);
         let text = m.encode();
         for want in [
             "service_dataplane_map_update_errors_total 4",
@@ -733,11 +784,99 @@ mod tests {
             assert!(text.contains(want), "{want} missing from:\n{text}");
         }
         // A sync that writes everything: nothing pending any more.
-        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, true);
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, Relabel::All);
         m.observe_not_programmed(0);
         let text = m.encode();
         assert!(text.contains("service_dataplane_map_update_errors_pending 0"), "{text}");
         assert!(text.contains("service_dataplane_frontends_not_programmed 0"), "{text}");
+    }
+
+    #[test]
+    fn network_programming_latency_is_observed_once_per_new_trigger_time() {
+        let m = Metrics::new(PathBuf::from("/nonexistent"), MapSizes::default());
+        let (desired, applied) = (Desired::default(), MapState::default());
+        let slice = |trigger: Option<&str>| {
+            let mut s = EndpointSlice::default();
+            s.metadata.annotations =
+                trigger.map(|t| [(TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into_iter().collect());
+            Arc::new(s)
+        };
+        let key = |name: &str| crate::vocabulary::ObjectRef { namespace: "ns".into(), name: name.into() };
+        let count = |m: &Metrics| {
+            let text = m.encode();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("kubeproxy_network_programming_duration_seconds_count"))
+                .unwrap_or_default()
+                .to_owned();
+            line.rsplit(' ').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0)
+        };
+        let mut objects = Objects::default();
+        for i in 0..100 {
+            objects.endpoint_slices.insert(key(&format!("s{i}")), slice(Some("2026-01-01T00:00:00Z")));
+        }
+        objects.endpoint_slices.insert(key("untimed"), slice(None));
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, Relabel::All);
+        assert_eq!(count(&m), 100, "every slice's trigger time, once");
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, Relabel::Frontends(&BTreeSet::new()));
+        assert_eq!(count(&m), 100, "the same snapshot again: nothing new");
+        // An equal copy (a relist) is not a new trigger; a new time is.
+        objects.endpoint_slices.insert(key("s1"), slice(Some("2026-01-01T00:00:00Z")));
+        objects.endpoint_slices.insert(key("s2"), slice(Some("2026-01-01T00:00:05Z")));
+        objects.endpoint_slices.insert(key("untimed"), slice(None));
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, Relabel::All);
+        assert_eq!(count(&m), 101);
+        // A slice deleted and added back with its time: observed again, as
+        // a slice the last sync did not have.
+        objects.endpoint_slices.remove(&key("s3"));
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, Relabel::All);
+        objects.endpoint_slices.insert(key("s3"), slice(Some("2026-01-01T00:00:00Z")));
+        m.observe_sync(Duration::from_millis(1), &objects, &desired, &applied, 0, Relabel::All);
+        assert_eq!(count(&m), 102);
+    }
+
+    /// Labels kept up to date change by change name every live counter id
+    /// as a rebuild from scratch does, over random changes of the kinds a
+    /// cluster sees (ports renamed, endpoints moved, Services gone).
+    #[test]
+    fn labels_updated_per_change_equal_a_rebuild() {
+        use crate::{
+            maps::fake::FakeMaps,
+            model::{Model, fuzz},
+            reconciler::Reconciler,
+        };
+        fuzz::Plan::from_env(40).run("labels_updated_per_change_equal_a_rebuild", |_, rng| {
+            let (mut objects, mut node) = (fuzz::objects(rng), fuzz::node(rng));
+            let mut model = Model::new();
+            let mut reconciler = Reconciler::new(FakeMaps::default()).expect("fake dump");
+            let mut labels = CounterLabels::default();
+            for step in 0..12 {
+                if step > 0 {
+                    fuzz::change(rng, &mut objects, &mut node);
+                }
+                let changes = model.update(&objects, &node);
+                let report = reconciler.reconcile_changes(model.desired(), &changes);
+                let relabel = if changes.everything || report.full {
+                    Relabel::All
+                } else {
+                    Relabel::Frontends(&changes.frontends)
+                };
+                let applied = reconciler.programmed();
+                labels.update(relabel, model.desired(), applied);
+                let mut fresh = CounterLabels::default();
+                fresh.rebuild(model.desired(), applied);
+                // Every id a desired frontend uses (an id only rows in their
+                // grace still use keeps its last label: its counters are
+                // still shown under the name they were counted for).
+                for id in fresh.frontends.keys() {
+                    let name = |l: &CounterLabels| l.frontends.get(id).map(|df| FrontendLabel::of(df));
+                    assert_eq!(name(&labels), name(&fresh), "step {step}: rev-NAT id {id}");
+                }
+                for id in applied.backends.keys() {
+                    assert_eq!(labels.backends.get(id), fresh.backends.get(id), "step {step}: backend id {id}");
+                }
+            }
+        });
     }
 
     #[test]

@@ -376,8 +376,16 @@ pub fn node(rng: &mut Rng) -> NodeContext {
     }
 }
 
+/// Replaces about half the objects of `map` by equal copies (new
+/// allocations, as a relist gives).
+fn copy_some<T: Clone>(rng: &mut Rng, map: &mut crate::vocabulary::ObjectMap<T>) {
+    let copies: Vec<_> =
+        map.iter().filter(|_| rng.one_in(2)).map(|(k, o)| (k.clone(), Arc::new(T::clone(o)))).collect();
+    map.extend(copies);
+}
+
 /// A random key of `map` (`None` when it is empty).
-fn pick_key<V>(rng: &mut Rng, map: &std::collections::BTreeMap<ObjectRef, V>) -> Option<ObjectRef> {
+fn pick_key<V>(rng: &mut Rng, map: &crate::vocabulary::ObjectMap<V>) -> Option<ObjectRef> {
     (!map.is_empty()).then(|| map.keys().nth(rng.below(map.len())).cloned()).flatten()
 }
 
@@ -451,12 +459,8 @@ pub fn change(rng: &mut Rng, objects: &mut Objects, node: &mut NodeContext) -> &
             "service CIDRs changed"
         }
         _ => {
-            for s in objects.services.values_mut().filter(|_| rng.one_in(2)) {
-                *s = Arc::new((**s).clone());
-            }
-            for s in objects.endpoint_slices.values_mut().filter(|_| rng.one_in(2)) {
-                *s = Arc::new((**s).clone());
-            }
+            copy_some(rng, &mut objects.services);
+            copy_some(rng, &mut objects.endpoint_slices);
             "equal copies"
         }
     }

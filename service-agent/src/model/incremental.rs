@@ -12,9 +12,11 @@
 //! `unserved` rows, health checks, "already served" errors) follows the
 //! frontends that changed hands.
 //!
-//! Objects are compared by allocation ([`Arc::ptr_eq`]): the sources keep
-//! an unchanged object's `Arc` from one snapshot to the next. A snapshot
-//! diff is one ordered walk over the keys, no object is compared deeply.
+//! The changed objects are found by diffing the last snapshot's maps with
+//! the new ones ([`crate::vocabulary::ObjectMap`], persistent maps): the
+//! subtrees both share are skipped, so one changed object costs O(log n)
+//! to find, not a walk over every key; objects are compared by value only
+//! where their allocations differ.
 //!
 //! The result always equals `desired` on the same snapshot (a property
 //! test applies random changes and compares after every step).
@@ -25,13 +27,14 @@ use std::{
     sync::Arc,
 };
 
+use imbl::ordmap::DiffItem;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR};
 
 use super::{
     Desired, Frontend, FrontendClaim, FrontendKind, HealthCheck, ModelError, NodeContext, Scope, ServiceOutput,
     WhenEmpty, node_with_zone, service_cidr_objects, service_frontends, slice_service,
 };
-use crate::vocabulary::{Cidr, ObjectRef, Objects};
+use crate::vocabulary::{Cidr, ObjectMap, ObjectRef, Objects};
 
 /// What one [`Model::update`] changed in the model's [`Desired`]; the
 /// reconciler compares only these with what it wrote.
@@ -63,18 +66,10 @@ struct ClaimRef {
     index: usize,
 }
 
-/// A Service's inputs as last seen, and what it asked for from them.
+/// What a Service asked for from its inputs as last seen.
 #[derive(Debug)]
 struct ServiceState {
-    service: Arc<Service>,
     output: ServiceOutput,
-}
-
-/// An EndpointSlice as last seen, and the Service it belongs to.
-#[derive(Debug)]
-struct SliceState {
-    slice: Arc<EndpointSlice>,
-    service: Option<ObjectRef>,
 }
 
 /// The model, kept from one snapshot to the next: [`Model::update`] with
@@ -86,7 +81,12 @@ pub struct Model {
     /// The node context, with the Node object's zone.
     node: NodeContext,
     services: BTreeMap<ObjectRef, ServiceState>,
-    slices: BTreeMap<ObjectRef, SliceState>,
+    /// The last snapshot's Services and EndpointSlices (O(1) clones of its
+    /// maps): the next snapshot is diffed with them.
+    seen_services: ObjectMap<Service>,
+    seen_slices: ObjectMap<EndpointSlice>,
+    /// The Service each EndpointSlice belongs to, as last seen.
+    slice_owner: HashMap<ObjectRef, ObjectRef>,
     /// Each Service's slices, in the order `desired` reads them.
     slices_of: HashMap<ObjectRef, BTreeMap<ObjectRef, Arc<EndpointSlice>>>,
     service_cidrs: BTreeMap<String, ServiceCIDR>,
@@ -154,7 +154,8 @@ impl Model {
             self.set_drop_cidrs(&mut changes);
         }
         self.diff_slices(objects, &mut dirty);
-        dirty.extend(changed_keys(&self.services, &objects.services, |old, new| Arc::ptr_eq(&old.service, new)));
+        dirty.extend(changed_keys(&self.seen_services, &objects.services));
+        self.seen_services = objects.services.clone();
         for key in dirty {
             self.recompute(&key, objects.services.get(&key), &mut changes);
         }
@@ -169,9 +170,10 @@ impl Model {
     /// Follows the slices that were added, replaced or deleted; marks the
     /// Services they belonged and belong to.
     fn diff_slices(&mut self, objects: &Objects, dirty: &mut BTreeSet<ObjectRef>) {
-        let changed = changed_keys(&self.slices, &objects.endpoint_slices, |old, new| Arc::ptr_eq(&old.slice, new));
+        let changed = changed_keys(&self.seen_slices, &objects.endpoint_slices);
+        self.seen_slices = objects.endpoint_slices.clone();
         for key in changed {
-            if let Some(SliceState { service: Some(service), .. }) = self.slices.remove(&key) {
+            if let Some(service) = self.slice_owner.remove(&key) {
                 if let Some(of) = self.slices_of.get_mut(&service) {
                     of.remove(&key);
                     if of.is_empty() {
@@ -182,11 +184,11 @@ impl Model {
             }
             if let Some(slice) = objects.endpoint_slices.get(&key) {
                 let service = slice_service(&key, slice);
-                if let Some(service) = &service {
+                if let Some(service) = service {
                     self.slices_of.entry(service.clone()).or_default().insert(key.clone(), Arc::clone(slice));
                     dirty.insert(service.clone());
+                    self.slice_owner.insert(key, service);
                 }
-                self.slices.insert(key, SliceState { slice: Arc::clone(slice), service });
             }
         }
     }
@@ -231,12 +233,11 @@ impl Model {
             self.recomputed += 1;
             let slices: Vec<&EndpointSlice> =
                 self.slices_of.get(key).map(|of| of.values().map(AsRef::as_ref).collect()).unwrap_or_default();
-            ServiceState { service: Arc::clone(service), output: service_frontends(key, service, &slices, &self.node) }
+            ServiceState { output: service_frontends(key, service, &slices, &self.node) }
         });
-        if let (Some(old), Some(new)) = (self.services.get_mut(key), &new)
+        if let (Some(old), Some(new)) = (self.services.get(key), &new)
             && old.output == new.output
         {
-            old.service = Arc::clone(&new.service);
             return;
         }
         let frontends_of = |state: Option<&ServiceState>| -> Vec<Frontend> {
@@ -435,35 +436,14 @@ struct Derived {
     cluster_ip: Option<IpAddr>,
 }
 
-/// The keys present in one map and not the other, or whose values are not
-/// `same`: one walk over both, in key order.
-fn changed_keys<A, B>(
-    old: &BTreeMap<ObjectRef, A>,
-    new: &BTreeMap<ObjectRef, B>,
-    same: impl Fn(&A, &B) -> bool,
-) -> Vec<ObjectRef> {
-    use std::cmp::Ordering;
-    let mut out = Vec::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        let order = match (a.peek(), b.peek()) {
-            (None, None) => return out,
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (Some((ka, _)), Some((kb, _))) => ka.cmp(kb),
-        };
-        match order {
-            Ordering::Less => out.extend(a.next().map(|(k, _)| k.clone())),
-            Ordering::Greater => out.extend(b.next().map(|(k, _)| k.clone())),
-            Ordering::Equal => {
-                if let (Some((k, va)), Some((_, vb))) = (a.next(), b.next())
-                    && !same(va, vb)
-                {
-                    out.push(k.clone());
-                }
-            }
-        }
-    }
+/// The keys added, changed or removed from `old` to `new`, in key order;
+/// the subtrees the two maps share are skipped.
+fn changed_keys<T: PartialEq>(old: &ObjectMap<T>, new: &ObjectMap<T>) -> Vec<ObjectRef> {
+    old.diff(new)
+        .map(|change| match change {
+            DiffItem::Add(key, _) | DiffItem::Update { new: (key, _), .. } | DiffItem::Remove(key, _) => key.clone(),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -383,7 +383,8 @@ endpoints:
     assert_eq!(external(&d), Some(vec!["10.244.0.2:8080/TCP".to_owned()]));
     // Without lb-2 only terminating endpoints are local: they still serve
     // (the fallback), but the health check says 0.
-    objs.endpoint_slices.retain(|r, _| r.name != "lb-2");
+    objs.endpoint_slices =
+        objs.endpoint_slices.iter().filter(|(r, _)| r.name != "lb-2").map(|(r, s)| (r.clone(), s.clone())).collect();
     let d = desired(&objs, &node());
     assert_eq!(d.health_checks[&lb_ref].local_endpoints, 0);
     assert_eq!(external(&d), Some(vec!["10.244.0.1:8080/TCP".to_owned(), "10.244.0.2:8080/TCP".to_owned()]));

@@ -158,6 +158,9 @@ pub struct ReconcileReport {
     /// Rows queued for deletion once [`DELETION_GRACE`] has passed.
     pub rows_deferred: usize,
     pub errors: Vec<ReconcileError>,
+    /// Every desired frontend was compared with what is applied (the first
+    /// reconcile, or the one after a failure), not only the changed ones.
+    pub full: bool,
 }
 
 impl ReconcileReport {
@@ -400,7 +403,7 @@ impl<M: MapIo> Reconciler<M> {
 
     /// [`Self::reconcile`] (`scope` `None`) or [`Self::reconcile_changes`].
     fn reconcile_scoped(&mut self, desired: &Desired, scope: Option<&Changes>) -> ReconcileReport {
-        let mut report = ReconcileReport::default();
+        let mut report = ReconcileReport { full: scope.is_none(), ..ReconcileReport::default() };
         // Frontends whose desired state differs from what was last written
         // (every one after a restart).
         // (The same allocation is the same frontend: no deep comparison.)

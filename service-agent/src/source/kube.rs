@@ -6,9 +6,13 @@
 //!   (`!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name`),
 //!   so objects moving in or out of it arrive as additions and deletions.
 //! - The published state is always read from the reflector stores, never
-//!   assembled from individual events: after a relist (for instance after a
-//!   `410 Expired`) the store holds exactly what the API server listed, so
-//!   whatever disappeared meanwhile is pruned.
+//!   assembled from the events' objects: the events only say which keys to
+//!   read again. Each publication applies those keys to the last one's
+//!   persistent maps ([`crate::vocabulary::ObjectMap`]), so one changed
+//!   object costs O(log n) here and in the model, not a walk over every
+//!   object. After a relist (for instance after a `410 Expired`) the store
+//!   holds exactly what the API server listed and the maps are rebuilt from
+//!   it, so whatever disappeared meanwhile is pruned.
 //! - Nothing is published before the Service, EndpointSlice and Node stores
 //!   have completed their first list, so a half-listed cluster is never
 //!   programmed.
@@ -27,7 +31,12 @@
 //! - Each watcher runs in its own task: a watcher only reconnects while it
 //!   is polled.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
@@ -45,7 +54,7 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::vocabulary::{ObjectRef, Objects};
+use crate::vocabulary::{ObjectMap, ObjectRef, Objects, rebase};
 
 /// kube-proxy's Service label selector.
 pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
@@ -109,23 +118,64 @@ pub async fn client(kubeconfig: Option<&Path>, master: Option<&str>) -> Result<C
     Ok(Client::try_from(config)?)
 }
 
-/// Drives one watcher stream in its own task, waking `changed` on every
-/// event and logging errors once per error streak (with `meanwhile`, what
-/// the failure means for the dataplane).
-fn drive<S, T>(kind: &'static str, stream: S, changed: Arc<Notify>, meanwhile: &'static str)
+/// The keys of one kind whose store entries changed since the last
+/// publication, or all of them (a relist, or nothing published yet).
+#[derive(Debug)]
+enum Dirty {
+    All,
+    Keys(BTreeSet<ObjectRef>),
+}
+
+impl Dirty {
+    fn add(&mut self, key: ObjectRef) {
+        if let Self::Keys(keys) = self {
+            keys.insert(key);
+        }
+    }
+}
+
+/// Shared between a watcher's task (which marks) and the publisher (which
+/// takes the marks).
+type DirtyKeys = Arc<Mutex<Dirty>>;
+
+fn dirty_keys() -> DirtyKeys {
+    Arc::new(Mutex::new(Dirty::All))
+}
+
+fn take(dirty: &DirtyKeys) -> Dirty {
+    std::mem::replace(&mut *dirty.lock().unwrap_or_else(PoisonError::into_inner), Dirty::Keys(BTreeSet::new()))
+}
+
+/// Drives one watcher stream in its own task, marking the keys its events
+/// touch in `dirty` (every key on a relist) and waking `changed` on every
+/// event, and logging errors once per error streak (with `meanwhile`,
+/// what the failure means for the dataplane). The reflector has applied an
+/// event to its store before the stream yields it, so the publisher that
+/// takes a mark always reads the store as of that event or later.
+fn drive<S, K>(kind: &'static str, stream: S, changed: Arc<Notify>, dirty: DirtyKeys, meanwhile: &'static str)
 where
-    S: Stream<Item = Result<T, watcher::Error>> + Send + 'static,
-    T: Send,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    K: Resource + Send + 'static,
 {
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => {
+                Ok(event) => {
                     if failing {
                         tracing::info!(kind, "watch resumed");
                         failing = false;
+                    }
+                    {
+                        let mut dirty = dirty.lock().unwrap_or_else(PoisonError::into_inner);
+                        match &event {
+                            watcher::Event::Apply(o) | watcher::Event::Delete(o) => dirty.add(key_of(o)),
+                            // A relist: the store is replaced whole at its end.
+                            watcher::Event::Init | watcher::Event::InitApply(_) | watcher::Event::InitDone => {
+                                *dirty = Dirty::All;
+                            }
+                        }
                     }
                     changed.notify_one();
                 }
@@ -143,21 +193,43 @@ where
 /// What a failing watch of a kind the publication waits for means.
 const KEEPING: &str = "the last state is kept";
 
-/// The store's objects by reference, shared with the store: an object the
-/// watch did not replace keeps its allocation from one publication to the
-/// next, which is how the model tells it has not changed.
-fn keyed<K: Resource>(objects: Vec<Arc<K>>) -> std::collections::BTreeMap<ObjectRef, Arc<K>> {
-    objects
-        .into_iter()
-        .map(|o| {
-            let meta = o.meta();
-            let key = ObjectRef {
-                namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-                name: meta.name.clone().unwrap_or_default(),
-            };
-            (key, o)
-        })
-        .collect()
+/// An object's key (a namespaced object without a namespace is in
+/// `default`).
+fn key_of<K: Resource>(o: &K) -> ObjectRef {
+    let meta = o.meta();
+    ObjectRef {
+        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: meta.name.clone().unwrap_or_default(),
+    }
+}
+
+/// Brings `map` to `store` for the `dirty` keys: each is read again from
+/// the store (present: its object, shared with the store; absent:
+/// removed), or, for [`Dirty::All`], the map is rebuilt from the whole
+/// store and rebased on the old one, so what did not change keeps its
+/// allocation and its place in the shared structure.
+fn refresh<K>(map: &mut ObjectMap<K>, store: &Store<K>, dirty: Dirty)
+where
+    K: Resource<DynamicType = ()> + Clone + PartialEq,
+{
+    match dirty {
+        Dirty::All => {
+            let all: ObjectMap<K> = store.state().into_iter().map(|o| (key_of(o.as_ref()), o)).collect();
+            *map = rebase(&all, map);
+        }
+        Dirty::Keys(keys) => {
+            for key in keys {
+                match store.get(&reflector::ObjectRef::new(&key.name).within(&key.namespace)) {
+                    Some(object) => {
+                        map.insert(key, object);
+                    }
+                    None => {
+                        map.remove(&key);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Watches the cluster and publishes [`Objects`] on `tx` until `tx` has no
@@ -171,19 +243,21 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
     let (services, writer) = reflector::store::<Service>();
     let config = watcher::Config::default().labels(SERVICE_SELECTOR);
     let stream = reflector::reflector(writer, watcher(Api::<Service>::all(client.clone()), config).default_backoff());
-    drive("Service", stream, changed.clone(), KEEPING);
+    let services_dirty = dirty_keys();
+    drive("Service", stream, changed.clone(), Arc::clone(&services_dirty), KEEPING);
 
     let (slices, writer) = reflector::store::<EndpointSlice>();
     let stream = reflector::reflector(
         writer,
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()).default_backoff(),
     );
-    drive("EndpointSlice", stream, changed.clone(), KEEPING);
+    let slices_dirty = dirty_keys();
+    drive("EndpointSlice", stream, changed.clone(), Arc::clone(&slices_dirty), KEEPING);
 
     let (nodes, writer) = reflector::store::<Node>();
     let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client.clone()), config).default_backoff());
-    drive("Node", stream, changed.clone(), KEEPING);
+    drive("Node", stream, changed.clone(), dirty_keys(), KEEPING);
 
     // Not waited for (see the module documentation): a cluster without
     // them, or without the right to list them, is served all the same.
@@ -196,6 +270,7 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
         "ServiceCIDR",
         stream,
         changed.clone(),
+        dirty_keys(),
         "the last listed ServiceCIDRs are kept; before the first list only --service-cluster-ip-range's \
          unallocated addresses are dropped (a cluster before 1.33 has no ServiceCIDRs; otherwise check that the \
          RBAC grants servicecidrs list and watch)",
@@ -205,7 +280,8 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
         ready.map_err(|_| Error::StoreDropped)?;
     }
     tracing::info!("initial lists complete");
-    let stores = Stores { services, slices, nodes, service_cidrs };
+    let mut stores =
+        Stores { services, slices, nodes, service_cidrs, services_dirty, slices_dirty, published: Objects::default() };
     loop {
         stores.publish(&node_name, &tx);
         changed.notified().await;
@@ -217,38 +293,42 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
     }
 }
 
-/// The reflector stores a publication is read from.
+/// The reflector stores a publication is read from, the keys changed
+/// since the last one, and the last one.
 struct Stores {
     services: Store<Service>,
     slices: Store<EndpointSlice>,
     nodes: Store<Node>,
     service_cidrs: Store<ServiceCIDR>,
+    services_dirty: DirtyKeys,
+    slices_dirty: DirtyKeys,
+    published: Objects,
 }
 
 impl Stores {
-    fn publish(&self, node_name: &str, tx: &watch::Sender<Objects>) {
-        let objects = Objects {
-            services: keyed(self.services.state()),
-            endpoint_slices: keyed(self.slices.state()),
-            node: self
-                .nodes
-                .state()
-                .into_iter()
-                .find(|n| n.metadata.name.as_deref() == Some(node_name))
-                .map(|n| (*n).clone()),
-            // Cluster-scoped: by name. Empty until (and unless) listed.
-            service_cidrs: self
-                .service_cidrs
-                .state()
-                .into_iter()
-                .map(|c| (c.metadata.name.clone().unwrap_or_default(), (*c).clone()))
-                .collect(),
-        };
+    fn publish(&mut self, node_name: &str, tx: &watch::Sender<Objects>) {
+        refresh(&mut self.published.services, &self.services, take(&self.services_dirty));
+        refresh(&mut self.published.endpoint_slices, &self.slices, take(&self.slices_dirty));
+        // One Node and a few ServiceCIDRs: read whole.
+        self.published.node = self
+            .nodes
+            .state()
+            .into_iter()
+            .find(|n| n.metadata.name.as_deref() == Some(node_name))
+            .map(|n| (*n).clone());
+        // Cluster-scoped: by name. Empty until (and unless) listed.
+        self.published.service_cidrs = self
+            .service_cidrs
+            .state()
+            .into_iter()
+            .map(|c| (c.metadata.name.clone().unwrap_or_default(), (*c).clone()))
+            .collect();
         tx.send_if_modified(|current| {
-            if current.is_same(&objects) {
+            // Equal maps that share their structure compare in O(1).
+            if *current == self.published {
                 false
             } else {
-                *current = objects;
+                current.clone_from(&self.published);
                 true
             }
         });

@@ -1,7 +1,8 @@
 //! Benchmark 3: the control plane. Programming 10,000 Services with
 //! 100,000 endpoints into an empty dataplane (model + reconciler + map
-//! writes, in process), one EndpointSlice change at that size until the
-//! maps are updated, the agent's peak RSS and the BPF maps' memory; beside
+//! writes + the sync's metrics, in process, as the agent's sync loop runs
+//! them), one EndpointSlice change at that size until the maps and
+//! metrics are updated, the agent's peak RSS and the BPF maps' memory; beside
 //! the time kube-proxy's way takes: `iptables-restore` and `nft -f` of the
 //! equivalent full rulesets in a scratch network namespace.
 
@@ -24,6 +25,7 @@ use k8s_openapi::{
 };
 use service_agent::{
     maps::{self, MapSizes, PinnedMaps},
+    metrics::{Metrics, Relabel},
     model::{self, Model, NodeContext},
     reconciler::{Reconciler, maglev},
     vocabulary::{self, ObjectRef, Objects},
@@ -267,20 +269,37 @@ pub fn measure(
         // As the agent's sync loop: the incremental model over each
         // snapshot, the reconciler given what it says changed.
         let mut model = Model::new();
-        let started = Instant::now();
-        let delta = model.update(&objects, &node);
-        let report = reconciler.reconcile_changes(model.desired(), &delta);
-        program_all.push(started.elapsed().as_secs_f64() * 1e3);
+        let metrics = Metrics::new(root.clone(), sizes);
+        // The agent's sync step (run.rs `sync_once`): the model, the
+        // reconciler given what changed, then the sync's metrics (the
+        // counter labels of what changed).
+        let mut sync = |objects: &Objects| {
+            let started = Instant::now();
+            let delta = model.update(objects, &node);
+            let model_ms = started.elapsed().as_secs_f64() * 1e3;
+            let report = reconciler.reconcile_changes(model.desired(), &delta);
+            let relabel =
+                if delta.everything || report.full { Relabel::All } else { Relabel::Frontends(&delta.frontends) };
+            metrics.observe_sync(
+                started.elapsed(),
+                objects,
+                model.desired(),
+                reconciler.programmed(),
+                report.errors.len(),
+                relabel,
+            );
+            (started.elapsed().as_secs_f64() * 1e3, model_ms, report)
+        };
+        let (ms, _, report) = sync(&objects);
+        program_all.push(ms);
         anyhow::ensure!(report.errors.is_empty(), "programming: {:?}", report.errors.first());
         for c in 0..changes {
             let i = (c * 7919) % services;
             let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x") };
             objects.endpoint_slices.insert(r, Arc::new(slice(i, per, c + 1)));
-            let started = Instant::now();
-            let delta = model.update(&objects, &node);
-            one_change_model.push(started.elapsed().as_secs_f64() * 1e3);
-            let report = reconciler.reconcile_changes(model.desired(), &delta);
-            one_change.push(started.elapsed().as_secs_f64() * 1e3);
+            let (ms, model_ms, report) = sync(&objects);
+            one_change_model.push(model_ms);
+            one_change.push(ms);
             anyhow::ensure!(report.changed() && report.errors.is_empty(), "change {c} wrote nothing");
         }
         // Outside the clock: the incremental result is the full one.

@@ -257,7 +257,11 @@ fn alias_bombs_are_stopped_with_the_file_named_and_other_files_load() {
         assert!(e.starts_with(&format!("{prefix}: too large: ")) && e.contains(bounded::OVER_BUDGET), "{e}");
     }
     // The file's documents before the bomb and the other files load.
-    assert!(s.objects.services.contains_key(&key("default", "web")), "{:?}", s.objects.services.keys());
+    assert!(
+        s.objects.services.contains_key(&key("default", "web")),
+        "{:?}",
+        s.objects.services.keys().collect::<Vec<_>>()
+    );
     assert!(s.objects.services.contains_key(&key("default", "good")));
     assert_eq!(s.objects.endpoint_slices.len(), 2);
 }
