@@ -342,7 +342,7 @@ fn collect_deferred(reconciler: &mut Reconciler<PinnedMaps>, metrics: &Metrics) 
     if !report.changed() {
         return;
     }
-    metrics.observe_maps(reconciler.programmed());
+    metrics.observe_maps(reconciler.programmed(), reconciler.slot_blocks().0);
     tracing::debug!(rows_deleted = report.rows_deleted, pending = reconciler.deferred_len(), "deferred deletions");
 }
 
@@ -545,8 +545,12 @@ fn sync_once(
             healthcheck::unprogrammed_services(desired, |df| reconciler.is_programmed(df), &report.errors),
         )
     };
+    metrics.observe_maps(reconciler.programmed(), reconciler.slot_blocks().0);
     metrics.observe_not_programmed(not_programmed);
-    if report.changed() {
+    // Only when a flow may have lost its backend: conntrack is walked
+    // whole, so not for every change (kube-proxy likewise cleans up after
+    // syncs that removed UDP endpoints).
+    if report.full || report.pairs_ended > 0 {
         flush_removed_backends(reconciler, config);
     }
     if report.rows_written + report.rows_deleted >= RELEASE_AFTER_ROWS {

@@ -447,7 +447,6 @@ impl Metrics {
         }
         self.map_update_errors.inc_by(map_errors as u64);
         self.map_update_errors_pending.set(i64::try_from(map_errors).unwrap_or(i64::MAX));
-        self.observe_maps(applied);
         let mut invalid: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
         for e in &desired.errors {
             invalid.entry(e.kind).or_default().insert(e.object.to_string());
@@ -480,17 +479,17 @@ impl Metrics {
     }
 
     /// The agent-written maps' occupancy (after a sync, or after deferred
-    /// deletions ran).
-    pub fn observe_maps(&self, applied: &MapState) {
+    /// deletions ran): rows, and for `backend_slots` the ids its blocks in
+    /// use hold room for (`slot_blocks_used`, whole blocks: what fills it
+    /// up, against a capacity given in ids). O(1): a sync's cost follows
+    /// its changes.
+    pub fn observe_maps(&self, applied: &MapState, slot_blocks_used: u32) {
+        let slot_ids = u64::from(slot_blocks_used) * u64::from(service_common::backend_slots::PER_BLOCK);
         for (map, n) in [
-            (service_common::map_names::SERVICES, applied.services.len()),
-            // Backend ids held, in slots and member lists.
-            (
-                service_common::map_names::BACKEND_SLOTS,
-                applied.tables.values().map(|t| t.slots.len() + t.members.len()).sum(),
-            ),
-            (service_common::map_names::BACKENDS, applied.backends.len()),
-            (service_common::map_names::REV_NAT, applied.rev_nat.len()),
+            (service_common::map_names::SERVICES, applied.services.len() as u64),
+            (service_common::map_names::BACKEND_SLOTS, slot_ids),
+            (service_common::map_names::BACKENDS, applied.backends.len() as u64),
+            (service_common::map_names::REV_NAT, applied.rev_nat.len() as u64),
         ] {
             self.map_entries.get_or_create(&MapLabel { map: map.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
         }

@@ -161,6 +161,12 @@ pub struct ReconcileReport {
     /// Every desired frontend was compared with what is applied (the first
     /// reconcile, or the one after a failure), not only the changed ones.
     pub full: bool,
+    /// (rev-NAT id, backend id) pairs a changed frontend forwarded to
+    /// before and no frontend forwards to after (a backend left a Service,
+    /// or a frontend went): the flows conntrack keeps of them are stale.
+    /// Counted for the changed frontends only; a full reconcile does not
+    /// count (compare everything after it).
+    pub pairs_ended: usize,
 }
 
 impl ReconcileReport {
@@ -414,6 +420,9 @@ impl<M: MapIo> Reconciler<M> {
             None => desired.frontends.values().filter(differs).collect(),
             Some(c) => c.frontends.iter().filter_map(|f| desired.frontends.get(f)).filter(differs).collect(),
         };
+        // The pairs the changed frontends forward to now, to tell which end.
+        let pairs_before: Vec<(u32, u32)> =
+            scope.map(|c| c.frontends.iter().flat_map(|f| self.pairs_of(f)).collect()).unwrap_or_default();
         let backend_ids = self.write_backends(&changed, &mut report);
         let rev_nat_ids = self.write_rev_nats(&changed, &mut report);
         let touched = self.want_range_rows(desired, scope, &rev_nat_ids);
@@ -470,9 +479,18 @@ impl<M: MapIo> Reconciler<M> {
             }
         }
         self.needs_full = !report.errors.is_empty();
+        report.pairs_ended = pairs_before.iter().filter(|(r, b)| !self.mirror.is_live_pair(*r, *b)).count();
         #[cfg(test)]
         self.mirror.check_indexes();
         report
+    }
+
+    /// The (rev-NAT id, backend id) pairs frontend `f`'s applied row
+    /// forwards to.
+    fn pairs_of(&self, f: &Frontend) -> Vec<(u32, u32)> {
+        let state = self.mirror.state();
+        let Some(row) = state.services.get(&rows::frontend_key(f)) else { return Vec::new() };
+        state.table_of(row).map_or(&[][..], |t| &t.members).iter().map(|b| (row.rev_nat_id, *b)).collect()
     }
 
     /// Brings [`Self::ranges`] to `desired` (every frontend and `unserved`

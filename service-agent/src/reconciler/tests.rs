@@ -782,3 +782,27 @@ fn after_a_failed_reconcile_the_next_reconcile_of_changes_writes_again_what_fail
     assert_eq!(r.reconcile_changes(&d, &named).frontends_written, 1);
     assert_eq!(r.maps().state, *r.programmed());
 }
+
+/// What a change ends is what makes the agent walk conntrack for stale
+/// UDP flows: a backend leaving a frontend, or a frontend going; not a
+/// backend joining, nor a frontend (re)written with the same backends.
+#[test]
+fn a_change_reports_the_frontend_backend_pairs_it_ended() {
+    let mut r = reconciler();
+    let changes =
+        |ports: &[u16]| Changes { frontends: ports.iter().map(|p| frontend(*p)).collect(), ..Changes::default() };
+    let first = r
+        .reconcile_changes(&desired(&[(80, &[1, 2]), (81, &[1])]), &Changes { everything: true, ..Changes::default() });
+    assert!(first.full && first.errors.is_empty());
+    let joined = r.reconcile_changes(&desired(&[(80, &[1, 2, 3]), (81, &[1])]), &changes(&[80]));
+    assert!(joined.changed() && !joined.full);
+    assert_eq!(joined.pairs_ended, 0, "a backend joined");
+    let left = r.reconcile_changes(&desired(&[(80, &[1, 3]), (81, &[1])]), &changes(&[80]));
+    assert_eq!(left.pairs_ended, 1, "backend 2 left port 80");
+    // Port 81 takes port 80's backends: a new table for it, its backend 1
+    // kept, backend 3 joining.
+    let moved = r.reconcile_changes(&desired(&[(80, &[1, 3]), (81, &[1, 3])]), &changes(&[81]));
+    assert_eq!(moved.pairs_ended, 0);
+    let gone = r.reconcile_changes(&desired(&[(80, &[1, 3])]), &changes(&[81]));
+    assert_eq!(gone.pairs_ended, 2, "port 81 went with its two backends");
+}

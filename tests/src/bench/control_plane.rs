@@ -288,6 +288,7 @@ pub fn measure(
                 report.errors.len(),
                 relabel,
             );
+            metrics.observe_maps(reconciler.programmed(), reconciler.slot_blocks().0);
             (started.elapsed().as_secs_f64() * 1e3, model_ms, report)
         };
         let (ms, _, report) = sync(&objects);
