@@ -195,8 +195,9 @@ pub fn markdown(r: &Results) -> String {
             md,
             "{} Services with {} endpoints in all. *Program all*: model + reconcile + every map write into an \
              empty dataplane, in process. *One change*: one EndpointSlice changed, until the maps are updated \
-             (as the agent does it: the incremental model recomputes the one Service whose slice changed, the \
-             reconciler compares and writes only the frontends that changed), over {} changes. kube-proxy's \
+             and the sync's metrics refreshed (as the agent's sync step does it: the model diffs the snapshot \
+             with the last one and recomputes the one Service whose slice changed, the reconciler compares and \
+             writes only the frontends that changed, the metrics follow them), over {} changes. kube-proxy's \
              way: `iptables-restore` / `nft -f` of the full ruleset for the same Services into an empty namespace \
              (a full sync).\n",
             c.services, c.endpoints, r.plan.control_changes
@@ -616,13 +617,13 @@ fn scale_table(md: &mut String, r: &Results) {
     if let (Some(first), Some(last)) = (r.control.first(), r.control.last()) {
         let _ = writeln!(
             md,
-            "\nOne change at {} Services costs {} its cost at {} (p50), {} at p99 (of which the model: \
-             its snapshot diff walks every object's key). kube-proxy's full loads are not run at the larger \
-             size (`nft -f` alone takes minutes at {}).\n",
+            "\nOne change at {} Services costs {} its cost at {} (p50), {} at p99; the model's part {} \
+             (p50). kube-proxy's full loads are not run at the larger size (`nft -f` alone takes minutes at {}).\n",
             last.services,
             ratio(last.one_change.median, first.one_change.median),
             first.services,
             ratio(last.one_change.p99, first.one_change.p99),
+            ratio(last.one_change_model.median, first.one_change_model.median),
             first.services
         );
     }
