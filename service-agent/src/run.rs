@@ -532,7 +532,7 @@ fn sync_once(
         // The labels follow the desired frontends (a port renamed writes
         // no row) and the rows (ids): those of the changed frontends, or
         // all after a reconcile that compared them all.
-        if changes.everything || report.full { Relabel::All } else { Relabel::Frontends(&changes.frontends) },
+        Relabel::after(report.full, &changes.frontends),
     );
     // A reconcile without errors leaves every desired frontend programmed
     // (the one after a failure compares them all): only after errors is

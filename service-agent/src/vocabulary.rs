@@ -76,6 +76,18 @@ impl Objects {
     }
 }
 
+/// The keys added, changed or removed from `old` to `new`, in key order;
+/// the subtrees the two maps share are skipped (objects are compared by
+/// value only where their allocations differ).
+#[must_use]
+pub fn changed_keys<T: PartialEq>(old: &ObjectMap<T>, new: &ObjectMap<T>) -> Vec<ObjectRef> {
+    old.diff(new)
+        .map(|change| match change {
+            DiffItem::Add(key, _) | DiffItem::Update { new: (key, _), .. } | DiffItem::Remove(key, _) => key.clone(),
+        })
+        .collect()
+}
+
 /// `now`'s content built on `previous`: `previous` with the differences
 /// applied (objects compared by value where their allocations differ).
 #[must_use]
@@ -232,13 +244,7 @@ mod tests {
         assert_eq!(now, expected, "the same content");
         assert!(Arc::ptr_eq(&now.services[&key("s0001")], &before.services[&key("s0001")]));
         assert!(!Arc::ptr_eq(&now.services[&key("s0500")], &before.services[&key("s0500")]));
-        let changed: Vec<String> = before
-            .services
-            .diff(&now.services)
-            .map(|d| match d {
-                DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } | DiffItem::Remove(k, _) => k.name.clone(),
-            })
-            .collect();
+        let changed: Vec<String> = changed_keys(&before.services, &now.services).into_iter().map(|k| k.name).collect();
         assert_eq!(changed, ["s0000", "s0500", "t"]);
         let mut copy = now.clone();
         assert_eq!(copy, now, "a clone shares every object");

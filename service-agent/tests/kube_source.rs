@@ -14,7 +14,10 @@ use k8s_openapi::api::{
     networking::v1::ServiceCIDR,
 };
 use serde_json::json;
-use service_agent::{source::kube as source, vocabulary::Objects};
+use service_agent::{
+    source::kube as source,
+    vocabulary::{Objects, changed_keys},
+};
 use support::apiserver::{ApiServer, Kind};
 use tokio::sync::watch;
 
@@ -207,17 +210,9 @@ async fn a_burst_of_changes_is_published_as_a_few_updates() {
 
 /// The keys that differ between two publications' Services and slices.
 fn diff(a: &Objects, b: &Objects) -> Vec<String> {
-    use imbl::ordmap::DiffItem;
-    fn key<K: ToString, V>(d: &DiffItem<'_, '_, K, V>) -> String {
-        match d {
-            DiffItem::Add(k, _) | DiffItem::Update { new: (k, _), .. } | DiffItem::Remove(k, _) => k.to_string(),
-        }
-    }
-    a.services
-        .diff(&b.services)
-        .map(|d| key(&d))
-        .chain(a.endpoint_slices.diff(&b.endpoint_slices).map(|d| key(&d)))
-        .collect()
+    let (services, slices) =
+        (changed_keys(&a.services, &b.services), changed_keys(&a.endpoint_slices, &b.endpoint_slices));
+    services.iter().chain(&slices).map(ToString::to_string).collect()
 }
 
 #[tokio::test]

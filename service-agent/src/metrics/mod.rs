@@ -116,6 +116,17 @@ pub enum Relabel<'a> {
     Frontends(&'a BTreeSet<Frontend>),
 }
 
+impl<'a> Relabel<'a> {
+    /// What a sync refreshes after its reconcile: everything when the
+    /// reconcile compared every frontend (`full`: the first one, which the
+    /// model's `everything` always makes full, and the one after a
+    /// failure), else the `changed` frontends'.
+    #[must_use]
+    pub fn after(full: bool, changed: &'a BTreeSet<Frontend>) -> Self {
+        if full { Self::All } else { Self::Frontends(changed) }
+    }
+}
+
 impl CounterLabels {
     fn rebuild(&mut self, desired: &Desired, applied: &MapState) {
         self.frontends.clear();
@@ -855,13 +866,8 @@ mod tests {
                 }
                 let changes = model.update(&objects, &node);
                 let report = reconciler.reconcile_changes(model.desired(), &changes);
-                let relabel = if changes.everything || report.full {
-                    Relabel::All
-                } else {
-                    Relabel::Frontends(&changes.frontends)
-                };
                 let applied = reconciler.programmed();
-                labels.update(relabel, model.desired(), applied);
+                labels.update(Relabel::after(report.full, &changes.frontends), model.desired(), applied);
                 let mut fresh = CounterLabels::default();
                 fresh.rebuild(model.desired(), applied);
                 // Every id a desired frontend uses (an id only rows in their

@@ -27,14 +27,13 @@ use std::{
     sync::Arc,
 };
 
-use imbl::ordmap::DiffItem;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR};
 
 use super::{
     Desired, Frontend, FrontendClaim, FrontendKind, HealthCheck, ModelError, NodeContext, Scope, ServiceOutput,
     WhenEmpty, node_with_zone, service_cidr_objects, service_frontends, slice_service,
 };
-use crate::vocabulary::{Cidr, ObjectMap, ObjectRef, Objects};
+use crate::vocabulary::{Cidr, ObjectMap, ObjectRef, Objects, changed_keys};
 
 /// What one [`Model::update`] changed in the model's [`Desired`]; the
 /// reconciler compares only these with what it wrote.
@@ -434,16 +433,6 @@ struct Derived {
     external_of: Option<ObjectRef>,
     /// The address of a served internal ClusterIP frontend.
     cluster_ip: Option<IpAddr>,
-}
-
-/// The keys added, changed or removed from `old` to `new`, in key order;
-/// the subtrees the two maps share are skipped.
-fn changed_keys<T: PartialEq>(old: &ObjectMap<T>, new: &ObjectMap<T>) -> Vec<ObjectRef> {
-    old.diff(new)
-        .map(|change| match change {
-            DiffItem::Add(key, _) | DiffItem::Update { new: (key, _), .. } | DiffItem::Remove(key, _) => key.clone(),
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -488,9 +488,9 @@ impl<M: MapIo> Reconciler<M> {
     /// The (rev-NAT id, backend id) pairs frontend `f`'s applied row
     /// forwards to.
     fn pairs_of(&self, f: &Frontend) -> Vec<(u32, u32)> {
-        let state = self.mirror.state();
-        let Some(row) = state.services.get(&rows::frontend_key(f)) else { return Vec::new() };
-        state.table_of(row).map_or(&[][..], |t| &t.members).iter().map(|b| (row.rev_nat_id, *b)).collect()
+        let key = rows::frontend_key(f);
+        let Some(row) = self.mirror.state().services.get(&key) else { return Vec::new() };
+        self.members(&key).map(|b| (row.rev_nat_id, b)).collect()
     }
 
     /// Brings [`Self::ranges`] to `desired` (every frontend and `unserved`

@@ -147,12 +147,13 @@ fn take(dirty: &DirtyKeys) -> Dirty {
 }
 
 /// Drives one watcher stream in its own task, marking the keys its events
-/// touch in `dirty` (every key on a relist) and waking `changed` on every
+/// touch in `dirty` when given (every key on a relist; the kinds read
+/// whole at each publication have none) and waking `changed` on every
 /// event, and logging errors once per error streak (with `meanwhile`,
 /// what the failure means for the dataplane). The reflector has applied an
 /// event to its store before the stream yields it, so the publisher that
 /// takes a mark always reads the store as of that event or later.
-fn drive<S, K>(kind: &'static str, stream: S, changed: Arc<Notify>, dirty: DirtyKeys, meanwhile: &'static str)
+fn drive<S, K>(kind: &'static str, stream: S, changed: Arc<Notify>, dirty: Option<DirtyKeys>, meanwhile: &'static str)
 where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     K: Resource + Send + 'static,
@@ -167,7 +168,7 @@ where
                         tracing::info!(kind, "watch resumed");
                         failing = false;
                     }
-                    {
+                    if let Some(dirty) = &dirty {
                         let mut dirty = dirty.lock().unwrap_or_else(PoisonError::into_inner);
                         match &event {
                             watcher::Event::Apply(o) | watcher::Event::Delete(o) => dirty.add(key_of(o)),
@@ -244,7 +245,7 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
     let config = watcher::Config::default().labels(SERVICE_SELECTOR);
     let stream = reflector::reflector(writer, watcher(Api::<Service>::all(client.clone()), config).default_backoff());
     let services_dirty = dirty_keys();
-    drive("Service", stream, changed.clone(), Arc::clone(&services_dirty), KEEPING);
+    drive("Service", stream, changed.clone(), Some(Arc::clone(&services_dirty)), KEEPING);
 
     let (slices, writer) = reflector::store::<EndpointSlice>();
     let stream = reflector::reflector(
@@ -252,12 +253,12 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
         watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()).default_backoff(),
     );
     let slices_dirty = dirty_keys();
-    drive("EndpointSlice", stream, changed.clone(), Arc::clone(&slices_dirty), KEEPING);
+    drive("EndpointSlice", stream, changed.clone(), Some(Arc::clone(&slices_dirty)), KEEPING);
 
     let (nodes, writer) = reflector::store::<Node>();
     let config = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let stream = reflector::reflector(writer, watcher(Api::<Node>::all(client.clone()), config).default_backoff());
-    drive("Node", stream, changed.clone(), dirty_keys(), KEEPING);
+    drive("Node", stream, changed.clone(), None, KEEPING);
 
     // Not waited for (see the module documentation): a cluster without
     // them, or without the right to list them, is served all the same.
@@ -270,7 +271,7 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
         "ServiceCIDR",
         stream,
         changed.clone(),
-        dirty_keys(),
+        None,
         "the last listed ServiceCIDRs are kept; before the first list only --service-cluster-ip-range's \
          unallocated addresses are dropped (a cluster before 1.33 has no ServiceCIDRs; otherwise check that the \
          RBAC grants servicecidrs list and watch)",

@@ -278,15 +278,13 @@ pub fn measure(
             let delta = model.update(objects, &node);
             let model_ms = started.elapsed().as_secs_f64() * 1e3;
             let report = reconciler.reconcile_changes(model.desired(), &delta);
-            let relabel =
-                if delta.everything || report.full { Relabel::All } else { Relabel::Frontends(&delta.frontends) };
             metrics.observe_sync(
                 started.elapsed(),
                 objects,
                 model.desired(),
                 reconciler.programmed(),
                 report.errors.len(),
-                relabel,
+                Relabel::after(report.full, &delta.frontends),
             );
             metrics.observe_maps(reconciler.programmed(), reconciler.slot_blocks().0);
             (started.elapsed().as_secs_f64() * 1e3, model_ms, report)
