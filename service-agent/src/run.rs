@@ -43,6 +43,9 @@ use crate::{
 const MANIFEST_POLL: Duration = Duration::from_millis(200);
 /// Interfaces are re-scanned this often even without link events.
 const RESCAN: Duration = Duration::from_secs(5);
+/// How often the counter rows of freed ids are swept: only a packet that
+/// raced the delete of its id's row re-creates one, so they are rare.
+const SWEEP: Duration = Duration::from_mins(1);
 /// The first retry of a sync that failed to write some rows.
 pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// The longest wait between retries.
@@ -176,6 +179,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut rescan = tokio::time::interval(RESCAN);
+    let mut sweep = tokio::time::interval_at(tokio::time::Instant::now() + SWEEP, SWEEP);
     if refill_before_attach(&migrations) {
         // An upgrade recreated the agent's own maps empty: the programs
         // already attached (an older agent's, on the old maps) keep
@@ -209,6 +213,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
             Some(()) = events.recv() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
             _ = rescan.tick() => rescan_node(&config, (&mut pod_attach, pod_prog), (&mut ext_attach, ext_prog), &mut node_addrs, &mut node),
+            _ = sweep.tick() => {
+                sweep_ids(&mut reconciler);
+                false
+            }
             () = sleep_until(deferred) => {
                 collect_deferred(&mut reconciler, &metrics);
                 false
@@ -234,11 +242,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             } else {
                 health.synced();
             }
-            frontends_tx.send_replace(Some(Arc::new(AffinityFrontends::from_rows(
-                reconciler.frontends(),
-                |k| reconciler.members(k).collect::<Vec<_>>(),
-                maps::monotonic_ns(),
-            ))));
+            publish_frontends(&frontends_tx, &reconciler);
             health_checks.sync(&outcome.health_checks, &outcome.failed_services);
         }
     }
@@ -305,21 +309,39 @@ fn refill_before_attach(migrations: &[maps::layout::Migration]) -> bool {
 }
 
 /// The reconciler over the loaded maps, starting from what they hold; the
-/// counters matched to the adopted rows first.
+/// counters of ids without a row (an earlier agent's) swept.
 fn adopt_maps(config: &RunConfig, ebpf: &mut aya::Ebpf) -> anyhow::Result<Reconciler<PinnedMaps>> {
-    let mut maps = PinnedMaps::from_ebpf(ebpf, config.map_sizes)?;
-    match maps.sync_counters() {
-        Ok((0, 0)) => {}
-        Ok((created, deleted)) => tracing::info!(created, deleted, "counters matched to the adopted rows"),
-        Err(e) => tracing::warn!(error = %e, "matching the counters to the adopted rows"),
-    }
-    let reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
+    let maps = PinnedMaps::from_ebpf(ebpf, config.map_sizes)?;
+    let mut reconciler = Reconciler::new(maps).context("reading the pinned maps")?;
+    sweep_ids(&mut reconciler);
     tracing::info!(
         bpffs_root = %config.bpffs_root.display(),
         adopted_rows = reconciler.programmed().services.len(),
         "maps pinned"
     );
     Ok(reconciler)
+}
+
+/// Hands the garbage collector the frontends' affinity settings and
+/// backend sets as last programmed.
+fn publish_frontends(
+    tx: &tokio::sync::watch::Sender<Option<Arc<AffinityFrontends>>>,
+    reconciler: &Reconciler<PinnedMaps>,
+) {
+    tx.send_replace(Some(Arc::new(AffinityFrontends::from_rows(
+        reconciler.frontends(),
+        |k| reconciler.members(k).collect::<Vec<_>>(),
+        maps::monotonic_ns(),
+    ))));
+}
+
+/// Deletes the counter rows of ids without a row ([`Reconciler::sweep_ids`]).
+fn sweep_ids(reconciler: &mut Reconciler<PinnedMaps>) {
+    match reconciler.sweep_ids() {
+        Ok(0) => {}
+        Ok(deleted) => tracing::info!(deleted, "counter rows of freed ids swept"),
+        Err(e) => tracing::warn!(error = %e, "sweeping the counter rows of freed ids"),
+    }
 }
 
 /// Sleeps until `at`; never wakes when it is `None`.

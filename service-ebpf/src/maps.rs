@@ -99,7 +99,8 @@ pub static INTERFACE_STATS: LruPerCpuHashMap<InterfaceCounterKey, u64, { capacit
 pub static SOCK_REV_NAT: LruHashMap<SockRevNatKey, SockRevNatValue, { capacity::SOCK_REV_NAT as usize }> =
     LruHashMap::new();
 /// Per frontend (rev-NAT id): connect() and sendmsg() calls translated;
-/// rows created and deleted by the agent with the rev-NAT rows.
+/// rows created by the first call (`counter_row`), deleted by the agent
+/// with the rev-NAT rows.
 #[btf_map(name = "sock_counters")]
 pub static SOCK_COUNTERS: PerCpuHashMap<u32, SockCounters, { capacity::REV_NAT as usize }, NO_PREALLOC> =
     PerCpuHashMap::new();
@@ -151,13 +152,53 @@ fn count_interface(ifindex: u32, id: Counter) {
     }
 }
 
-/// Adds one packet of `len` bytes to `map[id]`. The agent creates a
-/// row with the frontend or backend row of the same id and deletes it with
-/// that row: a packet of an old flow whose id is gone counts nowhere
-/// (never re-creating a row for an id the agent may hand out again).
+/// This CPU's copy of `map[id]`, the row created (zeroed on every CPU)
+/// by the id's first packet when `live` says the id has its row in
+/// `backends` / `rev_nat`. The agent writes no counter row when it
+/// programs a Service (a per-CPU insert per id made up a quarter of
+/// programming 10,000 Services), and deletes an id's row when it frees the
+/// id; a packet of an old flow whose id is gone counts nowhere, and the
+/// rare row such a packet re-creates between the liveness check and the
+/// agent's delete is swept by the agent (`PinnedMaps::sweep_counters`).
+/// A racing insert by another CPU makes this one fail with EEXIST: the
+/// row is there, so the lookup is tried once more.
 #[inline(always)]
-fn add_counter<const N: usize, const F: usize>(map: &PerCpuHashMap<u32, Counters, N, F>, id: u32, len: u64) {
-    if let Some(c) = map.get_ptr_mut(&id) {
+pub fn counter_row<V: Default, const N: usize, const F: usize>(
+    map: &PerCpuHashMap<u32, V, N, F>,
+    id: u32,
+    live: impl FnOnce(u32) -> bool,
+) -> Option<*mut V> {
+    if let Some(row) = map.get_ptr_mut(&id) {
+        return Some(row);
+    }
+    if !live(id) {
+        return None;
+    }
+    let _ = map.insert(&id, &V::default(), u64::from(BPF_NOEXIST));
+    map.get_ptr_mut(&id)
+}
+
+/// Whether backend `id` has its row (its counters may be created).
+#[inline(always)]
+pub fn backend_is_live(id: u32) -> bool {
+    BACKENDS.get_ptr(&id).is_some()
+}
+
+/// Whether rev-NAT `id` has its row (its counters may be created).
+#[inline(always)]
+pub fn rev_nat_is_live(id: u32) -> bool {
+    REV_NAT.get_ptr(&id).is_some()
+}
+
+/// Adds one packet of `len` bytes to `map[id]`.
+#[inline(always)]
+fn add_counter<const N: usize, const F: usize>(
+    map: &PerCpuHashMap<u32, Counters, N, F>,
+    id: u32,
+    len: u64,
+    live: impl FnOnce(u32) -> bool,
+) {
+    if let Some(c) = counter_row(map, id, live) {
         // SAFETY: a per-CPU value: only this CPU writes it.
         unsafe {
             (*c).packets += 1;
@@ -171,6 +212,6 @@ fn add_counter<const N: usize, const F: usize>(map: &PerCpuHashMap<u32, Counters
 #[inline(never)]
 pub fn count_flow(ctx: &TcContext, rev_nat_id: u32, backend_id: u32) {
     let len = u64::from(ctx.len());
-    add_counter(&SERVICE_COUNTERS, rev_nat_id, len);
-    add_counter(&BACKEND_COUNTERS, backend_id, len);
+    add_counter(&SERVICE_COUNTERS, rev_nat_id, len, rev_nat_is_live);
+    add_counter(&BACKEND_COUNTERS, backend_id, len, backend_is_live);
 }

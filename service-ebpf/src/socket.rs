@@ -46,7 +46,7 @@ use service_common::{
 use crate::{
     backend_table::{is_member, slot_backend},
     flow::ktime_ns,
-    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, count},
+    maps::{AFFINITY, BACKENDS, SERVICES, SOCK_COUNTERS, SOCK_REV_NAT, SOCKET_LB, count, counter_row, rev_nat_is_live},
     nat::{ServiceIp, service_ip},
 };
 
@@ -319,7 +319,7 @@ fn translate<const IP6: bool>(ctx: &SockAddrContext, counter: Counter) -> i32 {
     let _ = SOCK_REV_NAT.insert(&rev, &shown, 0);
     set_user_addr::<IP6>(ctx, family, &backend.addr, backend.port);
     count(0, counter);
-    if let Some(c) = SOCK_COUNTERS.get_ptr_mut(&service.rev_nat_id) {
+    if let Some(c) = counter_row(&SOCK_COUNTERS, service.rev_nat_id, rev_nat_is_live) {
         // SAFETY: a per-CPU value: only this CPU writes it.
         unsafe {
             if counter == Counter::SockConnect {

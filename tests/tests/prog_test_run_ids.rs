@@ -25,7 +25,7 @@ use service_agent::{
     reconciler::Reconciler,
     source::manifest,
 };
-use service_common::{AffinityKey, AffinityValue, addr_v4, map_names, stats::Counter};
+use service_common::{AffinityKey, AffinityValue, Counters, addr_v4, map_names, stats::Counter};
 use service_tests::{
     fixture::ManifestDir,
     netns::BpffsMount,
@@ -301,10 +301,15 @@ fn the_member_search_finds_every_backend_of_a_large_set_and_no_other_id() {
 fn an_old_flows_packets_recreate_no_counter_for_freed_ids() {
     let client = Ipv4Addr::new(10, 244, 9, 8);
     let mut f = Fixture::new(&sticky_yaml("[{addresses: [10.244.1.33]}]"));
+    // Programming writes no counter row: an id's first packet creates it.
+    let none = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
+    assert!(none.is_empty(), "the agent wrote counter rows: {none:?}");
     let syn = packet::tcp_v4(client, 42000, STICKY_VIP, 80, SYN, b"");
     assert_eq!(dnat_target(&f.run(&syn)), (Ipv4Addr::new(10, 244, 1, 33), 8080));
     let services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
     let backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
+    assert_eq!((services.len(), backends.len()), (1, 1), "the first packet created its ids' rows");
+    assert_eq!(services.values().next().map(|c| c.packets), Some(1), "and was counted");
     // `sticky` goes, with its only backend: their ids are freed.
     f.program(
         &sticky_yaml("[{addresses: [10.244.1.33]}]").split("\n---\n").skip(2).collect::<Vec<_>>().join("\n---\n"),
@@ -333,6 +338,33 @@ fn an_old_flows_packets_recreate_no_counter_for_freed_ids() {
     let now_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
     assert!(freed_service.iter().all(|id| !now_services.contains_key(id)));
     assert!(freed_backend.iter().all(|id| !now_backends.contains_key(id)));
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn the_sweep_deletes_counter_rows_of_freed_ids_and_keeps_the_live_ones() {
+    let client = Ipv4Addr::new(10, 244, 9, 9);
+    let mut f = Fixture::new(&sticky_yaml("[{addresses: [10.244.1.33]}]"));
+    let syn = packet::tcp_v4(client, 42001, STICKY_VIP, 80, SYN, b"");
+    assert_eq!(dnat_target(&f.run(&syn)), (Ipv4Addr::new(10, 244, 1, 33), 8080));
+    let live_services = maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters");
+    let live_backends = maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters");
+    // What a packet racing the delete of its id's row leaves: counter rows
+    // of ids no row names.
+    let stale = [(map_names::SERVICE_COUNTERS, u32::MAX - 7), (map_names::BACKEND_COUNTERS, u32::MAX - 7)];
+    for (name, id) in stale {
+        let mut map: aya::maps::PerCpuHashMap<_, u32, Counters> = aya::maps::PerCpuHashMap::try_from(
+            aya::maps::Map::PerCpuHashMap(aya::maps::MapData::from_pin(f.root.join(name)).expect("pin")),
+        )
+        .expect("per-CPU hash");
+        let cpus = aya::util::nr_cpus().expect("cpus");
+        let one = Counters { packets: 1, bytes: 60 };
+        map.insert(id, aya::maps::PerCpuValues::try_from(vec![one; cpus]).expect("values"), 0).expect("insert");
+    }
+    assert_eq!(f.reconciler.sweep_ids().expect("sweep"), 2, "both stale rows swept");
+    assert_eq!(maps::read_counters(&f.root, map_names::SERVICE_COUNTERS).expect("counters"), live_services);
+    assert_eq!(maps::read_counters(&f.root, map_names::BACKEND_COUNTERS).expect("counters"), live_backends);
+    assert_eq!(f.reconciler.sweep_ids().expect("sweep"), 0, "nothing left to sweep");
 }
 
 /// A sticky LoadBalancer Service with a NodePort and an external IP, three

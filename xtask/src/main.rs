@@ -58,6 +58,11 @@ enum Cmd {
         /// 500,000 endpoints (ours only there), about an hour more.
         #[arg(long)]
         scale: bool,
+        /// The control plane section without kube-proxy's iptables-restore
+        /// and nft loads (minutes at 10,000 Services), to profile the
+        /// agent's own steps (written to target/bench/).
+        #[arg(long)]
+        ours_only: bool,
     },
     /// The long soak (root): every path at once, at least 50,000
     /// connections each and at least `--minutes`, through endpoint churn,
@@ -436,13 +441,14 @@ fn parse_sections(value: &str) -> std::result::Result<String, String> {
     }
 }
 
-fn bench(quick: bool, only: Option<&str>, scale: bool) -> Result<()> {
+fn bench(quick: bool, only: Option<&str>, scale: bool, ours_only: bool) -> Result<()> {
     if !is_root() {
         bail!("`cargo xtask bench` builds network namespaces and loads BPF programs: run it as root");
     }
     setup()?;
     build_bins()?;
-    let out = if quick || only.is_some() { root_dir().join("target/bench") } else { root_dir().join("docs") };
+    let out =
+        if quick || only.is_some() || ours_only { root_dir().join("target/bench") } else { root_dir().join("docs") };
     std::fs::create_dir_all(&out)?;
     let commit = Command::new("git")
         .args(["rev-parse", "--short=12", "HEAD"])
@@ -469,6 +475,9 @@ fn bench(quick: bool, only: Option<&str>, scale: bool) -> Result<()> {
     }
     if scale {
         cmd.arg("--scale");
+    }
+    if ours_only {
+        cmd.arg("--ours-only");
     }
     if let Some(section) = only {
         cmd.args(["--only", section]);
@@ -526,7 +535,7 @@ fn main() -> Result<()> {
     match command {
         Cmd::Soak { minutes, connections } => soak(minutes, connections),
         Cmd::Fuzz { frames } => fuzz(frames),
-        Cmd::Bench { quick, only, scale } => bench(quick, only.as_deref(), scale),
+        Cmd::Bench { quick, only, scale, ours_only } => bench(quick, only.as_deref(), scale, ours_only),
         Cmd::Setup => setup(),
         Cmd::BuildEbpf => {
             setup()?;

@@ -5,7 +5,7 @@ use std::{collections::BTreeSet, io, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuHashMap, lpm_trie::Key as LpmKey},
 };
 use service_common::{
     BackendValue, Counters, RevNatValue, ServiceKey, ServiceValue, SlotBlock, SockCounters, SourceRangeKey,
@@ -17,12 +17,10 @@ use super::{
     access::{dump_map, is_not_found, open_pinned},
 };
 
-/// `BPF_NOEXIST`: an update that only creates.
-const BPF_NOEXIST: u64 = 1;
-
 /// The maps the reconciler writes: the frontends, backends, rev-NAT and
-/// source-range rows, the counters created and deleted with the backend
-/// and rev-NAT rows of the same id, and the id counters in `agent_state`.
+/// source-range rows, the counters of backend and rev-NAT ids (created by
+/// an id's first packet, deleted with its row), and the id counters in
+/// `agent_state`.
 pub struct PinnedMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backend_slots: Array<MapData, SlotBlock>,
@@ -96,35 +94,6 @@ impl PinnedMaps {
         Self::from_maps(|name| open_pinned(root, name), sizes)
     }
 
-    /// Creates the zeroed counters of a new id (a row already there, e.g.
-    /// adopted from an earlier agent, is kept).
-    fn create_counters<V: aya::Pod + Default>(
-        map: &mut PerCpuHashMap<MapData, u32, V>,
-        name: &'static str,
-        id: u32,
-    ) -> Result<(), MapError> {
-        let cpus = aya::util::nr_cpus().map_err(|(_, e)| MapError::Io { map: name, op: "nr_cpus", source: e })?;
-        let zero = PerCpuValues::try_from(vec![V::default(); cpus]).map_err(|e| MapError::Io {
-            map: name,
-            op: "update",
-            source: e,
-        })?;
-        match map.insert(id, zero, BPF_NOEXIST) {
-            Ok(()) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }))
-                if io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                Ok(())
-            }
-            // Counters are not worth failing a row for: a missing row only
-            // means the id's packets are not counted.
-            Err(e) => {
-                tracing::warn!(map = name, id, error = %e, "creating the counters of a new id");
-                Ok(())
-            }
-        }
-    }
-
     fn delete_counters<V: aya::Pod>(map: &mut PerCpuHashMap<MapData, u32, V>, name: &'static str, id: u32) {
         if let Err(e) = map.remove(&id)
             && !is_not_found(&e)
@@ -133,41 +102,23 @@ impl PinnedMaps {
         }
     }
 
-    /// Gives the counters the lifecycle of their rows for whatever an
-    /// earlier agent left, once at start (from then on they are created and
-    /// deleted with the backend and rev-NAT rows): a counter row for every
-    /// id in `backends` / `rev_nat`, none for any other id (older programs
-    /// created rows on first use, and kept those of freed ids alive).
-    /// Returns (created, deleted).
+    /// Deletes the counter rows of ids `live` has no row for: rows an
+    /// old flow's packet re-created in the moment between the programs'
+    /// liveness check and the agent's delete, or an earlier agent left.
+    /// Returns how many went.
     ///
     /// # Errors
-    /// When a map cannot be read.
-    pub fn sync_counters(&mut self) -> Result<(usize, usize), MapError> {
-        let backends = ids(self.backends.keys().collect(), map_names::BACKENDS)?;
-        let rev_nats = ids(self.rev_nat.keys().collect(), map_names::REV_NAT)?;
-        let counts = [
-            Self::match_counters(&backends, &mut self.backend_counters, map_names::BACKEND_COUNTERS)?,
-            Self::match_counters(&rev_nats, &mut self.service_counters, map_names::SERVICE_COUNTERS)?,
-            Self::match_counters(&rev_nats, &mut self.sock_counters, map_names::SOCK_COUNTERS)?,
-        ];
-        Ok(counts.iter().fold((0, 0), |(c, d), (created, deleted)| (c + created, d + deleted)))
-    }
-
-    /// Makes `counters` have a row for exactly the ids in `rows`; returns
-    /// (created, deleted).
-    fn match_counters<V: aya::Pod + Default>(
-        rows: &BTreeSet<u32>,
+    /// When a counter map cannot be read.
+    fn sweep_rows<V: aya::Pod>(
         counters: &mut PerCpuHashMap<MapData, u32, V>,
         name: &'static str,
-    ) -> Result<(usize, usize), MapError> {
-        let existing = ids(counters.keys().collect(), name)?;
-        for id in rows.difference(&existing) {
-            Self::create_counters(counters, name, *id)?;
-        }
-        for id in existing.difference(rows) {
+        live: impl Fn(u32) -> bool,
+    ) -> Result<usize, MapError> {
+        let dead: Vec<u32> = ids(counters.keys().collect(), name)?.into_iter().filter(|id| !live(*id)).collect();
+        for id in &dead {
             Self::delete_counters(counters, name, *id);
         }
-        Ok((rows.difference(&existing).count(), existing.difference(rows).count()))
+        Ok(dead.len())
     }
 
     fn state_row(&self, name: &str) -> u64 {
@@ -380,22 +331,21 @@ impl MapIo for PinnedMaps {
     }
 
     fn put_backend(&mut self, id: u32, value: &BackendValue) -> Result<(), MapError> {
-        // The counters first: the row's first packet is counted.
-        Self::create_counters(&mut self.backend_counters, map_names::BACKEND_COUNTERS, id)?;
+        // No counter row: the id's first packet creates it.
         self.backends
             .insert(id, value, 0)
             .map_err(|e| classify(map_names::BACKENDS, "update", self.sizes.backends, "--map-size-backends", e))
     }
 
     fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        // The row first: the programs create no counter row for an id
+        // without one.
         delete_row(&mut self.backends, map_names::BACKENDS, &id)?;
         Self::delete_counters(&mut self.backend_counters, map_names::BACKEND_COUNTERS, id);
         Ok(())
     }
 
     fn put_rev_nat(&mut self, id: u32, value: &RevNatValue) -> Result<(), MapError> {
-        Self::create_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id)?;
-        Self::create_counters(&mut self.sock_counters, map_names::SOCK_COUNTERS, id)?;
         self.rev_nat
             .insert(id, value, 0)
             .map_err(|e| classify(map_names::REV_NAT, "update", self.sizes.backends, "--map-size-backends", e))
@@ -406,5 +356,13 @@ impl MapIo for PinnedMaps {
         Self::delete_counters(&mut self.service_counters, map_names::SERVICE_COUNTERS, id);
         Self::delete_counters(&mut self.sock_counters, map_names::SOCK_COUNTERS, id);
         Ok(())
+    }
+
+    fn sweep_ids(&mut self, live: &MapState) -> Result<usize, MapError> {
+        let backend = |id| live.backends.contains_key(&id);
+        let rev_nat = |id| live.rev_nat.contains_key(&id);
+        Ok(Self::sweep_rows(&mut self.backend_counters, map_names::BACKEND_COUNTERS, backend)?
+            + Self::sweep_rows(&mut self.service_counters, map_names::SERVICE_COUNTERS, rev_nat)?
+            + Self::sweep_rows(&mut self.sock_counters, map_names::SOCK_COUNTERS, rev_nat)?)
     }
 }

@@ -101,9 +101,9 @@ struct CounterLabels {
     /// it: frontends sharing an address:port (TCP and UDP of one port)
     /// share a counter, reported under the first. The model's own shared
     /// copy; the label strings are written at scrape time only.
-    frontends: std::collections::HashMap<u32, Arc<DesiredFrontend>>,
+    frontends: foldhash::HashMap<u32, Arc<DesiredFrontend>>,
     /// backend id → its row (`addr:port/proto` at scrape time).
-    backends: std::collections::HashMap<u32, service_common::BackendValue>,
+    backends: foldhash::HashMap<u32, service_common::BackendValue>,
 }
 
 /// Which labels a sync refreshes.

@@ -8,7 +8,9 @@
 //! can never disagree with [`MapState`] (a test checks them against a full
 //! recomputation after every step).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use service_common::{BackendValue, RevNatValue, ServiceKey, ServiceValue, backend_slots};
 

@@ -34,7 +34,7 @@ pub mod maglev;
 mod mirror;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -44,6 +44,8 @@ use service_common::{ServiceKey, ServiceValue, backend_slots};
 #[cfg(test)]
 pub use self::clock::ManualClock;
 pub use self::clock::{Clock, SystemClock};
+use foldhash::{HashMap, HashMapExt as _, HashSet};
+
 use self::mirror::Mirror;
 use crate::maps::{BackendTable, MapError, MapIo, MapState, NextIds};
 use crate::{
@@ -362,6 +364,16 @@ impl<M: MapIo> Reconciler<M> {
     #[must_use]
     pub fn maps(&self) -> &M {
         &self.maps
+    }
+
+    /// Deletes what the maps hold for ids no row is left for (the
+    /// counters an old flow's packet re-created: [`MapIo::sweep_ids`]);
+    /// returns how many rows went.
+    ///
+    /// # Errors
+    /// When a map cannot be read.
+    pub fn sweep_ids(&mut self) -> Result<usize, MapError> {
+        self.maps.sweep_ids(self.mirror.state())
     }
 
     #[cfg(test)]

@@ -46,6 +46,8 @@ pub struct ControlPlane {
     pub endpoints: usize,
     /// Empty dataplane to every row written.
     pub program_all: Stats,
+    /// Of which the model (every Service computed).
+    pub program_all_model: Stats,
     /// One EndpointSlice changed to the maps updated.
     pub one_change: Stats,
     /// Of which the model (objects → desired frontends).
@@ -55,7 +57,8 @@ pub struct ControlPlane {
     pub nft_load: Option<Stats>,
     /// The agent's peak resident set, running on those manifests.
     pub agent_peak_rss_bytes: u64,
-    /// Its resident set once synced (the parse of the manifests released).
+    /// Its resident set once synced and settled (the parse of the manifests
+    /// and the first sync's temporaries released).
     pub agent_rss_bytes: u64,
     /// The map sizes the benchmark programs into.
     pub map_sizes: MapSizes,
@@ -237,10 +240,10 @@ pub fn sizes(services: usize, per: usize) -> MapSizes {
     }
 }
 
-/// Runs the control plane benchmark at `services` × `per` endpoints with
-/// `changes` single-slice changes and `repeats` repetitions of the loads,
-/// and kube-proxy's full loads of the same Services when
-/// `with_kube_proxy`.
+/// Runs the control plane benchmark at `services` × `per` endpoints:
+/// `ours` times program all then `changes` single-slice changes, and,
+/// when `with_kube_proxy`, kube-proxy's full loads of the same Services
+/// `repeats` times.
 ///
 /// # Errors
 /// When a step fails.
@@ -249,16 +252,18 @@ pub fn measure(
     per: usize,
     changes: usize,
     repeats: usize,
+    ours: usize,
     with_kube_proxy: bool,
 ) -> Result<ControlPlane> {
     let node = NodeContext { node_name: "bench-node".into(), ..NodeContext::default() };
     let sizes = sizes(services, per);
     let mut program_all = Vec::new();
+    let mut program_all_model = Vec::new();
     let mut one_change = Vec::new();
     let mut one_change_model = Vec::new();
     let mut map_memory_bytes = 0;
     let mut map_memory = Vec::new();
-    for _ in 0..repeats {
+    for _ in 0..ours {
         // Each repeat starts from the same objects (the changes below edit
         // them).
         let mut objects = objects(services, per);
@@ -289,8 +294,9 @@ pub fn measure(
             metrics.observe_maps(reconciler.programmed(), reconciler.slot_blocks().0);
             (started.elapsed().as_secs_f64() * 1e3, model_ms, report)
         };
-        let (ms, _, report) = sync(&objects);
+        let (ms, model_ms, report) = sync(&objects);
         program_all.push(ms);
+        program_all_model.push(model_ms);
         anyhow::ensure!(report.errors.is_empty(), "programming: {:?}", report.errors.first());
         for c in 0..changes {
             let i = (c * 7919) % services;
@@ -323,6 +329,7 @@ pub fn measure(
         services,
         endpoints: services * per,
         program_all: summarize(program_all),
+        program_all_model: summarize(program_all_model),
         one_change: summarize(one_change),
         one_change_model: summarize(one_change_model),
         iptables_restore,
@@ -382,14 +389,30 @@ fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64)>
     let want = format!("synced services={services} ");
     anyhow::ensure!(agent.log().contains(&want), "the agent did not sync {services} Services: {}", agent.log());
     let pid = agent.pid().context("agent pid")?;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib = |field: &str| -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         status
             .lines()
             .find_map(|l| l.strip_prefix(field).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+            .map(|kib: u64| kib * 1024)
             .with_context(|| format!("no {field} in /proc/{pid}/status"))
     };
-    let (peak, now) = (kib("VmHWM:")? * 1024, kib("VmRSS:")? * 1024);
+    // Once settled: what the first sync's work freed is handed back by
+    // the sync and by the source task after it (`memory::release_freed`),
+    // so the resident set read at the log line can still be on its way
+    // down. Read every half second until two readings agree within
+    // 1 MiB (at most 10 s).
+    let mut now = kib("VmRSS:")?;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(500));
+        let next = kib("VmRSS:")?;
+        let settled = next.abs_diff(now) < 1024 * 1024;
+        now = next;
+        if settled {
+            break;
+        }
+    }
+    let peak = kib("VmHWM:")?;
     agent.stop()?;
     Ok((peak, now))
 }

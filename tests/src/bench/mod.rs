@@ -91,9 +91,18 @@ pub struct Plan {
     /// `--scale`: the control plane section again at this many Services
     /// (ours only: kube-proxy's full loads take minutes to hours there).
     pub control_scale_services: Option<usize>,
+    /// kube-proxy's iptables-restore and nft loads beside ours at
+    /// [`Self::control_services`] (`--ours-only` turns them off, to profile
+    /// the agent's own steps: they take minutes at 10,000 Services).
+    pub control_kube_proxy: bool,
     pub control_endpoints_per_service: usize,
     pub control_changes: usize,
+    /// Repeats of kube-proxy's full loads.
     pub control_repeats: usize,
+    /// Repeats of ours (program all and the changes), each into fresh
+    /// maps: program all moves by a third between runs on a shared
+    /// machine, so more than kube-proxy's minutes-long loads get.
+    pub program_all_repeats: usize,
 }
 
 impl Plan {
@@ -129,9 +138,11 @@ impl Plan {
                 // nft 1.0.6: the quick run uses a fifth of the full size.
                 control_services: 2_000,
                 control_scale_services: None,
+                control_kube_proxy: true,
                 control_endpoints_per_service: 10,
                 control_changes: 50,
                 control_repeats: 1,
+                program_all_repeats: 3,
             }
         } else {
             Self {
@@ -146,9 +157,11 @@ impl Plan {
                 socket_slices: 8,
                 control_services: 10_000,
                 control_scale_services: None,
+                control_kube_proxy: true,
                 control_endpoints_per_service: 10,
                 control_changes: 200,
                 control_repeats: 2,
+                program_all_repeats: 5,
             }
         }
     }

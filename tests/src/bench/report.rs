@@ -197,10 +197,10 @@ pub fn markdown(r: &Results) -> String {
              empty dataplane, in process. *One change*: one EndpointSlice changed, until the maps are updated \
              and the sync's metrics refreshed (as the agent's sync step does it: the model diffs the snapshot \
              with the last one and recomputes the one Service whose slice changed, the reconciler compares and \
-             writes only the frontends that changed, the metrics follow them), over {} changes. kube-proxy's \
-             way: `iptables-restore` / `nft -f` of the full ruleset for the same Services into an empty namespace \
-             (a full sync).\n",
-            c.services, c.endpoints, r.plan.control_changes
+             writes only the frontends that changed, the metrics follow them), over {} changes. Ours {} times, \
+             each into fresh maps. kube-proxy's way: `iptables-restore` / `nft -f` of the full ruleset for the \
+             same Services into an empty namespace (a full sync), {} times.\n",
+            c.services, c.endpoints, r.plan.control_changes, r.plan.program_all_repeats, r.plan.control_repeats
         );
         let _ = writeln!(md, "| what | median ms | p99 ms | min–max ms | ratio to ours |");
         let _ = writeln!(md, "|---|---:|---:|---:|---:|");
@@ -216,6 +216,7 @@ pub fn markdown(r: &Results) -> String {
             );
         };
         row(&mut md, "ours: program all", &c.program_all, c.program_all.median);
+        row(&mut md, "of which the model (every Service computed)", &c.program_all_model, c.program_all.median);
         if let Some(s) = &c.iptables_restore {
             row(&mut md, "iptables-restore, full ruleset", s, c.program_all.median);
         }
@@ -234,7 +235,8 @@ pub fn markdown(r: &Results) -> String {
         let _ = writeln!(
             md,
             "\nThe agent (the real binary, on these Services as a manifest directory): peak RSS {:.1} MiB \
-             while it parses the manifests and programs the maps, {:.1} MiB resident once synced.\n\n\
+             while it parses the manifests and programs the maps, {:.1} MiB resident once synced (read when it has \
+             settled: two readings half a second apart within 1 MiB).\n\n\
              BPF map memory (kernel `memlock` of the pinned maps, with room for twice these Services: \
              `--map-size-services {}`, `--map-size-backend-slots {}`, `--map-size-backends {}`; the flow maps \
              at their defaults, `--map-size-conntrack {}`): **{:.1} MiB for the Service state** (the maps whose \
@@ -608,6 +610,7 @@ fn scale_table(md: &mut String, r: &Results) {
         let _ = writeln!(md, "| {what} | {} |", cells.join(" | "));
     };
     line(md, "program all, median ms", &|c| format!("{:.0}", c.program_all.median));
+    line(md, "of which the model, median ms", &|c| format!("{:.0}", c.program_all_model.median));
     line(md, "one EndpointSlice change, p50 ms", &|c| format!("{:.2}", c.one_change.median));
     line(md, "one EndpointSlice change, p99 ms", &|c| format!("{:.2}", c.one_change.p99));
     line(md, "of which the model, p50 ms", &|c| format!("{:.2}", c.one_change_model.median));

@@ -40,7 +40,9 @@ fn main() -> Result<()> {
     let wants = |section: &str| only.as_deref().is_none_or(|o| o.split(',').any(|s| s == section));
     // `--scale`: the traffic section also at 30,000 Services, the control
     // plane section also at 50,000.
-    let plan = if args.iter().any(|a| a == "--scale") { Plan::with_scale(quick) } else { Plan::new(quick) };
+    let mut plan = if args.iter().any(|a| a == "--scale") { Plan::with_scale(quick) } else { Plan::new(quick) };
+    // `--ours-only`: the control plane section without kube-proxy's loads.
+    plan.control_kube_proxy = !args.iter().any(|a| a == "--ours-only");
     let started = std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output()?;
     let mut results = Results {
         plan,
@@ -153,7 +155,9 @@ fn control_section(plan: &Plan, results: &mut Results) -> Result<()> {
         "== 3. control plane ({} Services x {} endpoints)",
         plan.control_services, plan.control_endpoints_per_service
     );
-    let sizes = [(plan.control_services, true)].into_iter().chain(plan.control_scale_services.map(|n| (n, false)));
+    let sizes = [(plan.control_services, plan.control_kube_proxy)]
+        .into_iter()
+        .chain(plan.control_scale_services.map(|n| (n, false)));
     for (services, with_kube_proxy) in sizes {
         if !with_kube_proxy {
             println!("   at {services} Services (ours only)");
@@ -163,6 +167,7 @@ fn control_section(plan: &Plan, results: &mut Results) -> Result<()> {
             plan.control_endpoints_per_service,
             plan.control_changes,
             plan.control_repeats,
+            plan.program_all_repeats,
             with_kube_proxy,
         )?;
         let ms = |s: Option<&Stats>| s.map_or_else(|| "not run".to_owned(), |s| format!("{:.1} ms", s.median));
