@@ -482,11 +482,13 @@ async fn start_source(config: &RunConfig) -> anyhow::Result<tokio::sync::watch::
     let (tx, rx) = tokio::sync::watch::channel(Objects::default());
     match &config.source {
         SourceConfig::Manifests(dir) => {
-            // Fail fast on an unreadable directory.
+            // Fail fast on an unreadable directory. The fingerprint first:
+            // a change after it is seen by the watch's first poll.
+            let loaded = manifest::fingerprint(dir).ok();
             let first = manifest::load_dir(dir).with_context(|| format!("reading --manifests {}", dir.display()))?;
             let (snapshot_tx, mut snapshots) = tokio::sync::watch::channel(first);
             snapshots.mark_changed();
-            tokio::spawn(manifest::watch(dir.clone(), MANIFEST_POLL, snapshot_tx));
+            tokio::spawn(manifest::watch(dir.clone(), MANIFEST_POLL, snapshot_tx, loaded));
             let node_name = config.node_name.clone();
             tokio::spawn(async move {
                 while snapshots.changed().await.is_ok() {

@@ -10,9 +10,11 @@ use imbl::ordmap::DiffItem;
 
 use k8s_openapi::api::{
     core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::ServiceCIDR,
 };
+
+mod slice;
+pub use slice::{Slice, SliceEndpoint};
 
 /// `namespace/name` of an object. An object without a namespace is in
 /// `default`, as `kubectl apply` would put it. A cluster-scoped object (a
@@ -51,7 +53,8 @@ pub type ObjectMap<T> = imbl::OrdMap<ObjectRef, Arc<T>>;
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Objects {
     pub services: ObjectMap<Service>,
-    pub endpoint_slices: ObjectMap<EndpointSlice>,
+    /// Slimmed at the source ([`Slice`]).
+    pub endpoint_slices: ObjectMap<Slice>,
     /// This node's Node object, when the source knows it (its zone label
     /// drives topology-aware routing).
     pub node: Option<Node>,

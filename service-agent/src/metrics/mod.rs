@@ -33,7 +33,6 @@ use std::{
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use imbl::ordmap::DiffItem;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
@@ -46,7 +45,7 @@ use crate::{
     maps::{MapSizes, MapState, Readers},
     model::{Desired, DesiredFrontend, Frontend, Protocol, Scope},
     rows,
-    vocabulary::{ObjectMap, Objects},
+    vocabulary::{ObjectMap, Objects, Slice},
 };
 
 /// A change not programmed within this long makes `/healthz` fail.
@@ -333,7 +332,7 @@ pub struct Metrics {
     gc: GcMetrics,
     /// The EndpointSlices of the last sync (their trigger times are
     /// observed): an O(1) clone of the snapshot's map.
-    seen_slices: Mutex<ObjectMap<EndpointSlice>>,
+    seen_slices: Mutex<ObjectMap<Slice>>,
     counter_labels: Arc<Mutex<CounterLabels>>,
 }
 
@@ -512,7 +511,7 @@ impl Metrics {
     /// skipped): a sync's cost follows its changes, not every slice.
     fn observe_programming(&self, objects: &Objects) {
         let now = k8s_openapi::jiff::Timestamp::now();
-        let trigger = |s: &EndpointSlice| s.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION).cloned();
+        let trigger = |s: &Slice| s.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION).cloned();
         let mut seen = self.seen_slices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for change in seen.diff(&objects.endpoint_slices) {
             let (old, new) = match change {
@@ -806,7 +805,7 @@ mod tests {
         let m = Metrics::new(PathBuf::from("/nonexistent"), MapSizes::default());
         let (desired, applied) = (Desired::default(), MapState::default());
         let slice = |trigger: Option<&str>| {
-            let mut s = EndpointSlice::default();
+            let mut s = Slice::default();
             s.metadata.annotations =
                 trigger.map(|t| [(TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into_iter().collect());
             Arc::new(s)

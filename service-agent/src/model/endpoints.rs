@@ -19,10 +19,8 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
-
 use super::{Backend, IpFamily, ModelError, NodeContext, Protocol};
-use crate::vocabulary::ObjectRef;
+use crate::vocabulary::{ObjectRef, Slice, SliceEndpoint};
 
 /// One endpoint address:port with what the selection needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,7 +35,7 @@ pub struct Candidate {
     pub nodes: Option<Vec<String>>,
 }
 
-fn conditions(ep: &Endpoint) -> (bool, bool, bool) {
+fn conditions(ep: &SliceEndpoint) -> (bool, bool, bool) {
     let c = ep.conditions.as_ref();
     // The API says: nil ready means unknown and "should be interpreted as
     // ready"; nil serving follows ready; nil terminating means false.
@@ -58,7 +56,7 @@ pub fn candidates(
     port_name: &str,
     protocol: Protocol,
     family: IpFamily,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeContext,
     errors: &mut Vec<ModelError>,
 ) -> Vec<Candidate> {
@@ -100,7 +98,7 @@ pub fn candidates(
         for (ei, endpoint) in slice.endpoints.iter().flatten().enumerate() {
             // All addresses of an endpoint are fungible; Kubernetes and
             // kube-proxy use the first.
-            let Some(addr) = endpoint.addresses.first() else { continue };
+            let Some(addr) = endpoint.address.as_deref() else { continue };
             let field = || format!("endpoints[{ei}].addresses[0]");
             let ip = match addr.parse::<IpAddr>() {
                 Ok(ip) if IpFamily::of(ip) != family => {

@@ -324,7 +324,7 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
     let slice_key =
         ObjectRef { namespace: key.namespace.clone(), name: slice.metadata.name.clone().unwrap_or_default() };
     objects.services.insert(key, Arc::new(svc));
-    objects.endpoint_slices.insert(slice_key, Arc::new(slice));
+    objects.endpoint_slices.insert(slice_key, Arc::new(slice.into()));
 }
 
 /// A few Services and slices, and maybe the Node.
@@ -339,7 +339,7 @@ pub fn objects(rng: &mut Rng) -> Objects {
     }
     for _ in 0..rng.below(4) {
         let (k, s) = endpoint_slice(rng, 6);
-        objects.endpoint_slices.insert(k, Arc::new(s));
+        objects.endpoint_slices.insert(k, Arc::new(s.into()));
     }
     if rng.one_in(4) {
         let mut node = Node::default();

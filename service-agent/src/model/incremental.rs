@@ -28,13 +28,13 @@ use std::{
 };
 
 use foldhash::HashMap;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice, networking::v1::ServiceCIDR};
+use k8s_openapi::api::{core::v1::Service, networking::v1::ServiceCIDR};
 
 use super::{
     Desired, Frontend, FrontendClaim, FrontendKind, HealthCheck, ModelError, NodeContext, Scope, ServiceOutput,
     WhenEmpty, node_with_zone, service_cidr_objects, service_frontends, slice_service,
 };
-use crate::vocabulary::{Cidr, ObjectMap, ObjectRef, Objects, changed_keys};
+use crate::vocabulary::{Cidr, ObjectMap, ObjectRef, Objects, Slice, changed_keys};
 
 /// What one [`Model::update`] changed in the model's [`Desired`]; the
 /// reconciler compares only these with what it wrote.
@@ -84,11 +84,11 @@ pub struct Model {
     /// The last snapshot's Services and EndpointSlices (O(1) clones of its
     /// maps): the next snapshot is diffed with them.
     seen_services: ObjectMap<Service>,
-    seen_slices: ObjectMap<EndpointSlice>,
+    seen_slices: ObjectMap<Slice>,
     /// The Service each EndpointSlice belongs to, as last seen.
     slice_owner: HashMap<ObjectRef, ObjectRef>,
     /// Each Service's slices, in the order `desired` reads them.
-    slices_of: HashMap<ObjectRef, BTreeMap<ObjectRef, Arc<EndpointSlice>>>,
+    slices_of: HashMap<ObjectRef, BTreeMap<ObjectRef, Arc<Slice>>>,
     service_cidrs: BTreeMap<String, ServiceCIDR>,
     /// The service CIDRs (flags and ServiceCIDR objects): `unserved` drops.
     drop_cidrs: Vec<Cidr>,
@@ -231,7 +231,7 @@ impl Model {
     fn recompute(&mut self, key: &ObjectRef, service: Option<&Arc<Service>>, changes: &mut Changes) {
         let new = service.map(|service| {
             self.recomputed += 1;
-            let slices: Vec<&EndpointSlice> =
+            let slices: Vec<&Slice> =
                 self.slices_of.get(key).map(|of| of.values().map(AsRef::as_ref).collect()).unwrap_or_default();
             ServiceState { output: service_frontends(key, service, &slices, &self.node) }
         });

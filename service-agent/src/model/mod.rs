@@ -56,13 +56,12 @@ use std::{
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::EndpointSlice,
         networking::v1::ServiceCIDR,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::vocabulary::{Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects};
+use crate::vocabulary::{Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects, Slice};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -365,8 +364,8 @@ fn service_cidr_objects(service_cidrs: &BTreeMap<String, ServiceCIDR>, errors: &
     cidrs
 }
 
-fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlice>> {
-    let mut by_service: BTreeMap<ObjectRef, Vec<&EndpointSlice>> = BTreeMap::new();
+fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&Slice>> {
+    let mut by_service: BTreeMap<ObjectRef, Vec<&Slice>> = BTreeMap::new();
     for (slice_ref, slice) in &objects.endpoint_slices {
         if let Some(key) = slice_service(slice_ref, slice) {
             by_service.entry(key).or_default().push(slice.as_ref());
@@ -377,7 +376,7 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&EndpointSlic
 
 /// The Service a slice belongs to: its `kubernetes.io/service-name` label,
 /// in its own namespace.
-fn slice_service(slice_ref: &ObjectRef, slice: &EndpointSlice) -> Option<ObjectRef> {
+fn slice_service(slice_ref: &ObjectRef, slice: &Slice) -> Option<ObjectRef> {
     let name = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME))?;
     Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() })
 }
@@ -735,7 +734,7 @@ fn is_local_policy(
 /// What a Service's spec says once for all its ports and families.
 struct ServiceView<'a> {
     svc_ref: &'a ObjectRef,
-    slices: &'a [&'a EndpointSlice],
+    slices: &'a [&'a Slice],
     node: &'a NodeContext,
     external_ips: Vec<IpAddr>,
     lb_ingress: Vec<IpAddr>,
@@ -764,25 +763,14 @@ struct PortView {
 
 /// Everything Service `svc_ref` asks for, from its own object, its slices
 /// and the node alone.
-fn service_frontends(
-    svc_ref: &ObjectRef,
-    svc: &Service,
-    slices: &[&EndpointSlice],
-    node: &NodeContext,
-) -> ServiceOutput {
+fn service_frontends(svc_ref: &ObjectRef, svc: &Service, slices: &[&Slice], node: &NodeContext) -> ServiceOutput {
     let mut out = ServiceOutput::default();
     service_claims(svc_ref, svc, slices, node, &mut out);
     out
 }
 
 #[expect(clippy::too_many_lines, reason = "one pass over a Service's spec, in the order the API documents it")]
-fn service_claims(
-    svc_ref: &ObjectRef,
-    svc: &Service,
-    slices: &[&EndpointSlice],
-    node: &NodeContext,
-    out: &mut ServiceOutput,
-) {
+fn service_claims(svc_ref: &ObjectRef, svc: &Service, slices: &[&Slice], node: &NodeContext, out: &mut ServiceOutput) {
     let err = |field: String, message: String| ModelError { kind: "Service", object: svc_ref.clone(), field, message };
     if svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
         return;

@@ -314,7 +314,7 @@ fn a_service_with_100_000_endpoints() {
         let name = format!("big-{s:03}");
         slice.metadata.name = Some(name.clone());
         slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), "big".to_owned())].into());
-        objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, Arc::new(slice));
+        objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, Arc::new(slice.into()));
     }
     let node =
         NodeContext { node_name: "node-0".into(), nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };

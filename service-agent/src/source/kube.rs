@@ -1,6 +1,7 @@
 //! The Kubernetes API source: kube-rs reflectors for Services,
-//! EndpointSlices, this node's Node and the ServiceCIDRs, published as
-//! whole [`Objects`].
+//! EndpointSlices (deserialized straight into the slim
+//! [`crate::vocabulary::Slice`]), this node's Node and the ServiceCIDRs,
+//! published as whole [`Objects`].
 //!
 //! - Services are watched with kube-proxy's label selector
 //!   (`!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name`),
@@ -41,7 +42,6 @@ use std::{
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
     networking::v1::ServiceCIDR,
 };
 use kube::{
@@ -54,7 +54,7 @@ use kube::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::vocabulary::{ObjectMap, ObjectRef, Objects, rebase};
+use crate::vocabulary::{ObjectMap, ObjectRef, Objects, Slice, rebase};
 
 /// kube-proxy's Service label selector.
 pub const SERVICE_SELECTOR: &str = "!service.kubernetes.io/headless,!service.kubernetes.io/service-proxy-name";
@@ -191,6 +191,13 @@ where
     });
 }
 
+/// Drops what an object carries that the agent never reads before it is
+/// stored: its `managedFields`, often larger than the rest of a small
+/// object.
+fn strip<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+}
+
 /// What a failing watch of a kind the publication waits for means.
 const KEEPING: &str = "the last state is kept";
 
@@ -241,17 +248,20 @@ where
 pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) -> Result<(), Error> {
     let changed = Arc::new(Notify::new());
 
+    // managedFields (the server-side apply bookkeeping) are nothing the
+    // model reads: dropped before the store keeps an object.
     let (services, writer) = reflector::store::<Service>();
     let config = watcher::Config::default().labels(SERVICE_SELECTOR);
-    let stream = reflector::reflector(writer, watcher(Api::<Service>::all(client.clone()), config).default_backoff());
+    let stream = watcher(Api::<Service>::all(client.clone()), config).default_backoff().modify(strip);
+    let stream = reflector::reflector(writer, stream);
     let services_dirty = dirty_keys();
     drive("Service", stream, changed.clone(), Some(Arc::clone(&services_dirty)), KEEPING);
 
-    let (slices, writer) = reflector::store::<EndpointSlice>();
-    let stream = reflector::reflector(
-        writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()).default_backoff(),
-    );
+    // Deserialized straight into the slim form: no full EndpointSlice is
+    // kept (see `vocabulary::Slice`).
+    let (slices, writer) = reflector::store::<Slice>();
+    let stream = watcher(Api::<Slice>::all(client.clone()), watcher::Config::default()).default_backoff().modify(strip);
+    let stream = reflector::reflector(writer, stream);
     let slices_dirty = dirty_keys();
     drive("EndpointSlice", stream, changed.clone(), Some(Arc::clone(&slices_dirty)), KEEPING);
 
@@ -298,7 +308,7 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
 /// since the last one, and the last one.
 struct Stores {
     services: Store<Service>,
-    slices: Store<EndpointSlice>,
+    slices: Store<Slice>,
     nodes: Store<Node>,
     service_cidrs: Store<ServiceCIDR>,
     services_dirty: DirtyKeys,

@@ -40,7 +40,7 @@ use k8s_openapi::api::{
 use serde::de::{DeserializeOwned, DeserializeSeed as _};
 
 use crate::vocabulary::{
-    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SKIP_MIRROR, MIRRORING_CONTROLLER, ObjectRef, Objects,
+    LABEL_MANAGED_BY, LABEL_SERVICE_NAME, LABEL_SKIP_MIRROR, MIRRORING_CONTROLLER, ObjectRef, Objects, Slice,
 };
 
 /// The largest manifest file read (8 MiB); a larger one is reported and
@@ -167,7 +167,7 @@ fn read_bounded(file: &Path) -> Result<String, String> {
 #[derive(Default)]
 struct Loader {
     services: BTreeMap<ObjectRef, (PathBuf, Service)>,
-    slices: BTreeMap<ObjectRef, (PathBuf, EndpointSlice)>,
+    slices: BTreeMap<ObjectRef, (PathBuf, Slice)>,
     /// With the document each is in.
     endpoints: BTreeMap<ObjectRef, (PathBuf, (usize, Endpoints))>,
     nodes: BTreeMap<String, (PathBuf, Node)>,
@@ -324,8 +324,9 @@ impl Loader {
                 }
             }
             "EndpointSlice" => {
+                // Checked whole as the API type, kept slimmed.
                 if let Some(slice) = self.typed::<EndpointSlice>(file, document, &object, value) {
-                    keep_first(&mut self.slices, &mut self.errors, (file, document, &object), key, slice);
+                    keep_first(&mut self.slices, &mut self.errors, (file, document, &object), key, Slice::from(slice));
                 }
             }
             _ => {
@@ -383,7 +384,9 @@ impl Loader {
                 });
             }) {
                 let name = slice.metadata.name.clone().unwrap_or_default();
-                objects.endpoint_slices.insert(ObjectRef { namespace: key.namespace.clone(), name }, Arc::new(slice));
+                objects
+                    .endpoint_slices
+                    .insert(ObjectRef { namespace: key.namespace.clone(), name }, Arc::new(slice.into()));
             }
         }
         let nodes = self.nodes.into_iter().map(|(name, (_, node))| (name, node)).collect();
@@ -461,6 +464,9 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
     out
 }
 
+/// What [`fingerprint`] takes of a directory.
+pub type Fingerprint = Vec<(PathBuf, u64)>;
+
 /// A fingerprint of the directory: every manifest's name and a hash of its
 /// contents (so an edit that keeps size and mtime is still seen).
 ///
@@ -468,7 +474,10 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
 /// the contents of recently changed files) was tried and reverted: its
 /// value changed when a file aged out of the "recent" window, which made
 /// a new snapshot (and a sync) out of nothing.
-fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
+///
+/// # Errors
+/// When the directory cannot be listed.
+pub fn fingerprint(dir: &Path) -> std::io::Result<Fingerprint> {
     let mut out = Vec::new();
     for file in manifest_files(dir)? {
         let mut h = DefaultHasher::new();
@@ -492,10 +501,18 @@ fn fingerprint(dir: &Path) -> std::io::Result<Vec<(PathBuf, u64)>> {
 /// which inotify watches on the files miss, and hashing a directory of
 /// manifests a few times a second costs next to nothing. When the
 /// directory cannot be read, the last snapshot stays in force.
-pub async fn watch(dir: PathBuf, interval: Duration, tx: tokio::sync::watch::Sender<Snapshot>) {
-    // None: the first poll always sends, so nothing changed between the
-    // caller's own first load and this task's start is missed.
-    let mut last: Option<Vec<(PathBuf, u64)>> = None;
+///
+/// `loaded` is the directory's fingerprint taken before the caller loaded
+/// the snapshot `tx` holds: the first poll sends only when the directory
+/// changed since (so a start does not parse every manifest twice, the
+/// second time while the first sync runs). `None`: the first poll sends.
+pub async fn watch(
+    dir: PathBuf,
+    interval: Duration,
+    tx: tokio::sync::watch::Sender<Snapshot>,
+    loaded: Option<Fingerprint>,
+) {
+    let mut last = loaded;
     let mut warned = false;
     let mut ticker = tokio::time::interval(interval);
     loop {

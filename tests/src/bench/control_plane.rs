@@ -121,9 +121,10 @@ pub fn objects(services: usize, per: usize) -> Objects {
             status: None,
         };
         objects.services.insert(r.clone(), Arc::new(svc));
-        objects
-            .endpoint_slices
-            .insert(ObjectRef { namespace: "bench".into(), name: format!("{name}-x") }, Arc::new(slice(i, per, 0)));
+        objects.endpoint_slices.insert(
+            ObjectRef { namespace: "bench".into(), name: format!("{name}-x") },
+            Arc::new(slice(i, per, 0).into()),
+        );
     }
     objects
 }
@@ -301,7 +302,7 @@ pub fn measure(
         for c in 0..changes {
             let i = (c * 7919) % services;
             let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x") };
-            objects.endpoint_slices.insert(r, Arc::new(slice(i, per, c + 1)));
+            objects.endpoint_slices.insert(r, Arc::new(slice(i, per, c + 1).into()));
             let (ms, model_ms, report) = sync(&objects);
             one_change_model.push(model_ms);
             one_change.push(ms);

@@ -46,6 +46,43 @@ fn node_name(n: u8) -> String {
     format!("node-{n}")
 }
 
+/// The pod each endpoint address names (`targetRef.name`), as the
+/// manifests in `dir` write it, in EndpointSlices and v1 Endpoints alike
+/// (the agent keeps no targetRef: the demo names its pods after them).
+fn target_names(dir: &std::path::Path) -> Result<BTreeMap<String, String>> {
+    use serde_norway::Value;
+    let mut names = BTreeMap::new();
+    let mut add = |address: &Value, target: &Value| {
+        if let (Some(a), Some(t)) = (address.as_str(), target.get("name").and_then(Value::as_str)) {
+            names.insert(a.to_owned(), t.to_owned());
+        }
+    };
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if !path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path)?;
+        for document in text.split("\n---") {
+            let Ok(doc) = serde_norway::from_str::<Value>(document) else { continue };
+            let seq = |v: Option<&Value>| v.and_then(Value::as_sequence).cloned().unwrap_or_default();
+            for ep in seq(doc.get("endpoints")) {
+                if let (Some(a), Some(t)) = (seq(ep.get("addresses")).first(), ep.get("targetRef")) {
+                    add(a, t);
+                }
+            }
+            for subset in seq(doc.get("subsets")) {
+                for a in seq(subset.get("addresses")).into_iter().chain(seq(subset.get("notReadyAddresses"))) {
+                    if let (Some(ip), Some(t)) = (a.get("ip"), a.get("targetRef")) {
+                        add(ip, t);
+                    }
+                }
+            }
+        }
+    }
+    Ok(names)
+}
+
 #[expect(clippy::too_many_lines, reason = "the demo reads top to bottom as the story it prints")]
 fn main() -> Result<()> {
     if !is_root() {
@@ -76,13 +113,14 @@ fn main() -> Result<()> {
     // IPv6 slices must name (checked below).
     let mut pods: BTreeMap<Ipv4Addr, (String, u8)> = BTreeMap::new();
     let mut ipv6_endpoints: Vec<(String, String)> = Vec::new();
+    let targets = target_names(&manifests)?;
     for slice in snapshot.objects.endpoint_slices.values() {
         for ep in slice.endpoints.iter().flatten() {
-            let target = ep.target_ref.as_ref().and_then(|r| r.name.clone());
-            if let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<std::net::Ipv6Addr>()) {
+            let target = ep.address.as_deref().and_then(|a| targets.get(a)).cloned();
+            if let Some(Ok(ip)) = ep.address.as_deref().map(str::parse::<std::net::Ipv6Addr>) {
                 ipv6_endpoints.push((target.clone().unwrap_or_else(|| format!("pod-{ip}")), ip.to_string()));
             }
-            if let Some(Ok(ip)) = ep.addresses.first().map(|a| a.parse::<Ipv4Addr>()) {
+            if let Some(Ok(ip)) = ep.address.as_deref().map(str::parse::<Ipv4Addr>) {
                 let name = target.unwrap_or_else(|| format!("pod-{ip}"));
                 let node = ep
                     .node_name

@@ -85,7 +85,7 @@ fn one_slice_change_recomputes_its_service_alone() {
     // One endpoint of svc-7 moves.
     let key = ObjectRef { namespace: "ns".into(), name: "svc-7-x".into() };
     let mut slice = (*objects.endpoint_slices[&key]).clone();
-    slice.endpoints.get_or_insert_default()[0].addresses = vec!["10.244.1.7".into()];
+    slice.endpoints.get_or_insert_default()[0].address = Some("10.244.1.7".into());
     objects.endpoint_slices.insert(key.clone(), Arc::new(slice));
     let changes = model.update(&objects, &node);
     assert_eq!(model.recomputed(), 51, "svc-7 alone");

@@ -170,7 +170,10 @@ fn endpoints_are_mirrored_for_a_service_without_selector() {
     let eps = slice.endpoints.as_ref().expect("endpoints");
     let got: Vec<(String, Option<bool>, Option<String>)> = eps
         .iter()
-        .map(|e| (e.addresses[0].clone(), e.conditions.as_ref().and_then(|c| c.ready), e.node_name.clone()))
+        .map(|e| {
+            let addr = e.address.as_deref().unwrap_or_default().to_owned();
+            (addr, e.conditions.as_ref().and_then(|c| c.ready), e.node_name.as_deref().map(str::to_owned))
+        })
         .collect();
     assert_eq!(
         got,
@@ -198,7 +201,7 @@ fn endpoints_are_not_mirrored_with_a_selector_without_a_service_or_when_skipped(
 async fn watch_sends_on_add_change_and_remove() {
     let dir = TempDir::new();
     let (tx, mut rx) = tokio::sync::watch::channel(Snapshot::default());
-    let task = tokio::spawn(watch(dir.0.clone(), Duration::from_millis(20), tx));
+    let task = tokio::spawn(watch(dir.0.clone(), Duration::from_millis(20), tx, None));
     let next = async |rx: &mut tokio::sync::watch::Receiver<Snapshot>| {
         tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("in time").expect("open");
         rx.borrow_and_update().clone()
@@ -216,6 +219,26 @@ async fn watch_sends_on_add_change_and_remove() {
     );
     std::fs::remove_file(dir.0.join("web.yaml")).expect("rm");
     assert!(next(&mut rx).await.objects.services.is_empty());
+    task.abort();
+}
+
+#[tokio::test]
+async fn watch_given_the_loaded_fingerprint_sends_only_a_later_change() {
+    let dir = TempDir::new();
+    dir.write("web.yaml", SERVICE_AND_SLICE);
+    let loaded = fingerprint(&dir.0).expect("fingerprint");
+    let (tx, mut rx) = tokio::sync::watch::channel(load_dir(&dir.0).expect("load"));
+    let task = tokio::spawn(watch(dir.0.clone(), Duration::from_millis(20), tx, Some(loaded)));
+    // Ten polls of an unchanged directory: nothing sent (nothing parsed).
+    let quiet = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
+    assert!(quiet.is_err(), "the unchanged directory was sent again");
+    dir.write("web.yaml", &SERVICE_AND_SLICE.replace("10.96.0.10", "10.96.0.11"));
+    tokio::time::timeout(Duration::from_secs(5), rx.changed()).await.expect("in time").expect("open");
+    let s = rx.borrow_and_update().clone();
+    assert_eq!(
+        s.objects.services[&key("default", "web")].spec.as_ref().and_then(|s| s.cluster_ip.as_deref()),
+        Some("10.96.0.11")
+    );
     task.abort();
 }
 
