@@ -31,7 +31,7 @@ use foldhash::HashMap;
 use k8s_openapi::api::{core::v1::Service, networking::v1::ServiceCIDR};
 
 use super::{
-    Desired, Frontend, FrontendClaim, FrontendKind, HealthCheck, ModelError, NodeContext, Scope, ServiceOutput,
+    Desired, Frontend, FrontendClaim, FrontendKind, HealthOutcome, ModelError, NodeContext, Scope, ServiceOutput,
     WhenEmpty, node_with_zone, service_cidr_objects, service_frontends, slice_service,
 };
 use crate::vocabulary::{Cidr, ObjectMap, ObjectRef, Objects, Slice, changed_keys};
@@ -87,8 +87,10 @@ pub struct Model {
     seen_slices: ObjectMap<Slice>,
     /// The Service each EndpointSlice belongs to, as last seen.
     slice_owner: HashMap<ObjectRef, ObjectRef>,
-    /// Each Service's slices, in the order `desired` reads them.
-    slices_of: HashMap<ObjectRef, BTreeMap<ObjectRef, Arc<Slice>>>,
+    /// Each Service's slices, in the order `desired` reads them (by key; a
+    /// sorted vector: most Services have one slice, and a B-tree map
+    /// allocates a node for eleven).
+    slices_of: HashMap<ObjectRef, Vec<(ObjectRef, Arc<Slice>)>>,
     service_cidrs: BTreeMap<String, ServiceCIDR>,
     /// The service CIDRs (flags and ServiceCIDR objects): `unserved` drops.
     drop_cidrs: Vec<Cidr>,
@@ -105,7 +107,7 @@ pub struct Model {
     /// ClusterIPs whose count changed in this update.
     cluster_ips_dirty: BTreeSet<IpAddr>,
     /// The health check (or its error) each Service has in the result.
-    health_applied: HashMap<ObjectRef, Result<HealthCheck, ModelError>>,
+    health_applied: HashMap<ObjectRef, HealthOutcome>,
     /// Services whose health check may have to change.
     health_dirty: BTreeSet<ObjectRef>,
     /// Every error, with how many places report it (`desired` reports
@@ -175,7 +177,9 @@ impl Model {
         for key in changed {
             if let Some(service) = self.slice_owner.remove(&key) {
                 if let Some(of) = self.slices_of.get_mut(&service) {
-                    of.remove(&key);
+                    if let Ok(at) = of.binary_search_by(|(k, _)| k.cmp(&key)) {
+                        of.remove(at);
+                    }
                     if of.is_empty() {
                         self.slices_of.remove(&service);
                     }
@@ -185,7 +189,11 @@ impl Model {
             if let Some(slice) = objects.endpoint_slices.get(&key) {
                 let service = slice_service(&key, slice);
                 if let Some(service) = service {
-                    self.slices_of.entry(service.clone()).or_default().insert(key.clone(), Arc::clone(slice));
+                    let of = self.slices_of.entry(service.clone()).or_insert_with(|| Vec::with_capacity(1));
+                    match of.binary_search_by(|(k, _)| k.cmp(&key)) {
+                        Ok(at) => of[at].1 = Arc::clone(slice),
+                        Err(at) => of.insert(at, (key.clone(), Arc::clone(slice))),
+                    }
                     dirty.insert(service.clone());
                     self.slice_owner.insert(key, service);
                 }
@@ -232,7 +240,7 @@ impl Model {
         let new = service.map(|service| {
             self.recomputed += 1;
             let slices: Vec<&Slice> =
-                self.slices_of.get(key).map(|of| of.values().map(AsRef::as_ref).collect()).unwrap_or_default();
+                self.slices_of.get(key).map(|of| of.iter().map(|(_, s)| s.as_ref()).collect()).unwrap_or_default();
             ServiceState { output: service_frontends(key, service, &slices, &self.node) }
         });
         if let (Some(old), Some(new)) = (self.services.get(key), &new)
@@ -266,7 +274,8 @@ impl Model {
                 self.add_error(e.clone());
             }
             for (index, claim) in new.output.claims.iter().enumerate() {
-                let list = self.claimants.entry(claim.df.frontend).or_default();
+                // Most frontends have one claim: no room for four.
+                let list = self.claimants.entry(claim.df.frontend).or_insert_with(|| Vec::with_capacity(1));
                 let claim = ClaimRef { service: key.clone(), index };
                 let at = list.binary_search(&claim).unwrap_or_else(|at| at);
                 list.insert(at, claim);
@@ -292,7 +301,7 @@ impl Model {
     fn derived(&self, f: &Frontend) -> Option<Derived> {
         let claims = self.claims_of(f);
         let (served, others) = claims.split_first()?;
-        let mut errors: Vec<ModelError> = served.sctp_error.iter().cloned().collect();
+        let mut errors: Vec<ModelError> = served.sctp_error.iter().map(|e| (**e).clone()).collect();
         errors.extend(others.iter().map(|c| c.conflict(&served.df)));
         let df = &served.df;
         Some(Derived {
@@ -401,7 +410,7 @@ impl Model {
                     self.health_applied.insert(key, Ok(check));
                 }
                 Some(Err(e)) => {
-                    self.add_error(e.clone());
+                    self.add_error((*e).clone());
                     self.health_applied.insert(key, Err(e));
                 }
                 None => {}

@@ -304,14 +304,14 @@ pub fn desired(objects: &Objects, node: &NodeContext) -> Desired {
                 continue;
             }
             has_external_frontend |= c.is_external();
-            out.errors.extend(c.sctp_error);
+            out.errors.extend(c.sctp_error.map(|e| *e));
             out.frontends.insert(c.df.frontend, c.df);
         }
         match output.health {
             Some(Ok(check)) if has_external_frontend => {
                 out.health_checks.insert(svc_ref.clone(), check);
             }
-            Some(Err(e)) if has_external_frontend => out.errors.push(e),
+            Some(Err(e)) if has_external_frontend => out.errors.push(*e),
             _ => {}
         }
     }
@@ -395,8 +395,12 @@ struct ServiceOutput {
     /// Its `healthCheckNodePort`, or why it is not served: applied when
     /// one of its external frontends (other than the ClusterIP's twin) is
     /// served.
-    health: Option<Result<HealthCheck, ModelError>>,
+    health: Option<HealthOutcome>,
 }
+
+/// A Service's health check, or why it has none (the error boxed: it is
+/// rare, and an outcome is kept per Service).
+type HealthOutcome = Result<HealthCheck, Box<ModelError>>;
 
 /// A frontend a Service asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -407,7 +411,8 @@ struct FrontendClaim {
     /// The index of its ServicePort in `spec.ports`.
     port_index: usize,
     /// Reported when it is served: SCTP endpoints left out for their port.
-    sctp_error: Option<ModelError>,
+    /// (Boxed: rare, and a claim is kept per frontend.)
+    sctp_error: Option<Box<ModelError>>,
 }
 
 impl FrontendClaim {
@@ -766,6 +771,8 @@ struct PortView {
 fn service_frontends(svc_ref: &ObjectRef, svc: &Service, slices: &[&Slice], node: &NodeContext) -> ServiceOutput {
     let mut out = ServiceOutput::default();
     service_claims(svc_ref, svc, slices, node, &mut out);
+    // Kept until the Service changes: no growth slack.
+    out.claims.shrink_to_fit();
     out
 }
 
@@ -961,10 +968,10 @@ fn service_claims(svc_ref: &ObjectRef, svc: &Service, slices: &[&Slice], node: &
             }
             None => {}
             Some(_) => {
-                out.health = Some(Err(err(
+                out.health = Some(Err(Box::new(err(
                     "spec.healthCheckNodePort".into(),
                     format!("{} is not a valid port (1-65535)", spec.health_check_node_port.unwrap_or_default()),
-                )));
+                ))));
             }
         }
     }
@@ -1047,14 +1054,14 @@ fn family_frontends(
                 if backends.is_empty() {
                     when_empty = WhenEmpty::Reject;
                 }
-                sctp_error = Some(s.err(
+                sctp_error = Some(Box::new(s.err(
                     format!("spec.ports[{i}]"),
                     format!(
                         "{kind} {frontend}: SCTP endpoints on another port than {} are not supported (no port \
                          translation for SCTP)",
                         frontend.port
                     ),
-                ));
+                )));
             }
         }
         // kube-proxy filters only traffic to the load balancer's addresses
@@ -1067,6 +1074,8 @@ fn family_frontends(
         } else {
             Vec::new()
         };
+        // Kept for as long as the frontend is: no growth slack.
+        backends.shrink_to_fit();
         let df = DesiredFrontend {
             service: s.svc_ref.clone(),
             port_name: port.name.clone(),
