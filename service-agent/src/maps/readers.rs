@@ -8,8 +8,8 @@ use std::{collections::BTreeMap, path::Path};
 
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap};
 use service_common::{
-    AffinityKey, AffinityValue, Counters, CtKey, CtValue, InterfaceCounterKey, SockCounters, SockRevNatKey,
-    SockRevNatValue, SocketLbConfig, map_names, stats,
+    AffinityKey, AffinityValue, BackendValue, Counters, CtKey, CtValue, InterfaceCounterKey, SockCounters,
+    SockRevNatKey, SockRevNatValue, SocketLbConfig, map_names, stats,
 };
 
 use super::{
@@ -25,6 +25,7 @@ pub struct Readers {
     conntrack: HashMap<MapData, CtKey, CtValue>,
     conntrack_new: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
     service_counters: CounterMap,
     backend_counters: CounterMap,
     sock_counters: PerCpuHashMap<MapData, u32, SockCounters>,
@@ -44,6 +45,7 @@ impl Readers {
             conntrack: open_hash(root, map_names::CONNTRACK)?,
             conntrack_new: open_hash(root, map_names::CONNTRACK_NEW)?,
             affinity: open_hash(root, map_names::AFFINITY)?,
+            backends: open_hash(root, map_names::BACKENDS)?,
             service_counters: open_counters(root, map_names::SERVICE_COUNTERS)?,
             backend_counters: open_counters(root, map_names::BACKEND_COUNTERS)?,
             sock_counters: open_per_cpu_hash(root, map_names::SOCK_COUNTERS)?,
@@ -118,6 +120,13 @@ impl Readers {
             connects: a.connects + c.connects,
             sendmsgs: a.sendmsgs + c.sendmsgs,
         })
+    }
+
+    /// The `backends` rows of `ids` that have one (one lookup each: for the
+    /// ids of counter rows, not a walk of the whole map).
+    #[must_use]
+    pub fn backends_of(&self, ids: impl Iterator<Item = u32>) -> BTreeMap<u32, BackendValue> {
+        ids.filter_map(|id| Some((id, self.backends.get(&id, 0).ok()?))).collect()
     }
 
     /// Packets and bytes per backend id (`backend_counters`), summed over

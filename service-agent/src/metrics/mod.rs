@@ -90,10 +90,12 @@ struct BackendLabel {
     backend: String,
 }
 
-/// What the counter ids stand for, kept up to date by every sync: for
-/// the frontends it changed (all of them after a full reconcile). A label
-/// of an id whose rows are gone is never shown (its counter row went with
-/// them) and is pruned once such labels outnumber the live ones.
+/// What the rev-NAT ids of the counters stand for, kept up to date by
+/// every sync: for the frontends it changed (all of them after a full
+/// reconcile). A label of an id whose rows are gone is never shown (its
+/// counter row went with them) and is pruned once such labels outnumber
+/// the live ones. Backend ids need no labels here: a backend counter is
+/// named after its `backends` row, read at scrape time.
 #[derive(Debug, Default)]
 struct CounterLabels {
     /// rev-NAT id → the first frontend (Service, port name, address) using
@@ -101,17 +103,15 @@ struct CounterLabels {
     /// share a counter, reported under the first. The model's own shared
     /// copy; the label strings are written at scrape time only.
     frontends: foldhash::HashMap<u32, Arc<DesiredFrontend>>,
-    /// backend id → its row (`addr:port/proto` at scrape time).
-    backends: foldhash::HashMap<u32, service_common::BackendValue>,
 }
 
 /// Which labels a sync refreshes.
 #[derive(Clone, Copy, Debug)]
 pub enum Relabel<'a> {
-    /// Every frontend's and backend's (the first sync, and any reconcile
-    /// that compared every frontend).
+    /// Every frontend's (the first sync, and any reconcile that compared
+    /// every frontend).
     All,
-    /// Those of these frontends (the model's changes) and their backends.
+    /// Those of these frontends (the model's changes).
     Frontends(&'a BTreeSet<Frontend>),
 }
 
@@ -134,12 +134,11 @@ impl CounterLabels {
                 self.frontends.entry(row.rev_nat_id).or_insert_with(|| Arc::clone(df));
             }
         }
-        self.backends = applied.backends.iter().map(|(id, b)| (*id, *b)).collect();
     }
 
     /// Labels again the rev-NAT ids of `addr:port` (the frontends sharing
-    /// it: its protocols and scopes, adjacent in the model's order) and
-    /// their backends' ids, as applied.
+    /// it: its protocols and scopes, adjacent in the model's order), as
+    /// applied.
     fn label_address(&mut self, addr: std::net::IpAddr, port: u16, desired: &Desired, applied: &MapState) {
         let first = Frontend { addr, port, protocol: Protocol::Tcp, scope: Scope::External };
         let mut labelled: Vec<u32> = Vec::new();
@@ -150,22 +149,16 @@ impl CounterLabels {
                 labelled.push(row.rev_nat_id);
                 self.frontends.insert(row.rev_nat_id, Arc::clone(df));
             }
-            for id in applied.table_of(row).map_or(&[][..], |t| &t.members) {
-                if let Some(b) = applied.backends.get(id) {
-                    self.backends.insert(*id, *b);
-                }
-            }
         }
     }
 
     fn update(&mut self, relabel: Relabel<'_>, desired: &Desired, applied: &MapState) {
         // Labels of gone ids outnumber the live ones: start afresh (the
         // cost of a full rebuild, once per as many changes).
-        let stale = self.frontends.len() > 2 * applied.rev_nat.len() + 64
-            || self.backends.len() > 2 * applied.backends.len() + 64;
+        let stale = self.frontends.len() > 2 * applied.rev_nat.len() + 64;
         match relabel {
             Relabel::All => self.rebuild(desired, applied),
-            _ if stale || (self.frontends.is_empty() && self.backends.is_empty()) => self.rebuild(desired, applied),
+            _ if stale || self.frontends.is_empty() => self.rebuild(desired, applied),
             Relabel::Frontends(changed) => {
                 let mut addresses: Vec<(std::net::IpAddr, u16)> = changed.iter().map(|f| (f.addr, f.port)).collect();
                 addresses.dedup();
@@ -224,13 +217,13 @@ impl PacketCounters {
 
     fn encode_traffic(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let labels = self.labels.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (services, backends, sockets) = self
+        // A backend counter is named after its `backends` row, read from
+        // the map (an id whose row is gone is not shown).
+        let (services, backends, sockets, rows) = self
             .read(|r| {
-                (
-                    r.service_counters().unwrap_or_default(),
-                    r.backend_counters().unwrap_or_default(),
-                    r.sock_counters().unwrap_or_default(),
-                )
+                let backends = r.backend_counters().unwrap_or_default();
+                let rows = r.backends_of(backends.keys().copied());
+                (r.service_counters().unwrap_or_default(), backends, r.sock_counters().unwrap_or_default(), rows)
             })
             .unwrap_or_default();
         let per_frontend = [
@@ -269,7 +262,7 @@ impl PacketCounters {
         ] {
             let mut m = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
             for (id, c) in &backends {
-                if let Some(backend) = labels.backends.get(id) {
+                if let Some(backend) = rows.get(id) {
                     let label = BackendLabel::of(backend);
                     ConstCounter::new(if bytes { c.bytes } else { c.packets }).encode(m.encode_family(&label)?)?;
                 }
@@ -875,9 +868,6 @@ mod tests {
                 for id in fresh.frontends.keys() {
                     let name = |l: &CounterLabels| l.frontends.get(id).map(|df| FrontendLabel::of(df));
                     assert_eq!(name(&labels), name(&fresh), "step {step}: rev-NAT id {id}");
-                }
-                for id in applied.backends.keys() {
-                    assert_eq!(labels.backends.get(id), fresh.backends.get(id), "step {step}: backend id {id}");
                 }
             }
         });

@@ -58,8 +58,14 @@ pub struct ControlPlane {
     /// The agent's peak resident set, running on those manifests.
     pub agent_peak_rss_bytes: u64,
     /// Its resident set once synced and settled (the parse of the manifests
-    /// and the first sync's temporaries released).
+    /// and the first sync's temporaries released). Both less
+    /// [`Self::agent_mapped_map_bytes`].
     pub agent_rss_bytes: u64,
+    /// The resident pages of the BPF maps the agent maps into its address
+    /// space (`backend_slots`): counted in its RSS by the kernel, but the
+    /// map's memory (in [`Self::map_memory_bytes`]), so left out of the
+    /// two above.
+    pub agent_mapped_map_bytes: u64,
     /// The map sizes the benchmark programs into.
     pub map_sizes: MapSizes,
     /// Kernel memory of the agent's maps at that size (fdinfo `memlock`).
@@ -325,7 +331,7 @@ pub fn measure(
     } else {
         (None, None)
     };
-    let (agent_peak_rss_bytes, agent_rss_bytes) = agent_rss(services, per, sizes)?;
+    let (agent_peak_rss_bytes, agent_rss_bytes, agent_mapped_map_bytes) = agent_rss(services, per, sizes)?;
     Ok(ControlPlane {
         services,
         endpoints: services * per,
@@ -336,6 +342,7 @@ pub fn measure(
         iptables_restore,
         nft_load,
         agent_peak_rss_bytes,
+        agent_mapped_map_bytes,
         agent_rss_bytes,
         map_sizes: sizes,
         map_memory_bytes,
@@ -345,8 +352,8 @@ pub fn measure(
 
 /// Runs the real agent on the manifests in a scratch node namespace until
 /// its first sync, and reads its peak and current resident set (`VmHWM`,
-/// `VmRSS`).
-fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64)> {
+/// `VmRSS`), each less the mapped BPF maps' pages, and those.
+fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64, u64)> {
     let dir = ManifestDir::new();
     // In files of 1,000 Services (0.7 MB): a manifest file is read up to
     // 8 MiB, and 50,000 Services in one would be skipped as too large.
@@ -414,6 +421,26 @@ fn agent_rss(services: usize, per: usize, sizes: MapSizes) -> Result<(u64, u64)>
         }
     }
     let peak = kib("VmHWM:")?;
+    let mapped = mapped_map_rss(pid)?;
     agent.stop()?;
-    Ok((peak, now))
+    Ok((peak.saturating_sub(mapped), now.saturating_sub(mapped), mapped))
+}
+
+/// The resident pages of BPF maps process `pid` has mapped (`backend_slots`,
+/// mapped so tables are written without a syscall per block): the map's
+/// own memory, counted under the map memory, not the agent's.
+fn mapped_map_rss(pid: u32) -> Result<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut in_map = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        // A mapping's header: `start-end perms offset dev inode [path]`.
+        let mut fields = line.split_whitespace();
+        if fields.next().is_some_and(|f| f.contains('-') && f.chars().all(|c| c.is_ascii_hexdigit() || c == '-')) {
+            in_map = fields.nth(4) == Some("anon_inode:bpf-map");
+        } else if in_map && let Some(v) = line.strip_prefix("Rss:") {
+            kib += v.trim().trim_end_matches("kB").trim().parse::<u64>().context("Rss in smaps")?;
+        }
+    }
+    Ok(kib * 1024)
 }

@@ -236,13 +236,15 @@ pub fn markdown(r: &Results) -> String {
             md,
             "\nThe agent (the real binary, on these Services as a manifest directory): peak RSS {:.1} MiB \
              while it parses the manifests and programs the maps, {:.1} MiB resident once synced (read when it has \
-             settled: two readings half a second apart within 1 MiB).\n\n\
+             settled: two readings half a second apart within 1 MiB), both without the {:.1} MiB of \
+             `backend_slots` it maps to write tables (the map's own memory, counted below).\n\n\
              BPF map memory (kernel `memlock` of the pinned maps, with room for twice these Services: \
              `--map-size-services {}`, `--map-size-backend-slots {}`, `--map-size-backends {}`; the flow maps \
              at their defaults, `--map-size-conntrack {}`): **{:.1} MiB for the Service state** (the maps whose \
              size follows the Services: {}), {:.1} MiB in all.\n",
             mib(c.agent_peak_rss_bytes),
             mib(c.agent_rss_bytes),
+            mib(c.agent_mapped_map_bytes),
             c.map_sizes.services,
             c.map_sizes.backend_slots,
             c.map_sizes.backends,
