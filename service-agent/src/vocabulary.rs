@@ -111,6 +111,9 @@ pub fn rebase<T: PartialEq>(now: &ObjectMap<T>, previous: &ObjectMap<T>) -> Obje
 
 /// Label linking an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// The EndpointSlice annotation kube-proxy measures network programming
+/// latency from.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Services carrying this label belong to another proxy (kube-proxy skips
 /// them too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";

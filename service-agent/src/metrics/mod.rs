@@ -55,9 +55,7 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
 /// cluster takes seconds, so only a wedged loop (a blocked syscall, a
 /// deadlock, a sync that never ends) misses it.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_mins(2);
-/// The EndpointSlice annotation kube-proxy measures network programming
-/// latency from.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+pub use crate::vocabulary::TRIGGER_TIME_ANNOTATION;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
@@ -504,7 +502,7 @@ impl Metrics {
     /// skipped): a sync's cost follows its changes, not every slice.
     fn observe_programming(&self, objects: &Objects) {
         let now = k8s_openapi::jiff::Timestamp::now();
-        let trigger = |s: &Slice| s.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION).cloned();
+        let trigger = |s: &Slice| s.trigger_time.clone();
         let mut seen = self.seen_slices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for change in seen.diff(&objects.endpoint_slices) {
             let (old, new) = match change {
@@ -797,12 +795,8 @@ mod tests {
     fn network_programming_latency_is_observed_once_per_new_trigger_time() {
         let m = Metrics::new(PathBuf::from("/nonexistent"), MapSizes::default());
         let (desired, applied) = (Desired::default(), MapState::default());
-        let slice = |trigger: Option<&str>| {
-            let mut s = Slice::default();
-            s.metadata.annotations =
-                trigger.map(|t| [(TRIGGER_TIME_ANNOTATION.to_owned(), t.to_owned())].into_iter().collect());
-            Arc::new(s)
-        };
+        let slice =
+            |trigger: Option<&str>| Arc::new(Slice { trigger_time: trigger.map(str::to_owned), ..Slice::default() });
         let key = |name: &str| crate::vocabulary::ObjectRef { namespace: "ns".into(), name: name.into() };
         let count = |m: &Metrics| {
             let text = m.encode();

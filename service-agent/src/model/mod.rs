@@ -61,7 +61,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::vocabulary::{Cidr, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects, Slice};
+use crate::vocabulary::{Cidr, LABEL_SERVICE_PROXY_NAME, LABEL_ZONE, ObjectRef, Objects, Slice};
 
 /// kube-proxy's default `sessionAffinityConfig.clientIP.timeoutSeconds`.
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -377,7 +377,7 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&Slice>> {
 /// The Service a slice belongs to: its `kubernetes.io/service-name` label,
 /// in its own namespace.
 fn slice_service(slice_ref: &ObjectRef, slice: &Slice) -> Option<ObjectRef> {
-    let name = slice.metadata.labels.as_ref().and_then(|l| l.get(LABEL_SERVICE_NAME))?;
+    let name = slice.service_name.as_ref()?;
     Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() })
 }
 

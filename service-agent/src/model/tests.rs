@@ -313,7 +313,7 @@ fn a_service_with_100_000_endpoints() {
         };
         let name = format!("big-{s:03}");
         slice.metadata.name = Some(name.clone());
-        slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), "big".to_owned())].into());
+        slice.metadata.labels = Some([(crate::vocabulary::LABEL_SERVICE_NAME.to_owned(), "big".to_owned())].into());
         objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, Arc::new(slice.into()));
     }
     let node =

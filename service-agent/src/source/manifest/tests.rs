@@ -162,7 +162,13 @@ fn endpoints_are_mirrored_for_a_service_without_selector() {
     assert_eq!(s.errors.len(), 1, "{:?}", s.errors);
     assert_eq!(s.errors[0].field.as_deref(), Some("subsets[0].addresses[1].ip"));
     let slice = &s.objects.endpoint_slices[&key("data", "db-mirror-0")];
-    let labels = slice.metadata.labels.as_ref().expect("labels");
+    assert_eq!(slice.service_name.as_deref(), Some("db"), "kept: the label the model reads");
+    // The labels the mirroring controller writes (the slim slice keeps only
+    // the service name): the Endpoints' own plus its two.
+    let doc = LEGACY.split("\n---\n").find(|d| d.contains("kind: Endpoints")).expect("the Endpoints");
+    let endpoints: Endpoints = serde_norway::from_str(doc).expect("Endpoints");
+    let mirrored = mirror(&key("data", "db"), &endpoints, &mut |_, _| {});
+    let labels = mirrored[0].metadata.labels.as_ref().expect("labels");
     assert_eq!(labels["kubernetes.io/service-name"], "db");
     assert_eq!(labels["endpointslice.kubernetes.io/managed-by"], MIRRORING_CONTROLLER);
     assert_eq!(labels["team"], "storage");
