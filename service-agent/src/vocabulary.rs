@@ -19,10 +19,14 @@ pub use slice::{Slice, SliceEndpoint};
 /// `namespace/name` of an object. An object without a namespace is in
 /// `default`, as `kubectl apply` would put it. A cluster-scoped object (a
 /// ServiceCIDR) has an empty namespace and is shown by its name alone.
+///
+/// Both strings are shared (`Arc<str>`): a reference is held in many
+/// places (the snapshot maps, the model's indexes, each frontend's
+/// Service), and a clone costs a count, not two allocations.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl std::fmt::Display for ObjectRef {
@@ -250,7 +254,8 @@ mod tests {
         assert_eq!(now, expected, "the same content");
         assert!(Arc::ptr_eq(&now.services[&key("s0001")], &before.services[&key("s0001")]));
         assert!(!Arc::ptr_eq(&now.services[&key("s0500")], &before.services[&key("s0500")]));
-        let changed: Vec<String> = changed_keys(&before.services, &now.services).into_iter().map(|k| k.name).collect();
+        let changed: Vec<String> =
+            changed_keys(&before.services, &now.services).into_iter().map(|k| k.name.to_string()).collect();
         assert_eq!(changed, ["s0000", "s0500", "t"]);
         let mut copy = now.clone();
         assert_eq!(copy, now, "a clone shares every object");

@@ -129,7 +129,7 @@ async fn a_service_moving_out_of_kube_proxys_selector_disappears_and_returns() {
     api.apply(Kind::Service, service("hl", "None", &[("service.kubernetes.io/headless", "")]));
     api.apply(Kind::Service, service("marker", "10.96.0.12", &[]));
     let o = src.until(SECOND, "the marker Service", |o| o.services.len() == 2).await;
-    assert!(!o.services.keys().any(|k| k.name == "hl"));
+    assert!(!o.services.keys().any(|k| &*k.name == "hl"));
 }
 
 #[tokio::test]
@@ -147,7 +147,7 @@ async fn a_relist_after_410_expired_prunes_a_service_deleted_meanwhile() {
     api.compact();
     api.restart().await;
     let o = src.until(PATIENCE, "the relist pruning the deleted Service", |o| o.services.len() == 1).await;
-    assert!(o.services.keys().all(|k| k.name == "web"));
+    assert!(o.services.keys().all(|k| &*k.name == "web"));
 }
 
 #[tokio::test]

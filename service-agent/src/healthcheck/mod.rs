@@ -92,7 +92,7 @@ fn response(
     failure: Option<&str>,
 ) -> (StatusCode, String) {
     let mut body = serde_json::json!({
-        "service": { "namespace": service.namespace, "name": service.name },
+        "service": { "namespace": &*service.namespace, "name": &*service.name },
         "localEndpoints": local_endpoints,
         "serviceProxyHealthy": proxy_healthy,
     });

@@ -171,8 +171,8 @@ impl CounterLabels {
 impl FrontendLabel {
     fn of(df: &DesiredFrontend) -> Self {
         Self {
-            namespace: df.service.namespace.clone(),
-            name: df.service.name.clone(),
+            namespace: df.service.namespace.to_string(),
+            name: df.service.name.to_string(),
             port: df.port_name.clone(),
             // `[addr]:port` for IPv6, as a socket address is written.
             frontend: std::net::SocketAddr::new(df.frontend.addr, df.frontend.port).to_string(),

@@ -66,7 +66,7 @@ pub fn candidates(
             continue;
         }
         let slice_ref =
-            ObjectRef { namespace: namespace.to_owned(), name: slice.metadata.name.clone().unwrap_or_default() };
+            ObjectRef { namespace: namespace.into(), name: slice.metadata.name.as_deref().unwrap_or_default().into() };
         let slice_err = |field: String, message: String| ModelError {
             kind: "EndpointSlice",
             object: slice_ref.clone(),

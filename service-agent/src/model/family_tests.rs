@@ -33,7 +33,7 @@ fn errors(d: &Desired) -> Vec<String> {
 fn addresses(d: &Desired, service: &str) -> BTreeSet<String> {
     d.frontends
         .values()
-        .filter(|f| f.service.name == service)
+        .filter(|f| &*f.service.name == service)
         .map(|f| format!("{} {}", f.kind, SocketAddr::new(f.frontend.addr, f.frontend.port)))
         .collect()
 }
@@ -204,7 +204,7 @@ spec:
             .map(str::to_owned)
             .collect()
     );
-    for df in d.frontends.values().filter(|f| f.service.name == "v6") {
+    for df in d.frontends.values().filter(|f| &*f.service.name == "v6") {
         assert_eq!(backends(&d, &df.frontend), ["[fd00:10:244::21]:80/TCP"], "{}", df.frontend);
     }
 }

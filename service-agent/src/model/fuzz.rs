@@ -135,10 +135,10 @@ fn one_of(rng: &mut Rng, pool: &[&str]) -> String {
 
 /// A Service with random (mostly plausible, often invalid) fields.
 pub fn service(rng: &mut Rng) -> (ObjectRef, Service) {
-    let key = ObjectRef { namespace: (*rng.pick(&NAMESPACES)).to_owned(), name: (*rng.pick(&NAMES)).to_owned() };
+    let key = ObjectRef { namespace: (*rng.pick(&NAMESPACES)).into(), name: (*rng.pick(&NAMES)).into() };
     let mut svc = Service::default();
-    svc.metadata.name = Some(key.name.clone());
-    svc.metadata.namespace = Some(key.namespace.clone());
+    svc.metadata.name = Some(key.name.to_string());
+    svc.metadata.namespace = Some(key.namespace.to_string());
     if rng.one_in(20) {
         svc.metadata.labels = Some([(LABEL_SERVICE_PROXY_NAME.to_owned(), "other".to_owned())].into());
     }
@@ -203,7 +203,7 @@ pub fn service(rng: &mut Rng) -> (ObjectRef, Service) {
 /// An EndpointSlice with random fields, usually labelled for one of the
 /// Services `service` makes.
 pub fn endpoint_slice(rng: &mut Rng, max_endpoints: usize) -> (ObjectRef, EndpointSlice) {
-    let key = ObjectRef { namespace: (*rng.pick(&NAMESPACES)).to_owned(), name: format!("slice-{}", rng.below(6)) };
+    let key = ObjectRef { namespace: (*rng.pick(&NAMESPACES)).into(), name: format!("slice-{}", rng.below(6)).into() };
     let mut slice = EndpointSlice {
         address_type: one_of(rng, &["IPv4", "IPv4", "IPv6", "FQDN"]),
         ports: rng.maybe(|r| {
@@ -232,8 +232,8 @@ pub fn endpoint_slice(rng: &mut Rng, max_endpoints: usize) -> (ObjectRef, Endpoi
         }),
         ..EndpointSlice::default()
     };
-    slice.metadata.name = Some(key.name.clone());
-    slice.metadata.namespace = Some(key.namespace.clone());
+    slice.metadata.name = Some(key.name.to_string());
+    slice.metadata.namespace = Some(key.namespace.to_string());
     if !rng.one_in(10) {
         slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), (*rng.pick(&NAMES)).to_owned())].into());
     }
@@ -282,8 +282,8 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
     let (_, mut slice) = endpoint_slice(rng, 8);
     slice_family.clone_into(&mut slice.address_type);
     slice.metadata.name = Some(format!("{}-{}", key.name, rng.below(3)));
-    slice.metadata.namespace = Some(key.namespace.clone());
-    slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), key.name.clone())].into());
+    slice.metadata.namespace = Some(key.namespace.to_string());
+    slice.metadata.labels = Some([(LABEL_SERVICE_NAME.to_owned(), key.name.to_string())].into());
     slice.ports = Some(
         ports
             .iter()
@@ -322,7 +322,7 @@ fn coherent(rng: &mut Rng, objects: &mut Objects) {
         }
     }
     let slice_key =
-        ObjectRef { namespace: key.namespace.clone(), name: slice.metadata.name.clone().unwrap_or_default() };
+        ObjectRef { namespace: key.namespace.clone(), name: slice.metadata.name.as_deref().unwrap_or_default().into() };
     objects.services.insert(key, Arc::new(svc));
     objects.endpoint_slices.insert(slice_key, Arc::new(slice.into()));
 }
@@ -434,7 +434,7 @@ pub fn change(rng: &mut Rng, objects: &mut Objects, node: &mut NodeContext) -> &
                 return "nothing";
             };
             let mut slice = (*objects.endpoint_slices[&k]).clone();
-            slice.service_name = Some(to.name);
+            slice.service_name = Some(to.name.to_string());
             objects.endpoint_slices.insert(k, Arc::new(slice));
             "slice moved"
         }
@@ -499,7 +499,7 @@ pub fn check_invariants(objects: &Objects, d: &super::Desired) {
     for e in &d.errors {
         let known = match e.kind {
             "Service" => objects.services.contains_key(&e.object),
-            "ServiceCIDR" => e.object.namespace.is_empty() && objects.service_cidrs.contains_key(&e.object.name),
+            "ServiceCIDR" => e.object.namespace.is_empty() && objects.service_cidrs.contains_key(&*e.object.name),
             _ => objects.endpoint_slices.contains_key(&e.object) || e.object.name.is_empty(),
         };
         assert!(known, "an error about an object not in the input: {e}");

@@ -354,7 +354,7 @@ fn service_cidr_objects(service_cidrs: &BTreeMap<String, ServiceCIDR>, errors: &
                 Err(message) => errors.push(ModelError {
                     kind: "ServiceCIDR",
                     // Cluster-scoped: named by its name alone.
-                    object: ObjectRef { namespace: String::new(), name: name.clone() },
+                    object: ObjectRef { namespace: "".into(), name: name.as_str().into() },
                     field: format!("spec.cidrs[{i}]"),
                     message,
                 }),
@@ -378,7 +378,7 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&Slice>> {
 /// in its own namespace.
 fn slice_service(slice_ref: &ObjectRef, slice: &Slice) -> Option<ObjectRef> {
     let name = slice.service_name.as_ref()?;
-    Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: name.clone() })
+    Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: name.as_str().into() })
 }
 
 /// What one Service asks for on its own, before frontends are shared out

@@ -9,8 +9,8 @@ pub(super) fn objects(yaml: &str) -> Objects {
         let value: serde_json::Value = serde::Deserialize::deserialize(doc).expect("yaml");
         let meta = &value["metadata"];
         let key = ObjectRef {
-            namespace: meta["namespace"].as_str().unwrap_or("default").to_owned(),
-            name: meta["name"].as_str().expect("name").to_owned(),
+            namespace: meta["namespace"].as_str().unwrap_or("default").into(),
+            name: meta["name"].as_str().expect("name").into(),
         };
         match value["kind"].as_str() {
             Some("Service") => {
@@ -20,7 +20,7 @@ pub(super) fn objects(yaml: &str) -> Objects {
                 objects.endpoint_slices.insert(key, Arc::new(serde_json::from_value(value).expect("slice")));
             }
             Some("ServiceCIDR") => {
-                objects.service_cidrs.insert(key.name, serde_json::from_value(value).expect("servicecidr"));
+                objects.service_cidrs.insert(key.name.to_string(), serde_json::from_value(value).expect("servicecidr"));
             }
             other => panic!("unexpected kind {other:?}"),
         }
@@ -205,7 +205,7 @@ fn invalid_fields_the_api_would_refuse_are_reported_and_everything_else_served()
     let served: Vec<String> = d
         .frontends
         .values()
-        .filter(|f| f.service.name != "web" && !is_external_cluster_ip(f))
+        .filter(|f| &*f.service.name != "web" && !is_external_cluster_ip(f))
         .map(|f| {
             format!(
                 "{} {} {}",
@@ -237,16 +237,17 @@ fn invalid_fields_the_api_would_refuse_are_reported_and_everything_else_served()
             "ext 192.0.2.4:80/TCP internal ",
         ]
     );
-    let sticky = d.frontends.values().find(|f| f.service.name == "sticky").expect("sticky");
+    let sticky = d.frontends.values().find(|f| &*f.service.name == "sticky").expect("sticky");
     assert_eq!(sticky.affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
     // Every frontend of the port shares the ClusterIP's affinity scope.
     let scope =
         Frontend { addr: IpAddr::from([10, 96, 1, 7]), port: 80, protocol: Protocol::Tcp, scope: Scope::Internal };
-    assert!(d.frontends.values().filter(|f| f.service.name == "sticky").all(|f| f.affinity_scope == Some(scope)));
+    assert!(d.frontends.values().filter(|f| &*f.service.name == "sticky").all(|f| f.affinity_scope == Some(scope)));
     assert!(d.frontends.values().filter(|f| f.affinity_timeout_s.is_none()).all(|f| f.affinity_scope.is_none()));
-    assert!(d.frontends.values().find(|f| f.service.name == "aff").is_some_and(|f| f.affinity_timeout_s.is_none()));
+    assert!(d.frontends.values().find(|f| &*f.service.name == "aff").is_some_and(|f| f.affinity_timeout_s.is_none()));
     // The valid Service beside them is untouched.
-    let web: Vec<_> = d.frontends.values().filter(|f| f.service.name == "web" && !is_external_cluster_ip(f)).collect();
+    let web: Vec<_> =
+        d.frontends.values().filter(|f| &*f.service.name == "web" && !is_external_cluster_ip(f)).collect();
     assert_eq!(web.len(), 2);
     assert_eq!(web.iter().map(|f| f.backends.len()).sum::<usize>(), 4);
 }
@@ -314,7 +315,9 @@ fn a_service_with_100_000_endpoints() {
         let name = format!("big-{s:03}");
         slice.metadata.name = Some(name.clone());
         slice.metadata.labels = Some([(crate::vocabulary::LABEL_SERVICE_NAME.to_owned(), "big".to_owned())].into());
-        objects.endpoint_slices.insert(ObjectRef { namespace: "big".into(), name }, Arc::new(slice.into()));
+        objects
+            .endpoint_slices
+            .insert(ObjectRef { namespace: "big".into(), name: name.into() }, Arc::new(slice.into()));
     }
     let node =
         NodeContext { node_name: "node-0".into(), nodeport_addresses: vec![IpAddr::from([10, 0, 0, 11])], ..node() };
@@ -384,7 +387,7 @@ endpoints:
     // Without lb-2 only terminating endpoints are local: they still serve
     // (the fallback), but the health check says 0.
     objs.endpoint_slices =
-        objs.endpoint_slices.iter().filter(|(r, _)| r.name != "lb-2").map(|(r, s)| (r.clone(), s.clone())).collect();
+        objs.endpoint_slices.iter().filter(|(r, _)| &*r.name != "lb-2").map(|(r, s)| (r.clone(), s.clone())).collect();
     let d = desired(&objs, &node());
     assert_eq!(d.health_checks[&lb_ref].local_endpoints, 0);
     assert_eq!(external(&d), Some(vec!["10.244.0.1:8080/TCP".to_owned(), "10.244.0.2:8080/TCP".to_owned()]));

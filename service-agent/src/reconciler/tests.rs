@@ -652,7 +652,7 @@ fn source_ranges_are_keyed_per_protocol_and_family_and_other_family_ranges_ignor
         d.frontends.insert(
             f,
             Arc::new(DesiredFrontend {
-                service: ObjectRef { namespace: "default".into(), name: format!("{protocol:?}") },
+                service: ObjectRef { namespace: "default".into(), name: format!("{protocol:?}").into() },
                 port_name: String::new(),
                 frontend: f,
                 kind: crate::model::FrontendKind::LoadBalancer,

@@ -206,8 +206,8 @@ const KEEPING: &str = "the last state is kept";
 fn key_of<K: Resource>(o: &K) -> ObjectRef {
     let meta = o.meta();
     ObjectRef {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
+        namespace: meta.namespace.as_deref().unwrap_or("default").into(),
+        name: meta.name.as_deref().unwrap_or_default().into(),
     }
 }
 

@@ -315,7 +315,7 @@ impl Loader {
             }
             _ => {}
         }
-        let key = ObjectRef { namespace, name };
+        let key = ObjectRef { namespace: namespace.into(), name: name.into() };
         let object = format!("{kind} {key}");
         match kind.as_str() {
             "Service" => {
@@ -386,7 +386,7 @@ impl Loader {
                 let name = slice.metadata.name.clone().unwrap_or_default();
                 objects
                     .endpoint_slices
-                    .insert(ObjectRef { namespace: key.namespace.clone(), name }, Arc::new(slice.into()));
+                    .insert(ObjectRef { namespace: key.namespace.clone(), name: name.into() }, Arc::new(slice.into()));
             }
         }
         let nodes = self.nodes.into_iter().map(|(name, (_, node))| (name, node)).collect();
@@ -447,7 +447,7 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
         }
         for (family, eps) in by_family {
             let mut labels = endpoints.metadata.labels.clone().unwrap_or_default();
-            labels.insert(LABEL_SERVICE_NAME.into(), key.name.clone());
+            labels.insert(LABEL_SERVICE_NAME.into(), key.name.to_string());
             labels.insert(LABEL_MANAGED_BY.into(), MIRRORING_CONTROLLER.into());
             let mut slice = EndpointSlice {
                 address_type: family.into(),
@@ -456,7 +456,7 @@ fn mirror(key: &ObjectRef, endpoints: &Endpoints, report: &mut dyn FnMut(String,
                 ..EndpointSlice::default()
             };
             slice.metadata.name = Some(format!("{}-mirror-{}", key.name, out.len()));
-            slice.metadata.namespace = Some(key.namespace.clone());
+            slice.metadata.namespace = Some(key.namespace.to_string());
             slice.metadata.labels = Some(labels);
             out.push(slice);
         }

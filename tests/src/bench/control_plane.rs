@@ -109,7 +109,7 @@ pub fn objects(services: usize, per: usize) -> Objects {
     let mut objects = Objects::default();
     for i in 0..services {
         let name = format!("svc-{i}");
-        let r = ObjectRef { namespace: "bench".into(), name: name.clone() };
+        let r = ObjectRef { namespace: "bench".into(), name: name.as_str().into() };
         let svc = Service {
             metadata: ObjectMeta { name: Some(name.clone()), namespace: Some("bench".into()), ..ObjectMeta::default() },
             spec: Some(ServiceSpec {
@@ -128,7 +128,7 @@ pub fn objects(services: usize, per: usize) -> Objects {
         };
         objects.services.insert(r.clone(), Arc::new(svc));
         objects.endpoint_slices.insert(
-            ObjectRef { namespace: "bench".into(), name: format!("{name}-x") },
+            ObjectRef { namespace: "bench".into(), name: format!("{name}-x").into() },
             Arc::new(slice(i, per, 0).into()),
         );
     }
@@ -307,7 +307,7 @@ pub fn measure(
         anyhow::ensure!(report.errors.is_empty(), "programming: {:?}", report.errors.first());
         for c in 0..changes {
             let i = (c * 7919) % services;
-            let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x") };
+            let r = ObjectRef { namespace: "bench".into(), name: format!("svc-{i}-x").into() };
             objects.endpoint_slices.insert(r, Arc::new(slice(i, per, c + 1).into()));
             let (ms, model_ms, report) = sync(&objects);
             one_change_model.push(model_ms);

@@ -88,7 +88,7 @@ pub fn synthetic(n: usize) -> Desired {
         desired.frontends.insert(
             frontend,
             std::sync::Arc::new(DesiredFrontend {
-                service: ObjectRef { namespace: "bench".into(), name: format!("svc-{i}") },
+                service: ObjectRef { namespace: "bench".into(), name: format!("svc-{i}").into() },
                 port_name: "http".into(),
                 frontend,
                 kind: FrontendKind::ClusterIp,

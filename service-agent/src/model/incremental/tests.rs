@@ -134,9 +134,10 @@ fn a_frontend_two_services_claim_passes_to_the_second_when_the_first_goes() {
     let node = NodeContext { node_name: "node-a".into(), ..NodeContext::default() };
     let mut model = Model::new();
     model.update(&objects, &node);
-    let served_by = |m: &Model| m.desired().frontends.values().map(|df| df.service.name.clone()).collect::<Vec<_>>();
+    let served_by =
+        |m: &Model| m.desired().frontends.values().map(|df| df.service.name.to_string()).collect::<Vec<_>>();
     assert_eq!(served_by(&model), ["a", "a"]);
-    assert!(model.desired().errors.iter().all(|e| e.object.name == "b" && e.message.contains("Service ns/a")));
+    assert!(model.desired().errors.iter().all(|e| &*e.object.name == "b" && e.message.contains("Service ns/a")));
     assert_eq!(model.desired().errors.len(), 2);
 
     // a goes: b's claims, kept from before, are served without computing
