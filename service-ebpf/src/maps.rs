@@ -159,7 +159,7 @@ fn count_interface(ifindex: u32, id: Counter) {
 /// programming 10,000 Services), and deletes an id's row when it frees the
 /// id; a packet of an old flow whose id is gone counts nowhere, and the
 /// rare row such a packet re-creates between the liveness check and the
-/// agent's delete is swept by the agent (`PinnedMaps::sweep_counters`).
+/// agent's delete is swept by the agent (`Reconciler::sweep_ids`).
 /// A racing insert by another CPU makes this one fail with EEXIST: the
 /// row is there, so the lookup is tried once more.
 #[inline(always)]

@@ -55,7 +55,6 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_mins(1);
 /// cluster takes seconds, so only a wedged loop (a blocked syscall, a
 /// deadlock, a sync that never ends) misses it.
 pub const LIVENESS_TIMEOUT: Duration = Duration::from_mins(2);
-pub use crate::vocabulary::TRIGGER_TIME_ANNOTATION;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {

@@ -434,7 +434,7 @@ pub fn change(rng: &mut Rng, objects: &mut Objects, node: &mut NodeContext) -> &
                 return "nothing";
             };
             let mut slice = (*objects.endpoint_slices[&k]).clone();
-            slice.service_name = Some(to.name.to_string());
+            slice.service_name = Some(to.name);
             objects.endpoint_slices.insert(k, Arc::new(slice));
             "slice moved"
         }

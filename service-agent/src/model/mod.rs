@@ -378,7 +378,7 @@ fn slices_by_service(objects: &Objects) -> BTreeMap<ObjectRef, Vec<&Slice>> {
 /// in its own namespace.
 fn slice_service(slice_ref: &ObjectRef, slice: &Slice) -> Option<ObjectRef> {
     let name = slice.service_name.as_ref()?;
-    Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: name.as_str().into() })
+    Some(ObjectRef { namespace: slice_ref.namespace.clone(), name: Arc::clone(name) })
 }
 
 /// What one Service asks for on its own, before frontends are shared out

@@ -260,7 +260,8 @@ pub async fn run(client: Client, node_name: String, tx: watch::Sender<Objects>) 
     // Deserialized straight into the slim form: no full EndpointSlice is
     // kept (see `vocabulary::Slice`).
     let (slices, writer) = reflector::store::<Slice>();
-    let stream = watcher(Api::<Slice>::all(client.clone()), watcher::Config::default()).default_backoff().modify(strip);
+    // (`Slice` drops its managedFields itself.)
+    let stream = watcher(Api::<Slice>::all(client.clone()), watcher::Config::default()).default_backoff();
     let stream = reflector::reflector(writer, stream);
     let slices_dirty = dirty_keys();
     drive("EndpointSlice", stream, changed.clone(), Some(Arc::clone(&slices_dirty)), KEEPING);

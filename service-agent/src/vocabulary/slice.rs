@@ -5,6 +5,8 @@
 //! Kubernetes source deserializes the API server's objects straight into
 //! it, so no full object is kept.
 
+use std::sync::Arc;
+
 use super::{LABEL_SERVICE_NAME, TRIGGER_TIME_ANNOTATION};
 use k8s_openapi::{
     Metadata, Resource,
@@ -22,8 +24,9 @@ use k8s_openapi::{
 pub struct Slice {
     /// Without `labels`, `annotations` and `managedFields`.
     pub metadata: ObjectMeta,
-    /// The `kubernetes.io/service-name` label: the Service it belongs to.
-    pub service_name: Option<String>,
+    /// The `kubernetes.io/service-name` label: the Service it belongs to
+    /// (shared: the model's references to that Service reuse it).
+    pub service_name: Option<Arc<str>>,
     /// The `endpoints.kubernetes.io/last-change-trigger-time` annotation
     /// (kube-proxy's network programming latency starts there).
     pub trigger_time: Option<String>,
@@ -48,7 +51,7 @@ struct WireSlice {
 
 impl From<WireSlice> for Slice {
     fn from(mut s: WireSlice) -> Self {
-        let service_name = s.metadata.labels.take().and_then(|mut l| l.remove(LABEL_SERVICE_NAME));
+        let service_name = s.metadata.labels.take().and_then(|mut l| l.remove(LABEL_SERVICE_NAME)).map(Arc::from);
         let trigger_time = s.metadata.annotations.take().and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION));
         s.metadata.managed_fields = None;
         Self {
@@ -66,7 +69,7 @@ impl From<Slice> for WireSlice {
     fn from(s: Slice) -> Self {
         let mut metadata = s.metadata;
         if let Some(name) = s.service_name {
-            metadata.labels.get_or_insert_default().insert(LABEL_SERVICE_NAME.to_owned(), name);
+            metadata.labels.get_or_insert_default().insert(LABEL_SERVICE_NAME.to_owned(), name.to_string());
         }
         if let Some(at) = s.trigger_time {
             metadata.annotations.get_or_insert_default().insert(TRIGGER_TIME_ANNOTATION.to_owned(), at);
